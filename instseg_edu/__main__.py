@@ -1,0 +1,3 @@
+from instseg_edu.cli import main
+
+raise SystemExit(main())

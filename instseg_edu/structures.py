@@ -1,0 +1,175 @@
+"""The few containers every part of instseg_edu passes around.
+
+Conventions (see DESIGN.md):
+
+- Boxes are ``xyxy`` in absolute pixels, float32.
+- Labels are foreground classes ``0..C-1``; background is implicit.
+- An image is ``float32 [3, H, W]`` with values in ``[0, 1]``; models normalise internally.
+- A :class:`Batch` pads its images to a multiple of 32 at the bottom and right and remembers each
+  image's true ``(h, w)``; the masks of its targets are padded the same way, so that a batch's
+  masks can be stacked and sampled without per-image bookkeeping.
+
+Shape legend: ``B`` images, ``G`` ground-truth objects, ``I`` ignore regions, ``K`` detections,
+``H, W`` height and width, ``Hp, Wp`` padded height and width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Target:
+    """Ground truth of one image.
+
+    Attributes:
+        boxes: ``float32 [G, 4]`` xyxy pixels in the (possibly resized) image.
+        labels: ``int64 [G]`` in ``0..C-1``.
+        masks: ``bool [G, H, W]`` instance masks (``[G, Hp, Wp]`` inside a :class:`Batch`).
+        image_id: the COCO image id, used to match predictions to ground truth in evaluation.
+        ignore_boxes: ``float32 [I, 4]`` regions whose anchors are neither positive nor negative
+            (COCO ``iscrowd`` objects).
+        orig_size: ``(h, w)`` of the image file before any resize; predictions are scaled back to
+            it for COCO evaluation.
+    """
+
+    boxes: Tensor
+    labels: Tensor
+    masks: Tensor
+    image_id: int = 0
+    ignore_boxes: Tensor = field(default_factory=lambda: torch.zeros(0, 4))
+    orig_size: tuple[int, int] | None = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Target:
+        return replace(
+            self,
+            boxes=self.boxes.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            masks=self.masks.to(device, non_blocking=non_blocking),
+            ignore_boxes=self.ignore_boxes.to(device, non_blocking=non_blocking),
+        )
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+
+@dataclass
+class Detections:
+    """What a model's ``predict`` returns for one image.
+
+    Attributes:
+        boxes: ``float32 [K, 4]`` xyxy pixels in the network input's coordinates.
+        scores: ``float32 [K]`` in ``[0, 1]``, sorted in descending order.
+        labels: ``int64 [K]`` in ``0..C-1``.
+        masks: ``bool [K, H, W]`` at the image's true (un-padded) size, or ``None`` for box-only
+            models.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    masks: Tensor | None = None
+
+    def to(self, device: torch.device | str) -> Detections:
+        return Detections(
+            self.boxes.to(device),
+            self.scores.to(device),
+            self.labels.to(device),
+            None if self.masks is None else self.masks.to(device),
+        )
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @staticmethod
+    def empty(device: torch.device | str = "cpu", mask_size: tuple[int, int] | None = None):
+        masks = None
+        if mask_size is not None:
+            masks = torch.zeros(0, *mask_size, dtype=torch.bool, device=device)
+        return Detections(
+            torch.zeros(0, 4, device=device),
+            torch.zeros(0, device=device),
+            torch.zeros(0, dtype=torch.long, device=device),
+            masks,
+        )
+
+
+@dataclass
+class Batch:
+    """A padded batch, as built by :func:`instseg_edu.data.transforms.collate`.
+
+    Attributes:
+        images: ``float32 [B, 3, Hp, Wp]``, values in ``[0, 1]``, zero padding bottom/right,
+            ``Hp`` and ``Wp`` multiples of 32.
+        image_sizes: each image's true ``(h, w)`` inside the padding.
+        targets: one :class:`Target` per image, masks padded to ``[G, Hp, Wp]``.
+    """
+
+    images: Tensor
+    image_sizes: list[tuple[int, int]]
+    targets: list[Target]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.images.to(device, non_blocking=non_blocking),
+            list(self.image_sizes),
+            [t.to(device, non_blocking=non_blocking) for t in self.targets],
+        )
+
+    def pin_memory(self) -> Batch:
+        """Called by ``DataLoader(pin_memory=True)`` so host-to-GPU copies can overlap compute."""
+        return Batch(
+            self.images.pin_memory(),
+            self.image_sizes,
+            [
+                replace(t, boxes=t.boxes.pin_memory(), labels=t.labels.pin_memory(),
+                        masks=t.masks.pin_memory(), ignore_boxes=t.ignore_boxes.pin_memory())
+                for t in self.targets
+            ],
+        )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def padded_targets(self) -> PaddedTargets:
+        """Ground truth of the whole batch padded to the largest ``G``, for batched assignment."""
+        return pad_targets(self.targets, self.images.device)
+
+
+class PaddedTargets:
+    """Ground truth of a batch stacked to ``Gmax`` objects per image.
+
+    Attributes:
+        boxes: ``float32 [B, Gmax, 4]`` (padding rows are zeros).
+        labels: ``int64 [B, Gmax]`` (padding is ``-1``).
+        valid: ``bool [B, Gmax]``, True for real objects.
+        ignore_boxes: ``float32 [B, Imax, 4]``; ``ignore_valid``: ``bool [B, Imax]``.
+    """
+
+    def __init__(self, boxes, labels, valid, ignore_boxes, ignore_valid):
+        self.boxes, self.labels, self.valid = boxes, labels, valid
+        self.ignore_boxes, self.ignore_valid = ignore_boxes, ignore_valid
+
+
+def pad_targets(targets: list[Target], device: torch.device | str | None = None) -> PaddedTargets:
+    """Stack per-image ground truth into padded tensors (one host-side pass, one copy each)."""
+    device = device if device is not None else (targets[0].boxes.device if targets else "cpu")
+    b = len(targets)
+    g_max = max([len(t) for t in targets], default=0)
+    i_max = max([int(t.ignore_boxes.shape[0]) for t in targets], default=0)
+    boxes = torch.zeros(b, g_max, 4, device=device)
+    labels = torch.full((b, g_max), -1, dtype=torch.long, device=device)
+    valid = torch.zeros(b, g_max, dtype=torch.bool, device=device)
+    ignore = torch.zeros(b, i_max, 4, device=device)
+    ignore_valid = torch.zeros(b, i_max, dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        g, n_ign = len(t), int(t.ignore_boxes.shape[0])
+        boxes[i, :g] = t.boxes.to(device)
+        labels[i, :g] = t.labels.to(device)
+        valid[i, :g] = True
+        ignore[i, :n_ign] = t.ignore_boxes.to(device)
+        ignore_valid[i, :n_ign] = True
+    return PaddedTargets(boxes, labels, valid, ignore, ignore_valid)
