@@ -125,8 +125,13 @@ class Batch:
             self.images.pin_memory(),
             self.image_sizes,
             [
-                replace(t, boxes=t.boxes.pin_memory(), labels=t.labels.pin_memory(),
-                        masks=t.masks.pin_memory(), ignore_boxes=t.ignore_boxes.pin_memory())
+                replace(
+                    t,
+                    boxes=t.boxes.pin_memory(),
+                    labels=t.labels.pin_memory(),
+                    masks=t.masks.pin_memory(),
+                    ignore_boxes=t.ignore_boxes.pin_memory(),
+                )
                 for t in self.targets
             ],
         )

@@ -2,4 +2,35 @@
 
 Each explorer calls the same library functions the models train with; it never re-implements a
 computation.
+
+- :class:`AnchorExplorer` — anchor generator config → anchors, coloured by best IoU.
+- :class:`AssignerExplorer` — MaxIoU thresholds → positive / ignored / negative anchors.
+- :class:`RoIExplorer` — RoIPool vs RoIAlign cells and sampling points.
+- :class:`TrainingDashboard` — a training-loop callback drawing losses, lr, img/s and predictions.
+
+The classes are imported on first use, so ``import instseg_edu.widgets`` stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["AnchorExplorer", "AssignerExplorer", "RoIExplorer", "TrainingDashboard"]
+
+_MODULES = {
+    "AnchorExplorer": "anchor_explorer",
+    "AssignerExplorer": "assigner_explorer",
+    "RoIExplorer": "roi_explorer",
+    "TrainingDashboard": "dashboard",
+}
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -2,10 +2,10 @@
 
 1. ``outputs = model(images)`` — ``images`` are ``float32 [B, 3, Hp, Wp]`` in ``[0, 1]`` (the model
    normalises them itself); ``outputs`` is a NamedTuple of raw head tensors with documented shapes.
-2. ``targets = model.targets(outputs, batch)`` and ``losses = model.loss(outputs, batch)`` — the loss
-   calls exactly ``targets``. ``losses`` is a ``dict[str, Tensor]``: keys starting with ``loss_`` are
-   scalar terms the training loop sums and back-propagates; any other key (e.g. ``num_pos``) is a
-   detached statistic the loop only logs.
+2. ``targets = model.targets(outputs, batch)`` and ``losses = model.loss(outputs, batch)`` — the
+   loss calls exactly ``targets``. ``losses`` is a ``dict[str, Tensor]``: keys starting with
+   ``loss_`` are scalar terms the training loop sums and back-propagates; any other key (e.g.
+   ``num_pos``) is a detached statistic the loop only logs.
 3. ``detections = model.predict(outputs, image_sizes)`` — a list of
    :class:`instseg_edu.structures.Detections`, one per image.
 

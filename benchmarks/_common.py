@@ -1,0 +1,119 @@
+"""Shared pieces of the side-by-side benchmarks: data, the torchvision peers, timing.
+
+Both sides of every comparison see the same batches from the same loader; only the model (and
+how a batch is handed to it) differs. torchvision's detection models take a list of un-padded
+images and a list of target dicts, resize internally (here pinned to the benchmark's image size so
+that neither side sees larger images) and use label 0 for background in Mask R-CNN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.shapes import make_shapes_splits
+from instseg_edu.data.transforms import eval_transforms, train_transforms
+from instseg_edu.engine.train import make_loader
+from instseg_edu.structures import Batch, Detections
+
+
+def shapes_data(root: str | Path, image_size: int, num_train: int, num_val: int, seed: int = 0):
+    """Build (once) and open the shapes train/val splits at ``image_size``."""
+    paths = make_shapes_splits(root, num_train, num_val, image_size=image_size, seed=seed)
+    train_json, val_json = paths["train"], paths["val"]
+    train = CocoDataset(train_json, train_json.parent / "train", train_transforms(image_size))
+    val = CocoDataset(val_json, val_json.parent / "val", eval_transforms(image_size))
+    return train, val
+
+
+def loaders(train, val, batch_size: int, workers: int, seed: int = 0):
+    train_loader = make_loader(train, batch_size, shuffle=True, workers=workers, seed=seed)
+    val_loader = make_loader(val, batch_size, shuffle=False, workers=workers, seed=seed)
+    return train_loader, val_loader
+
+
+def with_num_classes(cfg, num_classes: int):
+    """A copy of a nested frozen model config whose every ``num_classes`` field is replaced."""
+    changes = {}
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name == "num_classes":
+            changes[field.name] = num_classes
+        elif dataclasses.is_dataclass(value):
+            changes[field.name] = with_num_classes(value, num_classes)
+    return dataclasses.replace(cfg, **changes)
+
+
+# ----------------------------------------------------------------------------- torchvision peers
+def build_torchvision(family: str, num_classes: int, image_size: int) -> torch.nn.Module:
+    """torchvision's R50-FPN model of ``family``, random init, resizing pinned to ``image_size``."""
+    from torchvision.models import detection
+
+    common = dict(weights=None, weights_backbone=None, min_size=image_size, max_size=image_size)
+    if family == "retinanet":
+        # Sigmoid classification: labels index the class axis directly, no background column.
+        return detection.retinanet_resnet50_fpn(num_classes=num_classes, **common)
+    if family == "mask_rcnn":
+        return detection.maskrcnn_resnet50_fpn(num_classes=num_classes + 1, **common)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def torchvision_inputs(batch: Batch, family: str):
+    """Un-padded images and target dicts in torchvision's format (labels shifted for R-CNN)."""
+    images, targets = [], []
+    shift = 1 if family == "mask_rcnn" else 0
+    for image, (h, w), t in zip(batch.images, batch.image_sizes, batch.targets):
+        images.append(image[:, :h, :w])
+        target = {"boxes": t.boxes, "labels": t.labels + shift}
+        if family == "mask_rcnn":
+            target["masks"] = t.masks[:, :h, :w].to(torch.uint8)
+        targets.append(target)
+    return images, targets
+
+
+def torchvision_detections(outputs: list[dict], family: str) -> list[Detections]:
+    shift = 1 if family == "mask_rcnn" else 0
+    detections = []
+    for out in outputs:
+        masks = out.get("masks")
+        if masks is not None:
+            masks = masks[:, 0] >= 0.5  # [K, 1, h, w] probabilities -> [K, h, w] bool
+        detections.append(
+            Detections(out["boxes"].float(), out["scores"].float(), out["labels"] - shift, masks)
+        )
+    return detections
+
+
+def loss_total(losses: dict) -> torch.Tensor:
+    return sum(v for k, v in losses.items() if k.startswith("loss"))
+
+
+# ------------------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall-clock seconds between ``start()`` and ``elapsed()`` with the device synchronised."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        sync(self.device)
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        sync(self.device)
+        return time.perf_counter() - self.t0
+
+
+def autocast(device: torch.device, precision: str):
+    enabled = precision == "bf16" and device.type == "cuda"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

@@ -1,0 +1,193 @@
+"""Time to accuracy: ours against torchvision's model, trained for the same wall-clock time.
+
+Both models (R50-FPN, random init) train on the same shapes train split at 512² from the same
+loader for ``--minutes`` each, and are evaluated every ``--eval-every`` minutes with the same
+pycocotools evaluation on the val split (evaluation time is not counted as training time). The
+script prints both AP curves and the two questions the project asks:
+
+- how long did ours need to reach torchvision's final AP (target: at most half the time)?
+- is our final AP at least torchvision's?
+
+    python benchmarks/time_to_ap.py --family retinanet --device cuda
+    python benchmarks/time_to_ap.py --family mask_rcnn --device cuda
+    python benchmarks/time_to_ap.py --family retinanet --device cpu --smoke   # seconds-long check
+
+Each side runs in its best precision (bf16 autocast on CUDA for both by default; ``--tv-precision
+fp32`` to compare) with SGD (momentum 0.9, weight decay 1e-4), a linear warm-up and the learning
+rate given per side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from _common import (
+    Timer,
+    autocast,
+    build_torchvision,
+    loaders,
+    loss_total,
+    shapes_data,
+    torchvision_detections,
+    torchvision_inputs,
+)
+from train_throughput import build_ours
+
+from instseg_edu.engine.evaluate import detections_to_coco, evaluate_coco
+
+
+def predict(name, model, family, batch, precision, device):
+    with torch.inference_mode(), autocast(device, precision):
+        if name == "ours":
+            outputs = model(batch.images)
+            outputs = type(outputs)(
+                *(o.float() if torch.is_tensor(o) and o.is_floating_point() else o for o in outputs)
+            )
+            return model.predict(outputs, batch.image_sizes)
+        images, _ = torchvision_inputs(batch, family)
+        return torchvision_detections(model(images), family)
+
+
+def evaluate(name, model, family, val_loader, val_set, precision, device):
+    model.eval()
+    results = []
+    for batch in val_loader:
+        batch = batch.to(device)
+        detections = [d.to("cpu") for d in predict(name, model, family, batch, precision, device)]
+        targets = [t.to("cpu") for t in batch.targets]
+        results.extend(
+            detections_to_coco(detections, targets, batch.image_sizes, val_set.label_to_cat_id)
+        )
+    model.train()
+    iou_types = ("bbox", "segm") if family == "mask_rcnn" else ("bbox",)
+    metrics = evaluate_coco(val_set.coco, results, iou_types)
+    return {t: metrics[t]["AP"] for t in iou_types}
+
+
+def run_side(name, model, family, args, train_loader, val_loader, val_set, device):
+    model = model.to(device).train()
+    precision = args.precision if name == "ours" else args.tv_precision
+    lr = args.lr if name == "ours" else args.tv_lr
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
+    budget, eval_every = args.minutes * 60, args.eval_every * 60
+    timer = Timer(device)
+    trained, next_eval, step, curve = 0.0, eval_every, 0, []
+    while trained < budget:
+        for batch in train_loader:
+            batch = batch.to(device, non_blocking=True)
+            timer.start()
+            warm = min(1.0, (step + 1) / args.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * warm
+            with autocast(device, precision):
+                if name == "ours":
+                    losses = model.loss(model(batch.images), batch)
+                else:
+                    images, targets = torchvision_inputs(batch, family)
+                    losses = model(images, targets)
+                total = loss_total(losses)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            optimizer.step()
+            trained += timer.elapsed()
+            step += 1
+            if trained >= next_eval or trained >= budget:
+                ap = evaluate(name, model, family, val_loader, val_set, precision, device)
+                curve.append({"minutes": trained / 60, "step": step, **ap})
+                print(
+                    f"{family} {name:11s} {trained / 60:5.2f} min  step {step:6d}  "
+                    + "  ".join(f"{k} AP {v:.3f}" for k, v in ap.items()),
+                    flush=True,
+                )
+                next_eval += eval_every
+            if trained >= budget:
+                break
+    return curve
+
+
+def time_to_reach(curve, key, value):
+    for point in curve:
+        if point[key] >= value:
+            return point["minutes"]
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=["retinanet", "mask_rcnn"], default="retinanet")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data", default="data/shapes512")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--num-train", type=int, default=4000)
+    parser.add_argument("--num-val", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--eval-every", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--tv-lr", type=float, default=0.02)
+    parser.add_argument("--warmup-steps", type=int, default=300)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--tv-precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--sides", nargs="+", default=["torchvision", "ours"])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, small models, CPU-fast")
+    parser.add_argument("--json", help="also write both curves here")
+    args = parser.parse_args()
+    if args.smoke:
+        args.image_size, args.num_train, args.num_val, args.batch_size = 128, 8, 4, 2
+        args.minutes, args.eval_every, args.workers, args.warmup_steps = 0.1, 0.05, 0, 5
+        args.data = args.data + "_smoke"
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = False
+    print(
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+    )
+
+    train_set, val_set = shapes_data(args.data, args.image_size, args.num_train, args.num_val)
+    train_loader, val_loader = loaders(train_set, val_set, args.batch_size, args.workers)
+    num_classes = len(train_set.classes)
+    curves = {}
+    for name in args.sides:
+        torch.manual_seed(0)
+        if name == "ours":
+            model = build_ours(args.family, num_classes, args.smoke)
+        else:
+            model = build_torchvision(args.family, num_classes, args.image_size)
+        curves[name] = run_side(
+            name, model, args.family, args, train_loader, val_loader, val_set, device
+        )
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if {"ours", "torchvision"} <= curves.keys():
+        key = "segm" if args.family == "mask_rcnn" else "bbox"
+        peer_final = curves["torchvision"][-1][key]
+        reach = time_to_reach(curves["ours"], key, peer_final)
+        finals = {
+            k: (curves["ours"][-1][k], curves["torchvision"][-1][k])
+            for k in curves["ours"][-1]
+            if k in ("bbox", "segm")
+        }
+        print(
+            f"torchvision's final {key} AP {peer_final:.3f}; ours reached it after "
+            + (f"{reach:.2f} min" if reach is not None else "never (within the budget)")
+        )
+        for k, (ours, peer) in finals.items():
+            print(
+                f"final {k} AP: ours {ours:.3f}  torchvision {peer:.3f}  ratio "
+                f"{ours / max(peer, 1e-9):.2f}"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "curves": curves}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,546 @@
+"""The ``instseg-edu`` command (also ``python -m instseg_edu``).
+
+Subcommands:
+
+- ``demo``: build the shapes dataset if missing, train a RetinaNet on it (ResNet-50-FPN for a few
+  minutes on a GPU; a small ResNet-18 model on smaller images for a couple of minutes on a CPU),
+  evaluate it with pycocotools and write the AP table, the loss curve and a prediction gallery to
+  ``runs/demo/``;
+- ``train``: train a model family on the shapes dataset or on your own COCO-format data;
+- ``evaluate``: COCO AP of a checkpoint on a validation set;
+- ``predict``: draw a checkpoint's detections on image files.
+
+A checkpoint written here stores the model family and its config as plain data (``meta``), so
+``evaluate`` and ``predict`` rebuild the model without being told which one it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+#: family → (module, builder, config class, GPU preset, CPU preset)
+FAMILIES = {
+    "retinanet": (
+        "instseg_edu.models.retinanet", "build_retinanet", "RetinaNetConfig",
+        "RETINANET_R50_FPN_SCRATCH", "RETINANET_R18_SMALL",
+    ),
+    "mask_rcnn": (
+        "instseg_edu.models.mask_rcnn", "build_mask_rcnn", "MaskRCNNConfig",
+        "MASK_RCNN_R50_FPN", "MASK_RCNN_R18_SMALL",
+    ),
+}  # fmt: skip
+
+GALLERY_IMAGES = 8
+
+
+class CliError(Exception):
+    """A problem the user can fix (bad path, bad option); printed without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Building blocks shared by the subcommands
+# ------------------------------------------------------------------------------------------------
+
+
+def _device(name: str):
+    import torch
+
+    from instseg_edu.engine.train import resolve_device
+
+    try:
+        device = resolve_device(name)
+    except RuntimeError as e:
+        raise CliError(f"--device {name!r} is not a valid device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CliError(f"--device {name!r}: CUDA is not available on this machine")
+    return device
+
+
+def _family_module(family: str):
+    import importlib
+
+    if family not in FAMILIES:
+        raise CliError(f"unknown model {family!r}; choose from {sorted(FAMILIES)}")
+    return importlib.import_module(FAMILIES[family][0])
+
+
+def _preset(family: str, name: str | None, device) -> tuple[str, object]:
+    module = _family_module(family)
+    _, _, config_cls, gpu, cpu = FAMILIES[family]
+    name = name or (gpu if device.type == "cuda" else cpu)
+    cfg = getattr(module, name, None)
+    if cfg is None or type(cfg).__name__ != config_cls:
+        presets = [k for k, v in vars(module).items() if type(v).__name__ == config_cls]
+        raise CliError(f"unknown preset {name!r} for {family}; available: {sorted(presets)}")
+    return name, cfg
+
+
+def _with_num_classes(cfg, num_classes: int):
+    import dataclasses
+
+    if hasattr(cfg, "with_num_classes"):
+        return cfg.with_num_classes(num_classes)
+    if any(f.name == "num_classes" for f in dataclasses.fields(cfg)):
+        return dataclasses.replace(cfg, num_classes=num_classes)
+    raise CliError(f"cannot set the number of classes of {type(cfg).__name__}")
+
+
+def _build(family: str, cfg):
+    return getattr(_family_module(family), FAMILIES[family][1])(cfg)
+
+
+def _model_from_checkpoint(path: str, device):
+    """Rebuild the model a checkpoint was trained as, with its weights."""
+    from instseg_edu.engine.checkpoint import config_from_dict, load_checkpoint
+
+    ckpt = load_checkpoint(path, map_location="cpu")
+    meta = ckpt.get("meta") or {}
+    family = meta.get("model")
+    if family not in FAMILIES or "model_config" not in meta:
+        raise CliError(
+            f"{path} has no model description (meta.model / meta.model_config); "
+            "was it written by `instseg-edu train` or `demo`?"
+        )
+    config_cls = getattr(_family_module(family), FAMILIES[family][2])
+    model = _build(family, config_from_dict(config_cls, meta["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), meta
+
+
+def _existing(path: str | None, what: str, flag: str, *, folder: bool = False) -> Path:
+    if path is None:
+        raise CliError(f"{flag} is required")
+    p = Path(path)
+    ok = p.is_dir() if folder else p.is_file()
+    if not ok:
+        raise CliError(f"{flag}: {what} {str(p)!r} does not exist")
+    return p
+
+
+def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int = 0):
+    """Generate (or reuse) the shapes splits; each size/count gets its own folder."""
+    from instseg_edu.data.shapes import make_shapes_splits
+
+    folder = Path(root) / f"{image_size}px-{num_train}-{num_val}"
+    start = time.perf_counter()
+    paths = make_shapes_splits(folder, num_train, num_val, image_size=image_size, seed=seed)
+    print(f"data: {folder} ({time.perf_counter() - start:.1f} s)", flush=True)
+    return paths["train"], folder / "train", paths["val"], folder / "val"
+
+
+def _datasets(train_json, train_images, val_json, val_images, image_size: int):
+    from instseg_edu.data.coco import CocoDataset
+    from instseg_edu.data.transforms import eval_transforms, train_transforms
+
+    train_set = val_set = None
+    try:
+        if train_json is not None:
+            train_set = CocoDataset(train_json, train_images, train_transforms(image_size))
+        if val_json is not None:
+            val_set = CocoDataset(val_json, val_images, eval_transforms(image_size))
+    except ValueError as e:  # malformed annotation files: the message names file and problem
+        raise CliError(str(e)) from None
+    return train_set, val_set
+
+
+def _default_workers(device) -> int:
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if device.type == "cuda" else min(2, max(0, cpus - 1))
+
+
+def _write_figures(out: Path, history, model, val_set, class_names, device) -> list[str]:
+    """Loss curve and a gallery of predictions on the first validation images."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("matplotlib is not installed: skipping the figures (pip install matplotlib)")
+        return []
+    import torch
+
+    from instseg_edu.data.transforms import collate
+    from instseg_edu.viz.draw import gallery, loss_curve_figure
+
+    written = []
+    if history.steps:
+        loss_curve_figure(history).savefig(out / "loss_curve.png", dpi=100)
+        written.append("loss_curve.png")
+    if val_set is not None and len(val_set):
+        batch = collate([val_set[i] for i in range(min(GALLERY_IMAGES, len(val_set)))])
+        model.eval()
+        with torch.inference_mode():
+            detections = model.predict(model(batch.images.to(device)), batch.image_sizes)
+        detections = [d.to("cpu") for d in detections]
+        titles = [f"image {t.image_id}" for t in batch.targets]
+        fig = gallery(batch.images, detections, class_names, image_sizes=batch.image_sizes,
+                      titles=titles, score_thr=0.3)  # fmt: skip
+        fig.savefig(out / "predictions.png", dpi=100)
+        written.append("predictions.png")
+    return written
+
+
+def _evaluate_and_report(model, val_set, device, out: Path | None, batch_size: int, workers: int):
+    from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
+    from instseg_edu.engine.train import make_loader
+
+    loader = make_loader(val_set, batch_size, shuffle=False, workers=workers)
+    start = time.perf_counter()
+    metrics = evaluate_model(model, loader, val_set.coco, val_set.label_to_cat_id, device)
+    table = format_ap_table(metrics)
+    print(f"\nCOCO evaluation on {len(val_set)} images ({time.perf_counter() - start:.1f} s):")
+    print(table, flush=True)
+    if out is not None:
+        (out / "ap.json").write_text(json.dumps(metrics, indent=1))
+        (out / "ap.md").write_text(table + "\n")
+    return metrics
+
+
+def _run_training(args, family, preset_name, model_cfg, train_set, val_set, device, train_cfg,
+                  *, data_meta):  # fmt: skip
+    """Shared by ``demo`` and ``train``: train, evaluate, write every output. Returns exit code."""
+    from instseg_edu.engine.checkpoint import config_to_dict
+    from instseg_edu.engine.train import NonFiniteLossError, make_loader, train
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _build(family, model_cfg)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(
+        f"model: {family} {preset_name} ({n_params:.1f} M parameters) on {device}, "
+        f"{len(train_set)} training images at {args.image_size} px, batch {args.batch_size}",
+        flush=True,
+    )
+    loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers,
+                         seed=args.seed, drop_last=len(train_set) > args.batch_size)  # fmt: skip
+    meta = {
+        "model": family,
+        "preset": preset_name,
+        "model_config": config_to_dict(model_cfg),
+        "classes": list(train_set.classes),
+        "label_to_cat_id": list(train_set.label_to_cat_id),
+        "image_size": args.image_size,
+        **data_meta,
+    }
+    evaluate_fn = None
+    if val_set is not None and train_cfg.eval_every:
+        from instseg_edu.engine.evaluate import evaluate_model
+
+        val_loader = make_loader(val_set, args.batch_size, shuffle=False, workers=args.workers)
+        evaluate_fn = lambda m: evaluate_model(  # noqa: E731
+            m, val_loader, val_set.coco, val_set.label_to_cat_id, device
+        )
+    start = time.perf_counter()
+    try:
+        history = train(model, loader, train_cfg, evaluate_fn=evaluate_fn, meta=meta,
+                        resume=getattr(args, "resume", None))  # fmt: skip
+    except NonFiniteLossError as e:
+        print(f"instseg-edu: {e}", file=sys.stderr)
+        if e.history is not None:
+            e.history.save_json(out / "history.json")
+        return 1
+    minutes = (time.perf_counter() - start) / 60
+    history.save_json(out / "history.json")
+    last = history.steps[-1] if history.steps else {}
+    print(
+        f"trained {len(history.steps)} steps in {minutes:.1f} min"
+        + (f", last loss {last['loss']:.4f}, {last['img_s']:.1f} img/s" if last else "")
+        + (" (interrupted)" if history.interrupted else ""),
+        flush=True,
+    )
+    written = ["history.json"] + (["last.pt"] if history.checkpoint else [])
+    if val_set is not None:
+        _evaluate_and_report(model, val_set, device, out, args.batch_size, args.workers)
+        written += ["ap.md", "ap.json"]
+    written += _write_figures(out, history, model, val_set, train_set.classes, device)
+    print(f"wrote {out}/{{{', '.join(written)}}}")
+    return 0
+
+
+def _train_config(args, device, **overrides):
+    from instseg_edu.engine.train import TrainConfig
+
+    try:
+        return TrainConfig(**{
+            "device": str(device), "seed": args.seed, "checkpoint_dir": str(args.out),
+            "progress": not args.no_progress, **overrides,
+        })  # fmt: skip
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Subcommands
+# ------------------------------------------------------------------------------------------------
+
+# (GPU, CPU, smoke) settings of the demo.
+DEMO_SETTINGS = {
+    "gpu": dict(image_size=512, num_train=3000, num_val=200, steps=3000, batch_size=8, lr=0.02,
+                warmup_steps=300),
+    "cpu": dict(image_size=256, num_train=400, num_val=50, steps=300, batch_size=4, lr=0.01,
+                warmup_steps=50),
+    "smoke": dict(image_size=64, num_train=6, num_val=4, steps=2, batch_size=2, lr=0.01,
+                  warmup_steps=1),
+}  # fmt: skip
+
+
+def cmd_demo(args) -> int:
+    device = _device(args.device)
+    mode = "smoke" if args.smoke else ("gpu" if device.type == "cuda" else "cpu")
+    settings = dict(DEMO_SETTINGS[mode])
+    for key in ("image_size", "steps", "batch_size", "num_train", "num_val"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    args.image_size, args.batch_size = settings["image_size"], settings["batch_size"]
+    if args.workers is None:
+        args.workers = 0 if args.smoke else _default_workers(device)
+    train_json, train_dir, val_json, val_dir = _shapes(
+        args.data, settings["image_size"], settings["num_train"], settings["num_val"], args.seed
+    )
+    train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, args.image_size)
+    preset_name, model_cfg = _preset("retinanet", None, device)
+    model_cfg = _with_num_classes(model_cfg, len(train_set.classes))
+    train_cfg = _train_config(
+        args, device, max_steps=settings["steps"], lr=settings["lr"], optimizer="sgd",
+        warmup_steps=min(settings["warmup_steps"], settings["steps"]), schedule="cosine",
+        grad_clip=10.0, log_every=10,
+    )  # fmt: skip
+    data_meta = {"val_json": str(val_json), "val_images": str(val_dir)}
+    return _run_training(args, "retinanet", preset_name, model_cfg, train_set, val_set, device,
+                         train_cfg, data_meta=data_meta)  # fmt: skip
+
+
+def cmd_train(args) -> int:
+    device = _device(args.device)
+    if args.data == "shapes":
+        if args.train_json or args.train_images:
+            raise CliError("give either --data shapes or --train-json/--train-images, not both")
+        train_json, train_dir, val_json, val_dir = _shapes(
+            args.shapes_root, args.image_size, args.num_train, args.num_val, args.seed
+        )
+    else:
+        train_json = _existing(args.train_json, "annotation file", "--train-json")
+        train_dir = _existing(args.train_images, "image folder", "--train-images", folder=True)
+        val_json = val_dir = None
+        if args.val_json or args.val_images:
+            val_json = _existing(args.val_json, "annotation file", "--val-json")
+            val_dir = _existing(args.val_images, "image folder", "--val-images", folder=True)
+    if args.resume is not None:
+        _existing(args.resume, "checkpoint", "--resume")
+    if args.workers is None:
+        args.workers = _default_workers(device)
+    train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, args.image_size)
+    preset_name, model_cfg = _preset(args.model, args.preset, device)
+    model_cfg = _with_num_classes(model_cfg, len(train_set.classes))
+    length = {"max_steps": args.steps} if args.steps else {"epochs": args.epochs or 12}
+    train_cfg = _train_config(
+        args, device, lr=args.lr, optimizer=args.optimizer, warmup_steps=args.warmup_steps,
+        schedule=args.schedule, grad_clip=args.grad_clip, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, **length,
+    )  # fmt: skip
+    data_meta = {
+        "val_json": None if val_json is None else str(val_json),
+        "val_images": None if val_dir is None else str(val_dir),
+    }
+    return _run_training(args, args.model, preset_name, model_cfg, train_set, val_set, device,
+                         train_cfg, data_meta=data_meta)  # fmt: skip
+
+
+def cmd_evaluate(args) -> int:
+    device = _device(args.device)
+    _existing(args.checkpoint, "checkpoint", "--checkpoint")
+    model, meta = _model_from_checkpoint(args.checkpoint, device)
+    val_json = args.val_json or meta.get("val_json")
+    val_images = args.val_images or meta.get("val_images")
+    if val_json is None:
+        raise CliError("the checkpoint names no validation set: pass --val-json and --val-images")
+    val_json = _existing(val_json, "annotation file", "--val-json")
+    val_images = _existing(val_images, "image folder", "--val-images", folder=True)
+    _, val_set = _datasets(None, None, val_json, val_images, int(meta.get("image_size", 512)))
+    out = None
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+    workers = _default_workers(device) if args.workers is None else args.workers
+    _evaluate_and_report(model, val_set, device, out, args.batch_size, workers)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from instseg_edu.data.transforms import collate, eval_transforms
+    from instseg_edu.engine.evaluate import detections_to_coco
+    from instseg_edu.structures import Target
+
+    device = _device(args.device)
+    _existing(args.checkpoint, "checkpoint", "--checkpoint")
+    paths = [_existing(p, "image", "IMAGE") for p in args.images]
+    model, meta = _model_from_checkpoint(args.checkpoint, device)
+    classes = meta.get("classes")
+    label_to_cat_id = meta.get("label_to_cat_id") or list(range(len(classes or [])))
+    transform = eval_transforms(int(meta.get("image_size", 512)))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from instseg_edu.viz.draw import draw_detections
+
+    results = []
+    for image_id, path in enumerate(paths, start=1):
+        try:
+            pixels = np.asarray(Image.open(path).convert("RGB"))  # [H, W, 3] uint8
+        except OSError as e:
+            raise CliError(f"cannot read image {str(path)!r}: {e}") from None
+        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255  # [3, H, W]
+        h, w = image.shape[-2:]
+        empty = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
+                       torch.zeros(0, h, w, dtype=torch.bool), image_id=image_id,
+                       orig_size=(h, w))  # fmt: skip
+        batch = collate([transform(image, empty)])
+        with torch.inference_mode():
+            (det,) = model.predict(model(batch.images.to(device)), batch.image_sizes)
+        det = det.to("cpu")
+        fig = draw_detections(batch.images[0], det.boxes, det.labels, det.masks, det.scores,
+                              classes, score_thr=args.score_thr, title=path.name,
+                              image_size=batch.image_sizes[0])  # fmt: skip
+        fig.savefig(out / f"{path.stem}.png", dpi=100)
+        for r in detections_to_coco([det], batch.targets, batch.image_sizes, label_to_cat_id):
+            if r["score"] >= args.score_thr:
+                results.append({**r, "file_name": str(path)})
+        kept = int((det.scores >= args.score_thr).sum())
+        print(f"{path}: {kept} detections above {args.score_thr} -> {out / (path.stem + '.png')}")
+    (out / "predictions.json").write_text(json.dumps(results))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument parsing
+# ------------------------------------------------------------------------------------------------
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order and augmentation")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="instseg-edu",
+        description="Train, evaluate and look at the instseg_edu detectors.",
+        epilog="Run `instseg-edu COMMAND --help` for the options of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="train RetinaNet on the shapes dataset and write AP table and figures",
+        description="Build the shapes dataset if missing, train RetinaNet (ResNet-50-FPN for a few "
+        "minutes on a GPU, a small ResNet-18 model on 256 px images on a CPU), evaluate it with "
+        "pycocotools, and write ap.md, ap.json, history.json, loss_curve.png, predictions.png and "
+        "last.pt to --out.",
+    )
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    p.add_argument(
+        "--data", default="data/shapes", help="shapes dataset root (default: data/shapes)"
+    )
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: by device)")
+    p.add_argument("--image-size", type=int, default=None, help="longest image side in pixels")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--num-train", type=int, default=None, help="shapes training images")
+    p.add_argument("--num-val", type=int, default=None, help="shapes validation images")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run on tiny images (tests)")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "train",
+        help="train a model on shapes or on COCO-format data",
+        description="Train a model family. Data: --data shapes (generated under --shapes-root), or "
+        "your own COCO-format files with --train-json/--train-images (and optionally "
+        "--val-json/--val-images for evaluation).",
+    )
+    p.add_argument("--model", choices=sorted(FAMILIES), default="retinanet")
+    p.add_argument("--preset", default=None,
+                   help="config constant of the model module, e.g. RETINANET_R18_SMALL "
+                   "(default: R50-FPN on a GPU, the small R18 preset on a CPU)")  # fmt: skip
+    p.add_argument("--data", choices=["shapes"], default=None, help="use the shapes dataset")
+    p.add_argument("--shapes-root", default="data/shapes")
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-val", type=int, default=200)
+    p.add_argument("--train-json", help="COCO instances JSON of the training set")
+    p.add_argument("--train-images", help="folder of the training images")
+    p.add_argument("--val-json", help="COCO instances JSON of the validation set")
+    p.add_argument("--val-images", help="folder of the validation images")
+    p.add_argument("--image-size", type=int, default=512, help="longest side after resizing")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 12 unless --steps)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--schedule", choices=["step", "cosine", "constant"], default="cosine")
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--grad-clip", type=float, default=10.0)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (e.g. OUT/last.pt)")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="COCO AP of a checkpoint",
+        description="Evaluate a checkpoint with pycocotools (bbox, and segm for mask models). The "
+        "validation set defaults to the one the checkpoint was trained with.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a last.pt written by train or demo")
+    p.add_argument("--val-json")
+    p.add_argument("--val-images")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="also write ap.json and ap.md here")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="draw a checkpoint's detections on images",
+        description="Run a checkpoint on image files and write one drawn PNG per image plus "
+        "predictions.json (COCO results, in original pixels) to --out.",
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", default="runs/predict")
+    p.add_argument("--score-thr", type=float, default=0.3)
+    _common(p)
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from instseg_edu.engine.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CliError, FileNotFoundError, CheckpointError) as e:
+        message = (
+            str(e)
+            if not isinstance(e, FileNotFoundError) or not e.filename
+            else (f"{e.strerror}: {e.filename}")
+        )
+        print(f"instseg-edu {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

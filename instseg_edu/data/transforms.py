@@ -1,0 +1,238 @@
+"""Transforms that move boxes and masks together with the image, and batching.
+
+A geometric augmentation has to change an image's annotations in exactly the same way: flip the
+image and every box must flip (``x1' = W - x2``), resize it and boxes scale while masks are
+resampled. torchvision's transforms v2 do this when each part is wrapped in a ``tv_tensors``
+type — ``Image``, ``BoundingBoxes`` (here always ``XYXY``) and ``Mask`` — and every v2 transform
+dispatches on that type. :class:`ObjectTransform` wraps an ``(image, Target)`` pair that way, runs
+a list of steps (any v2 transform, or :class:`ResizeKeepAspect`), unwraps, and drops objects that
+no longer exist: a box under 1 px wide or high, or a mask left without pixels (a thin object can
+vanish when an image shrinks).
+
+Two details matter for alignment. Masks are resized with ``NEAREST_EXACT``, which samples each
+output pixel at its centre (``x_in = (x_out + 0.5) / scale``), so a resized mask's tight box stays
+within one pixel of the resized box. Images are resized bilinearly with antialiasing, which keeps
+``[0, 1]`` values in range.
+
+Normalisation is not a dataset transform here: datasets and batches carry ``[0, 1]`` images that
+figures can show directly, and models call :func:`normalize` (ImageNet mean and std, the
+statistics their pretrained backbones expect) as their first step.
+
+:func:`collate` pads a list of items into a :class:`~instseg_edu.structures.Batch`: images and
+target masks are padded with zeros at the bottom and right to a common size that is a multiple of
+32 (so that every FPN stride up to 32 divides it), and each image's true ``(h, w)`` is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+from torchvision import tv_tensors
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as F
+
+from instseg_edu.structures import Batch, Target
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+Parts = dict  # {"boxes": BoundingBoxes, "masks": Mask, "ignore_boxes": BoundingBoxes}
+Step = Callable[[tv_tensors.Image, Parts], tuple[tv_tensors.Image, Parts]]
+
+
+def normalize(images: Tensor) -> Tensor:
+    """ImageNet normalisation ``(x - mean) / std`` per channel.
+
+    Args:
+        images: ``float [3, H, W]`` or ``[B, 3, H, W]`` with values in ``[0, 1]``.
+
+    Returns:
+        a new tensor of the same shape, dtype and device.
+    """
+    if images.ndim < 3 or images.shape[-3] != 3:
+        raise ValueError(f"images must be [3, H, W] or [B, 3, H, W], got {tuple(images.shape)}")
+    mean = torch.tensor(IMAGENET_MEAN, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images - mean) / std
+
+
+def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(h, w)`` after scaling so that the longest side becomes ``size``.
+
+    Example: ``resized_size(480, 640, 512) == (384, 512)``.
+    """
+    scale = size / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+class ResizeKeepAspect:
+    """Scale an image and its annotations so that the longest side is ``size`` pixels.
+
+    A step for :class:`ObjectTransform`: called with tv_tensors, it resizes the image bilinearly
+    (antialiased), the boxes by the same factors and the masks with ``NEAREST_EXACT``.
+    """
+
+    def __init__(self, size: int):
+        if size < 1:
+            raise ValueError(f"size={size} must be >= 1")
+        self.size = int(size)
+
+    def __call__(self, image: tv_tensors.Image, parts: Parts) -> tuple[tv_tensors.Image, Parts]:
+        new_hw = list(resized_size(image.shape[-2], image.shape[-1], self.size))
+        image = F.resize(image, new_hw, interpolation=InterpolationMode.BILINEAR, antialias=True)
+        resized = {}
+        for key, value in parts.items():
+            if isinstance(value, tv_tensors.Mask):
+                resized[key] = _resize_masks(value, new_hw)
+            else:  # boxes are scaled by (new_w / w, new_h / h)
+                resized[key] = F.resize(value, new_hw)
+        return image, resized
+
+    def __repr__(self) -> str:
+        return f"ResizeKeepAspect(size={self.size})"
+
+
+def _resize_masks(masks: tv_tensors.Mask, size: list[int]) -> tv_tensors.Mask:
+    """``[G, H, W]`` masks to ``[G, h, w]``, sampling each output pixel at its centre.
+
+    Done with ``interpolate(mode="nearest-exact")`` directly rather than through ``F.resize``,
+    because torchvision before 0.2x ignored the interpolation mode for masks (plain ``nearest``,
+    which samples at the pixel's corner and shifts masks by up to a pixel).
+    """
+    if masks.shape[0] == 0:
+        return tv_tensors.Mask(masks.new_zeros(0, *size))
+    out = torch.nn.functional.interpolate(
+        masks.as_subclass(Tensor)[None].float(), size=size, mode="nearest-exact"
+    )  # [1, G, h, w]
+    return tv_tensors.Mask(out[0].to(masks.dtype))
+
+
+class ObjectTransform:
+    """Apply steps to an ``(image, Target)`` pair, keeping boxes and masks aligned.
+
+    Args:
+        steps: callables ``(Image, parts) -> (Image, parts)``, applied in order; any torchvision
+            v2 transform qualifies (``v2.RandomHorizontalFlip(0.5)``, ``v2.ColorJitter(...)``,
+            ``v2.RandomIoUCrop()``, ...), as does :class:`ResizeKeepAspect`.
+
+    Called as ``image, target = transform(image, target)`` with ``image`` ``float32 [3, H, W]`` in
+    ``[0, 1]`` and a :class:`~instseg_edu.structures.Target` whose ``masks`` are ``[G, H, W]``.
+    Returns a plain tensor image and a new ``Target`` (boxes, masks and ignore boxes moved,
+    degenerate objects dropped; ``image_id`` and ``orig_size`` unchanged).
+    """
+
+    def __init__(self, steps: Sequence[Step]):
+        self.steps = list(steps)
+
+    def __call__(self, image: Tensor, target: Target) -> tuple[Tensor, Target]:
+        height, width = image.shape[-2:]
+        if tuple(target.masks.shape[-2:]) != (height, width):
+            raise ValueError(
+                f"target.masks is {tuple(target.masks.shape)} but the image is {height}x{width}; "
+                "masks must be [G, H, W] at the image's size"
+            )
+        tv_image = tv_tensors.Image(image)
+        parts = {
+            "boxes": tv_tensors.BoundingBoxes(
+                target.boxes, format="XYXY", canvas_size=(height, width)
+            ),
+            # uint8 rather than bool: older torchvision cannot interpolate bool tensors.
+            "masks": tv_tensors.Mask(target.masks.to(torch.uint8)),
+            "ignore_boxes": tv_tensors.BoundingBoxes(
+                target.ignore_boxes, format="XYXY", canvas_size=(height, width)
+            ),
+        }
+        for step in self.steps:
+            tv_image, parts = step(tv_image, parts)
+        return _unwrap(tv_image, parts, target)
+
+    def __repr__(self) -> str:
+        inner = ",\n    ".join(repr(s) for s in self.steps)
+        return f"ObjectTransform([\n    {inner}\n])"
+
+
+def _unwrap(image: tv_tensors.Image, parts: Parts, target: Target) -> tuple[Tensor, Target]:
+    """tv_tensors back to plain tensors; drop objects that became degenerate."""
+    height, width = image.shape[-2:]
+
+    def clip(boxes: Tensor) -> Tensor:  # [N, 4] xyxy, plain tensor
+        boxes = boxes.as_subclass(Tensor).clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        return boxes
+
+    def big_enough(boxes: Tensor) -> Tensor:  # [N] bool
+        return ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)
+
+    boxes = clip(parts["boxes"])
+    masks = parts["masks"].as_subclass(Tensor).bool()  # [G, H, W]
+    keep = big_enough(boxes) & masks.flatten(1).any(dim=1)  # [G]
+    ignore = clip(parts["ignore_boxes"])
+    new_target = replace(
+        target,
+        boxes=boxes[keep],
+        labels=target.labels[keep],
+        masks=masks[keep],
+        ignore_boxes=ignore[big_enough(ignore)],
+    )
+    return image.as_subclass(Tensor), new_target
+
+
+def train_transforms(
+    size: int, flip_prob: float = 0.5, jitter: bool = True
+) -> Callable[[Tensor, Target], tuple[Tensor, Target]]:
+    """Training augmentation: resize (longest side ``size``), random horizontal flip, colour jitter.
+
+    The jitter (brightness, contrast, saturation +-20 %, hue +-0.02) touches only the image.
+    """
+    steps: list[Step] = [ResizeKeepAspect(size)]
+    if flip_prob > 0:
+        steps.append(v2.RandomHorizontalFlip(p=flip_prob))
+    if jitter:
+        steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02))
+    return ObjectTransform(steps)
+
+
+def eval_transforms(size: int) -> Callable[[Tensor, Target], tuple[Tensor, Target]]:
+    """Evaluation: only resize so that the longest side is ``size`` (deterministic)."""
+    return ObjectTransform([ResizeKeepAspect(size)])
+
+
+def collate(items: Sequence[tuple[Tensor, Target]], size_divisor: int = 32) -> Batch:
+    """Pad ``(image, target)`` items into one :class:`~instseg_edu.structures.Batch`.
+
+    Args:
+        items: ``(image float32 [3, h, w], Target with masks [G, h, w])`` pairs of any sizes.
+        size_divisor: the padded height and width are multiples of it.
+
+    Returns:
+        ``Batch`` with ``images [B, 3, Hp, Wp]`` (zeros bottom/right), ``image_sizes`` the true
+        ``(h, w)`` of each image, and targets whose masks are padded to ``[G, Hp, Wp]``.
+    """
+    if not items:
+        raise ValueError("collate needs at least one item")
+    images = [image for image, _ in items]
+    targets = [target for _, target in items]
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    for i, (image, target) in enumerate(items):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"item {i}: image must be [3, H, W], got {tuple(image.shape)}")
+        if tuple(target.masks.shape[-2:]) != sizes[i]:
+            raise ValueError(
+                f"item {i}: masks are {tuple(target.masks.shape)} but the image is "
+                f"{sizes[i][0]}x{sizes[i][1]}"
+            )
+    pad_h = math.ceil(max(h for h, _ in sizes) / size_divisor) * size_divisor
+    pad_w = math.ceil(max(w for _, w in sizes) / size_divisor) * size_divisor
+    batch = images[0].new_zeros(len(images), 3, pad_h, pad_w)  # [B, 3, Hp, Wp]
+    padded_targets = []
+    for i, ((h, w), image, target) in enumerate(zip(sizes, images, targets)):
+        batch[i, :, :h, :w] = image
+        masks = target.masks.new_zeros(target.masks.shape[0], pad_h, pad_w)  # [G, Hp, Wp]
+        masks[:, :h, :w] = target.masks
+        padded_targets.append(replace(target, masks=masks))
+    return Batch(images=batch, image_sizes=sizes, targets=padded_targets)

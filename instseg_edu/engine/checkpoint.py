@@ -1,0 +1,137 @@
+"""Checkpoints that are safe to write and safe to read.
+
+- Writing is atomic: the state goes to a temporary file in the destination's folder, is flushed to
+  disk, then ``os.replace`` renames it over the old file. A crash or Ctrl-C mid-write leaves the
+  previous checkpoint intact, never half a file.
+- Reading uses ``torch.load(..., weights_only=True)``, which refuses to unpickle arbitrary Python
+  objects (a checkpoint from the internet cannot run code). So a checkpoint holds only tensors and
+  plain containers of numbers and strings: configs are stored as dicts
+  (:func:`dataclasses.asdict`) and rebuilt with :func:`config_from_dict`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pickle
+import tempfile
+import types
+import typing
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, or holds unsafe objects)."""
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary file in the same folder + ``os.replace``).
+
+    ``state`` should contain only tensors, numbers, strings, ``None`` and lists/tuples/dicts of
+    those, so that :func:`load_checkpoint` can read it with ``weights_only=True``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is not a readable checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{str(path)!r} is not a readable checkpoint: {msg}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, expected a dict")
+    return state
+
+
+def config_to_dict(cfg) -> dict:
+    """A (nested) dataclass config → plain dict; tuples become lists so it is also JSON-ready."""
+    return _lists(dataclasses.asdict(cfg))
+
+
+def _lists(obj):
+    if isinstance(obj, dict):
+        return {k: _lists(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_lists(v) for v in obj]
+    return obj
+
+
+def config_from_dict(cls, d: dict):
+    """Rebuild a (nested, frozen) dataclass config from :func:`config_to_dict`'s output.
+
+    Fields that are dataclasses are rebuilt recursively; lists become tuples where the field is
+    annotated as a tuple (also nested, e.g. ``tuple[tuple[int, int], ...]``); missing keys take the
+    field's default. An unknown key raises ``ValueError`` naming it, so a checkpoint from a newer
+    version fails loudly instead of silently dropping a setting.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    if not isinstance(d, dict):
+        raise ValueError(f"{cls.__name__}: expected a dict, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
+    kwargs = {name: _convert(hints.get(name, typing.Any), value) for name, value in d.items()}
+    return cls(**kwargs)
+
+
+def _convert(tp, value):
+    """Coerce a JSON-ish ``value`` to the annotated type ``tp`` (dataclasses, tuples, Optionals)."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return config_from_dict(tp, value)
+    if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
+        # Try the non-None members in order: a dict goes to a dataclass member, a list to a tuple.
+        for arg in args:
+            if arg is type(None):
+                continue
+            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                return config_from_dict(arg, value)
+            if typing.get_origin(arg) in (tuple, list) and isinstance(value, (list, tuple)):
+                return _convert(arg, value)
+            if arg is tuple and isinstance(value, (list, tuple)):
+                return tuple(value)
+        return value
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            return value
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v) for v in value)
+        if args and len(args) == len(value):
+            return tuple(_convert(a, v) for a, v in zip(args, value))
+        return tuple(value)
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_convert(args[0], v) for v in value] if args else list(value)
+    return value

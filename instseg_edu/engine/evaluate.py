@@ -1,0 +1,328 @@
+"""COCO evaluation: turn a model's detections into COCO result dicts and score them with COCOeval.
+
+The COCO protocol (Lin et al., "Microsoft COCO", Sec. 5 and the cocodataset.org detection-eval page)
+reports twelve numbers per IoU type:
+
+- ``AP``: precision averaged over IoU thresholds 0.50:0.05:0.95, recall levels 0:0.01:1 and classes;
+  ``AP50`` and ``AP75`` at a single IoU threshold; ``APs``, ``APm``, ``APl`` for small
+  (area < 32²), medium and large (area > 96²) objects;
+- ``AR1``, ``AR10``, ``AR100``: recall with at most 1, 10, 100 detections per image, averaged over
+  IoU thresholds; ``ARs``, ``ARm``, ``ARl`` by object size (100 detections).
+
+pycocotools writes ``-1`` for a number that has no ground truth to measure (e.g. ``APl`` when no
+object is large); we keep that convention and :func:`format_ap_table` prints it as ``n/a``.
+
+Boxes in COCO results are ``[x, y, w, h]`` in pixels of the *original* image file, masks are
+run-length encoded (RLE) at that size. :func:`detections_to_coco` does both conversions from the
+network-input coordinates that :class:`instseg_edu.structures.Detections` uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from instseg_edu.structures import Detections, Target
+
+#: Readable names of ``COCOeval.stats``, in its order.
+METRIC_NAMES = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl",
+    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)  # fmt: skip
+
+IOU_TYPES = ("bbox", "segm")
+BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+def _load_gt(coco_gt, backend: str):
+    """Return a ground-truth COCO object of the backend's own class."""
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+    else:
+        from faster_coco_eval import COCO
+    if isinstance(coco_gt, (str, os.PathLike)):
+        if not os.path.isfile(coco_gt):
+            raise FileNotFoundError(f"COCO annotation file {str(coco_gt)!r} does not exist")
+        with open(coco_gt) as f:
+            dataset = json.load(f)
+    elif isinstance(coco_gt, dict):
+        dataset = coco_gt
+    elif hasattr(coco_gt, "dataset"):
+        if backend == "pycocotools" and type(coco_gt).__module__.startswith("pycocotools"):
+            return coco_gt
+        dataset = coco_gt.dataset
+    else:
+        raise TypeError(f"coco_gt must be a COCO, a dict or a JSON path, not {type(coco_gt)}")
+    gt = COCO()
+    gt.dataset = copy.deepcopy(dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+    return gt
+
+
+def _empty_results(gt):
+    """A result object with no detections (``loadRes([])`` crashes in pycocotools)."""
+    res = type(gt)()
+    res.dataset = {
+        "images": list(gt.dataset.get("images", [])),
+        "categories": copy.deepcopy(gt.dataset.get("categories", [])),
+        "annotations": [],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        res.createIndex()
+    return res
+
+
+def evaluate_coco(
+    coco_gt,
+    results: Sequence[dict],
+    iou_types: Iterable[str] = IOU_TYPES,
+    *,
+    backend: str = "pycocotools",
+    image_ids: Iterable[int] | None = None,
+    quiet: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Score COCO-format results against ground truth with the standard COCOeval protocol.
+
+    Args:
+        coco_gt: a pycocotools ``COCO``, a COCO dataset ``dict`` or the path of a COCO JSON file.
+        results: COCO result dicts ``{"image_id", "category_id", "bbox": [x, y, w, h], "score",
+            "segmentation": RLE}`` as made by :func:`detections_to_coco`. Not modified.
+        iou_types: any of ``"bbox"``, ``"segm"``. ``"segm"`` is skipped (absent from the returned
+            dict) when results are non-empty but none carries a ``"segmentation"``: a box-only model
+            has no masks to score, and pycocotools would otherwise score its boxes as polygons.
+        backend: ``"pycocotools"`` (default) or ``"faster_coco_eval"`` (a C++ drop-in with the same
+            numbers; ``pip install faster-coco-eval``).
+        image_ids: evaluate only these images (default: every image of ``coco_gt``). Use it when the
+            predictions cover a subset, e.g. a quick check on the first few validation images.
+        quiet: swallow the evaluator's printed tables.
+
+    Returns:
+        ``{iou_type: {"AP": .., "AP50": .., ..., "ARl": ..}}`` with the twelve numbers of
+        :data:`METRIC_NAMES` as Python floats in ``[0, 1]``, or ``-1.0`` where no ground truth
+        exists for that number (pycocotools' convention).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+    iou_types = tuple(iou_types)
+    for t in iou_types:
+        if t not in IOU_TYPES:
+            raise ValueError(f"iou_types contains {t!r}; allowed are {IOU_TYPES}")
+    results = list(results)
+    if backend == "pycocotools":
+        from pycocotools.cocoeval import COCOeval
+    else:
+        from faster_coco_eval import COCOeval_faster as COCOeval
+
+    out = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
+    with out:
+        gt = _load_gt(coco_gt, backend)
+        metrics: dict[str, dict[str, float]] = {}
+        for iou_type in iou_types:
+            if iou_type == "segm" and results and not any("segmentation" in r for r in results):
+                continue
+            if results:
+                # loadRes writes "area", "id" (and for segm "bbox") into each dict: give it copies.
+                dt = gt.loadRes([dict(r) for r in results])
+            else:
+                dt = _empty_results(gt)
+            if backend == "pycocotools":
+                ev = COCOeval(gt, dt, iouType=iou_type)
+            else:
+                ev = COCOeval(gt, dt, iouType=iou_type, print_function=print)
+            if image_ids is not None:
+                ev.params.imgIds = sorted(int(i) for i in image_ids)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            stats = [float(s) for s in ev.stats[: len(METRIC_NAMES)]]
+            metrics[iou_type] = dict(zip(METRIC_NAMES, stats))
+    return metrics
+
+
+def _encode_masks(masks: torch.Tensor) -> list[dict]:
+    """``bool [K, H, W]`` → K COCO RLE dicts whose ``counts`` are ``str`` (JSON-serialisable)."""
+    from pycocotools import mask as mask_util
+
+    if masks.shape[0] == 0:
+        return []
+    # pycocotools wants a Fortran-ordered uint8 array shaped [H, W, K].
+    arr = np.asfortranarray(masks.permute(1, 2, 0).to(torch.uint8).cpu().numpy())  # [H, W, K]
+    rles = mask_util.encode(arr)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def detections_to_coco(
+    detections: Sequence[Detections],
+    targets: Sequence[Target],
+    image_sizes: Sequence[tuple[int, int]],
+    label_to_cat_id: Sequence[int],
+) -> list[dict]:
+    """Convert per-image :class:`Detections` to COCO result dicts in original-image pixels.
+
+    A dataset transform resizes each image from ``target.orig_size = (H0, W0)`` to
+    ``image_sizes[i] = (h, w)``; the model predicts in that ``(h, w)`` frame. Boxes are scaled by
+    ``(W0 / w, H0 / h)`` and converted xyxy → xywh; masks are cropped to ``(h, w)`` (in case they
+    carry batch padding), resized to ``(H0, W0)`` bilinearly and thresholded at 0.5, then
+    RLE-encoded. Example: a box ``[10, 20, 30, 60]`` predicted on a 256×256 input of a 512×512 file
+    becomes ``bbox = [20, 40, 40, 80]``.
+
+    Args:
+        detections: one :class:`Detections` per image (``boxes [K, 4]`` xyxy, ``scores [K]``,
+            ``labels [K]`` in ``0..C-1``, optional ``masks bool [K, h, w]``).
+        targets: the matching :class:`Target` (gives ``image_id`` and ``orig_size``; when
+            ``orig_size`` is ``None`` no rescaling happens).
+        image_sizes: each image's true ``(h, w)`` in the network input (``Batch.image_sizes``).
+        label_to_cat_id: contiguous label → COCO ``category_id``.
+
+    Returns:
+        A list of dicts ``{"image_id", "category_id", "bbox", "score"}`` plus ``"segmentation"``
+        (RLE with ``str`` counts) when the detections have masks.
+    """
+    if not (len(detections) == len(targets) == len(image_sizes)):
+        raise ValueError(
+            f"detections ({len(detections)}), targets ({len(targets)}) and image_sizes "
+            f"({len(image_sizes)}) must have the same length"
+        )
+    results: list[dict] = []
+    for det, target, (h, w) in zip(detections, targets, image_sizes):
+        if len(det) == 0:
+            continue
+        h0, w0 = target.orig_size if target.orig_size is not None else (h, w)
+        boxes = det.boxes.detach().float().cpu()
+        scale = torch.tensor([w0 / w, h0 / h, w0 / w, h0 / h])
+        boxes = boxes * scale  # [K, 4] xyxy in original pixels
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)  # [K, 4]
+        labels = det.labels.detach().cpu().tolist()
+        if max(labels) >= len(label_to_cat_id) or min(labels) < 0:
+            raise ValueError(
+                f"detection label {max(labels)} has no entry in label_to_cat_id "
+                f"(length {len(label_to_cat_id)})"
+            )
+        rles = None
+        if det.masks is not None:
+            masks = det.masks.detach()[:, :h, :w]  # [K, h, w], drop any batch padding
+            if (h, w) != (h0, w0):
+                masks = F.interpolate(
+                    masks[:, None].float(), size=(h0, w0), mode="bilinear", align_corners=False
+                )[:, 0]  # [K, H0, W0]
+                masks = masks >= 0.5
+            rles = _encode_masks(masks.bool())
+        for k, (box, score, label) in enumerate(
+            zip(xywh.tolist(), det.scores.detach().float().cpu().tolist(), labels)
+        ):
+            r = {
+                "image_id": int(target.image_id),
+                "category_id": int(label_to_cat_id[label]),
+                "bbox": [round(v, 3) for v in box],
+                "score": float(score),
+            }
+            if rles is not None:
+                r["segmentation"] = rles[k]
+            results.append(r)
+    return results
+
+
+def _outputs_to_float(obj):
+    """Cast floating tensors in (nested) outputs to float32, so post-processing runs in full
+    precision even when the forward pass ran under bf16 autocast."""
+    if torch.is_tensor(obj):
+        return obj.float() if obj.is_floating_point() else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple
+        return type(obj)(*(_outputs_to_float(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_outputs_to_float(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _outputs_to_float(v) for k, v in obj.items()}
+    return obj
+
+
+@torch.inference_mode()
+def predict_loader(model, loader, device=None, *, amp: bool = False, max_batches=None):
+    """Run ``model.predict(model(images), image_sizes)`` over a loader of :class:`Batch`.
+
+    Yields ``(batch, detections)`` per batch, with ``batch`` on ``device`` and ``detections`` on
+    the CPU. The model is put in eval mode and restored to its previous mode afterwards.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                outputs = model(batch.images)
+            detections = model.predict(_outputs_to_float(outputs), batch.image_sizes)
+            yield batch, [d.to("cpu") for d in detections]
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(
+    model,
+    loader,
+    coco_gt,
+    label_to_cat_id: Sequence[int],
+    device=None,
+    *,
+    iou_types: Iterable[str] | None = None,
+    backend: str = "pycocotools",
+    amp: bool = False,
+    max_batches: int | None = None,
+    quiet: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Predict over ``loader`` and score the detections with :func:`evaluate_coco`.
+
+    Only the images the loader produced are evaluated (``image_ids``), so a partial pass
+    (``max_batches``) gives a fair number for those images. ``iou_types=None`` means ``bbox`` plus
+    ``segm`` when the model returns masks. ``amp`` runs the forward pass under bf16 autocast on
+    CUDA; decoding always runs in float32.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    amp = amp and device.type == "cuda"
+    results: list[dict] = []
+    image_ids: list[int] = []
+    has_masks = False
+    for batch, detections in predict_loader(
+        model, loader, device, amp=amp, max_batches=max_batches
+    ):
+        targets = [t for t in batch.targets]
+        image_ids.extend(int(t.image_id) for t in targets)
+        has_masks = has_masks or any(d.masks is not None for d in detections)
+        results.extend(detections_to_coco(detections, targets, batch.image_sizes, label_to_cat_id))
+    if iou_types is None:
+        iou_types = ("bbox", "segm") if has_masks else ("bbox",)
+    return evaluate_coco(
+        coco_gt, results, iou_types, backend=backend, image_ids=image_ids, quiet=quiet
+    )
+
+
+def format_ap_table(metrics: dict[str, dict[str, float]], digits: int = 3) -> str:
+    """A Markdown table: one row per metric, one column per IoU type; ``-1`` prints as ``n/a``."""
+    iou_types = list(metrics)
+    if not iou_types:
+        return "(no metrics)"
+    names = [n for n in METRIC_NAMES if any(n in metrics[t] for t in iou_types)]
+    lines = [
+        "| metric | " + " | ".join(iou_types) + " |",
+        "|---|" + "---:|" * len(iou_types),
+    ]
+    for name in names:
+        cells = []
+        for t in iou_types:
+            v = metrics[t].get(name)
+            cells.append("n/a" if v is None or v < 0 else f"{v:.{digits}f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

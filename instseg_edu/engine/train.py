@@ -1,0 +1,726 @@
+"""One training loop for every model family.
+
+Every model follows the protocol of :mod:`instseg_edu.models`::
+
+    outputs = model(batch.images)          # raw head tensors
+    losses = model.loss(outputs, batch)    # {"loss_cls": .., "loss_bbox": .., "num_pos": ..}
+    total = sum of the "loss_*" terms      # other keys are statistics, only logged
+
+so :func:`train` never needs to know which family it trains. Around that it does what a real run
+needs, each piece small enough to read:
+
+- **device and precision**: CUDA when present, with bf16 autocast (no loss scaling needed: bf16 has
+  float32's exponent range) and ``channels_last`` memory format (faster convolutions on tensor
+  cores); the CPU otherwise, in float32.
+- **optimiser and schedule**: SGD or AdamW; linear warm-up from ``lr * warmup_ratio`` (as in
+  MMDetection's ``LinearLR``), then step decay or cosine. The learning rate is a pure function of
+  the step (:func:`lr_at`), so resuming needs nothing but the step number.
+- **logging without stalls**: loss values stay on the GPU and are copied to the host every
+  ``log_every`` steps in one transfer (a ``.item()`` per step would make the CPU wait for the GPU
+  every step). :class:`History` keeps every step's loss terms, total, learning rate, img/s and
+  statistics such as ``num_pos``.
+- **callbacks**: objects with any of ``on_start``, ``on_step``, ``on_eval``, ``on_epoch``,
+  ``on_end`` methods (a plain function is an ``on_step``); each gets a :class:`TrainState` and may
+  call ``state.request_stop()``. Reading ``state.losses`` or ``state.history`` syncs pending values,
+  so a dashboard that reads every 10th step costs one sync per 10 steps.
+- **checkpoints**: atomic, ``weights_only``-loadable, with model, optimiser, step, epoch, history,
+  every RNG state and the config; ``resume=`` continues with identical numbers (the data order of
+  each epoch is seeded from ``(seed, epoch)``, already-consumed batches of the current epoch are
+  skipped, and the RNG states are restored after that skip).
+- **safety**: a non-finite loss raises :class:`NonFiniteLossError` naming the term and step, and no
+  checkpoint is written from then on, so the last one on disk is good; ``KeyboardInterrupt`` (the
+  stop button of a notebook) ends training cleanly and returns the :class:`History`.
+
+Notebook: ``notebooks/`` (training a RetinaNet on shapes) walks through this loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from instseg_edu.engine.checkpoint import config_to_dict, load_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+HOOKS = ("on_start", "on_step", "on_eval", "on_epoch", "on_end")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine", "constant")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite. ``.term``, ``.step``, ``.value``, ``.history`` and
+    ``.checkpoint`` (the last good checkpoint's path, or ``None``) say where and what is left."""
+
+    def __init__(self, term: str, step: int, value: float, history=None, checkpoint=None):
+        self.term, self.step, self.value = term, step, value
+        self.history, self.checkpoint = history, checkpoint
+        where = (
+            f"the last good checkpoint is {checkpoint}"
+            if checkpoint
+            else "no checkpoint had been written"
+        )
+        super().__init__(
+            f"loss term {term!r} is {value} at step {step}; training stopped ({where}). "
+            "Try a lower lr, a longer warm-up or grad_clip."
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train`. Length: ``max_steps`` and/or ``epochs`` (whichever ends first).
+
+    Attributes:
+        epochs: passes over the training loader.
+        max_steps: optimiser steps.
+        lr: base learning rate (MMDetection's RetinaNet: SGD 0.01 for 16 images per batch).
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adamw"`` (with ``betas``).
+        weight_decay: L2 (SGD) or decoupled (AdamW) weight decay.
+        warmup_steps: linear warm-up length; the first step uses ``lr * warmup_ratio``.
+        schedule: after warm-up, ``"step"`` (multiply by ``gamma`` at each of ``milestones``, given
+            as fractions of the run: MMDetection's 1x schedule decays at epochs 8 and 11 of 12),
+            ``"cosine"`` (down to ``lr * min_lr_ratio``) or ``"constant"``.
+        grad_clip: max global gradient norm, or ``None`` (MMDetection's RetinaNet uses 35).
+        amp: bf16 autocast on CUDA (ignored on the CPU).
+        channels_last: NHWC memory format on CUDA (ignored on the CPU).
+        log_every: steps between host syncs of the logged values (and progress-bar updates).
+        eval_every: steps between evaluations (``None``: only at the end, if an evaluator exists).
+        checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
+        checkpoint_every: steps between checkpoints (one is always written at the end).
+        seed: seeds torch, numpy, Python's ``random`` and the data order.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+        progress: show a tqdm progress bar.
+    """
+
+    epochs: int | None = None
+    max_steps: int | None = None
+    lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    warmup_steps: int = 500
+    warmup_ratio: float = 0.001
+    schedule: str = "step"
+    milestones: tuple[float, ...] = (8 / 12, 11 / 12)
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    amp: bool = True
+    channels_last: bool = True
+    log_every: int = 20
+    eval_every: int | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("epochs and max_steps are both None; set at least one")
+        for name in ("epochs", "max_steps", "eval_every", "checkpoint_every"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name}={v!r} must be a positive int or None")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} must be one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum} must be in [0, 1)")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas={self.betas} must be two numbers in [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0 < self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in (0, 1]")
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(
+            self.milestones
+        ):
+            raise ValueError(
+                f"milestones={self.milestones} must be increasing fractions of the run in (0, 1)"
+            )
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma={self.gamma} must be in (0, 1]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be > 0 or None")
+        if not isinstance(self.log_every, int) or self.log_every < 1:
+            raise ValueError(f"log_every={self.log_every!r} must be a positive int")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device={self.device!r} is not a valid torch device") from e
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``"auto"`` → CUDA when available, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def total_steps(cfg: TrainConfig, loader) -> int:
+    """Optimiser steps of a run: ``max_steps``, ``epochs * len(loader)``, or the smaller one."""
+    candidates = []
+    if cfg.max_steps is not None:
+        candidates.append(cfg.max_steps)
+    if cfg.epochs is not None:
+        try:
+            n = len(loader)
+        except TypeError as e:
+            raise ValueError("epochs needs a loader with a length; set max_steps instead") from e
+        candidates.append(cfg.epochs * n)
+    return min(candidates)
+
+
+def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
+    """Learning rate for the update that follows ``step`` completed steps.
+
+    Warm-up (Goyal et al. 2017, "Accurate, Large Minibatch SGD", Sec. 2.2) ramps linearly from
+    ``lr * warmup_ratio`` at step 0 to ``lr`` at ``warmup_steps``; e.g. lr=0.01, ratio=0.001,
+    500 warm-up steps: step 0 → 1e-5, step 250 → 0.005005, step 500 → 0.01. The schedule factor is
+    applied on top (as MMDetection does when warm-up and decay overlap).
+    """
+    if cfg.schedule == "step":
+        passed = sum(step >= m * num_steps for m in cfg.milestones)
+        factor = cfg.gamma**passed
+    elif cfg.schedule == "cosine":
+        t = min(step / max(num_steps, 1), 1.0)
+        factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    else:
+        factor = 1.0
+    if step < cfg.warmup_steps:
+        factor *= cfg.warmup_ratio + (1 - cfg.warmup_ratio) * step / cfg.warmup_steps
+    return cfg.lr * factor
+
+
+@dataclass
+class History:
+    """What happened during training, as plain Python data (``to_dict`` is JSON-ready).
+
+    Attributes:
+        steps: one dict per optimiser step: ``step`` (1-based), ``epoch`` (0-based), ``lr``,
+            ``img_s`` (throughput averaged over the logging window), ``loss`` (the total), every
+            ``loss_*`` term and every statistic the model reported (e.g. ``num_pos``), plus
+            ``grad_norm`` when ``grad_clip`` is set.
+        evals: one dict per evaluation: ``step``, ``epoch`` (epochs completed when it ran),
+            ``metrics`` (as ``evaluate_fn`` returned them, e.g. ``{"bbox": {"AP": ..}}``).
+        interrupted: training was stopped by ``KeyboardInterrupt``.
+        stopped_early: a callback requested the stop.
+        checkpoint: path of the last checkpoint written, if any.
+    """
+
+    steps: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+    stopped_early: bool = False
+    checkpoint: str | None = None
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "steps": [dict(s) for s in self.steps],
+            "evals": [_plain(e) for e in self.evals],
+            "interrupted": self.interrupted,
+            "stopped_early": self.stopped_early,
+            "checkpoint": self.checkpoint,
+            "config": _plain(self.config),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> History:
+        return cls(
+            steps=[dict(s) for s in d.get("steps", [])],
+            evals=[_plain(e) for e in d.get("evals", [])],
+            interrupted=bool(d.get("interrupted", False)),
+            stopped_early=bool(d.get("stopped_early", False)),
+            checkpoint=d.get("checkpoint"),
+            config=_plain(d.get("config", {})),
+        )
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """``(steps, values)`` of one logged key, e.g. ``history.series("loss_cls")``."""
+        pairs = [(s["step"], s[key]) for s in self.steps if key in s]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def loss_keys(self) -> list[str]:
+        """The logged loss names, total first: ``["loss", "loss_bbox", "loss_cls"]``."""
+        keys = {k for s in self.steps for k in s if k == "loss" or k.startswith("loss_")}
+        return sorted(keys, key=lambda k: (k != "loss", k))
+
+    def save_json(self, path: str | Path) -> Path:
+        import json
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
+def _plain(obj):
+    """Tensors/numpy scalars → Python numbers, tuples → lists (JSON and weights_only friendly)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+class _StepLog:
+    """Per-step values kept on the device until a flush copies them to the host in one transfer."""
+
+    def __init__(self, history: History, on_flush: Callable[[dict], None]):
+        self.history = history
+        self.on_flush = on_flush
+        self.pending: list[tuple[dict, list[str], list[Tensor]]] = []
+        self.last: dict = dict(history.steps[-1]) if history.steps else {}
+        self.checkpoint = history.checkpoint  # the last checkpoint known to be good
+        self.reset_window()
+
+    def reset_window(self):
+        self.window_start = time.perf_counter()
+        self.window_images = 0
+
+    def add(self, record: dict, losses: dict, total: Tensor, num_images: int):
+        """``record`` holds host values (step, epoch, lr); tensors are only detached here."""
+        keys, values = ["loss"], [total.detach().float().reshape(())]
+        for k, v in losses.items():
+            if isinstance(v, Tensor):
+                if v.numel() == 1:  # non-scalar statistics are not logged
+                    keys.append(k)
+                    values.append(v.detach().float().reshape(()))
+            elif isinstance(v, (int, float)):
+                record[k] = float(v)
+        self.pending.append((record, keys, values))
+        self.window_images += num_images
+
+    def add_value(self, key: str, value: Tensor):
+        """Attach one more device scalar (e.g. ``grad_norm``) to the latest step."""
+        record, keys, values = self.pending[-1]
+        keys.append(key)
+        values.append(value.detach().float().reshape(()))
+
+    def flush(self):
+        """Copy pending values to the host (one sync), append them to the history, and raise
+        :class:`NonFiniteLossError` at the first step whose loss is not finite."""
+        if not self.pending:
+            return
+        flat = torch.stack([v for _, _, vals in self.pending for v in vals]).cpu().tolist()
+        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+        img_s = self.window_images / elapsed
+        pending, self.pending = self.pending, []
+        i = 0
+        for record, keys, _ in pending:
+            vals = flat[i : i + len(keys)]
+            i += len(keys)
+            record.update(zip(keys, vals))
+            record["img_s"] = img_s
+            bad = [k for k in keys if (k == "loss" or k.startswith("loss_"))]
+            bad = [k for k in bad if not math.isfinite(record[k])]
+            if bad:
+                term = next((k for k in bad if k != "loss"), "loss")
+                raise NonFiniteLossError(
+                    term, record["step"], record[term], self.history, self.checkpoint
+                )
+            self.history.steps.append(record)
+            self.last = record
+        self.reset_window()
+        self.on_flush(self.last)
+
+
+class TrainState:
+    """What callbacks receive. Attributes: ``step`` (completed steps), ``epoch`` (0-based),
+    ``total_steps``, ``lr``, ``model``, ``optimizer``, ``batch`` and ``outputs`` of the latest step
+    (only during ``on_step``), ``metrics`` of the latest evaluation, ``config``. Properties
+    ``losses``, ``img_s`` and ``history`` first sync pending values from the device."""
+
+    def __init__(self, model, optimizer, cfg, total, history, step_log):
+        self.model, self.optimizer, self.config = model, optimizer, cfg
+        self.total_steps = total
+        self.step = 0
+        self.epoch = 0
+        self.lr = cfg.lr
+        self.batch = None
+        self.outputs = None
+        self.metrics: dict | None = None
+        self.stop_requested = False
+        self._history = history
+        self._log = step_log
+
+    def request_stop(self):
+        """Finish after the current step (a final checkpoint and evaluation still happen)."""
+        self.stop_requested = True
+
+    @property
+    def losses(self) -> dict[str, float]:
+        """Loss terms (and total ``"loss"``) of the latest step, as floats."""
+        self._log.flush()
+        return {k: v for k, v in self._log.last.items() if k == "loss" or k.startswith("loss_")}
+
+    @property
+    def img_s(self) -> float:
+        self._log.flush()
+        return float(self._log.last.get("img_s", float("nan")))
+
+    @property
+    def history(self) -> History:
+        self._log.flush()
+        return self._history
+
+
+def _call(callbacks, hook: str, state: TrainState):
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is None and hook == "on_step" and callable(cb):
+            if not any(hasattr(cb, h) for h in HOOKS):
+                fn = cb  # a plain function is an on_step hook
+        if fn is not None:
+            fn(state)
+
+
+def _rng_state() -> dict:
+    """Every RNG a training step may draw from, as tensors and plain containers."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 (global state on purpose)
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
+    }  # fmt: skip
+
+
+def _set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    cuda = state["cuda"]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
+
+
+def _seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (augmentations may use the global numpy RNG)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of an epoch's data order: a deterministic mix of ``(seed, epoch)``."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _seed_loader(loader, seed: int, epoch: int):
+    """Make the loader's shuffling of this epoch a function of ``(seed, epoch)`` only."""
+    gen = getattr(loader, "generator", None)
+    sampler = getattr(loader, "sampler", None)
+    if gen is None and isinstance(sampler, torch.utils.data.RandomSampler):
+        if sampler.generator is None:
+            # A DataLoader(shuffle=True) without a generator draws its order from the global RNG,
+            # which resume cannot replay; give its sampler a generator of its own.
+            sampler.generator = torch.Generator()
+        gen = sampler.generator
+    if gen is not None:
+        gen.manual_seed(epoch_seed(seed, epoch))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def make_loader(
+    dataset,
+    batch_size: int,
+    shuffle: bool = True,
+    workers: int = 0,
+    pin_memory: bool | None = None,
+    seed: int = 0,
+    *,
+    drop_last: bool = False,
+    collate_fn=None,
+    persistent_workers: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` of :class:`~instseg_edu.structures.Batch` with a seeded generator.
+
+    ``pin_memory=None`` pins when CUDA is available (page-locked host memory lets the host-to-GPU
+    copy run asynchronously). Workers are re-created every epoch by default, which keeps resumed
+    runs identical even with random augmentations in the workers; ``persistent_workers=True``
+    saves their start-up time at that price.
+    """
+    if collate_fn is None:
+        from instseg_edu.data.transforms import collate as collate_fn
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        collate_fn=collate_fn,
+        generator=generator,
+        drop_last=drop_last,
+        persistent_workers=persistent_workers and workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def _default_evaluate_fn(val_loader, device):
+    ds = val_loader.dataset
+    while not hasattr(ds, "coco") and hasattr(ds, "dataset"):  # unwrap torch Subset
+        ds = ds.dataset
+    if not (hasattr(ds, "coco") and hasattr(ds, "label_to_cat_id")):
+        raise ValueError(
+            "val_loader's dataset has no .coco and .label_to_cat_id (as CocoDataset has); "
+            "pass evaluate_fn=... instead"
+        )
+    from instseg_edu.engine.evaluate import evaluate_model
+
+    return lambda model: evaluate_model(model, val_loader, ds.coco, ds.label_to_cat_id, device)
+
+
+def train(
+    model: torch.nn.Module,
+    train_loader: Iterable,
+    cfg: TrainConfig,
+    *,
+    val_loader=None,
+    evaluate_fn: Callable[[torch.nn.Module], dict] | None = None,
+    callbacks: Iterable = (),
+    resume: str | Path | dict | None = None,
+    meta: dict | None = None,
+) -> History:
+    """Train ``model`` on batches from ``train_loader`` (see the module docstring for the parts).
+
+    Args:
+        model: follows the :mod:`instseg_edu.models` protocol (``forward``, ``loss``).
+        train_loader: yields :class:`~instseg_edu.structures.Batch` (see :func:`make_loader`).
+        cfg: a :class:`TrainConfig`.
+        val_loader: a loader over a ``CocoDataset`` for periodic COCO evaluation (used when
+            ``evaluate_fn`` is not given).
+        evaluate_fn: ``evaluate_fn(model) -> dict`` of metrics, called (model in eval mode) every
+            ``cfg.eval_every`` steps and at the end.
+        callbacks: objects with optional ``on_start/on_step/on_eval/on_epoch/on_end(state)``
+            methods, or plain functions (called every step).
+        resume: a checkpoint path (or loaded dict) to continue from.
+        meta: extra plain data stored in every checkpoint (the CLI stores the model name and its
+            config there, so ``evaluate`` and ``predict`` can rebuild it).
+
+    Returns:
+        The :class:`History`. The model is left on the training device in eval mode.
+
+    Raises:
+        NonFiniteLossError: a loss term became NaN/inf (``.history`` has the steps before it).
+    """
+    device = resolve_device(cfg.device)
+    on_cuda = device.type == "cuda"
+    use_amp = cfg.amp and on_cuda
+    channels_last = cfg.channels_last and on_cuda
+    callbacks = list(callbacks)
+    if evaluate_fn is None and val_loader is not None:
+        evaluate_fn = _default_evaluate_fn(val_loader, device)
+
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+    optimizer = make_optimizer(model, cfg)
+    num_steps = total_steps(cfg, train_loader)
+
+    step, epoch, skip = 0, 0, 0
+    history = History(config=config_to_dict(cfg))
+    rng = None
+    if resume is not None:
+        ckpt = resume if isinstance(resume, dict) else load_checkpoint(resume, map_location="cpu")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, skip = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
+        history = History.from_dict(ckpt["history"])
+        history.config = config_to_dict(cfg)
+        history.interrupted = history.stopped_early = False
+        rng = ckpt["rng"]
+        logger.info("resuming from step %d (epoch %d)", step, epoch)
+    else:
+        _seed_everything(cfg.seed)
+
+    ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_steps, initial=step, disable=not cfg.progress, desc="train",
+               dynamic_ncols=True)  # fmt: skip
+
+    def show(record):
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.1f}", refresh=False)
+
+    step_log = _StepLog(history, show)
+    state = TrainState(model, optimizer, cfg, num_steps, history, step_log)
+    state.step, state.epoch = step, epoch
+    # On the CPU a sync costs nothing, so every step is checked before its update is applied.
+    sync_every = cfg.log_every if on_cuda else 1
+
+    def save(batch_in_epoch: int):
+        step_log.flush()  # never save unverified steps
+        history.checkpoint = str(ckpt_path)
+        save_checkpoint(ckpt_path, {
+            "format": 1,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {"schedule": cfg.schedule, "step": step},
+            "step": step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "history": history.to_dict(),
+            "rng": _rng_state(),
+            "config": config_to_dict(cfg),
+            "meta": _plain(meta or {}),
+        })  # fmt: skip
+        step_log.checkpoint = str(ckpt_path)
+        step_log.reset_window()
+
+    def evaluate():
+        step_log.flush()
+        model.eval()
+        metrics = _plain(evaluate_fn(model))
+        model.train()
+        history.evals.append({"step": step, "epoch": epoch, "metrics": metrics})
+        state.metrics = metrics
+        _call(callbacks, "on_eval", state)
+        step_log.reset_window()
+
+    def end_epoch():
+        nonlocal epoch, batch_in_epoch
+        step_log.flush()
+        _call(callbacks, "on_epoch", state)
+        epoch += 1
+        batch_in_epoch = 0
+        state.epoch = epoch
+
+    try:
+        epoch_len = len(train_loader)
+    except TypeError:
+        epoch_len = None
+    model.train()
+    _call(callbacks, "on_start", state)
+    batch_in_epoch = skip
+    last_eval_step = history.evals[-1]["step"] if history.evals else -1
+    try:
+        while step < num_steps and not state.stop_requested:
+            _seed_loader(train_loader, cfg.seed, epoch)
+            batches = iter(train_loader)
+            if skip:
+                for _ in range(skip):  # batches this epoch already trained on before the resume
+                    if next(batches, None) is None:
+                        break
+                skip = 0
+            if rng is not None:
+                _set_rng_state(rng)  # after the skip, so the skipped batches do not shift it
+                rng = None
+            seen = 0
+            for batch in batches:
+                seen += 1
+                lr = lr_at(step, cfg, num_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = batch.to(device, non_blocking=True)
+                if channels_last:
+                    images = batch.images.contiguous(memory_format=torch.channels_last)
+                    batch = dataclasses.replace(batch, images=images)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    outputs = model(batch.images)
+                    losses = model.loss(outputs, batch)
+                loss_terms = [v for k, v in losses.items() if k.startswith("loss_")]
+                if not loss_terms:
+                    raise ValueError(f"model.loss returned no 'loss_*' keys: {sorted(losses)}")
+                total = torch.stack([t.float().reshape(()) for t in loss_terms]).sum()
+                step_log.add({"step": step + 1, "epoch": epoch, "lr": lr}, losses, total,
+                             len(batch))  # fmt: skip
+                if not on_cuda and not math.isfinite(total.item()):
+                    step_log.flush()  # raises before the bad update
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.grad_clip is not None:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    step_log.add_value("grad_norm", norm)
+                optimizer.step()
+                step += 1
+                batch_in_epoch += 1
+                state.step, state.lr = step, lr
+                if step % sync_every == 0 or step == num_steps:
+                    step_log.flush()
+                bar.update(1)
+                state.batch, state.outputs = batch, outputs
+                _call(callbacks, "on_step", state)
+                state.batch = state.outputs = None  # do not keep the graph's tensors alive
+                if evaluate_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
+                    evaluate()
+                    last_eval_step = step
+                if ckpt_path and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    save(batch_in_epoch)
+                if step >= num_steps or state.stop_requested:
+                    if batch_in_epoch == epoch_len:  # that was also the epoch's last batch
+                        end_epoch()
+                    break
+            else:  # the epoch ran out of batches
+                if seen == 0 and batch_in_epoch == 0:
+                    raise ValueError("train_loader yielded no batches")
+                end_epoch()
+        step_log.flush()
+        history.stopped_early = state.stop_requested and step < num_steps
+        if evaluate_fn is not None and last_eval_step != step:
+            evaluate()
+        if ckpt_path:
+            save(batch_in_epoch)
+    except KeyboardInterrupt:
+        history.interrupted = True
+        try:
+            step_log.flush()
+        except NonFiniteLossError:
+            pass
+        logger.warning(
+            "training interrupted at step %d; the model and the returned History are usable%s",
+            step,
+            f" (last checkpoint: {step_log.checkpoint})" if step_log.checkpoint else "",
+        )
+    finally:
+        bar.close()
+    model.eval()
+    _call(callbacks, "on_end", state)
+    return history

@@ -1,0 +1,225 @@
+"""Losses used by the four model families, each a small function.
+
+All element-wise losses share one reduction rule (MMDetection's ``weight_reduce_loss``):
+
+1. compute the loss per element (``reduction="none"`` returns exactly this, times ``weight``);
+2. multiply by ``weight`` if given (broadcastable to the loss: a 0 removes an element, e.g. an
+   ignored anchor);
+3. reduce: ``"sum"``, ``"mean"`` (over all elements), or — when ``avg_factor`` is given — the sum
+   divided by ``avg_factor``. RetinaNet divides its focal loss by the number of positive anchors,
+   not by the number of anchors (Lin et al. 2017, Sec. 3.3: "normalized by the number of anchors
+   assigned to a ground-truth box"), because almost all of the ~100k anchors are easy negatives.
+
+``avg_factor`` may be a Python number or a 0-d tensor (so a positive count computed on the GPU
+needs no host synchronisation). As in MMDetection a tiny ``eps`` is added to it, so
+``avg_factor=0`` gives 0 for an all-zero loss instead of NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "dice_loss",
+    "l1_loss",
+    "sigmoid_focal_loss",
+    "smooth_l1_loss",
+    "weight_reduce_loss",
+]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def weight_reduce_loss(
+    loss: Tensor,
+    reduction: str = "mean",
+    *,
+    weight: Tensor | None = None,
+    avg_factor: float | Tensor | None = None,
+) -> Tensor:
+    """Weight an element-wise loss and reduce it (see the module docstring).
+
+    Args:
+        loss: element-wise loss, any shape.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        weight: broadcastable to ``loss``; multiplies it element-wise.
+        avg_factor: when given, the result is ``loss.sum() / avg_factor`` (``reduction`` must
+            then be ``"mean"`` or ``"sum"``).
+
+    Returns:
+        A scalar, or ``loss * weight`` for ``reduction="none"``.
+    """
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} must be one of {_REDUCTIONS}")
+    if weight is not None:
+        loss = loss * weight
+    if avg_factor is not None:
+        if reduction == "none":
+            raise ValueError("avg_factor needs reduction='mean' or 'sum', got reduction='none'")
+        return loss.sum() / (avg_factor + torch.finfo(torch.float32).eps)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def sigmoid_focal_loss(
+    logits: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "sum",
+    *,
+    weight: Tensor | None = None,
+    avg_factor: float | Tensor | None = None,
+) -> Tensor:
+    """Focal loss on independent per-class sigmoids (RetinaNet, Lin et al. 2017, Sec. 3.2, Eq. 5).
+
+    ``FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t)``: the cross-entropy of each (anchor, class)
+    logit, scaled down by ``(1 - p_t)^gamma`` when the prediction is already right. With
+    ``gamma=2`` an easy negative at ``p = 0.1`` contributes 100× less than plain cross-entropy.
+    Equal to :func:`torchvision.ops.sigmoid_focal_loss` (which defaults to ``reduction="none"``).
+
+    Args:
+        logits: ``float [..., C]`` raw scores (one binary classifier per foreground class).
+        targets: ``float``, same shape, one-hot ``{0, 1}`` (an all-zero row is background).
+        alpha: weight of the positive term in ``[0, 1]``; ``< 0`` disables the alpha weighting.
+        gamma: focusing parameter ``>= 0`` (0 gives plain BCE, times ``alpha_t``).
+        reduction, weight, avg_factor: see :func:`weight_reduce_loss`.
+
+    Returns:
+        A scalar, or the element-wise loss (shape of ``logits``) for ``reduction="none"``.
+    """
+    if gamma < 0:
+        raise ValueError(f"gamma={gamma} must be >= 0")
+    targets = targets.to(logits.dtype)  # one-hot given as int or bool is fine too
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = p * targets + (1 - p) * (1 - targets)
+    loss = ce * ((1 - p_t) ** gamma)
+    if alpha >= 0:
+        alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+        loss = alpha_t * loss
+    return weight_reduce_loss(loss, reduction, weight=weight, avg_factor=avg_factor)
+
+
+def smooth_l1_loss(
+    pred: Tensor,
+    target: Tensor,
+    beta: float = 1.0,
+    reduction: str = "mean",
+    *,
+    weight: Tensor | None = None,
+    avg_factor: float | Tensor | None = None,
+) -> Tensor:
+    """Smooth L1 (Huber-like) loss (Fast R-CNN, Girshick 2015, Sec. 2.3, Eq. 3).
+
+    ``0.5 x² / beta`` for ``|x| < beta``, ``|x| - 0.5 beta`` otherwise (``x = pred - target``):
+    quadratic near zero, linear for outliers. ``beta=0`` is plain L1. Equal to
+    :func:`torch.nn.functional.smooth_l1_loss`.
+
+    Args:
+        pred, target: ``float``, same shape (e.g. ``[N, 4]`` deltas).
+        beta: the switch point, ``>= 0`` (Fast R-CNN: 1; MMDetection's R-CNN configs: 1.0 or 1/9).
+        reduction, weight, avg_factor: see :func:`weight_reduce_loss`.
+    """
+    if beta < 0:
+        raise ValueError(f"beta={beta} must be >= 0")
+    diff = (pred - target).abs()
+    if beta == 0:
+        loss = diff
+    else:
+        loss = torch.where(diff < beta, 0.5 * diff * diff / beta, diff - 0.5 * beta)
+    return weight_reduce_loss(loss, reduction, weight=weight, avg_factor=avg_factor)
+
+
+def l1_loss(
+    pred: Tensor,
+    target: Tensor,
+    reduction: str = "mean",
+    *,
+    weight: Tensor | None = None,
+    avg_factor: float | Tensor | None = None,
+) -> Tensor:
+    """L1 loss ``|pred - target|`` (RetinaNet's box loss in MMDetection 2.x/3.x).
+
+    Args:
+        pred, target: ``float``, same shape.
+        reduction, weight, avg_factor: see :func:`weight_reduce_loss`.
+    """
+    loss = (pred - target).abs()
+    return weight_reduce_loss(loss, reduction, weight=weight, avg_factor=avg_factor)
+
+
+def cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    reduction: str = "mean",
+    *,
+    weight: Tensor | None = None,
+    avg_factor: float | Tensor | None = None,
+) -> Tensor:
+    """Softmax cross-entropy, one loss per sample (R-CNN box classifier: ``C + 1`` logits with
+    background last, as in MMDetection).
+
+    Args:
+        logits: ``float [N, K]``.
+        labels: ``int64 [N]`` in ``0..K-1``.
+        weight: per-sample weights ``[N]`` (not per-class weights).
+        reduction, avg_factor: see :func:`weight_reduce_loss`.
+    """
+    loss = F.cross_entropy(logits, labels, reduction="none")  # [N]
+    return weight_reduce_loss(loss, reduction, weight=weight, avg_factor=avg_factor)
+
+
+def binary_cross_entropy_with_logits(
+    logits: Tensor,
+    targets: Tensor,
+    reduction: str = "mean",
+    *,
+    weight: Tensor | None = None,
+    avg_factor: float | Tensor | None = None,
+) -> Tensor:
+    """Per-element sigmoid cross-entropy (Mask R-CNN's mask loss, He et al. 2017, Sec. 3;
+    YOLACT's mask loss).
+
+    Args:
+        logits, targets: ``float``, same shape; targets in ``[0, 1]``.
+        reduction, weight, avg_factor: see :func:`weight_reduce_loss`.
+    """
+    loss = F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype), reduction="none")
+    return weight_reduce_loss(loss, reduction, weight=weight, avg_factor=avg_factor)
+
+
+def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-3) -> Tensor:
+    """Dice loss, one value per instance (V-Net, Milletari et al. 2016, Eq. 1; SOLO, Wang et al.
+    2020, Sec. 3.3, Eq. 4).
+
+    ``1 - 2 Σ p·t / (Σ p² + eps + Σ t² + eps)`` over each instance's pixels: it compares the whole
+    predicted mask with the whole target, so a small object counts as much as a large one and the
+    many background pixels do not swamp the loss. Values in ``[0, 1]``; 0 for a perfect mask.
+
+    Args:
+        probs: ``float [N, H, W]`` (or ``[N, ...]``) mask probabilities in ``[0, 1]``.
+        targets: same shape, ``{0, 1}`` (bool is accepted).
+        eps: added to each sum of squares (MMDetection's SOLO: 1e-3).
+
+    Returns:
+        ``float [N]``.
+    """
+    if probs.shape != targets.shape:
+        raise ValueError(
+            f"probs {tuple(probs.shape)} and targets {tuple(targets.shape)} "
+            "must have the same shape"
+        )
+    p = probs.flatten(1)  # [N, H*W]
+    t = targets.flatten(1).to(p.dtype)  # [N, H*W]
+    a = (p * t).sum(dim=1)
+    b = (p * p).sum(dim=1) + eps
+    c = (t * t).sum(dim=1) + eps
+    return 1 - 2 * a / (b + c)

@@ -1,0 +1,223 @@
+"""The RoI stage pieces of Mask R-CNN: FPN level mapping, multi-scale RoIAlign, the box and mask
+heads, mask targets and mask pasting.
+
+Split from :mod:`instseg_edu.models.mask_rcnn` (which re-exports every name) to keep each file
+readable. Mask R-CNN (He et al., ICCV 2017) Sec. 3: RoIAlign reads a fixed ``S x S`` grid from one
+FPN level per RoI; the box head classifies (``C + 1`` columns, ``C`` = background) and regresses
+class-specific deltas; the mask head predicts one ``M x M`` mask per class, trained only on the
+ground-truth class with a per-pixel sigmoid, against the ground-truth mask cropped to the RoI and
+resized to ``M x M``. At test time the ``M x M`` masks are pasted back into the image.
+Walkthrough: ``notebooks/06_mask_rcnn.py``; RoIAlign itself:
+``notebooks/05_roipool_vs_roialign.py``.
+
+Shape legend: ``R`` RoIs, ``F`` channels, ``S`` RoI grid size, ``C`` classes, ``M`` mask size,
+``K`` detections, ``G`` ground-truth masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+__all__ = [
+    "BoxHead",
+    "MaskHead",
+    "map_rois_to_levels",
+    "mask_targets",
+    "multiscale_roi_align",
+    "paste_masks",
+]
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------------
+
+
+def map_rois_to_levels(boxes: Tensor, num_levels: int, finest_scale: float = 56.0) -> Tensor:
+    """FPN level index (0 = P2) of each RoI, by its scale (FPN paper, Lin et al. 2017, Eq. 1).
+
+    The paper assigns ``k = floor(k0 + log2(sqrt(w h) / 224))`` with ``k0 = 4``: an RoI of
+    ImageNet size (224 px) reads P4. Counting from P2 (index ``k - 2``) this is
+    ``floor(log2(sqrt(w h) / 56))`` — MMDetection's ``finest_scale=56``, which we use, with its
+    ``+ 1e-6`` inside the log (so that 112 / 56 lands on 1 even when rounding gives 1.9999999) and a
+    clamp to ``[0, num_levels - 1]``. So sides ``< 112`` px read P2, ``[112, 224)`` P3,
+    ``[224, 448)`` P4 and ``>= 448`` P5.
+
+    Args:
+        boxes: ``[R, 4]`` xyxy pixels.
+    Returns:
+        ``[R]`` int64 in ``0..num_levels-1``.
+    """
+    scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
+    levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    return levels.clamp(0, num_levels - 1).long()
+
+
+def multiscale_roi_align(
+    features: tuple[Tensor, ...] | list[Tensor],
+    rois: Tensor,
+    strides: tuple[int, ...],
+    output_size: int,
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    finest_scale: float = 56.0,
+) -> Tensor:
+    """RoIAlign each RoI on the FPN level its size selects: one ``roi_align`` call per level.
+
+    Args:
+        features: at least ``len(strides)`` maps ``[B, F, H_l, W_l]``.
+        rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` pixels.
+    Returns:
+        ``[R, F, output_size, output_size]``.
+    """
+    levels = map_rois_to_levels(rois[:, 1:], len(strides), finest_scale)  # [R]
+    first = features[0]
+    # Float32 throughout: RoI coordinates in bf16 would be off by up to 2 px at x = 500, and
+    # torchvision's roi_align runs in float32 under autocast anyway.
+    out = first.new_zeros(
+        rois.shape[0], first.shape[1], output_size, output_size, dtype=torch.float32
+    )  # [R, F, S, S]
+    rois = rois.float()
+    for level, stride in enumerate(strides):
+        idx = torch.nonzero(levels == level).squeeze(1)  # [R_l]
+        if idx.numel() == 0:
+            continue
+        out[idx] = roi_align(
+            features[level].float(),
+            rois[idx],
+            output_size,
+            spatial_scale=1.0 / stride,
+            sampling_ratio=sampling_ratio,
+            aligned=aligned,
+        ).float()  # [R_l, F, S, S]
+    return out
+
+
+def mask_targets(gt_masks: Tensor, rois: Tensor, gt_index: Tensor, mask_size: int = 28) -> Tensor:
+    """Crop each positive RoI's ground-truth mask to the RoI and resize it to ``mask_size``².
+
+    One ``roi_align`` over the stack of ground-truth masks, each RoI pointing (through its "batch
+    index") at the mask of its matched object: bin ``(i, j)`` averages the mask bilinearly sampled
+    at ``ceil(h / M) x ceil(w / M)`` points inside it (``aligned=True``: pixel ``x`` covers
+    ``[x, x + 1)``), then ``>= 0.5`` binarises, as MMDetection's ``BitmapMasks.crop_and_resize``.
+    For an integer box whose sides are multiples of ``M`` this is exactly area (average-pool)
+    resizing of the crop ``mask[y1:y2, x1:x2]``.
+
+    Args:
+        gt_masks: ``[G_total, Hp, Wp]`` bool/float masks of the batch, concatenated per image.
+        rois: ``[Npos, 4]`` xyxy pixels (or ``[Npos, 5]``: the batch index is ignored).
+        gt_index: ``[Npos]`` int64 row of ``gt_masks`` matched by each RoI.
+    Returns:
+        ``[Npos, M, M]`` float32 in ``{0, 1}``.
+    """
+    boxes = rois[:, -4:].float()
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros(0, mask_size, mask_size)
+    index_and_box = torch.cat([gt_index[:, None].to(boxes.dtype), boxes], dim=1)  # [Npos, 5]
+    with torch.autocast(device_type=boxes.device.type, enabled=False):
+        sampled = roi_align(
+            gt_masks[:, None].float(),
+            index_and_box,
+            mask_size,
+            spatial_scale=1.0,
+            sampling_ratio=0,
+            aligned=True,
+        )  # [Npos, 1, M, M]
+    return (sampled[:, 0] >= 0.5).float()
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Paste ``M x M`` mask probabilities into their boxes of an ``h x w`` image, all at once.
+
+    Mask cell ``j`` covers ``[x1 + j bw / M, x1 + (j + 1) bw / M)`` of its box (the RoIAlign
+    convention of the targets), and pixel ``x`` is sampled at its centre ``x + 0.5``, i.e. at cell
+    coordinate ``u = (x + 0.5 - x1) / bw * M - 0.5``. Bilinear interpolation with zeros outside
+    the mask is separable: the weight of cell ``j`` for pixel ``x`` is the "tent"
+    ``max(0, 1 - |u - j|)``, so the paste is the batched matrix product
+    ``Wy [K, h, M] @ masks [K, M, M] @ Wx^T [K, M, w]`` — the same numbers as
+    ``F.grid_sample(align_corners=False)`` on a full-image grid per mask (detectron2's paste), with
+    no ``[K, h, w, 2]`` grid in memory.
+
+    Args:
+        masks: ``[K, M, M]`` float probabilities (or logits — any value is interpolated).
+        boxes: ``[K, 4]`` xyxy pixels in the image.
+        image_size: ``(h, w)``.
+    Returns:
+        ``[K, h, w]`` float32; pixels outside a box are 0.
+    """
+    h, w = image_size
+    k, m = masks.shape[0], masks.shape[-1]
+    if k == 0:
+        return masks.new_zeros(0, h, w, dtype=torch.float32)
+    with torch.autocast(device_type=masks.device.type, enabled=False):
+        boxes = boxes.float()
+        cells = torch.arange(m, device=masks.device, dtype=torch.float32)  # [M]
+        xs = torch.arange(w, device=masks.device, dtype=torch.float32) + 0.5  # [w]
+        ys = torch.arange(h, device=masks.device, dtype=torch.float32) + 0.5  # [h]
+        bw = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-6)[:, None]  # [K, 1]
+        bh = (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-6)[:, None]  # [K, 1]
+        u = (xs[None] - boxes[:, 0:1]) / bw * m - 0.5  # [K, w]
+        v = (ys[None] - boxes[:, 1:2]) / bh * m - 0.5  # [K, h]
+        wx = (1 - (u[:, :, None] - cells).abs()).clamp(min=0)  # [K, w, M]
+        wy = (1 - (v[:, :, None] - cells).abs()).clamp(min=0)  # [K, h, M]
+        return wy @ masks.float() @ wx.transpose(1, 2)  # [K, h, M] @ [K, M, M] @ [K, M, w]
+
+
+# --------------------------------------------------------------------------------------------------
+# Heads
+# --------------------------------------------------------------------------------------------------
+
+
+class BoxHead(nn.Module):
+    """``Shared2FCBBoxHead``: flatten the 7x7 RoI features, two fc + ReLU, then scores and deltas.
+
+    Scores have ``C + 1`` columns (``C`` = background); deltas are class-specific ``[R, 4C]``.
+    """
+
+    def __init__(self, in_channels: int, roi_size: int, fc_out_channels: int, num_classes: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_channels * roi_size * roi_size, fc_out_channels)
+        self.fc2 = nn.Linear(fc_out_channels, fc_out_channels)
+        self.fc_cls = nn.Linear(fc_out_channels, num_classes + 1)
+        self.fc_reg = nn.Linear(fc_out_channels, 4 * num_classes)
+        for fc in (self.fc1, self.fc2):
+            nn.init.xavier_uniform_(fc.weight)
+            nn.init.zeros_(fc.bias)
+        nn.init.normal_(self.fc_cls.weight, std=0.01)
+        nn.init.normal_(self.fc_reg.weight, std=0.001)
+        nn.init.zeros_(self.fc_cls.bias)
+        nn.init.zeros_(self.fc_reg.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = F.relu(self.fc1(x.flatten(1)))  # [R, F*7*7] -> [R, fc]
+        x = F.relu(self.fc2(x))
+        return self.fc_cls(x), self.fc_reg(x)  # [R, C+1], [R, 4C]
+
+
+class MaskHead(nn.Module):
+    """``FCNMaskHead``: ``num_convs`` 3x3 convs + ReLU, 2x deconv + ReLU, 1x1 conv to C masks."""
+
+    def __init__(self, in_channels: int, conv_out_channels: int, num_convs: int, num_classes: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(num_convs):
+            layers += [
+                nn.Conv2d(
+                    in_channels if i == 0 else conv_out_channels, conv_out_channels, 3, padding=1
+                ),
+                nn.ReLU(inplace=True),
+            ]
+        self.convs = nn.Sequential(*layers)
+        last = conv_out_channels if num_convs > 0 else in_channels
+        self.upsample = nn.ConvTranspose2d(last, conv_out_channels, 2, stride=2)
+        self.conv_logits = nn.Conv2d(conv_out_channels, num_classes, 1)
+        for mod in self.modules():
+            if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(mod.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.upsample(self.convs(x)))  # [R, F', 2S, 2S]
+        return self.conv_logits(x)  # [R, C, 2S, 2S]

@@ -1,0 +1,253 @@
+"""Anchors: a fixed set of reference boxes tiled over every FPN level (RetinaNet, Lin et al. 2017,
+Sec. 4 "Anchors"; Faster R-CNN, Ren et al. 2015, Sec. 3.1.1).
+
+The numbers are those of MMDetection 3.x ``AnchorGenerator``:
+
+1. **Base anchors** of one level sit on the cell at ``(0, 0)``. With ``base_size`` (the stride
+   unless ``base_sizes`` is given), every ratio ``r = h / w`` and every scale ``s``::
+
+       h_ratio = sqrt(r),  w_ratio = 1 / h_ratio
+       w = base_size * w_ratio * s,  h = base_size * h_ratio * s
+       centre = center_offset * base_size            (0 by default: the cell's top-left corner)
+       anchor = (cx - w/2, cy - h/2, cx + w/2, cy + h/2)
+
+   Scales are either explicit (``scales``) or an octave ladder
+   ``octave_base_scale * 2 ** (i / scales_per_octave)``
+   (RetinaNet: ``4 * (2^0, 2^(1/3), 2^(2/3))``).
+   The order inside a cell is **ratio-major**: all scales of the first ratio, then the next ratio.
+   RetinaNet's stride-8 level therefore starts with the wide anchor
+   ``(-22.627417, -11.313708, 22.627417, 11.313708)``: ``w = 8 * sqrt(2) * 4 = 45.25``,
+   ``h = 8 / sqrt(2) * 4 = 22.63``.
+
+2. **Grid anchors** add the shift ``(x, y) = (column * stride, row * stride)`` of every cell. The
+   flattened order is row, column, anchor: index ``(row * W + column) * A + a`` — the same order in
+   which a head's ``[B, A*K, H, W]`` output is flattened after ``permute(0, 2, 3, 1)``.
+
+3. **Valid flags**: in a padded batch, a cell whose anchor centre lies outside this image's
+   un-padded ``(h, w)`` is invalid (its anchors are ignored by the assigner).
+
+``legacy=True`` reproduces MMDetection v1's generator (``LegacyAnchorGenerator``): centres at
+``center_offset * (base_size - 1)``, half sizes ``(w - 1) / 2``, and the base anchors rounded to
+whole pixels — e.g. the stride-8 wide anchor becomes ``(-22, -11, 22, 11)``.
+
+Taught in ``notebooks/02_anchors.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["AnchorGenerator"]
+
+
+def _as_positive_floats(name: str, values: Sequence[float]) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in values)
+    except TypeError as err:
+        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from err
+    if len(out) == 0:
+        raise ValueError(f"{name} must not be empty")
+    for v in out:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must contain only finite values > 0, got {values!r}")
+    return out
+
+
+class AnchorGenerator:
+    """Anchors for every level of a feature pyramid, with MMDetection 3.x numbers.
+
+    Args:
+        strides: one stride (pixels per feature cell) per level, e.g. ``(8, 16, 32, 64, 128)``.
+        ratios: aspect ratios ``h / w``, e.g. ``(0.5, 1.0, 2.0)``.
+        octave_base_scale: base scale of the octave ladder (RetinaNet: 4). Give either this together
+            with ``scales_per_octave``, or ``scales``.
+        scales_per_octave: rungs per octave (RetinaNet: 3).
+        scales: explicit scales, multiples of the base size (Mask R-CNN's RPN: ``(8,)``).
+        base_sizes: base size per level; the strides when ``None``.
+        center_offset: anchor centre as a fraction of the base size, in ``[0, 1]``.
+        legacy: reproduce MMDetection v1's rounded ``(w - 1)`` anchors.
+
+    Raises:
+        ValueError: naming the field, for empty or non-positive ``strides``, ``ratios`` or
+            ``scales``, both or neither of ``scales`` and ``octave_base_scale``,
+            ``len(base_sizes) != len(strides)`` or ``center_offset`` outside ``[0, 1]``.
+
+    Example:
+        >>> gen = AnchorGenerator(strides=(8, 16, 32, 64, 128), ratios=(0.5, 1.0, 2.0),
+        ...                       octave_base_scale=4, scales_per_octave=3)
+        >>> gen.num_base_anchors
+        [9, 9, 9, 9, 9]
+        >>> [a.shape for a in gen.grid_anchors([(64, 64), (32, 32)], "cpu")][0]
+        torch.Size([36864, 4])
+    """
+
+    def __init__(
+        self,
+        strides: Sequence[int],
+        ratios: Sequence[float],
+        octave_base_scale: float | None = None,
+        scales_per_octave: int | None = None,
+        scales: Sequence[float] | None = None,
+        base_sizes: Sequence[float] | None = None,
+        center_offset: float = 0.0,
+        legacy: bool = False,
+    ) -> None:
+        self.strides = _as_positive_floats("strides", strides)
+        self.ratios = _as_positive_floats("ratios", ratios)
+        if (scales is None) == (octave_base_scale is None):
+            raise ValueError(
+                "give exactly one of scales or octave_base_scale (with scales_per_octave), got "
+                f"scales={scales!r}, octave_base_scale={octave_base_scale!r}"
+            )
+        if scales is not None:
+            if scales_per_octave is not None:
+                raise ValueError("scales_per_octave is only used with octave_base_scale")
+            self.scales = _as_positive_floats("scales", scales)
+        else:
+            if not (float(octave_base_scale) > 0):
+                raise ValueError(f"octave_base_scale must be > 0, got {octave_base_scale!r}")
+            if (
+                scales_per_octave is None
+                or int(scales_per_octave) != scales_per_octave
+                or (scales_per_octave < 1)
+            ):
+                raise ValueError(
+                    f"scales_per_octave must be an integer >= 1, got {scales_per_octave!r}"
+                )
+            # As MMDetection: the ladder is computed in float64, then stored as float32.
+            self.scales = tuple(
+                float(octave_base_scale) * 2 ** (i / scales_per_octave)
+                for i in range(int(scales_per_octave))
+            )
+        if base_sizes is None:
+            self.base_sizes = self.strides
+        else:
+            self.base_sizes = _as_positive_floats("base_sizes", base_sizes)
+            if len(self.base_sizes) != len(self.strides):
+                raise ValueError(
+                    f"base_sizes has {len(self.base_sizes)} entries but strides has "
+                    f"{len(self.strides)}; give one base size per level"
+                )
+        if not 0.0 <= float(center_offset) <= 1.0:
+            raise ValueError(f"center_offset must be in [0, 1], got {center_offset!r}")
+        self.center_offset = float(center_offset)
+        self.legacy = bool(legacy)
+        self._base_anchors = [self._level_base_anchors(s) for s in self.base_sizes]
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+    @property
+    def num_base_anchors(self) -> list[int]:
+        """Anchors per cell ``A`` on each level (``len(ratios) * len(scales)``)."""
+        return [int(a.shape[0]) for a in self._base_anchors]
+
+    def _center(self, base_size: float) -> float:
+        """The anchor centre's offset from the cell's top-left corner, in pixels."""
+        if self.legacy:
+            return self.center_offset * (base_size - 1)
+        return self.center_offset * base_size
+
+    def _level_base_anchors(self, base_size: float) -> Tensor:
+        # float32 throughout, like MMDetection, so the numbers agree to the last bit.
+        ratios = torch.tensor(self.ratios, dtype=torch.float32)  # [R]
+        scales = torch.tensor(self.scales, dtype=torch.float32)  # [S]
+        h_ratios = torch.sqrt(ratios)  # ratio = h / w
+        w_ratios = 1 / h_ratios
+        ws = (base_size * w_ratios[:, None] * scales[None, :]).reshape(-1)  # [R*S], ratio-major
+        hs = (base_size * h_ratios[:, None] * scales[None, :]).reshape(-1)  # [R*S]
+        c = self._center(base_size)
+        if self.legacy:
+            # v1: a box of width w covers pixels x1..x2 inclusive, so x2 - x1 = w - 1; then rounded.
+            half_w, half_h = 0.5 * (ws - 1), 0.5 * (hs - 1)
+            return torch.stack([c - half_w, c - half_h, c + half_w, c + half_h], dim=-1).round()
+        return torch.stack([c - 0.5 * ws, c - 0.5 * hs, c + 0.5 * ws, c + 0.5 * hs], dim=-1)
+
+    def base_anchors(self) -> list[Tensor]:
+        """The anchors of the cell at ``(0, 0)`` on each level.
+
+        Returns:
+            One ``float32 [A, 4]`` tensor (xyxy pixels) per level, ratio-major: for ratios
+            ``(r0, r1, r2)`` and scales ``(s0, s1, s2)`` the rows are
+            ``r0s0, r0s1, r0s2, r1s0, ...``.
+        """
+        return [a.clone() for a in self._base_anchors]
+
+    def _check_featmap_sizes(self, featmap_sizes: Sequence[tuple[int, int]]) -> None:
+        if len(featmap_sizes) != self.num_levels:
+            raise ValueError(
+                f"featmap_sizes has {len(featmap_sizes)} levels but strides has {self.num_levels}"
+            )
+
+    def grid_anchors(
+        self, featmap_sizes: Sequence[tuple[int, int]], device: torch.device | str = "cpu"
+    ) -> list[Tensor]:
+        """Anchors of every cell of every level.
+
+        Args:
+            featmap_sizes: ``(H, W)`` of each level's feature map, finest first.
+            device: where to build the anchors.
+
+        Returns:
+            One ``float32 [H*W*A, 4]`` tensor (xyxy pixels in the padded input image) per level,
+            ordered row, column, anchor: row ``(i * W + j) * A + a`` is anchor ``a`` of cell
+            ``(i, j)``, i.e. ``base_anchors()[level][a] + (j * stride, i * stride) * 2``.
+        """
+        self._check_featmap_sizes(featmap_sizes)
+        out = []
+        for base, stride, (feat_h, feat_w) in zip(self._base_anchors, self.strides, featmap_sizes):
+            shift_x = torch.arange(int(feat_w), device=device, dtype=torch.float32) * stride  # [W]
+            shift_y = torch.arange(int(feat_h), device=device, dtype=torch.float32) * stride  # [H]
+            yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")  # [H, W] each
+            shifts = torch.stack([xx, yy, xx, yy], dim=-1).reshape(-1, 1, 4)  # [H*W, 1, 4]
+            anchors = shifts + base.to(device)[None, :, :]  # [H*W, A, 4]
+            out.append(anchors.reshape(-1, 4))  # [H*W*A, 4]
+        return out
+
+    def valid_flags(
+        self,
+        featmap_sizes: Sequence[tuple[int, int]],
+        pad_shape: tuple[int, int],
+        device: torch.device | str = "cpu",
+    ) -> list[Tensor]:
+        """Which anchors belong to this image inside a padded batch.
+
+        A cell ``(i, j)`` is valid when its anchor centre ``(j * stride + c, i * stride + c)``
+        (``c`` the centre offset in pixels, 0 by default) lies inside the image: ``x < w`` and
+        ``y < h``.
+        With the default ``center_offset=0`` this is exactly MMDetection's rule ``j <
+        ceil(w / stride)``.
+
+        Args:
+            featmap_sizes: ``(H, W)`` of each level's feature map (of the padded batch).
+            pad_shape: this image's true ``(h, w)`` inside the padded batch.
+            device: where to build the flags.
+
+        Returns:
+            One ``bool [H*W*A]`` tensor per level, in the order of :meth:`grid_anchors`.
+        """
+        self._check_featmap_sizes(featmap_sizes)
+        h, w = pad_shape[:2]
+        out = []
+        for level, (feat_h, feat_w) in enumerate(featmap_sizes):
+            stride = self.strides[level]
+            c = self._center(self.base_sizes[level])
+            xs = torch.arange(int(feat_w), device=device, dtype=torch.float32) * stride + c  # [W]
+            ys = torch.arange(int(feat_h), device=device, dtype=torch.float32) * stride + c  # [H]
+            cell_ok = (ys < h)[:, None] & (xs < w)[None, :]  # [H, W]
+            a = self.num_base_anchors[level]
+            out.append(cell_ok[:, :, None].expand(-1, -1, a).reshape(-1))  # [H*W*A]
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"AnchorGenerator(strides={self.strides}, ratios={self.ratios}, scales={self.scales}, "
+            f"base_sizes={self.base_sizes}, center_offset={self.center_offset}, "
+            f"legacy={self.legacy})"
+        )

@@ -1,0 +1,289 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · Mask R-CNN, one stage at a time
+#
+# Mask R-CNN (He et al., 2017) is Faster R-CNN plus a small fully convolutional mask branch:
+#
+# 1. **RPN**: at every location of P2–P6, three anchors (ratios 0.5 / 1 / 2, side `8 × stride`)
+#    get an objectness logit and four deltas;
+# 2. **proposals**: best anchors per level → decode → clip → NMS 0.7 → the best 1000 per image;
+# 3. **RoI stage**: proposals (plus the ground-truth boxes, in training) are assigned and sampled,
+#    RoIAlign reads a 7×7 grid (box head) and a 14×14 grid (mask head) from one FPN level;
+# 4. **predict**: class scores, class-specific boxes, NMS, then a 28×28 mask for each kept box,
+#    pasted back into the image.
+#
+# Everything we draw below is what `instseg_edu.models.mask_rcnn` trains on: `model.targets(...)`
+# is the very function `model.loss(...)` calls.
+
+# %% tags=["parameters"]
+import os
+
+SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
+IMAGE_SIZE = 128 if SMOKE else 512
+NUM_TRAIN = 8 if SMOKE else 2000
+NUM_VAL = 4 if SMOKE else 200
+BATCH_SIZE = 2 if SMOKE else 8
+TRAIN_STEPS = 3 if SMOKE else 3000
+SEED = 0
+
+# %%
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.shapes import CLASSES, make_shapes_dataset
+from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
+from instseg_edu.engine.train import TrainConfig, make_loader, train
+from instseg_edu.models.mask_rcnn import (
+    MASK_RCNN_R18_SMALL,
+    MASK_RCNN_R50_FPN,
+    build_mask_rcnn,
+    map_rois_to_levels,
+    mask_targets,
+    paste_masks,
+)
+
+torch.manual_seed(SEED)
+device = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
+root = Path(tempfile.mkdtemp()) / "shapes" if SMOKE else Path("data") / "shapes"
+train_json = make_shapes_dataset(root, NUM_TRAIN, image_size=IMAGE_SIZE, seed=SEED, split="train")
+val_json = make_shapes_dataset(root, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED, split="val")
+train_set = CocoDataset(train_json, root / "train", transforms=train_transforms(IMAGE_SIZE))
+val_set = CocoDataset(val_json, root / "val", transforms=eval_transforms(IMAGE_SIZE))
+
+base = MASK_RCNN_R18_SMALL if SMOKE else MASK_RCNN_R50_FPN
+cfg = replace(base, num_classes=len(CLASSES))
+model = build_mask_rcnn(cfg).to(device)
+batch = collate([val_set[i] for i in range(2)]).to(device)
+print(cfg.backbone.depth, "ResNet;", len(CLASSES), "classes; batch", tuple(batch.images.shape))
+
+
+# %%
+def show(ax, image, boxes=(), colors="lime", title="", lw=1.0):
+    """Draw an image [3, H, W] in [0, 1] with xyxy boxes."""
+    ax.imshow(image.permute(1, 2, 0).cpu().clamp(0, 1))
+    for i, b in enumerate(torch.as_tensor(boxes).reshape(-1, 4).tolist()):
+        c = colors if isinstance(colors, str) else colors[i]
+        ax.add_patch(
+            plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, color=c, lw=lw)
+        )
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+# %% [markdown]
+# ## 1 · Stage one: backbone, FPN and RPN
+#
+# `model(images)` returns the five FPN maps and, for every anchor of every level, an objectness
+# logit and four deltas. The anchors are listed level after level (P2 first), each level row by
+# row, column by column, then anchor by anchor.
+
+# %%
+model.train()
+outputs = model(batch.images)
+for level, f in enumerate(outputs.features):
+    n = int((outputs.anchor_levels == level).sum())
+    print(f"P{level + 2}: features {tuple(f.shape)}, {n} anchors")
+print("rpn_logits", tuple(outputs.rpn_logits.shape), "rpn_deltas", tuple(outputs.rpn_deltas.shape))
+
+# %% [markdown]
+# ## 2 · RPN targets: assignment and sampling
+#
+# Anchors with IoU ≥ 0.7 to some object are positive, below 0.3 negative; each object also claims
+# its best anchors (if that IoU ≥ 0.3) so that no object is left without one. Of the tens of
+# thousands of anchors, only a small balanced sample (256 per image, at most half positive) enters
+# the loss.
+
+# %%
+targets = model.targets(outputs, batch)
+rpn = targets.rpn
+img = 0
+pos = torch.nonzero(rpn.pos_mask[img]).squeeze(1)
+neg = torch.nonzero(rpn.neg_mask[img]).squeeze(1)
+print(f"image {img}: {len(pos)} sampled positive anchors, {len(neg)} sampled negatives")
+print(
+    "positive anchors per level:", torch.bincount(outputs.anchor_levels[pos], minlength=5).tolist()
+)
+fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+show(axes[0], batch.images[img], batch.targets[img].boxes, "yellow", "ground truth")
+show(axes[1], batch.images[img], outputs.anchors[pos], "lime", "sampled positive anchors")
+centres = (outputs.anchors[neg, :2] + outputs.anchors[neg, 2:]).cpu() / 2
+axes[1].scatter(centres[:, 0], centres[:, 1], s=2, c="red")
+plt.show()
+
+# %% [markdown]
+# ## 3 · Proposals before and after NMS
+#
+# Per level the `nms_pre` best anchors are decoded and clipped; NMS at 0.7 (separately per level,
+# as MMDetection does) removes near-duplicates; the `max_per_img` best survivors are kept.
+
+# %%
+p = targets.proposals
+print("before NMS:", tuple(p.pre_nms_boxes.shape), " after NMS:", int(p.valid[img].sum()), "kept")
+fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+show(
+    axes[0],
+    batch.images[img],
+    p.pre_nms_boxes[img, :: max(1, p.pre_nms_boxes.shape[1] // 60)],
+    "orange",
+    "before NMS (a sample)",
+    lw=0.5,
+)
+show(axes[1], batch.images[img], p.boxes[img][p.valid[img]][:20], "cyan", "20 best after NMS")
+plt.show()
+
+# %% [markdown]
+# ## 4 · RoI stage: which FPN level reads an RoI?
+#
+# The FPN paper maps an RoI of size `w × h` to level `k = ⌊k0 + log2(√(wh) / 224)⌋` with `k0 = 4`.
+# Counting from P2 that is `⌊log2(√(wh) / 56)⌋`, clamped to P2…P5. A small inline version must
+# agree with the library's `map_rois_to_levels`:
+
+# %%
+rois = targets.roi.rois[:, 1:]
+k = torch.floor(
+    4 + torch.log2(((rois[:, 2] - rois[:, 0]) * (rois[:, 3] - rois[:, 1])).sqrt() / 224 + 1e-6)
+)
+inline_levels = (k.clamp(2, 5) - 2).long()
+assert torch.equal(inline_levels, map_rois_to_levels(rois, 4))
+print("sampled RoIs per level (P2..P5):", torch.bincount(inline_levels, minlength=4).tolist())
+
+# %% [markdown]
+# ## 5 · Sampled RoIs and their labels
+#
+# The ground-truth boxes join the proposals; RoIs with IoU ≥ 0.5 take their object's class, the
+# others are background (label `C`). At most a quarter of the 512 sampled RoIs per image are
+# positive.
+
+# %%
+roi = targets.roi
+in_img = roi.rois[:, 0] == img
+positive = in_img & (roi.labels < cfg.num_classes)
+print(
+    f"image {img}: {int(in_img.sum())} sampled RoIs, {int(positive.sum())} positive,",
+    f"{int((roi.is_gt & in_img).sum())} of them ground-truth boxes",
+)
+palette = plt.get_cmap("tab10")
+colors = [palette(int(c)) for c in roi.labels[positive].tolist()]
+fig, ax = plt.subplots(figsize=(4.5, 4.5))
+show(ax, batch.images[img], roi.rois[positive, 1:], colors, "positive RoIs, coloured by class")
+plt.show()
+
+# %% [markdown]
+# ## 6 · Mask targets
+#
+# Each positive RoI's target is its object's mask cropped to the RoI and resized to 28×28. The
+# library does all RoIs at once with one `roi_align` over the stack of ground-truth masks. For an
+# RoI whose sides are exact multiples of 28 pixels that is the same as averaging 28×28 blocks of
+# the crop — a check we can do by hand with `F.interpolate(mode="area")`:
+
+# %%
+gt_masks = torch.cat([t.masks for t in batch.targets])  # [G_total, Hp, Wp]
+obj = 0
+y, x = torch.nonzero(gt_masks[obj], as_tuple=True)
+x1, y1 = int(x.min()), int(y.min())
+side = 28 * max(1, (int(x.max()) - x1 + 1) // 28)
+x1, y1 = min(x1, gt_masks.shape[-1] - side), min(y1, gt_masks.shape[-2] - side)
+box = torch.tensor([[x1, y1, x1 + side, y1 + side]], dtype=torch.float32, device=device)
+crop = gt_masks[obj, y1 : y1 + side, x1 : x1 + side].float()[None, None]
+by_hand = (F.interpolate(crop, size=(28, 28), mode="area")[0, 0] >= 0.5).float()
+assert torch.equal(by_hand, mask_targets(gt_masks, box, torch.tensor([obj], device=device))[0])
+
+mt = targets.mask
+n_show = min(6, len(mt.masks))
+if n_show:
+    fig, axes = plt.subplots(1, n_show, figsize=(1.6 * n_show, 1.8), squeeze=False)
+    for i in range(n_show):
+        axes[0, i].imshow(mt.masks[i].cpu(), cmap="gray")
+        axes[0, i].set_title(CLASSES[int(mt.labels[i])], fontsize=8)
+        axes[0, i].axis("off")
+    plt.show()
+
+# %% [markdown]
+# ## 7 · Training
+#
+# The shared training loop (`instseg_edu.engine.train`) calls `model(images)` and
+# `model.loss(outputs, batch)`: RPN BCE + L1, box-head cross-entropy + L1, mask BCE on the
+# ground-truth class's channel. On a GPU it uses bf16 autocast and channels-last.
+
+# %%
+train_cfg = TrainConfig(
+    max_steps=TRAIN_STEPS,
+    lr=0.02,
+    warmup_steps=min(500, TRAIN_STEPS),
+    grad_clip=35.0,
+    progress=not SMOKE,
+    log_every=1 if SMOKE else 50,
+    device=str(device),
+)
+history = train(model, make_loader(train_set, BATCH_SIZE, seed=SEED), train_cfg)
+fig, ax = plt.subplots(figsize=(6, 3))
+for key in history.loss_keys():
+    ax.plot(*history.series(key), label=key)
+ax.set_xlabel("step")
+ax.legend(fontsize=7)
+plt.show()
+
+# %% [markdown]
+# ## 8 · Predict: boxes, then masks pasted into the image
+#
+# `predict` keeps boxes above `score_thr`, runs per-class NMS, then the mask head on the kept
+# boxes. Pasting a 28×28 mask into its box is bilinear resampling; `paste_masks` does all boxes of
+# an image in one batched (separable) product. It must agree with the textbook version —
+# `grid_sample` on a full-image grid, one mask at a time:
+
+# %%
+probs = torch.rand(3, 28, 28, device=device)
+boxes = torch.tensor(
+    [[5.0, 7.0, 60.0, 40.0], [30.5, 2.2, 90.1, 99.9], [-4.0, 50.0, 20.0, 70.0]], device=device
+)
+h, w = 100, 120
+for m, (bx1, by1, bx2, by2) in zip(probs, boxes.tolist()):
+    gx = ((torch.arange(w, device=device) + 0.5 - bx1) / (bx2 - bx1) * 2 - 1).expand(h, w)
+    gy = ((torch.arange(h, device=device) + 0.5 - by1) / (by2 - by1) * 2 - 1)[:, None].expand(h, w)
+    ref = F.grid_sample(m[None, None], torch.stack([gx, gy], -1)[None], align_corners=False)[0, 0]
+    pasted = paste_masks(m[None], torch.tensor([[bx1, by1, bx2, by2]], device=device), (h, w))[0]
+    assert torch.allclose(pasted, ref, atol=1e-5)
+
+model.eval()
+with torch.no_grad():
+    detections = model.predict(model(batch.images), batch.image_sizes)
+fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
+for ax, det, image, (hh, ww) in zip(axes, detections, batch.images, batch.image_sizes):
+    top = det.scores > 0.3
+    show(ax, image[:, :hh, :ww], det.boxes[top], "lime", f"{int(top.sum())} detections > 0.3")
+    if top.any():
+        overlay = det.masks[top].any(0).cpu().float()
+        ax.imshow(overlay, alpha=0.35 * (overlay > 0).float().numpy(), cmap="autumn")
+plt.show()
+
+# %% [markdown]
+# ## 9 · Evaluation (pycocotools box and mask AP)
+
+# %%
+metrics = evaluate_model(
+    model,
+    make_loader(val_set, BATCH_SIZE, shuffle=False),
+    val_json,
+    val_set.label_to_cat_id,
+    device,
+)
+print(format_ap_table(metrics))

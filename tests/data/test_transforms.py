@@ -1,0 +1,185 @@
+"""Transforms keep boxes and masks on the image; collate pads to a multiple of 32."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision.transforms import v2
+
+from instseg_edu.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ObjectTransform,
+    ResizeKeepAspect,
+    collate,
+    eval_transforms,
+    normalize,
+    resized_size,
+    train_transforms,
+)
+from instseg_edu.structures import Target
+
+
+def _tight_boxes(masks):
+    """[G, H, W] bool -> [G, 4] xyxy pixel-edge boxes."""
+    boxes = []
+    for mask in masks:
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
+def _target(masks, labels=None, ignore=None):
+    return Target(
+        boxes=_tight_boxes(masks),
+        labels=torch.arange(len(masks)) if labels is None else labels,
+        masks=masks,
+        image_id=7,
+        ignore_boxes=torch.zeros(0, 4) if ignore is None else ignore,
+        orig_size=tuple(masks.shape[-2:]),
+    )
+
+
+def test_resized_size_golden():
+    assert resized_size(480, 640, 512) == (384, 512)
+    assert resized_size(100, 50, 200) == (200, 100)
+    assert resized_size(3, 1000, 100) == (1, 100)  # never zero
+
+
+def test_normalize_golden():
+    image = torch.tensor(IMAGENET_MEAN).view(3, 1, 1).repeat(1, 2, 2)
+    assert torch.allclose(normalize(image), torch.zeros(3, 2, 2), atol=1e-6)
+    ones = normalize(torch.ones(2, 3, 1, 1))
+    expected = [(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    assert torch.allclose(ones[1, :, 0, 0], torch.tensor(expected))
+    with pytest.raises(ValueError, match="images must be"):
+        normalize(torch.ones(4, 5, 5))
+
+
+def test_flip_moves_image_box_mask_and_ignore_box_together():
+    image = torch.rand(3, 8, 10)
+    masks = torch.zeros(1, 8, 10, dtype=torch.bool)
+    masks[0, 2:5, 1:4] = True  # box (1, 2)-(4, 5)
+    target = _target(masks, ignore=torch.tensor([[0.0, 0.0, 2.0, 8.0]]))
+    out_image, out = ObjectTransform([v2.RandomHorizontalFlip(p=1.0)])(image, target)
+    assert torch.equal(out_image, image.flip(-1))
+    assert out.boxes.tolist() == [[6.0, 2.0, 9.0, 5.0]]  # x1' = W - x2 = 10 - 4
+    assert torch.equal(out.masks, masks.flip(-1))
+    assert out.ignore_boxes.tolist() == [[8.0, 0.0, 10.0, 8.0]]
+    assert out.image_id == 7 and out.orig_size == (8, 10)
+    assert type(out_image) is torch.Tensor and type(out.boxes) is torch.Tensor
+
+
+def test_resize_keep_aspect_golden():
+    image = torch.rand(3, 20, 40)
+    masks = torch.zeros(1, 20, 40, dtype=torch.bool)
+    masks[0, 2:10, 4:12] = True  # box (4, 2)-(12, 10)
+    out_image, out = eval_transforms(20)(image, _target(masks))
+    assert out_image.shape == (3, 10, 20)
+    assert out.boxes.tolist() == [[2.0, 1.0, 6.0, 5.0]]
+    expected = torch.zeros(1, 10, 20, dtype=torch.bool)
+    expected[0, 1:5, 2:6] = True
+    assert torch.equal(out.masks, expected)
+    assert out.masks.dtype == torch.bool
+    assert 0.0 <= out_image.min() and out_image.max() <= 1.0
+
+
+def test_objects_that_vanish_are_dropped():
+    image = torch.rand(3, 64, 64)
+    masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+    masks[0, 10:40, 10:40] = True
+    masks[1, 20:30, 50:51] = True  # 1 px wide: 0.25 px after shrinking by 4
+    masks[2, 50:51, 5:20] = True  # 1 px high
+    # the second ignore region becomes 0.125 px wide and goes
+    target = _target(masks, ignore=torch.tensor([[0.0, 0.0, 8.0, 64.0], [5.0, 5.0, 5.5, 9.0]]))
+    _, out = eval_transforms(16)(image, target)
+    assert out.labels.tolist() == [0]
+    assert out.boxes.tolist() == [[2.5, 2.5, 10.0, 10.0]]
+    assert out.masks.shape == (1, 16, 16)
+    assert out.ignore_boxes.tolist() == [[0.0, 0.0, 2.0, 16.0]]
+
+
+def test_mismatched_mask_size_is_a_clear_error():
+    target = _target(torch.ones(1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="masks must be"):
+        eval_transforms(8)(torch.rand(3, 5, 4), target)
+
+
+@st.composite
+def _scenes(draw):
+    """An image size, 1-4 axis-aligned rectangles or discs, a target size and a flip."""
+    h, w = draw(st.integers(24, 96)), draw(st.integers(24, 96))
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    masks = []
+    for _ in range(draw(st.integers(1, 4))):
+        if draw(st.booleans()):
+            y0, x0 = draw(st.integers(0, h - 4)), draw(st.integers(0, w - 4))
+            y1, x1 = draw(st.integers(y0 + 4, h)), draw(st.integers(x0 + 4, w))
+            masks.append((yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1))
+        else:
+            r = draw(st.integers(4, min(h, w) // 2))
+            cy, cx = draw(st.integers(0, h - 1)), draw(st.integers(0, w - 1))
+            masks.append((yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2 <= r * r)
+    # down to half the size, up to twice: nearest sampling skips at most every other row
+    size = draw(st.integers(max(h, w) // 2 + 1, 2 * max(h, w)))
+    return torch.stack(masks), size, draw(st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(_scenes())
+def test_boxes_stay_the_tight_boxes_of_the_masks(scene):
+    masks, size, flip = scene
+    image = torch.rand(3, *masks.shape[-2:])
+    transform = ObjectTransform(
+        [ResizeKeepAspect(size), v2.RandomHorizontalFlip(p=1.0 if flip else 0.0)]
+    )
+    out_image, out = transform(image, _target(masks))
+    assert out_image.shape[-2:] == out.masks.shape[-2:]
+    assert max(out_image.shape[-2:]) == size
+    assert len(out) == len(masks)  # nothing this big vanishes
+    assert (out.boxes - _tight_boxes(out.masks)).abs().max() <= 1.0
+    assert out.labels.tolist() == list(range(len(masks)))
+
+
+def test_train_transforms_jitter_only_touches_the_image():
+    torch.manual_seed(0)
+    image = torch.rand(3, 32, 48)
+    masks = torch.zeros(2, 32, 48, dtype=torch.bool)
+    masks[0, 4:20, 6:30] = True
+    masks[1, 10:30, 30:46] = True
+    target = _target(masks)
+    out_image, out = train_transforms(48, flip_prob=0.0, jitter=True)(image, target)
+    ref_image, ref = train_transforms(48, flip_prob=0.0, jitter=False)(image, target)
+    assert not torch.allclose(out_image, ref_image)
+    assert 0.0 <= out_image.min() and out_image.max() <= 1.0
+    assert torch.equal(out.boxes, ref.boxes) and torch.equal(out.masks, ref.masks)
+    assert torch.equal(ref_image, image)  # 48 is already the longest side
+    flips = [
+        train_transforms(48, jitter=False)(image, target)[1].boxes[0, 0].item() for _ in range(40)
+    ]
+    assert set(flips) == {6.0, 48.0 - 30.0}  # flip_prob=0.5: both outcomes happen
+
+
+def test_collate_pads_images_and_masks_to_a_multiple_of_32():
+    a_masks = torch.ones(2, 50, 70, dtype=torch.bool)
+    b_masks = torch.zeros(0, 64, 33, dtype=torch.bool)
+    a, b = torch.rand(3, 50, 70), torch.rand(3, 64, 33)
+    batch = collate([(a, _target(a_masks)), (b, _target(b_masks))])
+    assert batch.images.shape == (2, 3, 64, 96)
+    assert batch.image_sizes == [(50, 70), (64, 33)]
+    assert torch.equal(batch.images[0, :, :50, :70], a)
+    assert batch.images[0, :, 50:].abs().sum() == 0 and batch.images[0, :, :, 70:].abs().sum() == 0
+    assert torch.equal(batch.images[1, :, :, :33], b)
+    assert batch.targets[0].masks.shape == (2, 64, 96)
+    assert batch.targets[0].masks.sum() == 2 * 50 * 70
+    assert batch.targets[0].masks[:, :50, :70].all()
+    assert batch.targets[1].masks.shape == (0, 64, 96)
+    assert len(batch) == 2 and batch.targets[0].image_id == 7
+    assert collate([(a, _target(a_masks))], size_divisor=1).images.shape == (1, 3, 50, 70)
+
+
+def test_collate_rejects_bad_items():
+    with pytest.raises(ValueError, match="at least one"):
+        collate([])
+    with pytest.raises(ValueError, match="item 0: masks are"):
+        collate([(torch.rand(3, 8, 8), _target(torch.ones(1, 4, 4, dtype=torch.bool)))])

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from instseg_edu.engine.checkpoint import (
+    CheckpointError,
+    config_from_dict,
+    config_to_dict,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+def test_round_trip(tmp_path):
+    state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "step": 7, "cfg": {"lr": 0.1},
+             "rng": [3, [1, 2, 3], None], "name": "retinanet"}  # fmt: skip
+    path = save_checkpoint(tmp_path / "sub" / "last.pt", state)
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["step"] == 7 and loaded["cfg"] == {"lr": 0.1} and loaded["name"] == "retinanet"
+    assert os.listdir(tmp_path / "sub") == ["last.pt"]  # no temporary files left behind
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path):
+    path = save_checkpoint(tmp_path / "last.pt", {"step": 1})
+    with pytest.raises(Exception):  # noqa: B017  lambdas cannot be pickled
+        save_checkpoint(path, {"step": 2, "bad": lambda: None})
+    assert load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(bad)
+    # Truncated: a valid checkpoint cut in half.
+    good = save_checkpoint(tmp_path / "good.pt", {"w": torch.zeros(1000)})
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "cut.pt")
+
+
+class _Custom:
+    pass
+
+
+def test_weights_only_refuses_arbitrary_objects(tmp_path):
+    torch.save({"obj": _Custom()}, tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "unsafe.pt")
+
+
+@dataclass(frozen=True)
+class _Inner:
+    depth: int = 50
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+
+
+@dataclass(frozen=True)
+class _Outer:
+    inner: _Inner = field(default_factory=_Inner)
+    maybe: _Inner | None = None
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    ranges: tuple[tuple[int, int], ...] = ((0, 64), (32, 128))
+    size: tuple[int, int] | None = None
+    name: str = "x"
+
+
+def test_config_round_trip_nested_dataclasses_and_tuples():
+    cfg = _Outer(inner=_Inner(18, (1, 2)), maybe=_Inner(34), ranges=((1, 2),), size=(3, 4))
+    d = config_to_dict(cfg)
+    assert d["inner"] == {"depth": 18, "out_indices": [1, 2]}  # JSON-ready lists
+    again = config_from_dict(_Outer, d)
+    assert again == cfg
+    assert isinstance(again.ranges[0], tuple) and isinstance(again.size, tuple)
+    assert config_from_dict(_Outer, {"name": "y"}) == _Outer(name="y")  # defaults fill in
+
+
+def test_config_from_dict_survives_a_checkpoint(tmp_path):
+    cfg = _Outer(maybe=_Inner(101))
+    path = save_checkpoint(tmp_path / "c.pt", {"config": config_to_dict(cfg)})
+    assert config_from_dict(_Outer, load_checkpoint(path)["config"]) == cfg
+
+
+def test_config_from_dict_unknown_key():
+    with pytest.raises(ValueError, match="no field"):
+        config_from_dict(_Outer, {"inner": {"depht": 3}})

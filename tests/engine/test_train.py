@@ -1,0 +1,250 @@
+"""The training loop on a toy model (tests/engine/_engine_toy.py), independent of any detector."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from _engine_toy import ToyBoxModel, ToyDataset
+
+from instseg_edu.data.transforms import collate
+from instseg_edu.engine.checkpoint import load_checkpoint
+from instseg_edu.engine.train import (
+    History,
+    NonFiniteLossError,
+    TrainConfig,
+    lr_at,
+    make_loader,
+    train,
+)
+
+
+def _cfg(**kw):
+    base = dict(max_steps=6, lr=0.05, optimizer="sgd", warmup_steps=2, warmup_ratio=0.1,
+                milestones=(0.5,), progress=False, device="cpu", log_every=2, seed=3)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _loader(n=10, batch_size=4, seed=0):
+    return make_loader(ToyDataset(n), batch_size=batch_size, shuffle=True, seed=seed)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return ToyBoxModel(**kw)
+
+
+def test_loss_decreases():
+    history = train(_model(), _loader(16), _cfg(max_steps=60, optimizer="adamw", lr=3e-3,
+                                                 milestones=(0.9,)))  # fmt: skip
+    _, losses = history.series("loss")
+    assert len(losses) == 60
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.6 * first, (first, last)
+    rec = history.steps[-1]
+    assert {"step", "epoch", "lr", "img_s", "loss", "loss_box", "loss_aux", "num_pos"} <= set(rec)
+    assert rec["loss"] == pytest.approx(rec["loss_box"] + rec["loss_aux"], rel=1e-5)
+    assert rec["num_pos"] == 4.0 and rec["img_s"] > 0
+    assert history.loss_keys() == ["loss", "loss_aux", "loss_box"]
+    assert history.steps[-1]["epoch"] == 14  # 16 images / 4 per batch = 4 steps per epoch
+
+
+def test_resume_continues_identically(tmp_path):
+    # 10 images, batches of 4 → 3 steps per epoch; the stop at step 4 is inside epoch 1, so the
+    # resumed run must skip one batch of that epoch and restore momentum, RNG (dropout, flips).
+    straight_model = _model()
+    straight = train(straight_model, _loader(), _cfg())
+
+    class StopAt:
+        def on_step(self, state):
+            if state.step == 4:
+                state.request_stop()
+
+    first = _model()
+    part = train(first, _loader(), _cfg(checkpoint_dir=str(tmp_path)), callbacks=[StopAt()])
+    assert part.stopped_early and len(part.steps) == 4
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["step"] == 4 and ckpt["epoch"] == 1 and ckpt["batch_in_epoch"] == 1
+
+    resumed_model = _model(seed=123)  # different init: everything must come from the checkpoint
+    resumed = train(resumed_model, _loader(), _cfg(checkpoint_dir=str(tmp_path)),
+                    resume=tmp_path / "last.pt")  # fmt: skip
+    assert [s["step"] for s in resumed.steps] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(straight.steps, resumed.steps):
+        for key in ("loss", "loss_box", "loss_aux", "lr", "epoch"):
+            assert a[key] == b[key], (a["step"], key)
+    for (name, p), q in zip(
+        straight_model.state_dict().items(), resumed_model.state_dict().values()
+    ):
+        assert torch.equal(p, q), name
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = _model(nan_at_call=5)
+    cfg = _cfg(max_steps=8, checkpoint_dir=str(tmp_path), checkpoint_every=2)
+    with pytest.raises(NonFiniteLossError, match=r"'loss_box' is nan at step 5") as info:
+        train(model, _loader(), cfg)
+    err = info.value
+    assert err.term == "loss_box" and err.step == 5 and math.isnan(err.value)
+    assert len(err.history.steps) == 4
+    assert err.checkpoint == str(tmp_path / "last.pt")
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    # On the CPU the guard runs before the update: the model in memory is still good too.
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_callbacks_hooks_and_stop():
+    calls = []
+
+    class Recorder:
+        def on_start(self, state):
+            calls.append(("start", state.step))
+
+        def on_step(self, state):
+            calls.append(("step", state.step))
+            assert set(state.losses) == {"loss", "loss_box", "loss_aux"}
+            assert all(isinstance(v, float) for v in state.losses.values())
+            assert state.batch is not None and state.outputs.boxes.shape == (len(state.batch), 4)
+            assert len(state.history.steps) == state.step  # reading history syncs it
+            if state.step == 5:
+                state.request_stop()
+
+        def on_eval(self, state):
+            calls.append(("eval", state.step, state.metrics["score"]))
+
+        def on_epoch(self, state):
+            calls.append(("epoch", state.step))
+
+        def on_end(self, state):
+            calls.append(("end", state.step))
+
+    plain_calls = []
+    history = train(
+        _model(), _loader(), _cfg(max_steps=20, eval_every=2),
+        callbacks=[Recorder(), plain_calls.append],
+        evaluate_fn=lambda model: {"score": float(model.training)},
+    )  # fmt: skip
+    assert calls == [
+        ("start", 0), ("step", 1), ("step", 2), ("eval", 2, 0.0), ("step", 3), ("epoch", 3),
+        ("step", 4), ("eval", 4, 0.0), ("step", 5), ("eval", 5, 0.0), ("end", 5),
+    ]  # fmt: skip
+    assert len(plain_calls) == 5  # a plain function is an on_step hook
+    assert history.stopped_early and not history.interrupted
+    assert [e["step"] for e in history.evals] == [2, 4, 5]  # plus a final evaluation
+
+
+def test_keyboard_interrupt_returns_a_usable_history(caplog):
+    def interrupt(state):
+        if state.step == 2:
+            raise KeyboardInterrupt
+
+    model = _model()
+    history = train(model, _loader(), _cfg(max_steps=10), callbacks=[interrupt])
+    assert history.interrupted
+    assert [s["step"] for s in history.steps] == [1, 2]
+    assert "interrupted at step 2" in caplog.text
+    with torch.no_grad():  # the model still predicts
+        images = torch.rand(1, 3, 32, 32)
+        assert model.predict(model(images), [(32, 32)])[0].boxes.shape == (1, 4)
+
+
+def test_history_is_plain_data(tmp_path):
+    history = train(_model(), _loader(), _cfg(max_steps=3),
+                    evaluate_fn=lambda m: {"bbox": {"AP": torch.tensor(0.5)}})  # fmt: skip
+    d = history.to_dict()
+    text = json.dumps(d)
+    again = History.from_dict(json.loads(text))
+    assert again.steps == history.steps
+    # 3 steps = one epoch of 10 images in batches of 4; the final evaluation runs after it
+    assert again.evals == [{"step": 3, "epoch": 1, "metrics": {"bbox": {"AP": 0.5}}}]
+    assert again.config["max_steps"] == 3
+    history.save_json(tmp_path / "h.json")
+    assert json.loads((tmp_path / "h.json").read_text()) == d
+
+
+def test_lr_schedule_goldens():
+    cfg = TrainConfig(max_steps=1000, lr=0.01, warmup_steps=500, warmup_ratio=0.001,
+                      milestones=(0.5, 0.9), gamma=0.1)  # fmt: skip
+    assert lr_at(0, cfg, 1000) == pytest.approx(1e-5)
+    assert lr_at(250, cfg, 1000) == pytest.approx(0.01 * (0.001 + 0.999 * 0.5))
+    assert lr_at(499, cfg, 1000) < 0.01
+    assert lr_at(500, cfg, 1000) == pytest.approx(0.001)  # warm-up ended exactly at milestone 1
+    assert lr_at(899, cfg, 1000) == pytest.approx(0.001)
+    assert lr_at(900, cfg, 1000) == pytest.approx(0.0001)
+    cos = TrainConfig(max_steps=100, lr=1.0, warmup_steps=0, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_at(0, cos, 100) == pytest.approx(1.0)
+    assert lr_at(50, cos, 100) == pytest.approx(0.55)
+    assert lr_at(100, cos, 100) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"max_steps": None}, "epochs"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"optimizer": "adam"}, "optimizer"),
+        ({"schedule": "poly"}, "schedule"),
+        ({"milestones": (0.9, 0.5)}, "milestones"),
+        ({"milestones": (8, 11)}, "milestones"),
+        ({"grad_clip": -1.0}, "grad_clip"),
+        ({"warmup_ratio": 0.0}, "warmup_ratio"),
+        ({"log_every": 0}, "log_every"),
+        ({"device": "gpu7"}, "device"),
+    ],
+)
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{"max_steps": 10, **kw})
+
+
+def test_make_loader_order_is_seeded():
+    def order(seed):
+        return [int(t.image_id) for b in _loader(10, 4, seed) for t in b.targets]
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    assert sorted(order(1)) == list(range(1, 11))
+    loader = make_loader(ToyDataset(4), batch_size=2, shuffle=False, collate_fn=collate)
+    assert loader.pin_memory == torch.cuda.is_available()
+
+
+def test_grad_clip_and_epochs():
+    history = train(_model(), _loader(8), _cfg(max_steps=None, epochs=2, grad_clip=0.01,
+                                                optimizer="adamw"))  # fmt: skip
+    assert len(history.steps) == 4  # 2 epochs x 2 batches
+    assert all("grad_norm" in s and s["grad_norm"] > 0 for s in history.steps)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last_and_deferred_sync():
+    model = _model()
+    history = train(model, _loader(16), _cfg(max_steps=12, device="cuda", log_every=5))
+    assert len(history.steps) == 12 and all(math.isfinite(s["loss"]) for s in history.steps)
+    assert next(model.parameters()).device.type == "cuda"
+    with pytest.raises(NonFiniteLossError):
+        train(_model(nan_at_call=3), _loader(16), _cfg(max_steps=12, device="cuda", log_every=5))
+
+
+def test_step_log_defers_syncs_and_finds_the_first_bad_step():
+    # The CUDA path keeps a window of steps on the device; flushing it must append the good
+    # steps, then name the first non-finite term and its step.
+    from instseg_edu.engine.train import _StepLog
+
+    history, shown = History(), []
+    log = _StepLog(history, shown.append)
+    for step, box in [(1, 1.0), (2, float("inf")), (3, float("nan"))]:
+        losses = {"loss_box": torch.tensor(box), "loss_cls": torch.tensor(0.5), "num_pos": 3}
+        log.add({"step": step, "epoch": 0, "lr": 0.1}, losses, losses["loss_box"] + 0.5, 2)
+    assert history.steps == [] and shown == []  # nothing synced yet
+    log.checkpoint = "ckpt/last.pt"
+    with pytest.raises(NonFiniteLossError, match="'loss_box' is inf at step 2") as info:
+        log.flush()
+    assert info.value.checkpoint == "ckpt/last.pt"
+    assert [s["step"] for s in history.steps] == [1]
+    assert history.steps[0]["loss"] == 1.5 and history.steps[0]["num_pos"] == 3.0

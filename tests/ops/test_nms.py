@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+
+from instseg_edu.ops.nms import fast_nms, fast_nms_reference, mask_nms, matrix_nms, points_nms
+
+
+def test_fast_nms_golden_differs_from_greedy():
+    # A (0.9) overlaps B (0.8) with IoU 0.6; B overlaps C (0.7) with IoU 0.6; A and C: IoU 0.25.
+    # Greedy NMS at 0.5 keeps A and C (B is gone, so it cannot remove C). Fast NMS removes C too:
+    # C's max IoU with any higher-scored box (B, suppressed or not) is 0.6.
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.5, 0.0, 12.5, 10.0], [5.0, 0.0, 15.0, 10.0]])
+    # IoU(A, B) = 75 / 125 = 0.6, IoU(B, C) = 0.6, IoU(A, C) = 50 / 150 = 1/3
+    scores = torch.tensor([[0.9, 0.8, 0.7]])
+    out = fast_nms(boxes, scores, iou_threshold=0.5)
+    assert out.indices.tolist() == [0] and out.labels.tolist() == [0]
+    torch.testing.assert_close(out.scores, torch.tensor([0.9]))
+    torch.testing.assert_close(out.boxes, boxes[:1])
+    # a looser threshold keeps all three, sorted by score
+    assert fast_nms(boxes, scores, iou_threshold=0.65).indices.tolist() == [0, 1, 2]
+
+
+def test_fast_nms_classes_are_independent_and_thresholds():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 9.0], [50.0, 50.0, 60.0, 60.0]])
+    scores = torch.tensor([[0.9, 0.8, 0.03], [0.1, 0.95, 0.6]])  # [C=2, N=3]
+    out = fast_nms(boxes, scores, iou_threshold=0.5, score_threshold=0.05)
+    # class 0: box 1 removed by box 0 (IoU 0.9); box 2 below score_threshold.
+    # class 1: box 0 removed by box 1; box 2 kept.
+    assert list(zip(out.labels.tolist(), out.indices.tolist())) == [(1, 1), (0, 0), (1, 2)]
+    assert fast_nms(boxes, scores, score_threshold=0.05, max_num=2).indices.tolist() == [1, 0]
+    # top_k=1: only the best box of each class takes part
+    assert fast_nms(boxes, scores, top_k=1).indices.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("per_class", [False, True])
+def test_fast_nms_equals_loop_reference(seed, per_class):
+    g = torch.Generator().manual_seed(seed)
+    c, n = 3, 40
+    xy = torch.rand(c, n, 2, generator=g) * 60
+    wh = torch.rand(c, n, 2, generator=g) * 30 + 5
+    boxes = torch.cat([xy, xy + wh], dim=-1)
+    boxes = boxes if per_class else boxes[0]
+    scores = torch.rand(c, n, generator=g)
+    kw = dict(iou_threshold=0.4, top_k=25, score_threshold=0.1, max_num=30)
+    fast, ref = fast_nms(boxes, scores, **kw), fast_nms_reference(boxes, scores, **kw)
+    assert fast.indices.tolist() == ref.indices.tolist()
+    assert fast.labels.tolist() == ref.labels.tolist()
+    torch.testing.assert_close(fast.scores, ref.scores)
+    torch.testing.assert_close(fast.boxes, ref.boxes)
+
+
+def test_fast_nms_empty():
+    out = fast_nms(torch.zeros(0, 4), torch.zeros(2, 0))
+    assert all(len(f) == 0 for f in out)
+    with pytest.raises(ValueError, match="boxes"):
+        fast_nms(torch.zeros(3, 4), torch.zeros(2, 4))
+
+
+def square_mask(x0, x1, size=10):
+    m = torch.zeros(size, size, dtype=torch.bool)
+    m[:, x0:x1] = True
+    return m
+
+
+def test_matrix_nms_golden():
+    # masks as column bands of a 10x10 image: A = cols 0-4, B = cols 1-5 (IoU 4/6), C = cols 5-9
+    # (IoU with B 1/9, with A 0), D = cols 0-4 but another class.
+    masks = torch.stack(
+        [square_mask(0, 5), square_mask(1, 6), square_mask(5, 10), square_mask(0, 5)]
+    )
+    labels = torch.tensor([0, 0, 0, 1])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    out = matrix_nms(masks, labels, scores, kernel="gaussian", sigma=2.0)
+    f = lambda x: math.exp(-2.0 * x * x)  # noqa: E731
+    iou_ab, iou_bc = 4 / 6, 1 / 9
+    # B: decayed by A (A itself not overlapped: compensation 1)
+    # C: min(f(0)/f(0) from A, f(1/9)/f(2/3) from B) = 1; f(1/9)/f(2/3) > 1 so C keeps its score
+    expected = torch.tensor([0.9, 0.8 * f(iou_ab), 0.7 * min(1.0, f(iou_bc) / f(iou_ab)), 0.6])
+    torch.testing.assert_close(out, expected)
+    lin = matrix_nms(masks, labels, scores, kernel="linear")
+    expected_lin = torch.tensor([0.9, 0.8 * (1 - iou_ab), 0.7, 0.6])
+    torch.testing.assert_close(lin, expected_lin)
+
+
+def test_matrix_nms_input_order_and_errors():
+    masks = torch.stack([square_mask(1, 6), square_mask(0, 5)])
+    out = matrix_nms(masks, torch.tensor([0, 0]), torch.tensor([0.8, 0.9]))
+    torch.testing.assert_close(out, torch.tensor([0.8 * math.exp(-2.0 * (4 / 6) ** 2), 0.9]))
+    with pytest.raises(ValueError, match="kernel"):
+        matrix_nms(masks, torch.tensor([0, 0]), torch.tensor([0.8, 0.9]), kernel="box")
+    assert matrix_nms(torch.zeros(0, 4, 4), torch.zeros(0), torch.zeros(0)).shape == (0,)
+
+
+def test_points_nms_golden():
+    heat = torch.tensor([[0.2, 0.9, 0.5], [0.1, 0.3, 0.95], [0.4, 0.6, 0.1]])[None, None]
+    # cell (i, j) compared with (i-1, j-1), (i-1, j), (i, j-1), (i, j)
+    expected = torch.tensor([[0.2, 0.9, 0.0], [0.0, 0.0, 0.95], [0.4, 0.6, 0.0]])[None, None]
+    torch.testing.assert_close(points_nms(heat), expected)
+    with pytest.raises(ValueError, match="kernel"):
+        points_nms(heat, kernel=3)
+
+
+def test_points_nms_equals_loop():
+    torch.manual_seed(0)
+    heat = torch.rand(2, 3, 7, 7)
+    out = points_nms(heat)
+    ref = heat.clone()
+    for i in range(7):
+        for j in range(7):
+            window = heat[:, :, max(i - 1, 0) : i + 1, max(j - 1, 0) : j + 1].amax(dim=(2, 3))
+            ref[:, :, i, j] = torch.where(heat[:, :, i, j] == window, heat[:, :, i, j], 0.0)
+    torch.testing.assert_close(out, ref)
+
+
+def test_mask_nms_greedy():
+    # same chain as the Fast NMS test, with masks: greedy keeps A and C
+    masks = torch.stack([square_mask(0, 4), square_mask(1, 5), square_mask(2, 6)])
+    # IoU(A, B) = 3/5 = 0.6, IoU(B, C) = 0.6, IoU(A, C) = 2/6
+    keep = mask_nms(masks, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)
+    assert keep.tolist() == [0, 2]
+    keep = mask_nms(masks, torch.tensor([0.7, 0.8, 0.9]), iou_threshold=0.5)
+    assert keep.tolist() == [2, 0]
+    assert mask_nms(masks, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.7).tolist() == [0, 1, 2]
