@@ -88,8 +88,9 @@ def torchvision_detections(outputs: list[dict], family: str) -> list[Detections]
     return detections
 
 
-def loss_total(losses: dict) -> torch.Tensor:
-    return sum(v for k, v in losses.items() if k.startswith("loss"))
+def loss_total(losses: dict, ours: bool = True) -> torch.Tensor:
+    """Ours: the ``loss_*`` terms (other keys are statistics); torchvision: every value."""
+    return sum(v for k, v in losses.items() if not ours or k.startswith("loss_"))
 
 
 # ------------------------------------------------------------------------------------- timing

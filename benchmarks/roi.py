@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     parser.add_argument("--channels", type=int, default=256)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--stride", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     scale = 1.0 / args.stride

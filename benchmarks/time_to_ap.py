@@ -89,7 +89,7 @@ def run_side(name, model, family, args, train_loader, val_loader, val_set, devic
                 else:
                     images, targets = torchvision_inputs(batch, family)
                     losses = model(images, targets)
-                total = loss_total(losses)
+                total = loss_total(losses, ours=name == "ours")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             torch.nn.utils.clip_grad_norm_(params, 10.0)

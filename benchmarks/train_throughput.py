@@ -73,7 +73,7 @@ class Side:
             else:
                 images, targets = torchvision_inputs(batch, self.family)
                 losses = self.model(images, targets)
-            total = loss_total(losses)
+            total = loss_total(losses, ours=self.name == "ours")
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
@@ -155,6 +155,8 @@ def main() -> None:
     batch1 = collate([train[0]]).to(device)
 
     results = {}
+    if args.smoke:
+        print("smoke run: ours uses the small CPU preset, so the ratios below mean nothing")
     print(
         f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
         f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, batch {args.batch_size}, "

@@ -33,6 +33,14 @@ FAMILIES = {
         "instseg_edu.models.mask_rcnn", "build_mask_rcnn", "MaskRCNNConfig",
         "MASK_RCNN_R50_FPN", "MASK_RCNN_R18_SMALL",
     ),
+    "solo": (
+        "instseg_edu.models.solo", "build_solo", "SOLOConfig",
+        "SOLO_R50_FPN_SCRATCH", "SOLO_R18_SMALL",
+    ),
+    "yolact": (
+        "instseg_edu.models.yolact", "build_yolact", "YOLACTConfig",
+        "YOLACT_R50_FPN", "YOLACT_R18_SMALL",
+    ),
 }  # fmt: skip
 
 GALLERY_IMAGES = 8
@@ -278,12 +286,12 @@ def _train_config(args, device, **overrides):
 
 # (GPU, CPU, smoke) settings of the demo.
 DEMO_SETTINGS = {
-    "gpu": dict(image_size=512, num_train=3000, num_val=200, steps=3000, batch_size=8, lr=0.02,
-                warmup_steps=300),
-    "cpu": dict(image_size=256, num_train=400, num_val=50, steps=300, batch_size=4, lr=0.01,
-                warmup_steps=50),
-    "smoke": dict(image_size=64, num_train=6, num_val=4, steps=2, batch_size=2, lr=0.01,
-                  warmup_steps=1),
+    "gpu": dict(image_size=512, num_train=3000, num_val=200, steps=3000, batch_size=8,
+                optimizer="sgd", lr=0.02, weight_decay=1e-4, warmup_steps=300),
+    "cpu": dict(image_size=192, num_train=300, num_val=50, steps=200, batch_size=4,
+                optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=30),
+    "smoke": dict(image_size=64, num_train=6, num_val=4, steps=2, batch_size=2,
+                  optimizer="sgd", lr=0.01, weight_decay=1e-4, warmup_steps=1),
 }  # fmt: skip
 
 
@@ -304,7 +312,8 @@ def cmd_demo(args) -> int:
     preset_name, model_cfg = _preset("retinanet", None, device)
     model_cfg = _with_num_classes(model_cfg, len(train_set.classes))
     train_cfg = _train_config(
-        args, device, max_steps=settings["steps"], lr=settings["lr"], optimizer="sgd",
+        args, device, max_steps=settings["steps"], lr=settings["lr"],
+        optimizer=settings["optimizer"], weight_decay=settings["weight_decay"],
         warmup_steps=min(settings["warmup_steps"], settings["steps"]), schedule="cosine",
         grad_clip=10.0, log_every=10,
     )  # fmt: skip

@@ -38,6 +38,8 @@ SEED = 0
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored)
 
 # %%
+import contextlib
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -84,20 +86,45 @@ print("annotation:", a)
 # %%
 dataset = CocoDataset(ann_file, root / "train")
 image, target = dataset[0]
-print(image.shape, image.dtype, "| boxes", target.boxes.shape, "labels", target.labels.tolist(),
-      "| masks", tuple(target.masks.shape), target.masks.dtype)
+print(
+    image.shape,
+    image.dtype,
+    "| boxes",
+    target.boxes.shape,
+    "labels",
+    target.labels.tolist(),
+    "| masks",
+    tuple(target.masks.shape),
+    target.masks.dtype,
+)
 x, y, w, h = coco_json["annotations"][0]["bbox"]
 assert torch.allclose(target.boxes[0], torch.tensor([x, y, x + w, y + h]))
 
-palette = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
-                    [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [0, 128, 128]])
+palette = np.array(
+    [
+        [230, 25, 75],
+        [60, 180, 75],
+        [255, 225, 25],
+        [0, 130, 200],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [0, 128, 128],
+    ]
+)
 overlay = image.permute(1, 2, 0).numpy().copy()  # [H, W, 3]
 for k, m in enumerate(target.masks.numpy()):
     overlay[m] = 0.5 * overlay[m] + 0.5 * palette[k % len(palette)] / 255
 fig = go.Figure([image_trace(torch.from_numpy(overlay).permute(2, 0, 1), hoverinfo="skip")])
 bx, by = boxes_to_path(target.boxes)
 fig.add_trace(go.Scatter(x=bx, y=by, mode="lines", line={"color": "white"}, name="boxes"))
-fig.update_layout(title="image 0: masks and boxes", height=420, yaxis={"autorange": "reversed", "scaleanchor": "x"})
+fig.update_layout(
+    title="image 0: masks and boxes",
+    height=420,
+    yaxis={"autorange": "reversed", "scaleanchor": "x"},
+)
 fig
 
 # %% [markdown]
@@ -109,10 +136,7 @@ fig
 # example, by hand:
 
 # %%
-toy = np.array([[0, 0, 0, 0],
-                [0, 1, 1, 0],
-                [0, 1, 1, 0],
-                [0, 0, 0, 0]], dtype=np.uint8)
+toy = np.array([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=np.uint8)
 flat = toy.flatten(order="F")  # column-major: 0000 0110 0110 0000
 runs, current, length = [], 0, 0
 for v in flat:
@@ -138,12 +162,22 @@ print("pycocotools' compressed string for the same runs:", rle["counts"])
 mask = target.masks[0].numpy().astype(np.uint8)
 rle0 = mask_utils.encode(np.asfortranarray(mask))
 ys, xs = np.nonzero(mask)
-hull = [float(xs.min()), float(ys[xs.argmin()]), float(xs[ys.argmin()]), float(ys.min()),
-        float(xs.max()) + 1, float(ys[xs.argmax()]), float(xs[ys.argmax()]), float(ys.max()) + 1]
+hull = [
+    float(xs.min()),
+    float(ys[xs.argmin()]),
+    float(xs[ys.argmin()]),
+    float(ys.min()),
+    float(xs.max()) + 1,
+    float(ys[xs.argmax()]),
+    float(xs[ys.argmax()]),
+    float(ys.max()) + 1,
+]
 poly_rle = mask_utils.merge(mask_utils.frPyObjects([hull], *mask.shape))
-print(f"mask area {int(mask_utils.area(rle0))} px (RLE: {len(rle0['counts'])} bytes) | "
-      f"4-vertex polygon area {int(mask_utils.area(poly_rle))} px "
-      f"| IoU polygon vs mask {float(mask_utils.iou([poly_rle], [rle0], [0])[0, 0]):.2f}")
+print(
+    f"mask area {int(mask_utils.area(rle0))} px (RLE: {len(rle0['counts'])} bytes) | "
+    f"4-vertex polygon area {int(mask_utils.area(poly_rle))} px "
+    f"| IoU polygon vs mask {float(mask_utils.iou([poly_rle], [rle0], [0])[0, 0]):.2f}"
+)
 
 # %% [markdown]
 # ## 3. How COCO evaluation matches detections to ground truth
@@ -168,8 +202,12 @@ det_scores = torch.linspace(0.95, 0.3, len(det_boxes))
 det_scores[len(boxes)] = 0.2  # the duplicate scores lower than the original
 image_id = dataset.image_ids[0]
 results = [
-    {"image_id": image_id, "category_id": dataset.label_to_cat_id[int(lab)],
-     "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)}
+    {
+        "image_id": image_id,
+        "category_id": dataset.label_to_cat_id[int(lab)],
+        "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+        "score": float(s),
+    }
     for b, lab, s in zip(det_boxes.tolist(), det_labels.tolist(), det_scores.tolist())
 ]
 
@@ -195,9 +233,10 @@ def greedy_match(det_boxes, det_scores, det_labels, gt_boxes, gt_labels, t):
 
 
 coco_gt = dataset.coco
-ev = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox")
-ev.params.imgIds = [image_id]
-ev.evaluate()
+with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+    ev = COCOeval(coco_gt, coco_gt.loadRes([dict(r) for r in results]), "bbox")
+    ev.params.imgIds = [image_id]
+    ev.evaluate()
 gt_ann_ids = [a["id"] for a in coco_json["annotations"] if a["image_id"] == image_id]
 dt_of = {}
 for e in ev.evalImgs:
@@ -225,13 +264,27 @@ for col, t in enumerate((0.5, 0.75)):
     fig.add_trace(tr)
     for name, sel, color in (("TP", m >= 0, "#1a9850"), ("FP", m < 0, "#d73027")):
         x, y = boxes_to_path(det_boxes[sel] + torch.tensor([offset, 0, offset, 0]))
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", line={"color": color, "width": 2},
-                                 name=f"{name} @ IoU {t}"))
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=y, mode="lines", line={"color": color, "width": 2}, name=f"{name} @ IoU {t}"
+            )
+        )
     gx, gy = boxes_to_path(target.boxes + torch.tensor([offset, 0, offset, 0]))
-    fig.add_trace(go.Scatter(x=gx, y=gy, mode="lines", line={"color": "white", "dash": "dot"},
-                             name="ground truth", showlegend=col == 0))
-fig.update_layout(title="left: IoU ≥ 0.5 · right: IoU ≥ 0.75", height=380,
-                  yaxis={"autorange": "reversed", "scaleanchor": "x"})
+    fig.add_trace(
+        go.Scatter(
+            x=gx,
+            y=gy,
+            mode="lines",
+            line={"color": "white", "dash": "dot"},
+            name="ground truth",
+            showlegend=col == 0,
+        )
+    )
+fig.update_layout(
+    title="left: IoU ≥ 0.5 · right: IoU ≥ 0.75",
+    height=380,
+    yaxis={"autorange": "reversed", "scaleanchor": "x"},
+)
 fig
 
 # %% [markdown]
@@ -246,6 +299,10 @@ fig
 # %%
 metrics = evaluate_coco(coco_gt, results, iou_types=("bbox",), image_ids=[image_id])
 print(format_ap_table(metrics))
-perfect = [dict(r, bbox=[x, y, w, h]) for r, (x, y, w, h) in zip(
-    results, [a["bbox"] for a in coco_json["annotations"] if a["image_id"] == image_id])]
+perfect = [
+    dict(r, bbox=[x, y, w, h])
+    for r, (x, y, w, h) in zip(
+        results, [a["bbox"] for a in coco_json["annotations"] if a["image_id"] == image_id]
+    )
+]
 assert evaluate_coco(coco_gt, perfect, ("bbox",), image_ids=[image_id])["bbox"]["AP"] == 1.0

@@ -75,7 +75,8 @@ gen = AnchorGenerator(
 )
 print("scales:", [round(s, 3) for s in gen.scales])
 print("anchors per cell A:", gen.num_base_anchors)
-base = gen.base_anchors()[0]  # [A, 4] for stride 8, ratio-major: (r0,s0), (r0,s1), (r0,s2), (r1,s0)…
+# [A, 4] for stride 8, ratio-major: (r0,s0), (r0,s1), (r0,s2), (r1,s0)…
+base = gen.base_anchors()[0]
 print(base)
 
 # %% [markdown]
@@ -140,17 +141,23 @@ assert torch.equal(anchors[0][(i * W0 + j) * 9 + a], base[a] + shift)
 #
 # Each one, with numbers:
 
+
 # %%
 def describe(g: AnchorGenerator, label: str):
     b = g.base_anchors()[0]
     wh = (b[:, 2:] - b[:, :2]).round().int().tolist()
     centre = ((b[0, :2] + b[0, 2:]) / 2).tolist()
-    print(f"{label:38s} A={g.num_base_anchors[0]}, centre {centre}, w×h of stride {g.strides[0]:.0f}: {wh}")
+    print(
+        f"{label:38s} A={g.num_base_anchors[0]}, centre {centre}, w×h of stride {g.strides[0]:.0f}: {wh}"
+    )
 
 
 describe(gen, "RetinaNet")
 describe(AnchorGenerator((8, 16), (1.0,), octave_base_scale=4, scales_per_octave=3), "ratios=(1,)")
-describe(AnchorGenerator((8, 16), (0.5, 1.0, 2.0), octave_base_scale=8, scales_per_octave=1), "octave_base_scale=8, 1 per octave")
+describe(
+    AnchorGenerator((8, 16), (0.5, 1.0, 2.0), octave_base_scale=8, scales_per_octave=1),
+    "octave_base_scale=8, 1 per octave",
+)
 describe(AnchorGenerator((4, 8), (0.5, 1.0, 2.0), scales=(8,)), "RPN: scales=(8,), strides 4, 8")
 describe(AnchorGenerator((8, 16), (1.0,), scales=(4,), base_sizes=(10, 20)), "base_sizes=(10, 20)")
 describe(AnchorGenerator((8, 16), (1.0,), scales=(4,), center_offset=0.5), "center_offset=0.5")
@@ -188,7 +195,9 @@ for k, box in enumerate(gt_boxes):
     per_level = [float(box_iou(a, box[None]).max()) for a in anchors]
     best = max(range(len(per_level)), key=per_level.__getitem__)
     cells = ", ".join(f"{v:.2f}" for v in per_level)
-    print(f"gt {k} ({CLASSES[gt_labels[k]]:9s}): best IoU per level [{cells}] → stride {gen.strides[best]:.0f}")
+    print(
+        f"gt {k} ({CLASSES[gt_labels[k]]:9s}): best IoU per level [{cells}] → stride {gen.strides[best]:.0f}"
+    )
 
 # %% [markdown]
 # Anchors of the cell under the image centre, on every level, coloured by their best IoU with the
@@ -201,8 +210,15 @@ for (h, w), s, a in zip(sizes, gen.strides, anchors):
     picked.append(a[(i * w + j) * 9 : (i * w + j + 1) * 9])
 picked = torch.cat(picked)
 anchor_figure(
-    image, gt_boxes, picked, best_iou(picked, gt_boxes), [len(a) for a in anchors], gen.strides,
-    gt_labels=gt_labels, class_names=CLASSES, title="anchors at the image centre, all levels",
+    image,
+    gt_boxes,
+    picked,
+    best_iou(picked, gt_boxes),
+    [len(a) for a in anchors],
+    gen.strides,
+    gt_labels=gt_labels,
+    class_names=CLASSES,
+    title="anchors at the image centre, all levels",
 )
 
 # %% [markdown]
@@ -228,7 +244,9 @@ explorer
 
 # %%
 explorer.octave_base_scale.value = 6.0
-direct = AnchorGenerator((8, 16, 32, 64, 128), (0.5, 1.0, 2.0), octave_base_scale=6.0, scales_per_octave=3)
+direct = AnchorGenerator(
+    (8, 16, 32, 64, 128), (0.5, 1.0, 2.0), octave_base_scale=6.0, scales_per_octave=3
+)
 assert all(torch.equal(a, b) for a, b in zip(explorer.anchors, direct.grid_anchors(sizes)))
 explorer.octave_base_scale.value = 4.0
 print(f"last update took {explorer.last_update_s * 1000:.1f} ms")

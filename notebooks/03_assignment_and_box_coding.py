@@ -61,7 +61,9 @@ torch.manual_seed(SEED)
 from instseg_edu.viz.anchors import shapes_sample
 
 image, gt_boxes, gt_labels = shapes_sample(SAMPLE_INDEX, IMAGE_SIZE, seed=SEED)
-gen = AnchorGenerator((8, 16, 32, 64, 128), (0.5, 1.0, 2.0), octave_base_scale=4, scales_per_octave=3)
+gen = AnchorGenerator(
+    (8, 16, 32, 64, 128), (0.5, 1.0, 2.0), octave_base_scale=4, scales_per_octave=3
+)
 sizes = [(math.ceil(IMAGE_SIZE / s), math.ceil(IMAGE_SIZE / s)) for s in gen.strides]
 per_level = gen.grid_anchors(sizes)
 level_sizes = [len(a) for a in per_level]
@@ -96,16 +98,23 @@ for k in range(len(gt_boxes)):
 
 for name, value in [("ignored", -1), ("negative", 0)]:
     print(f"{name:9s}: {int((gt_inds == value).sum()):6,d}")
-print(f"positive : {int((gt_inds > 0).sum()):6,d}  (of which {int(((gt_inds > 0) & (after_step3 <= 0)).sum())} rescued by step 4)")
+print(
+    f"positive : {int((gt_inds > 0).sum()):6,d}  (of which {int(((gt_inds > 0) & (after_step3 <= 0)).sum())} rescued by step 4)"
+)
 
 # %% [markdown]
 # Now the library function — the very one the RetinaNet loss calls. It must agree exactly:
 
 # %%
 assignment = max_iou_assign(
-    anchors, gt_boxes, gt_labels,
-    pos_iou_thr=POS_IOU_THR, neg_iou_thr=NEG_IOU_THR, min_pos_iou=MIN_POS_IOU,
-    match_low_quality=True, gt_max_assign_all=True,
+    anchors,
+    gt_boxes,
+    gt_labels,
+    pos_iou_thr=POS_IOU_THR,
+    neg_iou_thr=NEG_IOU_THR,
+    min_pos_iou=MIN_POS_IOU,
+    match_low_quality=True,
+    gt_max_assign_all=True,
 )
 assert torch.equal(assignment.gt_inds, gt_inds)
 assert torch.equal(assignment.max_iou, max_iou)
@@ -117,7 +126,9 @@ print("inline assignment == max_iou_assign ✓")
 
 summary = assignment_summary(assignment, len(gt_boxes), level_sizes=level_sizes)
 for r in (NEGATIVE, IGNORED, POSITIVE, LOW_QUALITY_POSITIVE):
-    print(f"{REASON_NAMES[r]:22s} {int(summary.counts[r]):6,d}   per level {summary.counts_per_level[:, r].tolist()}")
+    print(
+        f"{REASON_NAMES[r]:22s} {int(summary.counts[r]):6,d}   per level {summary.counts_per_level[:, r].tolist()}"
+    )
 print("positives per ground truth:", summary.pos_per_gt.tolist())
 
 # %% [markdown]
@@ -129,13 +140,19 @@ print("positives per ground truth:", summary.pos_per_gt.tolist())
 
 # %%
 no_rescue = max_iou_assign(
-    anchors, gt_boxes, gt_labels, pos_iou_thr=POS_IOU_THR, neg_iou_thr=NEG_IOU_THR,
+    anchors,
+    gt_boxes,
+    gt_labels,
+    pos_iou_thr=POS_IOU_THR,
+    neg_iou_thr=NEG_IOU_THR,
     match_low_quality=False,
 )
 rescued = assignment_summary(no_rescue, len(gt_boxes)).unmatched_gt.tolist()
 for k in rescued:
     w, h = (gt_boxes[k, 2:] - gt_boxes[k, :2]).tolist()
-    print(f"gt {k} ({CLASSES[gt_labels[k]]}, {w:.0f}×{h:.0f} px): best IoU {gt_max[k]:.2f} → positive only thanks to step 4")
+    print(
+        f"gt {k} ({CLASSES[gt_labels[k]]}, {w:.0f}×{h:.0f} px): best IoU {gt_max[k]:.2f} → positive only thanks to step 4"
+    )
 
 # %% [markdown]
 # A subtle consequence (MMDetection's comment on its own code): step 4 **overwrites** step 3. An
@@ -145,7 +162,9 @@ for k in rescued:
 # %%
 toy_iou = torch.tensor([[0.9, 0.8], [0.95, 0.1], [0.1, 0.3]])  # 3 anchors × 2 gt
 toy = max_iou_assign_steps(toy_iou, pos_iou_thr=0.5, neg_iou_thr=0.4)
-print("after step 3:", toy.step3_positives.tolist(), " after step 4:", toy.step4_low_quality.tolist())
+print(
+    "after step 3:", toy.step3_positives.tolist(), " after step 4:", toy.step4_low_quality.tolist()
+)
 assert toy.step3_positives.tolist() == [1, 1, 0] and toy.step4_low_quality.tolist() == [2, 1, 0]
 
 # %% [markdown]
@@ -156,18 +175,28 @@ assert toy.step3_positives.tolist() == [1, 1, 0] and toy.step4_low_quality.tolis
 # And `neg_iou_thr` may be a pair `(lo, hi)`: only anchors with `lo ≤ IoU < hi` are negatives.
 
 # %%
-crowd = torch.tensor([[0.0, 0.0, IMAGE_SIZE / 2, IMAGE_SIZE / 4]])  # pretend the top-left strip is a crowd
+# pretend the top-left strip is a crowd
+crowd = torch.tensor([[0.0, 0.0, IMAGE_SIZE / 2, IMAGE_SIZE / 4]])
 with_crowd = max_iou_assign(
-    anchors, gt_boxes, gt_labels, pos_iou_thr=0.5, neg_iou_thr=0.4,
-    ignore_iof_thr=0.5, gt_boxes_ignore=crowd,
+    anchors,
+    gt_boxes,
+    gt_labels,
+    pos_iou_thr=0.5,
+    neg_iou_thr=0.4,
+    ignore_iof_thr=0.5,
+    gt_boxes_ignore=crowd,
 )
 inside = box_iof(anchors, crowd).amax(dim=1) > 0.5
 assert bool((with_crowd.gt_inds[inside] == -1).all())
 print(f"{int(inside.sum()):,} anchors inside the crowd region are ignored")
 
 ranged = max_iou_assign(anchors, gt_boxes, gt_labels, pos_iou_thr=0.5, neg_iou_thr=(0.1, 0.4))
-print("negatives with neg_iou_thr=0.4:", int((assignment.gt_inds == 0).sum()),
-      " with (0.1, 0.4):", int((ranged.gt_inds == 0).sum()))
+print(
+    "negatives with neg_iou_thr=0.4:",
+    int((assignment.gt_inds == 0).sum()),
+    " with (0.1, 0.4):",
+    int((ranged.gt_inds == 0).sum()),
+)
 
 # %% [markdown]
 # ## 4. The delta coder
@@ -186,7 +215,9 @@ pw, ph = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
 px, py = p[:, 0] + pw / 2, p[:, 1] + ph / 2
 gw, gh = g[:, 2] - g[:, 0], g[:, 3] - g[:, 1]
 gx, gy = g[:, 0] + gw / 2, g[:, 1] + gh / 2
-deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=1)
+deltas = torch.stack(
+    [(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=1
+)
 
 coder = DeltaXYWHBBoxCoder()  # RetinaNet: means 0, stds 1
 assert torch.allclose(coder.encode(p, g), deltas, atol=1e-6)
@@ -227,7 +258,9 @@ from instseg_edu.models.retinanet import RETINANET_R18_SMALL, build_retinanet
 from instseg_edu.structures import Batch, Target
 
 model = build_retinanet(RETINANET_R18_SMALL.with_num_classes(len(CLASSES))).eval()
-target = Target(gt_boxes, gt_labels, torch.zeros(len(gt_boxes), IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool))
+target = Target(
+    gt_boxes, gt_labels, torch.zeros(len(gt_boxes), IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
+)
 batch = Batch(image[None], [(IMAGE_SIZE, IMAGE_SIZE)], [target])
 with torch.no_grad():
     outputs = model(batch.images)
@@ -242,8 +275,16 @@ print("model.targets() assignment == max_iou_assign ✓  num_pos =", targets.num
 
 # %%
 assignment_figure(
-    image, gt_boxes, anchors, assignment, summary, pos_iou_thr=POS_IOU_THR,
-    neg_iou_thr=NEG_IOU_THR, min_pos_iou=MIN_POS_IOU, gt_labels=gt_labels, class_names=CLASSES,
+    image,
+    gt_boxes,
+    anchors,
+    assignment,
+    summary,
+    pos_iou_thr=POS_IOU_THR,
+    neg_iou_thr=NEG_IOU_THR,
+    min_pos_iou=MIN_POS_IOU,
+    gt_labels=gt_labels,
+    class_names=CLASSES,
 )
 
 # %% [markdown]

@@ -102,8 +102,15 @@ for i, x in enumerate(p):
 with torch.no_grad():
     outputs = model(batch.images)
 n = sum(model.level_sizes(outputs.featmap_sizes))
-print("cls_logits", tuple(outputs.cls_logits.shape), "bbox_deltas", tuple(outputs.bbox_deltas.shape),
-      "| N =", n, "anchors per image")
+print(
+    "cls_logits",
+    tuple(outputs.cls_logits.shape),
+    "bbox_deltas",
+    tuple(outputs.bbox_deltas.shape),
+    "| N =",
+    n,
+    "anchors per image",
+)
 print(f"initial mean probability: {outputs.cls_logits.sigmoid().mean():.4f}")
 
 # %% [markdown]
@@ -121,16 +128,24 @@ for target in (0.0, 1.0):
     p_t = torch.where(t == 1, p_sig, 1 - p_sig)
     alpha_t = torch.where(t == 1, torch.tensor(0.25), torch.tensor(0.75))
     inline = -alpha_t * (1 - p_t) ** 2 * torch.log(p_t)
-    lib = sigmoid_focal_loss(logits[:, None], t[:, None], alpha=0.25, gamma=2.0, reduction="none")[:, 0]
+    lib = sigmoid_focal_loss(logits[:, None], t[:, None], alpha=0.25, gamma=2.0, reduction="none")
+    lib = lib[:, 0]
     assert torch.allclose(inline, lib, atol=1e-5)
 
 fig = go.Figure()
 p_t = torch.linspace(0.01, 0.999, 200)
 for gamma in (0, 0.5, 1, 2, 5):
-    fig.add_trace(go.Scatter(x=p_t.numpy(), y=(-(1 - p_t) ** gamma * torch.log(p_t)).numpy(),
-                             name=f"γ = {gamma}"))
-fig.update_layout(title="focal loss (α = 1) vs probability of the true class (Fig. 1 of the paper)",
-                  xaxis_title="p_t", yaxis_title="loss", height=360)
+    fig.add_trace(
+        go.Scatter(
+            x=p_t.numpy(), y=(-((1 - p_t) ** gamma) * torch.log(p_t)).numpy(), name=f"γ = {gamma}"
+        )
+    )
+fig.update_layout(
+    title="focal loss (α = 1) vs probability of the true class (Fig. 1 of the paper)",
+    xaxis_title="p_t",
+    yaxis_title="loss",
+    height=360,
+)
 fig
 
 # %% [markdown]
@@ -140,11 +155,23 @@ fig
 # %%
 for gamma in (0.0, 2.0):
     for alpha in (0.5, 0.25):
-        easy_neg = sigmoid_focal_loss(torch.logit(torch.tensor([[0.1]])), torch.tensor([[0.0]]),
-                                      alpha=alpha, gamma=gamma, reduction="sum")
-        hard_pos = sigmoid_focal_loss(torch.logit(torch.tensor([[0.1]])), torch.tensor([[1.0]]),
-                                      alpha=alpha, gamma=gamma, reduction="sum")
-        print(f"γ={gamma}, α={alpha}: hard positive / easy negative = {float(hard_pos / easy_neg):8.1f}")
+        easy_neg = sigmoid_focal_loss(
+            torch.logit(torch.tensor([[0.1]])),
+            torch.tensor([[0.0]]),
+            alpha=alpha,
+            gamma=gamma,
+            reduction="sum",
+        )
+        hard_pos = sigmoid_focal_loss(
+            torch.logit(torch.tensor([[0.1]])),
+            torch.tensor([[1.0]]),
+            alpha=alpha,
+            gamma=gamma,
+            reduction="sum",
+        )
+        print(
+            f"γ={gamma}, α={alpha}: hard positive / easy negative = {float(hard_pos / easy_neg):8.1f}"
+        )
 
 # %% [markdown]
 # ## 4. Training, with a live dashboard
@@ -162,11 +189,19 @@ dashboard = TrainingDashboard(thumbnails_every=1 if SMOKE else 100, class_names=
 display(dashboard)
 
 train_cfg = TrainConfig(
-    max_steps=TRAIN_STEPS, lr=LR, warmup_steps=min(500, TRAIN_STEPS), grad_clip=35.0,
-    schedule="cosine", log_every=1 if SMOKE else 20, progress=not SMOKE, seed=SEED,
+    max_steps=TRAIN_STEPS,
+    lr=LR,
+    warmup_steps=min(500, TRAIN_STEPS),
+    grad_clip=35.0,
+    schedule="cosine",
+    log_every=1 if SMOKE else 20,
+    progress=not SMOKE,
+    seed=SEED,
 )
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
-print(f"{len(history.steps)} steps; dashboard time {dashboard.overhead_s:.2f} s, {dashboard.redraws} redraws")
+print(
+    f"{len(history.steps)} steps; dashboard time {dashboard.overhead_s:.2f} s, {dashboard.redraws} redraws"
+)
 
 # %% [markdown]
 # ## 5. Evaluation: the 12 COCO numbers
@@ -191,8 +226,15 @@ thumbs = []
 for b, dets in batches:
     for i, d in enumerate(dets):
         h, w = b.image_sizes[i]
-        png = detection_thumbnail(b.images[i, :, :h, :w], d.boxes, d.scores, d.labels,
-                                  b.targets[i].boxes, size=256, class_names=val_set.classes)
+        png = detection_thumbnail(
+            b.images[i, :, :h, :w],
+            d.boxes,
+            d.scores,
+            d.labels,
+            b.targets[i].boxes,
+            size=256,
+            class_names=val_set.classes,
+        )
         thumbs.append(W.Image(value=png, format="png"))
 W.HBox(thumbs)
 

@@ -33,7 +33,7 @@ import os
 
 SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
 IMAGE_SIZE = 128 if SMOKE else 512  # shapes images for the mask experiment
-NUM_IMAGES = 2 if SMOKE else 24
+NUM_IMAGES = 2 if SMOKE else 12
 NUM_RANDOM_ROIS = 16 if SMOKE else 256
 SEED = 0
 

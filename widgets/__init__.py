@@ -6,6 +6,8 @@ computation.
 - :class:`AnchorExplorer` — anchor generator config → anchors, coloured by best IoU.
 - :class:`AssignerExplorer` — MaxIoU thresholds → positive / ignored / negative anchors.
 - :class:`RoIExplorer` — RoIPool vs RoIAlign cells and sampling points.
+- :class:`SOLOGridExplorer` — SOLO's S×S grid targets: centre regions, cells, mask channels.
+- :class:`PrototypeExplorer` — YOLACT's prototypes, coefficients and the assembled mask.
 - :class:`TrainingDashboard` — a training-loop callback drawing losses, lr, img/s and predictions.
 
 The classes are imported on first use, so ``import instseg_edu.widgets`` stays cheap.
@@ -15,12 +17,21 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["AnchorExplorer", "AssignerExplorer", "RoIExplorer", "TrainingDashboard"]
+__all__ = [
+    "AnchorExplorer",
+    "AssignerExplorer",
+    "PrototypeExplorer",
+    "RoIExplorer",
+    "SOLOGridExplorer",
+    "TrainingDashboard",
+]
 
 _MODULES = {
     "AnchorExplorer": "anchor_explorer",
     "AssignerExplorer": "assigner_explorer",
     "RoIExplorer": "roi_explorer",
+    "SOLOGridExplorer": "solo_explorer",
+    "PrototypeExplorer": "yolact_explorer",
     "TrainingDashboard": "dashboard",
 }
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import ipywidgets as W
 import plotly.graph_objects as go
@@ -34,7 +35,7 @@ from instseg_edu.viz.anchors import (
     sparse_level_indices,
 )
 
-__all__ = ["AnchorExplorer", "STRIDE_PRESETS", "RATIO_CHOICES"]
+__all__ = ["AnchorExplorer", "STRIDE_PRESETS", "RATIO_CHOICES", "one_thread"]
 
 STRIDE_PRESETS: dict[str, tuple[int, ...]] = {
     "P3–P7 (8 … 128), RetinaNet": (8, 16, 32, 64, 128),
@@ -42,6 +43,23 @@ STRIDE_PRESETS: dict[str, tuple[int, ...]] = {
     "P3–P5 (8, 16, 32)": (8, 16, 32),
 }
 RATIO_CHOICES: tuple[str, ...] = ("0.25", "0.333", "0.5", "1.0", "2.0", "3.0", "4.0")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run an explorer update on one intra-op thread, then restore the previous setting.
+
+    An update works on ~50k boxes: splitting such small ops across threads costs more than it
+    saves, and on a busy machine (a training run, other kernels) thread contention turns a 30 ms
+    update into a second. Widget callbacks run one at a time on the kernel's main thread, so the
+    switch never overlaps other work of the same kernel.
+    """
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class AnchorExplorer:
@@ -163,6 +181,7 @@ class AnchorExplorer:
             value=h // 2, min=0, max=h - 1, description="y (pixels)", style=style, layout=layout
         )
         self.message = W.HTML()
+        self._rebuilding_levels = False
 
         self.figure = go.FigureWidget()
         self._build_figure()
@@ -266,12 +285,13 @@ class AnchorExplorer:
         """Recompute from the controls and replace the figure's anchor traces in place."""
         start = time.perf_counter()
         try:
-            boxes, iou = self._compute()
+            with one_thread():
+                boxes, iou = self._compute()
+                paths = iou_binned_paths(boxes, iou)
         except ValueError as err:  # e.g. no ratio selected: say why, keep the last figure
             self.message.value = f"<b style='color:#b00'>{err}</b>"
             return
         self.message.value = ""
-        paths = iou_binned_paths(boxes, iou)
         counts = [len(a) for a in self.anchors]
         names = [f"stride {int(s)}" for s in self.generator.strides]
         with self.figure.batch_update():
@@ -283,12 +303,17 @@ class AnchorExplorer:
         self.last_update_s = time.perf_counter() - start
 
     def _on_change(self, change) -> None:
+        if self._rebuilding_levels:
+            return
         if change["owner"] is self.strides:
-            # New levels: keep "all", or the same index when it still exists.
+            # New levels: keep "all", or the same index when it still exists (one update only).
             old = self.level.value
-            with self.level.hold_trait_notifications():
+            self._rebuilding_levels = True
+            try:
                 self.level.options = self._level_options(self.strides.value)
                 self.level.value = old if old < len(self.strides.value) else -1
+            finally:
+                self._rebuilding_levels = False
         self.update()
 
     # Display: the explorer shows as its container.

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import ipywidgets as W
 import plotly.graph_objects as go
 import torch
+from instseg_edu.widgets.anchor_explorer import one_thread
 from torch import Tensor
 
 from instseg_edu.ops.anchors import AnchorGenerator
@@ -218,13 +219,14 @@ class AssignerExplorer:
         """Re-run the assignment for the controls' values; replace the figure's data in place."""
         start = time.perf_counter()
         try:
-            self._compute()
+            with one_thread():
+                self._compute()
+                paths = reason_paths(self.anchors[self.drawn], self.assignment.reason[self.drawn])
+                _, counts = iou_histogram(self.assignment.max_iou)
         except ValueError as err:  # e.g. neg_iou_thr > pos_iou_thr: say why, keep the figure
             self.warning.value = f"<b style='color:#b00'>{err}</b>"
             return
         kw = self.assign_kwargs()
-        paths = reason_paths(self.anchors[self.drawn], self.assignment.reason[self.drawn])
-        centers, counts = iou_histogram(self.assignment.max_iou)
         lines = threshold_lines(
             kw["pos_iou_thr"], kw["neg_iou_thr"], kw["min_pos_iou"], counts.max()
         )

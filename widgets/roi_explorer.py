@@ -109,6 +109,7 @@ class RoIExplorer:
                 self.figure,
             ]
         )
+        self.widget.add_class("instseg-roi-explorer")  # a handle for browser tests and CSS
 
     # -- state -------------------------------------------------------------------------------
 

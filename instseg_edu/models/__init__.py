@@ -9,6 +9,7 @@
 3. ``detections = model.predict(outputs, image_sizes)`` — a list of
    :class:`instseg_edu.structures.Detections`, one per image.
 
-There is no registry: one ``build_<family>(cfg)`` per family, and :func:`build_model` maps a name
-used on the command line to it.
+There is no registry: one ``build_<family>(cfg)`` per family (``build_retinanet``,
+``build_mask_rcnn``, ``build_solo``, ``build_yolact``); the command line maps a family name to its
+builder and presets with the plain table ``instseg_edu.cli.FAMILIES``.
 """

@@ -3,13 +3,13 @@
 Ordinary box NMS (RetinaNet, Mask R-CNN) is :func:`torchvision.ops.batched_nms`; this module holds
 the variants that the one-stage mask models introduced, each a few tensor operations:
 
-- :func:`fast_nms` — YOLACT (Bolya et al. 2019, Sec. 3.4 "Fast NMS"). Greedy NMS is sequential: a
+- :func:`fast_nms` — YOLACT (Bolya et al. 2019, Sec. 5 "Fast NMS"). Greedy NMS is sequential: a
   box may suppress others only if it survived itself. Fast NMS drops that rule so everything is one
   matrix: sort each class by score, compute the ``[k, k]`` IoU matrix, keep its upper triangle
   (``iou[i, j]`` for ``i`` scored above ``j``) and discard box ``j`` when its largest IoU with any
   higher-scored box exceeds the threshold — even if that box was itself discarded. Slightly more
   boxes are removed than with greedy NMS (0.1 mAP in the paper), in a fraction of the time.
-- :func:`matrix_nms` — SOLOv2 (Wang et al. 2020, Sec. 4 "Matrix NMS"). Instead of removing masks,
+- :func:`matrix_nms` — SOLOv2 (Wang et al. 2020, Sec. 3.3 "Matrix NMS"). Instead of removing masks,
   *decay* each mask's score by how much it overlaps higher-scored masks of its class, compensated by
   how much those masks were overlapped themselves; then a score threshold does the removal.
 - :func:`points_nms` — SOLO's category-grid peak picking: a grid cell keeps its score only if it is
@@ -74,7 +74,7 @@ def fast_nms(
     score_threshold: float = 0.0,
     max_num: int = -1,
 ) -> FastNMSResult:
-    """YOLACT's Fast NMS, every class at once (Bolya et al. 2019, Sec. 3.4).
+    """YOLACT's Fast NMS, every class at once (Bolya et al. 2019, Sec. 5).
 
     Args:
         boxes: ``float [N, 4]`` xyxy (shared by all classes) or ``[C, N, 4]`` (per class).
@@ -165,7 +165,7 @@ def matrix_nms(
     kernel: str = "gaussian",
     sigma: float = 2.0,
 ) -> Tensor:
-    """SOLOv2's Matrix NMS: decay scores instead of removing masks (Wang et al. 2020, Sec. 4).
+    """SOLOv2's Matrix NMS: decay scores instead of removing masks (Wang et al. 2020, Sec. 3.3).
 
     For masks sorted by score, with ``iou[i, j]`` the IoU of a higher-scored mask ``i`` with mask
     ``j`` of the same class, mask ``j``'s score is multiplied by::

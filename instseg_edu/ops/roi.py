@@ -260,12 +260,14 @@ def roi_pool_reference(
     b = cells.batch_index[:, None, None, None, None]  # [K, 1, 1, 1, 1]
     r = rows.clamp(0, height - 1)[:, :, :, None, None]  # [K, PH, LH, 1, 1]
     c = cols.clamp(0, width - 1)[:, None, None, :, :]  # [K, 1, 1, PW, LW]
-    values = features[b, :, r, c]  # [K, PH, LH, PW, LW, C]
+    cells_last = features.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]: gathers copy C-vectors
+    values = cells_last[b, r, c]  # [K, PH, LH, PW, LW, C]
     ok = (row_ok[:, :, :, None, None] & col_ok[:, None, None, :, :])[..., None]  # [K,PH,LH,PW,LW,1]
 
     # Stage 7 — max over each bin's cells. The kernel's running max starts at -FLT_MAX and ignores
     # NaN (NaN > m is false); an empty bin gives 0.
-    values = torch.where(ok & ~torch.isnan(values), values, float("-inf"))
+    values = values.masked_fill_(~ok, float("-inf"))  # in place: values is a fresh gather
+    values = values.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     pooled = values.amax(dim=(2, 4)).clamp(min=-FLT_MAX)  # [K, PH, PW, C]
     pooled = torch.where(cells.empty[..., None], torch.zeros_like(pooled), pooled)
     return pooled.permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
@@ -298,8 +300,8 @@ def _roi_align_axes(
     scale_t = torch.tensor(scale, dtype=dtype, device=device)
 
     # Stage 1 — scale the RoI to the map, keeping real coordinates. With aligned=True, shift by
-    # half a cell: pixel x covers [x, x + 1) in the image, so its continuous coordinate on a map
-    # whose cell centres sit at integers is x * s - 0.5.
+    # half a cell: cell i covers image pixels [i / s, (i + 1) / s) and its value sits at the
+    # centre, so image position x is at x * s - 0.5 in coordinates where cell centres are integers.
     offset = 0.5 if aligned else 0.0
     x1, y1, x2, y2 = (rois[:, 1:] * scale_t - offset).unbind(1)  # each [K]
     roi_w, roi_h = x2 - x1, y2 - y1  # [K]
@@ -477,9 +479,10 @@ def roi_align_reference(
         return t[:, None, None, :, :]  # [K, PW, GW] -> [K, 1, 1, PW, GW]
 
     b = rois[:, 0].long()[:, None, None, None, None]  # [K, 1, 1, 1, 1]
+    cells_last = features.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]: gathers copy C-vectors
 
     def neighbour(y_idx: Tensor, x_idx: Tensor) -> Tensor:
-        return features[b, :, to_rows(y_idx), to_cols(x_idx)]  # [K, PH, GH, PW, GW, C]
+        return cells_last[b, to_rows(y_idx), to_cols(x_idx)]  # [K, PH, GH, PW, GW, C]
 
     def weight(wy: Tensor, wx: Tensor) -> Tensor:
         return (to_rows(wy) * to_cols(wx))[..., None]  # [K, PH, GH, PW, GW, 1]

@@ -98,9 +98,12 @@ def boxes_to_path(boxes: Tensor) -> tuple[np.ndarray, np.ndarray]:
 
     Returns:
         ``(x, y)``, each ``float64 [N * 6]``: per box ``x1, x2, x2, x1, x1, NaN`` (and the matching
-        ``y``), i.e. a closed rectangle and a pen lift.
+        ``y``), i.e. a closed rectangle and a pen lift. No boxes give a single ``NaN`` point: an
+        empty WebGL trace keeps plotly.js from drawing the WebGL traces after it.
     """
     b = boxes.detach().to("cpu", torch.float64).reshape(-1, 4)  # [N, 4]
+    if b.shape[0] == 0:
+        return np.array([np.nan]), np.array([np.nan])
     x1, y1, x2, y2 = b.unbind(dim=1)  # [N] each
     nan = torch.full_like(x1, float("nan"))
     x = torch.stack([x1, x2, x2, x1, x1, nan], dim=1).reshape(-1)  # [N, 6] -> [N*6]
@@ -145,7 +148,10 @@ def gt_boxes_trace(
             label = int(labels[k])
             name += f": {class_names[label] if class_names else label}"
         names.extend([name] * 6)
-    return go.Scatter(
+    if gt_boxes.shape[0] == 0:
+        names = [""]  # matches the single NaN point of an empty path
+    # WebGL like the anchor paths: drawn after them, it stays on top of them.
+    return go.Scattergl(
         x=x,
         y=y,
         mode="lines",
@@ -255,6 +261,7 @@ def anchor_figure(
                 hoverinfo="skip",
             )
         )
+    fig.add_trace(gt_boxes_trace(gt_boxes, gt_labels, class_names))
     fig.add_trace(anchor_counts_trace(counts, strides))
     fig.update_layout(
         title=title,

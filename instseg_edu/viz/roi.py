@@ -162,17 +162,27 @@ def roi_comparison_traces(cmp: RoIComparison) -> list[dict]:
     inside = points[cmp.samples.inside[0]]  # [n, 2]
     outside = points[cmp.samples.real[0] & ~cmp.samples.inside[0]]  # [m, 2]
     diff = cmp.align - cmp.pool  # [PH, PW]
+    low, high = float(cmp.feature.min()), float(cmp.feature.max())
     # numpy arrays travel to the browser as typed arrays: much faster than nested lists
     return [
-        dict(z=cmp.feature.numpy(), x0=0.5 * step, dx=step, y0=0.5 * step, dy=step),
+        dict(
+            z=cmp.feature.numpy(),
+            x0=0.5 * step,
+            dx=step,
+            y0=0.5 * step,
+            dy=step,
+            zmin=low,
+            zmax=high,
+        ),
         dict(x=roi_x, y=roi_y),
         dict(x=rounded_x, y=rounded_y),
         dict(x=cells_x, y=cells_y),
         dict(x=bins_x, y=bins_y),
         dict(x=inside[:, 0].numpy(), y=inside[:, 1].numpy()),
         dict(x=outside[:, 0].numpy(), y=outside[:, 1].numpy()),
-        dict(z=cmp.pool.numpy()),
-        dict(z=cmp.align.numpy()),
+        # one colour scale for the map and both outputs, so equal values look equal
+        dict(z=cmp.pool.numpy(), zmin=low, zmax=high),
+        dict(z=cmp.align.numpy(), zmin=low, zmax=high),
         dict(z=diff.numpy(), zmin=-float(diff.abs().max()), zmax=float(diff.abs().max())),
     ]
 
@@ -194,7 +204,7 @@ def misalignment_text(cmp: RoIComparison) -> str:
     )
 
 
-def roi_comparison_figure(cmp: RoIComparison, height: int = 430):
+def roi_comparison_figure(cmp: RoIComparison, height: int = 460):
     """A plotly ``go.Figure``: the map with both ops' geometry, then the two outputs and their
     difference (``RoIAlign − RoIPool``)."""
     import plotly.graph_objects as go
@@ -203,7 +213,7 @@ def roi_comparison_figure(cmp: RoIComparison, height: int = 430):
     fig = make_subplots(
         rows=1,
         cols=4,
-        column_widths=[0.43, 0.19, 0.19, 0.19],
+        column_widths=[0.46, 0.18, 0.18, 0.18],
         subplot_titles=("feature map, RoI and bins", "RoIPool", "RoIAlign", "RoIAlign − RoIPool"),
         horizontal_spacing=0.05,
     )
@@ -227,11 +237,15 @@ def roi_comparison_figure(cmp: RoIComparison, height: int = 430):
         fig.add_trace(trace, row=1, col=col)
     for col in range(1, 5):
         anchor = "x" if col == 1 else f"x{col}"
-        fig.update_yaxes(autorange="reversed", scaleanchor=anchor, row=1, col=col)
+        # square cells; "domain" shrinks the panel instead of padding the axis range
+        fig.update_yaxes(
+            autorange="reversed", scaleanchor=anchor, constrain="domain", row=1, col=col
+        )
+        fig.update_xaxes(constrain="domain", row=1, col=col)
     fig.update_layout(
         height=height,
         margin=dict(l=10, r=10, t=40, b=10),
-        legend=dict(orientation="h", y=-0.05),
+        legend=dict(orientation="h", y=-0.08, bgcolor="lightgray"),
         uirevision="roi",
     )
     return fig

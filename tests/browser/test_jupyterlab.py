@@ -48,18 +48,22 @@ CHROMIUM_ARGS = [
 @dataclass(frozen=True)
 class ExplorerCase:
     notebook: str  # file name in notebooks/
-    css_class: str  # class on the explorer's ipywidgets container
+    selector: str  # CSS selector of the explorer's ipywidgets container (one compound selector)
     screenshot: str  # name under docs/img/
     required: bool = True  # False: skipped while that notebook does not exist yet
 
 
 CASES = [
-    ExplorerCase("02_anchors.ipynb", "instseg-anchor-explorer", "anchor_explorer.png"),
+    ExplorerCase("02_anchors.ipynb", ".instseg-anchor-explorer", "anchor_explorer.png"),
     ExplorerCase(
-        "03_assignment_and_box_coding.ipynb", "instseg-assigner-explorer", "assigner_explorer.png"
+        "03_assignment_and_box_coding.ipynb", ".instseg-assigner-explorer", "assigner_explorer.png"
     ),
+    # The RoIExplorer's container has no class of its own: the output holding sliders and a plot.
     ExplorerCase(
-        "05_roipool_vs_roialign.ipynb", "instseg-roi-explorer", "roi_explorer.png", required=False
+        "05_roipool_vs_roialign.ipynb",
+        ".jp-OutputArea-output:has(.widget-slider):has(.js-plotly-plot)",
+        "roi_explorer.png",
+        required=False,
     ),
 ]
 
@@ -179,16 +183,16 @@ def page(playwright_api, lab, tmp_path):
     context.close()
 
 
-def _plot_data(page, css_class: str) -> str:
+def _plot_data(page, selector: str) -> str:
     """The traces the browser's plotly.js is drawing in the explorer's first figure, as JSON."""
     return page.evaluate(
-        """(cls) => {
-            const div = document.querySelector('.' + cls + ' .js-plotly-plot');
+        """(sel) => {
+            const div = document.querySelector(sel + ' .js-plotly-plot');
             if (!div || !div.data) return null;
             return JSON.stringify(div.data.map(t => [t.type, t.x, t.y, t.marker && t.marker.color,
                                                        t.text, t.name]));
         }""",
-        css_class,
+        selector,
     )
 
 
@@ -216,36 +220,36 @@ def open_notebook(page, lab, name: str) -> None:
 def explore(page, lab, case: ExplorerCase, tmp_path: Path) -> None:
     open_notebook(page, lab, case.notebook)
     run_all_cells(page)
-    plot = page.locator(f".{case.css_class} .js-plotly-plot").first
+    plot = page.locator(f"{case.selector} .js-plotly-plot").first
     plot.wait_for(state="visible", timeout=180_000)
     page.wait_for_function(
-        """(cls) => { const d = document.querySelector('.' + cls + ' .js-plotly-plot');
+        """(sel) => { const d = document.querySelector(sel + ' .js-plotly-plot');
                       return d && d.data && d.data.length > 0; }""",
-        arg=case.css_class,
+        arg=case.selector,
         timeout=60_000,
     )
-    container = page.locator(f".{case.css_class}").first
+    container = page.locator(case.selector).first
     container.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
-    before = _plot_data(page, case.css_class)
+    before = _plot_data(page, case.selector)
     container.screenshot(path=str(tmp_path / f"before_{case.screenshot}"))
 
     # Keyboard: focus the first slider handle of the explorer and press ArrowRight.
-    handle = page.locator(f".{case.css_class} .widget-slider .noUi-handle").first
+    handle = page.locator(f"{case.selector} .widget-slider .noUi-handle").first
     handle.focus()
     handle.press("ArrowRight")
     page.wait_for_function(
-        """([cls, before]) => {
-            const d = document.querySelector('.' + cls + ' .js-plotly-plot');
+        """([sel, before]) => {
+            const d = document.querySelector(sel + ' .js-plotly-plot');
             if (!d || !d.data) return false;
             const now = JSON.stringify(d.data.map(t => [t.type, t.x, t.y,
                 t.marker && t.marker.color, t.text, t.name]));
             return now !== before;
         }""",
-        arg=[case.css_class, before],
+        arg=[case.selector, before],
         timeout=60_000,
     )
-    after = _plot_data(page, case.css_class)
+    after = _plot_data(page, case.selector)
     assert after is not None and after != before
     page.wait_for_timeout(500)
     shot = tmp_path / case.screenshot

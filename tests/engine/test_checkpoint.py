@@ -23,6 +23,9 @@ def test_round_trip(tmp_path):
     assert torch.equal(loaded["model"]["w"], state["model"]["w"])
     assert loaded["step"] == 7 and loaded["cfg"] == {"lr": 0.1} and loaded["name"] == "retinanet"
     assert os.listdir(tmp_path / "sub") == ["last.pt"]  # no temporary files left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):

@@ -68,8 +68,10 @@ def test_octave_base_scale_reaches_browser_and_equals_generator():
     torch.testing.assert_close(
         ex.anchors[0][(8 * 16 + 8) * 9], torch.tensor([64 - hw, 64 - hh, 64 + hw, 64 + hh])
     )
-    # every drawn box appears once: 5 levels x 9 anchors, 6 path points each
-    assert sum(len(t.x) for t in ex.figure.data[1:6]) == 45 * 6
+    # every drawn box appears once: 5 levels x 9 anchors, 5 corner points each
+    assert (
+        sum(np.isfinite(np.asarray(t.x, dtype=float)).sum() for t in ex.figure.data[1:6]) == 45 * 5
+    )
 
 
 def test_scales_per_octave_changes_counts_per_level():
@@ -93,7 +95,8 @@ def test_level_view_draws_one_level_sparsely():
     # 16x16 cells, at most 100 drawn: every 2nd cell in both directions -> 8x8 cells x 9 anchors
     assert len(ex.shown[0]) == 64 * 9
     x, _ = boxes_to_path(ex.anchors[0][ex.shown[0]])
-    assert sum(len(t.x) for t in ex.figure.data[1:6]) == len(x)
+    drawn = sum(np.isfinite(np.asarray(t.x, dtype=float)).sum() for t in ex.figure.data[1:6])
+    assert drawn == np.isfinite(x).sum() == 64 * 9 * 5
 
 
 def test_center_offset_moves_anchors_by_half_a_stride():
@@ -131,3 +134,13 @@ def test_displays_as_its_container():
     bundle = ex._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert "instseg-anchor-explorer" in ex.widget._dom_classes
+
+
+def test_ground_truth_is_drawn_on_top_of_the_anchors():
+    ex = _explorer()
+    gt = ex.figure.data[6]
+    assert gt.name == "ground truth" and gt.type == "scattergl"
+    x, y = boxes_to_path(ex.gt_boxes)
+    assert_path_equal(gt.x, x)
+    assert_path_equal(gt.y, y)
+    assert list(gt.text[:6]) == ["gt 0: a"] * 6

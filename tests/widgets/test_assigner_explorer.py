@@ -21,6 +21,7 @@ from instseg_edu.ops.assign import (  # noqa: E402
     assignment_summary,
     max_iou_assign,
 )
+from instseg_edu.viz.anchors import boxes_to_path  # noqa: E402
 from instseg_edu.viz.assign import iou_histogram, reason_paths  # noqa: E402
 
 STRIDES = (8, 16, 32, 64, 128)
@@ -137,3 +138,11 @@ def test_counts_per_reason_match_summary():
     assert ex.summary.counts.tolist() == s.counts.tolist()
     assert int(s.counts.sum()) == 9 * (256 + 64 + 16 + 4 + 1)
     assert "instseg-assigner-explorer" in ex.widget._dom_classes
+
+
+def test_ground_truth_is_drawn_on_top_of_the_anchors():
+    ex = _explorer()
+    gt = ex.figure.data[5]
+    assert gt.name == "ground truth" and gt.type == "scattergl"
+    x, _ = boxes_to_path(GT)
+    np.testing.assert_allclose(np.asarray(gt.x, dtype=float), x)

@@ -1,0 +1,309 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · SOLO: segmenting objects by location
+#
+# SOLO (Wang et al., "SOLO: Segmenting Objects by Locations", ECCV 2020) has no boxes, no anchors
+# and no RoIs. It divides the image into an **S × S grid**; the cell holding an object's centre
+# predicts its **class** (category branch, `C` logits per cell) and its **mask** (mask branch, one
+# output channel `i·S + j` per cell). FPN levels split objects by size, a small **centre region**
+# makes a few neighbouring cells positive, **CoordConv** tells the mask branch where it is, the
+# mask loss is **dice**, and inference ends with **Matrix NMS**.
+#
+# Everything below calls the library: `model.targets` is exactly what `model.loss` trains on.
+# With `INSTSEG_SMOKE=1` everything is tiny and runs on the CPU; otherwise it trains on the GPU.
+
+# %% tags=["parameters"]
+import os
+
+SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
+IMAGE_SIZE = 128 if SMOKE else 512
+NUM_TRAIN = 4 if SMOKE else 2000
+NUM_VAL = 2 if SMOKE else 200
+BATCH_SIZE = 2 if SMOKE else 16
+TRAIN_STEPS = 3 if SMOKE else 3000
+LR = 0.01
+MODEL = "SOLO_R18_SMALL" if SMOKE else "SOLO_R50_FPN_SCRATCH"
+DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
+SEED = 0
+
+# %%
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from IPython.display import Image, display
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+import instseg_edu.models.solo as solo
+from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.shapes import make_shapes_splits
+from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.evaluate import predict_loader
+from instseg_edu.engine.train import TrainConfig, make_loader, resolve_device, train
+from instseg_edu.losses import dice_loss
+from instseg_edu.ops.nms import matrix_nms, points_nms
+from instseg_edu.viz.draw import draw_detections, loss_curve_figure
+
+
+def show(fig: Figure, dpi: int = 80) -> None:
+    """Display a matplotlib Figure as a PNG (works without pyplot and in any front end)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    display(Image(buf.getvalue()))
+
+
+torch.manual_seed(SEED)
+device = resolve_device("auto")
+root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
+splits = make_shapes_splits(root, NUM_TRAIN, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED)
+train_set = CocoDataset(splits["train"], root / "train", train_transforms(IMAGE_SIZE))
+val_set = CocoDataset(splits["val"], root / "val", eval_transforms(IMAGE_SIZE))
+cfg = getattr(solo, MODEL).with_num_classes(len(train_set.classes))
+model = solo.build_solo(cfg)
+head = cfg.bbox_head
+print(f"device {device}; {len(train_set)} train / {len(val_set)} val images of {IMAGE_SIZE}²")
+print(f"{MODEL}: grids {head.num_grids}, scale ranges {head.scale_ranges}, sigma {head.sigma}")
+
+# %% [markdown]
+# ## 1. Features: P2–P6, then `split_feats`
+#
+# SOLO uses Mask R-CNN's FPN, P2–P6 (strides 4–64). `split_feats` halves P2 (stride 8) and
+# resizes P6 to P5's size (stride 32): S² mask channels at stride 4 on P2 would be too costly, and a
+# 12 × 12 grid gains nothing from stride 64. The mask branch then upsamples ×2, so the masks are
+# predicted at strides 4, 4, 8, 16, 16.
+
+# %%
+batch = collate([train_set[0], train_set[1]])
+with torch.no_grad():
+    x = (batch.images - model.pixel_mean) / model.pixel_std
+    p = model.backbone(x)
+    levels = solo.split_feats(p)
+    outputs = model(batch.images)
+for i, (a, b, m, c) in enumerate(zip(p, levels, outputs.mask_logits, outputs.cate_logits)):
+    print(f"P{i + 2} {tuple(a.shape[-2:])} -> split {tuple(b.shape[-2:])} | mask_logits "
+          f"{tuple(m.shape)} (S²={head.num_grids[i] ** 2}) | cate_logits {tuple(c.shape)}")  # fmt: skip
+assert [tuple(f.shape[-2:]) for f in levels] == [
+    tuple(f.shape[-2:]) for f in model.features(batch.images)
+]
+
+# %% [markdown]
+# ## 2. CoordConv
+#
+# Convolutions are translation invariant: the same pattern gives the same output anywhere. But
+# channel `i·S + j` must paint the object *at cell (i, j)*, so the mask branch's input gets two
+# extra channels with the normalised `x` and `y` coordinates in `[-1, 1]` (Sec. 3.2). Inline, then
+# against the library:
+
+# %%
+feat = levels[2]
+h, w = feat.shape[-2:]
+inline = torch.stack(
+    torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")[::-1]
+)
+assert torch.equal(solo.coord_features(feat)[0], inline)
+fig = Figure(figsize=(6, 2.6), layout="constrained")
+for k, (ax, name) in enumerate(zip(fig.subplots(1, 2), ("x channel", "y channel"))):
+    im = ax.imshow(inline[k].numpy(), cmap="coolwarm", vmin=-1, vmax=1)
+    ax.set_title(f"{name} ({h}×{w})")
+fig.colorbar(im, ax=fig.axes, shrink=0.8)
+show(fig)
+
+# %% [markdown]
+# ## 3. The S × S grid and the centre regions
+#
+# For every object: its scale `sqrt(w·h)` picks the level(s) (`scale_ranges`, inclusive and
+# overlapping); the centre of mass of its mask picks the centre cell; the **centre region** —
+# `sigma = 0.2` times the box, around the centre of mass — picks the positive cells, at most the
+# centre cell ± 1. We draw what `model.targets` returned for the first image: centres (dots),
+# centre regions (dashed) and positive cells (filled, coloured by object).
+
+# %%
+targets = model.targets(outputs, batch)
+img0 = targets.per_image[0]
+gt = batch.targets[0]
+hp, wp = batch.images.shape[-2:]
+colors = [f"C{k % 10}" for k in range(len(gt))]
+used_levels = [lvl for lvl in range(len(head.num_grids)) if img0.levels[:, lvl].any()] or [0]
+fig = Figure(figsize=(4 * len(used_levels), 4.2), layout="constrained")
+axes = np.atleast_1d(fig.subplots(1, len(used_levels)))
+for ax, lvl in zip(axes, used_levels):
+    s = head.num_grids[lvl]
+    ax.imshow(batch.images[0].permute(1, 2, 0).numpy())
+    for k in range(s + 1):  # grid lines
+        ax.axhline(k * hp / s, color="white", lw=0.5, alpha=0.6)
+        ax.axvline(k * wp / s, color="white", lw=0.5, alpha=0.6)
+    for g in img0.levels[:, lvl].nonzero().flatten().tolist():
+        cy, cx = img0.centers[g].tolist()
+        bw, bh = (gt.boxes[g, 2:] - gt.boxes[g, :2]).tolist()
+        ax.add_patch(Rectangle((cx - head.sigma * bw / 2, cy - head.sigma * bh / 2),
+                               head.sigma * bw, head.sigma * bh, fill=False, ls="--", color=colors[g]))  # fmt: skip
+        ax.plot(cx, cy, "o", color=colors[g], ms=4)
+    owners = targets.gt_inds[lvl][0].reshape(s, s)  # [S, S]: object owning each cell
+    for i, j in (owners >= 0).nonzero().tolist():
+        ax.add_patch(Rectangle((j * wp / s, i * hp / s), wp / s, hp / s, alpha=0.35,
+                               color=colors[int(owners[i, j])]))  # fmt: skip
+    ax.set_title(f"level {lvl}: S={s}, scales {head.scale_ranges[lvl]}")
+    ax.set_xlim(0, wp)
+    ax.set_ylim(hp, 0)
+show(fig)
+for g in range(len(gt)):
+    w_g, h_g = (gt.boxes[g, 2:] - gt.boxes[g, :2]).tolist()
+    print(f"object {g}: class {train_set.classes[int(gt.labels[g])]}, scale {np.sqrt(w_g * h_g):6.1f}, "
+          f"levels {img0.levels[g].nonzero().flatten().tolist()}, cells (top, down, left, right) "
+          f"{[img0.cells[lvl, g].tolist() for lvl in img0.levels[g].nonzero().flatten().tolist()]}")  # fmt: skip
+
+# %% [markdown]
+# The same assignment, live: `SOLOGridExplorer` calls `solo_target_single` — the function
+# `model.targets` runs for each image — whenever you move a control. Try `sigma = 1`: the whole box
+# becomes the centre region, yet at most the centre cell ± 1 is positive; or narrow a level's
+# scale range and watch objects move to the next level.
+
+# %%
+from instseg_edu.widgets.solo_explorer import SOLOGridExplorer
+
+explorer = SOLOGridExplorer(batch.images[0], batch.targets[0], head=head)
+explorer.sigma.value = 1.0
+print(explorer.summary.value)
+explorer.sigma.value = head.sigma
+explorer
+
+# %% [markdown]
+# ## 4. Grid cell (i, j) → mask channel i·S + j
+#
+# The category target of a cell is a class; its mask target is the object's mask resized to the
+# level's mask resolution, in channel `k = i·S + j` of `mask_logits`. The loss gathers exactly
+# these channels: `mask_logits[l].flatten(0, 1)[ins_ind[l].flatten()]` lines up with
+# `targets.ins_masks[l]`.
+
+# %%
+lvl = next((lvl for lvl in range(len(head.num_grids)) if targets.ins_ind[lvl][0].any()), None)
+if lvl is None:
+    print("no positive cell in this image")
+else:
+    s = head.num_grids[lvl]
+    k = int(targets.ins_ind[lvl][0].nonzero()[0])
+    i, j = divmod(k, s)
+    assert k == i * s + j
+    print(f"level {lvl}, cell (i, j) = ({i}, {j}) -> channel {k}: class "
+          f"{train_set.classes[int(targets.cate_labels[lvl][0, i, j])]}, object {int(targets.gt_inds[lvl][0, k])}")  # fmt: skip
+    gathered = outputs.mask_logits[lvl].flatten(0, 1)[targets.ins_ind[lvl].flatten()]
+    assert gathered.shape == targets.ins_masks[lvl].shape
+    fig = Figure(figsize=(9, 3), layout="constrained")
+    a0, a1, a2 = fig.subplots(1, 3)
+    a0.imshow(batch.images[0].permute(1, 2, 0).numpy())
+    a0.add_patch(Rectangle((j * wp / s, i * hp / s), wp / s, hp / s, color="yellow", alpha=0.5))
+    a0.set_title(f"cell ({i}, {j}) of S={s}")
+    a1.imshow(targets.ins_masks[lvl][0].numpy(), cmap="gray")
+    a1.set_title(f"target of channel {k}")
+    a2.imshow(outputs.mask_logits[lvl][0, k].sigmoid().numpy(), cmap="viridis", vmin=0, vmax=1)
+    a2.set_title("prediction (untrained)")
+    show(fig)
+
+# %% [markdown]
+# ## 5. Why dice, not per-pixel BCE
+#
+# A small object in a 64 × 64 mask: predicting "nothing anywhere" costs little with per-pixel
+# binary cross-entropy, because almost every pixel *is* background. Dice compares the whole masks,
+# `1 − 2 Σpt / (Σp² + Σt²)`, so an empty prediction of any object costs ≈ 1, whatever its size.
+
+# %%
+target = torch.zeros(1, 64, 64)
+target[0, 30:36, 30:36] = 1.0  # 36 of 4096 pixels
+candidates = {
+    "all 0.01": torch.full_like(target, 0.01),
+    "right square, 0.9 inside": target * 0.89 + 0.01,
+    "square shifted by 3 px": torch.roll(target, 3, dims=2) * 0.89 + 0.01,
+}
+for name, probs in candidates.items():
+    bce = F.binary_cross_entropy(probs, target).item()
+    inline = 1 - 2 * (probs * target).sum() / ((probs**2).sum() + 1e-3 + (target**2).sum() + 1e-3)
+    assert torch.allclose(inline, dice_loss(probs, target)[0])
+    print(f"{name:26s} BCE {bce:.4f}   dice {float(inline):.4f}")
+
+# %% [markdown]
+# ## 6. A short training
+#
+# The same `train` loop as every other model: `loss_ins` (dice × 3 over positive channels) and
+# `loss_cate` (focal over all cells / (positives + 1)).
+
+# %%
+train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=0 if SMOKE else 4)
+val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False, workers=0 if SMOKE else 4)
+train_cfg = TrainConfig(
+    max_steps=TRAIN_STEPS,
+    lr=LR,
+    warmup_steps=min(500, TRAIN_STEPS),
+    grad_clip=35.0,
+    schedule="cosine",
+    log_every=1 if SMOKE else 20,
+    progress=not SMOKE,
+    seed=SEED,
+)
+history = train(model, train_loader, train_cfg)
+last = history.steps[-1]
+print(f"{len(history.steps)} steps; last loss_ins {last['loss_ins']:.3f}, loss_cate "
+      f"{last['loss_cate']:.3f}, positives per image {last['num_pos']:.1f}")  # fmt: skip
+show(loss_curve_figure(history, smooth=1 if SMOKE else 20))
+
+# %% [markdown]
+# ## 7. Inference: points NMS, maskness, Matrix NMS
+#
+# **Points NMS** keeps a cell's score only if it is the maximum of the 2 × 2 window made of itself
+# and its top, left and top-left neighbours — neighbouring positive cells of one object would
+# otherwise all report it. Inline on a toy grid, then the library:
+
+# %%
+heat = torch.tensor([[0.2, 0.9, 0.5], [0.3, 0.8, 0.1], [0.0, 0.4, 0.7]])[None, None]
+padded = F.pad(heat, (1, 0, 1, 0))  # a zero row on top and a zero column on the left
+windows = torch.stack([padded[..., :-1, :-1], padded[..., :-1, 1:], padded[..., 1:, :-1], heat])
+inline = heat * (windows.amax(dim=0) == heat)
+assert torch.equal(inline, points_nms(heat))
+print(points_nms(heat)[0, 0])
+
+# %% [markdown]
+# **Matrix NMS** (SOLOv2, Sec. 4) decays each mask's score by its IoU with better masks of its
+# class, `exp(−σ·iou²)`, compensated by how much those better masks were overlapped themselves —
+# no sequential loop. Three discs: B overlaps A heavily, C overlaps B. C keeps its score: B, its
+# only real competitor, is itself mostly a duplicate of A (the compensation term).
+
+# %%
+yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+discs = torch.stack([(yy - 32) ** 2 + (xx - c) ** 2 <= 14**2 for c in (20, 26, 46)])
+scores = torch.tensor([0.9, 0.8, 0.7])
+labels = torch.zeros(3, dtype=torch.long)
+decayed = matrix_nms(discs, labels, scores, kernel="gaussian", sigma=2.0)
+for name, s0, s1 in zip("ABC", scores.tolist(), decayed.tolist()):
+    print(f"{name}: {s0:.2f} -> {s1:.3f}")
+
+# %% [markdown]
+# `model.predict` chains it all: points NMS, `score_thr`, masks above `mask_thr` (and larger than
+# the level's stride), score × maskness, the best `nms_pre`, Matrix NMS, `update_thr`,
+# `max_per_img`, then the masks are upsampled to the input size and cropped to each image. In smoke
+# mode the model has trained for a few steps, so expect no or poor detections.
+
+# %%
+batches = list(predict_loader(model, val_loader, device, max_batches=1))
+vb, dets = batches[0]
+fig = Figure(figsize=(4 * len(dets), 4), layout="constrained")
+for ax, i in zip(np.atleast_1d(fig.subplots(1, len(dets))), range(len(dets))):
+    d = dets[i]
+    draw_detections(vb.images[i].cpu(), d.boxes, d.labels, masks=d.masks, scores=d.scores,
+                    class_names=val_set.classes, ax=ax, score_thr=0.3,
+                    image_size=vb.image_sizes[i], title=f"{len(d)} detections")  # fmt: skip
+show(fig)

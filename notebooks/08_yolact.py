@@ -1,0 +1,268 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 08 · YOLACT: prototypes, coefficients, a matrix product — and Fast NMS
+#
+# YOLACT (Bolya et al., "YOLACT: Real-time Instance Segmentation", 2019) gets instance masks
+# without any per-box feature cropping (no RoIAlign). It splits the job in two parallel parts:
+#
+# 1. the **protonet** turns P3 into `P` image-sized **prototype masks** `[B, P, H/4, W/4]`, shared
+#    by every instance (Sec. 3.1);
+# 2. the **prediction head** — RetinaNet's, with softmax classes — adds, for every anchor, `P`
+#    **mask coefficients** in `[-1, 1]` (tanh) (Sec. 3.2);
+# 3. **assembly**: a detection's mask is `sigmoid(prototypes · coefficients)`, cropped to its box
+#    (Sec. 3.3); all detections at once are one matrix multiplication;
+# 4. **Fast NMS** replaces greedy NMS by one triangular IoU matrix per class (Sec. 5).
+#
+# We open each step on a shapes image, rebuild the small pieces inline and `assert` they equal the
+# library, train briefly, and look at the predictions. With `INSTSEG_SMOKE=1` everything is tiny
+# and runs on the CPU in seconds.
+
+# %% tags=["parameters"]
+import os
+
+SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
+IMAGE_SIZE = 128 if SMOKE else 512
+NUM_TRAIN = 4 if SMOKE else 2000
+NUM_VAL = 2 if SMOKE else 200
+BATCH_SIZE = 2 if SMOKE else 16
+TRAIN_STEPS = 3 if SMOKE else 3000
+LR = 1e-3 if SMOKE else 0.01
+MODEL = "YOLACT_R18_SMALL" if SMOKE else "YOLACT_R50_FPN"
+DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
+SEED = 0
+
+# %%
+# %matplotlib inline
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from IPython.display import display
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+import instseg_edu.models.yolact as yolact
+from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.shapes import make_shapes_splits
+from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.train import TrainConfig, make_loader, resolve_device, train
+from instseg_edu.ops.nms import fast_nms
+from instseg_edu.viz.draw import gallery
+
+torch.manual_seed(SEED)
+device = resolve_device("auto")
+root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
+splits = make_shapes_splits(root, NUM_TRAIN, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED)
+train_set = CocoDataset(splits["train"], root / "train", train_transforms(IMAGE_SIZE))
+val_set = CocoDataset(splits["val"], root / "val", eval_transforms(IMAGE_SIZE))
+print(f"device {device}; {len(train_set)} train / {len(val_set)} val images of {IMAGE_SIZE}²")
+
+# %% [markdown]
+# ## 1. The outputs: anchors' logits, deltas, coefficients — and prototypes
+#
+# `A = 3` anchors per cell (ratios 0.5, 1, 2; one scale, `3 × stride`: 24…384 px on P3…P7),
+# `C + 1` softmax logits (background last), 4 deltas and `P` coefficients per anchor. The
+# prototypes are one tensor per image, at stride 4.
+
+# %%
+cfg = getattr(yolact, MODEL).with_num_classes(len(train_set.classes))
+model = yolact.build_yolact(cfg).to(device)
+batch = collate([val_set[0], val_set[1]]).to(device)
+with torch.no_grad():
+    outputs = model(batch.images)
+for name in ("cls_logits", "bbox_deltas", "coeffs", "prototypes"):
+    print(f"{name:12s} {tuple(getattr(outputs, name).shape)}")
+print("N =", sum(model.level_sizes(outputs.featmap_sizes)), "anchors; P =", model.num_protos)
+
+
+# %% [markdown]
+# The prototypes of the first image. Untrained, they already follow edges and colours; after
+# training some fire on one side of objects, some on the background (see the paper's prototype
+# figure). ReLU keeps them `≥ 0`.
+
+
+# %%
+def prototype_grid(protos: torch.Tensor, ncols: int = 8) -> Figure:
+    p = protos.shape[0]
+    nrows = (p + ncols - 1) // ncols
+    fig = Figure(figsize=(1.6 * ncols, 1.6 * nrows))
+    for i in range(p):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(protos[i].cpu().numpy(), cmap="viridis")
+        ax.set_title(f"prototype {i}", fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+display(prototype_grid(outputs.prototypes[0]))
+
+# %% [markdown]
+# ## 2. Coefficients and the linear combination
+#
+# Take the anchor with the best foreground score. Its `P` coefficients say how much of each
+# prototype to add (positive) or subtract (negative); tanh keeps them in `[-1, 1]`.
+
+# %%
+scores = outputs.cls_logits[0].softmax(-1)[:, :-1]  # [N, C] foreground
+anchor = int(scores.amax(dim=1).argmax())
+coeffs = outputs.coeffs[0, anchor]  # [P]
+fig = Figure(figsize=(8, 2.5))
+ax = fig.add_subplot()
+ax.bar(range(len(coeffs)), coeffs.cpu().numpy(), color=np.where(coeffs.cpu() >= 0, "C0", "C3"))
+ax.set_xlabel("prototype")
+ax.set_ylabel("coefficient")
+ax.set_title(f"mask coefficients of anchor {anchor}")
+display(fig)
+
+# %% [markdown]
+# The mask is `Σ_p c_p · prototype_p` (then a sigmoid). Inline as a loop, then against the
+# library's `linear_combination` (an einsum — one matrix product for all detections):
+
+# %%
+protos = outputs.prototypes[0]  # [P, Hm, Wm]
+inline = torch.zeros_like(protos[0])
+for p in range(len(coeffs)):
+    inline += coeffs[p] * protos[p]
+lib = yolact.linear_combination(protos, coeffs[None])[0]
+assert torch.allclose(inline, lib, atol=1e-4)
+print("max |inline - library| =", float((inline - lib).abs().max()))
+
+# %% [markdown]
+# ## 3. Cropping
+#
+# The assembled mask covers the whole image; YOLACT keeps only what lies inside the detection's
+# box (the ground-truth box during training). A pixel is kept when its centre is in the box.
+# The box here is the anchor's decoded box, in prototype pixels (input pixels / 4).
+
+# %%
+anchors = model.anchors(outputs.featmap_sizes, device)
+box = model.bbox_coder.decode(anchors[anchor], outputs.bbox_deltas[0, anchor])
+box_m = box / model.proto_stride
+full = lib.sigmoid()
+cropped = yolact.crop_masks(full[None], box_m[None])[0]
+assert torch.allclose(cropped, yolact.assemble_masks(protos, coeffs[None], box_m[None])[0])
+
+fig = Figure(figsize=(7, 3.2))
+for i, (m, title) in enumerate([(full, "sigmoid(P · c)"), (cropped, "cropped to the box")]):
+    ax = fig.add_subplot(1, 2, i + 1)
+    ax.imshow(m.cpu().numpy(), vmin=0, vmax=1, cmap="magma")
+    x1, y1, x2, y2 = box_m.tolist()
+    ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec="cyan"))
+    ax.set_title(title)
+display(fig)
+
+# %% [markdown]
+# A hand check of the crop rule on a 4×4 grid: box `(1, 0.6, 3, 2)` keeps columns 1, 2 (centres
+# 1.5, 2.5) of row 1 only (row 0's centre 0.5 is above 0.6).
+
+# %%
+print(yolact.crop_masks(torch.ones(1, 4, 4), torch.tensor([[1.0, 0.6, 3.0, 2.0]]))[0])
+
+# %% [markdown]
+# ## 4. Fast NMS vs standard NMS
+#
+# Greedy NMS walks the boxes by score and lets only *kept* boxes suppress. Fast NMS computes the
+# upper-triangular IoU matrix once and removes any box overlapping *any* higher-scored box —
+# suppressed or not. Three boxes in a row: A overlaps B, B overlaps C, A does not overlap C.
+
+# %%
+boxes = torch.tensor([[0.0, 0, 10, 10], [4.0, 0, 14, 10], [8.0, 0, 18, 10]])
+toy_scores = torch.tensor([0.9, 0.8, 0.7])
+iou = torchvision.ops.box_iou(boxes, boxes)
+print("IoU matrix:\n", iou.numpy().round(2))
+greedy = torchvision.ops.nms(boxes, toy_scores, iou_threshold=0.3)
+fast = fast_nms(boxes, toy_scores[None], iou_threshold=0.3)
+print("greedy NMS keeps", greedy.tolist(), " (C survives: its only big overlap is B, removed)")
+print("Fast NMS keeps  ", fast.indices.tolist(), " (C removed by B, although B was removed)")
+assert greedy.tolist() == [0, 2] and fast.indices.tolist() == [0]
+
+# %% [markdown]
+# ## 5. Targets: positives, OHEM negatives, the mask subset
+#
+# Anchors are assigned by IoU (≥ 0.5 positive, < 0.4 background). Softmax cross-entropy is taken
+# over the positives and only the **hardest** negatives, 3 per positive (OHEM). Up to 100 positives
+# per image train a mask, against their ground truth's mask downsampled to the prototypes.
+
+# %%
+t = model.targets(outputs, batch)
+for i in range(len(batch)):
+    print(
+        f"image {i}: {int(t.num_pos[i])} positives, {int(t.ohem_neg[i].sum())} OHEM negatives "
+        f"of {int((t.labels[i] == model.num_classes).sum())}, "
+        f"{int(t.mask_valid[i].sum())} masks trained"
+    )
+losses = model.loss(outputs, batch)
+print({k: round(float(v), 3) for k, v in losses.items()})
+
+# %% [markdown]
+# ## 6. A short training run
+#
+# The same loop as every model (`instseg_edu.engine.train`). In smoke mode: a few steps on the CPU
+# (the masks will be noise); on a GPU, a few thousand steps give recognisable masks.
+
+# %%
+train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=0 if SMOKE else 4)
+train_cfg = TrainConfig(
+    max_steps=TRAIN_STEPS, lr=LR, optimizer="adamw" if SMOKE else "sgd",
+    warmup_steps=min(500, TRAIN_STEPS), grad_clip=35.0, schedule="cosine",
+    log_every=1 if SMOKE else 50, progress=not SMOKE, seed=SEED,
+)  # fmt: skip
+history = train(model, train_loader, train_cfg)
+for key in ("loss_cls", "loss_bbox", "loss_mask"):
+    print(key, [round(s[key], 3) for s in history.steps[:: max(1, len(history.steps) // 5)]])
+
+# %% [markdown]
+# ## 7. Predictions
+#
+# `predict`: softmax → best `nms_pre` anchors per level → decode → Fast NMS per class → for the
+# kept detections `sigmoid(prototypes · coefficients)`, cropped with the *predicted* box, upsampled
+# to the input, thresholded at 0.5 and cut to the true image size.
+
+# %%
+model.eval()
+batch = collate([val_set[i] for i in range(min(4, len(val_set)))]).to(device)
+with torch.no_grad():
+    dets = model.predict(model(batch.images), batch.image_sizes)
+for d, (h, w) in zip(dets, batch.image_sizes):
+    assert d.masks.shape == (len(d), h, w) and d.masks.dtype == torch.bool
+display(
+    gallery(
+        batch.images.cpu(),
+        [t.to("cpu") for t in batch.targets],
+        val_set.classes,
+        image_sizes=batch.image_sizes,
+        titles=["ground truth"] * len(batch),
+    )
+)
+gallery(batch.images.cpu(), [d.to("cpu") for d in dets], val_set.classes,
+        image_sizes=batch.image_sizes, score_thr=0.3)  # fmt: skip
+
+# %% [markdown]
+# ## 8. Explore: edit a detection's coefficients
+#
+# `PrototypeExplorer` lists the anchors with the best foreground scores. Pick one, move its
+# coefficient sliders and watch `crop(sigmoid(Prototypes · c))` — computed by the same
+# `assemble_masks` that `predict` uses — change. Try setting all coefficients to 0 (the mask
+# becomes sigmoid(0) = 0.5 everywhere inside the box) or flipping the sign of the largest one.
+
+# %%
+from instseg_edu.widgets.yolact_explorer import PrototypeExplorer
+
+explorer = PrototypeExplorer.from_model(model, batch.images[:1], num_candidates=10)
+explorer.coeff_sliders[0].value = 0.5  # what a slider move does, from code
+explorer

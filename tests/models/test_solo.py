@@ -1,0 +1,486 @@
+"""SOLO: config validation, split_feats / CoordConv / output shapes, hand-computed target goldens
+(levels, cells, channels i·S+j, centre of mass), the loss against a hand computation, an empty
+image, a few training steps, and predict on hand-made outputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torchvision
+
+from instseg_edu.losses import dice_loss
+from instseg_edu.models.backbone import FPNConfig
+from instseg_edu.models.solo import (
+    BACKGROUND,
+    SOLO_R18_SMALL,
+    SOLO_R50_FPN,
+    SOLO_R50_FPN_SCRATCH,
+    SOLOConfig,
+    SOLOHeadConfig,
+    SOLOOutputs,
+    SOLOTestConfig,
+    build_solo,
+    center_of_mass,
+    coord_features,
+    masks_to_boxes,
+    solo_target_single,
+    split_feats,
+)
+from instseg_edu.structures import Batch, Detections, Target
+
+# A tiny SOLO: ResNet-18, 16-channel FPN and head, two stacked convs, 3 classes, grids
+# (12, 10, 8, 6, 4). Same scale ranges, sigma, losses and test procedure as the real one.
+TINY = replace(
+    SOLO_R18_SMALL,
+    neck=replace(SOLO_R18_SMALL.neck, out_channels=16),
+    bbox_head=replace(SOLO_R18_SMALL.bbox_head, in_channels=16, feat_channels=16, stacked_convs=2,
+                      norm_num_groups=8, num_classes=3),
+)  # fmt: skip
+GRIDS = (12, 10, 8, 6, 4)
+
+
+def _target(boxes, labels, masks) -> Target:
+    return Target(
+        boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        labels=torch.tensor(labels, dtype=torch.long),
+        masks=masks,
+    )
+
+
+def _box_mask(size, y1, y2, x1, x2) -> torch.Tensor:
+    """A [H, W] bool mask with rows y1..y2-1 and columns x1..x2-1 set."""
+    m = torch.zeros(size, dtype=torch.bool)
+    m[y1:y2, x1:x2] = True
+    return m
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_solo(TINY)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_presets_are_valid_and_match_mmdetection():
+    head = SOLO_R50_FPN.bbox_head
+    assert head.strides == (8, 8, 16, 32, 32)
+    assert head.num_grids == (40, 36, 24, 16, 12)
+    assert head.scale_ranges == ((1, 96), (48, 192), (96, 384), (192, 768), (384, 2048))
+    assert (head.sigma, head.stacked_convs, head.cate_down_pos) == (0.2, 7, 0)
+    assert head.loss_ins.loss_weight == 3.0
+    assert (head.loss_cate.gamma, head.loss_cate.alpha, head.loss_cate.loss_weight) == (2, 0.25, 1)
+    t = SOLO_R50_FPN.test_cfg
+    assert (t.nms_pre, t.score_thr, t.mask_thr, t.update_thr, t.kernel, t.sigma, t.max_per_img) == (
+        500, 0.1, 0.5, 0.05, "gaussian", 2.0, 100)  # fmt: skip
+    assert SOLO_R50_FPN.neck.start_level == 0 and SOLO_R50_FPN.neck.add_extra_convs is False
+    assert SOLO_R50_FPN_SCRATCH.backbone.frozen_stages == -1
+    assert SOLO_R18_SMALL.with_num_classes(7).bbox_head.num_classes == 7
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: SOLOHeadConfig(num_grids=(40, 36, 24, 16)), "num_grids"),
+        (lambda: SOLOHeadConfig(scale_ranges=((1, 96),) * 4), "scale_ranges"),
+        (lambda: SOLOHeadConfig(scale_ranges=((96, 1),) * 5), "scale_ranges"),
+        (lambda: SOLOHeadConfig(sigma=0.0), "sigma"),
+        (lambda: SOLOHeadConfig(stacked_convs=2, cate_down_pos=2), "cate_down_pos"),
+        (lambda: SOLOHeadConfig(feat_channels=48), "norm_num_groups"),
+        (lambda: SOLOTestConfig(kernel="box"), "kernel"),
+        (lambda: SOLOTestConfig(mask_thr=1.5), "mask_thr"),
+        (lambda: SOLOTestConfig(max_per_img=0), "max_per_img"),
+        (lambda: SOLOConfig(bbox_head=SOLOHeadConfig(strides=(4, 8, 16, 32, 64))), "strides"),
+        (lambda: SOLOConfig(bbox_head=SOLOHeadConfig(in_channels=64)), "in_channels"),
+        (
+            lambda: SOLOConfig(
+                neck=FPNConfig(start_level=0, num_outs=4, add_extra_convs=False),
+                bbox_head=SOLOHeadConfig(
+                    strides=(8, 8, 16, 32), num_grids=(4,) * 4, scale_ranges=((1, 9),) * 4
+                ),
+            ),
+            "strides",
+        ),  # fmt: skip
+    ],
+)
+def test_invalid_config_raises_naming_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+# ---------------------------------------------------------------------------------------------
+# forward: split_feats, CoordConv, shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_coord_features_golden():
+    c = coord_features(torch.zeros(2, 7, 5, 3))
+    assert c.shape == (2, 2, 5, 3)
+    assert torch.equal(c[1, 0, 4], torch.tensor([-1.0, 0.0, 1.0]))  # x along a row
+    assert torch.equal(c[0, 1, :, 2], torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]))  # y down a column
+
+
+def test_split_feats_sizes_and_values():
+    feats = [torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(1, 2, 4, 6)] + [
+        torch.rand(1, 2, s, s) for s in (4, 2, 1)
+    ]
+    out = split_feats(feats)
+    assert [tuple(f.shape[-2:]) for f in out] == [(2, 3), (4, 4), (2, 2), (2, 2)]
+    assert out[1] is feats[1] and out[2] is feats[2]
+    # Halving bilinearly samples between pixel pairs: output (0, 0) = mean of the 2×2 block.
+    assert out[0][0, 0, 0, 0] == pytest.approx((0 + 1 + 6 + 7) / 4)
+    assert torch.allclose(out[3], feats[3].expand(1, 2, 2, 2))  # a 1×1 map resized to 2×2
+
+
+def test_forward_shapes_at_160x224(tiny_model):
+    x = torch.rand(2, 3, 160, 224)
+    with torch.no_grad():
+        feats = tiny_model.features(x)
+        out = tiny_model(x)
+    # P2..P6 are 40×56, 20×28, 10×14, 5×7, 3×4; split_feats: P2 halved, P6 resized to P5.
+    assert [tuple(f.shape[-2:]) for f in feats] == [(20, 28), (20, 28), (10, 14), (5, 7), (5, 7)]
+    assert all(f.shape[:2] == (2, 16) for f in feats)
+    assert isinstance(out, SOLOOutputs) and out.input_size == (160, 224)
+    # Mask branch: S² channels at twice the level's size (mask strides 4, 4, 8, 16, 16).
+    sizes = [(40, 56), (40, 56), (20, 28), (10, 14), (10, 14)]
+    assert [tuple(m.shape) for m in out.mask_logits] == [
+        (2, s * s, *hw) for s, hw in zip(GRIDS, sizes)
+    ]
+    assert [tuple(c.shape) for c in out.cate_logits] == [(2, 3, s, s) for s in GRIDS]
+    # Both output layers start at probability 0.01.
+    assert torch.allclose(tiny_model.bbox_head.solo_cate.bias, torch.tensor(-math.log(99.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# targets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_center_of_mass_golden():
+    masks = torch.zeros(2, 6, 12, dtype=torch.bool)
+    masks[0, 2:5, 10:12] = True  # rows 2..4, columns 10..11
+    masks[1, 0, 0:3] = True  # an L: (0,0) (0,1) (0,2) (1,0)
+    masks[1, 1, 0] = True
+    com = center_of_mass(masks)
+    assert com.dtype == torch.float64
+    assert torch.equal(com, torch.tensor([[3.0, 10.5], [0.25, 0.75]], dtype=torch.float64))
+
+
+def _tgt_single(target, size=(128, 128), sigma=0.2, grids=GRIDS):
+    return solo_target_single(
+        target.boxes, target.labels, target.masks,
+        num_grids=grids, scale_ranges=TINY.bbox_head.scale_ranges, sigma=sigma,
+    )  # fmt: skip
+
+
+def test_target_golden_one_level():
+    # 128×128, a 64×32 rectangle: rows 40..71, columns 24..87; scale sqrt(64·32) = 45.25 → level 0
+    # only. Centre of mass (55.5, 55.5): cell (55.5/128 // (1/12), ...) = (5, 5). Centre region
+    # ±3.2 rows, ±6.4 columns: rows 52.3·12/128 = 4.90 → 4 .. 58.7·12/128 = 5.50 → 5, columns
+    # 49.1·12/128 = 4.60 → 4 .. 61.9·12/128 = 5.80 → 5. Cells (4..5, 4..5): channels 52, 53, 64, 65.
+    t = _target([24, 40, 88, 72], [2], _box_mask((128, 128), 40, 72, 24, 88)[None])
+    out = _tgt_single(t)
+    assert torch.equal(out.centers, torch.tensor([[55.5, 55.5]], dtype=torch.float64))
+    assert out.levels.tolist() == [[True, False, False, False, False]]
+    assert out.cells[0, 0].tolist() == [4, 5, 4, 5]
+    assert (out.cells[1:] == -1).all()
+    assert (out.gt_inds[0] >= 0).nonzero().flatten().tolist() == [52, 53, 64, 65]
+    expected = torch.full((12, 12), BACKGROUND)
+    expected[4:6, 4:6] = 2
+    assert torch.equal(out.cate_labels[0], expected)
+    for level in range(1, 5):
+        assert (out.cate_labels[level] == BACKGROUND).all() and (out.gt_inds[level] == -1).all()
+
+
+def test_targets_two_levels_exact_cells_channels_and_masks(tiny_model):
+    # An 80×80 square (rows/columns 24..103): scale 80 lies in (1, 96) AND (48, 192) → levels 0, 1.
+    # Centre of mass (63.5, 63.5), half region 0.2 · 80 / 2 = 8.
+    # Level 0 (S=12): centre 63.5·12/128 = 5.95 → 5; rows 55.5·12/128 = 5.20 → 5 ..
+    #   71.5·12/128 = 6.70 → 6: cells (5..6, 5..6) → channels 65, 66, 77, 78.
+    # Level 1 (S=10): centre 4.96 → 4; 55.5·10/128 = 4.34 → 4 .. 71.5·10/128 = 5.59 → 5:
+    #   cells (4..5, 4..5) → channels 44, 45, 54, 55.
+    t0 = _target([24, 24, 104, 104], [1], _box_mask((128, 128), 24, 104, 24, 104)[None])
+    t1 = _target([], [], torch.zeros(0, 128, 128, dtype=torch.bool))
+    batch = Batch(torch.rand(2, 3, 128, 128), [(128, 128), (100, 120)], [t0, t1])
+    with torch.no_grad():
+        outputs = tiny_model(batch.images)
+    t = tiny_model.targets(outputs, batch)
+    assert t.ins_ind[0][0].nonzero().flatten().tolist() == [65, 66, 77, 78]
+    assert t.ins_ind[1][0].nonzero().flatten().tolist() == [44, 45, 54, 55]
+    assert not t.ins_ind[0][1].any() and not t.ins_ind[1][1].any()  # the empty image
+    assert [int(i.sum()) for i in t.ins_ind] == [4, 4, 0, 0, 0] and int(t.num_pos) == 8
+    assert t.cate_labels[0][0, 5:7, 5:7].eq(1).all() and int(t.cate_labels[0].ne(-1).sum()) == 4
+    assert t.cate_labels[1][0, 4:6, 4:6].eq(1).all() and int(t.cate_labels[1].ne(-1).sum()) == 4
+    assert t.gt_inds[0][0, 65] == 0 and t.gt_inds[0][0, 0] == -1
+    # Mask targets at the level's mask resolution (stride 4: 32×32): rows/columns 24..103 → 6..25.
+    expected = _box_mask((32, 32), 6, 26, 6, 26).float()
+    for level in (0, 1):
+        assert t.ins_masks[level].shape == (4, 32, 32)
+        assert all(torch.equal(m, expected) for m in t.ins_masks[level])
+    assert [tuple(m.shape) for m in t.ins_masks[2:]] == [(0, 16, 16), (0, 8, 8), (0, 8, 8)]
+
+
+def test_scale_on_two_range_borders_trains_three_levels():
+    # A 96×96 square: 96 is the upper bound of (1, 96) and the lower bound of (96, 384), both
+    # inclusive, and inside (48, 192): levels 0, 1 and 2. Level 2 (S=8): centre 63.5·8/128 = 3.97
+    # → 3, region 53.9·8/128 = 3.37 → 3 .. 73.1·8/128 = 4.57 → 4: channels 27, 28, 35, 36.
+    t = _target([16, 16, 112, 112], [0], _box_mask((128, 128), 16, 112, 16, 112)[None])
+    out = _tgt_single(t)
+    assert out.levels.tolist() == [[True, True, True, False, False]]
+    assert (out.gt_inds[2] >= 0).nonzero().flatten().tolist() == [27, 28, 35, 36]
+
+
+def test_centre_region_clamped_to_centre_cell_plus_minus_one():
+    # sigma = 1: the region is the whole 96-pixel box, cells 16·12/128 = 1 .. 112·12/128 = 10.5,
+    # but SOLO keeps at most the centre cell (5, 5) ± 1: rows and columns 4..6, nine cells.
+    t = _target([16, 16, 112, 112], [0], _box_mask((128, 128), 16, 112, 16, 112)[None])
+    out = _tgt_single(t, sigma=1.0)
+    assert out.cells[0, 0].tolist() == [4, 6, 4, 6]
+    assert (out.gt_inds[0] >= 0).nonzero().flatten().tolist() == [
+        52, 53, 54, 64, 65, 66, 76, 77, 78]  # fmt: skip
+
+
+def test_later_object_wins_shared_cells_and_tiny_masks_are_skipped():
+    m = _box_mask((128, 128), 40, 72, 24, 88)
+    tiny = _box_mask((128, 128), 0, 3, 0, 3)  # 9 pixels < MIN_MASK_AREA = 10
+    t = _target([[24, 40, 88, 72], [24, 40, 88, 72], [0, 0, 3, 3]], [0, 2, 1],
+                torch.stack([m, m, tiny]))  # fmt: skip
+    out = _tgt_single(t)
+    assert out.levels[:, 0].tolist() == [True, True, False]
+    assert set(out.gt_inds[0][out.gt_inds[0] >= 0].tolist()) == {1}
+    assert set(out.cate_labels[0][out.cate_labels[0] >= 0].tolist()) == {2}
+
+
+def test_docstring_worked_example():
+    t = _target([8, 8, 40, 40], [0], _box_mask((64, 64), 8, 40, 8, 40)[None])
+    out = solo_target_single(t.boxes, t.labels, t.masks, num_grids=(4,), scale_ranges=((1, 96),),
+                             sigma=0.2)  # fmt: skip
+    assert out.centers.tolist() == [[23.5, 23.5]]
+    assert (out.gt_inds[0] >= 0).nonzero().flatten().tolist() == [5]
+
+
+def _reference_target_single(boxes, labels, masks, num_grids, scale_ranges, sigma):
+    """SOLO's ``solo_target_single`` loop, transcribed with Python floats (centre of mass as the
+    mean pixel index, the grid cell with Python's float ``//``)."""
+    hp, wp = masks.shape[-2:]
+    out_labels, out_inds = [], []
+    for num_grid, (lo, hi) in zip(num_grids, scale_ranges):
+        cate = torch.full((num_grid, num_grid), -1)
+        inds = torch.full((num_grid * num_grid,), -1)
+        for g in range(len(labels)):
+            x1, y1, x2, y2 = (float(v) for v in boxes[g])
+            if not lo <= math.sqrt((x2 - x1) * (y2 - y1)) <= hi or masks[g].sum() < 10:
+                continue
+            ys, xs = masks[g].nonzero(as_tuple=True)
+            cy, cx = ys.double().mean().item(), xs.double().mean().item()
+            half_h, half_w = 0.5 * (y2 - y1) * sigma, 0.5 * (x2 - x1) * sigma
+            coord_h, coord_w = (
+                int((cy / hp) // (1.0 / num_grid)),
+                int((cx / wp) // (1.0 / num_grid)),
+            )
+            top = max(0, int(((cy - half_h) / hp) // (1.0 / num_grid)), coord_h - 1)
+            down = min(num_grid - 1, int(((cy + half_h) / hp) // (1.0 / num_grid)), coord_h + 1)
+            left = max(0, int(((cx - half_w) / wp) // (1.0 / num_grid)), coord_w - 1)
+            right = min(num_grid - 1, int(((cx + half_w) / wp) // (1.0 / num_grid)), coord_w + 1)
+            for i in range(top, down + 1):
+                for j in range(left, right + 1):
+                    cate[i, j] = labels[g]
+                    inds[i * num_grid + j] = g
+        out_labels.append(cate)
+        out_inds.append(inds)
+    return out_labels, out_inds
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_vectorised_targets_equal_the_reference_loop(seed):
+    gen = torch.Generator().manual_seed(seed)
+    h, w, g = 96, 128, int(torch.randint(1, 8, (1,), generator=gen))
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    masks, boxes = [], []
+    for _ in range(g):
+        cy, cx = (
+            torch.randint(0, h, (1,), generator=gen).item(),
+            torch.randint(0, w, (1,), generator=gen).item(),
+        )
+        ry, rx = torch.randint(1, 40, (2,), generator=gen).tolist()
+        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1  # an ellipse, maybe clipped
+        ys, xs = m.nonzero(as_tuple=True)
+        masks.append(m)
+        boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1])
+    boxes = torch.tensor(boxes, dtype=torch.float32)
+    labels = torch.randint(0, 3, (g,), generator=gen)
+    masks = torch.stack(masks)
+    sigma = (0.2, 0.5, 1.0)[seed % 3]
+    ranges = ((1, 24), (12, 48), (24, 96), (48, 192), (96, 384))
+    out = solo_target_single(boxes, labels, masks, num_grids=GRIDS, scale_ranges=ranges,
+                             sigma=sigma)  # fmt: skip
+    ref_labels, ref_inds = _reference_target_single(boxes, labels, masks, GRIDS, ranges, sigma)
+    for level in range(len(GRIDS)):
+        assert torch.equal(out.cate_labels[level], ref_labels[level])
+        assert torch.equal(out.gt_inds[level], ref_inds[level])
+
+
+def test_loss_matches_hand_computation(tiny_model):
+    m0 = _box_mask((128, 128), 16, 112, 16, 112)
+    m1 = _box_mask((128, 128), 40, 72, 24, 88)
+    t0 = _target([[16, 16, 112, 112], [24, 40, 88, 72]], [1, 2], torch.stack([m0, m1]))
+    batch = Batch(torch.rand(1, 3, 128, 128), [(128, 128)], [t0])
+    outputs = tiny_model(batch.images)
+    losses = tiny_model.loss(outputs, batch)
+    t = tiny_model.targets(outputs, batch)
+    num_pos = int(t.num_pos)
+    # The 96-square trains levels 0-2 (4 cells each), the rectangle level 0 (cells (4..5, 4..5));
+    # they share cell (5, 5) of level 0, which the rectangle (the later object) takes.
+    assert num_pos == (4 + 4 - 1) + 4 + 4 and losses["num_pos"] == num_pos
+    assert t.gt_inds[0][0, 5 * 12 + 5] == 1 and t.cate_labels[0][0, 5, 5] == 2
+
+    dice = []
+    for level, logits in enumerate(outputs.mask_logits):
+        for ch in t.ins_ind[level][0].nonzero().flatten().tolist():
+            k = t.gt_inds[level][0, ch]
+            target = (
+                torch.nn.functional.interpolate(
+                    t0.masks[k][None, None].float(), size=logits.shape[-2:], mode="bilinear"
+                )[0, 0]
+                .ge(0.5)
+                .float()
+            )
+            dice.append(dice_loss(logits[0, ch][None].sigmoid(), target[None]))
+    expected_ins = 3.0 * torch.cat(dice).mean()
+    torch.testing.assert_close(losses["loss_ins"], expected_ins)
+
+    cate = torch.cat([c[0].permute(1, 2, 0).reshape(-1, 3) for c in outputs.cate_logits])
+    labels = torch.cat([c[0].reshape(-1) for c in t.cate_labels])
+    onehot = torch.zeros_like(cate)
+    onehot[labels >= 0, labels[labels >= 0]] = 1.0
+    focal = torchvision.ops.sigmoid_focal_loss(cate, onehot, alpha=0.25, gamma=2.0, reduction="sum")
+    torch.testing.assert_close(losses["loss_cate"], focal / (num_pos + 1))
+
+
+def test_empty_image_is_all_background_and_finite(tiny_model):
+    t = _target([], [], torch.zeros(0, 128, 128, dtype=torch.bool))
+    batch = Batch(torch.rand(1, 3, 128, 128), [(128, 128)], [t])
+    outputs = tiny_model(batch.images)
+    targets = tiny_model.targets(outputs, batch)
+    assert all((c == BACKGROUND).all() for c in targets.cate_labels)
+    assert not any(i.any() for i in targets.ins_ind) and int(targets.num_pos) == 0
+    losses = tiny_model.loss(outputs, batch)
+    assert losses["loss_ins"] == 0 and losses["num_pos"] == 0
+    assert torch.isfinite(losses["loss_cate"]) and losses["loss_cate"] > 0
+    (losses["loss_ins"] + losses["loss_cate"]).backward()
+    grads = [p.grad for p in tiny_model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    tiny_model.zero_grad()
+
+
+def _shapes_batch() -> Batch:
+    """Two 128² images: a rectangle and a disc, and two rectangles, drawn with their masks."""
+    yy, xx = torch.meshgrid(torch.arange(128), torch.arange(128), indexing="ij")
+    disc = (yy - 80) ** 2 + (xx - 40) ** 2 <= 22**2
+    rect_a = _box_mask((128, 128), 10, 50, 60, 120)
+    rect_b = _box_mask((128, 128), 70, 120, 70, 110)
+    rect_c = _box_mask((128, 128), 8, 40, 8, 56)
+    images = torch.full((2, 3, 128, 128), 0.2)
+    red, green, blue = (0.9, 0.1, 0.1), (0.1, 0.8, 0.2), (0.1, 0.2, 0.9)
+    for i, masks, colours in [
+        (0, [rect_a, disc], [red, green]),
+        (1, [rect_b, rect_c], [blue, red]),
+    ]:
+        for m, col in zip(masks, colours):
+            images[i][:, m] = torch.tensor(col)[:, None]
+    t0 = _target([[60, 10, 120, 50], [18, 58, 63, 103]], [0, 1], torch.stack([rect_a, disc]))
+    t1 = _target([[70, 70, 110, 120], [8, 8, 56, 40]], [2, 0], torch.stack([rect_b, rect_c]))
+    return Batch(images, [(128, 128), (128, 128)], [t0, t1])
+
+
+def test_loss_decreases_in_a_few_adamw_steps():
+    torch.manual_seed(0)
+    model = build_solo(TINY)
+    batch = _shapes_batch()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    history = []
+    for _ in range(15):
+        losses = model.loss(model(batch.images), batch)
+        total = losses["loss_ins"] + losses["loss_cate"]
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append((losses["loss_ins"].item(), losses["loss_cate"].item()))
+    assert all(math.isfinite(a) and math.isfinite(b) for a, b in history)
+    first, last = sum(history[0]), sum(history[-1])
+    assert last < 0.8 * first, history
+    assert history[-1][0] < history[0][0]  # the dice term itself learns
+
+
+# ---------------------------------------------------------------------------------------------
+# predict
+# ---------------------------------------------------------------------------------------------
+
+
+def test_masks_to_boxes_golden():
+    masks = torch.zeros(2, 4, 8, dtype=torch.bool)
+    masks[0, 1:3, 3:6] = True  # rows 1..2, columns 3..5
+    boxes = masks_to_boxes(masks)
+    assert boxes.dtype == torch.float32
+    assert torch.equal(boxes, torch.tensor([[3.0, 1.0, 6.0, 3.0], [0.0, 0.0, 0.0, 0.0]]))
+
+
+def test_predict_on_handmade_outputs(tiny_model):
+    # Padded input 128×128 (mask sizes 32, 32, 16, 8, 8), true image size 100×120.
+    neg, pos = -10.0, 10.0
+    masks = [torch.full((1, s * s, h, h), neg) for s, h in zip(GRIDS, (32, 32, 16, 8, 8))]
+    cates = [torch.full((1, 3, s, s), neg) for s in GRIDS]
+    # A: level-0 cell (3, 4), class 1, logit 5; its channel 3·12+4 = 40 paints rows 5..14, columns
+    # 6..19 (stride 4) → rows 20..59, columns 24..79 in the input (bilinear, threshold 0.5).
+    cates[0][0, 1, 3, 4] = 5.0
+    masks[0][0, 40, 5:15, 6:20] = pos
+    # Its right neighbour (3, 5) scores 4 with a big mask, but points NMS removes it (2×2 peak).
+    cates[0][0, 1, 3, 5] = 4.0
+    masks[0][0, 41, 0:30, 0:30] = pos
+    # B: level-0 cell (8, 2), class 0, logit 3; mask rows 20..31, columns 0..7 → rows 80..127 and
+    # columns 0..31 in the input, cropped to the true height 100: rows 80..99.
+    cates[0][0, 0, 8, 2] = 3.0
+    masks[0][0, 8 * 12 + 2, 20:32, 0:8] = pos
+    # C: level-2 cell (1, 1) (channel 9), class 2, logit 6, a 1×2 mask at stride 8 = 8 pixels at
+    # stride 4, not above the level's stride 16: dropped.
+    cates[2][0, 2, 1, 1] = 6.0
+    masks[2][0, 9, 3, 3:5] = pos
+    outputs = SOLOOutputs(masks, cates, (128, 128))
+
+    (det,) = tiny_model.predict(outputs, [(100, 120)])
+    assert isinstance(det, Detections) and len(det) == 2
+    s10 = torch.sigmoid(torch.tensor(10.0))  # maskness: every pixel inside has logit 10
+    expected_scores = (
+        torch.stack([torch.sigmoid(torch.tensor(5.0)), torch.sigmoid(torch.tensor(3.0))]) * s10
+    )
+    torch.testing.assert_close(det.scores, expected_scores)
+    assert det.labels.tolist() == [1, 0]
+    assert det.masks.shape == (2, 100, 120) and det.masks.dtype == torch.bool
+    # Bilinear upsampling rounds the corners: at a corner pixel only 0.625² of the weight lies
+    # inside, sigmoid-probability ≈ 0.39 < 0.5. B's left corners sit on the image border (clamped
+    # sampling, fully inside) and its bottom ones are cropped away: only (80, 31) goes.
+    expected_a = _box_mask((100, 120), 20, 60, 24, 80)
+    expected_a[[20, 20, 59, 59], [24, 79, 24, 79]] = False
+    expected_b = _box_mask((100, 120), 80, 100, 0, 32)
+    expected_b[80, 31] = False
+    assert torch.equal(det.masks[0], expected_a)
+    assert torch.equal(det.masks[1], expected_b)
+    assert torch.equal(det.boxes, torch.tensor([[24.0, 20, 80, 60], [0.0, 80, 32, 100]]))
+
+
+def test_predict_nothing_above_threshold_gives_empty_detections(tiny_model):
+    x = torch.rand(2, 3, 128, 128)
+    tiny_model.eval()
+    with torch.no_grad():
+        dets = tiny_model.predict(tiny_model(x), [(128, 128), (96, 64)])
+    tiny_model.train()
+    # Fresh head: every cell starts at probability 0.01 < score_thr = 0.1.
+    assert [len(d) for d in dets] == [0, 0]
+    assert dets[1].masks.shape == (0, 96, 64) and dets[1].boxes.shape == (0, 4)
