@@ -78,6 +78,7 @@ __all__ = [
     "RETINANET_R50_FPN",
     "RETINANET_R50_FPN_SCRATCH",
     "RETINANET_R18_SMALL",
+    "RETINANET_R18_CPU_DEMO",
     "RetinaHead",
     "RetinaNet",
     "RetinaNetOutputs",
@@ -689,3 +690,23 @@ class RetinaNet(nn.Module):
 def build_retinanet(cfg: RetinaNetConfig = RETINANET_R50_FPN) -> RetinaNet:
     """Build a :class:`RetinaNet` from its config (a preset or your own)."""
     return RetinaNet(cfg)
+
+
+#: The CPU demo's model (``instseg-edu demo`` without a GPU, 128 px images), tuned for what a few
+#: CPU minutes can learn. Three ResNet-18 stages (no ``layer4``: 3.3 M instead of 11.8 M
+#: parameters, a third less time per step at the same AP); P3-P4 from C3-C4 and two extra levels
+#: P5-P6 by stride-2 convs. Smaller anchors: half the shapes at 128 px are under 32 px, below the
+#: 32 px base anchor of stride 8 with ``octave_base_scale=4``; with ``2`` the anchors start at
+#: 16 px and 81 % of the validation boxes (58 % before) have an anchor of IoU >= 0.5.
+RETINANET_R18_CPU_DEMO = RetinaNetConfig(
+    backbone=ResNetConfig(
+        depth=18, num_stages=3, out_indices=(0, 1, 2), frozen_stages=-1, norm_eval=False
+    ),
+    neck=FPNConfig(in_channels=(64, 128, 256), out_channels=64, start_level=1, num_outs=4),
+    bbox_head=RetinaHeadConfig(
+        in_channels=64,
+        feat_channels=64,
+        stacked_convs=2,
+        anchor_generator=AnchorGeneratorConfig(octave_base_scale=2.0, strides=(8, 16, 32, 64)),
+    ),
+)
