@@ -130,6 +130,16 @@ class AnchorGeneratorConfig:
         """``A``: anchors per feature-map cell."""
         return len(self.ratios) * int(self.scales_per_octave)
 
+    def build(self) -> AnchorGenerator:
+        """The :class:`~instseg_edu.ops.anchors.AnchorGenerator` these settings describe."""
+        return AnchorGenerator(
+            strides=self.strides,
+            ratios=self.ratios,
+            octave_base_scale=self.octave_base_scale,
+            scales_per_octave=self.scales_per_octave,
+            center_offset=self.center_offset,
+        )
+
 
 @dataclass(frozen=True)
 class BBoxCoderConfig:
@@ -453,14 +463,7 @@ class RetinaNet(nn.Module):
         self.num_classes = head.num_classes
         self.backbone = build_backbone(cfg.backbone, cfg.neck)
         self.bbox_head = RetinaHead(head)
-        gen = head.anchor_generator
-        self.anchor_generator = AnchorGenerator(
-            strides=gen.strides,
-            ratios=gen.ratios,
-            octave_base_scale=gen.octave_base_scale,
-            scales_per_octave=gen.scales_per_octave,
-            center_offset=gen.center_offset,
-        )
+        self.anchor_generator = head.anchor_generator.build()
         self.bbox_coder = DeltaXYWHBBoxCoder(
             head.bbox_coder.target_means, head.bbox_coder.target_stds
         )

@@ -80,7 +80,6 @@ from instseg_edu.models.retinanet import (
     MaxIoUAssignerConfig,
     to_B_HWA_K,
 )
-from instseg_edu.ops.anchors import AnchorGenerator
 from instseg_edu.ops.assign import Assignment, max_iou_assign_batched
 from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
@@ -615,14 +614,7 @@ class YOLACT(nn.Module):
         self.backbone = build_backbone(cfg.backbone, cfg.neck)
         self.bbox_head = YOLACTHead(head)
         self.mask_head = Protonet(cfg.mask_head, head.num_classes)
-        gen = head.anchor_generator
-        self.anchor_generator = AnchorGenerator(
-            strides=gen.strides,
-            ratios=gen.ratios,
-            octave_base_scale=gen.octave_base_scale,
-            scales_per_octave=gen.scales_per_octave,
-            center_offset=gen.center_offset,
-        )
+        self.anchor_generator = head.anchor_generator.build()
         self.bbox_coder = DeltaXYWHBBoxCoder(
             head.bbox_coder.target_means, head.bbox_coder.target_stds
         )
