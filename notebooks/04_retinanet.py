@@ -80,7 +80,7 @@ cfg = getattr(retinanet, MODEL).with_num_classes(len(train_set.classes))
 model = retinanet.build_retinanet(cfg)
 batch = collate([train_set[0], train_set[1]])
 with torch.no_grad():
-    c = model.backbone.resnet((batch.images - model.pixel_mean) / model.pixel_std)
+    c = model.backbone.resnet(model.normalize(batch.images))
     p = model.backbone.fpn(c)
 for i, x in enumerate(c):
     print(f"C{i + 2}: {tuple(x.shape)}  stride {IMAGE_SIZE // x.shape[-1]}")

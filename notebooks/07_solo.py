@@ -91,7 +91,7 @@ print(f"{MODEL}: grids {head.num_grids}, scale ranges {head.scale_ranges}, sigma
 # %%
 batch = collate([train_set[0], train_set[1]])
 with torch.no_grad():
-    x = (batch.images - model.pixel_mean) / model.pixel_std
+    x = model.normalize(batch.images)
     p = model.backbone(x)
     levels = solo.split_feats(p)
     outputs = model(batch.images)

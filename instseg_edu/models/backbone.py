@@ -53,9 +53,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from instseg_edu.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "ResNetConfig",
     "FPNConfig",
+    "ImageNormalize",
     "ResNet",
     "FPN",
     "BackboneWithFPN",
@@ -446,6 +449,23 @@ class FPN(nn.Module):
             for conv in self.extra_convs[1:]:
                 outs.append(conv(F.relu(outs[-1]) if cfg.relu_before_extra_convs else outs[-1]))
         return tuple(outs)
+
+
+class ImageNormalize(nn.Module):
+    """``(x - mean) / std`` per channel with ImageNet statistics, the first step of every model.
+
+    Images arrive as ``float [B, 3, H, W]`` in ``[0, 1]``; a ResNet (pretrained or not) expects
+    inputs centred the way ImageNet training centred them. The statistics are buffers, so they
+    move with the model to the GPU once instead of being copied there on every call.
+    """
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return (images - self.mean) / self.std
 
 
 class BackboneWithFPN(nn.Module):

@@ -45,9 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from instseg_edu.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from instseg_edu.models.backbone import (
     FPNConfig,
+    ImageNormalize,
     ResNetConfig,
     build_backbone,
     fpn_strides,
@@ -530,8 +530,7 @@ class MaskRCNN(nn.Module):
         self.mask_head = MaskHead(channels, r.conv_out_channels, r.num_convs, cfg.num_classes)
         self.rpn_coder = DeltaXYWHBBoxCoder(cfg.rpn_head.target_means, cfg.rpn_head.target_stds)
         self.bbox_coder = DeltaXYWHBBoxCoder(r.target_means, r.target_stds)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+        self.normalize = ImageNormalize()
         self._anchor_cache: dict = {}
 
     # ---- stage 1 ---------------------------------------------------------------------------------
@@ -570,7 +569,7 @@ class MaskRCNN(nn.Module):
         Args:
             images: ``float32 [B, 3, Hp, Wp]`` in ``[0, 1]`` (normalised here with ImageNet stats).
         """
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.normalize(images)
         features = tuple(self.backbone(x))
         logits, deltas = self.rpn_head(features)  # [B, N], [B, N, 4]
         sizes = [tuple(f.shape[-2:]) for f in features]

@@ -50,10 +50,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from instseg_edu.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from instseg_edu.losses import l1_loss, sigmoid_focal_loss
 from instseg_edu.models.backbone import (
     FPNConfig,
+    ImageNormalize,
     ResNetConfig,
     build_backbone,
     fpn_strides,
@@ -467,8 +467,7 @@ class RetinaNet(nn.Module):
         self.bbox_coder = DeltaXYWHBBoxCoder(
             head.bbox_coder.target_means, head.bbox_coder.target_stds
         )
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+        self.normalize = ImageNormalize()
         self._anchor_cache: dict[tuple, Tensor] = {}
         self._valid_cache: dict[tuple, Tensor] = {}
 
@@ -483,7 +482,7 @@ class RetinaNet(nn.Module):
         Returns:
             :class:`RetinaNetOutputs` with ``N = Σ_l H_l · W_l · A`` anchors.
         """
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.normalize(images)
         features = self.backbone(x)  # P3..P7: [B, 256, H/8, W/8] ... [B, 256, H/128, W/128]
         cls, reg = self.bbox_head(features)
         featmap_sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)

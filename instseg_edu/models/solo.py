@@ -62,10 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instseg_edu.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from instseg_edu.losses import dice_loss, sigmoid_focal_loss
 from instseg_edu.models.backbone import (
     FPNConfig,
+    ImageNormalize,
     ResNetConfig,
     build_backbone,
     fpn_strides,
@@ -689,14 +689,13 @@ class SOLO(nn.Module):
         self.num_classes = cfg.bbox_head.num_classes
         self.backbone = build_backbone(cfg.backbone, cfg.neck)
         self.bbox_head = SOLOHead(cfg.bbox_head)
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+        self.normalize = ImageNormalize()
 
     # ---- stage 1: forward ------------------------------------------------------------------------
 
     def features(self, images: Tensor) -> tuple[Tensor, ...]:
         """Normalise, backbone + FPN (P2–P6), :func:`split_feats`: the head's ``L`` inputs."""
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.normalize(images)
         return split_feats(self.backbone(x))
 
     def forward(self, images: Tensor) -> SOLOOutputs:

@@ -65,10 +65,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instseg_edu.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from instseg_edu.losses import smooth_l1_loss
 from instseg_edu.models.backbone import (
     FPNConfig,
+    ImageNormalize,
     ResNetConfig,
     build_backbone,
     fpn_strides,
@@ -618,8 +618,7 @@ class YOLACT(nn.Module):
         self.bbox_coder = DeltaXYWHBBoxCoder(
             head.bbox_coder.target_means, head.bbox_coder.target_stds
         )
-        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), False)
+        self.normalize = ImageNormalize()
         self._cache: dict[tuple, Tensor] = {}
 
     # ---- stage 1: forward ------------------------------------------------------------------------
@@ -633,7 +632,7 @@ class YOLACT(nn.Module):
         Returns:
             :class:`YOLACTOutputs` with ``N = Σ_l H_l · W_l · A`` anchors.
         """
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = self.normalize(images)
         features = self.backbone(x)  # P3..P7: [B, 256, H/8, W/8] ... [B, 256, H/128, W/128]
         cls, reg, coeff = self.bbox_head(features)
         prototypes, segm = self.mask_head(features[0])  # [B, P, Hm, Wm], [B, C, H/8, W/8]
