@@ -35,7 +35,8 @@ IMAGE_SIZE = 128 if SMOKE else 512
 NUM_TRAIN = 8 if SMOKE else 2000
 NUM_VAL = 4 if SMOKE else 200
 BATCH_SIZE = 2 if SMOKE else 16
-TRAIN_STEPS = 2 if SMOKE else 3000
+# INSTSEG_TRAIN_STEPS overrides (the browser test trains a few more steps to watch the dashboard).
+TRAIN_STEPS = int(os.environ.get("INSTSEG_TRAIN_STEPS", 2 if SMOKE else 3000))
 LR = 0.01
 MODEL = "RETINANET_R18_SMALL" if SMOKE else "RETINANET_R50_FPN_SCRATCH"
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
@@ -191,7 +192,7 @@ display(dashboard)
 train_cfg = TrainConfig(
     max_steps=TRAIN_STEPS,
     lr=LR,
-    warmup_steps=min(500, TRAIN_STEPS),
+    warmup_steps=min(500, max(1, TRAIN_STEPS // 5)),  # the first fifth, at most 500 steps
     grad_clip=35.0,
     schedule="cosine",
     log_every=1 if SMOKE else 20,

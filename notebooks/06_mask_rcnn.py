@@ -218,7 +218,31 @@ if n_show:
     plt.show()
 
 # %% [markdown]
-# ## 7 · Training
+# ## 7 · Where a training step waits for the GPU
+#
+# On a GPU, Python only *queues* kernels and runs ahead. Anything whose answer Python needs now
+# — `.item()`, a boolean-mask index `x[mask]` or `nonzero` (the result's size depends on the
+# data), `unique`, a copy to the host — makes it wait until the device has caught up. That is
+# a **host synchronisation**, and a dozen per step leave the GPU idle between kernels.
+# `count_host_syncs` records them on any device, with the line that caused each.
+#
+# What remains is what cannot go: greedy NMS finishes on the host (one call per image and
+# FPN level), and the number of sampled RoIs, of positives and of RoIs per FPN level
+# decide tensor sizes. Everything else — assignment, sampling, target encoding, mask targets —
+# stays on the device. (`benchmarks/host_syncs.py` counts torchvision's Mask R-CNN on the
+# same batch: about seven times as many.)
+
+# %%
+from instseg_edu.engine.host_sync import count_host_syncs
+
+model.train()
+with count_host_syncs() as syncs:
+    losses = model.loss(model(batch.images), batch)
+print(f"{syncs.count} host synchronisations in one training step of {len(batch)} images:")
+print(syncs.summary())
+
+# %% [markdown]
+# ## 8 · Training
 #
 # The shared training loop (`instseg_edu.engine.train`) calls `model(images)` and
 # `model.loss(outputs, batch)`: RPN BCE + L1, box-head cross-entropy + L1, mask BCE on the
@@ -243,7 +267,7 @@ ax.legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
-# ## 8 · Predict: boxes, then masks pasted into the image
+# ## 9 · Predict: boxes, then masks pasted into the image
 #
 # `predict` keeps boxes above `score_thr`, runs per-class NMS, then the mask head on the kept
 # boxes. Pasting a 28×28 mask into its box is bilinear resampling; `paste_masks` does all boxes of
@@ -276,7 +300,7 @@ for ax, det, image, (hh, ww) in zip(axes, detections, batch.images, batch.image_
 plt.show()
 
 # %% [markdown]
-# ## 9 · Evaluation (pycocotools box and mask AP)
+# ## 10 · Evaluation (pycocotools box and mask AP)
 
 # %%
 metrics = evaluate_model(

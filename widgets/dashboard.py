@@ -99,7 +99,7 @@ class TrainingDashboard:
         self.figure = go.FigureWidget(training_figure(log_loss=log_loss))
         self.thumbnails = W.HBox(
             [
-                W.Image(format="png", layout=W.Layout(width=f"{thumbnail_size}px"))
+                W.Image(format="png", layout=W.Layout(width=f"{thumbnail_size}px", display="none"))
                 for _ in range(num_thumbnails)
             ]
         )
@@ -202,6 +202,10 @@ class TrainingDashboard:
         self._draw_thumbnails()
 
     def _draw_thumbnails(self) -> None:
+        for i, image_widget in enumerate(self.thumbnails.children):
+            # A batch smaller than the row leaves slots empty: hide them (an Image without a
+            # value draws as a broken-image icon).
+            image_widget.layout.display = None if i < len(self._thumb_data) else "none"
         for image_widget, (image, boxes, scores, labels, gt) in zip(
             self.thumbnails.children, self._thumb_data
         ):

@@ -50,8 +50,10 @@ class SOLOGridExplorer:
         self.sigma = ipw.FloatSlider(value=self.head.sigma, min=0.05, max=1.0, step=0.05,
                                      description="sigma")  # fmt: skip
         lo, hi = self.head.scale_ranges[0]
-        self.scale_range = ipw.FloatRangeSlider(value=(lo, hi), min=0.0, max=2048.0, step=1.0,
-                                                description="scales")  # fmt: skip
+        self.scale_range = ipw.FloatRangeSlider(
+            value=(lo, hi), min=0.0, max=2048.0, step=1.0, description="scales",
+            readout_format=".0f",  # "1 – 96": the default ".2f" does not fit the readout
+        )  # fmt: skip
         self.channel = ipw.Dropdown(options=[], description="channel")
         self.summary = ipw.HTML()
         self._quiet = False  # True while controls are set programmatically

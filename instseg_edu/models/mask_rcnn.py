@@ -11,8 +11,8 @@ and Lin et al., "Feature Pyramid Networks", CVPR 2017):
    binary cross-entropy on objectness + L1 on deltas, both divided by the number of sampled anchors.
 3. **Proposals**: per image and level keep the ``nms_pre`` highest-scoring anchors, decode them,
    clip to the image, drop boxes with a side ``<= min_bbox_size``, NMS at 0.7 (run separately per
-   FPN level, as MMDetection does: ``batched_nms`` with the level as the group id), keep the best
-   ``max_per_img`` of the image (2000/1000 in training, 1000/1000 at test time).
+   FPN level, as MMDetection does: its ``batched_nms`` takes the level as the group id), keep the
+   best ``max_per_img`` of the image (2000/1000 in training, 1000/1000 at test time).
 4. **RoI stage** (Mask R-CNN Sec. 3). During training the ground-truth boxes are added to the
    proposals, which are assigned at 0.5 / 0.5 (no low-quality matches) and sampled (512 per image,
    a quarter positive). Each RoI reads a 7x7 (box) or 14x14 (mask) grid with RoIAlign from one FPN
@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 from instseg_edu.models.backbone import (
     FPNConfig,
@@ -443,6 +443,7 @@ class RoITargets(NamedTuple):
         gt_index: ``[R]`` index of the matched object in the batch's concatenated ground truth
             (image 0's objects first), ``-1`` for background.
         is_gt: ``[R]`` bool, the RoI is a ground-truth box added as a proposal.
+        pos_index: ``[Npos]`` int64, the positive RoIs (``labels < C``) in order.
     """
 
     candidates: Tensor
@@ -455,6 +456,7 @@ class RoITargets(NamedTuple):
     bbox_targets: Tensor
     gt_index: Tensor
     is_gt: Tensor
+    pos_index: Tensor
 
 
 class MaskTargets(NamedTuple):
@@ -587,25 +589,30 @@ class MaskRCNN(nn.Module):
 
     @torch.no_grad()
     def proposals(self, outputs: MaskRCNNOutputs, image_sizes, cfg: ProposalConfig) -> Proposals:
-        """RPN proposals for the whole batch (no per-image loop; one ``batched_nms``).
+        """RPN proposals for the whole batch: top ``nms_pre`` per level, decode, clip, NMS.
 
-        NMS runs per image *and per FPN level* (group id ``image * L + level``), as MMDetection's
-        RPN does; the ``max_per_img`` best survivors of all levels are then kept.
+        Top-k, decoding, clipping and the size filter run batched. NMS runs per image *and per FPN
+        level*, as MMDetection's RPN does; the ``max_per_img`` best survivors of all levels are
+        then kept. NMS is greedy and sequential, and ``torchvision.ops.nms`` finishes on the host,
+        so each call waits for the device once — nothing else here does: the candidates of one
+        (image, level) are a fixed slice (``min(nms_pre, H*W*A)`` of them), and boxes too small to
+        keep are given score -1 instead of being removed (below every sigmoid score, they can
+        suppress nothing; they sort last and are marked invalid).
         """
         logits = outputs.rpn_logits.detach().float()  # [B, N]
         deltas = outputs.rpn_deltas.detach().float()  # [B, N, 4]
         b = logits.shape[0]
-        num_levels = len(outputs.features)
-        idx_parts, start = [], 0
+        idx_parts, k_levels, start = [], [], 0
         per_level = [
             f.shape[-2] * f.shape[-1] * a
             for f, a in zip(outputs.features, self.anchor_generator.num_base_anchors)
         ]  # H*W*A each
         for n in per_level:
-            top = logits[:, start : start + n].topk(min(cfg.nms_pre, n), dim=1).indices  # [B, k_l]
+            k_levels.append(min(cfg.nms_pre, n))
+            top = logits[:, start : start + n].topk(k_levels[-1], dim=1).indices  # [B, k_l]
             idx_parts.append(top + start)
             start += n
-        idx = torch.cat(idx_parts, 1)  # [B, K]
+        idx = torch.cat(idx_parts, 1)  # [B, K], K = sum of k_l, level blocks side by side
         scores = logits.gather(1, idx).sigmoid()  # [B, K]
         anchors = outputs.anchors[idx]  # [B, K, 4]
         d = deltas.gather(1, idx[..., None].expand(-1, -1, 4))  # [B, K, 4]
@@ -614,29 +621,28 @@ class MaskRCNN(nn.Module):
         levels = outputs.anchor_levels[idx]  # [B, K]
         wh = boxes[..., 2:] - boxes[..., :2]  # [B, K, 2]
         big_enough = (wh > cfg.min_bbox_size).all(-1)  # [B, K]
+        nms_scores = torch.where(big_enough, scores, -1.0)  # [B, K]
 
-        k = idx.shape[1]
-        image_of = torch.arange(b, device=idx.device)[:, None].expand(b, k)  # [B, K]
-        cand = torch.nonzero(big_enough.flatten()).squeeze(1)  # [n_cand] into B*K
-        keep = batched_nms(
-            boxes.reshape(-1, 4)[cand],
-            scores.flatten()[cand],
-            (image_of * num_levels + levels).flatten()[cand],
-            cfg.nms_iou_threshold,
-        )  # sorted by score, all images mixed
-        keep = cand[keep]
-        order, rank = _top_per_image(keep // k, b, cfg.max_per_img)
-        keep = keep[order]
-        img = keep // k
         p = cfg.max_per_img
         out_boxes = boxes.new_zeros(b, p, 4)
         out_scores = scores.new_zeros(b, p)
         out_levels = levels.new_zeros(b, p)
         out_valid = torch.zeros(b, p, dtype=torch.bool, device=boxes.device)
-        out_boxes[img, rank] = boxes.reshape(-1, 4)[keep]
-        out_scores[img, rank] = scores.flatten()[keep]
-        out_levels[img, rank] = levels.flatten()[keep]
-        out_valid[img, rank] = True
+        block_starts = [sum(k_levels[:i]) for i in range(len(k_levels))]
+        for i in range(b):
+            keep = torch.cat(
+                [
+                    start + nms(boxes[i, start : start + k], nms_scores[i, start : start + k],
+                                cfg.nms_iou_threshold)
+                    for start, k in zip(block_starts, k_levels)
+                ]
+            )  # [n_i] survivors of every level of image i, indices into K  # fmt: skip
+            keep = keep[nms_scores[i, keep].topk(min(p, keep.numel())).indices]  # best first
+            n, ok = keep.numel(), big_enough[i, keep]  # [n]
+            out_boxes[i, :n] = boxes[i, keep] * ok[:, None]  # too-small boxes: zeros, invalid
+            out_scores[i, :n] = scores[i, keep] * ok
+            out_levels[i, :n] = levels[i, keep] * ok
+            out_valid[i, :n] = ok
         return Proposals(
             out_boxes, out_scores, out_levels, out_valid, boxes, scores, levels, big_enough
         )
@@ -701,7 +707,13 @@ class MaskRCNN(nn.Module):
             ignore_valid=gt.ignore_valid,
         )
         pos, neg = _sample(assignment, cfg.sampler)  # [B, G+P]
-        img, col = torch.nonzero(pos | neg, as_tuple=True)  # [R] each, image-major
+        # The RoI stage's one wait for the device: how many RoIs (and positives) were sampled.
+        # With the counts on the host, the sampled entries are picked by a stable sort instead
+        # of `nonzero` (same image-major order) and the positives likewise further down.
+        sampled = pos | neg  # [B, G+P]
+        num_rois, num_pos = torch.stack([sampled.sum(), pos.sum()]).tolist()
+        flat = torch.argsort(~sampled.flatten(), stable=True)[:num_rois]  # [R] into B*(G+P)
+        img, col = flat // sampled.shape[1], flat % sampled.shape[1]  # [R] each, image-major
         boxes = cands[img, col]  # [R, 4]
         is_pos = pos[img, col]  # [R]
         gt_col = (assignment.gt_inds[img, col] - 1).clamp(min=0)  # [R] column in padded gt
@@ -711,6 +723,7 @@ class MaskRCNN(nn.Module):
         offsets = torch.cumsum(gt.valid.sum(1), 0) - gt.valid.sum(1)  # [B] first gt of image
         gt_index = torch.where(is_pos, offsets[img] + gt_col, -1)  # [R]
         rois = torch.cat([img[:, None].to(boxes.dtype), boxes], 1)  # [R, 5]
+        pos_index = torch.argsort(~is_pos, stable=True)[:num_pos]  # [Npos] into the R RoIs
         return RoITargets(
             cands,
             cand_valid,
@@ -722,6 +735,7 @@ class MaskRCNN(nn.Module):
             bbox_targets,
             gt_index,
             is_gt[img, col],
+            pos_index,
         )
 
     def targets(
@@ -736,7 +750,7 @@ class MaskRCNN(nn.Module):
         if proposals is None:
             proposals = self.proposals(outputs, batch.image_sizes, self.cfg.train_cfg.rpn_proposal)
         roi = self.roi_targets(batch, proposals, gt)
-        pos = roi.labels < self.num_classes  # [R]
+        pos = roi.pos_index  # [Npos]
         device = roi.rois.device
         gt_masks = _concat_masks(batch, device)  # [G_total, Hp, Wp]
         masks = mask_targets(
@@ -790,7 +804,7 @@ class MaskRCNN(nn.Module):
         cls_logits = cls_logits.float()
         num_rois = max(t.roi.labels.numel(), 1)
         loss_cls = F.cross_entropy(cls_logits, t.roi.labels, reduction="sum") / num_rois
-        pos = torch.nonzero(t.roi.labels < self.num_classes).squeeze(1)  # [Npos]
+        pos = t.roi.pos_index  # [Npos]
         deltas = deltas.float().view(deltas.shape[0], self.num_classes, 4)  # [R, C, 4]
         pos_deltas = deltas[pos, t.roi.labels[pos]]  # [Npos, 4]
         loss_bbox = (pos_deltas - t.roi.bbox_targets[pos]).abs().sum() / num_rois

@@ -66,6 +66,9 @@ def multiscale_roi_align(
 ) -> Tensor:
     """RoIAlign each RoI on the FPN level its size selects: one ``roi_align`` call per level.
 
+    The RoIs are sorted by level and split by the per-level counts, read from the device once
+    (one ``nonzero`` per level would wait for the device once per level).
+
     Args:
         features: at least ``len(strides)`` maps ``[B, F, H_l, W_l]``.
         rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` pixels.
@@ -80,8 +83,10 @@ def multiscale_roi_align(
         rois.shape[0], first.shape[1], output_size, output_size, dtype=torch.float32
     )  # [R, F, S, S]
     rois = rois.float()
-    for level, stride in enumerate(strides):
-        idx = torch.nonzero(levels == level).squeeze(1)  # [R_l]
+    per_level = levels == torch.arange(len(strides), device=levels.device)[:, None]  # [L, R]
+    counts = per_level.sum(1).tolist()  # L ints: the one host read
+    by_level = torch.argsort(levels, stable=True).split(counts)  # L tensors [R_l]
+    for level, (stride, idx) in enumerate(zip(strides, by_level)):
         if idx.numel() == 0:
             continue
         out[idx] = roi_align(

@@ -393,6 +393,9 @@ class SOLOTargets(NamedTuple):
             ``mask_logits[l].flatten(0, 1)[ins_ind[l].flatten()]``.
         num_pos: ``int64 []`` positive channels in the whole batch (all levels).
         per_image: the :class:`SOLOImageTargets` of each image (centres, cell ranges).
+        pos_inds: ``int64 [P_l]`` per level: the positive channels as rows of
+            ``mask_logits[l].flatten(0, 1)`` (``b · S² + channel``), ascending — the same as
+            ``ins_ind[l].flatten().nonzero()[:, 0]``, found without a host synchronisation.
     """
 
     cate_labels: list[Tensor]
@@ -401,6 +404,7 @@ class SOLOTargets(NamedTuple):
     ins_masks: list[Tensor]
     num_pos: Tensor
     per_image: list[SOLOImageTargets]
+    pos_inds: list[Tensor]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -716,46 +720,68 @@ class SOLO(nn.Module):
     def targets(self, outputs: SOLOOutputs, batch: Batch) -> SOLOTargets:
         """Build the category and mask targets of every image (:func:`solo_target_single`).
 
-        The loop over images stays: each image has its own number of objects and its own
-        positive cells, and targets are sparse (a few cells per object). Inside one image the work
-        is vectorised over objects and grid cells; there is no per-cell or per-pixel loop.
+        The assignment loops over images (each has its own objects; inside one image the work is
+        vectorised over objects and grid cells). Collecting the positive channels and their mask
+        targets is batched over images, with **one** host synchronisation in all: the number of
+        positive channels of each level, read once with ``.tolist()``. It is the size of the
+        mask-loss tensors, so the host must know it; everything else stays on the device, where a
+        boolean-mask index (``x[ind]``) would make the host wait for the GPU at every level.
         """
         head = self.cfg.bbox_head
         device = outputs.cate_logits[0].device
         mask_sizes = [tuple(m.shape[-2:]) for m in outputs.mask_logits]
+        masks = [t.masks.to(device) for t in batch.targets]  # [G_b, Hp, Wp] per image
+        if len({tuple(m.shape[-2:]) for m in masks}) > 1:
+            raise ValueError(
+                "batch.targets[i].masks must all be [G_i, Hp, Wp], padded like the images "
+                f"(collate does it); got {[tuple(m.shape) for m in masks]}"
+            )
         per_image = [
             solo_target_single(
                 t.boxes.to(device),
                 t.labels.to(device),
-                t.masks.to(device),
+                m,
                 num_grids=head.num_grids,
                 scale_ranges=head.scale_ranges,
                 sigma=head.sigma,
             )
-            for t in batch.targets
+            for t, m in zip(batch.targets, masks)
         ]
-        cate_labels, ins_ind, gt_inds, ins_masks = [], [], [], []
-        for level, size in enumerate(mask_sizes):
-            inds = torch.stack([p.gt_inds[level] for p in per_image])  # [B, S²]
-            cate_labels.append(torch.stack([p.cate_labels[level] for p in per_image]))  # [B, S, S]
-            gt_inds.append(inds)
-            ins_ind.append(inds >= 0)
-            level_masks = []
-            for t, image_inds in zip(batch.targets, inds):
-                owners = image_inds[image_inds >= 0]  # [P_b] objects of the positive channels
-                if owners.numel() == 0:
-                    continue
-                used, slot = owners.unique(return_inverse=True)  # resize each object once
-                resized = resize_masks(t.masks.to(device)[used], size)  # [U, h, w]
-                level_masks.append(resized[slot])  # [P_b, h, w]
-            ins_masks.append(
-                torch.cat(level_masks) if level_masks else torch.zeros(0, *size, device=device)
-            )  # [P_l, h, w]
-        num_pos = sum(i.sum() for i in ins_ind)
-        return SOLOTargets(cate_labels, ins_ind, gt_inds, ins_masks, num_pos, per_image)
+        # Every object of the batch in one tensor: object k of image b is row offsets[b] + k.
+        gt_masks = torch.cat(masks)  # [ΣG, Hp, Wp]
+        offsets = list(itertools.accumulate((m.shape[0] for m in masks[:-1]), initial=0))  # B ints
+
+        # Per level, the images stacked: cate_labels [B, S, S], gt_inds [B, S²].
+        levels = range(len(mask_sizes))
+        cate_labels = [torch.stack([p.cate_labels[lv] for p in per_image]) for lv in levels]
+        gt_inds = [torch.stack([p.gt_inds[lv] for p in per_image]) for lv in levels]
+        ins_ind = [inds >= 0 for inds in gt_inds]  # [B, S²]
+        pos_per_level = torch.stack([ind.sum() for ind in ins_ind])  # [L]
+        counts = pos_per_level.tolist()  # the one host synchronisation: L ints
+
+        pos_inds, ins_masks = [], []
+        for inds, ind, count, size in zip(gt_inds, ins_ind, counts, mask_sizes):
+            # The positive channels, image-major, as ``ind.flatten().nonzero()`` would list them:
+            # a stable sort puts the True entries (~ind = False) first, in their original order,
+            # and we keep the first `count`. Why not nonzero: its output size depends on the data,
+            # so on a GPU the host would wait for it; here the size is `count`, already known.
+            pos = torch.argsort(~ind.flatten(), stable=True)[:count]  # [B*S²] -> [P_l]
+            pos_inds.append(pos)
+            if count == 0:
+                ins_masks.append(torch.zeros(0, *size, device=device))  # [0, h, w]
+                continue
+            # Row of gt_masks behind each channel; background (-1) rows are never selected.
+            rows = torch.stack([i + off for i, off in zip(inds, offsets)])  # [B, S²]
+            owners = rows.flatten()[pos]  # [B*S²] -> [P_l]
+            resized = resize_masks(gt_masks, size)  # [ΣG, h, w]: each object resized once
+            ins_masks.append(resized[owners])  # [ΣG, h, w] -> [P_l, h, w]
+        num_pos = pos_per_level.sum()
+        return SOLOTargets(cate_labels, ins_ind, gt_inds, ins_masks, num_pos, per_image, pos_inds)
 
     def loss(self, outputs: SOLOOutputs, batch: Batch) -> dict[str, Tensor]:
         """Dice loss on positive mask channels + focal loss on all grid cells (Sec. 3.3).
+
+        One host synchronisation per call, in :meth:`targets`.
 
         Returns:
             ``loss_ins``: ``loss_weight`` (3) × the mean dice loss over every positive channel of
@@ -766,9 +792,9 @@ class SOLO(nn.Module):
         t = self.targets(outputs, batch)
         head = self.cfg.bbox_head
         dice = []
-        for logits, ind, target in zip(outputs.mask_logits, t.ins_ind, t.ins_masks):
-            pred = logits.flatten(0, 1)[ind.flatten()]  # [B*S², h, w] -> [P_l, h, w]
-            if pred.shape[0] > 0:
+        for logits, pos, target in zip(outputs.mask_logits, t.pos_inds, t.ins_masks):
+            if pos.shape[0] > 0:  # a shape: known on the host without waiting
+                pred = logits.flatten(0, 1)[pos]  # [B, S², h, w] -> [B*S², h, w] -> [P_l, h, w]
                 dice.append(dice_loss(pred.float().sigmoid(), target))  # [P_l]
         if dice:
             loss_ins = torch.cat(dice).mean()

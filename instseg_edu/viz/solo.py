@@ -150,7 +150,9 @@ def solo_grid_figure(
     fig.add_trace(
         go.Heatmap(name="mask target", colorscale="gray", showscale=False, **data[5]), 1, 2
     )
-    fig.update_yaxes(autorange="reversed", scaleanchor="x", row=1, col=1)
-    fig.update_yaxes(autorange="reversed", scaleanchor="x2", row=1, col=2)
+    # Square pixels; the plot area shrinks to the image instead of padding the axis range.
+    fig.update_xaxes(constrain="domain")
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", scaleanchor="x2", constrain="domain", row=1, col=2)
     fig.update_layout(height=height, margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return fig

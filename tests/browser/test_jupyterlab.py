@@ -7,6 +7,11 @@ figure, press ArrowRight on one of its sliders and check that the data the brows
 Screenshots go to the test's temporary dir; with ``INSTSEG_SAVE_SCREENSHOTS=1`` one per explorer is
 also copied to ``docs/img/`` for the README.
 
+For notebook 04 the TrainingDashboard is watched while the kernel trains: its plotly data must
+change several times before training ends (live redraws reaching the browser), and the final loss
+curve must have one point per logged step. The lab's kernels get ``INSTSEG_TRAIN_STEPS`` (read
+only by notebook 04's parameters cell) so that run is long enough to watch.
+
 Skipped when Chromium or Playwright is missing, unless ``INSTSEG_REQUIRE_BROWSER=1`` (CI), where a
 missing browser is a failure.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -45,11 +51,18 @@ CHROMIUM_ARGS = [
 ]
 
 
+# Steps notebook 04 trains in the dashboard test (smoke sizes: ~0.15 s a step on one CPU core,
+# enough redraws at the dashboard's 0.5 s interval to watch, and a readable loss curve).
+DASHBOARD_STEPS = 60
+
+
 @dataclass(frozen=True)
 class ExplorerCase:
     notebook: str  # file name in notebooks/
     selector: str  # CSS selector of the explorer's ipywidgets container (one compound selector)
     screenshot: str  # name under docs/img/
+    slider: str | None = None  # description label of the slider to move; None: the first one
+    presses: int = 1  # ArrowRight presses (one slider step each)
     required: bool = True  # False: skipped while that notebook does not exist yet
 
 
@@ -58,12 +71,19 @@ CASES = [
     ExplorerCase(
         "03_assignment_and_box_coding.ipynb", ".instseg-assigner-explorer", "assigner_explorer.png"
     ),
-    # The RoIExplorer's container has no class of its own: the output holding sliders and a plot.
+    ExplorerCase("05_roipool_vs_roialign.ipynb", ".instseg-roi-explorer", "roi_explorer.png"),
+    # "sigma" 0.2 -> 0.5 (0.05 a step): wider centre regions, more positive cells on level 0.
+    # (The first slider, "level", works too, but level 1 of the smoke image has no object.)
     ExplorerCase(
-        "05_roipool_vs_roialign.ipynb",
-        ".jp-OutputArea-output:has(.widget-slider):has(.js-plotly-plot)",
-        "roi_explorer.png",
-        required=False,
+        "07_solo.ipynb", ".instseg-solo-explorer", "solo_explorer.png", slider="sigma", presses=6
+    ),
+    # A coefficient slider steps by 0.01: move it by 0.25 so the mask visibly changes.
+    ExplorerCase(
+        "08_yolact.ipynb",
+        ".instseg-prototype-explorer",
+        "prototype_explorer.png",
+        slider="c0",
+        presses=25,
     ),
 ]
 
@@ -111,6 +131,8 @@ def lab(tmp_path_factory):
         HOME=str(base / "home"),
         IPYTHONDIR=str(base / "ipython"),
         INSTSEG_SMOKE="1",
+        # Only notebook 04 reads it (tests/notebooks/ runs 04 with its 2 smoke steps).
+        INSTSEG_TRAIN_STEPS=str(DASHBOARD_STEPS),
         MPLBACKEND="Agg",
         OMP_NUM_THREADS="1",
     )
@@ -183,17 +205,32 @@ def page(playwright_api, lab, tmp_path):
     context.close()
 
 
-def _plot_data(page, selector: str) -> str:
+# JavaScript: the traces plotly.js draws in the first figure under a selector, as JSON (null
+# while there is none). Heatmaps carry their data in z; the rest in x, y, colours and text.
+PLOT_DATA_JS = """(sel) => {
+    const div = document.querySelector(sel + ' .js-plotly-plot');
+    if (!div || !div.data) return null;
+    return JSON.stringify(div.data.map(t => [t.type, t.x, t.y, t.z,
+                                             t.marker && t.marker.color, t.text, t.name]));
+}"""
+
+
+def _plot_data(page, selector: str) -> str | None:
     """The traces the browser's plotly.js is drawing in the explorer's first figure, as JSON."""
-    return page.evaluate(
-        """(sel) => {
-            const div = document.querySelector(sel + ' .js-plotly-plot');
-            if (!div || !div.data) return null;
-            return JSON.stringify(div.data.map(t => [t.type, t.x, t.y, t.marker && t.marker.color,
-                                                       t.text, t.name]));
-        }""",
-        selector,
-    )
+    return page.evaluate(PLOT_DATA_JS, selector)
+
+
+def _settled_plot_data(page, selector: str, quiet_ms: int = 400, timeout_s: float = 20.0) -> str:
+    """The plot data once no update has arrived for ``quiet_ms`` (all key presses processed)."""
+    last = _plot_data(page, selector)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        page.wait_for_timeout(quiet_ms)
+        now = _plot_data(page, selector)
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def run_all_cells(page) -> None:
@@ -234,24 +271,24 @@ def explore(page, lab, case: ExplorerCase, tmp_path: Path) -> None:
     before = _plot_data(page, case.selector)
     container.screenshot(path=str(tmp_path / f"before_{case.screenshot}"))
 
-    # Keyboard: focus the first slider handle of the explorer and press ArrowRight.
-    handle = page.locator(f"{case.selector} .widget-slider .noUi-handle").first
+    # Keyboard: focus the slider's handle and press ArrowRight.
+    sliders = page.locator(f"{case.selector} .widget-slider")
+    if case.slider is not None:
+        label = page.locator(".widget-label", has_text=re.compile(f"^{re.escape(case.slider)}$"))
+        sliders = sliders.filter(has=label)
+    handle = sliders.first.locator(".noUi-handle").first
     handle.focus()
-    handle.press("ArrowRight")
+    for _ in range(case.presses):
+        handle.press("ArrowRight")
     page.wait_for_function(
-        """([sel, before]) => {
-            const d = document.querySelector(sel + ' .js-plotly-plot');
-            if (!d || !d.data) return false;
-            const now = JSON.stringify(d.data.map(t => [t.type, t.x, t.y,
-                t.marker && t.marker.color, t.text, t.name]));
-            return now !== before;
-        }""",
+        f"([sel, before]) => {{ const now = ({PLOT_DATA_JS})(sel); "
+        "return now !== null && now !== before; }",
         arg=[case.selector, before],
         timeout=60_000,
     )
-    after = _plot_data(page, case.selector)
+    after = _settled_plot_data(page, case.selector)
     assert after is not None and after != before
-    page.wait_for_timeout(500)
+    page.wait_for_timeout(300)
     shot = tmp_path / case.screenshot
     container.screenshot(path=str(shot))
     # What the learner sees changed too, not only the data behind it.
@@ -272,3 +309,79 @@ def test_explorer_in_jupyterlab(page, lab, case, tmp_path):
     except Exception:
         page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
         raise
+
+
+# JavaScript: every 50 ms, note the dashboard's plotly data whenever it differs from the last note,
+# with the kernel's state (the notebook toolbar's execution indicator: the status bar's text can
+# still read "Idle" while a cell runs) and whether the training cell has printed its summary line.
+RECORD_DASHBOARD_JS = """(sel) => {
+    window.__dashboard = [];
+    let last = null;
+    window.__dashboardTimer = setInterval(() => {
+        const div = document.querySelector(sel + ' .js-plotly-plot');
+        if (!div || !div.data || div.data.length === 0) return;
+        const sig = JSON.stringify(div.data.map(t => [t.name, t.x, t.y]));
+        if (sig === last) return;
+        last = sig;
+        const busy = document.querySelector(
+            '.jp-Notebook-ExecutionIndicator[data-status="busy"]') !== null;
+        const done = Array.from(document.querySelectorAll('.jp-OutputArea-output'))
+            .some(e => /steps; dashboard time/.test(e.textContent));
+        const loss = div.data.find(t => t.name === 'loss');
+        window.__dashboard.push({busy: busy, done: done,
+                                 loss: loss ? Array.from(loss.x).length : 0});
+    }, 50);
+}"""
+
+
+@pytest.mark.timeout(600)
+def test_training_dashboard_live_in_jupyterlab(page, lab, tmp_path):
+    """Notebook 04's TrainingDashboard redraws in the browser while the kernel trains."""
+    selector = ".instseg-training-dashboard"
+    try:
+        open_notebook(page, lab, "04_retinanet.ipynb")
+        page.evaluate(RECORD_DASHBOARD_JS, selector)
+        run_all_cells(page)
+        summary = page.locator(".jp-OutputArea-output", has_text="steps; dashboard time").first
+        summary.wait_for(timeout=240_000)
+        # The rest of the notebook (evaluation, predictions) runs; then the kernel is idle.
+        page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(
+            timeout=120_000
+        )
+        page.evaluate("clearInterval(window.__dashboardTimer)")
+        notes = page.evaluate("window.__dashboard")
+        steps = int(re.match(r"\s*(\d+) steps;", summary.inner_text()).group(1))
+        assert steps == DASHBOARD_STEPS  # log_every=1 in smoke mode: one history row per step
+
+        # Live: while the kernel was busy training, the browser drew >= 3 different states of
+        # the figure (it changed at least twice), two of them partial loss curves.
+        during = [n for n in notes if n["busy"] and not n["done"]]
+        assert len(during) >= 3, notes
+        partial = {n["loss"] for n in during if 0 < n["loss"] < steps}
+        assert len(partial) >= 2, notes
+
+        container = page.locator(selector).first
+        container.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        final = json.loads(_plot_data(page, selector))
+        loss = next(t for t in final if t[-1] == "loss")  # [type, x, y, z, color, text, name]
+        xs, ys = _array(loss[1]), _array(loss[2])
+        assert len(xs) == len(ys) == steps
+        assert xs == list(range(1, steps + 1)) or xs == list(range(steps)), xs
+
+        shot = tmp_path / "training_dashboard.png"
+        container.screenshot(path=str(shot))
+        if os.environ.get("INSTSEG_SAVE_SCREENSHOTS") == "1":
+            out = ROOT / "docs" / "img"
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, out / shot.name)
+    except Exception:
+        page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+        raise
+
+
+def _array(value) -> list:
+    """A plotly array as the browser serialises it: a list, or a typed array's ``{"0": v, ...}``."""
+    if isinstance(value, dict):
+        return [value[str(i)] for i in range(len(value))]
+    return list(value)

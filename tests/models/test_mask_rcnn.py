@@ -3,6 +3,7 @@ training on tiny synthetic images, empty images, predict/evaluate, config valida
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
+from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.models.mask_rcnn import (
     MASK_RCNN_R18_SMALL,
     AnchorConfig,
@@ -392,6 +394,22 @@ def test_a_few_training_steps_lower_the_loss():
     assert last < 0.7 * first, total
     assert hist[-1]["loss_rpn_cls"] < hist[0]["loss_rpn_cls"]
     assert hist[-1]["loss_mask"] < hist[0]["loss_mask"]
+
+
+def test_a_training_step_waits_for_the_device_only_for_nms_and_three_counts():
+    """On a GPU every host synchronisation stalls the queue. A training step needs one per RPN NMS
+    call (per image and level: greedy NMS finishes on the host) and three small reads: the
+    number of sampled RoIs and positives, and the RoIs per FPN level for the box and mask heads.
+    torchvision's Mask R-CNN needs 93 for the same two images (benchmarks/host_syncs.py)."""
+    torch.manual_seed(0)
+    model = build_mask_rcnn(CFG)
+    batch = make_batch(seed=6)
+    with count_host_syncs() as syncs:
+        losses = model.loss(model(batch.images), batch)
+    ops = collections.Counter(e.op for e in syncs.events)
+    num_levels = len(CFG.rpn_head.anchor_generator.strides)
+    assert ops == {"torchvision.nms": 2 * num_levels, "Tensor.tolist": 3}, syncs.summary()
+    assert float(losses["num_pos"]) > 0
 
 
 def test_images_without_objects_train_without_nan():

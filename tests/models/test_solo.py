@@ -1,17 +1,20 @@
 """SOLO: config validation, split_feats / CoordConv / output shapes, hand-computed target goldens
 (levels, cells, channels i·S+j, centre of mass), the loss against a hand computation, an empty
-image, a few training steps, and predict on hand-made outputs.
+image, a few training steps, the batched mask targets against a per-image loop, host
+synchronisations of a training step (one), and predict on hand-made outputs.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 
 import pytest
 import torch
 import torchvision
 
+from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.losses import dice_loss
 from instseg_edu.models.backbone import FPNConfig
 from instseg_edu.models.solo import (
@@ -417,6 +420,118 @@ def test_loss_decreases_in_a_few_adamw_steps():
     first, last = sum(history[0]), sum(history[-1])
     assert last < 0.8 * first, history
     assert history[-1][0] < history[0][0]  # the dice term itself learns
+
+
+def _batch_with_an_empty_image() -> Batch:
+    """Three 128² images: the two of :func:`_shapes_batch` with an image without objects between
+    them, so the second image's objects are rows 2..3 of the batch's objects, not 0..1."""
+    shapes = _shapes_batch()
+    empty = _target([], [], torch.zeros(0, 128, 128, dtype=torch.bool))
+    images = torch.stack([shapes.images[0], torch.full((3, 128, 128), 0.2), shapes.images[1]])
+    return Batch(images, [(128, 128)] * 3, [shapes.targets[0], empty, shapes.targets[1]])
+
+
+@pytest.mark.parametrize("make_batch", [_shapes_batch, _batch_with_an_empty_image])
+def test_batched_mask_targets_and_dice_equal_the_per_image_loop(tiny_model, make_batch):
+    # The reference: for each level, image and positive channel in turn (boolean-mask order),
+    # resize that channel's object mask and compute its dice loss.
+    batch = make_batch()
+    with torch.no_grad():
+        outputs = tiny_model(batch.images)
+        t = tiny_model.targets(outputs, batch)
+        losses = tiny_model.loss(outputs, batch)
+    dice = []
+    for level, logits in enumerate(outputs.mask_logits):
+        ind = t.ins_ind[level]
+        assert torch.equal(t.pos_inds[level], ind.flatten().nonzero()[:, 0])
+        assert torch.equal(
+            logits.flatten(0, 1)[t.pos_inds[level]], logits.flatten(0, 1)[ind.flatten()]
+        )
+        expected_masks = []
+        for b, target in enumerate(batch.targets):
+            for ch in ind[b].nonzero().flatten().tolist():
+                k = int(t.gt_inds[level][b, ch])
+                m = (
+                    torch.nn.functional.interpolate(
+                        target.masks[k][None, None].float(), size=logits.shape[-2:], mode="bilinear"
+                    )[0, 0]
+                    .ge(0.5)
+                    .float()
+                )  # [h, w]
+                expected_masks.append(m)
+                dice.append(dice_loss(logits[b, ch][None].sigmoid(), m[None]))
+        assert t.ins_masks[level].shape == (len(expected_masks), *logits.shape[-2:])
+        if expected_masks:
+            assert torch.equal(t.ins_masks[level], torch.stack(expected_masks))
+    # Level 0 (S=12, centre region ±0.1 of the box): rect_a rows 2..3 × columns 7..8, the disc
+    # row 7 × columns 3..4, rect_b rows 8..9 × column 8, rect_c rows 1..2 × columns 2..3; level 1
+    # (S=10): rect_a (scale sqrt(60·40) = 49 >= 48) rows 1..2 × columns 6..7.
+    assert [int(i.sum()) for i in t.ins_ind] == [4 + 2 + 2 + 4, 4, 0, 0, 0]
+    assert int(t.num_pos) == len(dice) == 16
+    torch.testing.assert_close(losses["loss_ins"], 3.0 * torch.cat(dice).mean(), rtol=1e-6, atol=0)
+    assert losses["num_pos"] == 16 / len(batch)
+
+
+def test_targets_need_masks_padded_like_the_images(tiny_model):
+    shapes = _shapes_batch()
+    t1 = shapes.targets[1]
+    unpadded = _target(t1.boxes.tolist(), t1.labels.tolist(), t1.masks[:, :96, :120])
+    batch = Batch(shapes.images, [(128, 128), (96, 120)], [shapes.targets[0], unpadded])
+    with torch.no_grad():
+        outputs = tiny_model(batch.images)
+    with pytest.raises(ValueError, match="masks"):
+        tiny_model.targets(outputs, batch)
+
+
+@pytest.mark.parametrize("make_batch", [_shapes_batch, _batch_with_an_empty_image])
+def test_a_training_step_has_one_host_sync(tiny_model, make_batch):
+    """Forward, targets and loss wait for the device once: the number of positive channels per
+    level (``.tolist()`` in ``targets``), the size of the dice-loss tensors. With a boolean-mask
+    index per level and image the 2-image batch had 18 (checked on any device with
+    ``count_host_syncs``)."""
+    batch = make_batch()
+    with count_host_syncs() as syncs:
+        losses = tiny_model.loss(tiny_model(batch.images), batch)
+    assert syncs.count <= 1, f"{syncs.count} host syncs:\n{syncs.summary()}"
+    assert all("solo.py" in e.where and "in targets" in e.where for e in syncs.events), (
+        syncs.summary()
+    )
+    assert torch.isfinite(losses["loss_ins"] + losses["loss_cate"])
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_a_training_step_synchronises_once_on_gpu():
+    torch.manual_seed(0)
+    model = build_solo(TINY).cuda()
+    batch = _shapes_batch().to("cuda")
+    model.loss(model(batch.images), batch)  # warm up cuDNN and the allocator
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outputs = model(batch.images)
+            losses = model.loss(outputs, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 1, syncs
+    # The same targets and loss on the CPU, from the same head outputs.
+    cpu = build_solo(TINY)
+    cpu.load_state_dict(model.state_dict())
+    cpu_outputs = SOLOOutputs(
+        [m.detach().cpu() for m in outputs.mask_logits],
+        [c.detach().cpu() for c in outputs.cate_logits],
+        outputs.input_size,
+    )
+    expected = cpu.loss(cpu_outputs, _shapes_batch())
+    for key in ("loss_ins", "loss_cate", "num_pos"):
+        torch.testing.assert_close(losses[key].cpu(), expected[key], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.models.backbone import FPNConfig, ResNetConfig
 from instseg_edu.models.retinanet import AnchorGeneratorConfig, MaxIoUAssignerConfig
 from instseg_edu.models.yolact import (
@@ -485,6 +486,20 @@ def test_config_is_frozen():
     with pytest.raises(AttributeError):
         YOLACT_R50_FPN.bbox_head.num_classes = 3  # type: ignore[misc]
     assert isinstance(YOLACTConfig().neck, FPNConfig)
+
+
+def test_a_training_step_has_no_host_sync():
+    """Forward, targets and loss never wait for the device: on a GPU the Python loop can run
+    ahead and queue the next step (checked on any device with ``count_host_syncs``)."""
+    torch.manual_seed(0)
+    model = build_yolact(TINY)
+    batch = _shapes_batch()
+    with count_host_syncs() as syncs:
+        losses = model.loss(model(batch.images), batch)
+        total = sum(v for k, v in losses.items() if k.startswith("loss_"))
+    total.backward()
+    assert syncs.count == 0, syncs.summary()
+    assert torch.isfinite(total)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def run(tmp_path_factory):
     # predict keeps every candidate (score_thr 0), so the thumbnails always have boxes to filter
     model = build_retinanet(replace(cfg, test_cfg=replace(cfg.test_cfg, score_thr=0.0)))
     cfg = TrainConfig(max_steps=6, device="cpu", progress=False, warmup_steps=2, log_every=2)
-    dash = TrainingDashboard(thumbnails_every=3, num_thumbnails=2, class_names=CLASSES)
+    dash = TrainingDashboard(thumbnails_every=3, num_thumbnails=3, class_names=CLASSES)
     start = time.perf_counter()
     history = train(model, loader, cfg, callbacks=[dash])
     wall = time.perf_counter() - start
@@ -77,11 +77,15 @@ def test_ema_golden():
 def test_thumbnails_show_model_predictions(run):
     dash, _, model, _ = run
     assert dash._last_thumb_step == 6
-    before = [bytes(w.value) for w in dash.thumbnails.children]
+    shown, spare = dash.thumbnails.children[:2], dash.thumbnails.children[2]
+    # Batches of 2 images: the third slot stays hidden rather than showing a broken image.
+    assert [w.layout.display for w in dash.thumbnails.children] == [None, None, "none"]
+    assert bytes(spare.value) == b""
+    before = [bytes(w.value) for w in shown]
     assert all(len(b) > 100 and b[:4] == b"\x89PNG" for b in before)
     # An untrained model scores around prior_prob = 0.01: nothing above 0.3, everything above 0.
     dash.score_thr.value = 0.0
-    after = [bytes(w.value) for w in dash.thumbnails.children]
+    after = [bytes(w.value) for w in shown]
     assert after != before
     image, boxes, scores, labels, gt = dash._thumb_data[0]
     assert len(boxes) > 0

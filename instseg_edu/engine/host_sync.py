@@ -1,0 +1,210 @@
+"""Find the host synchronisations in a piece of PyTorch code — on any device, CPU included.
+
+A GPU runs ahead of Python: ``loss = model.loss(...)`` only *queues* kernels, and the Python loop
+moves on to the next batch while they run. Some operations end that: to answer them PyTorch must
+wait for the GPU to finish everything queued so far and copy a result back to the host. Each such
+**host synchronisation** drains the queue, and a training step with a dozen of them leaves the GPU
+idle between kernels. They hide in innocent-looking code:
+
+=============================================  =============================================
+code                                           why the host must wait
+=============================================  =============================================
+``t.item()``, ``float(t)``, ``if t.any():``    the value itself is needed in Python
+``t[mask]``, ``t[mask] = v``, ``t.nonzero()``  the result's *size* depends on the data
+``torch.where(cond)`` (one argument)           same: it is ``nonzero``
+``t.unique()``, ``torch.bincount(t)``          output size depends on the values
+``repeat_interleave(counts)``                  same, unless ``output_size=`` is given
+``t.tolist()``, ``t.cpu()``, ``t.numpy()``     a copy to the host
+``torchvision.ops.nms``                        the greedy pass runs on the host
+=============================================  =============================================
+
+On CUDA, ``torch.cuda.set_sync_debug_mode("error")`` turns every synchronisation into an error. This
+module finds the same operations without a GPU, so the tests that guard the fast paths run on every
+machine: :func:`count_host_syncs` watches every operator PyTorch dispatches (a
+``TorchDispatchMode``) and records those that would synchronise on a GPU, with the line of
+``instseg_edu`` code that called them::
+
+    with count_host_syncs() as syncs:
+        losses = model.loss(outputs, batch)
+    print(syncs.count, syncs.summary())
+
+Limits (the CUDA debug mode remains the ground truth): it recognises the operators in
+:data:`SYNC_OPS` and the Python-level copies listed above; a device→host copy written as
+``t.to("cpu")`` on a tensor that is already on the CPU does nothing and is not seen.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["SYNC_OPS", "HostSyncs", "SyncEvent", "count_host_syncs"]
+
+# Operator packet names (``aten.nonzero``) that synchronise on CUDA every time they run.
+SYNC_OPS = frozenset(
+    {
+        "aten._local_scalar_dense",  # .item(), float(t), int(t), bool(t), `if t:`
+        "aten.nonzero",  # t.nonzero(), torch.where(cond)
+        "aten.masked_select",
+        "aten._unique",
+        "aten._unique2",
+        "aten.unique_dim",
+        "aten.unique_consecutive",
+        "aten.unique_dim_consecutive",
+        "aten.bincount",
+        "aten.equal",
+        "torchvision.nms",
+    }
+)
+# Operators that synchronise only for some arguments (see ``_syncs``).
+_BOOL_INDEXED = frozenset(
+    {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
+)
+# Python-level methods that copy to the host.
+_HOST_COPIES = ("tolist", "cpu", "numpy")
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+@dataclass(frozen=True)
+class SyncEvent:
+    """One operation that would synchronise: ``op`` (e.g. ``aten.nonzero``) and ``where`` — the
+    innermost ``instseg_edu`` line that led to it (``file.py:123 in function``), or the innermost
+    caller outside PyTorch when no library code is involved."""
+
+    op: str
+    where: str
+
+
+@dataclass
+class HostSyncs:
+    """What :func:`count_host_syncs` saw: ``events`` in order."""
+
+    events: list[SyncEvent] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.events)
+
+    def by_location(self) -> collections.Counter:
+        """``Counter`` of ``(op, where)`` pairs."""
+        return collections.Counter((e.op, e.where) for e in self.events)
+
+    def summary(self) -> str:
+        """One line per distinct ``(op, where)``, most frequent first."""
+        if not self.events:
+            return "no host synchronisation"
+        return "\n".join(
+            f"{n:4d} × {op:28s} {where}" for (op, where), n in self.by_location().most_common()
+        )
+
+
+def _packet(func) -> str:
+    """``aten.nonzero.default`` → ``aten.nonzero``."""
+    schema = func._schema
+    ns, name = schema.name.split("::")
+    return f"{ns}.{name}"
+
+
+def _has_bool_index(args) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(
+        isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)
+        for t in (indices or ())
+        if t is not None
+    )
+
+
+def _syncs(name: str, args, kwargs) -> bool:
+    if name in SYNC_OPS:
+        return True
+    if name in _BOOL_INDEXED:  # a boolean mask index is turned into indices with nonzero
+        return _has_bool_index(args)
+    if name == "aten.repeat_interleave":  # needs the sum of the repeats unless it is given
+        return isinstance(args[0], torch.Tensor) and kwargs.get("output_size") is None
+    if name == "aten.histc":  # bins from the data's own min and max
+        lo = args[2] if len(args) > 2 else kwargs.get("min", 0)
+        hi = args[3] if len(args) > 3 else kwargs.get("max", 0)
+        return lo == hi
+    return False
+
+
+def _caller() -> str:
+    """The innermost frame in instseg_edu (not this module), else the innermost one outside the
+    ``torch`` package (torchvision's models included)."""
+    frames = traceback.extract_stack()[:-3]  # drop _caller, _record and the dispatch hook
+    fallback = None
+    for frame in reversed(frames):
+        filename = frame.filename
+        if filename == __file__:
+            continue
+        if filename.startswith(_PACKAGE_DIR):
+            rel = Path(filename).relative_to(Path(_PACKAGE_DIR).parent)
+            return f"{rel.as_posix()}:{frame.lineno} in {frame.name}"
+        if fallback is None and "/torch/" not in filename:  # torchvision's models do count
+            short = (
+                filename.split("/site-packages/")[-1]
+                if "/site-packages/" in filename
+                else Path(filename).name
+            )
+            fallback = f"{short}:{frame.lineno} in {frame.name}"
+    return fallback or "?"
+
+
+class _SyncMode(TorchDispatchMode):
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _packet(func)
+        if _syncs(name, args, kwargs):
+            self.record(name)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[HostSyncs]:
+    """Record every operation inside the ``with`` block that would make the host wait for a GPU.
+
+    Works on any device (it looks at which operators run, not at the device). Yields a
+    :class:`HostSyncs` that fills in as the block runs. Not thread-safe: it patches
+    ``Tensor.tolist/cpu/numpy`` for the duration of the block.
+    """
+    result = HostSyncs()
+    depth = 0  # a host copy made inside another recorded op is not counted twice
+
+    def record(op: str) -> None:
+        if depth == 0:
+            result.events.append(SyncEvent(op, _caller()))
+
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_COPIES}
+
+    def wrap(name, original):
+        def method(self, *args, **kwargs):
+            nonlocal depth
+            record(f"Tensor.{name}")
+            depth += 1
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                depth -= 1
+
+        return method
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, wrap(name, original))
+    try:
+        with _SyncMode(record):
+            yield result
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
