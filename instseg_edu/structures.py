@@ -178,3 +178,15 @@ def pad_targets(targets: list[Target], device: torch.device | str | None = None)
         ignore[i, :n_ign] = t.ignore_boxes.to(device)
         ignore_valid[i, :n_ign] = True
     return PaddedTargets(boxes, labels, valid, ignore, ignore_valid)
+
+
+def image_sizes_tensor(
+    image_sizes: list[tuple[int, int]], device: torch.device | str, dtype=torch.float32
+) -> torch.Tensor:
+    """Each image's true ``(h, w)`` as a ``[B, 2]`` tensor on ``device``.
+
+    ``torch.tensor(image_sizes, device="cuda")`` would block: the host waits for the GPU's queue
+    before copying. A non-blocking copy of the small host tensor does not.
+    """
+    sizes = torch.tensor(image_sizes, dtype=dtype).reshape(-1, 2)  # [B, 2] on the host
+    return sizes.to(device, non_blocking=True)

@@ -15,6 +15,7 @@ code                                           why the host must wait
 ``t.unique()``, ``torch.bincount(t)``          output size depends on the values
 ``repeat_interleave(counts)``                  same, unless ``output_size=`` is given
 ``t.tolist()``, ``t.cpu()``, ``t.numpy()``     a copy to the host
+``torch.tensor(data, device=...)``             a blocking copy *to* the device
 ``torchvision.ops.nms``                        the greedy pass runs on the host
 =============================================  =============================================
 
@@ -29,8 +30,10 @@ machine: :func:`count_host_syncs` watches every operator PyTorch dispatches (a
     print(syncs.count, syncs.summary())
 
 Limits (the CUDA debug mode remains the ground truth): it recognises the operators in
-:data:`SYNC_OPS` and the Python-level copies listed above; a device→host copy written as
-``t.to("cpu")`` on a tensor that is already on the CPU does nothing and is not seen.
+:data:`SYNC_OPS` and the Python-level copies listed above. A copy written as ``t.to(device)``
+is invisible when ``t`` is already there — on a CPU run that is every ``.to("cpu")`` and
+``.to(images.device)``; on a GPU, moving a CPU tensor that way blocks (``non_blocking=True``
+from pinned memory does not).
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ _BOOL_INDEXED = frozenset(
 )
 # Python-level methods that copy to the host.
 _HOST_COPIES = ("tolist", "cpu", "numpy")
+# Python-level constructors that copy Python data to ``device=`` with a blocking copy (on a GPU the
+# host waits for the stream); ``torch.full``, ``arange`` or a non-blocking ``.to`` do not.
+_DEVICE_COPIES = ("tensor", "as_tensor")
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
@@ -177,7 +183,7 @@ def count_host_syncs() -> Iterator[HostSyncs]:
 
     Works on any device (it looks at which operators run, not at the device). Yields a
     :class:`HostSyncs` that fills in as the block runs. Not thread-safe: it patches
-    ``Tensor.tolist/cpu/numpy`` for the duration of the block.
+    ``Tensor.tolist/cpu/numpy`` and ``torch.tensor/as_tensor`` for the duration of the block.
     """
     result = HostSyncs()
     depth = 0  # a host copy made inside another recorded op is not counted twice
@@ -186,25 +192,33 @@ def count_host_syncs() -> Iterator[HostSyncs]:
         if depth == 0:
             result.events.append(SyncEvent(op, _caller()))
 
-    originals = {name: getattr(torch.Tensor, name) for name in _HOST_COPIES}
-
-    def wrap(name, original):
-        def method(self, *args, **kwargs):
+    def wrap(name, original, counts):
+        def method(*args, **kwargs):
             nonlocal depth
-            record(f"Tensor.{name}")
+            if counts(args, kwargs):
+                record(name)
             depth += 1
             try:
-                return original(self, *args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 depth -= 1
 
         return method
 
-    for name, original in originals.items():
-        setattr(torch.Tensor, name, wrap(name, original))
+    def always(args, kwargs):
+        return True
+
+    def to_a_device(args, kwargs):  # torch.tensor(python_data, device=...)
+        return kwargs.get("device") is not None and not isinstance(args[0], torch.Tensor)
+
+    patches = [(torch.Tensor, name, f"Tensor.{name}", always) for name in _HOST_COPIES]
+    patches += [(torch, name, f"torch.{name}", to_a_device) for name in _DEVICE_COPIES]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _, _ in patches]
+    for (owner, name, label, counts), (_, _, original) in zip(patches, originals):
+        setattr(owner, name, wrap(label, original, counts))
     try:
         with _SyncMode(record):
             yield result
     finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+        for owner, name, original in originals:
+            setattr(owner, name, original)

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, nms
+from torchvision.ops import nms
 
 from instseg_edu.models.backbone import (
     FPNConfig,
@@ -63,9 +63,11 @@ from instseg_edu.models.roi_heads import (
 )
 from instseg_edu.ops.anchors import AnchorGenerator
 from instseg_edu.ops.assign import Assignment, max_iou_assign_batched
+from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
+from instseg_edu.ops.nms import class_aware_nms
 from instseg_edu.ops.sampling import random_sample_batched
-from instseg_edu.structures import Batch, Detections, pad_targets
+from instseg_edu.structures import Batch, Detections, image_sizes_tensor, pad_targets
 
 # --------------------------------------------------------------------------------------------------
 # Configuration (key names follow MMDetection's configs/_base_/models/mask_rcnn_r50_fpn.py)
@@ -616,8 +618,8 @@ class MaskRCNN(nn.Module):
         scores = logits.gather(1, idx).sigmoid()  # [B, K]
         anchors = outputs.anchors[idx]  # [B, K, 4]
         d = deltas.gather(1, idx[..., None].expand(-1, -1, 4))  # [B, K, 4]
-        sizes = torch.tensor(image_sizes, device=logits.device, dtype=torch.float32)  # [B, 2]
-        boxes = _clip_to_sizes(self.rpn_coder.decode(anchors, d), sizes[:, None])  # [B, K, 4]
+        sizes = image_sizes_tensor(image_sizes, logits.device)  # [B, 2] = (h, w)
+        boxes = clip_boxes(self.rpn_coder.decode(anchors, d), sizes[:, None])  # [B, K, 4]
         levels = outputs.anchor_levels[idx]  # [B, K]
         wh = boxes[..., 2:] - boxes[..., :2]  # [B, K, 2]
         big_enough = (wh > cfg.min_bbox_size).all(-1)  # [B, K]
@@ -828,7 +830,7 @@ class MaskRCNN(nn.Module):
             "loss_cls": loss_cls,
             "loss_bbox": loss_bbox,
             "loss_mask": loss_mask,
-            "num_pos": torch.tensor(float(len(pos)), device=pos.device),
+            "num_pos": torch.full((), float(len(pos)), device=pos.device),  # a fill, no copy
             "num_rpn_pos": t.rpn.pos_mask.sum().float(),
             "acc": acc.detach() if cls_logits.shape[0] else cls_logits.new_zeros(()),
         }
@@ -843,46 +845,55 @@ class MaskRCNN(nn.Module):
         b = len(image_sizes)
         device = outputs.rpn_logits.device
         props = self.proposals(outputs, image_sizes, self.cfg.test_cfg.rpn)
-        img, col = torch.nonzero(props.valid, as_tuple=True)  # [R]
-        rois = torch.cat([img[:, None].float(), props.boxes[img, col]], 1)  # [R, 5]
+        # Every proposal slot goes through the box head, padding included (its scores are zeroed
+        # below): a fixed R = B * P, so no host read is needed to build the RoIs.
+        p = props.boxes.shape[1]
+        img = torch.arange(b, device=device).repeat_interleave(p)  # [R] image of each RoI
+        rois = torch.cat([img[:, None].float(), props.boxes.reshape(-1, 4)], 1)  # [R, 5]
         cls_logits, deltas = self.box_forward(outputs.features, rois)
         scores = F.softmax(cls_logits.float(), dim=1)[:, :c]  # [R, C] (background dropped)
+        scores = scores * props.valid.reshape(-1, 1)  # [R, C]; padding slots score 0
         r = rois.shape[0]
         boxes = self.bbox_coder.decode(
             rois[:, None, 1:].expand(r, c, 4), deltas.float().view(r, c, 4)
         )  # [R, C, 4]
-        sizes = torch.tensor(image_sizes, device=device, dtype=torch.float32)  # [B, 2]
-        boxes = _clip_to_sizes(boxes, sizes[img][:, None])  # [R, C, 4]
+        sizes = image_sizes_tensor(image_sizes, device)  # [B, 2] = (h, w)
+        boxes = clip_boxes(boxes.view(b, p * c, 4), sizes[:, None])  # [B, P*C, 4]
+        scores = scores.view(b, p * c)  # [B, P*C]: row-major over (proposal, class)
+        labels = torch.arange(c, device=device).repeat(p)  # [P*C] class of each column
 
-        flat_boxes = boxes.reshape(-1, 4)  # [R*C, 4]
-        flat_scores = scores.reshape(-1)  # [R*C]
-        flat_labels = torch.arange(c, device=device).repeat(r)  # [R*C]
-        flat_img = img.repeat_interleave(c)  # [R*C]
-        cand = torch.nonzero(flat_scores > cfg.score_thr).squeeze(1)
-        keep = batched_nms(
-            flat_boxes[cand],
-            flat_scores[cand],
-            (flat_img * c + flat_labels)[cand],
-            cfg.nms_iou_threshold,
-        )
-        keep = cand[keep]
-        order, _ = _top_per_image(flat_img[keep], b, cfg.max_per_img)
-        keep = keep[order]  # grouped by image, score-descending inside
-        det_boxes, det_scores = flat_boxes[keep], flat_scores[keep]
-        det_labels, det_img = flat_labels[keep], flat_img[keep]
+        # Per image: candidates above score_thr, class-aware NMS, the best max_per_img. One host
+        # read gives every image's candidate count; a stable sort puts them first, in order.
+        keep = scores > cfg.score_thr  # [B, P*C]
+        counts = keep.sum(1).tolist()  # B ints
+        first = torch.argsort(~keep, dim=1, stable=True)  # [B, P*C]
+        kept = []
+        for i, n in enumerate(counts):
+            idx = first[i, :n]  # [n] candidates of image i
+            order = class_aware_nms(
+                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms_iou_threshold
+            )
+            kept.append(idx[order[: cfg.max_per_img]])  # [K_i] best first
+        num_dets = [len(k) for k in kept]  # tensor sizes: known on the host
+        det_img = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(num_dets)])
+        det_cols = torch.cat(kept)  # [K_all] columns into P*C, grouped by image
+        det_boxes = boxes[det_img, det_cols]  # [K_all, 4]
+        det_scores = scores[det_img, det_cols]  # [K_all]
+        det_labels = labels[det_cols]  # [K_all]
 
         det_rois = torch.cat([det_img[:, None].float(), det_boxes], 1)  # [K_all, 5]
         mask_logits = self.mask_forward(outputs.features, det_rois)  # [K_all, C, M, M]
-        probs = mask_logits[torch.arange(len(keep), device=device), det_labels].float().sigmoid()
+        probs = (
+            mask_logits[torch.arange(len(det_cols), device=device), det_labels].float().sigmoid()
+        )
 
         results = []
-        counts = torch.bincount(det_img, minlength=b).tolist()
         for i, (bx, sc, lb, pr) in enumerate(
             zip(
-                det_boxes.split(counts),
-                det_scores.split(counts),
-                det_labels.split(counts),
-                probs.split(counts),
+                det_boxes.split(num_dets),
+                det_scores.split(num_dets),
+                det_labels.split(num_dets),
+                probs.split(num_dets),
             )
         ):
             h, w = image_sizes[i]
@@ -894,30 +905,6 @@ class MaskRCNN(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _clip_to_sizes(boxes: Tensor, sizes: Tensor) -> Tensor:
-    """Clip ``[..., 4]`` boxes to per-row image sizes ``[..., 2]`` = ``(h, w)`` (broadcast)."""
-    x = boxes[..., 0::2].clamp(min=0)
-    y = boxes[..., 1::2].clamp(min=0)
-    x = torch.minimum(x, sizes[..., 1:2].to(x.dtype))
-    y = torch.minimum(y, sizes[..., 0:1].to(y.dtype))
-    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)
-
-
-def _top_per_image(image_index: Tensor, num_images: int, k: int) -> tuple[Tensor, Tensor]:
-    """Given items sorted by score (best first) with their image, keep the first ``k`` per image.
-
-    Returns ``(order, rank)``: ``order`` indexes the kept items grouped by image (scores still
-    descending inside an image) and ``rank`` is each kept item's position inside its image.
-    """
-    order = torch.sort(image_index, stable=True).indices  # image-major, score order kept
-    grouped = image_index[order]
-    counts = torch.bincount(grouped, minlength=num_images)  # [B]
-    starts = torch.cumsum(counts, 0) - counts  # [B]
-    rank = torch.arange(grouped.numel(), device=grouped.device) - starts[grouped]
-    keep = rank < k
-    return order[keep], rank[keep]
 
 
 def _padded_targets(batch: Batch, device):

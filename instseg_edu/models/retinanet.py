@@ -48,7 +48,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
 from instseg_edu.losses import l1_loss, sigmoid_focal_loss
 from instseg_edu.models.backbone import (
@@ -63,7 +62,8 @@ from instseg_edu.ops.anchors import AnchorGenerator
 from instseg_edu.ops.assign import Assignment, max_iou_assign_batched
 from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
-from instseg_edu.structures import Batch, Detections, pad_targets
+from instseg_edu.ops.nms import class_aware_nms
+from instseg_edu.structures import Batch, Detections, image_sizes_tensor, pad_targets
 
 __all__ = [
     "AnchorGeneratorConfig",
@@ -672,18 +672,20 @@ class RetinaNet(nn.Module):
         cand_deltas = torch.gather(deltas, 1, anchor_index[..., None].expand(-1, -1, 4))  # [B,K,4]
         boxes = self.bbox_coder.decode(anchors[anchor_index], cand_deltas)  # [B, K, 4]
 
-        # 3. per image: thresholds leave a different number of candidates in each image
+        sizes = image_sizes_tensor(image_sizes, device)  # [B, 2] = (h, w)
+        boxes = clip_boxes(boxes, sizes[:, None])  # [B, K, 4], each image to its true size
+        wh = boxes[..., 2:] - boxes[..., :2]  # [B, K, 2]
+        keep = (cand_scores > test.score_thr) & (wh > test.min_bbox_size).all(dim=-1)  # [B, K]
+
+        # 3. per image: thresholds leave a different number of candidates in each image. One
+        # host read gives every image's count; a stable sort puts its candidates first, in order.
+        counts = keep.sum(1).tolist()  # B ints
+        first = torch.argsort(~keep, dim=1, stable=True)  # [B, K]
         results = []
-        for i, (h, w) in enumerate(image_sizes):
-            img_boxes = clip_boxes(boxes[i], (h, w))  # [K, 4]
-            wh = img_boxes[:, 2:] - img_boxes[:, :2]  # [K, 2]
-            keep = (cand_scores[i] > test.score_thr) & (wh > test.min_bbox_size).all(dim=1)
-            img_boxes, img_scores, img_labels = (
-                img_boxes[keep],
-                cand_scores[i][keep],
-                labels[i][keep],
-            )
-            kept = batched_nms(img_boxes, img_scores, img_labels, test.nms_iou_threshold)
+        for i, n in enumerate(counts):
+            idx = first[i, :n]  # [n] this image's candidates
+            img_boxes, img_scores, img_labels = boxes[i, idx], cand_scores[i, idx], labels[i, idx]
+            kept = class_aware_nms(img_boxes, img_scores, img_labels, test.nms_iou_threshold)
             kept = kept[: test.max_per_img]  # batched_nms sorts by score, descending
             results.append(Detections(img_boxes[kept], img_scores[kept], img_labels[kept]))
         return results

@@ -182,17 +182,25 @@ def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
 
 
-def clip_boxes(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+def clip_boxes(boxes: Tensor, size: tuple[int, int] | Tensor) -> Tensor:
     """Clip ``xyxy`` boxes to an image: ``x`` into ``[0, W]``, ``y`` into ``[0, H]``.
 
     Args:
         boxes: ``float [..., 4]`` xyxy pixels (not modified).
-        size: the image's ``(H, W)``.
+        size: the image's ``(H, W)``; or a tensor ``[..., 2]`` of ``(H, W)`` rows that broadcasts
+            against ``boxes[..., :2]`` — e.g. ``[B, 1, 2]`` for boxes ``[B, K, 4]`` of ``B``
+            images of different sizes, clipped in one call.
 
     Returns:
         A new ``float [..., 4]`` tensor.
     """
-    h, w = size
-    x = boxes[..., 0::2].clamp(min=0, max=w)  # [..., 2]: x1, x2
-    y = boxes[..., 1::2].clamp(min=0, max=h)  # [..., 2]: y1, y2
+    if isinstance(size, Tensor):
+        h = size[..., 0:1].to(boxes.dtype)  # [..., 1]
+        w = size[..., 1:2].to(boxes.dtype)  # [..., 1]
+        x = torch.minimum(boxes[..., 0::2].clamp(min=0), w)  # [..., 2]: x1, x2
+        y = torch.minimum(boxes[..., 1::2].clamp(min=0), h)  # [..., 2]: y1, y2
+    else:
+        h, w = size
+        x = boxes[..., 0::2].clamp(min=0, max=w)  # [..., 2]: x1, x2
+        y = boxes[..., 1::2].clamp(min=0, max=h)  # [..., 2]: y1, y2
     return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], dim=-1)

@@ -33,6 +33,8 @@ mask = x > 0
         (lambda: x.numpy(), "Tensor.numpy"),
         (lambda: x.cpu(), "Tensor.cpu"),
         (lambda: torch.histc(x, bins=4), "aten.histc"),
+        (lambda: torch.tensor([[4, 6]], device=x.device), "torch.tensor"),
+        (lambda: torch.as_tensor([1.0, 2.0], device=x.device), "torch.as_tensor"),
         (
             lambda: torchvision.ops.nms(torch.tensor([[0.0, 0, 1, 1]]), torch.ones(1), 0.5),
             "torchvision.nms",
@@ -59,6 +61,11 @@ def test_operations_that_stay_on_the_device_are_not_recorded():
         y = torch.argsort(~mask, stable=True)[:2]  # static-size selection of the positives
         y = x.new_zeros(3).index_put_((idx,), torch.ones(2))
         _ = y.shape, y.numel(), y.dtype  # metadata is on the host already
+        y = torch.full((), 3.0, device=x.device)  # a fill kernel, no copy
+        y = torch.as_tensor(x, device=x.device)  # already a tensor there
+        y = torch.tensor([4, 6]).to(x.device, non_blocking=True)  # host tensor, async copy
+        z = x.clone()
+        z[1:3] = True  # a Python scalar into a slice: a fill
     assert syncs.count == 0, syncs.summary()
 
 

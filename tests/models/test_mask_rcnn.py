@@ -369,6 +369,43 @@ def test_predict_returns_detections_with_masks_at_true_size(model):
     assert [tuple(d.masks.shape) for d in empty] == [(0, 128, 128), (0, 96, 120)]
 
 
+def test_predict_equals_a_per_image_reference_with_torchvision_batched_nms(model):
+    """Box-stage predict against the textbook order: valid proposals only, softmax, decode, clip,
+    per-class NMS with torchvision's batched_nms, the best max_per_img; masks per detection."""
+    from torchvision.ops import batched_nms
+
+    batch = make_batch(seed=5)
+    model.eval()
+    cfg = model.cfg.test_cfg.rcnn
+    with torch.no_grad():
+        out = model(batch.images)
+        dets = model.predict(out, batch.image_sizes)
+        props = model.proposals(out, batch.image_sizes, model.cfg.test_cfg.rpn)
+        for i, (h, w) in enumerate(batch.image_sizes):
+            boxes = props.boxes[i][props.valid[i]]  # [R_i, 4]
+            rois = torch.cat([torch.full((len(boxes), 1), float(i)), boxes], 1)
+            logits, deltas = model.box_forward(out.features, rois)
+            scores = logits.softmax(1)[:, :NUM_CLASSES]  # [R_i, C]
+            decoded = model.bbox_coder.decode(
+                boxes[:, None].expand(-1, NUM_CLASSES, 4), deltas.view(-1, NUM_CLASSES, 4)
+            )
+            decoded[..., 0::2] = decoded[..., 0::2].clamp(0, w)
+            decoded[..., 1::2] = decoded[..., 1::2].clamp(0, h)
+            labels = torch.arange(NUM_CLASSES).expand_as(scores)
+            ok = scores > cfg.score_thr
+            b, sc, lb = decoded[ok], scores[ok], labels[ok]
+            keep = batched_nms(b, sc, lb, cfg.nms_iou_threshold)[: cfg.max_per_img]
+            assert len(keep) > 0
+            torch.testing.assert_close(dets[i].scores, sc[keep])
+            torch.testing.assert_close(dets[i].boxes, b[keep])
+            assert torch.equal(dets[i].labels, lb[keep])
+            probs = model.mask_forward(out.features, torch.cat([rois[:1, :1].expand(len(keep), 1),
+                                                                b[keep]], 1))  # fmt: skip
+            probs = probs[torch.arange(len(keep)), lb[keep]].sigmoid()
+            expected = paste_masks(probs, b[keep], (h, w)) >= cfg.mask_thr_binary
+            assert torch.equal(dets[i].masks, expected)
+
+
 def _train(model, batch, steps, lr=0.01):
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
@@ -396,7 +433,7 @@ def test_a_few_training_steps_lower_the_loss():
     assert hist[-1]["loss_mask"] < hist[0]["loss_mask"]
 
 
-def test_a_training_step_waits_for_the_device_only_for_nms_and_three_counts():
+def test_training_and_inference_wait_for_the_device_only_for_nms_and_three_counts():
     """On a GPU every host synchronisation stalls the queue. A training step needs one per RPN NMS
     call (per image and level: greedy NMS finishes on the host) and three small reads: the
     number of sampled RoIs and positives, and the RoIs per FPN level for the box and mask heads.
@@ -410,6 +447,15 @@ def test_a_training_step_waits_for_the_device_only_for_nms_and_three_counts():
     num_levels = len(CFG.rpn_head.anchor_generator.strides)
     assert ops == {"torchvision.nms": 2 * num_levels, "Tensor.tolist": 3}, syncs.summary()
     assert float(losses["num_pos"]) > 0
+
+    # Inference: the RPN's NMS, one count of the candidates, one class-aware NMS per image, and
+    # the RoIs per level for the box and mask heads (torchvision's pastes each mask in a loop).
+    model.eval()
+    with torch.no_grad(), count_host_syncs() as syncs:
+        dets = model.predict(model(batch.images), batch.image_sizes)
+    ops = collections.Counter(e.op for e in syncs.events)
+    assert ops == {"torchvision.nms": 2 * num_levels + 2, "Tensor.tolist": 3}, syncs.summary()
+    assert all(len(d) > 0 for d in dets)
 
 
 def test_images_without_objects_train_without_nan():

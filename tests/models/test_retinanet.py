@@ -448,6 +448,18 @@ def test_a_training_step_has_no_host_sync():
     assert torch.isfinite(total)
 
 
+def test_predict_waits_once_for_the_counts_and_once_per_image_for_nms():
+    torch.manual_seed(0)
+    cfg = replace(TINY, test_cfg=replace(TINY.test_cfg, score_thr=0.0))  # every candidate
+    model = build_retinanet(cfg).eval()
+    batch = _rectangles_batch()
+    with torch.no_grad(), count_host_syncs() as syncs:
+        detections = model.predict(model(batch.images), batch.image_sizes)
+    ops = [e.op for e in syncs.events]
+    assert ops == ["Tensor.tolist"] + ["torchvision.nms"] * len(batch), syncs.summary()
+    assert all(len(d.boxes) == cfg.test_cfg.max_per_img for d in detections)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------

@@ -85,6 +85,16 @@ def test_clip_boxes_and_no_inplace():
     torch.testing.assert_close(boxes, before)
 
 
+def test_clip_boxes_per_image_sizes_in_one_call():
+    boxes = torch.tensor([[[-5.0, -2.0, 50.0, 30.0]], [[-5.0, -2.0, 50.0, 30.0]]])  # [B=2, K=1, 4]
+    sizes = torch.tensor([[20, 40], [25, 10]])  # (H, W) per image
+    out = clip_boxes(boxes, sizes[:, None])
+    expected = torch.tensor([[[0.0, 0.0, 40.0, 20.0]], [[0.0, 0.0, 10.0, 25.0]]])
+    torch.testing.assert_close(out, expected)
+    for i, (h, w) in enumerate(sizes.tolist()):  # the same as one call per image
+        torch.testing.assert_close(out[i], clip_boxes(boxes[i], (h, w)))
+
+
 coord = st.floats(0, 200, allow_nan=False, width=32)
 size = st.floats(0.5, 150, allow_nan=False, width=32)
 box = st.tuples(coord, coord, size, size).map(lambda t: [t[0], t[1], t[0] + t[2], t[1] + t[3]])

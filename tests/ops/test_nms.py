@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from instseg_edu.ops.nms import fast_nms, fast_nms_reference, mask_nms, matrix_nms, points_nms
+from instseg_edu.ops.nms import (
+    class_aware_nms,
+    fast_nms,
+    fast_nms_reference,
+    mask_nms,
+    matrix_nms,
+    points_nms,
+)
 
 
 def test_fast_nms_golden_differs_from_greedy():
@@ -123,3 +130,28 @@ def test_mask_nms_greedy():
     keep = mask_nms(masks, torch.tensor([0.7, 0.8, 0.9]), iou_threshold=0.5)
     assert keep.tolist() == [2, 0]
     assert mask_nms(masks, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.7).tolist() == [0, 1, 2]
+
+
+def test_class_aware_nms_golden():
+    # Boxes 0 and 1 overlap (IoU 81/119 = 0.68); box 2 is identical to 0 but of another class.
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [20, 20, 30, 30]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    labels = torch.tensor([0, 0, 1, 0])
+    assert class_aware_nms(boxes, scores, labels, 0.5).tolist() == [0, 2, 3]
+    assert class_aware_nms(boxes, scores, labels, 0.7).tolist() == [0, 1, 2, 3]
+    assert class_aware_nms(boxes[:0], scores[:0], labels[:0], 0.5).shape == (0,)
+
+
+@pytest.mark.parametrize("n", [50, 3000])  # 3000 boxes: torchvision loops over the classes
+@pytest.mark.parametrize("seed", [0, 1])
+def test_class_aware_nms_equals_torchvision_batched_nms(n, seed):
+    from torchvision.ops import batched_nms
+
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=gen) * 300 - 20  # some negative coordinates
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=gen) * 60], 1)
+    scores = torch.rand(n, generator=gen)
+    labels = torch.randint(0, 7, (n,), generator=gen)
+    for thr in (0.3, 0.5, 0.7):
+        expected = batched_nms(boxes, scores, labels, thr)
+        assert torch.equal(class_aware_nms(boxes, scores, labels, thr), expected)
