@@ -49,11 +49,13 @@ def with_num_classes(cfg, num_classes: int):
 
 
 # ----------------------------------------------------------------------------- torchvision peers
-def build_torchvision(family: str, num_classes: int, image_size: int) -> torch.nn.Module:
-    """torchvision's R50-FPN model of ``family``, random init, resizing pinned to ``image_size``."""
+def build_torchvision(family: str, num_classes: int, image_size: int, **kwargs) -> torch.nn.Module:
+    """torchvision's R50-FPN model of ``family``, random init, resizing pinned to ``image_size``;
+    ``kwargs`` go to the model (e.g. ``score_thresh``)."""
     from torchvision.models import detection
 
     common = dict(weights=None, weights_backbone=None, min_size=image_size, max_size=image_size)
+    common.update(kwargs)
     if family == "retinanet":
         # Sigmoid classification: labels index the class axis directly, no background column.
         return detection.retinanet_resnet50_fpn(num_classes=num_classes, **common)

@@ -180,10 +180,8 @@ def main() -> None:
             + (f"{reach:.2f} min" if reach is not None else "never (within the budget)")
         )
         for k, (ours, peer) in finals.items():
-            print(
-                f"final {k} AP: ours {ours:.3f}  torchvision {peer:.3f}  ratio "
-                f"{ours / max(peer, 1e-9):.2f}"
-            )
+            ratio = f"{ours / peer:.2f}" if peer > 0 else "n/a (torchvision at 0)"
+            print(f"final {k} AP: ours {ours:.3f}  torchvision {peer:.3f}  ratio {ratio}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "curves": curves}, f, indent=2)

@@ -183,7 +183,8 @@ def main() -> None:
                 print(
                     f"{family:9s} {name:11s} {r['precision']:4s} train {r['train_img_s']:7.1f} "
                     f"img/s  infer {r['infer_img_s']:7.1f} img/s  batch-1 "
-                    f"{r['latency_ms']:6.1f} ms  peak {r['peak_gib']:5.2f} GiB"
+                    f"{r['latency_ms']:6.1f} ms  peak "
+                    + (f"{r['peak_gib']:5.2f} GiB" if device.type == "cuda" else "(CUDA only)")
                 )
             best[name] = max(runs, key=lambda r: r["train_img_s"])
             best[name]["best_infer"] = max(runs, key=lambda r: r["infer_img_s"])["infer_img_s"]
