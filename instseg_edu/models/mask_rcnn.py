@@ -43,7 +43,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from instseg_edu.models.backbone import (
     FPNConfig,
@@ -594,24 +593,24 @@ class MaskRCNN(nn.Module):
         """RPN proposals for the whole batch: top ``nms_pre`` per level, decode, clip, NMS.
 
         Top-k, decoding, clipping and the size filter run batched. NMS runs per image *and per FPN
-        level*, as MMDetection's RPN does; the ``max_per_img`` best survivors of all levels are
-        then kept. NMS is greedy and sequential, and ``torchvision.ops.nms`` finishes on the host,
-        so each call waits for the device once — nothing else here does: the candidates of one
-        (image, level) are a fixed slice (``min(nms_pre, H*W*A)`` of them), and boxes too small to
-        keep are given score -1 instead of being removed (below every sigmoid score, they can
-        suppress nothing; they sort last and are marked invalid).
+        level*, as MMDetection's RPN does (the level is the group id of a class-aware NMS, one
+        call per image); the ``max_per_img`` best survivors of all levels are then kept. NMS is
+        greedy and sequential, and ``torchvision.ops.nms`` finishes on the host, so each call
+        waits for the device once — nothing else here does: every image has the same number of
+        candidates (``min(nms_pre, H*W*A)`` per level), and boxes too small to keep are given score
+        -1 instead of being removed (below every sigmoid score, they can suppress nothing; they
+        sort last and are marked invalid).
         """
         logits = outputs.rpn_logits.detach().float()  # [B, N]
         deltas = outputs.rpn_deltas.detach().float()  # [B, N, 4]
         b = logits.shape[0]
-        idx_parts, k_levels, start = [], [], 0
+        idx_parts, start = [], 0
         per_level = [
             f.shape[-2] * f.shape[-1] * a
             for f, a in zip(outputs.features, self.anchor_generator.num_base_anchors)
         ]  # H*W*A each
         for n in per_level:
-            k_levels.append(min(cfg.nms_pre, n))
-            top = logits[:, start : start + n].topk(k_levels[-1], dim=1).indices  # [B, k_l]
+            top = logits[:, start : start + n].topk(min(cfg.nms_pre, n), dim=1).indices  # [B, k_l]
             idx_parts.append(top + start)
             start += n
         idx = torch.cat(idx_parts, 1)  # [B, K], K = sum of k_l, level blocks side by side
@@ -630,16 +629,9 @@ class MaskRCNN(nn.Module):
         out_scores = scores.new_zeros(b, p)
         out_levels = levels.new_zeros(b, p)
         out_valid = torch.zeros(b, p, dtype=torch.bool, device=boxes.device)
-        block_starts = [sum(k_levels[:i]) for i in range(len(k_levels))]
         for i in range(b):
-            keep = torch.cat(
-                [
-                    start + nms(boxes[i, start : start + k], nms_scores[i, start : start + k],
-                                cfg.nms_iou_threshold)
-                    for start, k in zip(block_starts, k_levels)
-                ]
-            )  # [n_i] survivors of every level of image i, indices into K  # fmt: skip
-            keep = keep[nms_scores[i, keep].topk(min(p, keep.numel())).indices]  # best first
+            keep = class_aware_nms(boxes[i], nms_scores[i], levels[i], cfg.nms_iou_threshold)
+            keep = keep[:p]  # [n] indices into K, best first over all levels
             n, ok = keep.numel(), big_enough[i, keep]  # [n]
             out_boxes[i, :n] = boxes[i, keep] * ok[:, None]  # too-small boxes: zeros, invalid
             out_scores[i, :n] = scores[i, keep] * ok

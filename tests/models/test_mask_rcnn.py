@@ -435,17 +435,16 @@ def test_a_few_training_steps_lower_the_loss():
 
 def test_training_and_inference_wait_for_the_device_only_for_nms_and_three_counts():
     """On a GPU every host synchronisation stalls the queue. A training step needs one per RPN NMS
-    call (per image and level: greedy NMS finishes on the host) and three small reads: the
-    number of sampled RoIs and positives, and the RoIs per FPN level for the box and mask heads.
-    torchvision's Mask R-CNN needs 93 for the same two images (benchmarks/host_syncs.py)."""
+    call (one per image: greedy NMS finishes on the host) and three small reads: the number of
+    sampled RoIs and positives, and the RoIs per FPN level for the box and mask heads.
+    torchvision's Mask R-CNN needs 109 for two 512² images (benchmarks/host_syncs.py)."""
     torch.manual_seed(0)
     model = build_mask_rcnn(CFG)
     batch = make_batch(seed=6)
     with count_host_syncs() as syncs:
         losses = model.loss(model(batch.images), batch)
     ops = collections.Counter(e.op for e in syncs.events)
-    num_levels = len(CFG.rpn_head.anchor_generator.strides)
-    assert ops == {"torchvision.nms": 2 * num_levels, "Tensor.tolist": 3}, syncs.summary()
+    assert ops == {"torchvision.nms": len(batch), "Tensor.tolist": 3}, syncs.summary()
     assert float(losses["num_pos"]) > 0
 
     # Inference: the RPN's NMS, one count of the candidates, one class-aware NMS per image, and
@@ -454,7 +453,7 @@ def test_training_and_inference_wait_for_the_device_only_for_nms_and_three_count
     with torch.no_grad(), count_host_syncs() as syncs:
         dets = model.predict(model(batch.images), batch.image_sizes)
     ops = collections.Counter(e.op for e in syncs.events)
-    assert ops == {"torchvision.nms": 2 * num_levels + 2, "Tensor.tolist": 3}, syncs.summary()
+    assert ops == {"torchvision.nms": 2 * len(batch), "Tensor.tolist": 3}, syncs.summary()
     assert all(len(d) > 0 for d in dets)
 
 
