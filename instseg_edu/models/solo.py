@@ -842,6 +842,12 @@ class SOLO(nn.Module):
         SOLO upsamples all ``ΣS²`` mask channels to stride 4 first; we upsample only the
         candidates' channels — the same numbers (bilinear resizing is per channel), far less memory.
 
+        Two host synchronisations per call, whatever the batch size: the number of candidates of
+        each image and level (it sizes the mask tensors) and the number of detections of each image
+        (it sizes the output), each read once for the whole batch. Between them every step has a
+        size the host already knows: candidates that a boolean index would remove are kept at
+        score ``-inf`` instead, where they change nothing (see the comments in the code).
+
         Args:
             outputs: from ``forward``.
             image_sizes: each image's true ``(h, w)`` inside the padded batch.
@@ -868,49 +874,83 @@ class SOLO(nn.Module):
             [torch.full((s * s,), float(st), device=device) for s, st in zip(grids, head.strides)]
         )  # [N]
 
-        results = []
-        for b, (h, w) in enumerate(image_sizes):
-            keep = cate[b] > test.score_thr  # [N, C]
-            cand = keep.nonzero()  # [K, 2] (row, class), rows ascending
-            scores, labels = cate[b][keep], cand[:, 1]  # [K] each
-            rows = cand[:, 0]  # [K]
-            probs = _candidate_probs(outputs.mask_logits, b, rows, starts, mask_size0)
+        # Candidates (row, class) above score_thr, counted per image and level: the host needs
+        # these counts (they size the mask tensors), the first of two host synchronisations.
+        keep = cate > test.score_thr  # [B, N, C]
+        per_level = torch.stack(
+            [keep[:, lo:hi].sum(dim=(1, 2)) for lo, hi in itertools.pairwise(starts)], dim=1
+        )  # [B, L]
+        level_counts = per_level.tolist()  # B lists of L ints
+
+        # Steps 1-4 for every image without waiting for the device: each image's best
+        # max_per_img candidates (labels, scores, mask probabilities) and how many of them are
+        # detections (num_dets, read once for the whole batch below).
+        num_dets = torch.zeros(len(image_sizes), dtype=torch.long, device=device)  # [B]
+        best = []  # per image: (labels, scores, probs), best first
+        for b in range(len(image_sizes)):
+            n_level = level_counts[b]  # L ints
+            # Flat indices row · C + class of the candidates, ascending as ``keep[b].nonzero()``
+            # lists them: a stable sort puts the True entries (~keep = False) first, in order.
+            # Static size (the count is known) instead of nonzero: no host sync on the GPU.
+            cand = torch.argsort(~keep[b].flatten(), stable=True)[: sum(n_level)]  # [N*C] -> [K]
+            rows, labels = cand // c, cand % c  # [K] each
+            scores = cate[b].flatten()[cand]  # [N*C] -> [K]
+            probs = _candidate_probs(outputs.mask_logits, b, rows, starts, n_level, mask_size0)
             masks = probs > test.mask_thr  # [K, h0, w0]
             area = masks.sum(dim=(1, 2)).float()  # [K]
             maskness = (probs * masks).sum(dim=(1, 2)) / area.clamp(min=1)  # [K]
             scores = scores * maskness
             # A mask needs more pixels than its level's stride (SOLO's ``sum_masks > strides``).
-            sel = (area > row_stride[rows]).nonzero().squeeze(1)  # [K'] indices of candidates
-            sel = sel[scores[sel].argsort(descending=True, stable=True)[: test.nms_pre]]
+            # The others stay, at score -inf: they sort after every valid candidate, and Matrix NMS
+            # decays a mask only by higher-scored ones, so the valid masks' scores are unchanged.
+            # Static size instead of removing them with a boolean index: no host sync on the GPU.
+            valid = area > row_stride[rows]  # [K]
+            scores = torch.where(valid, scores, -torch.inf)
+            top = scores.argsort(descending=True, stable=True)[: test.nms_pre]  # [K'] best first
             decayed = matrix_nms(
-                masks[sel], labels[sel], scores[sel], kernel=test.kernel, sigma=test.sigma
-            )
-            ok = decayed >= test.update_thr
-            sel, decayed = sel[ok], decayed[ok]
-            order = decayed.argsort(descending=True, stable=True)[: test.max_per_img]
-            final_sel = sel[order]  # [K''] kept candidates, best first
-            scores, labels, probs = decayed[order], labels[final_sel], probs[final_sel]
+                masks[top], labels[top], scores[top], kernel=test.kernel, sigma=test.sigma
+            )  # [K']
+            ok = valid[top] & (decayed >= test.update_thr)  # [K']
+            # The same trick: the kept ones first, by decayed score, the others at -inf after them.
+            order = torch.where(ok, decayed, -torch.inf).argsort(descending=True, stable=True)
+            order = order[: test.max_per_img]  # [K''] positions in `top`, kept ones first
+            final = top[order]  # [K''] candidates
+            best.append((labels[final], decayed[order], probs[final]))  # [K''], [K''], [K'', ...]
+            num_dets[b] = ok.sum().clamp(max=test.max_per_img)
 
-            if probs.shape[0] == 0:
+        # Step 5, once the host knows how many detections each image has (the second and last
+        # host synchronisation): masks at the image's true size, and their tight boxes.
+        results = []
+        for (h, w), n, (labels, scores, probs) in zip(image_sizes, num_dets.tolist(), best):
+            if n == 0:
                 results.append(Detections.empty(device, mask_size=(h, w)))
                 continue
+            labels, scores, probs = labels[:n], scores[:n], probs[:n]  # [n], [n], [n, h0, w0]
             full = F.interpolate(
                 probs[None], size=outputs.input_size, mode="bilinear", align_corners=False
-            )[0]
-            final = full[:, :h, :w] > test.mask_thr  # [K, h, w]
+            )[0]  # [n, Hp, Wp]
+            final = full[:, :h, :w] > test.mask_thr  # [n, h, w]
             results.append(Detections(masks_to_boxes(final), scores, labels, final))
         return results
 
 
 def _candidate_probs(
-    mask_logits: list[Tensor], b: int, rows: Tensor, starts: list[int], size: tuple[int, int]
+    mask_logits: list[Tensor],
+    b: int,
+    rows: Tensor,
+    starts: list[int],
+    level_counts: list[int],
+    size: tuple[int, int],
 ) -> Tensor:
-    """Mask probabilities of image ``b``'s candidate rows (concatenated over levels, ascending),
-    each level's channels resized bilinearly to ``size``: ``float [K, *size]``."""
-    parts = []
-    for level, logits in enumerate(mask_logits):
-        in_level = (rows >= starts[level]) & (rows < starts[level + 1])  # [K]
-        p = logits[b, rows[in_level] - starts[level]].float().sigmoid()  # [k_l, h_l, w_l]
+    """Mask probabilities of image ``b``'s candidate rows (concatenated over levels, ascending;
+    ``level_counts[l]`` of them on level ``l``), each level's channels resized bilinearly to
+    ``size``: ``float [K, *size]``."""
+    parts, first = [], 0
+    for level, (logits, k) in enumerate(zip(mask_logits, level_counts)):
+        # Rows ascend, so level l's candidates are the next k: a slice, not a boolean index.
+        channels = rows[first : first + k] - starts[level]  # [k_l] mask channels of this level
+        first += k
+        p = logits[b, channels].float().sigmoid()  # [S², h_l, w_l] -> [k_l, h_l, w_l]
         if p.shape[-2:] != size:
             if p.shape[0] == 0:
                 p = p.new_zeros(0, *size)

@@ -83,7 +83,7 @@ from instseg_edu.models.retinanet import (
 from instseg_edu.ops.assign import Assignment, max_iou_assign_batched
 from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
-from instseg_edu.ops.nms import fast_nms
+from instseg_edu.ops.nms import FastNMSResult, fast_nms_batched
 from instseg_edu.structures import Batch, Detections, pad_targets
 
 __all__ = [
@@ -867,10 +867,14 @@ class YOLACT(nn.Module):
         1. Softmax; per level and image keep the ``nms_pre`` anchors with the best foreground
            score; decode their boxes and clip them to the image's true size.
         2. :func:`~instseg_edu.ops.nms.fast_nms` over the ``C`` classes (``top_k`` per class,
-           ``score_thr``, ``iou_thr``, ``max_per_img``).
+           ``score_thr``, ``iou_thr``, ``max_per_img``), all images at once
+           (:func:`~instseg_edu.ops.nms.fast_nms_batched`).
         3. Masks of the kept detections: ``sigmoid(Prototypes · Coeffsᵀ)``, cropped with the
            *predicted* box, bilinearly upsampled to the padded input size, ``> mask_thr``, cut to
            the true ``(h, w)``.
+
+        One host synchronisation per call, whatever the batch size: the number of detections of
+        each image, read once for the whole batch after Fast NMS.
 
         Returns:
             One :class:`Detections` per image: ``boxes [K, 4]``, ``scores [K]`` (descending),
@@ -896,28 +900,34 @@ class YOLACT(nn.Module):
             outputs.coeffs.float(), 1, idx[..., None].expand(-1, -1, self.num_protos)
         )  # [B, K, P]
         boxes = self.bbox_coder.decode(anchors[idx], cand_deltas)  # [B, K, 4]
+        # Each image clipped to its true size; only the images that have a size are predicted.
+        nb = len(image_sizes)
+        boxes = torch.stack([clip_boxes(bx, size) for bx, size in zip(boxes, image_sizes)])
 
+        # 2. Fast NMS of every image at once; the number of detections of each image is the one
+        # value the host must wait for (read once for the batch, not once per image).
+        ranked, num_kept = fast_nms_batched(
+            boxes,  # [nb, K, 4]
+            cand_scores[:nb].transpose(1, 2),  # [nb, K, C] -> [nb, C, K]
+            iou_threshold=test.iou_thr,
+            top_k=test.top_k,
+            score_threshold=test.score_thr,
+            max_num=test.max_per_img,
+        )
+        counts = num_kept.tolist()  # the one host synchronisation: nb ints
         hm, wm = outputs.prototypes.shape[-2:]
         padded = (hm * self.proto_stride, wm * self.proto_stride)
         results = []
-        for i, (h, w) in enumerate(image_sizes):
-            img_boxes = clip_boxes(boxes[i], (h, w))  # [K, 4]
-            kept = fast_nms(
-                img_boxes,
-                cand_scores[i].T,  # [C, K]
-                iou_threshold=test.iou_thr,
-                top_k=test.top_k,
-                score_threshold=test.score_thr,
-                max_num=test.max_per_img,
-            )
+        for i, ((h, w), n) in enumerate(zip(image_sizes, counts)):
+            kept = FastNMSResult(*(f[i, :n] for f in ranked))  # each [nb, M, ...] -> [n, ...]
             # 3. masks of the kept detections
-            coeffs = cand_coeffs[i][kept.indices]  # [K, P]
+            coeffs = cand_coeffs[i][kept.indices]  # [n, P]
             probs = assemble_masks(
                 outputs.prototypes[i].float(), coeffs, kept.boxes / self.proto_stride
-            )  # [K, Hm, Wm]
-            if len(kept.indices) > 0:
+            )  # [n, Hm, Wm]
+            if n > 0:
                 up = F.interpolate(probs[None], size=padded, mode="bilinear", align_corners=False)
-                masks = up[0, :, :h, :w] > test.mask_thr  # [K, h, w]
+                masks = up[0, :, :h, :w] > test.mask_thr  # [n, h, w]
             else:
                 masks = torch.zeros(0, h, w, dtype=torch.bool, device=device)
             results.append(Detections(kept.boxes, kept.scores, kept.labels, masks))

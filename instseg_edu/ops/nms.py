@@ -10,6 +10,8 @@ one-stage mask models introduced, each a few tensor operations:
   (``iou[i, j]`` for ``i`` scored above ``j``) and discard box ``j`` when its largest IoU with any
   higher-scored box exceeds the threshold — even if that box was itself discarded. Slightly more
   boxes are removed than with greedy NMS (0.1 mAP in the paper), in a fraction of the time.
+  :func:`fast_nms_batched` does it for a batch of images with data-independent shapes: the caller
+  reads the numbers of kept boxes once (one host synchronisation for the whole batch).
 - :func:`matrix_nms` — SOLOv2 (Wang et al. 2020, Sec. 3.3 "Matrix NMS"). Instead of removing masks,
   *decay* each mask's score by how much it overlaps higher-scored masks of its class, compensated by
   how much those masks were overlapped themselves; then a score threshold does the removal.
@@ -35,6 +37,7 @@ __all__ = [
     "FastNMSResult",
     "class_aware_nms",
     "fast_nms",
+    "fast_nms_batched",
     "fast_nms_reference",
     "mask_nms",
     "matrix_nms",
@@ -86,13 +89,15 @@ class FastNMSResult(NamedTuple):
     indices: Tensor
 
 
-def _check_fast_nms(boxes: Tensor, scores: Tensor) -> None:
-    if scores.dim() != 2:
-        raise ValueError(f"scores must be [C, N], got {tuple(scores.shape)}")
-    c, n = scores.shape
-    if boxes.shape not in ((n, 4), (c, n, 4)):
+def _check_fast_nms(boxes: Tensor, scores: Tensor, batched: bool = False) -> None:
+    b = "B, " if batched else ""
+    if scores.dim() != 2 + batched:
+        raise ValueError(f"scores must be [{b}C, N], got {tuple(scores.shape)}")
+    *lead, c, n = scores.shape  # lead: () or (B,)
+    if boxes.shape not in ((*lead, n, 4), (*lead, c, n, 4)):
         raise ValueError(
-            f"boxes must be [N, 4] or [C, N, 4] with C={c}, N={n}, got {tuple(boxes.shape)}"
+            f"boxes must be [{b}N, 4] or [{b}C, N, 4] for scores {tuple(scores.shape)}, "
+            f"got {tuple(boxes.shape)}"
         )
 
 
@@ -105,6 +110,9 @@ def fast_nms(
     max_num: int = -1,
 ) -> FastNMSResult:
     """YOLACT's Fast NMS, every class at once (Bolya et al. 2019, Sec. 5).
+
+    One image; :func:`fast_nms_batched` does the work (for a batch of one), and the single host
+    synchronisation is reading how many detections were kept.
 
     Args:
         boxes: ``float [N, 4]`` xyxy (shared by all classes) or ``[C, N, 4]`` (per class).
@@ -119,23 +127,73 @@ def fast_nms(
         :class:`FastNMSResult`, sorted by descending score.
     """
     _check_fast_nms(boxes, scores)
-    c, n = scores.shape
-    k = min(int(top_k), n)
-    top_scores, idx = scores.sort(dim=1, descending=True, stable=True)
-    top_scores, idx = top_scores[:, :k], idx[:, :k]  # [C, k] each, best first
-    if boxes.dim() == 2:
-        cand = boxes[idx.reshape(-1)].reshape(c, k, 4)  # [C, k, 4]
-    else:
-        cand = torch.gather(boxes, 1, idx[:, :, None].expand(-1, -1, 4))  # [C, k, 4]
-    iou = batched_box_iou(cand, cand).triu(diagonal=1)  # [C, k, k]: iou[c, i, j] for i above j
-    iou_max = iou.amax(dim=1) if k > 0 else top_scores.new_zeros(c, 0)  # [C, k]
-    keep = (iou_max <= iou_threshold) & (top_scores > score_threshold)  # [C, k]
+    ranked, num_kept = fast_nms_batched(
+        boxes[None], scores[None], iou_threshold, top_k, score_threshold, max_num
+    )
+    num = int(num_kept[0])  # the host waits here, once: the number of detections K
+    return FastNMSResult(*(f[0, :num] for f in ranked))  # each [1, M, ...] -> [K, ...]
 
-    labels = torch.arange(c, device=scores.device)[:, None].expand(c, k)  # [C, k]
-    out_scores, order = top_scores[keep].sort(descending=True, stable=True)  # [K]
+
+def fast_nms_batched(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float = 0.5,
+    top_k: int = 200,
+    score_threshold: float = 0.0,
+    max_num: int = -1,
+) -> tuple[FastNMSResult, Tensor]:
+    """:func:`fast_nms` for ``B`` images at once, with shapes that do not depend on the data.
+
+    Each image keeps a different number of boxes, so instead of removing the others this returns,
+    per image, *all* ``M = C · min(top_k, N)`` candidates (at most ``max_num`` of them) ranked with
+    the kept ones first, and how many were kept: image ``b``'s detections are the first
+    ``num_kept[b]`` entries of each field, exactly :func:`fast_nms` of that image. Reading
+    ``num_kept`` once for the whole batch (``.tolist()``) is then the only host synchronisation —
+    a boolean-mask index per image would be one each on a GPU.
+
+    Args:
+        boxes: ``float [B, N, 4]`` xyxy (shared by all classes) or ``[B, C, N, 4]`` (per class).
+        scores: ``float [B, C, N]``.
+        iou_threshold, top_k, score_threshold, max_num: as in :func:`fast_nms`.
+
+    Returns:
+        ``(ranked, num_kept)``: a :class:`FastNMSResult` whose fields are ``[B, M, 4]`` and
+        ``[B, M]``, each image's kept detections first by descending score (the rest is padding:
+        removed candidates), and ``num_kept``, ``int64 [B]``.
+    """
+    _check_fast_nms(boxes, scores, batched=True)
+    b, c, n = scores.shape
+    k = min(int(top_k), n)
+    top_scores, idx = scores.sort(dim=2, descending=True, stable=True)
+    top_scores, idx = top_scores[..., :k], idx[..., :k]  # [B, C, k] each, best first
+    if boxes.dim() == 3:  # shared boxes: gather the k best of every class from the N
+        cand = torch.gather(boxes, 1, idx.reshape(b, c * k, 1).expand(-1, -1, 4))  # [B, C*k, 4]
+        cand = cand.reshape(b, c, k, 4)  # [B, C, k, 4]
+    else:
+        cand = torch.gather(boxes, 2, idx[..., None].expand(-1, -1, -1, 4))  # [B, C, k, 4]
+    per_class = cand.reshape(b * c, k, 4)  # [B*C, k, 4]
+    # iou[., i, j] for box i scored above box j of the same class and image (upper triangle)
+    iou = batched_box_iou(per_class, per_class).triu(diagonal=1)  # [B*C, k, k]
+    iou_max = iou.amax(dim=1).reshape(b, c, k) if k > 0 else top_scores.new_zeros(b, c, 0)
+    keep = (iou_max <= iou_threshold) & (top_scores > score_threshold)  # [B, C, k]
+
+    # Rank each image's C·k candidates by score with the removed ones at -inf. A stable sort keeps
+    # ties in (class, rank) order, so the kept ones come first in the order of
+    # ``top_scores[keep].sort(stable=True)``; static-size instead of a boolean index (no host sync).
+    ranked = torch.where(keep, top_scores, -torch.inf).reshape(b, c * k)  # [B, C*k]
+    order = ranked.argsort(dim=1, descending=True, stable=True)  # [B, C*k]
+    num_kept = keep.reshape(b, c * k).sum(dim=1)  # [B]
     if max_num >= 0:
-        out_scores, order = out_scores[:max_num], order[:max_num]
-    return FastNMSResult(cand[keep][order], out_scores, labels[keep][order], idx[keep][order])
+        order, num_kept = order[:, :max_num], num_kept.clamp(max=max_num)  # [B, M], [B]
+    labels = torch.arange(c, device=scores.device)[:, None].expand(c, k)  # [C, k]
+    pick = order[..., None].expand(-1, -1, 4)  # [B, M, 4]
+    result = FastNMSResult(
+        torch.gather(cand.reshape(b, c * k, 4), 1, pick),  # [B, C*k, 4] -> [B, M, 4]
+        torch.gather(top_scores.reshape(b, c * k), 1, order),  # [B, C*k] -> [B, M]
+        labels.reshape(1, c * k).expand(b, -1).gather(1, order),  # [B, C*k] -> [B, M]
+        torch.gather(idx.reshape(b, c * k), 1, order),  # [B, C*k] -> [B, M]
+    )
+    return result, num_kept
 
 
 def fast_nms_reference(

@@ -1,7 +1,8 @@
 """SOLO: config validation, split_feats / CoordConv / output shapes, hand-computed target goldens
 (levels, cells, channels i·S+j, centre of mass), the loss against a hand computation, an empty
 image, a few training steps, the batched mask targets against a per-image loop, host
-synchronisations of a training step (one), and predict on hand-made outputs.
+synchronisations of a training step (one) and of predict (two), predict on hand-made outputs and
+against a per-image boolean-indexing reference.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from instseg_edu.models.solo import (
     solo_target_single,
     split_feats,
 )
+from instseg_edu.ops.nms import matrix_nms, points_nms
 from instseg_edu.structures import Batch, Detections, Target
 
 # A tiny SOLO: ResNet-18, 16-channel FPN and head, two stacked convs, 3 classes, grids
@@ -599,3 +601,116 @@ def test_predict_nothing_above_threshold_gives_empty_detections(tiny_model):
     # Fresh head: every cell starts at probability 0.01 < score_thr = 0.1.
     assert [len(d) for d in dets] == [0, 0]
     assert dets[1].masks.shape == (0, 96, 64) and dets[1].boxes.shape == (0, 4)
+
+
+# Thresholds low enough for a fresh head, whose category and mask probabilities all start near the
+# prior 0.01: hundreds of candidates per image.
+LOW_THRESHOLDS = SOLOTestConfig(score_thr=0.001, update_thr=1e-6, mask_thr=0.005)
+PREDICT_SIZES = [(110, 160), (128, 91), (64, 64)]  # true sizes inside a padded 128×160 batch
+
+
+@pytest.fixture(scope="module")
+def low_threshold_outputs():
+    torch.manual_seed(0)
+    model = build_solo(replace(TINY, test_cfg=LOW_THRESHOLDS)).eval()
+    with torch.no_grad():
+        outputs = model(torch.rand(3, 3, 128, 160))
+    return model, outputs
+
+
+def _predict_reference(model, outputs, image_sizes):
+    """SOLO's ``get_seg_single`` one image at a time with boolean-mask indexing (as in SOLO's code
+    and this library's first version)."""
+    head, test = model.cfg.bbox_head, model.cfg.test_cfg
+    size0 = outputs.mask_logits[0].shape[-2:]
+    starts = [0]
+    for s in head.num_grids:
+        starts.append(starts[-1] + s * s)
+    resize = torch.nn.functional.interpolate
+
+    def candidate_probs(b, rows):  # each level's candidate channels, resized to size0
+        parts = []
+        for level, logits in enumerate(outputs.mask_logits):
+            in_level = (rows >= starts[level]) & (rows < starts[level + 1])
+            p = logits[b, rows[in_level] - starts[level]].float().sigmoid()
+            if p.shape[-2:] != size0 and len(p) == 0:
+                p = p.new_zeros(0, *size0)
+            elif p.shape[-2:] != size0:
+                p = resize(p[None], size=size0, mode="bilinear")[0]
+            parts.append(p)
+        return torch.cat(parts)  # [K, h0, w0]
+
+    # [B, C, S, S] -> [B, S², C] per level -> [B, N, C]
+    cate = torch.cat(
+        [points_nms(x.sigmoid()).flatten(2).transpose(1, 2) for x in outputs.cate_logits], 1
+    )
+    row_stride = torch.cat(
+        [torch.full((s * s,), float(st)) for s, st in zip(head.num_grids, head.strides)]
+    )  # [N]
+    results = []
+    for b, (h, w) in enumerate(image_sizes):
+        keep = cate[b] > test.score_thr  # [N, C]
+        rows, labels = keep.nonzero().unbind(1)
+        probs = candidate_probs(b, rows)  # [K, h0, w0]
+        masks = probs > test.mask_thr
+        area = masks.sum(dim=(1, 2)).float()
+        maskness = (probs * masks).sum(dim=(1, 2)) / area.clamp(min=1)
+        scores = cate[b][keep] * maskness
+        sel = (area > row_stride[rows]).nonzero()[:, 0]
+        sel = sel[scores[sel].argsort(descending=True, stable=True)[: test.nms_pre]]
+        decayed = matrix_nms(masks[sel], labels[sel], scores[sel], test.kernel, test.sigma)
+        ok = decayed >= test.update_thr
+        sel, decayed = sel[ok], decayed[ok]
+        order = decayed.argsort(descending=True, stable=True)[: test.max_per_img]
+        if len(order) == 0:
+            final = torch.zeros(0, h, w, dtype=torch.bool)
+        else:
+            full = resize(probs[sel[order]][None], size=outputs.input_size, mode="bilinear")[0]
+            final = full[:, :h, :w] > test.mask_thr
+        results.append((masks_to_boxes(final), decayed[order], labels[sel[order]], final))
+    return results
+
+
+@pytest.mark.parametrize(
+    "test_cfg",
+    [
+        LOW_THRESHOLDS,  # 100 detections per image (max_per_img)
+        replace(LOW_THRESHOLDS, update_thr=5e-5),  # a few survive Matrix NMS
+        replace(LOW_THRESHOLDS, nms_pre=7, max_per_img=3),
+        # mask_thr just above the prior: some masks are too small for their level's stride, so
+        # candidates dropped at score -inf do go through Matrix NMS (nms_pre 500 > K)
+        replace(LOW_THRESHOLDS, mask_thr=0.0100005),
+        replace(LOW_THRESHOLDS, mask_thr=0.0100005, kernel="linear"),
+        SOLOTestConfig(),  # nothing above score_thr = 0.1
+    ],
+)
+def test_predict_equals_the_boolean_indexing_reference(low_threshold_outputs, test_cfg):
+    trained, outputs = low_threshold_outputs
+    model = build_solo(replace(TINY, test_cfg=test_cfg))
+    model.load_state_dict(trained.state_dict())
+    dets = model.predict(outputs, PREDICT_SIZES)
+    expected = _predict_reference(model, outputs, PREDICT_SIZES)
+    for d, (boxes, scores, labels, masks), (h, w) in zip(dets, expected, PREDICT_SIZES):
+        assert len(d) == len(scores) and d.masks.shape == (len(scores), h, w)
+        assert torch.equal(d.labels, labels)
+        assert torch.equal(d.scores, scores)
+        assert torch.equal(d.masks, masks)
+        assert torch.equal(d.boxes, boxes)
+    if test_cfg == SOLOTestConfig():
+        assert [len(d) for d in dets] == [0, 0, 0]
+    else:
+        assert all(len(d) > 0 for d in dets)
+
+
+def test_predict_waits_for_the_device_twice_per_batch(low_threshold_outputs):
+    """Predict reads two counts from the device, once each for the whole batch: the candidates
+    per image and level (they size the mask tensors) and the detections per image (they size the
+    output). With boolean-mask indexing it was 10 per image — 30 for these 3 images."""
+    model, outputs = low_threshold_outputs
+    with count_host_syncs() as syncs:
+        dets = model.predict(outputs, PREDICT_SIZES)
+    assert [len(d) for d in dets] == [100, 100, 100]
+    assert syncs.count <= 2, f"{syncs.count} host syncs:\n{syncs.summary()}"
+    assert all("solo.py" in e.where and "in predict" in e.where for e in syncs.events), (
+        syncs.summary()
+    )

@@ -1,6 +1,7 @@
 """YOLACT: shapes, the linear combination against a loop, the crop and OHEM on hand cases, targets
 against the per-image assigner, the losses against explicit loops, empty images, a few training
-steps, predict on hand-made outputs, configuration errors.
+steps, predict on hand-made outputs and its host synchronisations (one per batch), configuration
+errors.
 """
 
 from __future__ import annotations
@@ -405,6 +406,55 @@ def test_predict_masks_at_true_size():
             if len(ys):
                 assert xs.min() >= box[0] - 4 and xs.max() < box[2] + 4
                 assert ys.min() >= box[1] - 4 and ys.max() < box[3] + 4
+
+
+def _three_image_outputs(test_cfg: YOLACTTestConfig):
+    torch.manual_seed(0)
+    model = build_yolact(replace(TINY, test_cfg=test_cfg)).eval()
+    with torch.no_grad():
+        outputs = model(torch.rand(3, 3, 64, 96))
+    return model, outputs
+
+
+SIZES_3 = [(64, 96), (41, 77), (64, 50)]
+
+
+@pytest.mark.parametrize(
+    "test_cfg",
+    [
+        YOLACTTestConfig(),  # the fresh head scores every class ≈ 1/3: max_per_img = 100 each
+        YOLACTTestConfig(score_thr=0.34, iou_thr=0.3),  # a different number in each image
+        YOLACTTestConfig(score_thr=0.9),  # nothing
+    ],
+)
+def test_predict_of_a_batch_equals_predict_image_by_image(test_cfg):
+    """The batched Fast NMS and the one count read per batch give each image what predicting it
+    alone gives (image by image, this is what ``predict`` did before)."""
+    model, outputs = _three_image_outputs(test_cfg)
+    dets = model.predict(outputs, SIZES_3)
+    for i, size in enumerate(SIZES_3):
+        one = YOLACTOutputs(*(o[i : i + 1] if torch.is_tensor(o) else o for o in outputs))
+        (alone,) = model.predict(one, [size])
+        for field in ("boxes", "scores", "labels", "masks"):
+            assert torch.equal(getattr(dets[i], field), getattr(alone, field)), (i, field)
+    counts = [len(d) for d in dets]
+    if test_cfg.score_thr == 0.9:
+        assert counts == [0, 0, 0]
+    else:
+        assert all(n > 0 for n in counts)
+
+
+def test_predict_waits_for_the_device_once_per_batch():
+    """The only host synchronisation of predict is reading how many detections each image kept,
+    once for the batch (Fast NMS's boolean-mask indexes made it 4 per image before)."""
+    model, outputs = _three_image_outputs(YOLACTTestConfig(score_thr=0.34, iou_thr=0.3))
+    with count_host_syncs() as syncs:
+        dets = model.predict(outputs, SIZES_3)
+    assert all(len(d) > 0 for d in dets)
+    assert syncs.count <= 1, f"{syncs.count} host syncs:\n{syncs.summary()}"
+    assert all("yolact.py" in e.where and "in predict" in e.where for e in syncs.events), (
+        syncs.summary()
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,11 @@ import math
 import pytest
 import torch
 
+from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.ops.nms import (
     class_aware_nms,
     fast_nms,
+    fast_nms_batched,
     fast_nms_reference,
     mask_nms,
     matrix_nms,
@@ -63,6 +65,56 @@ def test_fast_nms_empty():
     assert all(len(f) == 0 for f in out)
     with pytest.raises(ValueError, match="boxes"):
         fast_nms(torch.zeros(3, 4), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("per_class", [False, True])
+def test_fast_nms_batched_equals_the_loop_reference_per_image(per_class):
+    # Three images keeping different numbers of boxes: image 1 none (every score below the
+    # threshold), so the padding after each image's kept boxes really differs.
+    g = torch.Generator().manual_seed(0)
+    b, c, n = 3, 3, 40
+    xy = torch.rand(b, c, n, 2, generator=g) * 60
+    boxes = torch.cat([xy, xy + torch.rand(b, c, n, 2, generator=g) * 30 + 5], dim=-1)
+    boxes = boxes if per_class else boxes[:, 0]  # [B, C, N, 4] or [B, N, 4]
+    scores = torch.rand(b, c, n, generator=g)
+    scores[1] *= 0.1
+    kw = dict(iou_threshold=0.4, top_k=25, score_threshold=0.1, max_num=30)
+    with count_host_syncs() as syncs:
+        ranked, num_kept = fast_nms_batched(boxes, scores, **kw)
+    assert syncs.count == 0, syncs.summary()
+    assert ranked.boxes.shape == (3, 30, 4) and ranked.indices.shape == (3, 30)  # max_num < C·k
+    for i in range(b):
+        ref = fast_nms_reference(boxes[i], scores[i], **kw)
+        k = int(num_kept[i])
+        assert k == len(ref.indices)
+        assert ranked.indices[i, :k].tolist() == ref.indices.tolist()
+        assert ranked.labels[i, :k].tolist() == ref.labels.tolist()
+        torch.testing.assert_close(ranked.scores[i, :k], ref.scores)
+        torch.testing.assert_close(ranked.boxes[i, :k], ref.boxes)
+    assert num_kept[1] == 0 and num_kept[0] > 0 and num_kept[2] > 0
+    # without max_num every candidate of every class is ranked: M = C · min(top_k, N)
+    ranked, _ = fast_nms_batched(boxes, scores, top_k=25)
+    assert ranked.scores.shape == (3, 3 * 25)
+
+
+def test_fast_nms_waits_for_the_device_once():
+    """Reading how many boxes were kept is the only host synchronisation (four boolean-mask
+    indexes before)."""
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(30, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + 20], dim=1)
+    with count_host_syncs() as syncs:
+        out = fast_nms(boxes, torch.rand(2, 30, generator=g), score_threshold=0.2)
+    assert len(out.indices) > 0
+    assert syncs.count == 1, syncs.summary()
+    assert "nms.py" in syncs.events[0].where and "in fast_nms" in syncs.events[0].where
+
+
+def test_fast_nms_batched_checks_shapes():
+    with pytest.raises(ValueError, match="scores"):
+        fast_nms_batched(torch.zeros(2, 4, 4), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="boxes"):
+        fast_nms_batched(torch.zeros(3, 4, 4), torch.zeros(2, 3, 4))
 
 
 def square_mask(x0, x1, size=10):
