@@ -1,4 +1,5 @@
-"""The GPU training recipe — bf16 autocast and channels_last — run on the CPU for every family.
+"""What matters on a GPU, checked on the CPU for every family: the training recipe (bf16 autocast
+and channels_last) and how often a training step makes the host wait for the device.
 
 The training loop uses both only on CUDA, which CI does not have. Autocast behaves the same way on
 the CPU (the same ops run in bf16, the same ones stay in float32), so dtype mismatches (a bf16
@@ -20,6 +21,7 @@ import test_solo
 import test_yolact
 import torch
 
+from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.models.mask_rcnn import build_mask_rcnn
 from instseg_edu.models.retinanet import build_retinanet
 from instseg_edu.models.solo import build_solo
@@ -92,3 +94,23 @@ def test_bf16_autocast_and_channels_last(family):
         assert det.labels.dtype == torch.int64
         if det.masks is not None:
             assert det.masks.dtype == torch.bool and det.masks.shape[1:] == (h, w)
+
+
+# Host waits per training step (forward + targets + loss) for a batch of 2: SOLO reads its
+# positive-channel counts once; Mask R-CNN runs one RPN NMS per image and reads three counts.
+HOST_WAITS = {"retinanet": 0, "mask_rcnn": 2 + 3, "solo": 1, "yolact": 0}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_host_waits_of_a_training_step(family):
+    build, cfg, make_batch, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build(cfg)
+    batch = make_batch()
+    assert len(batch) == 2
+    with count_host_syncs() as syncs:
+        losses = model.loss(model(batch.images), batch)
+    total = sum(v for k, v in losses.items() if k.startswith("loss_"))
+    total.backward()
+    assert syncs.count == HOST_WAITS[family], syncs.summary()
+    assert torch.isfinite(total)
