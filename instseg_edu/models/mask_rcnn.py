@@ -61,7 +61,7 @@ from instseg_edu.models.roi_heads import (
     paste_masks,
 )
 from instseg_edu.ops.anchors import AnchorGenerator
-from instseg_edu.ops.assign import Assignment, max_iou_assign_batched
+from instseg_edu.ops.assign import Assignment, max_iou_assign_padded
 from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
 from instseg_edu.ops.nms import class_aware_nms
@@ -650,21 +650,7 @@ class MaskRCNN(nn.Module):
         gt = gt if gt is not None else _padded_targets(batch, device)
         sizes = [tuple(f.shape[-2:]) for f in outputs.features]
         valid = self.anchor_valid(sizes, batch.image_sizes, device)  # [B, N]
-        a = cfg.rpn_assigner
-        assignment = max_iou_assign_batched(
-            outputs.anchors,
-            gt.boxes,
-            gt.labels,
-            gt.valid,
-            pos_iou_thr=a.pos_iou_thr,
-            neg_iou_thr=a.neg_iou_thr,
-            min_pos_iou=a.min_pos_iou,
-            match_low_quality=a.match_low_quality,
-            ignore_iof_thr=a.ignore_iof_thr,
-            anchor_valid=valid,
-            gt_boxes_ignore=gt.ignore_boxes,
-            ignore_valid=gt.ignore_valid,
-        )
+        assignment = max_iou_assign_padded(outputs.anchors, gt, cfg.rpn_assigner, valid)
         pos, neg = _sample(assignment, cfg.rpn_sampler)  # [B, N] each
         anchors = outputs.anchors.expand(len(batch), -1, -1)  # [B, N, 4]
         matched = _gather_gt(gt.boxes, assignment.gt_inds)  # [B, N, 4]
@@ -685,21 +671,7 @@ class MaskRCNN(nn.Module):
         else:
             cands, cand_valid = proposals.boxes, proposals.valid
             is_gt = torch.zeros_like(proposals.valid)
-        a = cfg.assigner
-        assignment = max_iou_assign_batched(
-            cands,
-            gt.boxes,
-            gt.labels,
-            gt.valid,
-            pos_iou_thr=a.pos_iou_thr,
-            neg_iou_thr=a.neg_iou_thr,
-            min_pos_iou=a.min_pos_iou,
-            match_low_quality=a.match_low_quality,
-            ignore_iof_thr=a.ignore_iof_thr,
-            anchor_valid=cand_valid,
-            gt_boxes_ignore=gt.ignore_boxes,
-            ignore_valid=gt.ignore_valid,
-        )
+        assignment = max_iou_assign_padded(cands, gt, cfg.assigner, cand_valid)
         pos, neg = _sample(assignment, cfg.sampler)  # [B, G+P]
         # The RoI stage's one wait for the device: how many RoIs (and positives) were sampled.
         # With the counts on the host, the sampled entries are picked by a stable sort instead

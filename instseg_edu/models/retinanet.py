@@ -59,7 +59,7 @@ from instseg_edu.models.backbone import (
     resnet_out_channels,
 )
 from instseg_edu.ops.anchors import AnchorGenerator
-from instseg_edu.ops.assign import Assignment, max_iou_assign_batched
+from instseg_edu.ops.assign import Assignment, max_iou_assign_padded
 from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
 from instseg_edu.ops.nms import class_aware_nms
@@ -547,22 +547,7 @@ class RetinaNet(nn.Module):
         anchors = self.anchors(outputs.featmap_sizes, device)  # [N, 4]
         valid = self.anchor_valid(outputs.featmap_sizes, batch.image_sizes, device)  # [B, N]
         gt = pad_targets(batch.targets, device)  # boxes [B, G, 4], labels/valid [B, G]
-        a = self.cfg.train_cfg.assigner
-        assignment = max_iou_assign_batched(
-            anchors,
-            gt.boxes,
-            gt.labels,
-            gt.valid,
-            pos_iou_thr=a.pos_iou_thr,
-            neg_iou_thr=a.neg_iou_thr,
-            min_pos_iou=a.min_pos_iou,
-            match_low_quality=a.match_low_quality,
-            gt_max_assign_all=a.gt_max_assign_all,
-            ignore_iof_thr=a.ignore_iof_thr,
-            anchor_valid=valid,
-            gt_boxes_ignore=gt.ignore_boxes,
-            ignore_valid=gt.ignore_valid,
-        )
+        assignment = max_iou_assign_padded(anchors, gt, self.cfg.train_cfg.assigner, valid)
         pos = assignment.gt_inds > 0  # [B, N]
         b, n = pos.shape
         anchors_b = anchors.expand(b, n, 4)  # [B, N, 4]

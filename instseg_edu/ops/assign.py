@@ -67,6 +67,7 @@ __all__ = [
     "assignment_summary",
     "max_iou_assign",
     "max_iou_assign_batched",
+    "max_iou_assign_padded",
     "max_iou_assign_steps",
 ]
 
@@ -425,6 +426,44 @@ class AssignmentSummary(NamedTuple):
     unmatched_gt: Tensor
     counts: Tensor
     counts_per_level: Tensor | None
+
+
+# The assigner keys of MMDetection's ``MaxIoUAssigner`` that a model config may carry.
+_ASSIGNER_KEYS = (
+    "pos_iou_thr",
+    "neg_iou_thr",
+    "min_pos_iou",
+    "match_low_quality",
+    "gt_max_assign_all",
+    "ignore_iof_thr",
+)
+
+
+def max_iou_assign_padded(
+    anchors: Tensor, gt, cfg, anchor_valid: Tensor | None = None
+) -> Assignment:
+    """:func:`max_iou_assign_batched` with a model's assigner config and padded ground truth.
+
+    Args:
+        anchors: ``[N, 4]`` (shared by the batch) or ``[B, N, 4]``.
+        gt: a :class:`~instseg_edu.structures.PaddedTargets` (boxes, labels, valid and ignore
+            regions of the batch).
+        cfg: any config with MMDetection's assigner keys (``pos_iou_thr``, ``neg_iou_thr``,
+            ``min_pos_iou``, ``match_low_quality``, ``ignore_iof_thr``, optionally
+            ``gt_max_assign_all``); a key it lacks keeps the function's default.
+        anchor_valid: ``bool [B, N]`` or None.
+    """
+    thresholds = {k: getattr(cfg, k) for k in _ASSIGNER_KEYS if hasattr(cfg, k)}
+    return max_iou_assign_batched(
+        anchors,
+        gt.boxes,
+        gt.labels,
+        gt.valid,
+        **thresholds,
+        anchor_valid=anchor_valid,
+        gt_boxes_ignore=gt.ignore_boxes,
+        ignore_valid=gt.ignore_valid,
+    )
 
 
 def assignment_summary(

@@ -330,3 +330,35 @@ def test_batched_on_cuda_has_no_host_sync_and_matches_cpu():
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(out, cpu):
         assert torch.equal(a.cpu(), b)
+
+
+def test_padded_form_reads_the_model_config_keys():
+    from types import SimpleNamespace
+
+    from instseg_edu.ops.assign import max_iou_assign_padded
+    from instseg_edu.structures import Target, pad_targets
+
+    gen = torch.Generator().manual_seed(3)
+    xy = torch.rand(2, 60, 2, generator=gen) * 80
+    anchors = torch.cat([xy, xy + 8 + 30 * torch.rand(2, 60, 2, generator=gen)], -1)  # [B, N, 4]
+    targets = [
+        Target(torch.tensor([[10.0, 10, 50, 40], [60, 5, 90, 30]]), torch.tensor([1, 0]),
+               torch.zeros(2, 4, 4, dtype=torch.bool),
+               ignore_boxes=torch.tensor([[0.0, 60, 30, 90]])),
+        Target(torch.tensor([[20.0, 30, 70, 80]]), torch.tensor([2]),
+               torch.zeros(1, 4, 4, dtype=torch.bool)),
+    ]  # fmt: skip
+    gt = pad_targets(targets)
+    # A config without gt_max_assign_all (Mask R-CNN's): the function's default applies.
+    cfg = SimpleNamespace(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.1,
+                          match_low_quality=True, ignore_iof_thr=0.5)  # fmt: skip
+    valid = torch.rand(2, 60, generator=gen) > 0.1
+    got = max_iou_assign_padded(anchors, gt, cfg, valid)
+    expected = max_iou_assign_batched(
+        anchors, gt.boxes, gt.labels, gt.valid, pos_iou_thr=0.5, neg_iou_thr=0.4,
+        min_pos_iou=0.1, match_low_quality=True, gt_max_assign_all=True, ignore_iof_thr=0.5,
+        anchor_valid=valid, gt_boxes_ignore=gt.ignore_boxes, ignore_valid=gt.ignore_valid,
+    )  # fmt: skip
+    for field in got._fields:
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+    assert (got.reason == IGNORED).any() and (got.gt_inds > 0).any()
