@@ -296,6 +296,8 @@ def install(wheels: Path, work: Path, env: dict, timeout_s: float, smoke: bool) 
         files = []
     elif not files:
         result["note"] = f"no wheels in {wheels}: using the installed packages"
+    else:
+        result["wheels_not_carried"] = wheels_not_carried(files)
     result["wheels_mib"] = round(sum(f.stat().st_size for f in files) / 2**20, 1)
     status = "ok"
     if files:
@@ -336,6 +338,17 @@ def install(wheels: Path, work: Path, env: dict, timeout_s: float, smoke: bool) 
             f"{m} ({found['imports'][m]})" for m in missing
         )
     return result
+
+
+def wheels_not_carried(files: list[Path]) -> list[str]:
+    """The ``name==version`` lines of ``gpu_wheels.txt`` that no file in ``files`` matches."""
+
+    def key(name: str, version: str) -> tuple[str, str]:
+        return name.lower().replace("-", "_").replace(".", "_"), version
+
+    have = {key(*f.name.split("-")[:2]) for f in files}
+    wanted = [line.split("#")[0].strip() for line in WHEEL_LIST.read_text().splitlines()]
+    return [w for w in wanted if w and key(*w.split("==")) not in have]
 
 
 # Run with the new PYTHONPATH: each module's version (or why it is missing), where instseg_edu
@@ -912,6 +925,8 @@ def markdown(report: dict) -> str:
             f"{len(p.get('wheels', []))} wheels ({p.get('wheels_mib', 0)} MiB) from "
             f"`{Path(p['wheels_dir']).name}/`" + (f"; {p['note']}" if p.get("note") else "") + "."
         )
+        if p.get("wheels_not_carried"):
+            lines.append("Listed but not carried: " + ", ".join(p["wheels_not_carried"]) + ".")
         if p.get("unmet_requirements"):
             lines.append("Requirements not met: " + "; ".join(p["unmet_requirements"]) + ".")
     if "tests" in parts:

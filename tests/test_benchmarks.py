@@ -288,3 +288,20 @@ def test_gpu_check_part_time_limit_kills_the_process_group(tmp_path):
         "failed",
         3,
     )
+
+
+def test_gpu_check_lists_the_wheels_not_carried(tmp_path):
+    gpu_check = _gpu_check()
+    listed = [line.split("#")[0].strip() for line in gpu_check.WHEEL_LIST.read_text().splitlines()]
+    listed = [line for line in listed if line]
+    assert "pycocotools==2.0.11" in listed and len(listed) == len({n.lower() for n in listed})
+    # Wheel file names spell the project name with underscores (PEP 427).
+    files = [
+        tmp_path / f"{line.replace('==', '-').replace('-', '_', line.count('-'))}-py3-none-any.whl"
+        for line in listed
+    ]
+    assert gpu_check.wheels_not_carried(files) == []
+    assert gpu_check.wheels_not_carried(files[1:]) == [listed[0]]
+    older = tmp_path / "pycocotools-2.0.10-cp312-abi3-manylinux_2_17_x86_64.whl"
+    rest = [f for f in files if not f.name.startswith("pycocotools")]
+    assert gpu_check.wheels_not_carried([older, *rest]) == ["pycocotools==2.0.11"]
