@@ -305,3 +305,12 @@ def test_gpu_check_lists_the_wheels_not_carried(tmp_path):
     older = tmp_path / "pycocotools-2.0.10-cp312-abi3-manylinux_2_17_x86_64.whl"
     rest = [f for f in files if not f.name.startswith("pycocotools")]
     assert gpu_check.wheels_not_carried([older, *rest]) == ["pycocotools==2.0.11"]
+
+
+def test_gpu_check_fits_eight_minutes():
+    gpu_check = _gpu_check()
+    budget = gpu_check.BUDGET_S
+    assert sum(budget[p] for p in ("install", *gpu_check.DEFAULT_PARTS)) <= 8 * 60
+    assert budget["install"] + budget["mask_rcnn"] <= 8 * 60
+    # Time to AP trains each of its two sides for its minutes, and evaluates besides.
+    assert budget["time_to_ap"] > 2 * 60 * gpu_check.TIME_TO_AP["minutes"]
