@@ -326,7 +326,7 @@ RECORD_DASHBOARD_JS = """(sel) => {
         const busy = document.querySelector(
             '.jp-Notebook-ExecutionIndicator[data-status="busy"]') !== null;
         const done = Array.from(document.querySelectorAll('.jp-OutputArea-output'))
-            .some(e => /steps; dashboard time/.test(e.textContent));
+            .some(e => /steps in [0-9.]+ s; dashboard time/.test(e.textContent));
         const loss = div.data.find(t => t.name === 'loss');
         window.__dashboard.push({busy: busy, done: done,
                                  loss: loss ? Array.from(loss.x).length : 0});
@@ -342,7 +342,9 @@ def test_training_dashboard_live_in_jupyterlab(page, lab, tmp_path):
         open_notebook(page, lab, "04_retinanet.ipynb")
         page.evaluate(RECORD_DASHBOARD_JS, selector)
         run_all_cells(page)
-        summary = page.locator(".jp-OutputArea-output", has_text="steps; dashboard time").first
+        summary = page.locator(
+            ".jp-OutputArea-output", has_text=re.compile(r"steps in [0-9.]+ s; dashboard time")
+        ).first
         summary.wait_for(timeout=240_000)
         # The rest of the notebook (evaluation, predictions) runs; then the kernel is idle.
         page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(
@@ -350,7 +352,7 @@ def test_training_dashboard_live_in_jupyterlab(page, lab, tmp_path):
         )
         page.evaluate("clearInterval(window.__dashboardTimer)")
         notes = page.evaluate("window.__dashboard")
-        steps = int(re.match(r"\s*(\d+) steps;", summary.inner_text()).group(1))
+        steps = int(re.match(r"\s*(\d+) steps in ", summary.inner_text()).group(1))
         assert steps == DASHBOARD_STEPS  # log_every=1 in smoke mode: one history row per step
 
         # Live: while the kernel was busy training, the browser drew >= 3 different states of
