@@ -191,10 +191,6 @@ def check_coco(data: dict, source: str) -> CocoFile:
     return CocoFile(source, out, sizes, categories, dropped)
 
 
-def _where(source: str, what: str, entry) -> str:
-    return f"{source}: {what} {entry['id']}" if "id" in entry else f"{source}: a {what}"
-
-
 def _require(source: str, entry, keys: tuple[str, ...], what: str) -> None:
     if not isinstance(entry, dict):
         raise DataError(f"{source}: every {what} must be a JSON object, got {entry!r:.80}")
@@ -212,9 +208,17 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite(value) -> bool:
+    """``math.isfinite`` that says False for an integer beyond float range instead of raising."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _is_count(value) -> bool:
     """A positive whole number (some tools write 640.0 for 640)."""
-    return _is_number(value) and math.isfinite(value) and value > 0 and float(value).is_integer()
+    return _is_number(value) and _finite(value) and value > 0 and float(value).is_integer()
 
 
 def _check_images(source: str, images: list) -> dict[int, tuple[int, int]]:
@@ -252,18 +256,28 @@ def _check_categories(source: str, categories: list) -> dict[int, str]:
     return names
 
 
+_ANNOTATION_KEYS = frozenset(REQUIRED_ANNOTATION)
+_NUMBER_TYPES = (int, float)  # exact types, as json gives them (so no bool)
+
+
 def _check_annotation(source, ann, sizes, categories, seen) -> dict | str:
-    """The normalised annotation, or the reason it is dropped (a str). Raises on refusals."""
-    _require(source, ann, REQUIRED_ANNOTATION, "annotation")
-    where = _where(source, "annotation", ann)
-    if not _is_int(ann["id"]):
+    """The normalised annotation, or the reason it is dropped (a str). Raises on refusals.
+
+    Called once per annotation of files with millions of them: the common case takes the
+    cheapest checks (exact ``type`` tests, one ``sum`` per list), a failing one a slower path
+    that finds and names the culprit.
+    """
+    if type(ann) is not dict or not _ANNOTATION_KEYS <= ann.keys():
+        _require(source, ann, REQUIRED_ANNOTATION, "annotation")
+    where = f"{source}: annotation {ann['id']}"
+    if type(ann["id"]) is not int:
         raise DataError(f"{source}: annotation id {ann['id']!r} must be an integer")
     if ann["id"] in seen:
         raise DataError(f"{where}: annotation id appears twice")
     seen.add(ann["id"])
-    if not _is_int(ann["image_id"]) or ann["image_id"] not in sizes:
+    if type(ann["image_id"]) is not int or ann["image_id"] not in sizes:
         raise DataError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-    if not _is_int(ann["category_id"]) or ann["category_id"] not in categories:
+    if type(ann["category_id"]) is not int or ann["category_id"] not in categories:
         raise DataError(
             f"{where}: unknown category id {ann['category_id']!r} (known ids: {sorted(categories)})"
         )
@@ -272,28 +286,30 @@ def _check_annotation(source, ann, sizes, categories, seen) -> dict | str:
     crowd = ann.get("iscrowd", 0)
     if crowd not in (0, 1):  # True and False compare equal to 1 and 0
         raise DataError(f"{where}: iscrowd must be 0 or 1, got {crowd!r:.40}")
-    if "area" in ann and not (_is_number(ann["area"]) and math.isfinite(ann["area"])
-                              and ann["area"] >= 0):  # fmt: skip
-        raise DataError(f"{where}: area must be a finite number >= 0, got {ann['area']!r:.40}")
+    area = ann.get("area", 0)
+    if type(area) not in _NUMBER_TYPES or not 0 <= area < math.inf:  # also catches NaN
+        raise DataError(f"{where}: area must be a finite number >= 0, got {area!r:.40}")
     segmentation = _check_segmentation(where, ann.get("segmentation"), (height, width))
 
     if w < 1 or h < 1:
         return f"its box {ann['bbox']} is under 1 px wide or high"
-    x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    if x2 - x1 < 1 or y2 - y1 < 1:
-        return f"its box {ann['bbox']} lies outside the {width}x{height} image"
-    if isinstance(segmentation, str):
+    bbox = ann["bbox"]
+    if not (0 <= x and 0 <= y and x + w <= width and y + h <= height):  # clip to the image
+        x1, y1 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+        x2, y2 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+        if x2 - x1 < 1 or y2 - y1 < 1:
+            return f"its box {bbox} lies outside the {width}x{height} image"
+        bbox = [x1, y1, x2 - x1, y2 - y1]
+    if type(segmentation) is str:
         if crowd:  # a crowd region's polygons only shape segm evaluation: its box will do
             segmentation = []
         else:
             return segmentation
-    clipped = (x1, y1, x2, y2) != (x, y, x + w, y + h)
     clean = {
         "id": ann["id"],
         "image_id": ann["image_id"],
         "category_id": ann["category_id"],
-        "bbox": [x1, y1, x2 - x1, y2 - y1] if clipped else list(ann["bbox"]),
+        "bbox": list(bbox),
         "iscrowd": int(crowd),
         "segmentation": segmentation,
     }
@@ -303,12 +319,20 @@ def _check_annotation(source, ann, sizes, categories, seen) -> dict | str:
 
 
 def _check_bbox(where: str, bbox) -> tuple[float, float, float, float]:
-    if not (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (
+        type(bbox) is list
+        and len(bbox) == 4
+        and type(bbox[0]) in _NUMBER_TYPES
+        and type(bbox[1]) in _NUMBER_TYPES
+        and type(bbox[2]) in _NUMBER_TYPES
+        and type(bbox[3]) in _NUMBER_TYPES
+    ):
         raise DataError(f"{where}: bbox must be [x, y, w, h], got {bbox!r:.80}")
-    for name, value in zip(("x", "y", "width", "height"), bbox):
-        if not math.isfinite(value):
-            raise DataError(f"{where}: bbox {name} is {value}; it must be finite")
-    x, y, w, h = (float(v) for v in bbox)
+    x, y, w, h = bbox
+    if not _finite(x + y + w + h):  # NaN or inf somewhere (or a sum past 1e308)
+        for name, value in zip(("x", "y", "width", "height"), bbox):
+            if not _finite(value):
+                raise DataError(f"{where}: bbox {name} is {value!r:.24}; it must be finite")
     if w < 0 or h < 0:
         raise DataError(f"{where}: bbox {bbox} has a negative width or height")
     return x, y, w, h
@@ -352,39 +376,41 @@ def _check_segmentation(where: str, seg, image_hw: tuple[int, int]):
 
 def _check_polygons(where: str, seg: list, image_hw: tuple[int, int]):
     height, width = image_hw
+    lo_x, hi_x = -POLYGON_MARGIN * width, (1 + POLYGON_MARGIN) * width
+    lo_y, hi_y = -POLYGON_MARGIN * height, (1 + POLYGON_MARGIN) * height
     valid = []
     for i, polygon in enumerate(seg):
-        if not isinstance(polygon, list):
+        if type(polygon) is not list:
             raise DataError(
                 f"{where}: segmentation[{i}] must be a flat list [x1, y1, x2, y2, ...], got "
                 f"{polygon!r:.40}"
             )
-        # One numpy conversion checks the types: a list of numbers becomes an int or float
-        # array; a string, null or nested list gives another dtype (no silent "1.5" -> 1.5).
+        # One sum checks every coordinate: a string, null or list raises TypeError, a NaN or
+        # an infinity makes it non-finite. Only then is the culprit looked for.
         try:
-            coords = np.asarray(polygon) if polygon else np.zeros(0)
-        except ValueError:  # ragged nesting
-            coords = np.zeros(0, dtype=object)
-        if coords.dtype.kind not in "iuf" or coords.ndim != 1:
-            j = next((j for j, v in enumerate(polygon) if not _is_number(v)), None)
-            if j is not None:
-                raise DataError(
-                    f"{where}: segmentation[{i}][{j}] is {polygon[j]!r:.40}, not a number"
-                )
-        coords = coords.astype(np.float64)  # [2K]
-        if not np.isfinite(coords).all():
-            j = int(np.flatnonzero(~np.isfinite(coords))[0])
-            raise DataError(f"{where}: segmentation[{i}][{j}] is {polygon[j]}; it must be finite")
+            total = sum(polygon)
+        except TypeError:
+            total = math.nan
+        if not _finite(total):
+            for j, v in enumerate(polygon):
+                if not _is_number(v):
+                    raise DataError(
+                        f"{where}: segmentation[{i}][{j}] is {v!r:.40}, not a number"
+                    ) from None
+                if not _finite(v):
+                    raise DataError(
+                        f"{where}: segmentation[{i}][{j}] is {v!r:.24}; it must be finite"
+                    )
         if len(polygon) < 6 or len(polygon) % 2:
             continue  # fewer than 3 points, or half a point: no area (detectron2 drops these)
-        xs, ys = coords[0::2], coords[1::2]
-        out_x = (xs < -POLYGON_MARGIN * width) | (xs > (1 + POLYGON_MARGIN) * width)
-        out_y = (ys < -POLYGON_MARGIN * height) | (ys > (1 + POLYGON_MARGIN) * height)
-        if out_x.any() or out_y.any():
-            k = int(np.flatnonzero(out_x | out_y)[0])
+        xs, ys = polygon[0::2], polygon[1::2]
+        if min(xs) < lo_x or max(xs) > hi_x or min(ys) < lo_y or max(ys) > hi_y:
+            x, y = next(
+                (x, y) for x, y in zip(xs, ys) if not (lo_x <= x <= hi_x and lo_y <= y <= hi_y)
+            )
             raise DataError(
-                f"{where}: segmentation[{i}] has the point ({xs[k]:g}, {ys[k]:g}), far outside "
-                f"the {width}x{height} image"
+                f"{where}: segmentation[{i}] has the point ({x:g}, {y:g}), far outside the "
+                f"{width}x{height} image"
             )
         valid.append(polygon)
     if not valid:
