@@ -277,6 +277,12 @@ def test_case2_the_checkpoint_carries_the_category_list_to_evaluate(tmp_path, ca
     capsys.readouterr()
     assert main([*evaluate, "--val-json", str(horse_json)]) == 2
     _one_line_error(capsys, "evaluate", "ids 9 ('horse')", "the model knows ids [1, 2, 3]")
+    # predict reads images like the datasets do, and refuses a broken one in one line
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8\xff broken")
+    predict = ["predict", "--checkpoint", str(out / "last.pt"), "--device", "cpu", "--out",
+               str(tmp_path / "pred")]  # fmt: skip
+    assert main([*predict, str(tmp_path / "junk.jpg")]) == 2
+    _one_line_error(capsys, "predict", "cannot read", "junk.jpg")
 
 
 # -- 3. photos with an EXIF orientation -----------------------------------------------------------
