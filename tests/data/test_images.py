@@ -49,7 +49,10 @@ def test_all_eight_exif_orientations_match_both_reference_readers(tmp_path, fmt,
     turned = orientation >= 5  # 5..8 swap width and height
     assert image.shape == ((3, 9, 6) if turned else (3, 6, 9))
     torch.testing.assert_close(image, _pillow_reference(path), rtol=0, atol=0)
-    torch.testing.assert_close(image, _torchvision_reference(path), rtol=0, atol=0)
+    # Pillow and torchvision may link different libjpeg builds (IDCT rounding): a JPEG may differ
+    # by a level or two; a wrong turn or flip differs by up to 255 levels.
+    tolerance = 2 / 255 if fmt == "JPEG" else 0
+    torch.testing.assert_close(image, _torchvision_reference(path), rtol=0, atol=tolerance)
     assert exif_orientation(path) == orientation
 
 
