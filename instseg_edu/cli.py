@@ -11,7 +11,13 @@ Subcommands:
 - ``predict``: draw a checkpoint's detections on image files.
 
 A checkpoint written here stores the model family and its config as plain data (``meta``), so
-``evaluate`` and ``predict`` rebuild the model without being told which one it was.
+``evaluate`` and ``predict`` rebuild the model without being told which one it was. It also
+stores the model's category list (``classes`` and ``label_to_cat_id``): a validation file is
+matched to it by category id, and predictions are reported with those ids.
+
+Any problem in the data — found up front, while loading an item (also inside a DataLoader
+worker), or during evaluation — ends the command with one line naming the file, the image or
+annotation id and the problem, and exit status 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ FAMILIES = {
         "YOLACT_R50_FPN", "YOLACT_R18_SMALL",
     ),
 }  # fmt: skip
+
+#: Families that learn masks: they refuse a training set without a single mask.
+MASK_FAMILIES = ("mask_rcnn", "solo", "yolact")
 
 GALLERY_IMAGES = 8
 
@@ -141,7 +150,10 @@ def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int 
     return paths["train"], folder / "train", paths["val"], folder / "val"
 
 
-def _datasets(train_json, train_images, val_json, val_images, image_size: int):
+def _datasets(train_json, train_images, val_json, val_images, image_size: int,
+              categories: list[dict] | None = None):  # fmt: skip
+    """Training and validation sets. The validation set's labels are the model's: those of the
+    training set, or ``categories`` (a checkpoint's list), matched to its file by category id."""
     from instseg_edu.data.coco import CocoDataset
     from instseg_edu.data.transforms import eval_transforms, train_transforms
 
@@ -149,11 +161,22 @@ def _datasets(train_json, train_images, val_json, val_images, image_size: int):
     try:
         if train_json is not None:
             train_set = CocoDataset(train_json, train_images, train_transforms(image_size))
+            categories = train_set.categories
         if val_json is not None:
-            val_set = CocoDataset(val_json, val_images, eval_transforms(image_size))
+            val_set = CocoDataset(val_json, val_images, eval_transforms(image_size),
+                                  categories=categories)  # fmt: skip
     except ValueError as e:  # malformed annotation files: the message names file and problem
         raise CliError(str(e)) from None
     return train_set, val_set
+
+
+def _checkpoint_categories(meta: dict) -> list[dict] | None:
+    """The category list a checkpoint stores, or None for one written before it did."""
+    from instseg_edu.data.annotations import categories_list
+
+    if meta.get("classes") is None or meta.get("label_to_cat_id") is None:
+        return None
+    return categories_list(meta["label_to_cat_id"], meta["classes"])
 
 
 def _default_workers(device) -> int:
@@ -216,6 +239,10 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     from instseg_edu.engine.checkpoint import config_to_dict
     from instseg_edu.engine.train import NonFiniteLossError, make_loader, train
 
+    # Before any step: a set with nothing to learn would train to loss 0 without a word.
+    note = train_set.check_trainable(needs_masks=family in MASK_FAMILIES)
+    if note:
+        print(f"note: {note} ({family})", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = _build(family, model_cfg)
@@ -372,7 +399,8 @@ def cmd_evaluate(args) -> int:
         raise CliError("the checkpoint names no validation set: pass --val-json and --val-images")
     val_json = _existing(val_json, "annotation file", "--val-json")
     val_images = _existing(val_images, "image folder", "--val-images", folder=True)
-    _, val_set = _datasets(None, None, val_json, val_images, int(meta.get("image_size", 512)))
+    _, val_set = _datasets(None, None, val_json, val_images, int(meta.get("image_size", 512)),
+                           categories=_checkpoint_categories(meta))  # fmt: skip
     out = None
     if args.out:
         out = Path(args.out)
@@ -383,10 +411,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
     import torch
-    from PIL import Image
 
+    from instseg_edu.data.images import read_image
     from instseg_edu.data.transforms import collate, eval_transforms
     from instseg_edu.engine.evaluate import detections_to_coco
     from instseg_edu.structures import Target
@@ -404,11 +431,7 @@ def cmd_predict(args) -> int:
 
     results = []
     for image_id, path in enumerate(paths, start=1):
-        try:
-            pixels = np.asarray(Image.open(path).convert("RGB"))  # [H, W, 3] uint8
-        except OSError as e:
-            raise CliError(f"cannot read image {str(path)!r}: {e}") from None
-        image = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255  # [3, H, W]
+        image = read_image(path)  # [3, H, W] in [0, 1], EXIF orientation applied
         h, w = image.shape[-2:]
         empty = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
                        torch.zeros(0, h, w, dtype=torch.bool), image_id=image_id,
@@ -440,6 +463,8 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=0, help="seed of data order and augmentation")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -541,16 +566,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from instseg_edu.data.annotations import DataError
     from instseg_edu.engine.checkpoint import CheckpointError
 
     try:
         return args.func(args)
-    except (CliError, FileNotFoundError, CheckpointError) as e:
-        message = (
-            str(e)
-            if not isinstance(e, FileNotFoundError) or not e.filename
-            else (f"{e.strerror}: {e.filename}")
-        )
+    except (CliError, DataError, FileNotFoundError, CheckpointError) as e:
+        if getattr(args, "debug", False):
+            raise
+        if isinstance(e, DataError):  # also when a DataLoader worker re-raised it
+            message = e.line
+        elif isinstance(e, FileNotFoundError) and e.filename:
+            message = f"{e.strerror}: {e.filename}"
+        else:
+            message = str(e)
         print(f"instseg-edu {args.command}: error: {message}", file=sys.stderr)
         return 2
 

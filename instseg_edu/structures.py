@@ -8,6 +8,9 @@ Conventions (see DESIGN.md):
 - A :class:`Batch` pads its images to a multiple of 32 at the bottom and right and remembers each
   image's true ``(h, w)``; the masks of its targets are padded the same way, so that a batch's
   masks can be stacked and sampled without per-image bookkeeping.
+- An object may be **box-only** (its annotation has no segmentation): ``Target.has_mask`` is False
+  for it and its mask row is all zeros. Box models train on it like any other object; mask models
+  train its box and class terms and leave it out of their mask terms.
 
 Shape legend: ``B`` images, ``G`` ground-truth objects, ``I`` ignore regions, ``K`` detections,
 ``H, W`` height and width, ``Hp, Wp`` padded height and width.
@@ -34,6 +37,12 @@ class Target:
             (COCO ``iscrowd`` objects).
         orig_size: ``(h, w)`` of the image file before any resize; predictions are scaled back to
             it for COCO evaluation.
+        has_mask: ``bool [G]``, False for a box-only object (no segmentation in its annotation;
+            its row of ``masks`` is all zeros). ``None`` (the default) means every object has a
+            mask and is replaced by ``ones(G)``.
+
+    Raises:
+        ValueError: ``has_mask`` does not have one entry per object.
     """
 
     boxes: Tensor
@@ -42,6 +51,17 @@ class Target:
     image_id: int = 0
     ignore_boxes: Tensor = field(default_factory=lambda: torch.zeros(0, 4))
     orig_size: tuple[int, int] | None = None
+    has_mask: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        g = int(self.boxes.shape[0])
+        if self.has_mask is None:
+            self.has_mask = torch.ones(g, dtype=torch.bool, device=self.boxes.device)
+        elif tuple(self.has_mask.shape) != (g,):
+            raise ValueError(
+                f"Target.has_mask is {tuple(self.has_mask.shape)} but there are {g} boxes; "
+                "it needs one entry per object (filter it together with boxes and masks)"
+            )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Target:
         return replace(
@@ -50,6 +70,7 @@ class Target:
             labels=self.labels.to(device, non_blocking=non_blocking),
             masks=self.masks.to(device, non_blocking=non_blocking),
             ignore_boxes=self.ignore_boxes.to(device, non_blocking=non_blocking),
+            has_mask=self.has_mask.to(device, non_blocking=non_blocking),
         )
 
     def __len__(self) -> int:
@@ -131,6 +152,7 @@ class Batch:
                     labels=t.labels.pin_memory(),
                     masks=t.masks.pin_memory(),
                     ignore_boxes=t.ignore_boxes.pin_memory(),
+                    has_mask=t.has_mask.pin_memory(),
                 )
                 for t in self.targets
             ],
@@ -152,11 +174,14 @@ class PaddedTargets:
         labels: ``int64 [B, Gmax]`` (padding is ``-1``).
         valid: ``bool [B, Gmax]``, True for real objects.
         ignore_boxes: ``float32 [B, Imax, 4]``; ``ignore_valid``: ``bool [B, Imax]``.
+        has_mask: ``bool [B, Gmax]``, True for real objects with a mask (False for box-only
+            objects and padding).
     """
 
-    def __init__(self, boxes, labels, valid, ignore_boxes, ignore_valid):
+    def __init__(self, boxes, labels, valid, ignore_boxes, ignore_valid, has_mask=None):
         self.boxes, self.labels, self.valid = boxes, labels, valid
         self.ignore_boxes, self.ignore_valid = ignore_boxes, ignore_valid
+        self.has_mask = valid.clone() if has_mask is None else has_mask
 
 
 def pad_targets(targets: list[Target], device: torch.device | str | None = None) -> PaddedTargets:
@@ -168,6 +193,7 @@ def pad_targets(targets: list[Target], device: torch.device | str | None = None)
     boxes = torch.zeros(b, g_max, 4, device=device)
     labels = torch.full((b, g_max), -1, dtype=torch.long, device=device)
     valid = torch.zeros(b, g_max, dtype=torch.bool, device=device)
+    has_mask = torch.zeros(b, g_max, dtype=torch.bool, device=device)
     ignore = torch.zeros(b, i_max, 4, device=device)
     ignore_valid = torch.zeros(b, i_max, dtype=torch.bool, device=device)
     for i, t in enumerate(targets):
@@ -175,9 +201,10 @@ def pad_targets(targets: list[Target], device: torch.device | str | None = None)
         boxes[i, :g] = t.boxes.to(device)
         labels[i, :g] = t.labels.to(device)
         valid[i, :g] = True
+        has_mask[i, :g] = t.has_mask.to(device)
         ignore[i, :n_ign] = t.ignore_boxes.to(device)
         ignore_valid[i, :n_ign] = True
-    return PaddedTargets(boxes, labels, valid, ignore, ignore_valid)
+    return PaddedTargets(boxes, labels, valid, ignore, ignore_valid, has_mask)
 
 
 def image_sizes_tensor(

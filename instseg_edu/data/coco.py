@@ -19,35 +19,56 @@ COCO category ids are arbitrary (1..90 with gaps for COCO itself); models want l
 Labels follow the category ids in ascending order: ``label_to_cat_id[label]`` maps back for
 evaluation and ``classes[label]`` is the name.
 
+Which annotations become objects is decided by :mod:`instseg_edu.data.annotations`, the same
+rules that build the ground truth for COCO evaluation: masks in any encoding, **box-only** objects
+(``"segmentation": []`` or no key; ``Target.has_mask`` is False for them), crowd regions, and
+drops (an annotation whose polygons are all invalid, a box under 1 px, a mask covering no pixel),
+each reported once with its annotation id.
+
 Validation happens in two steps. At construction the JSON is checked completely but cheaply —
-keys, ids, categories, RLE sizes against image sizes — and every image file's existence is
-checked with one directory listing per folder. The things that need pixels (the image file's real
-size, decoding masks) are checked when an item is loaded. Every problem raises ``ValueError`` (or
-``FileNotFoundError``) naming the file and the offending image or annotation id.
+keys, ids, categories, every number (finite, in range), RLE sizes against image sizes — and every
+image file's existence is checked with one directory listing per folder. The things that need
+pixels (the image file's real size, decoding masks) are checked when an item is loaded. Images are
+read by :func:`instseg_edu.data.images.read_image` (EXIF orientation applied, every mode and bit
+depth scaled to ``[0, 1]``). Every problem raises a
+:class:`~instseg_edu.data.annotations.DataError` (a ``ValueError``; ``FileNotFoundError`` for
+missing files) naming the file and the offending image or annotation id and field.
+
+Categories: by default labels follow the file's category ids in ascending order. A validation
+set is built with the training set's list (``categories=train_set.categories``, or the list a
+checkpoint stores) so that its labels are the model's labels, matched by id.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from instseg_edu.data.annotations import (
+    BOX_ONLY,
+    CROWD,
+    MASK,
+    NO_PIXELS,
+    DataError,
+    annotation_kind,
+    check_coco,
+    decode_mask,
+    load_coco_json,
+    mark_reported,
+    match_categories,
+    report_dropped,
+)
+from instseg_edu.data.images import exif_orientation, read_image
 from instseg_edu.structures import Target
-
-_REQUIRED_TOP = ("images", "annotations", "categories")
-_REQUIRED_IMAGE = ("id", "file_name", "width", "height")
-_REQUIRED_ANNOTATION = ("id", "image_id", "category_id", "bbox", "segmentation")
-_REQUIRED_CATEGORY = ("id", "name")
 
 
 class CocoDataset(Dataset):
@@ -62,24 +83,34 @@ class CocoDataset(Dataset):
         check_files: check up front that every image file exists (one directory listing per
             folder; cheap even for COCO's 118k images). Missing files are always reported when
             an item is loaded.
+        categories: the category list labels refer to, ``[{"id", "name"}, ...]`` in label order
+            (a trained model's list: ``train_set.categories``, or a checkpoint's). ``None``: this
+            file's categories by ascending id. Given a list, the file's categories are matched
+            to it by id, and annotations of categories not in it are refused
+            (:func:`~instseg_edu.data.annotations.match_categories`).
 
     Items are ``(image, target)``: ``image`` is ``float32 [3, H, W]`` in ``[0, 1]`` and ``target``
     a :class:`~instseg_edu.structures.Target` with ``boxes [G, 4]`` xyxy pixels (the annotation's
-    ``bbox``), ``labels [G]`` in ``0..C-1``, ``masks bool [G, H, W]``, ``ignore_boxes [I, 4]`` (the
-    ``iscrowd`` regions), ``image_id`` (the COCO id) and ``orig_size = (H, W)`` of the file.
-    Images without annotations are kept, with ``G = 0``.
+    ``bbox``, clipped to the image), ``labels [G]`` in ``0..C-1``, ``masks bool [G, H, W]``,
+    ``has_mask bool [G]`` (False for box-only objects, whose mask rows are empty),
+    ``ignore_boxes [I, 4]`` (the ``iscrowd`` regions), ``image_id`` (the COCO id) and
+    ``orig_size = (H, W)`` of the file. Images without annotations are kept, with ``G = 0``.
 
-    Annotations that cannot be a training object — a box under 1 px wide or high, or a mask
-    without a single pixel — are dropped when their image is loaded. Each drop is recorded in
-    :attr:`dropped` and the first one is announced by a warning: never done silently. (DataLoader
-    workers each hold their own copy of the dataset, hence of :attr:`dropped`.)
+    Annotations the rules drop (see :mod:`instseg_edu.data.annotations`) are recorded in
+    :attr:`dropped`: those known from the JSON at construction, announced by one warning naming
+    them; a mask covering no pixel when its image is loaded, the first announced by a warning.
+    (DataLoader workers each hold their own copy of the dataset, hence of :attr:`dropped`.)
 
     Attributes:
-        coco: the pycocotools ``COCO`` index of the file (for evaluation).
+        coco: the pycocotools ``COCO`` index of the checked annotations (for evaluation; its
+            ``source`` attribute is the file's name).
         classes: category names, indexed by label.
         label_to_cat_id: COCO category id of each label.
         cat_id_to_label: the inverse mapping.
+        categories: ``[{"id", "name"}, ...]`` in label order.
         image_ids: COCO image ids in file order; item ``i`` is image ``image_ids[i]``.
+        counts: kept annotations by kind (``"mask"``, ``"box_only"``, ``"crowd"``) and the number
+            ``"dropped"`` at construction.
         dropped: ``{annotation_id: reason}`` of the annotations skipped so far.
     """
 
@@ -90,33 +121,48 @@ class CocoDataset(Dataset):
         transforms=None,
         *,
         check_files: bool = True,
+        categories: Sequence[dict] | None = None,
     ):
         self.ann_file = Path(ann_file)
         self.images_dir = Path(images_dir)
         self.transforms = transforms
-        data = _load_json(self.ann_file)
-        self._sizes = _check_images(self.ann_file, data)  # image id -> (height, width)
-        categories = _check_categories(self.ann_file, data)  # category id -> name
-        _check_annotations(self.ann_file, data, self._sizes, categories)
+        source = str(self.ann_file)
+        checked = check_coco(load_coco_json(self.ann_file), source)
+        self._sizes = checked.sizes  # image id -> (height, width)
 
-        cat_ids = sorted(categories)
+        if categories is None:
+            cat_ids = sorted(checked.categories)
+            names = [checked.categories[c] for c in cat_ids]
+        else:
+            used = {a["category_id"] for a in checked.data["annotations"]}
+            match_categories(checked.categories, used, categories, source)
+            cat_ids = [int(c["id"]) for c in categories]
+            names = [str(c["name"]) for c in categories]
         self.label_to_cat_id: list[int] = cat_ids
         self.cat_id_to_label: dict[int, int] = {c: k for k, c in enumerate(cat_ids)}
-        self.classes: list[str] = [categories[c] for c in cat_ids]
-        self.image_ids: list[int] = [image["id"] for image in data["images"]]
+        self.classes: list[str] = names
+        self.image_ids: list[int] = [image["id"] for image in checked.data["images"]]
+        self.counts: dict[str, int] = checked.counts()
 
         coco = COCO()
-        coco.dataset = data
+        coco.dataset = checked.data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco.createIndex()
+        coco.source = source
         self.coco = coco
-        self.dropped: dict[int, str] = {}
+        self.dropped: dict[int, str] = dict(checked.dropped)
+        self._warned_at_load = False
+        report_dropped(source, checked.dropped)
         if not self.images_dir.is_dir():
             raise FileNotFoundError(
                 f"{self.ann_file}: images folder {self.images_dir} does not exist"
             )
         if check_files:
-            self._check_files_exist(data["images"])
+            self._check_files_exist(checked.data["images"])
+
+    @property
+    def categories(self) -> list[dict]:
+        return [{"id": c, "name": n} for c, n in zip(self.label_to_cat_id, self.classes)]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -127,29 +173,66 @@ class CocoDataset(Dataset):
             f"{len(self.coco.anns)} annotations, {len(self.classes)} classes)"
         )
 
+    def check_trainable(self, needs_masks: bool = False) -> str | None:
+        """Refuse a dataset a model cannot learn from; say what a mask model will skip.
+
+        Args:
+            needs_masks: the model learns masks (Mask R-CNN, SOLO, YOLACT).
+
+        Returns:
+            ``None``, or for a mask model on a file with box-only objects a one-line note: their
+            box and class terms are trained, their mask term is skipped.
+
+        Raises:
+            DataError: no object at all (every annotation a crowd region or dropped: training
+                would run at loss 0 and learn nothing), or ``needs_masks`` and not one mask.
+        """
+        c = self.counts
+        objects = c[MASK] + c[BOX_ONLY]
+        if objects == 0:
+            raise DataError(
+                f"{self.ann_file}: nothing to train on: {len(self)} images and no object "
+                f"({c[CROWD]} crowd regions (iscrowd=1), which are not objects; {c['dropped']} "
+                "annotations dropped, see CocoDataset.dropped)"
+            )
+        if needs_masks and c[MASK] == 0:
+            raise DataError(
+                f"{self.ann_file}: no annotation has a mask ({c[BOX_ONLY]} box-only objects, "
+                "'segmentation' empty or missing), so a mask model cannot learn masks from it; "
+                "train a box model (retinanet) or add segmentations"
+            )
+        if needs_masks and c[BOX_ONLY]:
+            return (
+                f"{self.ann_file}: {c[BOX_ONLY]} of {objects} objects are box-only: their box and "
+                "class terms are trained, their mask term is skipped"
+            )
+        return None
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         image = self._load_image(info)  # [3, H, W]
         height, width = self._sizes[image_id]
 
-        boxes, labels, masks, ignore = [], [], [], []
+        boxes, labels, masks, has_mask, ignore = [], [], [], [], []
         for ann in self.coco.imgToAnns.get(image_id, []):
-            x, y, w, h = (float(v) for v in ann["bbox"])
+            x, y, w, h = ann["bbox"]  # clipped to the image by the rules
             box = [x, y, x + w, y + h]
-            if ann.get("iscrowd", 0):
+            kind = annotation_kind(ann)
+            if kind == CROWD:
                 ignore.append(box)
                 continue
-            if w < 1 or h < 1:
-                self._drop(ann["id"], f"box {ann['bbox']} is under 1 px wide or high")
-                continue
-            mask = self._decode(ann, height, width)
-            if not mask.any():
-                self._drop(ann["id"], "its mask has no pixels")
-                continue
+            if kind == MASK:
+                mask = decode_mask(ann["segmentation"], height, width)  # [H, W]
+                if not mask.any():
+                    self._drop(ann["id"], NO_PIXELS)
+                    continue
+            else:  # box-only: an empty mask row that no mask loss will look at
+                mask = np.zeros((height, width), dtype=bool)
             boxes.append(box)
             labels.append(self.cat_id_to_label[ann["category_id"]])
             masks.append(mask)
+            has_mask.append(kind == MASK)
 
         target = Target(
             boxes=_clip(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), height, width),
@@ -164,6 +247,7 @@ class CocoDataset(Dataset):
                 torch.tensor(ignore, dtype=torch.float32).reshape(-1, 4), height, width
             ),
             orig_size=(height, width),
+            has_mask=torch.tensor(has_mask, dtype=torch.bool),
         )
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -172,42 +256,21 @@ class CocoDataset(Dataset):
     # -- helpers -----------------------------------------------------------------------------
 
     def _load_image(self, info: dict) -> torch.Tensor:
+        where = f"{self.ann_file}: image {info['id']}"
         path = self.images_dir / info["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"{self.ann_file}: image {info['id']}: file {path} not found")
-        try:
-            with Image.open(path) as pil:
-                pil = pil.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{self.ann_file}: image {info['id']}: cannot read {path}: {e}") from e
+        image = read_image(path, where)  # [3, H, W], as a viewer shows it
         height, width = self._sizes[info["id"]]
-        if pil.size != (width, height):
-            raise ValueError(
-                f"{self.ann_file}: image {info['id']}: size mismatch, the JSON says "
-                f"width={info['width']} height={info['height']} but {path} is "
-                f"{pil.size[0]}x{pil.size[1]}"
-            )
-        array = np.asarray(pil)  # [H, W, 3] uint8
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255)  # [3, H, W]
-
-    def _decode(self, ann: dict, height: int, width: int) -> np.ndarray:
-        """The annotation's mask as ``bool [H, W]``, whatever its encoding."""
-        seg = ann["segmentation"]
-        if isinstance(seg, list):  # polygons; parts with under 3 points have no area
-            polygons = [p for p in seg if len(p) >= 6]
-            if not polygons:
-                return np.zeros((height, width), dtype=bool)
-            rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-        elif isinstance(seg["counts"], list):  # uncompressed RLE -> compressed
-            rle = mask_utils.frPyObjects(seg, height, width)
-        else:
-            rle = seg
-        return mask_utils.decode(rle).astype(bool)  # [H, W]
+        if tuple(image.shape[-2:]) != (height, width):
+            raise DataError(_size_mismatch(where, path, info, image.shape[-2:]))
+        return image
 
     def _drop(self, ann_id: int, reason: str) -> None:
-        first = not self.dropped
+        if ann_id in self.dropped:
+            return
         self.dropped[ann_id] = reason
-        if first:
+        mark_reported(str(self.ann_file), [ann_id])
+        if not self._warned_at_load:
+            self._warned_at_load = True
             warnings.warn(
                 f"{self.ann_file}: dropping annotation {ann_id} because {reason}; further drops "
                 "are listed in CocoDataset.dropped",
@@ -233,132 +296,28 @@ class CocoDataset(Dataset):
             )
 
 
+def _size_mismatch(where: str, path: Path, info: dict, shown_hw) -> str:
+    """The size-mismatch message; it names the EXIF orientation when the file has one."""
+    h, w = int(shown_hw[0]), int(shown_hw[1])
+    message = (
+        f"{where}: size mismatch, the JSON says width={info['width']} height={info['height']} "
+        f"but {path} is {w}x{h}"
+    )
+    orientation = exif_orientation(path)
+    if orientation == 1:
+        return message
+    message += f" once its EXIF orientation {orientation} is applied"
+    if orientation >= 5 and (w, h) == (info["height"], info["width"]):
+        message += (
+            f" (stored unturned it is {h}x{w}, as the JSON says: the annotations were made on "
+            "the unturned pixels; save the image turned without the orientation tag, or "
+            "annotate the image as viewers show it)"
+        )
+    return message
+
+
 def _clip(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Clip ``[N, 4]`` xyxy boxes to the image (COCO boxes may overhang by a fraction of a px)."""
+    """Clip ``[N, 4]`` xyxy boxes to the image (float rounding of ``x + w`` may overhang)."""
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     return boxes
-
-
-# -- up-front validation (cheap: no pixels are touched) -----------------------------------------
-
-
-def _load_json(ann_file: Path) -> dict:
-    if not ann_file.is_file():
-        raise FileNotFoundError(f"{ann_file}: annotation file not found")
-    try:
-        data = json.loads(ann_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{ann_file}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{ann_file}: the top level must be a JSON object, got {type(data).__name__}"
-        )
-    for key in _REQUIRED_TOP:
-        if key not in data:
-            raise ValueError(
-                f"{ann_file}: missing top-level key {key!r} (a COCO instances file has "
-                f"{', '.join(_REQUIRED_TOP)})"
-            )
-        if not isinstance(data[key], list):
-            raise ValueError(f"{ann_file}: top-level {key!r} must be a list")
-    return data
-
-
-def _require(ann_file: Path, entry, keys: tuple[str, ...], what: str) -> None:
-    if not isinstance(entry, dict):
-        raise ValueError(f"{ann_file}: every {what} must be a JSON object, got {entry!r:.80}")
-    for key in keys:
-        if key not in entry:
-            name = f"{what} {entry['id']}" if "id" in entry else f"a {what} ({entry!r:.80})"
-            raise ValueError(f"{ann_file}: {name} is missing the key {key!r}")
-
-
-def _check_images(ann_file: Path, data: dict) -> dict[int, tuple[int, int]]:
-    """Image id -> (height, width)."""
-    sizes: dict[int, tuple[int, int]] = {}
-    for image in data["images"]:
-        _require(ann_file, image, _REQUIRED_IMAGE, "image")
-        if image["id"] in sizes:
-            raise ValueError(f"{ann_file}: image id {image['id']} appears twice")
-        h, w = image["height"], image["width"]
-        if not (_is_count(h) and _is_count(w)):
-            raise ValueError(
-                f"{ann_file}: image {image['id']} has width={w!r} height={h!r}; both must be "
-                "positive integers"
-            )
-        sizes[image["id"]] = (int(h), int(w))
-    return sizes
-
-
-def _is_count(value) -> bool:
-    """A positive whole number (some tools write 640.0 for 640)."""
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and value > 0
-        and float(value).is_integer()
-    )
-
-
-def _check_categories(ann_file: Path, data: dict) -> dict[int, str]:
-    """Category id -> name."""
-    names: dict[int, str] = {}
-    for category in data["categories"]:
-        _require(ann_file, category, _REQUIRED_CATEGORY, "category")
-        if category["id"] in names:
-            raise ValueError(f"{ann_file}: category id {category['id']} appears twice")
-        names[category["id"]] = str(category["name"])
-    return names
-
-
-def _check_annotations(
-    ann_file: Path, data: dict, sizes: dict[int, tuple[int, int]], categories: dict[int, str]
-) -> None:
-    seen: set = set()
-    for ann in data["annotations"]:
-        _require(ann_file, ann, _REQUIRED_ANNOTATION, "annotation")
-        where = f"{ann_file}: annotation {ann['id']}"
-        if ann["id"] in seen:
-            raise ValueError(f"{where}: annotation id appears twice")
-        seen.add(ann["id"])
-        if ann["image_id"] not in sizes:
-            raise ValueError(f"{where}: image_id {ann['image_id']!r} is not in 'images'")
-        if ann["category_id"] not in categories:
-            raise ValueError(
-                f"{where}: unknown category id {ann['category_id']!r} (known ids: "
-                f"{sorted(categories)})"
-            )
-        bbox = ann["bbox"]
-        if not (
-            isinstance(bbox, list)
-            and len(bbox) == 4
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
-        ):
-            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {bbox!r}")
-        _check_segmentation(where, ann["segmentation"], sizes[ann["image_id"]])
-
-
-def _check_segmentation(where: str, seg, image_hw: tuple[int, int]) -> None:
-    if isinstance(seg, list):
-        for polygon in seg:
-            if not isinstance(polygon, list) or len(polygon) % 2:
-                raise ValueError(
-                    f"{where}: a polygon must be a flat list [x1, y1, x2, y2, ...] of even length"
-                )
-        return
-    if not isinstance(seg, dict) or "counts" not in seg or "size" not in seg:
-        raise ValueError(
-            f"{where}: segmentation must be a list of polygons or an RLE dict with 'size' and "
-            f"'counts', got {seg!r:.80}"
-        )
-    if list(seg["size"]) != list(image_hw):
-        raise ValueError(
-            f"{where}: mask/image size mismatch, the RLE size is {list(seg['size'])} (h, w) but "
-            f"the image is {list(image_hw)}"
-        )
-    if isinstance(seg["counts"], list) and sum(seg["counts"]) != image_hw[0] * image_hw[1]:
-        raise ValueError(
-            f"{where}: uncompressed RLE counts sum to {sum(seg['counts'])}, but the mask has "
-            f"{image_hw[0]} * {image_hw[1]} = {image_hw[0] * image_hw[1]} pixels"
-        )

@@ -7,7 +7,8 @@ type — ``Image``, ``BoundingBoxes`` (here always ``XYXY``) and ``Mask`` — an
 dispatches on that type. :class:`ObjectTransform` wraps an ``(image, Target)`` pair that way, runs
 a list of steps (any v2 transform, or :class:`ResizeKeepAspect`), unwraps, and drops objects that
 no longer exist: a box under 1 px wide or high, or a mask left without pixels (a thin object can
-vanish when an image shrinks).
+vanish when an image shrinks). A box-only object (``Target.has_mask`` False) has no mask to lose
+and is kept while its box is.
 
 Two details matter for alignment. Masks are resized with ``NEAREST_EXACT``, which samples each
 output pixel at its centre (``x_in = (x_out + 0.5) / scale``), so a resized mask's tight box stays
@@ -170,7 +171,9 @@ def _unwrap(image: tv_tensors.Image, parts: Parts, target: Target) -> tuple[Tens
 
     boxes = clip(parts["boxes"])
     masks = parts["masks"].as_subclass(Tensor).bool()  # [G, H, W]
-    keep = big_enough(boxes) & masks.flatten(1).any(dim=1)  # [G]
+    # A box-only object (no mask to begin with) lives as long as its box does.
+    has_mask = target.has_mask.to(masks.device)  # [G]
+    keep = big_enough(boxes) & (masks.flatten(1).any(dim=1) | ~has_mask)  # [G]
     ignore = clip(parts["ignore_boxes"])
     new_target = replace(
         target,
@@ -178,6 +181,7 @@ def _unwrap(image: tv_tensors.Image, parts: Parts, target: Target) -> tuple[Tens
         labels=target.labels[keep],
         masks=masks[keep],
         ignore_boxes=ignore[big_enough(ignore)],
+        has_mask=has_mask[keep],
     )
     return image.as_subclass(Tensor), new_target
 

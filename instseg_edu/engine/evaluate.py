@@ -22,14 +22,25 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from instseg_edu.data.annotations import (
+    BOX_ONLY,
+    MASK,
+    annotation_kind,
+    check_coco,
+    evaluation_ground_truth,
+    load_coco_json,
+    match_categories,
+    report_dropped,
+    segm_ground_truth,
+)
 from instseg_edu.structures import Detections, Target
 
 #: Readable names of ``COCOeval.stats``, in its order.
@@ -42,27 +53,27 @@ IOU_TYPES = ("bbox", "segm")
 BACKENDS = ("pycocotools", "faster_coco_eval")
 
 
-def _load_gt(coco_gt, backend: str):
-    """Return a ground-truth COCO object of the backend's own class."""
+def _gt_dataset(coco_gt) -> tuple[dict, str | None]:
+    """The ground truth as a COCO dict, and the file it came from (None: not from a file)."""
+    if isinstance(coco_gt, (str, os.PathLike)):
+        if not os.path.isfile(coco_gt):
+            raise FileNotFoundError(f"COCO annotation file {str(coco_gt)!r} does not exist")
+        return load_coco_json(coco_gt), str(coco_gt)
+    if isinstance(coco_gt, dict):
+        return coco_gt, None
+    if hasattr(coco_gt, "dataset"):  # CocoDataset.coco names its file in .source
+        return coco_gt.dataset, getattr(coco_gt, "source", None)
+    raise TypeError(f"coco_gt must be a COCO, a dict or a JSON path, not {type(coco_gt)}")
+
+
+def _coco(dataset: dict, backend: str):
+    """A ground-truth COCO object of the backend's own class over ``dataset``."""
     if backend == "pycocotools":
         from pycocotools.coco import COCO
     else:
         from faster_coco_eval import COCO
-    if isinstance(coco_gt, (str, os.PathLike)):
-        if not os.path.isfile(coco_gt):
-            raise FileNotFoundError(f"COCO annotation file {str(coco_gt)!r} does not exist")
-        with open(coco_gt) as f:
-            dataset = json.load(f)
-    elif isinstance(coco_gt, dict):
-        dataset = coco_gt
-    elif hasattr(coco_gt, "dataset"):
-        if backend == "pycocotools" and type(coco_gt).__module__.startswith("pycocotools"):
-            return coco_gt
-        dataset = coco_gt.dataset
-    else:
-        raise TypeError(f"coco_gt must be a COCO, a dict or a JSON path, not {type(coco_gt)}")
     gt = COCO()
-    gt.dataset = copy.deepcopy(dataset)
+    gt.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
         gt.createIndex()
     return gt
@@ -94,6 +105,10 @@ def evaluate_coco(
 
     Args:
         coco_gt: a pycocotools ``COCO``, a COCO dataset ``dict`` or the path of a COCO JSON file.
+            It is cleaned by the training set's rules (:mod:`instseg_edu.data.annotations`):
+            dropped annotations are left out (one warning names them); a box-only object counts
+            for ``bbox`` and is a crowd region ("don't care") for ``segm``; ``segm`` is skipped
+            when no object has a mask.
         results: COCO result dicts ``{"image_id", "category_id", "bbox": [x, y, w, h], "score",
             "segmentation": RLE}`` as made by :func:`detections_to_coco`. Not modified.
         iou_types: any of ``"bbox"``, ``"segm"``. ``"segm"`` is skipped (absent from the returned
@@ -109,6 +124,10 @@ def evaluate_coco(
         ``{iou_type: {"AP": .., "AP50": .., ..., "ARl": ..}}`` with the twelve numbers of
         :data:`METRIC_NAMES` as Python floats in ``[0, 1]``, or ``-1.0`` where no ground truth
         exists for that number (pycocotools' convention).
+
+    Raises:
+        DataError: the ground truth breaks a rule the training set refuses too (one line naming
+            the annotation id and field).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
@@ -122,13 +141,26 @@ def evaluate_coco(
     else:
         from faster_coco_eval import COCOeval_faster as COCOeval
 
+    # The same rules as the training set decide which objects exist (and refuse what it refuses).
+    dataset, file = _gt_dataset(coco_gt)
+    source = file or "the ground truth"
+    gt_dict, dropped = evaluation_ground_truth(dataset, source)
+    report_dropped(source, dropped, remember=file is not None)
+    kinds = {annotation_kind(a) for a in gt_dict["annotations"]}
     out = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
     with out:
-        gt = _load_gt(coco_gt, backend)
         metrics: dict[str, dict[str, float]] = {}
         for iou_type in iou_types:
             if iou_type == "segm" and results and not any("segmentation" in r for r in results):
                 continue
+            if iou_type == "segm" and BOX_ONLY in kinds and MASK not in kinds:
+                warnings.warn(
+                    f"{source}: no object has a mask (all are box-only), so 'segm' is not "
+                    "evaluated",
+                    stacklevel=2,
+                )
+                continue
+            gt = _coco(gt_dict if iou_type == "bbox" else segm_ground_truth(gt_dict), backend)
             if results:
                 # loadRes writes "area", "id" (and for segm "bbox") into each dict: give it copies.
                 dt = gt.loadRes([dict(r) for r in results])
@@ -207,7 +239,9 @@ def detections_to_coco(
         if max(labels) >= len(label_to_cat_id) or min(labels) < 0:
             raise ValueError(
                 f"detection label {max(labels)} has no entry in label_to_cat_id "
-                f"(length {len(label_to_cat_id)})"
+                f"(length {len(label_to_cat_id)}): labels are indices into the category list "
+                "the model was trained with; pass that list (the training set's or the "
+                "checkpoint's label_to_cat_id), not the validation file's"
             )
         rles = None
         if det.masks is not None:
@@ -285,11 +319,25 @@ def evaluate_model(
 ) -> dict[str, dict[str, float]]:
     """Predict over ``loader`` and score the detections with :func:`evaluate_coco`.
 
+    ``label_to_cat_id`` is the *model's* category list (the training set's, or the one a
+    checkpoint stores): label ``k`` is reported as category ``label_to_cat_id[k]``, and the
+    ground truth's categories are matched to it by id. Ground truth of a category the model was
+    never trained on raises :class:`~instseg_edu.data.annotations.DataError` (naming the ids)
+    before anything is predicted.
+
     Only the images the loader produced are evaluated (``image_ids``), so a partial pass
     (``max_batches``) gives a fair number for those images. ``iou_types=None`` means ``bbox`` plus
     ``segm`` when the model returns masks. ``amp`` runs the forward pass under bf16 autocast on
     CUDA; decoding always runs in float32.
     """
+    dataset, file = _gt_dataset(coco_gt)
+    source = file or "the ground truth"
+    checked = check_coco(dataset, source)  # cheap, and fails before the prediction pass
+    used = {a["category_id"] for a in checked.data["annotations"]}
+    names = checked.categories
+    match_categories(
+        names, used, [{"id": c, "name": names.get(c, str(c))} for c in label_to_cat_id], source
+    )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     amp = amp and device.type == "cuda"
     results: list[dict] = []

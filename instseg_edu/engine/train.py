@@ -501,10 +501,14 @@ def make_loader(
     )
 
 
-def _default_evaluate_fn(val_loader, device):
-    ds = val_loader.dataset
-    while not hasattr(ds, "coco") and hasattr(ds, "dataset"):  # unwrap torch Subset
-        ds = ds.dataset
+def _coco_dataset(dataset):
+    while not hasattr(dataset, "coco") and hasattr(dataset, "dataset"):  # unwrap torch Subset
+        dataset = dataset.dataset
+    return dataset
+
+
+def _default_evaluate_fn(val_loader, device, train_loader=None):
+    ds = _coco_dataset(val_loader.dataset)
     if not (hasattr(ds, "coco") and hasattr(ds, "label_to_cat_id")):
         raise ValueError(
             "val_loader's dataset has no .coco and .label_to_cat_id (as CocoDataset has); "
@@ -512,7 +516,11 @@ def _default_evaluate_fn(val_loader, device):
         )
     from instseg_edu.engine.evaluate import evaluate_model
 
-    return lambda model: evaluate_model(model, val_loader, ds.coco, ds.label_to_cat_id, device)
+    # The model's labels are the training set's: report them with its category ids (the
+    # validation file's own order may differ; evaluate_model matches categories by id).
+    train_ds = _coco_dataset(getattr(train_loader, "dataset", None))
+    label_to_cat_id = getattr(train_ds, "label_to_cat_id", None) or ds.label_to_cat_id
+    return lambda model: evaluate_model(model, val_loader, ds.coco, label_to_cat_id, device)
 
 
 def train(
@@ -554,7 +562,7 @@ def train(
     channels_last = cfg.channels_last and on_cuda
     callbacks = list(callbacks)
     if evaluate_fn is None and val_loader is not None:
-        evaluate_fn = _default_evaluate_fn(val_loader, device)
+        evaluate_fn = _default_evaluate_fn(val_loader, device, train_loader)
 
     model.to(device)
     if channels_last:

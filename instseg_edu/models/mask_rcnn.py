@@ -20,7 +20,8 @@ and Lin et al., "Feature Pyramid Networks", CVPR 2017):
    layers of 1024) scores ``C + 1`` classes (column ``C`` is background) and regresses
    class-specific deltas; the mask head (four 3x3 convs, a 2x deconv) predicts one 28x28 mask per
    class, and only the ground-truth class's mask is trained (per-pixel BCE), decoupling masks from
-   classification.
+   classification. A positive RoI of a box-only object (``Target.has_mask`` False) trains the
+   box head and the RPN like any other, but not the mask head.
 5. **Predict**: softmax scores, class-specific decoding, ``score_thr`` 0.05, per-class NMS 0.5,
    100 detections per image, then the mask head runs on the kept boxes and the 28x28 masks are
    pasted into the image with one batched separable bilinear resampling (:func:`paste_masks`).
@@ -445,6 +446,8 @@ class RoITargets(NamedTuple):
             (image 0's objects first), ``-1`` for background.
         is_gt: ``[R]`` bool, the RoI is a ground-truth box added as a proposal.
         pos_index: ``[Npos]`` int64, the positive RoIs (``labels < C``) in order.
+        mask_index: ``[Nmask]`` int64, the positive RoIs whose object has a mask, in order: the
+            mask head's RoIs. Equal to ``pos_index`` unless the batch has box-only objects.
     """
 
     candidates: Tensor
@@ -458,14 +461,17 @@ class RoITargets(NamedTuple):
     gt_index: Tensor
     is_gt: Tensor
     pos_index: Tensor
+    mask_index: Tensor
 
 
 class MaskTargets(NamedTuple):
-    """Mask head targets: one ``M x M`` binary crop per positive RoI (Mask R-CNN Sec. 3).
+    """Mask head targets: one ``M x M`` binary crop per positive RoI (Mask R-CNN Sec. 3) whose
+    object has a mask (``RoITargets.mask_index``; a box-only object trains no mask).
 
     Attributes:
-        rois: ``[Npos, 5]`` positive RoIs; labels: ``[Npos]`` their class; gt_index: ``[Npos]``.
-        masks: ``[Npos, M, M]`` float in ``{0, 1}``.
+        rois: ``[Nmask, 5]`` positive RoIs; labels: ``[Nmask]`` their class; gt_index:
+            ``[Nmask]``.
+        masks: ``[Nmask, M, M]`` float in ``{0, 1}``.
     """
 
     rois: Tensor
@@ -677,12 +683,16 @@ class MaskRCNN(nn.Module):
         # With the counts on the host, the sampled entries are picked by a stable sort instead
         # of `nonzero` (same image-major order) and the positives likewise further down.
         sampled = pos | neg  # [B, G+P]
-        num_rois, num_pos = torch.stack([sampled.sum(), pos.sum()]).tolist()
+        gt_col = (assignment.gt_inds - 1).clamp(min=0)  # [B, G+P] column in padded gt
+        with_mask = pos & gt.has_mask.gather(1, gt_col)  # [B, G+P]: box-only objects train no mask
+        num_rois, num_pos, num_mask = torch.stack(
+            [sampled.sum(), pos.sum(), with_mask.sum()]
+        ).tolist()
         flat = torch.argsort(~sampled.flatten(), stable=True)[:num_rois]  # [R] into B*(G+P)
         img, col = flat // sampled.shape[1], flat % sampled.shape[1]  # [R] each, image-major
         boxes = cands[img, col]  # [R, 4]
         is_pos = pos[img, col]  # [R]
-        gt_col = (assignment.gt_inds[img, col] - 1).clamp(min=0)  # [R] column in padded gt
+        gt_col = gt_col[img, col]  # [R]
         labels = torch.where(is_pos, gt.labels[img, gt_col], self.num_classes)  # [R]
         matched = torch.where(is_pos[:, None], gt.boxes[img, gt_col], boxes)  # [R, 4]
         bbox_targets = self.bbox_coder.encode(boxes, matched)  # [R, 4]
@@ -690,6 +700,7 @@ class MaskRCNN(nn.Module):
         gt_index = torch.where(is_pos, offsets[img] + gt_col, -1)  # [R]
         rois = torch.cat([img[:, None].to(boxes.dtype), boxes], 1)  # [R, 5]
         pos_index = torch.argsort(~is_pos, stable=True)[:num_pos]  # [Npos] into the R RoIs
+        mask_index = torch.argsort(~with_mask[img, col], stable=True)[:num_mask]  # [Nmask]
         return RoITargets(
             cands,
             cand_valid,
@@ -702,6 +713,7 @@ class MaskRCNN(nn.Module):
             gt_index,
             is_gt[img, col],
             pos_index,
+            mask_index,
         )
 
     def targets(
@@ -716,7 +728,7 @@ class MaskRCNN(nn.Module):
         if proposals is None:
             proposals = self.proposals(outputs, batch.image_sizes, self.cfg.train_cfg.rpn_proposal)
         roi = self.roi_targets(batch, proposals, gt)
-        pos = roi.pos_index  # [Npos]
+        pos = roi.mask_index  # [Nmask]: positives whose object has a mask
         device = roi.rois.device
         gt_masks = _concat_masks(batch, device)  # [G_total, Hp, Wp]
         masks = mask_targets(
@@ -776,10 +788,12 @@ class MaskRCNN(nn.Module):
         loss_bbox = (pos_deltas - t.roi.bbox_targets[pos]).abs().sum() / num_rois
 
         # Mask head: per-pixel BCE of the GT class's channel, mean over positives and pixels.
-        mask_logits = self.mask_forward(outputs.features, t.mask.rois).float()  # [Npos, C, M, M]
+        # Positives of box-only objects are not among t.mask's RoIs: no mask term for them.
+        mask_logits = self.mask_forward(outputs.features, t.mask.rois).float()  # [Nmask, C, M, M]
+        num_mask = t.mask.labels.shape[0]
         picked = mask_logits[
-            torch.arange(len(pos), device=pos.device), t.mask.labels
-        ]  # [Npos, M, M]
+            torch.arange(num_mask, device=pos.device), t.mask.labels
+        ]  # [Nmask, M, M]
         if picked.numel() > 0:
             loss_mask = F.binary_cross_entropy_with_logits(picked, t.mask.masks)
         else:  # no positive RoI: a zero that keeps the graph connected
@@ -879,6 +893,7 @@ def _padded_targets(batch: Batch, device):
         gt.boxes = torch.zeros(b, 1, 4, device=device)
         gt.labels = torch.full((b, 1), -1, dtype=torch.long, device=device)
         gt.valid = torch.zeros(b, 1, dtype=torch.bool, device=device)
+        gt.has_mask = gt.valid.clone()
     return gt
 
 

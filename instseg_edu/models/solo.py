@@ -24,6 +24,11 @@ where their centre is or by their size. So
    mean probability inside the mask ("maskness"), then Matrix NMS (from SOLOv2, Wang et al. 2020,
    Sec. 3.3; :func:`~instseg_edu.ops.nms.matrix_nms`) decays overlapping masks' scores.
 
+**Box-only objects** (an annotation without a segmentation, ``Target.has_mask`` False) keep
+their category target: they are placed on the grid by their box's centre and size, and only their
+mask channels are left out of the dice loss (see :func:`solo_target_single` for why this and not
+SOLO's own skip).
+
 The FPN is Mask R-CNN's P2–P6 (strides 4..64). ``split_feats`` makes the finest level coarser and
 the coarsest finer — P2 is halved to stride 8, P6 is resized to P5's size — because the S² mask
 channels at stride 4 would be too expensive, and a 12×12 grid does not need stride 64. The mask
@@ -386,12 +391,14 @@ class SOLOTargets(NamedTuple):
 
     Attributes:
         cate_labels: ``int64 [B, S, S]`` per level, -1 for background cells.
-        ins_ind: ``bool [B, S²]`` per level: mask channels that are trained (positive cells).
+        ins_ind: ``bool [B, S²]`` per level: mask channels that are trained (positive cells of
+            objects with a mask; a box-only object's cells have a category target only).
         gt_inds: ``int64 [B, S²]`` per level: the object behind each positive channel, else -1.
         ins_masks: ``float [P_l, h, w]`` per level: the target mask of each positive channel, in
             the order of ``ins_ind.nonzero()`` (image, then channel): the same order as
             ``mask_logits[l].flatten(0, 1)[ins_ind[l].flatten()]``.
-        num_pos: ``int64 []`` positive channels in the whole batch (all levels).
+        num_pos: ``int64 []`` positive cells (category targets) in the whole batch, all levels;
+            the number of trained mask channels when every object has a mask.
         per_image: the :class:`SOLOImageTargets` of each image (centres, cell ranges).
         pos_inds: ``int64 [P_l]`` per level: the positive channels as rows of
             ``mask_logits[l].flatten(0, 1)`` (``b · S² + channel``), ascending — the same as
@@ -504,6 +511,7 @@ def solo_target_single(
     num_grids: tuple[int, ...],
     scale_ranges: tuple[tuple[float, float], ...],
     sigma: float,
+    has_mask: Tensor | None = None,
 ) -> SOLOImageTargets:
     """SOLO's target assignment for one image (Sec. 3.3.1; ``SOLOHead.solo_target_single``).
 
@@ -525,12 +533,22 @@ def solo_target_single(
     The computation is vectorised over objects and cells (a ``[G, S, S]`` coverage tensor per
     level); callers loop over images only.
 
+    A **box-only** object (``has_mask`` False) is placed by its box: its centre is the box's
+    centre in the same pixel-index convention, ``((y1 + y2) / 2 - 0.5, (x1 + x2) / 2 - 0.5)`` —
+    exactly the centre of mass of a mask filling the box — and its box area stands in for the
+    mask area. Its cells get its class like any other; :meth:`SOLO.targets` leaves their mask
+    channels out of the dice loss. (SOLO and MMDetection's ``SOLOHead`` skip an object whose mask
+    is empty, which would train its cells as *background*: the category branch would learn to
+    ignore the object. A mask channel is shared by every object centred in its cell, in every
+    image, so it still learns from the objects that have masks.)
+
     Args:
         gt_boxes: ``float [G, 4]`` xyxy pixels.
         gt_labels: ``int64 [G]`` classes ``0..C-1``.
         gt_masks: ``bool [G, Hp, Wp]`` masks over the padded input; ``(Hp, Wp)`` is the extent the
             grid divides (SOLO: 4 × the finest mask size, i.e. the padded image).
         num_grids, scale_ranges, sigma: as in :class:`SOLOHeadConfig`.
+        has_mask: ``bool [G]``, False for box-only objects (default: all True).
 
     Returns:
         :class:`SOLOImageTargets`.
@@ -545,6 +563,13 @@ def solo_target_single(
     scale = torch.sqrt(w * h)  # [G]
     big_enough = gt_masks.flatten(1).sum(dim=1) >= MIN_MASK_AREA  # [G]
     centers = center_of_mass(gt_masks)  # [G, 2] (y, x)
+    if has_mask is not None:  # box-only objects: the box's centre and area stand in
+        has_mask = has_mask.to(device)
+        box_centers = torch.stack(
+            [(boxes[:, 1] + boxes[:, 3]) / 2 - 0.5, (boxes[:, 0] + boxes[:, 2]) / 2 - 0.5], dim=1
+        )  # [G, 2] (y, x)
+        centers = torch.where(has_mask[:, None], centers, box_centers)
+        big_enough = torch.where(has_mask, big_enough, w * h >= MIN_MASK_AREA)
     cy, cx = centers[:, 0], centers[:, 1]
     half_h, half_w = 0.5 * h * sigma, 0.5 * w * sigma  # [G]
     order = torch.arange(g, device=device)  # [G]
@@ -736,6 +761,7 @@ class SOLO(nn.Module):
                 "batch.targets[i].masks must all be [G_i, Hp, Wp], padded like the images "
                 f"(collate does it); got {[tuple(m.shape) for m in masks]}"
             )
+        has_mask = [t.has_mask.to(device) for t in batch.targets]  # [G_b] per image
         per_image = [
             solo_target_single(
                 t.boxes.to(device),
@@ -744,23 +770,30 @@ class SOLO(nn.Module):
                 num_grids=head.num_grids,
                 scale_ranges=head.scale_ranges,
                 sigma=head.sigma,
+                has_mask=hm,
             )
-            for t, m in zip(batch.targets, masks)
+            for t, m, hm in zip(batch.targets, masks, has_mask)
         ]
         # Every object of the batch in one tensor: object k of image b is row offsets[b] + k.
         gt_masks = torch.cat(masks)  # [ΣG, Hp, Wp]
+        gt_has_mask = torch.cat(has_mask)  # [ΣG]
         offsets = list(itertools.accumulate((m.shape[0] for m in masks[:-1]), initial=0))  # B ints
 
         # Per level, the images stacked: cate_labels [B, S, S], gt_inds [B, S²].
         levels = range(len(mask_sizes))
         cate_labels = [torch.stack([p.cate_labels[lv] for p in per_image]) for lv in levels]
         gt_inds = [torch.stack([p.gt_inds[lv] for p in per_image]) for lv in levels]
-        ins_ind = [inds >= 0 for inds in gt_inds]  # [B, S²]
+        # Row of gt_masks behind each channel (background channels: -1 + offset, never used).
+        rows = [torch.stack([i + off for i, off in zip(inds, offsets)]) for inds in gt_inds]
+        owned = [inds >= 0 for inds in gt_inds]  # [B, S²] cells with a category target
+        ins_ind = owned  # [B, S²] mask channels trained: owned by an object that has a mask
+        if gt_has_mask.numel() > 0:
+            ins_ind = [o & gt_has_mask[r.clamp(min=0)] for o, r in zip(owned, rows)]
         pos_per_level = torch.stack([ind.sum() for ind in ins_ind])  # [L]
         counts = pos_per_level.tolist()  # the one host synchronisation: L ints
 
         pos_inds, ins_masks = [], []
-        for inds, ind, count, size in zip(gt_inds, ins_ind, counts, mask_sizes):
+        for rows_l, ind, count, size in zip(rows, ins_ind, counts, mask_sizes):
             # The positive channels, image-major, as ``ind.flatten().nonzero()`` would list them:
             # a stable sort puts the True entries (~ind = False) first, in their original order,
             # and we keep the first `count`. Why not nonzero: its output size depends on the data,
@@ -770,12 +803,11 @@ class SOLO(nn.Module):
             if count == 0:
                 ins_masks.append(torch.zeros(0, *size, device=device))  # [0, h, w]
                 continue
-            # Row of gt_masks behind each channel; background (-1) rows are never selected.
-            rows = torch.stack([i + off for i, off in zip(inds, offsets)])  # [B, S²]
-            owners = rows.flatten()[pos]  # [B*S²] -> [P_l]
+            owners = rows_l.flatten()[pos]  # [B*S²] -> [P_l]
             resized = resize_masks(gt_masks, size)  # [ΣG, h, w]: each object resized once
             ins_masks.append(resized[owners])  # [ΣG, h, w] -> [P_l, h, w]
-        num_pos = pos_per_level.sum()
+        # Category positives: every owned cell, box-only objects' included.
+        num_pos = torch.stack([o.sum() for o in owned]).sum()
         return SOLOTargets(cate_labels, ins_ind, gt_inds, ins_masks, num_pos, per_image, pos_inds)
 
     def loss(self, outputs: SOLOOutputs, batch: Batch) -> dict[str, Tensor]:
@@ -784,10 +816,11 @@ class SOLO(nn.Module):
         One host synchronisation per call, in :meth:`targets`.
 
         Returns:
-            ``loss_ins``: ``loss_weight`` (3) × the mean dice loss over every positive channel of
-            the batch (0, still attached to the graph, when there is none); ``loss_cate``: focal
-            loss summed over every cell, class and level, divided by ``num_pos + 1`` (positives
-            of the whole batch); ``num_pos``: positive channels per image (mean, detached).
+            ``loss_ins``: ``loss_weight`` (3) × the mean dice loss over every trained mask
+            channel of the batch (positive cells of objects with a mask; 0, still attached to the
+            graph, when there is none); ``loss_cate``: focal loss summed over every cell, class
+            and level, divided by ``num_pos + 1`` (positive cells of the whole batch);
+            ``num_pos``: positive cells per image (mean, detached).
         """
         t = self.targets(outputs, batch)
         head = self.cfg.bbox_head

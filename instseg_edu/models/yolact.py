@@ -30,7 +30,9 @@ Training (Sec. 3.3 and Sec. 4):
 - ``loss_mask``: binary cross-entropy between the assembled mask of each positive anchor — cropped
   with its *ground-truth* box — and that ground truth's mask downsampled to the prototype size,
   divided by the box's area so that small objects count as much as big ones (weight 6.125, the
-  value MMDetection uses); at most ``max_masks_to_train = 100`` positives per image take part;
+  value MMDetection uses); at most ``max_masks_to_train = 100`` positives per image take part,
+  drawn from the positives whose object has a mask (a box-only object trains its class and box,
+  not a mask);
 - optional ``loss_segm`` (Sec. 5, "Semantic Segmentation Loss"): a 1×1 conv on P3 predicts one
   sigmoid map per class, trained only to shape the features (unused at test time).
 
@@ -411,6 +413,8 @@ class YOLACTTargets(NamedTuple):
         segm_targets: ``float [B, C, h, w]`` per-class union masks at the semantic branch's size,
             or ``None``.
         assignment: the :class:`~instseg_edu.ops.assign.Assignment` behind it, fields ``[B, N]``.
+        segm_weights: ``float [B, C, h, w]``, 0 where ``segm_targets`` is unknown (inside the box
+            of a box-only object, in its class's channel), else 1; ``None`` without the branch.
     """
 
     labels: Tensor
@@ -426,6 +430,7 @@ class YOLACTTargets(NamedTuple):
     mask_boxes: Tensor
     segm_targets: Tensor | None
     assignment: Assignment
+    segm_weights: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -725,11 +730,13 @@ class YOLACT(nn.Module):
         ohem_neg = ohem_negatives(bg_loss, neg, num_pos, self.cfg.train_cfg.neg_pos_ratio)
         cls_weights = (pos | ohem_neg).to(torch.float32)  # [B, N]
 
-        # Mask subset: K = min(max_masks_to_train, N) anchors per image, positives first.
+        # Mask subset: K = min(max_masks_to_train, N) anchors per image, positives first. Only
+        # positives whose object has a mask qualify: a box-only object trains no mask.
         k = min(self.cfg.mask_head.max_masks_to_train, n)
-        keys = torch.rand(b, n, device=device) + pos.to(torch.float32)  # positives in [1, 2)
+        mask_pos = pos & torch.gather(gt.has_mask, 1, index) if g > 0 else pos  # [B, N]
+        keys = torch.rand(b, n, device=device) + mask_pos.to(torch.float32)  # those in [1, 2)
         mask_anchor_inds = keys.topk(k, dim=1).indices  # [B, K]
-        mask_valid = torch.gather(pos, 1, mask_anchor_inds)  # [B, K]
+        mask_valid = torch.gather(mask_pos, 1, mask_anchor_inds)  # [B, K]
         mask_gt = torch.gather(index, 1, mask_anchor_inds)  # [B, K] ground-truth index
         hm, wm = outputs.prototypes.shape[-2:]
         s = float(self.proto_stride)
@@ -748,7 +755,7 @@ class YOLACT(nn.Module):
             mask_targets = torch.zeros(b, k, hm, wm, device=device)
             mask_boxes = torch.zeros(b, k, 4, device=device)
 
-        segm_targets = None
+        segm_targets = segm_weights = None
         if outputs.segm_logits is not None:
             hs, ws = outputs.segm_logits.shape[-2:]
             if g > 0:
@@ -757,6 +764,13 @@ class YOLACT(nn.Module):
                 segm_targets = torch.einsum("bgc,bghw->bchw", onehot, seg_small.float()).clamp(
                     max=1.0
                 )  # [B, C, hs, ws]: union of each class's masks
+                # Inside a box-only object's box its class's channel has no known target.
+                hp, wp = batch.images.shape[-2:]
+                scale = torch.tensor([wp / ws, hp / hs, wp / ws, hp / hs], device=device)
+                inside = crop_masks(torch.ones(b, g, hs, ws, device=device), gt.boxes / scale)
+                box_only = (gt.valid & ~gt.has_mask).float()  # [B, G]
+                unknown = torch.einsum("bgc,bghw->bchw", onehot * box_only[..., None], inside)
+                segm_weights = (unknown == 0).float()  # [B, C, hs, ws]
             else:
                 segm_targets = torch.zeros(b, c, hs, ws, device=device)
 
@@ -774,6 +788,7 @@ class YOLACT(nn.Module):
             mask_boxes=mask_boxes,
             segm_targets=segm_targets,
             assignment=assignment,
+            segm_weights=segm_weights,
         )
 
     @staticmethod
@@ -793,9 +808,10 @@ class YOLACT(nn.Module):
             ``loss_cls``: softmax cross-entropy over positives and OHEM negatives, ``/ num_pos``;
             ``loss_bbox``: smooth L1 over the deltas of positives, ``/ num_pos``; ``loss_mask``:
             per trained positive, ``Σ BCE(crop(M), M_gt) / area(gt box)`` in prototype pixels,
-            summed and divided by the number of trained positives; ``loss_segm`` when the branch is
-            on; ``num_pos``: positives per image (mean, detached). ``num_pos`` divisors are the
-            batch totals clamped to ``>= 1``.
+            summed and divided by the number of trained positives (positives of box-only objects
+            train no mask); ``loss_segm`` when the branch is on (not inside a box-only object's
+            box, in its class's channel); ``num_pos``: positives per image (mean, detached).
+            ``num_pos`` divisors are the batch totals clamped to ``>= 1``.
         """
         t = self.targets(outputs, batch)
         head, mask_cfg = self.cfg.bbox_head, self.cfg.mask_head
@@ -836,7 +852,9 @@ class YOLACT(nn.Module):
         }
         if outputs.segm_logits is not None:
             segm = outputs.segm_logits.float()  # [B, C, h, w]
-            loss_segm = F.binary_cross_entropy_with_logits(segm, t.segm_targets, reduction="sum")
+            loss_segm = F.binary_cross_entropy_with_logits(
+                segm, t.segm_targets, weight=t.segm_weights, reduction="sum"
+            )
             losses["loss_segm"] = mask_cfg.loss_segm_weight * loss_segm / segm[:, 0].numel()
         losses["num_pos"] = t.num_pos.mean().detach()
         return losses

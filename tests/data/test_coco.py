@@ -125,12 +125,14 @@ def test_degenerate_boxes_and_empty_masks_are_dropped_with_a_reason(tmp_path):
             _ann(3, 1, {"size": [3, 4], "counts": COUNTS_3x4}, [0, 0, 4, 3]),
         ],
     )
-    ds = CocoDataset(*_write(tmp_path, data, {"1.png": (3, 4)}))
-    with pytest.warns(UserWarning, match="dropping annotation 1"):
-        _, target = ds[0]
+    with pytest.warns(UserWarning, match=r"dropped 1 annotation\(s\) \(annotation 1: .*1 px"):
+        ds = CocoDataset(*_write(tmp_path, data, {"1.png": (3, 4)}))  # known from the JSON
+    assert list(ds.dropped) == [1]
+    with pytest.warns(UserWarning, match="dropping annotation 2 because its mask covers no pixel"):
+        _, target = ds[0]  # known once the mask is rasterised
     assert len(target) == 1
     assert sorted(ds.dropped) == [1, 2]
-    assert "1 px" in ds.dropped[1] and "no pixels" in ds.dropped[2]
+    assert "1 px" in ds.dropped[1] and "no pixel" in ds.dropped[2]
     ds[0]  # loading the image again records nothing new
     assert len(ds.dropped) == 2
 
@@ -193,7 +195,7 @@ def test_missing_top_level_key(tmp_path, key):
         CocoDataset(*_write(tmp_path, data, {"1.png": (3, 4)}))
 
 
-@pytest.mark.parametrize("key", ["category_id", "segmentation", "bbox", "image_id"])
+@pytest.mark.parametrize("key", ["category_id", "bbox", "image_id"])  # no segmentation: box-only
 def test_annotation_missing_a_key(tmp_path, key):
     data = _good()
     del data["annotations"][0][key]
@@ -249,8 +251,8 @@ def test_image_file_size_differs_from_the_json(tmp_path):
 
 def test_bad_segmentations_and_boxes(tmp_path):
     data = _good()
-    data["annotations"][0]["segmentation"] = [[1, 2, 3]]
-    with pytest.raises(ValueError, match="annotation 1: a polygon must be"):
+    data["annotations"][0]["segmentation"] = [5]
+    with pytest.raises(ValueError, match=r"annotation 1: segmentation\[0\] must be a flat list"):
         CocoDataset(*_write(tmp_path, data, {"1.png": (3, 4)}))
     data["annotations"][0]["segmentation"] = {"size": [3, 4], "counts": [1, 2]}
     with pytest.raises(ValueError, match="annotation 1: uncompressed RLE counts sum to 3"):

@@ -183,3 +183,36 @@ def test_collate_rejects_bad_items():
         collate([])
     with pytest.raises(ValueError, match="item 0: masks are"):
         collate([(torch.rand(3, 8, 8), _target(torch.ones(1, 4, 4, dtype=torch.bool)))])
+
+
+def test_a_box_only_object_lives_as_long_as_its_box():
+    """A box-only object has no mask to lose; a thin one still goes when its box does."""
+    image = torch.rand(3, 64, 64)
+    masks = torch.zeros(4, 64, 64, dtype=torch.bool)
+    masks[0, 10:40, 10:40] = True
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 40.0], [50.0, 20.0, 51.0, 30.0],
+                          [30.0, 30.0, 60.0, 34.0], [0.0, 50.0, 2.0, 51.0]])  # fmt: skip
+    has_mask = torch.tensor([True, True, False, False])  # 1: a 1 px wide mask; 2, 3: box-only
+    target = Target(boxes, torch.arange(4), masks, has_mask=has_mask, orig_size=(64, 64))
+    _, out = eval_transforms(16)(image, target)
+    assert out.labels.tolist() == [0, 2]  # 1 lost its pixels, 3 is under 1 px high
+    assert out.boxes.tolist() == [[2.5, 2.5, 10.0, 10.0], [7.5, 7.5, 15.0, 8.5]]
+    assert out.has_mask.tolist() == [True, False] and not out.masks[1].any()
+    batch = collate([eval_transforms(16)(image, target)])
+    assert batch.targets[0].has_mask.tolist() == [True, False]
+
+
+def test_target_has_mask_defaults_to_all_and_must_match_the_objects():
+    from instseg_edu.structures import pad_targets
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.bool)
+    target = Target(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), masks)
+    assert target.has_mask.tolist() == [True, True] and target.has_mask.dtype == torch.bool
+    with pytest.raises(ValueError, match=r"has_mask is \(3,\) but there are 2 boxes"):
+        Target(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), masks,
+               has_mask=torch.ones(3, dtype=torch.bool))  # fmt: skip
+    box_only = Target(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), masks[:1],
+                      has_mask=torch.tensor([False]))  # fmt: skip
+    padded = pad_targets([target, box_only])
+    assert padded.has_mask.tolist() == [[True, True], [False, False]]
+    assert padded.valid.tolist() == [[True, True], [True, False]]

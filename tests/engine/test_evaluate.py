@@ -285,3 +285,60 @@ def test_evaluate_model_maps_predictions_back_to_original_pixels():
     model.queue = [t.boxes[0] for _, t in items[:2]]
     first = evaluate_model(model, loader, gt, [9], "cpu", max_batches=1)
     assert first["bbox"]["AP"] == pytest.approx(1.0)
+
+
+# ---- ground truth as people write it: cleaned by the training set's rules -------------------
+
+
+def test_ground_truth_without_area_or_iscrowd_scores_instead_of_a_key_error():
+    gt = _gt(OBJECTS)
+    for ann in gt["annotations"]:
+        del ann["area"], ann["iscrowd"]  # pycocotools' COCOeval would raise KeyError on these
+    metrics = evaluate_coco(gt, [_result(*o) for o in OBJECTS])
+    for iou_type in ("bbox", "segm"):
+        assert metrics[iou_type]["AP"] == pytest.approx(1.0)
+        assert metrics[iou_type]["APs"] == pytest.approx(1.0)  # areas computed, so sizes known
+
+
+def test_box_only_ground_truth_counts_for_bbox_and_is_dont_care_for_segm():
+    gt = _gt(OBJECTS)
+    gt["annotations"][1]["segmentation"] = []  # the medium object has no mask
+    results = [_result(*o) for o in OBJECTS]
+    metrics = evaluate_coco(gt, results)
+    assert metrics["bbox"]["AP"] == pytest.approx(1.0)
+    # segm: the two objects with masks are found; the mask predicted on the box-only object is
+    # neither a hit nor a false positive, and it is no missed object either.
+    assert metrics["segm"]["AP"] == pytest.approx(1.0)
+    assert metrics["segm"]["APm"] == -1.0  # no medium object with a mask to score
+    # Without that prediction: the same scores (nothing was missed).
+    assert evaluate_coco(gt, results[:1] + results[2:])["segm"]["AP"] == pytest.approx(1.0)
+
+
+def test_segm_is_skipped_with_a_warning_when_no_object_has_a_mask():
+    gt = _gt(OBJECTS)
+    for ann in gt["annotations"]:
+        ann["segmentation"] = []
+    with pytest.warns(UserWarning, match="no object has a mask .* 'segm' is not evaluated"):
+        metrics = evaluate_coco(gt, [_result(*o) for o in OBJECTS])
+    assert set(metrics) == {"bbox"} and metrics["bbox"]["AP"] == pytest.approx(1.0)
+
+
+def test_ground_truth_the_loader_refuses_is_refused_naming_the_annotation(tmp_path):
+    from instseg_edu.data.annotations import DataError
+
+    gt = _gt(OBJECTS)
+    gt["annotations"][2]["bbox"][3] = float("nan")
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(gt))  # Python's json writes NaN, and reads it back
+    with pytest.raises(DataError, match=r"gt\.json: annotation 3: bbox height is nan"):
+        evaluate_coco(str(path), [])
+
+
+def test_dropped_ground_truth_is_reported_once_and_left_out():
+    gt = _gt(OBJECTS)
+    gt["annotations"].append({"id": 9, "image_id": 2, "category_id": 3, "bbox": [0, 0, 5, 5],
+                              "iscrowd": 0, "segmentation": [[1, 1, 4, 4]]})  # fmt: skip
+    with pytest.warns(UserWarning, match=r"dropped 1 annotation\(s\) \(annotation 9: its "
+                      r"segmentation has no valid polygon"):  # fmt: skip
+        metrics = evaluate_coco(gt, [_result(*o) for o in OBJECTS])
+    assert metrics["segm"]["AP"] == pytest.approx(1.0)  # nothing left to miss

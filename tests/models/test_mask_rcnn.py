@@ -560,3 +560,44 @@ def test_batched_proposals_equal_a_per_image_per_level_reference(model):
         assert int(got.valid[b].sum()) == n and not got.valid[b, n:].any()
         torch.testing.assert_close(got.scores[b, :n], scores[:60])
         torch.testing.assert_close(got.boxes[b, :n], boxes)
+
+
+# ---- box-only objects ----------------------------------------------------------------------------
+
+
+def test_box_only_objects_train_rpn_box_and_class_terms_but_no_mask(model):
+    from _box_only import without_masks
+
+    batch = make_batch(seed=3)
+    outputs = model(batch.images)
+
+    def losses(b):
+        torch.manual_seed(1)  # the same RPN and RoI samples for every variant
+        return model.loss(outputs, b)
+
+    full = losses(batch)
+    box_only = losses(without_masks(batch, [[0, 1], [0, 1, 2]]))
+    mixed = losses(without_masks(batch, [[0], []]))
+    for key in ("loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "num_pos"):
+        assert torch.equal(full[key], box_only[key]) and torch.equal(full[key], mixed[key]), key
+    assert full["loss_mask"] > 0 and box_only["loss_mask"] == 0
+    model.zero_grad()
+    box_only["loss_mask"].backward()  # still in the graph, with nothing to learn
+    assert all(p.grad is None or not p.grad.any() for p in model.mask_head.parameters())
+
+    # Mixed: the mask head trains exactly the positives of the objects that have masks, in order.
+    torch.manual_seed(1)
+    t = model.targets(outputs, without_masks(batch, [[0], []]))
+    positives = t.roi.gt_index[t.roi.pos_index].tolist()  # object 0 of image 0 is row 0
+    assert 0 in positives
+    assert t.mask.gt_index.tolist() == [g for g in positives if g != 0]
+    assert t.mask.masks.shape == (len(positives) - positives.count(0), 28, 28)
+    torch.testing.assert_close(
+        mixed["loss_mask"],
+        F.binary_cross_entropy_with_logits(
+            model.mask_forward(outputs.features, t.mask.rois)[
+                torch.arange(len(t.mask.labels)), t.mask.labels
+            ],
+            t.mask.masks,
+        ),
+    )

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from instseg_edu.engine.host_sync import count_host_syncs
@@ -714,3 +715,67 @@ def test_predict_waits_for_the_device_twice_per_batch(low_threshold_outputs):
     assert all("solo.py" in e.where and "in predict" in e.where for e in syncs.events), (
         syncs.summary()
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# box-only objects
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_box_only_object_is_placed_by_its_box_like_a_mask_filling_it():
+    # The golden rectangle of test_target_golden_one_level without its mask: the box centre
+    # ((40 + 72) / 2 - 0.5, (24 + 88) / 2 - 0.5) = (55.5, 55.5) is the filled mask's centre of mass,
+    # so the cells, channels and labels are the same.
+    masked = _target([24, 40, 88, 72], [2], _box_mask((128, 128), 40, 72, 24, 88)[None])
+    golden = _tgt_single(masked)
+    out = solo_target_single(
+        masked.boxes, masked.labels, torch.zeros(1, 128, 128, dtype=torch.bool),
+        num_grids=GRIDS, scale_ranges=TINY.bbox_head.scale_ranges, sigma=0.2,
+        has_mask=torch.tensor([False]),
+    )  # fmt: skip
+    assert torch.equal(out.centers, torch.tensor([[55.5, 55.5]], dtype=torch.float64))
+    assert torch.equal(out.cells, golden.cells) and torch.equal(out.levels, golden.levels)
+    for level in range(5):
+        assert torch.equal(out.cate_labels[level], golden.cate_labels[level])
+        assert torch.equal(out.gt_inds[level], golden.gt_inds[level])
+    # A box-only object under MIN_MASK_AREA (3 x 3 = 9 px) is skipped like a tiny mask.
+    tiny = solo_target_single(
+        torch.tensor([[10.0, 10.0, 13.0, 13.0]]), torch.tensor([0]),
+        torch.zeros(1, 128, 128, dtype=torch.bool), num_grids=GRIDS,
+        scale_ranges=TINY.bbox_head.scale_ranges, sigma=0.2, has_mask=torch.tensor([False]),
+    )  # fmt: skip
+    assert not tiny.levels.any()
+
+
+def test_box_only_objects_train_their_cells_category_but_no_mask_channel(tiny_model):
+    """test_loss_matches_hand_computation's scene with the 96-square box-only: the same category
+    targets and loss; the dice loss only over the rectangle's channels."""
+    from _box_only import without_masks
+
+    m0 = _box_mask((128, 128), 16, 112, 16, 112)
+    m1 = _box_mask((128, 128), 40, 72, 24, 88)
+    t0 = _target([[16, 16, 112, 112], [24, 40, 88, 72]], [1, 2], torch.stack([m0, m1]))
+    batch = Batch(torch.rand(1, 3, 128, 128), [(128, 128)], [t0])
+    mixed = without_masks(batch, [[0]])
+    outputs = tiny_model(batch.images)
+    full, part = tiny_model.loss(outputs, batch), tiny_model.loss(outputs, mixed)
+    t_full, t = tiny_model.targets(outputs, batch), tiny_model.targets(outputs, mixed)
+    assert int(t.num_pos) == int(t_full.num_pos) == 15 and part["num_pos"] == 15
+    for level in range(5):
+        assert torch.equal(t.cate_labels[level], t_full.cate_labels[level])
+        assert torch.equal(t.gt_inds[level], t_full.gt_inds[level])
+        assert torch.equal(t.ins_ind[level], t_full.ins_ind[level] & (t.gt_inds[level] == 1))
+    assert torch.equal(part["loss_cate"], full["loss_cate"])
+
+    dice = []
+    for level, logits in enumerate(outputs.mask_logits):
+        for ch in (t.gt_inds[level][0] == 1).nonzero().flatten().tolist():  # the rectangle's
+            target = F.interpolate(m1[None, None].float(), size=logits.shape[-2:],
+                                   mode="bilinear")[0, 0].ge(0.5).float()  # fmt: skip
+            dice.append(dice_loss(logits[0, ch][None].sigmoid(), target[None]))
+    assert len(dice) == 4
+    torch.testing.assert_close(part["loss_ins"], 3.0 * torch.cat(dice).mean())
+
+    everything_box_only = tiny_model.loss(outputs, without_masks(batch, [[0, 1]]))
+    assert everything_box_only["loss_ins"] == 0 and everything_box_only["loss_ins"].requires_grad
+    assert torch.equal(everything_box_only["loss_cate"], full["loss_cate"])

@@ -566,3 +566,47 @@ def test_targets_and_loss_do_not_synchronise_on_gpu():
         torch.testing.assert_close(losses[key].cpu(), expected[key], rtol=1e-4, atol=1e-4)
     dets = model.predict(outputs, batch.image_sizes)
     assert dets[0].masks.is_cuda and dets[0].masks.shape[1:] == (128, 128)
+
+
+# ---------------------------------------------------------------------------------------------
+# box-only objects
+# ---------------------------------------------------------------------------------------------
+
+
+def test_box_only_objects_train_class_and_box_but_no_mask():
+    from _box_only import without_masks
+
+    cfg = replace(TINY, mask_head=replace(TINY.mask_head, with_seg_branch=True))
+    torch.manual_seed(0)
+    model = build_yolact(cfg)
+    batch = _handmade_batch()
+    outputs = model(batch.images)
+
+    def run(b):
+        torch.manual_seed(1)  # the same random subset keys for every variant
+        losses = model.loss(outputs, b)
+        torch.manual_seed(1)
+        return losses, model.targets(outputs, b)
+
+    (full, t_full), (part, t) = run(batch), run(without_masks(batch, [[0], []]))
+    none, _ = run(without_masks(batch, [[0, 1], [0]]))
+    for key in ("loss_cls", "loss_bbox", "num_pos"):
+        assert torch.equal(full[key], part[key]) and torch.equal(full[key], none[key]), key
+    assert full["loss_mask"] > 0 and none["loss_mask"] == 0
+
+    # Image 0's object 0 is box-only: none of its positives is in the trained mask subset; the
+    # subset holds every positive of the other objects (fewer than max_masks_to_train).
+    trained_gt = t.assignment.gt_inds.gather(1, t.mask_anchor_inds) - 1  # [B, K]
+    assert not (t.mask_valid[0] & (trained_gt[0] == 0)).any()
+    assert int(t.mask_valid[0].sum()) == int((t.gt_inds[0] == 1).sum())
+    assert int(t.mask_valid[1].sum()) == int(t.pos[1].sum()) == int(t_full.mask_valid[1].sum())
+
+    # Semantic branch: no target inside the box-only object's box in its class's channel (1),
+    # weight 1 elsewhere. At stride 8 the box (16, 8, 44, 40) is x 2..5.5, y 1..5: the cells whose
+    # centres lie inside are columns 2..4 (centres 2.5..4.5) and rows 1..4.
+    assert t_full.segm_weights.eq(1).all()
+    expected = torch.ones(2, 2, 8, 12)
+    expected[0, 1, 1:5, 2:5] = 0
+    assert torch.equal(t.segm_weights, expected)
+    bce = F.binary_cross_entropy_with_logits(outputs.segm_logits, t.segm_targets, reduction="none")
+    torch.testing.assert_close(part["loss_segm"], (bce * expected).sum() / (2 * 8 * 12))
