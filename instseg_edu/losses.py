@@ -120,7 +120,7 @@ def global_avg_factor(
     else:
         cuda = dist.get_backend() == "nccl"
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
-        total = torch.tensor(float(count), device=device)
+        total = torch.full((), float(count), device=device)  # a fill: no host-to-GPU copy
     dist.all_reduce(total)  # sum over processes
     if clamp_min is not None:
         total = total.clamp(min=clamp_min)

@@ -788,7 +788,7 @@ def train(
         """Rank 0's callbacks decide; every process must stop at the same step."""
         if not ddp:
             return state.stop_requested
-        flag = torch.tensor(float(state.stop_requested), device=device)
+        flag = torch.full((), float(state.stop_requested), device=device)
         torch.distributed.broadcast(flag, src=0)
         return bool(flag.item())
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,23 @@ from instseg_edu.engine.train import make_loader, train
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.xdist_group("ddp")]
 
 
-def torchrun(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node=2 ARGS`` (``python -m torch.distributed.run``)."""
+def torchrun(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` (``python -m torch.distributed.run``).
+
+    In a session of its own, so that a timeout (a hang) ends the launcher *and* its processes.
+    """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += [str(a) for a in args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, start_new_session=True) as proc:  # fmt: skip
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"torchrun {args} did not end within {timeout} s:\n{stdout}{stderr}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +170,7 @@ def test_a_failure_in_one_process_ends_both_and_is_shown_once(tmp_path):
         "-m", "instseg_edu", "train", "--preset", "RETINANET_R18_SMALL", "--train-json",
         train_json, "--train-images", images, "--image-size", "64", "--steps", "2",
         "--batch-size", "2", "--workers", "0", "--device", "cpu", "--no-progress",
-        "--out", tmp_path / "out", timeout=120,
+        "--out", tmp_path / "out",
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode != 0
