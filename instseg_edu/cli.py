@@ -357,14 +357,15 @@ def cmd_demo(args) -> int:
 
 
 def _lr(args) -> float:
-    """``--lr``, scaled by the linear rule when ``--scale-lr REF`` is given (printed either way)."""
+    """``--lr``, scaled by the linear rule when ``--scale-lr REF`` is given (and then printed)."""
     from instseg_edu.engine.distributed import get_world_size
     from instseg_edu.engine.train import scaled_lr
 
     world = get_world_size()
     global_batch = world * args.batch_size
     if args.scale_lr is None:
-        print(f"lr: {args.lr:g} for a global batch of {global_batch} (unscaled)")
+        if world > 1:
+            print(f"lr: {args.lr:g} for the global batch of {global_batch} (not scaled)")
         return args.lr
     if args.scale_lr < 1:
         raise CliError(f"--scale-lr {args.scale_lr}: the reference batch must be >= 1")
