@@ -13,7 +13,7 @@ else
 TORCH_PIN := torch torchvision
 endif
 
-.PHONY: setup demo lab test test-fast lint notebooks clean
+.PHONY: setup demo lab test test-fast lint notebooks clean gpu-wheels gpu-check
 
 setup: $(STAMP)
 
@@ -46,3 +46,22 @@ notebooks: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# The GPU check (benchmarks/gpu_check.py, benchmarks/RESULTS.md). `gpu-wheels` runs where a package
+# registry is reachable and fills .whl/ with the wheels that a GPU machine without one lacks
+# (benchmarks/gpu_wheels.txt, for CPython 3.12 on manylinux x86_64); `gpu-check` runs on the GPU
+# machine with its own python3, no .venv needed, and installs those wheels without network.
+GPU_PYTHON_VERSION ?= 3.12
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
+GPU_CHECK_OUT ?= runs/gpu_check
+
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl -r benchmarks/gpu_wheels.txt
+	@ls .whl | wc -l | xargs echo "wheels:"; du -sh .whl
+
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)

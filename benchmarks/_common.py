@@ -30,9 +30,11 @@ def shapes_data(root: str | Path, image_size: int, num_train: int, num_val: int,
     return train, val
 
 
-def loaders(train, val, batch_size: int, workers: int, seed: int = 0):
-    train_loader = make_loader(train, batch_size, shuffle=True, workers=workers, seed=seed)
-    val_loader = make_loader(val, batch_size, shuffle=False, workers=workers, seed=seed)
+def loaders(train, val, batch_size: int, workers: int, seed: int = 0, persistent: bool = False):
+    """Train and val loaders; ``persistent`` keeps the workers between epochs."""
+    kw = dict(workers=workers, seed=seed, persistent_workers=persistent and workers > 0)
+    train_loader = make_loader(train, batch_size, shuffle=True, **kw)
+    val_loader = make_loader(val, batch_size, shuffle=False, **kw)
     return train_loader, val_loader
 
 

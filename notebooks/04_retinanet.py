@@ -182,6 +182,8 @@ for gamma in (0.0, 2.0):
 # the loss's `num_pos` statistic. Thumbnails show the current predictions on the batch.
 
 # %%
+import time
+
 from instseg_edu.widgets import TrainingDashboard
 
 train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=0 if SMOKE else 4)
@@ -199,9 +201,11 @@ train_cfg = TrainConfig(
     progress=not SMOKE,
     seed=SEED,
 )
+start = time.perf_counter()
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
+train_s = time.perf_counter() - start
 print(
-    f"{len(history.steps)} steps; dashboard time {dashboard.overhead_s:.2f} s, {dashboard.redraws} redraws"
+    f"{len(history.steps)} steps in {train_s:.1f} s; dashboard time {dashboard.overhead_s:.2f} s, {dashboard.redraws} redraws"
 )
 
 # %% [markdown]

@@ -7,9 +7,11 @@ except where they are exact: batched assignment equals the loop, and host-sync c
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,242 @@ def test_time_to_ap_evaluates_both_sides_with_pycocotools(tmp_path):
     curves = json.loads((tmp_path / "tta.json").read_text())["curves"]
     assert set(curves) == {"ours", "torchvision"}
     assert all(point["segm"] >= 0 for side in curves.values() for point in side)
+
+
+# ------------------------------------------------------------------------------- the GPU check
+def _gpu_check():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import gpu_check
+
+    return gpu_check
+
+
+@pytest.mark.timeout(3000)
+def test_gpu_check_smoke_records_every_part_and_figure(tmp_path):
+    # About a minute of CPU time (one thread per process); on a busy machine, more wall time.
+    gpu_check = _gpu_check()
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_check.py"), "--smoke", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=2900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    md = (out / "gpu_check.md").read_text()
+    parts = report["parts"]
+    assert list(parts) == ["install", *gpu_check.DEFAULT_PARTS]
+    for name, part in parts.items():
+        assert part["status"] == "ok", (name, part.get("error"))
+        assert 0 < part["wall_s"] <= part["budget_s"]
+        assert f"| {name} | {part['budget_s']} s |" in md
+    env = report["environment"]
+    assert env["torch"] and env["torchvision"] and env["date"] and env["device"]
+    assert "driver" in env
+
+    # install: the package from the temporary folder, every import there
+    install = parts["install"]
+    assert not any(v.startswith("missing") for v in install["imports"].values())
+    assert "instseg_gpu_check_" in install["instseg_edu_from"]
+
+    # tests: every gpu-marked test collected (skipped without CUDA)
+    marked = sum(
+        len(re.findall(r"^@pytest\.mark\.gpu$", p.read_text(), re.M))
+        for p in Path(__file__).parent.rglob("test_*.py")
+    )
+    tests = parts["tests"]
+    assert tests["collected"] == marked > 0 and tests["skipped"] == marked
+    for case in tests["cases"]:
+        assert f"`{case['name']}`" in md
+
+    # throughput: every family, every figure; equal work where torchvision has a peer
+    families = parts["throughput"]["families"]
+    assert list(families) == ["retinanet", "mask_rcnn", "solo", "yolact"]
+    for family, entry in families.items():
+        sides = ["ours", "torchvision"] if family in ("retinanet", "mask_rcnn") else ["ours"]
+        assert [s for s in ("ours", "torchvision") if s in entry] == sides
+        for side in sides:
+            b = entry[side]
+            for key in ("train_img_s", "infer_img_s", "latency_ms", "detections_per_batch"):
+                assert b[key] > 0, (family, side, key)
+            assert "peak_gib" in b
+            assert f"| {family} | {side} | {b['train_img_s']:.1f}" in md
+        if len(sides) == 2:
+            assert set(entry["ratios"]) == {"train", "infer", "latency_speedup"}
+            assert entry["equal_work"], entry
+
+    # time to AP: both curves, evaluated more than once, and the summary
+    tta = parts["time_to_ap"]
+    assert tta["family"] == "retinanet"
+    assert all(len(tta["curves"][side]) >= 1 for side in ("ours", "torchvision"))
+    assert set(tta["summary"]["bbox"]) >= {"ours_at_half", "torchvision_final", "ours_final"}
+    assert "### Time to AP: retinanet" in md
+
+    # notebook 04: its training steps, the dashboard's own time and the A/B timing
+    nb = parts["notebook"]
+    assert nb["INSTSEG_SMOKE"] == "1" and nb["INSTSEG_TRAIN_STEPS"] == "2"
+    assert nb["train_steps"] == 2
+    assert nb["train_s"] > 0 and nb["dashboard_s"] > 0 and nb["redraws"] >= 1
+    assert nb["ab_with_s"] > 0 and nb["ab_without_s"] > 0
+    assert nb["self_share"] is not None and nb["ab_share"] is not None
+    assert "### Notebook 04" in md
+
+    # every target, measured
+    names = [t["name"] for t in report["targets"]]
+    assert names == [
+        "gpu tests",
+        "RetinaNet train img/s",
+        "RetinaNet inference img/s",
+        "RetinaNet batch-1 latency",
+        "Mask R-CNN train img/s",
+        "Mask R-CNN inference img/s",
+        "Mask R-CNN batch-1 latency",
+        "RetinaNet time to AP",
+        "dashboard overhead",
+    ]
+    for t in report["targets"]:
+        assert t["value"] is not None and t["met"] in (True, False), t
+        assert f"| {t['name']} | {t['target']} | {t['value']} |" in md
+    assert report["targets"][0]["met"] is False  # skipped is not passed
+
+
+def test_gpu_check_targets_from_figures():
+    gpu_check = _gpu_check()
+
+    def family(train, infer, latency):
+        return {"ours": {"latency_ms": latency}, "ratios": {"train": train, "infer": infer}}
+
+    parts = {
+        "tests": {"status": "ok", "collected": 7, "passed": 7, "failed": 0, "skipped": 0},
+        "throughput": {
+            "families": {
+                "retinanet": family(1.5, 1.49, 12.0),
+                "mask_rcnn": family(2.5, 2.0, 25.1),
+            }
+        },
+        "time_to_ap": {"summary": {"bbox": {"ours_at_half": 0.30, "torchvision_final": 0.31}}},
+        "notebook": {"ab_share": 0.05},
+    }
+    met = {t["name"]: (t["value"], t["met"]) for t in gpu_check.targets(parts)}
+    assert met == {
+        "gpu tests": ("7/7 passed, 0 failed, 0 skipped", True),
+        "RetinaNet train img/s": ("1.50×", True),
+        "RetinaNet inference img/s": ("1.49×", False),
+        "RetinaNet batch-1 latency": ("12.0 ms", True),
+        "Mask R-CNN train img/s": ("2.50×", True),
+        "Mask R-CNN inference img/s": ("2.00×", True),
+        "Mask R-CNN batch-1 latency": ("25.1 ms", False),
+        "RetinaNet time to AP": ("ours 0.300, torchvision 0.310", False),
+        "dashboard overhead": ("5.0%", True),
+    }
+    # A part that did not finish: its targets are there, not measured; failed tests are not met.
+    parts["tests"].update(passed=6, failed=1)
+    parts["throughput"] = {"families": {"retinanet": {}}}
+    parts["notebook"] = {"status": "timed out"}
+    met = {t["name"]: t["met"] for t in gpu_check.targets(parts)}
+    assert met["gpu tests"] is False
+    assert met["RetinaNet train img/s"] is None and met["Mask R-CNN batch-1 latency"] is None
+    assert met["dashboard overhead"] is None
+
+
+def test_gpu_check_time_to_ap_summary_and_dashboard_shares():
+    gpu_check = _gpu_check()
+    curve = lambda *aps: [  # noqa: E731
+        {"minutes": 0.5 * (i + 1) + 0.01, "step": 10 * (i + 1), "bbox": ap}
+        for i, ap in enumerate(aps)
+    ]
+    s = gpu_check.summarise_time_to_ap(
+        {"ours": curve(0.1, 0.25, 0.3, 0.4), "torchvision": curve(0.05, 0.1, 0.2, 0.22)}, 2.0
+    )["summary"]["bbox"]
+    assert s["ours_at_half"] == 0.25 and s["ours_at_half_minutes"] == 1.01
+    assert s["torchvision_final"] == 0.22 and s["ours_final"] == 0.4
+    assert s["ours_reached_torchvision_final_after_min"] == 1.01
+
+    shares = gpu_check.dashboard_shares(
+        {
+            "train_s": 20.0,
+            "dashboard_s": 0.5,
+            "ab_with_s": 10.0,
+            "ab_without_s": 9.6,
+            "ab_steps": 50,
+            "ab_repeats": 2,
+        }  # fmt: skip
+    )
+    assert shares["self_share"] == pytest.approx(0.025)
+    assert shares["ab_share"] == pytest.approx(0.04)
+    assert shares["step_ms_with"] == pytest.approx(100.0)
+    assert shares["step_ms_without"] == pytest.approx(96.0)
+
+
+def test_gpu_check_reads_junit(tmp_path):
+    gpu_check = _gpu_check()
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="3">'
+        '<testcase classname="tests.a" name="t1" time="0.5"/>'
+        '<testcase classname="tests.a" name="t2" time="1.0">'
+        '<failure message="assert 1 == 2">trace</failure></testcase>'
+        '<testcase classname="tests.b" name="t3" time="0"><skipped message="needs CUDA"/>'
+        "</testcase></testsuite></testsuites>"
+    )
+    got = gpu_check.junit_counts(xml)
+    assert (got["collected"], got["passed"], got["failed"], got["skipped"]) == (3, 1, 1, 1)
+    assert got["cases"][1] == {
+        "name": "tests.a::t2", "outcome": "failed", "time_s": 1.0, "msg": "assert 1 == 2"
+    }  # fmt: skip
+    assert gpu_check.junit_counts(tmp_path / "missing.xml")["collected"] == 0
+
+
+def test_gpu_check_part_time_limit_kills_the_process_group(tmp_path):
+    gpu_check = _gpu_check()
+    log, pid_file = tmp_path / "part.log", tmp_path / "grandchild.pid"
+    # The part starts a grandchild (as a data loader or a notebook kernel would) and hangs.
+    code = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); "
+        "time.sleep(60)"
+    )
+    status, rc = gpu_check.run_logged([sys.executable, "-c", code], dict(os.environ), 3.0, log)
+    assert (status, rc) == ("timed out", None)
+    assert "started" in log.read_text() and "killed after 3.0 s" in log.read_text()
+    grandchild = Path(f"/proc/{pid_file.read_text()}/status")
+    for _ in range(50):  # SIGKILL is delivered at once; reaping may take a moment
+        if not grandchild.exists() or "zombie" in grandchild.read_text():
+            break
+        time.sleep(0.1)
+    assert not grandchild.exists() or "zombie" in grandchild.read_text()
+
+    assert gpu_check.run_logged([sys.executable, "-c", "raise SystemExit(3)"], None, 30, log) == (
+        "failed",
+        3,
+    )
+
+
+def test_gpu_check_lists_the_wheels_not_carried(tmp_path):
+    gpu_check = _gpu_check()
+    listed = [line.split("#")[0].strip() for line in gpu_check.WHEEL_LIST.read_text().splitlines()]
+    listed = [line for line in listed if line]
+    assert "pycocotools==2.0.11" in listed and len(listed) == len({n.lower() for n in listed})
+    # Wheel file names spell the project name with underscores (PEP 427).
+    files = [
+        tmp_path / f"{line.replace('==', '-').replace('-', '_', line.count('-'))}-py3-none-any.whl"
+        for line in listed
+    ]
+    assert gpu_check.wheels_not_carried(files) == []
+    assert gpu_check.wheels_not_carried(files[1:]) == [listed[0]]
+    older = tmp_path / "pycocotools-2.0.10-cp312-abi3-manylinux_2_17_x86_64.whl"
+    rest = [f for f in files if not f.name.startswith("pycocotools")]
+    assert gpu_check.wheels_not_carried([older, *rest]) == ["pycocotools==2.0.11"]
+
+
+def test_gpu_check_fits_eight_minutes():
+    gpu_check = _gpu_check()
+    budget = gpu_check.BUDGET_S
+    assert sum(budget[p] for p in ("install", *gpu_check.DEFAULT_PARTS)) <= 8 * 60
+    assert budget["install"] + budget["mask_rcnn"] <= 8 * 60
+    # Time to AP trains each of its two sides for its minutes, and evaluates besides.
+    assert budget["time_to_ap"] > 2 * 60 * gpu_check.TIME_TO_AP["minutes"]
