@@ -46,7 +46,7 @@ def dataset(root: Path, augment: bool = False, split: str = "train") -> CocoData
 
 def evaluate(model, val: CocoDataset) -> dict:
     loader = make_loader(val, 2, shuffle=False)  # a DistributedSampler under torchrun
-    return evaluate_model(model, loader, val.coco, val.label_to_cat_id, "cpu")
+    return evaluate_model(model, loader, val.coco, val.label_to_cat_id)  # on the model's device
 
 
 def build(family: str, num_classes: int, frozen_bn: bool = True) -> torch.nn.Module:

@@ -8,7 +8,7 @@ import torch
 
 from instseg_edu.cli import build_parser, main
 from instseg_edu.engine import distributed
-from instseg_edu.engine.train import make_loader, resolve_device, scaled_lr
+from instseg_edu.engine.train import make_loader, resolve_device, scaled_lr, train
 
 TORCHRUN = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": "29500"}  # fmt: skip
@@ -47,3 +47,39 @@ def test_cli_options_and_commands_under_torchrun(monkeypatch, capsys):
         monkeypatch.setenv(key, value)
     assert main(["predict", "--checkpoint", "x.pt", "image.png"]) == 2
     assert "runs in one process; start it without torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_world_of_one_process_trains_and_evaluates_as_without_one(device, monkeypatch, tmp_path):
+    # The process-group code path (DDP, reduced loss divisors and logs, agreed stops, gathered
+    # evaluation; on CUDA also NCCL, the device of LOCAL_RANK and SyncBatchNorm) in this very
+    # process, with one member: it must change no number. Two processes: test_distributed.py.
+    import _ddp_worker as worker
+
+    ds, val = worker.dataset(tmp_path), worker.dataset(tmp_path, split="val")
+    cfg = worker.config(device=device)
+
+    def run(cfg):
+        model = worker.build("retinanet", len(ds.classes), frozen_bn=False)
+        history = train(model, make_loader(ds, worker.PER_PROCESS_BATCH, shuffle=False), cfg)
+        return history, model.state_dict(), worker.evaluate(model, val)
+
+    alone = run(cfg)
+    env = {**TORCHRUN, "WORLD_SIZE": "1", "MASTER_PORT": str(distributed._free_port())}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with distributed.process_group(device) as own_device:
+        assert distributed.is_distributed() and distributed.get_world_size() == 1
+        grouped = run(worker.config(device=str(own_device), sync_bn=device == "cuda"))
+    assert not distributed.is_distributed()  # the group is gone after the block
+    exact = device == "cpu"  # cuDNN may pick other algorithms from one run to the next
+    for one, other in zip(alone[0].steps, grouped[0].steps, strict=True):
+        for key in ("loss", "loss_cls", "loss_bbox"):
+            assert other[key] == pytest.approx(one[key], rel=1e-6 if exact else 1e-3), key
+    for name, value in alone[1].items():
+        torch.testing.assert_close(grouped[1][name], value, rtol=1e-5, atol=1e-6 if exact else 1e-4)
+    if exact:
+        assert grouped[2] == alone[2]
+    else:
+        assert grouped[2]["bbox"]["AR100"] == pytest.approx(alone[2]["bbox"]["AR100"], abs=0.05)
