@@ -18,6 +18,10 @@ matched to it by category id, and predictions are reported with those ids.
 Any problem in the data — found up front, while loading an item (also inside a DataLoader
 worker), or during evaluation — ends the command with one line naming the file, the image or
 annotation id and the problem, and exit status 2; ``--debug`` shows the traceback instead.
+
+Under ``torchrun`` (``torchrun --nproc_per_node=N -m instseg_edu train ...``), ``train``, ``demo``
+and ``evaluate`` run data-parallel: ``--batch-size`` is per process, rank 0 prints and writes every
+output, and an error is shown once, by the process that failed first.
 """
 
 from __future__ import annotations
@@ -142,9 +146,16 @@ def _existing(path: str | None, what: str, flag: str, *, folder: bool = False) -
 def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int = 0):
     """Generate (or reuse) the shapes splits; each size/count gets its own folder."""
     from instseg_edu.data.shapes import make_shapes_splits
+    from instseg_edu.engine.distributed import is_distributed, is_main_process
 
     folder = Path(root) / f"{image_size}px-{num_train}-{num_val}"
     start = time.perf_counter()
+    if is_distributed():  # rank 0 writes the files, the other processes then reuse them
+        if is_main_process():
+            make_shapes_splits(folder, num_train, num_val, image_size=image_size, seed=seed)
+        import torch.distributed
+
+        torch.distributed.barrier()
     paths = make_shapes_splits(folder, num_train, num_val, image_size=image_size, seed=seed)
     print(f"data: {folder} ({time.perf_counter() - start:.1f} s)", flush=True)
     return paths["train"], folder / "train", paths["val"], folder / "val"
@@ -218,6 +229,7 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
 
 
 def _evaluate_and_report(model, val_set, device, out: Path | None, batch_size: int, workers: int):
+    from instseg_edu.engine.distributed import is_main_process
     from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
     from instseg_edu.engine.train import make_loader
 
@@ -227,7 +239,7 @@ def _evaluate_and_report(model, val_set, device, out: Path | None, batch_size: i
     table = format_ap_table(metrics)
     print(f"\nCOCO evaluation on {len(val_set)} images ({time.perf_counter() - start:.1f} s):")
     print(table, flush=True)
-    if out is not None:
+    if out is not None and is_main_process():
         (out / "ap.json").write_text(json.dumps(metrics, indent=1))
         (out / "ap.md").write_text(table + "\n")
     return metrics
@@ -236,24 +248,35 @@ def _evaluate_and_report(model, val_set, device, out: Path | None, batch_size: i
 def _run_training(args, family, preset_name, model_cfg, train_set, val_set, device, train_cfg,
                   *, data_meta):  # fmt: skip
     """Shared by ``demo`` and ``train``: train, evaluate, write every output. Returns exit code."""
+    import math
+
     from instseg_edu.engine.checkpoint import config_to_dict
+    from instseg_edu.engine.distributed import claim_failure, get_world_size, is_main_process
     from instseg_edu.engine.train import NonFiniteLossError, make_loader, train
 
     # Before any step: a set with nothing to learn would train to loss 0 without a word.
     note = train_set.check_trainable(needs_masks=family in MASK_FAMILIES)
     if note:
         print(f"note: {note} ({family})", flush=True)
+    world = get_world_size()
+    main = is_main_process()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = _build(family, model_cfg)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    batch = (
+        f"batch {args.batch_size}"
+        if world == 1
+        else f"batch {world} processes x {args.batch_size} = {world * args.batch_size}"
+    )
     print(
         f"model: {family} {preset_name} ({n_params:.1f} M parameters) on {device}, "
-        f"{len(train_set)} training images at {args.image_size} px, batch {args.batch_size}",
+        f"{len(train_set)} training images at {args.image_size} px, {batch}",
         flush=True,
     )
+    per_process = math.ceil(len(train_set) / world)  # each process's share of an epoch
     loader = make_loader(train_set, args.batch_size, shuffle=True, workers=args.workers,
-                         seed=args.seed, drop_last=len(train_set) > args.batch_size)  # fmt: skip
+                         seed=args.seed, drop_last=per_process > args.batch_size)  # fmt: skip
     meta = {
         "model": family,
         "preset": preset_name,
@@ -275,13 +298,15 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     try:
         history = train(model, loader, train_cfg, evaluate_fn=evaluate_fn, meta=meta,
                         resume=getattr(args, "resume", None))  # fmt: skip
-    except NonFiniteLossError as e:
-        print(f"instseg-edu: {e}", file=sys.stderr)
-        if e.history is not None:
+    except NonFiniteLossError as e:  # raised by every process at the same step
+        if claim_failure():
+            print(f"instseg-edu: {e}", file=sys.stderr)
+        if e.history is not None and main:
             e.history.save_json(out / "history.json")
         return 1
     minutes = (time.perf_counter() - start) / 60
-    history.save_json(out / "history.json")
+    if main:
+        history.save_json(out / "history.json")
     last = history.steps[-1] if history.steps else {}
     print(
         f"trained {len(history.steps)} steps in {minutes:.1f} min"
@@ -290,10 +315,15 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         flush=True,
     )
     written = ["history.json"] + (["last.pt"] if history.checkpoint else [])
+    if history.interrupted and world > 1:
+        # The other processes were interrupted too, at their own step: no more collectives.
+        print(f"wrote {out}/{{{', '.join(written)}}}")
+        return 130
     if val_set is not None:
         _evaluate_and_report(model, val_set, device, out, args.batch_size, args.workers)
         written += ["ap.md", "ap.json"]
-    written += _write_figures(out, history, model, val_set, train_set.classes, device)
+    if main:
+        written += _write_figures(out, history, model, val_set, train_set.classes, device)
     print(f"wrote {out}/{{{', '.join(written)}}}")
     return 0
 
@@ -353,6 +383,29 @@ def cmd_demo(args) -> int:
                          train_cfg, data_meta=data_meta)  # fmt: skip
 
 
+def _lr(args) -> float:
+    """``--lr``, scaled by the linear rule when ``--scale-lr REF`` is given (and then printed)."""
+    from instseg_edu.engine.distributed import get_world_size
+    from instseg_edu.engine.train import scaled_lr
+
+    world = get_world_size()
+    global_batch = world * args.batch_size
+    if args.scale_lr is None:
+        if world > 1:
+            print(f"lr: {args.lr:g} for the global batch of {global_batch} (not scaled)")
+        return args.lr
+    if args.scale_lr < 1:
+        raise CliError(f"--scale-lr {args.scale_lr}: the reference batch must be >= 1")
+    lr = scaled_lr(args.lr, global_batch, args.scale_lr)
+    print(
+        f"lr: {args.lr:g} x {global_batch} / {args.scale_lr} = {lr:g} (linear scaling rule, "
+        f"Goyal et al. 2017: --lr is for a batch of {args.scale_lr}; the global batch is "
+        f"{world} x {args.batch_size}; warm-up {args.warmup_steps} steps)",
+        flush=True,
+    )
+    return lr
+
+
 def cmd_train(args) -> int:
     device = _device(args.device)
     if args.data == "shapes":
@@ -377,9 +430,9 @@ def cmd_train(args) -> int:
     model_cfg = _with_num_classes(model_cfg, len(train_set.classes))
     length = {"max_steps": args.steps} if args.steps else {"epochs": args.epochs or 12}
     train_cfg = _train_config(
-        args, device, lr=args.lr, optimizer=args.optimizer, warmup_steps=args.warmup_steps,
+        args, device, lr=_lr(args), optimizer=args.optimizer, warmup_steps=args.warmup_steps,
         schedule=args.schedule, grad_clip=args.grad_clip, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, **length,
+        checkpoint_every=args.checkpoint_every, sync_bn=args.sync_bn, **length,
     )  # fmt: skip
     data_meta = {
         "val_json": None if val_json is None else str(val_json),
@@ -518,8 +571,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=512, help="longest side after resizing")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 12 unless --steps)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images per process and step; under torchrun the global batch is "
+                   "N processes x this")  # fmt: skip
+    p.add_argument("--lr", type=float, default=0.02,
+                   help="learning rate (of the global batch; see --scale-lr)")  # fmt: skip
+    p.add_argument("--scale-lr", type=int, default=None, metavar="REF_BATCH",
+                   help="--lr was tuned for REF_BATCH images per step: multiply it by "
+                   "global batch / REF_BATCH (linear scaling rule, Goyal et al. 2017)")  # fmt: skip
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch "
+                   "(SyncBatchNorm)")  # fmt: skip
     p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     p.add_argument("--schedule", choices=["step", "cosine", "constant"], default="cosine")
     p.add_argument("--warmup-steps", type=int, default=300)
@@ -566,8 +628,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from instseg_edu.engine.distributed import launched_by_torchrun
+
+    if launched_by_torchrun():
+        return _main_distributed(args)
+    return _run(args)
+
+
+def _run(args) -> int:
     from instseg_edu.data.annotations import DataError
     from instseg_edu.engine.checkpoint import CheckpointError
+    from instseg_edu.engine.distributed import claim_failure
 
     try:
         return args.func(args)
@@ -580,8 +651,53 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{e.strerror}: {e.filename}"
         else:
             message = str(e)
-        print(f"instseg-edu {args.command}: error: {message}", file=sys.stderr)
+        if claim_failure():  # under torchrun: shown by the first process that failed only
+            print(f"instseg-edu {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+DISTRIBUTED_COMMANDS = ("train", "demo", "evaluate")
+
+
+def _main_distributed(args) -> int:
+    """One process of ``torchrun``: join the process group, run the command, leave the group
+    (after success, an error or Ctrl-C). Only rank 0 prints to stdout; an error is printed by
+    the process that failed first (:func:`~instseg_edu.engine.distributed.claim_failure`)."""
+    import contextlib
+
+    from instseg_edu.engine import distributed
+
+    if args.command not in DISTRIBUTED_COMMANDS:
+        print(f"instseg-edu {args.command}: error: runs in one process; start it without "
+              f"torchrun (data-parallel commands: {', '.join(DISTRIBUTED_COMMANDS)})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        device = distributed.init_process_group(args.device)
+    except RuntimeError as e:
+        print(f"instseg-edu {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    args.device = str(device)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    try:
+        with contextlib.ExitStack() as stack:
+            if rank != 0:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(
+                    open(os.devnull, "w"))))  # fmt: skip
+            return _run(args)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"instseg-edu {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        if distributed.claim_failure():
+            print(f"instseg-edu {args.command}: error in process {rank} of {world}:",
+                  file=sys.stderr)  # fmt: skip
+            raise
+        distributed.wait_for_launcher()  # the first failure is the one to show
+        return 1
+    finally:
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":  # pragma: no cover

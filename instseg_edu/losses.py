@@ -13,6 +13,11 @@ All element-wise losses share one reduction rule (MMDetection's ``weight_reduce_
 ``avg_factor`` may be a Python number or a 0-d tensor (so a positive count computed on the GPU
 needs no host synchronisation). As in MMDetection a tiny ``eps`` is added to it, so
 ``avg_factor=0`` gives 0 for an all-zero loss instead of NaN.
+
+Under data-parallel training (``torchrun`` + ``DistributedDataParallel``) every process sees only
+its share of the batch, so a count such as "positive anchors of the batch" must be the count of
+the *whole* batch: :func:`global_avg_factor` sums it over the processes (MMDetection's
+``reduce_mean(num_total_pos)``) and does nothing in a single process.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "dice_loss",
+    "global_avg_factor",
     "l1_loss",
     "sigmoid_focal_loss",
     "smooth_l1_loss",
@@ -66,6 +72,61 @@ def weight_reduce_loss(
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def global_avg_factor(
+    count: Tensor | int | float, clamp_min: float | None = None, offset: float = 0.0
+) -> Tensor | int | float:
+    """A loss normaliser of this process that makes data-parallel training exact.
+
+    A loss of the form ``Σ over the batch / count(batch)`` (positives, sampled RoIs, mask pixels)
+    is computed by each of ``W`` processes on its share of the global batch, and
+    ``DistributedDataParallel`` then *averages* the gradients (divides their sum by ``W``). Dividing
+    each share's sum by ``total / W``, where ``total`` is the count summed over every process,
+    makes that average exactly the gradient of one process over the whole global batch::
+
+        mean_r ∇(Σ_r / (total / W)) = ∇(Σ_all) / total
+
+    (e.g. 2 processes with 3 and 5 positives: each divides by 8 / 2 = 4, not by its own 3 or 5).
+    ``clamp_min`` and ``offset`` are applied to the *total*, as one process would apply them to
+    its count: ``(max(total, clamp_min) + offset) / W``. The mean over processes of the logged
+    losses is then also the single-process loss.
+
+    Without an initialised process group this is ``max(count, clamp_min) + offset`` of ``count``
+    itself (same type, no copy, no host synchronisation). With one, it costs one ``all_reduce``
+    of a scalar (queued on the GPU like any kernel, so no host synchronisation either).
+
+    Source: MMDetection ``mmdet/utils/dist_utils.py`` ``reduce_mean`` as used by its dense heads.
+
+    Args:
+        count: the local count, a 0-d tensor or a Python number.
+        clamp_min: lower bound of the total (e.g. 1, so that a batch without positives divides by
+            1), or ``None``.
+        offset: added to the total after clamping (SOLO's ``num_pos + 1``).
+
+    Returns:
+        A 0-d tensor (or, in a single process, the same kind as ``count``).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if clamp_min is not None and isinstance(count, Tensor):
+            count = count.clamp(min=clamp_min)
+        elif clamp_min is not None:
+            count = max(count, clamp_min)
+        return count + offset if offset else count
+    if isinstance(count, Tensor):
+        total = count.detach().clone()
+    else:
+        cuda = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        total = torch.full((), float(count), device=device)  # a fill: no host-to-GPU copy
+    dist.all_reduce(total)  # sum over processes
+    if clamp_min is not None:
+        total = total.clamp(min=clamp_min)
+    if offset:
+        total = total + offset
+    return total / dist.get_world_size()
 
 
 def sigmoid_focal_loss(

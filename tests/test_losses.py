@@ -9,6 +9,7 @@ from instseg_edu.losses import (
     binary_cross_entropy_with_logits,
     cross_entropy,
     dice_loss,
+    global_avg_factor,
     l1_loss,
     sigmoid_focal_loss,
     smooth_l1_loss,
@@ -143,3 +144,17 @@ def test_reduction_errors():
         weight_reduce_loss(torch.zeros(2), "none", avg_factor=2.0)
     # zero avg_factor with zero loss gives 0, not NaN (MMDetection's eps)
     assert weight_reduce_loss(torch.zeros(3), "sum", avg_factor=0).item() == 0.0
+
+
+def test_global_avg_factor_in_one_process_is_the_local_divisor():
+    # No process group: the count itself, clamped and offset as one process would; same type, so
+    # a host number stays a number and a device count stays a (0-d) tensor. With processes it is
+    # (max(sum over processes, clamp_min) + offset) / world_size: tests/engine/test_distributed.py
+    # checks that two processes then train exactly like one.
+    assert global_avg_factor(5) == 5 and global_avg_factor(0, clamp_min=1) == 1
+    assert global_avg_factor(3, offset=1) == 4 and isinstance(global_avg_factor(3), int)
+    count = torch.tensor(0.0)
+    assert global_avg_factor(count) is count  # unchanged, not copied
+    torch.testing.assert_close(global_avg_factor(count, clamp_min=1.0), torch.tensor(1.0))
+    solo = global_avg_factor(torch.tensor(7), offset=1)  # SOLO's num_pos + 1, int64 stays int64
+    assert solo.dtype == torch.int64 and solo.item() == 8

@@ -329,7 +329,16 @@ def evaluate_model(
     (``max_batches``) gives a fair number for those images. ``iou_types=None`` means ``bbox`` plus
     ``segm`` when the model returns masks. ``amp`` runs the forward pass under bf16 autocast on
     CUDA; decoding always runs in float32.
+
+    Under a process group (``torchrun``) every process predicts on its loader's share (a
+    ``DistributedSampler``, see :func:`~instseg_edu.engine.train.make_loader`); rank 0 gathers the
+    results (``all_gather_object``), keeps one copy of each image (the sampler repeats a few to
+    give every process as many), scores them once with pycocotools and sends the metrics to every
+    process. The numbers are those of one process over the whole set (torchvision's detection
+    references merge their evaluators the same way).
     """
+    from instseg_edu.engine.distributed import all_gather_object, broadcast_object, get_rank
+
     dataset, file = _gt_dataset(coco_gt)
     source = file or "the ground truth"
     checked = check_coco(dataset, source)  # cheap, and fails before the prediction pass
@@ -340,21 +349,32 @@ def evaluate_model(
     )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     amp = amp and device.type == "cuda"
-    results: list[dict] = []
-    image_ids: list[int] = []
+    per_image: dict[int, list[dict]] = {}  # image id -> its results, in loader order
     has_masks = False
     for batch, detections in predict_loader(
         model, loader, device, amp=amp, max_batches=max_batches
     ):
-        targets = [t for t in batch.targets]
-        image_ids.extend(int(t.image_id) for t in targets)
         has_masks = has_masks or any(d.masks is not None for d in detections)
-        results.extend(detections_to_coco(detections, targets, batch.image_sizes, label_to_cat_id))
+        for det, target, size in zip(detections, batch.targets, batch.image_sizes):
+            if int(target.image_id) not in per_image:
+                per_image[int(target.image_id)] = detections_to_coco(
+                    [det], [target], [size], label_to_cat_id
+                )
+    shares = all_gather_object((per_image, has_masks))  # [(dict, bool)] per process
+    if get_rank() != 0:
+        return broadcast_object(None)
+    merged: dict[int, list[dict]] = {}
+    for share, share_has_masks in shares:
+        has_masks = has_masks or share_has_masks
+        for image_id, image_results in share.items():
+            merged.setdefault(image_id, image_results)  # the first copy of a repeated image
     if iou_types is None:
         iou_types = ("bbox", "segm") if has_masks else ("bbox",)
-    return evaluate_coco(
-        coco_gt, results, iou_types, backend=backend, image_ids=image_ids, quiet=quiet
+    results = [r for image_results in merged.values() for r in image_results]
+    metrics = evaluate_coco(
+        coco_gt, results, iou_types, backend=backend, image_ids=list(merged), quiet=quiet
     )
+    return broadcast_object(metrics)
 
 
 def format_ap_table(metrics: dict[str, dict[str, float]], digits: int = 3) -> str:

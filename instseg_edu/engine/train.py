@@ -30,6 +30,13 @@ needs, each piece small enough to read:
 - **safety**: a non-finite loss raises :class:`NonFiniteLossError` naming the term and step, and no
   checkpoint is written from then on, so the last one on disk is good; ``KeyboardInterrupt`` (the
   stop button of a notebook) ends training cleanly and returns the :class:`History`.
+- **several processes** (``torchrun``, see :mod:`instseg_edu.engine.distributed`): when a process
+  group is initialised the same loop wraps the model in ``DistributedDataParallel`` (optionally
+  with SyncBatchNorm), the loader must hand each process its share (:func:`make_loader` then uses
+  a ``DistributedSampler``, re-seeded every epoch), the logged losses are averaged over the
+  processes and img/s counts all of them, and only rank 0 draws the progress bar, calls the
+  callbacks and writes checkpoints. ``batch_size`` is per process: the global batch is
+  ``world_size * batch_size`` (:func:`scaled_lr` for the learning rate that goes with it).
 
 Notebook: ``notebooks/`` (training a RetinaNet on shapes) walks through this loop.
 """
@@ -39,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -50,6 +58,13 @@ import torch
 from torch import Tensor
 
 from instseg_edu.engine.checkpoint import config_to_dict, load_checkpoint, save_checkpoint
+from instseg_edu.engine.distributed import (
+    all_gather_object,
+    broadcast_buffers,
+    get_rank,
+    get_world_size,
+    is_distributed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +113,11 @@ class TrainConfig:
         checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
         checkpoint_every: steps between checkpoints (one is always written at the end).
         seed: seeds torch, numpy, Python's ``random`` and the data order.
-        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
-        progress: show a tqdm progress bar.
+        device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; under
+            ``torchrun``, ``"auto"`` and ``"cuda"`` mean this process's GPU (``cuda:LOCAL_RANK``).
+        progress: show a tqdm progress bar (rank 0 only under ``torchrun``).
+        sync_bn: under ``torchrun``, convert every BatchNorm to ``SyncBatchNorm`` (statistics over
+            the global batch instead of each process's share; CUDA only). Ignored in one process.
     """
 
     epochs: int | None = None
@@ -125,6 +143,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    sync_bn: bool = False
 
     def __post_init__(self):
         if self.epochs is None and self.max_steps is None:
@@ -171,10 +190,14 @@ class TrainConfig:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else the CPU."""
+    """``"auto"`` → CUDA when available, else the CPU. Under a process group, ``"auto"`` and
+    ``"cuda"`` (no index) mean this process's GPU, ``cuda:LOCAL_RANK``."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None and is_distributed():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return resolved
 
 
 def total_steps(cfg: TrainConfig, loader) -> int:
@@ -210,6 +233,28 @@ def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
     if step < cfg.warmup_steps:
         factor *= cfg.warmup_ratio + (1 - cfg.warmup_ratio) * step / cfg.warmup_steps
     return cfg.lr * factor
+
+
+def scaled_lr(lr: float, batch_size: int, reference_batch_size: int) -> float:
+    """The linear scaling rule: ``lr * batch_size / reference_batch_size``.
+
+    Goyal et al. 2017 ("Accurate, Large Minibatch SGD", Sec. 2.1): "when the minibatch size is
+    multiplied by k, multiply the learning rate by k", together with a gradual warm-up (Sec. 2.2,
+    ``TrainConfig.warmup_steps``) because the scaled rate is too large for the first updates. With
+    ``k`` times the images per step, one step does the work of ``k`` small steps, so it takes a
+    ``k`` times longer stride. MMDetection's RetinaNet: lr 0.01 for 16 images (8 GPUs x 2); on
+    4 GPUs x 8 images (32) that is 0.02. It holds for SGD; AdamW is less sensitive to the batch.
+
+    Args:
+        lr: the learning rate tuned for ``reference_batch_size`` images per step.
+        batch_size: images per optimiser step over every process (``world_size * per-process``).
+        reference_batch_size: the batch ``lr`` was tuned for.
+    """
+    if batch_size < 1 or reference_batch_size < 1:
+        raise ValueError(
+            f"batch_size={batch_size} and reference_batch_size={reference_batch_size} must be >= 1"
+        )
+    return lr * batch_size / reference_batch_size
 
 
 @dataclass
@@ -291,9 +336,10 @@ def _plain(obj):
 class _StepLog:
     """Per-step values kept on the device until a flush copies them to the host in one transfer."""
 
-    def __init__(self, history: History, on_flush: Callable[[dict], None]):
+    def __init__(self, history: History, on_flush: Callable[[dict], None], world_size: int = 1):
         self.history = history
         self.on_flush = on_flush
+        self.world_size = world_size
         self.pending: list[tuple[dict, list[str], list[Tensor]]] = []
         self.last: dict = dict(history.steps[-1]) if history.steps else {}
         self.checkpoint = history.checkpoint  # the last checkpoint known to be good
@@ -303,8 +349,13 @@ class _StepLog:
         self.window_start = time.perf_counter()
         self.window_images = 0
 
-    def add(self, record: dict, losses: dict, total: Tensor, num_images: int):
-        """``record`` holds host values (step, epoch, lr); tensors are only detached here."""
+    def add(self, record: dict, losses: dict, total: Tensor, num_images: int) -> Tensor:
+        """``record`` holds host values (step, epoch, lr); tensors are only detached here.
+
+        With several processes the values are averaged over them here (one ``all_reduce`` of a
+        small vector, queued like any kernel), so every process logs, and checks, the same
+        numbers. Returns the logged total (a 0-d device tensor).
+        """
         keys, values = ["loss"], [total.detach().float().reshape(())]
         for k, v in losses.items():
             if isinstance(v, Tensor):
@@ -313,8 +364,13 @@ class _StepLog:
                     values.append(v.detach().float().reshape(()))
             elif isinstance(v, (int, float)):
                 record[k] = float(v)
+        if self.world_size > 1:
+            packed = torch.stack(values)  # [K]
+            torch.distributed.all_reduce(packed)  # sum over processes
+            values = list((packed / self.world_size).unbind())
         self.pending.append((record, keys, values))
-        self.window_images += num_images
+        self.window_images += num_images * self.world_size  # equal shares: the sampler pads
+        return values[0]
 
     def add_value(self, key: str, value: Tensor):
         """Attach one more device scalar (e.g. ``grad_norm``) to the latest step."""
@@ -424,21 +480,46 @@ def _set_rng_state(state: dict):
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))  # noqa: NPY002
 
 
+def _resume_rng(ckpt: dict, rank: int, world_size: int) -> dict | None:
+    """This process's RNG states from a checkpoint (``None``: seed afresh)."""
+    per_rank = ckpt.get("rng_ranks")
+    saved_world = int(ckpt.get("world_size", 1))
+    if saved_world != world_size:
+        logger.warning(
+            "resuming a checkpoint of %d process(es) with %d: training continues, but not "
+            "exactly as it would have (each process's share of the data changes)",
+            saved_world,
+            world_size,
+        )
+    if per_rank is not None and rank < len(per_rank):
+        return per_rank[rank]
+    if rank == 0:
+        return ckpt["rng"]
+    return None
+
+
 def _seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 (augmentations may use the global numpy RNG)
     torch.manual_seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """Seed of an epoch's data order: a deterministic mix of ``(seed, epoch)``."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Seed of an epoch's data order: a deterministic mix of ``(seed, epoch)`` (and of ``rank``
+    for processes other than rank 0, so that their augmentations differ)."""
+    entropy = [seed, epoch] if rank == 0 else [seed, epoch, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
-def _seed_loader(loader, seed: int, epoch: int):
+def _seed_loader(loader, seed: int, epoch: int, rank: int = 0):
     """Make the loader's shuffling of this epoch a function of ``(seed, epoch)`` only."""
     gen = getattr(loader, "generator", None)
     sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        # Its order is a permutation seeded with (its seed + epoch), the same on every process,
+        # of which each process takes every world_size-th item. Without set_epoch every epoch
+        # would repeat the first one's order.
+        sampler.set_epoch(epoch)
     if gen is None and isinstance(sampler, torch.utils.data.RandomSampler):
         if sampler.generator is None:
             # A DataLoader(shuffle=True) without a generator draws its order from the global RNG,
@@ -446,7 +527,21 @@ def _seed_loader(loader, seed: int, epoch: int):
             sampler.generator = torch.Generator()
         gen = sampler.generator
     if gen is not None:
-        gen.manual_seed(epoch_seed(seed, epoch))
+        gen.manual_seed(epoch_seed(seed, epoch, rank))
+
+
+def _check_sharded(loader):
+    """Under a process group each process must read its own share, not the whole dataset."""
+    sampler = getattr(loader, "sampler", None)
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(batch_sampler, torch.utils.data.BatchSampler):
+        sampler = batch_sampler.sampler
+    if isinstance(sampler, (torch.utils.data.RandomSampler, torch.utils.data.SequentialSampler)):
+        raise ValueError(
+            f"train_loader's {type(sampler).__name__} gives every one of the {get_world_size()} "
+            "processes the whole dataset; build it with make_loader (a DistributedSampler when a "
+            "process group is initialised) or pass sampler=DistributedSampler(dataset)"
+        )
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -471,6 +566,7 @@ def make_loader(
     drop_last: bool = False,
     collate_fn=None,
     persistent_workers: bool = False,
+    distributed: bool | None = None,
 ) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` of :class:`~instseg_edu.structures.Batch` with a seeded generator.
 
@@ -478,6 +574,11 @@ def make_loader(
     copy run asynchronously). Workers are re-created every epoch by default, which keeps resumed
     runs identical even with random augmentations in the workers; ``persistent_workers=True``
     saves their start-up time at that price.
+
+    ``distributed=None`` means "when a process group is initialised": each process then reads its
+    own ``1 / world_size`` of the dataset through a ``DistributedSampler`` (shuffled with ``seed``
+    plus the epoch, which :func:`train` sets; padded by repeating a few items so that every process
+    gets as many), and ``batch_size`` is per process, as in torchvision's detection references.
     """
     if collate_fn is None:
         from instseg_edu.data.transforms import collate as collate_fn
@@ -487,10 +588,15 @@ def make_loader(
         pin_memory = torch.cuda.is_available()
     generator = torch.Generator()
     generator.manual_seed(seed)
+    sampler = None
+    if is_distributed() if distributed is None else distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        shuffle = False  # the sampler shuffles
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=workers,
         pin_memory=pin_memory,
         collate_fn=collate_fn,
@@ -505,6 +611,18 @@ def _coco_dataset(dataset):
     while not hasattr(dataset, "coco") and hasattr(dataset, "dataset"):  # unwrap torch Subset
         dataset = dataset.dataset
     return dataset
+
+
+class _ForwardAndLoss(torch.nn.Module):
+    """``(outputs, losses)`` of a model in one ``forward``, for ``DistributedDataParallel``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor, batch) -> tuple:
+        outputs = self.model(images)
+        return outputs, self.model.loss(outputs, batch)
 
 
 def _default_evaluate_fn(val_loader, device, train_loader=None):
@@ -550,20 +668,43 @@ def train(
         meta: extra plain data stored in every checkpoint (the CLI stores the model name and its
             config there, so ``evaluate`` and ``predict`` can rebuild it).
 
+    Under a process group (``torchrun``) every process calls ``train`` with its own loader share
+    (see the module docstring); callbacks run on rank 0 only, ``evaluate_fn`` on every process
+    (:func:`~instseg_edu.engine.evaluate.evaluate_model` splits the work and gathers the results),
+    and a stop requested by a callback takes effect at the next step whose values are synced
+    (every ``log_every`` steps on CUDA, every step on the CPU), when the processes agree on it.
+    Every process returns the same :class:`History`.
+
     Returns:
         The :class:`History`. The model is left on the training device in eval mode.
 
     Raises:
         NonFiniteLossError: a loss term became NaN/inf (``.history`` has the steps before it).
+        ValueError: ``sync_bn=True`` under a process group on the CPU (SyncBatchNorm needs CUDA),
+            or a loader that gives every process the whole dataset.
     """
     device = resolve_device(cfg.device)
     on_cuda = device.type == "cuda"
     use_amp = cfg.amp and on_cuda
     channels_last = cfg.channels_last and on_cuda
     callbacks = list(callbacks)
+    ddp = is_distributed()
+    rank, world_size = get_rank(), get_world_size()
+    main = rank == 0
+    if ddp:
+        _check_sharded(train_loader)
+        if cfg.sync_bn and not on_cuda:
+            raise ValueError(
+                "sync_bn=True needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); on "
+                "the CPU keep BatchNorm frozen (the backbone's norm_eval=True) instead"
+            )
     if evaluate_fn is None and val_loader is not None:
         evaluate_fn = _default_evaluate_fn(val_loader, device, train_loader)
 
+    if ddp and cfg.sync_bn:
+        # Replaces the BatchNorm modules inside `model` (same parameters and buffers, so the
+        # state dict and checkpoints stay those of the plain model).
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -583,22 +724,36 @@ def train(
         history = History.from_dict(ckpt["history"])
         history.config = config_to_dict(cfg)
         history.interrupted = history.stopped_early = False
-        rng = ckpt["rng"]
+        rng = _resume_rng(ckpt, rank, world_size)
         logger.info("resuming from step %d (epoch %d)", step, epoch)
-    else:
-        _seed_everything(cfg.seed)
+    if rng is None:
+        _seed_everything(cfg.seed + rank)  # rank 0 as one process; others draw other numbers
+    net = None
+    if ddp:
+        # Averages the gradients over the processes during backward. Its forward runs the loss
+        # too (heads such as Mask R-CNN's RoI heads run inside `loss`), and it finds the
+        # parameters a step leaves unused (e.g. a SOLO level without positives in this process's
+        # images): their gradient counts as zero here, while other processes may have one.
+        ids = [device.index] if on_cuda else None
+        net = torch.nn.parallel.DistributedDataParallel(
+            _ForwardAndLoss(model), device_ids=ids, find_unused_parameters=True
+        )
 
     ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=num_steps, initial=step, disable=not cfg.progress, desc="train",
+    bar = tqdm(total=num_steps, initial=step, disable=not (cfg.progress and main), desc="train",
                dynamic_ncols=True)  # fmt: skip
 
     def show(record):
         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.1f}", refresh=False)
 
-    step_log = _StepLog(history, show)
+    def call(hook: str):
+        if main:  # one dashboard, one set of files: rank 0's
+            _call(callbacks, hook, state)
+
+    step_log = _StepLog(history, show, world_size)
     state = TrainState(model, optimizer, cfg, num_steps, history, step_log)
     state.step, state.epoch = step, epoch
     # On the CPU a sync costs nothing, so every step is checked before its update is applied.
@@ -607,36 +762,48 @@ def train(
     def save(batch_in_epoch: int):
         step_log.flush()  # never save unverified steps
         history.checkpoint = str(ckpt_path)
-        save_checkpoint(ckpt_path, {
-            "format": 1,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"schedule": cfg.schedule, "step": step},
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "history": history.to_dict(),
-            "rng": _rng_state(),
-            "config": config_to_dict(cfg),
-            "meta": _plain(meta or {}),
-        })  # fmt: skip
+        rng_ranks = all_gather_object(_rng_state()) if ddp else None  # every process's RNGs
+        if main:
+            save_checkpoint(ckpt_path, {
+                "format": 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": {"schedule": cfg.schedule, "step": step},
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "history": history.to_dict(),
+                "rng": rng_ranks[0] if ddp else _rng_state(),
+                **({"rng_ranks": rng_ranks, "world_size": world_size} if ddp else {}),
+                "config": config_to_dict(cfg),
+                "meta": _plain(meta or {}),
+            })  # fmt: skip
         step_log.checkpoint = str(ckpt_path)
         step_log.reset_window()
 
     def evaluate():
         step_log.flush()
+        broadcast_buffers(model)  # every process evaluates rank 0's model
         model.eval()
         metrics = _plain(evaluate_fn(model))
         model.train()
         history.evals.append({"step": step, "epoch": epoch, "metrics": metrics})
         state.metrics = metrics
-        _call(callbacks, "on_eval", state)
+        call("on_eval")
         step_log.reset_window()
+
+    def agreed_stop() -> bool:
+        """Rank 0's callbacks decide; every process must stop at the same step."""
+        if not ddp:
+            return state.stop_requested
+        flag = torch.full((), float(state.stop_requested), device=device)
+        torch.distributed.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def end_epoch():
         nonlocal epoch, batch_in_epoch
         step_log.flush()
-        _call(callbacks, "on_epoch", state)
+        call("on_epoch")
         epoch += 1
         batch_in_epoch = 0
         state.epoch = epoch
@@ -646,12 +813,13 @@ def train(
     except TypeError:
         epoch_len = None
     model.train()
-    _call(callbacks, "on_start", state)
+    call("on_start")
     batch_in_epoch = skip
     last_eval_step = history.evals[-1]["step"] if history.evals else -1
+    stopping = False
     try:
-        while step < num_steps and not state.stop_requested:
-            _seed_loader(train_loader, cfg.seed, epoch)
+        while step < num_steps and not stopping:
+            _seed_loader(train_loader, cfg.seed, epoch, rank)
             batches = iter(train_loader)
             if skip:
                 for _ in range(skip):  # batches this epoch already trained on before the resume
@@ -672,16 +840,19 @@ def train(
                     images = batch.images.contiguous(memory_format=torch.channels_last)
                     batch = dataclasses.replace(batch, images=images)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    outputs = model(batch.images)
-                    losses = model.loss(outputs, batch)
+                    if net is None:
+                        outputs = model(batch.images)
+                        losses = model.loss(outputs, batch)
+                    else:
+                        outputs, losses = net(batch.images, batch)
                 loss_terms = [v for k, v in losses.items() if k.startswith("loss_")]
                 if not loss_terms:
                     raise ValueError(f"model.loss returned no 'loss_*' keys: {sorted(losses)}")
                 total = torch.stack([t.float().reshape(()) for t in loss_terms]).sum()
-                step_log.add({"step": step + 1, "epoch": epoch, "lr": lr}, losses, total,
-                             len(batch))  # fmt: skip
-                if not on_cuda and not math.isfinite(total.item()):
-                    step_log.flush()  # raises before the bad update
+                logged = step_log.add({"step": step + 1, "epoch": epoch, "lr": lr}, losses,
+                                      total, len(batch))  # fmt: skip
+                if not on_cuda and not math.isfinite(logged.item()):
+                    step_log.flush()  # raises before the bad update (on every process)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.grad_clip is not None:
@@ -691,18 +862,21 @@ def train(
                 step += 1
                 batch_in_epoch += 1
                 state.step, state.lr = step, lr
-                if step % sync_every == 0 or step == num_steps:
+                synced = step % sync_every == 0 or step == num_steps
+                if synced:
                     step_log.flush()
                 bar.update(1)
                 state.batch, state.outputs = batch, outputs
-                _call(callbacks, "on_step", state)
+                call("on_step")
                 state.batch = state.outputs = None  # do not keep the graph's tensors alive
                 if evaluate_fn is not None and cfg.eval_every and step % cfg.eval_every == 0:
                     evaluate()
                     last_eval_step = step
                 if ckpt_path and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                     save(batch_in_epoch)
-                if step >= num_steps or state.stop_requested:
+                if synced or not ddp:
+                    stopping = agreed_stop()
+                if step >= num_steps or stopping:
                     if batch_in_epoch == epoch_len:  # that was also the epoch's last batch
                         end_epoch()
                     break
@@ -711,7 +885,8 @@ def train(
                     raise ValueError("train_loader yielded no batches")
                 end_epoch()
         step_log.flush()
-        history.stopped_early = state.stop_requested and step < num_steps
+        broadcast_buffers(model)  # every process returns rank 0's model (the checkpoint's)
+        history.stopped_early = stopping and step < num_steps
         if evaluate_fn is not None and last_eval_step != step:
             evaluate()
         if ckpt_path:
@@ -722,13 +897,14 @@ def train(
             step_log.flush()
         except NonFiniteLossError:
             pass
-        logger.warning(
-            "training interrupted at step %d; the model and the returned History are usable%s",
-            step,
-            f" (last checkpoint: {step_log.checkpoint})" if step_log.checkpoint else "",
-        )
+        if main:
+            logger.warning(
+                "training interrupted at step %d; the model and the returned History are usable%s",
+                step,
+                f" (last checkpoint: {step_log.checkpoint})" if step_log.checkpoint else "",
+            )
     finally:
         bar.close()
     model.eval()
-    _call(callbacks, "on_end", state)
+    call("on_end")
     return history

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from instseg_edu.losses import global_avg_factor
 from instseg_edu.models.backbone import (
     FPNConfig,
     ImageNormalize,
@@ -766,21 +767,26 @@ class MaskRCNN(nn.Module):
         return self.mask_head(x)
 
     def loss(self, outputs: MaskRCNNOutputs, batch: Batch) -> dict[str, Tensor]:
-        """RPN, box and mask losses, with MMDetection's weights (all 1) and normalisations."""
+        """RPN, box and mask losses, with MMDetection's weights (all 1) and normalisations.
+
+        Every divisor is a count of the whole batch: under DDP, of every process's share
+        (:func:`~instseg_edu.losses.global_avg_factor`).
+        """
         t = self.targets(outputs, batch)
         # RPN: BCE over sampled anchors + L1 over positive ones, both / number of sampled anchors.
         sampled = (t.rpn.pos_mask | t.rpn.neg_mask).float()  # [B, N]
+        num_samples = global_avg_factor(t.rpn.num_samples)
         logits = outputs.rpn_logits.float()
         loss_rpn_cls = (
             F.binary_cross_entropy_with_logits(logits, t.rpn.labels, reduction="none") * sampled
-        ).sum() / t.rpn.num_samples
+        ).sum() / num_samples
         l1 = (outputs.rpn_deltas.float() - t.rpn.bbox_targets).abs().sum(-1)  # [B, N]
-        loss_rpn_bbox = (l1 * t.rpn.pos_mask).sum() / t.rpn.num_samples
+        loss_rpn_bbox = (l1 * t.rpn.pos_mask).sum() / num_samples
 
         # Box head: CE over all sampled RoIs; L1 on the GT class's deltas of positives / R.
         cls_logits, deltas = self.box_forward(outputs.features, t.roi.rois)
         cls_logits = cls_logits.float()
-        num_rois = max(t.roi.labels.numel(), 1)
+        num_rois = global_avg_factor(t.roi.labels.numel(), clamp_min=1)
         loss_cls = F.cross_entropy(cls_logits, t.roi.labels, reduction="sum") / num_rois
         pos = t.roi.pos_index  # [Npos]
         deltas = deltas.float().view(deltas.shape[0], self.num_classes, 4)  # [R, C, 4]
@@ -794,8 +800,9 @@ class MaskRCNN(nn.Module):
         picked = mask_logits[
             torch.arange(num_mask, device=pos.device), t.mask.labels
         ]  # [Nmask, M, M]
-        if picked.numel() > 0:
-            loss_mask = F.binary_cross_entropy_with_logits(picked, t.mask.masks)
+        if picked.numel() > 0:  # the mean over the batch's mask positives and their M*M pixels
+            bce = F.binary_cross_entropy_with_logits(picked, t.mask.masks, reduction="sum")
+            loss_mask = bce / global_avg_factor(picked.numel())
         else:  # no positive RoI: a zero that keeps the graph connected
             loss_mask = mask_logits.sum() * 0.0
         if cls_logits.shape[0] == 0:

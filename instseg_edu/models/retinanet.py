@@ -49,7 +49,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from instseg_edu.losses import l1_loss, sigmoid_focal_loss
+from instseg_edu.losses import global_avg_factor, l1_loss, sigmoid_focal_loss
 from instseg_edu.models.backbone import (
     FPNConfig,
     ImageNormalize,
@@ -585,7 +585,8 @@ class RetinaNet(nn.Module):
         classes = torch.arange(self.num_classes, device=logits.device)  # [C]
         # One-hot without F.one_hot (it checks its input's range on the host); -1 matches nothing.
         onehot = (t.labels[..., None] == classes).to(logits.dtype)  # [B, N, C]
-        num_pos = t.num_pos.sum().clamp(min=1.0)  # 0-d tensor: no host synchronisation
+        # Positives of the whole batch (of every process under DDP), 0-d: no host synchronisation.
+        num_pos = global_avg_factor(t.num_pos.sum(), clamp_min=1.0)
         loss_cls = sigmoid_focal_loss(
             logits,
             onehot,

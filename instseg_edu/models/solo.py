@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instseg_edu.losses import dice_loss, sigmoid_focal_loss
+from instseg_edu.losses import dice_loss, global_avg_factor, sigmoid_focal_loss
 from instseg_edu.models.backbone import (
     FPNConfig,
     ImageNormalize,
@@ -829,8 +829,8 @@ class SOLO(nn.Module):
             if pos.shape[0] > 0:  # a shape: known on the host without waiting
                 pred = logits.flatten(0, 1)[pos]  # [B, S², h, w] -> [B*S², h, w] -> [P_l, h, w]
                 dice.append(dice_loss(pred.float().sigmoid(), target))  # [P_l]
-        if dice:
-            loss_ins = torch.cat(dice).mean()
+        if dice:  # the mean over the batch's (every process's) positive channels
+            loss_ins = torch.cat(dice).sum() / global_avg_factor(t.num_pos)
         else:  # no object anywhere: zero, but keep every mask logit in the graph
             loss_ins = sum(m.float().sum() for m in outputs.mask_logits) * 0.0
 
@@ -849,7 +849,7 @@ class SOLO(nn.Module):
             alpha=head.loss_cate.alpha,
             gamma=head.loss_cate.gamma,
             reduction="sum",
-            avg_factor=t.num_pos + 1,
+            avg_factor=global_avg_factor(t.num_pos, offset=1),
         )
         return {
             "loss_ins": head.loss_ins.loss_weight * loss_ins,

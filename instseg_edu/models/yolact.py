@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instseg_edu.losses import smooth_l1_loss
+from instseg_edu.losses import global_avg_factor, smooth_l1_loss
 from instseg_edu.models.backbone import (
     FPNConfig,
     ImageNormalize,
@@ -815,7 +815,8 @@ class YOLACT(nn.Module):
         """
         t = self.targets(outputs, batch)
         head, mask_cfg = self.cfg.bbox_head, self.cfg.mask_head
-        num_pos = t.num_pos.sum().clamp(min=1.0)  # 0-d tensor: no host sync
+        # Batch totals (over every process under DDP), 0-d tensors: no host sync.
+        num_pos = global_avg_factor(t.num_pos.sum(), clamp_min=1.0)
 
         logits = outputs.cls_logits.float()  # [B, N, C+1]
         ce = F.cross_entropy(
@@ -843,7 +844,7 @@ class YOLACT(nn.Module):
         wh = (t.mask_boxes[..., 2:] - t.mask_boxes[..., :2]).clamp(min=1.0)  # [B, K, 2]
         per_mask = bce.sum(dim=(2, 3)) / (wh[..., 0] * wh[..., 1])  # [B, K]
         valid = t.mask_valid.to(torch.float32)
-        loss_mask = (per_mask * valid).sum() / valid.sum().clamp(min=1.0)
+        loss_mask = (per_mask * valid).sum() / global_avg_factor(valid.sum(), clamp_min=1.0)
 
         losses = {
             "loss_cls": head.loss_cls_weight * loss_cls,
@@ -855,7 +856,8 @@ class YOLACT(nn.Module):
             loss_segm = F.binary_cross_entropy_with_logits(
                 segm, t.segm_targets, weight=t.segm_weights, reduction="sum"
             )
-            losses["loss_segm"] = mask_cfg.loss_segm_weight * loss_segm / segm[:, 0].numel()
+            pixels = global_avg_factor(segm[:, 0].numel())  # B*h*w of the whole batch
+            losses["loss_segm"] = mask_cfg.loss_segm_weight * loss_segm / pixels
         losses["num_pos"] = t.num_pos.mean().detach()
         return losses
 
