@@ -138,18 +138,20 @@ def image_canvas(matches: CocoMatches, i: int, image: Tensor | None, with_masks:
 
 
 def paint_masks(canvas: Tensor, rles: list, colors: list[str], alpha: float = 0.45) -> Tensor:
-    """Blend each RLE mask's colour into ``canvas [3, H, W]`` (later masks on top)."""
+    """Blend RLE masks into ``canvas float [3, H, W]``: each pixel takes the colour of the last
+    mask covering it (later masks on top), at opacity ``alpha``."""
     from pycocotools import mask as mask_utils
 
     if not rles:
         return canvas
     masks = torch.from_numpy(mask_utils.decode(list(rles)).astype(bool))  # [H, W, N]
-    out = canvas.clone()
-    for n, color in enumerate(colors):
-        rgb = torch.from_numpy(_color_rgb(color))[:, None]  # [3, 1]
-        region = masks[..., n]  # [H, W]
-        out[:, region] = (1 - alpha) * out[:, region] + alpha * rgb
-    return out
+    n = masks.shape[-1]
+    # Index of the last mask covering each pixel: argmax finds the first True of the flipped stack.
+    top = n - 1 - masks.flip(-1).to(torch.uint8).argmax(dim=-1)  # [H, W]
+    covered = masks.any(dim=-1)  # [H, W]
+    palette = torch.from_numpy(np.stack([_color_rgb(c) for c in colors]))  # [N, 3]
+    paint = palette[top].permute(2, 0, 1)  # [H, W, 3] -> [3, H, W]
+    return torch.where(covered, (1 - alpha) * canvas + alpha * paint, canvas)
 
 
 def _visible(matches: CocoMatches, errors: ErrorAnalysis, i: int, label: int | None):
