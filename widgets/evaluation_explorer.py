@@ -39,22 +39,30 @@ from instseg_edu.engine.analysis import (
 )
 from instseg_edu.viz.evaluation import (
     IMAGE_TRACES,
-    confusion_figure,
-    confusion_traces,
     detection_label,
     detection_text,
+    explorer_figure,
+    explorer_titles,
+    explorer_traces,
     image_source,
-    outcome_figure,
-    outcome_title,
-    outcome_traces,
-    pr_figure,
-    pr_traces,
     summary_html,
 )
 
 __all__ = ["EvaluationExplorer"]
 
 _IMAGE_CACHE = 16  # decoded images kept in memory
+
+
+def _same(a, b) -> bool:
+    """Whether two trace property values are equal (arrays with NaN gaps, lists, dicts)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (np.ndarray, list, tuple)) and isinstance(b, (np.ndarray, list, tuple)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype.kind != b.dtype.kind:
+            return False
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind == "f"))
+    return type(a) is type(b) and a == b
 
 
 class EvaluationExplorer:
@@ -64,10 +72,11 @@ class EvaluationExplorer:
     both boxes and masks were matched), ``iou_thr`` (0.50–0.95, COCO's thresholds), ``area``,
     ``max_dets``, ``label`` (``-1``: every class), ``score_thr``, ``image`` (position in the
     ranking, 0 = most errors; ``previous`` / ``next`` buttons), ``detection`` (a detection row of
-    the current image, ``-1``: none). Figures: ``figure`` (the image), ``pr_figure``,
-    ``confusion_figure`` (``go.FigureWidget``); ``info`` (the selected detection) and ``summary``
-    (counts per class) are HTML; ``widget`` is the layout to display. The current analysis is in
-    ``errors``, ``pr`` and ``ranking``.
+    the current image, ``-1``: none). ``figure`` is one ``go.FigureWidget`` with three panels (the
+    image, precision–recall, confusion; traces in
+    :func:`~instseg_edu.viz.evaluation.explorer_trace_names` order); ``info`` (the selected
+    detection) and ``summary`` (the counts) are HTML; ``widget`` is the layout to display. The
+    current analysis is in ``errors``, ``pr`` and ``ranking``.
 
     Args:
         matches: a :class:`~instseg_edu.engine.analysis.CocoMatches`, or ``{iou_type: matches}``
@@ -149,17 +158,19 @@ class EvaluationExplorer:
         self.ranking = rank_images(self.errors, self._label())
         self._image_index = int(self.ranking[0]) if len(self.ranking) else 0
         self._refresh_detections()
-        pixels = self._image_pixels(self._image_index)
-        m, e = self.matches, self.errors
         self.figure = go.FigureWidget(
-            outcome_figure(m, e, self._image_index, pixels, label=self._label())
-        )
-        self.figure.layout.width = 480
-        self.pr_figure = go.FigureWidget(pr_figure(self.pr, e, m.class_names, self._label()))
-        self.confusion_figure = go.FigureWidget(confusion_figure(e, m.class_names))
-        for fig in (self.pr_figure, self.confusion_figure):
-            fig.layout.width = 470
+            explorer_figure(self.matches, self.errors, self.pr, self._image_index,
+                            self._image_pixels(self._image_index), label=self._label())
+        )  # fmt: skip
         self.figure.data[IMAGE_TRACES.index("detections")].on_click(self._on_click)
+        self._drawn = explorer_traces(
+            self.matches,
+            self.errors,
+            self.pr,
+            self._image_index,
+            self._image_pixels(self._image_index),
+            label=self._label(),
+        )
         self._write_text()
 
         for control in (self.iou_type, self.iou_thr, self.area, self.max_dets):
@@ -188,7 +199,7 @@ class EvaluationExplorer:
                 ipw.HBox([self.previous, self.image, self.next, self.caption]),
                 self.detection,
                 self.info,
-                ipw.HBox([self.figure, ipw.VBox([self.pr_figure, self.confusion_figure])]),
+                self.figure,
                 self.summary,
             ]
         )
@@ -299,7 +310,7 @@ class EvaluationExplorer:
         self._analyse()
         self._rerank()
         self._refresh_detections()
-        self._redraw(pr=True)
+        self._redraw()
 
     def _on_score(self, change) -> None:
         if self._quiet:
@@ -310,26 +321,26 @@ class EvaluationExplorer:
         )
         self._rerank()
         self._refresh_detections()
-        self._redraw(pr=True)
+        self._redraw()
 
     def _on_label(self, change) -> None:
         if self._quiet:
             return
         self._rerank()
         self._refresh_detections()
-        self._redraw(pr=True, confusion=False)
+        self._redraw()
 
     def _on_image(self, change) -> None:
         if self._quiet:
             return
         self._image_index = int(self.ranking[change["new"]])
         self._refresh_detections()
-        self._redraw(pr=False, confusion=False)
+        self._redraw()
 
     def _on_detection(self, change) -> None:
         if self._quiet:
             return
-        self._redraw(pr=False, confusion=False)
+        self._redraw()
 
     def _on_click(self, trace, points, state) -> None:
         if points.point_inds:
@@ -340,33 +351,26 @@ class EvaluationExplorer:
     def _step(self, delta: int) -> None:
         self.image.value = int(np.clip(self.image.value + delta, self.image.min, self.image.max))
 
-    def _redraw(self, pr: bool = True, confusion: bool = True) -> None:
-        """Push the current analysis to the figures (in place) and the text."""
+    def _redraw(self) -> None:
+        """Push the current analysis to the figure (in place) and the text."""
         m, e, i, label = self.matches, self.errors, self._image_index, self._label()
-        data = outcome_traces(
-            m, e, i, self._image_pixels(i), label=label, selected=self.detection.value
+        data = explorer_traces(
+            m, e, self.pr, i, self._image_pixels(i), label=label, selected=self.detection.value
         )
-        if data[0]["source"] == self.figure.data[0].source:
-            data[0] = {}  # same pixels: do not send the image again
         h, w = (int(v) for v in m.image_sizes[i])
         with self.figure.batch_update():
-            for trace, values in zip(self.figure.data, data):
-                trace.update(values)
-            self.figure.layout.title.text = outcome_title(m, e, i, label)
+            # Only what changed: plotly validates every property it is given, which costs more
+            # than the analysis, and the browser redraws less.
+            for j, (trace, values) in enumerate(zip(self.figure.data, data)):
+                changed = {k: v for k, v in values.items() if not _same(v, self._drawn[j].get(k))}
+                if changed:
+                    trace.update(changed)
+                    self._drawn[j].update(changed)
+            for annotation, title in zip(self.figure.layout.annotations,
+                                         explorer_titles(m, e, i, label)):  # fmt: skip
+                annotation.text = title
             self.figure.layout.xaxis.range = [0, w]
             self.figure.layout.yaxis.range = [h, 0]
-        if pr:
-            with self.pr_figure.batch_update():
-                for trace, values in zip(self.pr_figure.data, pr_traces(self.pr, e, m.class_names,
-                                                                        label)):  # fmt: skip
-                    trace.update(values)
-                self.pr_figure.layout.title.text = f"precision–recall at IoU {e.iou_thr:.2f}"
-        if confusion:
-            with self.confusion_figure.batch_update():
-                self.confusion_figure.data[0].update(confusion_traces(e, m.class_names)[0])
-                self.confusion_figure.layout.title.text = (
-                    f"confusion at IoU {e.iou_thr:.2f}, score ≥ {e.score_thr:.2f}"
-                )
         self._write_text()
 
     def _write_text(self) -> None:

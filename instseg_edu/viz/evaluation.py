@@ -48,9 +48,14 @@ __all__ = [
     "IMAGE_TRACES",
     "OUTCOME_COLORS",
     "confusion_figure",
+    "confusion_title",
     "confusion_traces",
     "detection_label",
     "detection_text",
+    "explorer_figure",
+    "explorer_titles",
+    "explorer_trace_names",
+    "explorer_traces",
     "image_canvas",
     "image_source",
     "outcome_figure",
@@ -269,7 +274,7 @@ def outcome_traces(
         )
         data.append(sel)
     else:
-        data += [path(np.zeros(0, dtype=np.int64), matches.gt_box)] * 2
+        data += [path(np.zeros(0, dtype=np.int64), matches.gt_box) for _ in range(2)]
     # One hover marker per drawn detection, at its top-left corner; customdata is its row.
     corner = matches.dt_box[shown, :2]  # [n, 2]
     colors = [OUTCOME_COLORS[DETECTION_OUTCOMES[o]] for o in errors.dt_outcome[shown]]
@@ -299,6 +304,38 @@ def outcome_title(
     )
 
 
+def _outcome_objects(data: list[dict]) -> list:
+    """Styled plotly traces for :data:`IMAGE_TRACES` from :func:`outcome_traces`' data."""
+    data = [dict(d) for d in data]
+    line = dict(mode="lines", hoverinfo="skip")
+    traces = [go.Image(hoverinfo="skip", **data[0])]
+    gt_styles = [("found", "solid", 1.5), ("missed", "dash", 2.5), ("ignored", "dot", 1.5)]
+    for (name, dash, width), d in zip(gt_styles, data[1:4]):
+        traces.append(
+            go.Scatter(line=dict(color=OUTCOME_COLORS[name], dash=dash, width=width), **line, **d)
+        )
+    for name, d in zip(IMAGE_TRACES[4:10], data[4:10]):
+        color = OUTCOME_COLORS[name.replace(" detection", "")]
+        dash = "dot" if name == "ignored detection" else "solid"
+        traces.append(go.Scatter(line=dict(color=color, width=2, dash=dash), **line, **d))
+    traces.append(go.Scatter(line=dict(color="white", width=4, dash="dash"), **line, **data[10]))
+    selected_line = data[11].pop("line", dict(color="white", width=5))
+    traces.append(go.Scatter(line=selected_line, **line, **data[11]))
+    traces.append(go.Scatter(mode="markers", hoverinfo="text", **data[12]))
+    for trace, name in zip(traces, IMAGE_TRACES):
+        trace.name = name
+        if name != "image":  # an Image trace has no legend entry
+            trace.showlegend = name not in ("its ground truth", "selected detection", "detections")
+    return traces
+
+
+def _image_axes(fig, height: int, width: int, row=None, col=None) -> None:
+    fig.update_xaxes(range=[0, width], showgrid=False, zeroline=False, constrain="domain",
+                     row=row, col=col)  # fmt: skip
+    fig.update_yaxes(range=[height, 0], showgrid=False, zeroline=False, constrain="domain",
+                     scaleanchor="x", row=row, col=col)  # fmt: skip
+
+
 def outcome_figure(
     matches: CocoMatches,
     errors: ErrorAnalysis,
@@ -316,33 +353,10 @@ def outcome_figure(
     and missed objects are painted on the image. Hover a detection's corner marker for why it has
     its outcome. Arguments as :func:`outcome_traces`.
     """
-    data = outcome_traces(matches, errors, i, image, label=label, selected=selected)
-    line = dict(mode="lines", hoverinfo="skip")
-    traces = [go.Image(hoverinfo="skip", **data[0])]
-    gt_styles = [("found", "solid", 1.5), ("missed", "dash", 2.5), ("ignored", "dot", 1.5)]
-    for (name, dash, width), d in zip(gt_styles, data[1:4]):
-        traces.append(
-            go.Scatter(line=dict(color=OUTCOME_COLORS[name], dash=dash, width=width), **line, **d)
-        )
-    for name, d in zip(IMAGE_TRACES[4:10], data[4:10]):
-        color = OUTCOME_COLORS[name.replace(" detection", "")]
-        dash = "dot" if name == "ignored detection" else "solid"
-        traces.append(go.Scatter(line=dict(color=color, width=2, dash=dash), **line, **d))
-    traces.append(go.Scatter(line=dict(color="white", width=4, dash="dash"), **line, **data[10]))
-    selected_line = data[11].pop("line", dict(color="white", width=5))
-    traces.append(go.Scatter(line=selected_line, **line, **data[11]))
-    traces.append(go.Scatter(mode="markers", hoverinfo="text", **data[12]))
-    fig = go.Figure()
-    for trace, name in zip(traces, IMAGE_TRACES):
-        trace.name = name
-        if name != "image":  # an Image trace has no legend entry
-            trace.showlegend = name not in ("its ground truth", "selected detection", "detections")
-        fig.add_trace(trace)
-    h, w = (int(v) for v in matches.image_sizes[i])
-    fig.update_xaxes(range=[0, w], showgrid=False, zeroline=False, constrain="domain")
-    fig.update_yaxes(
-        range=[h, 0], showgrid=False, zeroline=False, scaleanchor="x", constrain="domain"
+    fig = go.Figure(
+        _outcome_objects(outcome_traces(matches, errors, i, image, label=label, selected=selected))
     )
+    _image_axes(fig, *(int(v) for v in matches.image_sizes[i]))
     fig.update_layout(
         title=dict(text=outcome_title(matches, errors, i, label), font=dict(size=14)),
         height=height,
@@ -407,6 +421,21 @@ def pr_traces(
     return data
 
 
+def _pr_objects(data: list[dict], class_names: Sequence[str]) -> list:
+    """Styled plotly traces from :func:`pr_traces`' data: per class the interpolated and the raw
+    curve, then the score-threshold markers."""
+    colors = _class_colors(len(class_names))
+    traces = []
+    for k, name in enumerate(class_names):
+        traces.append(go.Scatter(mode="lines", line=dict(color=colors[k], width=2, shape="hv"),
+                                 **data[2 * k]))  # fmt: skip
+        traces.append(go.Scatter(mode="lines", line=dict(color=colors[k], width=1, dash="dot"),
+                                 name=f"{name} (raw)", showlegend=False, hoverinfo="skip",
+                                 **data[2 * k + 1]))  # fmt: skip
+    traces.append(go.Scatter(mode="markers", name="score threshold", hoverinfo="text", **data[-1]))
+    return traces
+
+
 def pr_figure(
     pr: PrecisionRecall,
     errors: ErrorAnalysis,
@@ -417,24 +446,7 @@ def pr_figure(
     """Per-class precision–recall at ``pr.iou_thr``: COCO's interpolated curve (whose mean height
     is the AP), the raw curve beneath it, and a diamond where the score threshold puts the class.
     """
-    data = pr_traces(pr, errors, class_names, label)
-    colors = _class_colors(len(class_names))
-    fig = go.Figure()
-    for k in range(len(class_names)):
-        fig.add_trace(
-            go.Scatter(mode="lines", line=dict(color=colors[k], width=2, shape="hv"), **data[2 * k])
-        )
-        fig.add_trace(
-            go.Scatter(
-                mode="lines",
-                line=dict(color=colors[k], width=1, dash="dot"),
-                name=f"{class_names[k]} (raw)",
-                showlegend=False,
-                hoverinfo="skip",
-                **data[2 * k + 1],
-            )
-        )
-    fig.add_trace(go.Scatter(mode="markers", name="score threshold", hoverinfo="text", **data[-1]))
+    fig = go.Figure(_pr_objects(pr_traces(pr, errors, class_names, label), class_names))
     fig.update_xaxes(title="recall", range=[0, 1.02])
     fig.update_yaxes(title="precision", range=[0, 1.05])
     fig.update_layout(
@@ -461,13 +473,8 @@ def confusion_traces(errors: ErrorAnalysis, class_names: Sequence[str]) -> list[
     ]
 
 
-def confusion_figure(
-    errors: ErrorAnalysis, class_names: Sequence[str], height: int = 320
-) -> go.Figure:
-    """The confusion matrix with background (:attr:`ErrorAnalysis.confusion`): rows ground-truth
-    class then background, columns predicted class then missed."""
-    data = confusion_traces(errors, class_names)[0]
-    fig = go.Figure(
+def _confusion_objects(data: list[dict]) -> list:
+    return [
         go.Heatmap(
             name="confusion",
             colorscale="Blues",
@@ -475,19 +482,113 @@ def confusion_figure(
             texttemplate="%{text}",
             hovertemplate="truth %{y}, predicted %{x}: %{z}<extra></extra>",
             showscale=False,
-            **data,
+            **data[0],
         )
-    )
+    ]
+
+
+def confusion_title(errors: ErrorAnalysis) -> str:
+    return f"confusion at IoU {errors.iou_thr:.2f}, score ≥ {errors.score_thr:.2f}"
+
+
+def confusion_figure(
+    errors: ErrorAnalysis, class_names: Sequence[str], height: int = 320
+) -> go.Figure:
+    """The confusion matrix with background (:attr:`ErrorAnalysis.confusion`): rows ground-truth
+    class then background, columns predicted class then missed."""
+    fig = go.Figure(_confusion_objects(confusion_traces(errors, class_names)))
     fig.update_xaxes(title="predicted", side="bottom", tickangle=-30)
     fig.update_yaxes(title="ground truth", autorange="reversed")
     fig.update_layout(
-        title=dict(
-            text=f"confusion at IoU {errors.iou_thr:.2f}, score ≥ {errors.score_thr:.2f}",
-            font=dict(size=13),
-        ),
+        title=dict(text=confusion_title(errors), font=dict(size=13)),
         height=height,
         margin=dict(l=80, r=10, t=35, b=60),
         uirevision="confusion",
+    )
+    return fig
+
+
+def explorer_trace_names(class_names: Sequence[str]) -> tuple[str, ...]:
+    """The traces of :func:`explorer_figure`, in order: :data:`IMAGE_TRACES`, per class
+    ``"<name>: curve"`` and ``"<name>: raw"``, ``"score threshold"``, ``"confusion"``."""
+    per_class = [f"{n}: {part}" for n in class_names for part in ("curve", "raw")]
+    return (*IMAGE_TRACES, *per_class, "score threshold", "confusion")
+
+
+def explorer_traces(
+    matches: CocoMatches,
+    errors: ErrorAnalysis,
+    pr: PrecisionRecall,
+    i: int,
+    image: Tensor | None = None,
+    *,
+    label: int | None = None,
+    selected: int = -1,
+) -> list[dict]:
+    """The data of every trace of :func:`explorer_figure` (:func:`explorer_trace_names` order)."""
+    return [
+        *outcome_traces(matches, errors, i, image, label=label, selected=selected),
+        *pr_traces(pr, errors, matches.class_names, label),
+        *confusion_traces(errors, matches.class_names),
+    ]
+
+
+def explorer_titles(
+    matches: CocoMatches, errors: ErrorAnalysis, i: int, label: int | None = None
+) -> tuple[str, str, str]:
+    """The three panel titles of :func:`explorer_figure`."""
+    return (
+        outcome_title(matches, errors, i, label),
+        f"precision–recall at IoU {errors.iou_thr:.2f}",
+        confusion_title(errors),
+    )
+
+
+def explorer_figure(
+    matches: CocoMatches,
+    errors: ErrorAnalysis,
+    pr: PrecisionRecall,
+    i: int,
+    image: Tensor | None = None,
+    *,
+    label: int | None = None,
+    selected: int = -1,
+    height: int = 640,
+) -> go.Figure:
+    """The three panels of :class:`instseg_edu.widgets.EvaluationExplorer` in one figure: the
+    image (:func:`outcome_figure`) on the left, precision–recall (:func:`pr_figure`) and the
+    confusion matrix (:func:`confusion_figure`) on the right. One figure, so a notebook loads
+    plotly's JavaScript once."""
+    from plotly.subplots import make_subplots
+
+    names = matches.class_names
+    fig = make_subplots(
+        rows=2, cols=2, specs=[[{"rowspan": 2}, {}], [None, {}]], column_widths=[0.56, 0.44],
+        horizontal_spacing=0.07, vertical_spacing=0.2,
+        subplot_titles=explorer_titles(matches, errors, i, label),
+    )  # fmt: skip
+    data = explorer_traces(matches, errors, pr, i, image, label=label, selected=selected)
+    num_image, num_pr = len(IMAGE_TRACES), 2 * len(names) + 1
+    for trace in _outcome_objects(data[:num_image]):
+        fig.add_trace(trace, row=1, col=1)
+    for trace in _pr_objects(data[num_image : num_image + num_pr], names):
+        trace.legend = "legend2"
+        fig.add_trace(trace, row=1, col=2)
+    fig.add_trace(_confusion_objects(data[-1:])[0], row=2, col=2)
+    _image_axes(fig, *(int(v) for v in matches.image_sizes[i]), row=1, col=1)
+    fig.update_xaxes(title=dict(text="recall", standoff=2), range=[0, 1.02], row=1, col=2)
+    fig.update_yaxes(title=dict(text="precision", standoff=2), range=[0, 1.05], row=1, col=2)
+    fig.update_xaxes(tickangle=-30, tickfont=dict(size=10), row=2, col=2)
+    fig.update_yaxes(autorange="reversed", tickfont=dict(size=10), row=2, col=2)
+    for annotation in fig.layout.annotations:
+        annotation.font.size = 13
+    fig.update_layout(
+        height=height,
+        margin=dict(l=10, r=150, t=30, b=70),
+        # Below the confusion matrix's tick labels, which share the bottom edge with the image.
+        legend=dict(orientation="h", x=0, y=-0.12, yanchor="top", font=dict(size=10)),
+        legend2=dict(x=1.01, y=1.0, xanchor="left", yanchor="top", font=dict(size=10)),
+        uirevision="explorer",
     )
     return fig
 

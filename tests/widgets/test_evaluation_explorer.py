@@ -30,7 +30,7 @@ from instseg_edu.engine.analysis import (  # noqa: E402
     rank_images,
 )
 from instseg_edu.viz.anchors import boxes_to_path  # noqa: E402
-from instseg_edu.viz.evaluation import IMAGE_TRACES  # noqa: E402
+from instseg_edu.viz.evaluation import IMAGE_TRACES, explorer_trace_names  # noqa: E402
 
 H = W = 100
 A, B = 1, 2
@@ -120,15 +120,17 @@ def test_iou_threshold_turns_the_duplicate_into_poor_localisation(explorer_args)
 
 def test_score_threshold_moves_pr_points_and_confusion(explorer_args):
     ex = EvaluationExplorer(explorer_args["bbox"], score_thr=0.0)
-    pr_msgs, conf_msgs = sent_messages(ex.pr_figure), sent_messages(ex.confusion_figure)
+    names = explorer_trace_names(ex.matches.class_names)
+    msgs = sent_messages(ex.figure)
     before = ex.errors.confusion.copy()
     ex.score_thr.value = 0.6
     e = error_analysis(ex.matches, 0.5, score_thr=0.6)
     recall, precision = e.precision_recall_point()
-    marker = sent_traces(pr_msgs)[len(ex.pr_figure.data) - 1]
+    sent = sent_traces(msgs)
+    marker = sent[names.index("score threshold")]
     np.testing.assert_allclose(marker["x"], recall[np.isfinite(recall) & np.isfinite(precision)])
     np.testing.assert_allclose(marker["y"], precision[np.isfinite(recall) & np.isfinite(precision)])
-    z = np.asarray(sent_traces(conf_msgs)[0]["z"])
+    z = np.asarray(sent[names.index("confusion")]["z"])
     np.testing.assert_array_equal(z, e.confusion)
     assert not np.array_equal(z, before)
     # Recall of "a" at score >= 0.6: the hits on image 1 (d0) and... image 3's hit scores 0.55.
@@ -146,19 +148,18 @@ def test_explorer_ap_equals_pycocotools(explorer_args, iou_type):
         ev = COCOeval(coco, coco.loadRes([dict(r) for r in DT]), iou_type)
         ev.evaluate()
         ev.accumulate()
-    pr_msgs = sent_messages(ex.pr_figure)
+    msgs = sent_messages(ex.figure)
+    curves = [explorer_trace_names(("a", "b")).index(f"{n}: curve") for n in ("a", "b")]
     for t, thr in enumerate(np.linspace(0.5, 0.95, 10)):
         ex.iou_thr.value = float(thr)
         expected = ev.eval["precision"][t, :, :, 0, 2].mean(axis=0)  # [C], area all, 100 dets
         np.testing.assert_allclose(ex.pr.ap, expected, rtol=1e-12)  # same curves, summed apart
         # ... and that is what the legend shows, and the curve drawn is COCO's.
-        names = [ex.pr_figure.data[2 * k].name for k in range(2)]
-        assert names == [f"{n}: AP {v:.3f}" for n, v in zip(("a", "b"), expected)]
-        for k in range(2):
-            np.testing.assert_array_equal(
-                ex.pr_figure.data[2 * k].y, ev.eval["precision"][t, :, k, 0, 2]
-            )
-    assert sent_traces(pr_msgs), "moving the IoU threshold sent nothing to the browser"
+        legend = [ex.figure.data[j].name for j in curves]
+        assert legend == [f"{n}: AP {v:.3f}" for n, v in zip(("a", "b"), expected)]
+        for k, j in enumerate(curves):
+            np.testing.assert_array_equal(ex.figure.data[j].y, ev.eval["precision"][t, :, k, 0, 2])
+    assert any(j in sent_traces(msgs) for j in curves), "the IoU moved, the curves were not sent"
 
 
 def test_pager_class_filter_and_detection_selector(explorer_args):
@@ -169,7 +170,7 @@ def test_pager_class_filter_and_detection_selector(explorer_args):
     ex.image.value = 2  # the least wrong image
     i = int(ex.ranking[2])
     assert ex.image_id == m.image_ids[i]
-    assert ex.figure.layout.title.text.startswith(f"image {m.image_ids[i]}:")
+    assert ex.figure.layout.annotations[0].text.startswith(f"image {m.image_ids[i]}:")
     rows = [v for _, v in ex.detection.options if v >= 0]
     assert sorted(rows) == np.flatnonzero((m.dt_image == i) & (m.dt_score >= 0.3)).tolist()
     ex.detection.value = rows[0]
