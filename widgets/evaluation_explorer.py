@@ -68,8 +68,9 @@ def _same(a, b) -> bool:
 class EvaluationExplorer:
     """Where a detector goes wrong, image by image, with COCO's own matching.
 
-    Controls (public ``ipywidgets``; set ``.value`` from code to drive them): ``iou_type`` (when
-    both boxes and masks were matched), ``iou_thr`` (0.50–0.95, COCO's thresholds), ``area``,
+    Controls (public ``ipywidgets``; set ``.value`` from code to drive them): ``results`` (which
+    of several :class:`~instseg_edu.engine.analysis.CocoMatches`: boxes or masks, or one model or
+    another; hidden when there is one), ``iou_thr`` (0.50–0.95, COCO's thresholds), ``area``,
     ``max_dets``, ``label`` (``-1``: every class), ``score_thr``, ``image`` (position in the
     ranking, 0 = most errors; ``previous`` / ``next`` buttons), ``detection`` (a detection row of
     the current image, ``-1``: none). ``figure`` is one ``go.FigureWidget`` with three panels (the
@@ -79,9 +80,10 @@ class EvaluationExplorer:
     current analysis is in ``errors``, ``pr`` and ``ranking``.
 
     Args:
-        matches: a :class:`~instseg_edu.engine.analysis.CocoMatches`, or ``{iou_type: matches}``
-            for the same images and classes (e.g. from
-            :func:`~instseg_edu.engine.analysis.match_model`).
+        matches: a :class:`~instseg_edu.engine.analysis.CocoMatches`, or ``{name: matches}`` for
+            the same images and classes: ``{"bbox": ..., "segm": ...}`` as
+            :func:`~instseg_edu.engine.analysis.match_model` returns, or several models on one
+            validation set, e.g. ``{"RetinaNet boxes": ..., "SOLO masks": ...}``.
         images: the pixels to draw on, as :func:`instseg_edu.viz.evaluation.image_source` takes
             them (a dataset, a mapping or callable ``image_id -> [3, h, w]``, or ``None``).
         iou_thr, area, max_dets, score_thr: the starting setting.
@@ -97,22 +99,22 @@ class EvaluationExplorer:
         max_dets: int = 100,
         score_thr: float = 0.3,
     ):
-        by_type = dict(matches) if isinstance(matches, dict) else {matches.iou_type: matches}
-        if not by_type:
+        by_name = dict(matches) if isinstance(matches, dict) else {matches.iou_type: matches}
+        if not by_name:
             raise ValueError("matches is empty: give at least one CocoMatches")
-        first = next(iter(by_type.values()))
-        for t, m in by_type.items():
+        first = next(iter(by_name.values()))
+        for t, m in by_name.items():
             if not np.array_equal(m.image_ids, first.image_ids) or m.class_names != (
                 first.class_names
             ):
                 raise ValueError(f"matches[{t!r}] covers other images or classes than the first")
-        self.matches_by_type = by_type
+        self.matches_by_name = by_name
         self._pixels = image_source(images)
         self._cache: OrderedDict[int, object] = OrderedDict()
         self._quiet = False  # True while controls are set programmatically
 
-        self.iou_type = ipw.Dropdown(options=list(by_type), description="match")
-        self.iou_type.layout.display = None if len(by_type) > 1 else "none"
+        self.results = ipw.Dropdown(options=list(by_name), description="results")
+        self.results.layout.display = None if len(by_name) > 1 else "none"
         self.iou_thr = ipw.FloatSlider(
             value=first.iou_thrs[first.iou_index(iou_thr)],
             min=float(first.iou_thrs[0]),
@@ -173,7 +175,7 @@ class EvaluationExplorer:
         )
         self._write_text()
 
-        for control in (self.iou_type, self.iou_thr, self.area, self.max_dets):
+        for control in (self.results, self.iou_thr, self.area, self.max_dets):
             control.observe(self._on_setting, names="value")
         self.score_thr.observe(self._on_score, names="value")
         self.label.observe(self._on_label, names="value")
@@ -183,7 +185,7 @@ class EvaluationExplorer:
         self.next.on_click(lambda _: self._step(1))
 
         self.controls = [
-            self.iou_type,
+            self.results,
             self.iou_thr,
             self.area,
             self.max_dets,
@@ -194,7 +196,7 @@ class EvaluationExplorer:
         ]
         self.widget = ipw.VBox(
             [
-                ipw.HBox([self.iou_type, self.iou_thr, self.area, self.max_dets]),
+                ipw.HBox([self.results, self.iou_thr, self.area, self.max_dets]),
                 ipw.HBox([self.label, self.score_thr]),
                 ipw.HBox([self.previous, self.image, self.next, self.caption]),
                 self.detection,
@@ -247,7 +249,8 @@ class EvaluationExplorer:
 
     @property
     def matches(self) -> CocoMatches:
-        return self.matches_by_type[self.iou_type.value]
+        """The :class:`~instseg_edu.engine.analysis.CocoMatches` shown (``results`` picks it)."""
+        return self.matches_by_name[self.results.value]
 
     @property
     def image_id(self) -> int:

@@ -43,6 +43,7 @@ from instseg_edu.viz.evaluation import (
 )
 
 __all__ = [
+    "compare_outcomes_plot",
     "confusion_plot",
     "error_counts_plot",
     "error_gallery",
@@ -125,6 +126,39 @@ def error_counts_plot(errors: ErrorAnalysis, class_names: Sequence[str]):
     ax.invert_yaxis()
     ax.set(xlabel="count", title=f"outcomes at IoU {errors.iou_thr:.2f}, "
            f"score ≥ {errors.score_thr:.2f}")  # fmt: skip
+    fig.legend(fontsize=7, loc="outside right upper")
+    return fig
+
+
+def compare_outcomes_plot(errors_by_name: dict[str, ErrorAnalysis], label: int | None = None):
+    """One stacked bar per model (or setting): true positives, the four false-positive kinds and
+    missed objects, side by side — where each one fails, on the same images.
+
+    Args:
+        errors_by_name: ``{name: ErrorAnalysis}``, e.g. one per model family, each from
+            :func:`~instseg_edu.engine.analysis.error_analysis` at the same setting.
+        label: count one class only (``None``: all).
+    """
+    from matplotlib.figure import Figure
+
+    names = list(errors_by_name)
+    totals = np.array([list(e.totals(label).values()) for e in errors_by_name.values()])  # [N, 6]
+    fig = Figure(figsize=(8, 1.2 + 0.45 * len(names)), layout="constrained")
+    ax = fig.add_subplot()
+    left = np.zeros(len(names))
+    for j, kind in enumerate(COUNT_NAMES):
+        bars = ax.barh(names, totals[:, j], left=left, color=OUTCOME_COLORS[kind], label=kind,
+                       edgecolor="black", linewidth=0.3)  # fmt: skip
+        ax.bar_label(bars, [str(v) if v else "" for v in totals[:, j]], label_type="center",
+                     fontsize=7)  # fmt: skip
+        left += totals[:, j]
+    ax.invert_yaxis()
+    settings = {(e.iou_thr, e.score_thr) for e in errors_by_name.values()}
+    title = "outcomes"
+    if len(settings) == 1:
+        iou_thr, score_thr = settings.pop()
+        title += f" at IoU {iou_thr:.2f}, score ≥ {score_thr:.2f}"
+    ax.set(xlabel="count", title=title)
     fig.legend(fontsize=7, loc="outside right upper")
     return fig
 

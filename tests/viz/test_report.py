@@ -23,6 +23,7 @@ from instseg_edu.engine.analysis import (  # noqa: E402
 )
 from instseg_edu.engine.evaluate import METRIC_NAMES, evaluate_coco  # noqa: E402
 from instseg_edu.viz.report import (  # noqa: E402
+    compare_outcomes_plot,
     confusion_plot,
     error_counts_plot,
     error_gallery,
@@ -105,6 +106,23 @@ def test_figures_show_the_analysis(scene):
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     worst = rank_images(e)[:2]
     assert [t.split(":")[0] for t in titles] == [f"image {m.image_ids[i]}" for i in worst]
+
+
+def test_compare_outcomes_plot_stacks_each_models_totals(scene):
+    gt, results, matches = scene
+    weaker = match_coco(gt, results[::2], "bbox")  # every other detection: a worse "model"
+    errors = {
+        "all detections": error_analysis(matches["bbox"], 0.5, score_thr=0.3),
+        "half of them": error_analysis(weaker, 0.5, score_thr=0.3),
+    }
+    fig = compare_outcomes_plot(errors)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(errors)
+    for j, container in enumerate(ax.containers):
+        widths = [b.get_width() for b in container]
+        assert widths == [list(e.totals().values())[j] for e in errors.values()]
+    assert errors["all detections"].totals() != errors["half of them"].totals()
+    assert "IoU 0.50, score ≥ 0.30" in ax.get_title()
 
 
 def test_write_report_repeats_cocos_numbers(scene, tmp_path):

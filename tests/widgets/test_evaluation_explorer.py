@@ -140,7 +140,7 @@ def test_score_threshold_moves_pr_points_and_confusion(explorer_args):
 @pytest.mark.parametrize("iou_type", ["bbox", "segm"])
 def test_explorer_ap_equals_pycocotools(explorer_args, iou_type):
     ex = EvaluationExplorer(explorer_args, score_thr=0.3)
-    ex.iou_type.value = iou_type
+    ex.results.value = iou_type
     coco = COCO()
     coco.dataset = GT
     with contextlib.redirect_stdout(io.StringIO()):
@@ -203,7 +203,7 @@ def test_pager_class_filter_and_detection_selector(explorer_args):
 def test_masks_are_painted_for_segm_and_next_button_pages(explorer_args):
     ex = EvaluationExplorer(explorer_args, score_thr=0.3)
     box_image = ex.figure.data[0].source
-    ex.iou_type.value = "segm"
+    ex.results.value = "segm"
     assert ex.figure.data[0].source != box_image  # the masks are drawn on the canvas
     first = ex.image_id
     ex.next.click()
@@ -211,6 +211,22 @@ def test_masks_are_painted_for_segm_and_next_button_pages(explorer_args):
     ex.previous.click()
     ex.previous.click()
     assert ex.image.value == 0 and ex.image_id == first
+
+
+def test_results_dropdown_switches_between_models(explorer_args):
+    better = explorer_args["bbox"]
+    worse = match_coco(GT, DT[1:], "bbox")  # without the first, best detection
+    ex = EvaluationExplorer({"model A": better, "model B": worse}, score_thr=0.3)
+    assert ex.results.options == ("model A", "model B") and ex.results.layout.display is None
+    assert ex.errors.totals() == error_analysis(better, 0.5, score_thr=0.3).totals()
+    msgs = sent_messages(ex.figure)
+    ex.results.value = "model B"
+    assert ex.errors.totals() == error_analysis(worse, 0.5, score_thr=0.3).totals()
+    # Without the best box on a0, its former duplicate (IoU 0.875) is the hit.
+    assert (ex.errors.totals()["true positive"], ex.errors.totals()["duplicate"]) == (3, 0)
+    assert sent_traces(msgs), "switching models sent nothing to the browser"
+    with pytest.raises(ValueError, match="other images or classes"):
+        EvaluationExplorer({"a": better, "b": match_coco(_gt([], images=(1,)), [], "bbox")})
 
 
 def test_from_model_draws_the_dataset_images(tmp_path):
@@ -234,7 +250,7 @@ def test_from_model_draws_the_dataset_images(tmp_path):
     ann = make_shapes_dataset(tmp_path, 3, image_size=64, seed=2)
     dataset = CocoDataset(ann, tmp_path / "train", eval_transforms(32))
     ex = EvaluationExplorer.from_model(FixedDetector(), dataset, batch_size=2, device="cpu")
-    assert set(ex.matches_by_type) == {"bbox"}
+    assert set(ex.matches_by_name) == {"bbox"}
     image = ex.figure.data[0]
     assert image.source.startswith("data:image/png;base64,")
     assert image.dx == pytest.approx(2.0)  # a 32 px dataset item over the 64 px file
