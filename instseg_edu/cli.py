@@ -7,7 +7,7 @@ Subcommands:
   evaluate it with pycocotools and write the AP table, the loss curve and a prediction gallery to
   ``runs/demo/``;
 - ``train``: train a model family on the shapes dataset or on your own COCO-format data;
-- ``evaluate``: COCO AP of a checkpoint on a validation set;
+- ``evaluate``: COCO AP of a checkpoint on a validation set (``--report DIR``: where it fails);
 - ``predict``: draw a checkpoint's detections on image files.
 
 A checkpoint written here stores the model family and its config as plain data (``meta``), so
@@ -452,6 +452,8 @@ def cmd_evaluate(args) -> int:
         raise CliError("the checkpoint names no validation set: pass --val-json and --val-images")
     val_json = _existing(val_json, "annotation file", "--val-json")
     val_images = _existing(val_images, "image folder", "--val-images", folder=True)
+    if args.report and not any(abs(args.iou_thr - t / 100) < 1e-6 for t in range(50, 100, 5)):
+        raise CliError(f"--iou-thr {args.iou_thr} must be one of COCO's 0.5, 0.55, ..., 0.95")
     _, val_set = _datasets(None, None, val_json, val_images, int(meta.get("image_size", 512)),
                            categories=_checkpoint_categories(meta))  # fmt: skip
     out = None
@@ -459,8 +461,40 @@ def cmd_evaluate(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
     workers = _default_workers(device) if args.workers is None else args.workers
-    _evaluate_and_report(model, val_set, device, out, args.batch_size, workers)
+    if args.report:
+        _analysis_report(model, val_set, device, out, args, workers)
+    else:
+        _evaluate_and_report(model, val_set, device, out, args.batch_size, workers)
     return 0
+
+
+def _analysis_report(model, val_set, device, out: Path | None, args, workers: int) -> None:
+    """``evaluate --report DIR``: one prediction pass, COCOeval's matches read back, the AP table
+    printed (and saved to ``--out``) as without ``--report``, the analysis written to DIR."""
+    try:
+        from instseg_edu.viz.report import write_report
+    except ImportError as e:
+        raise CliError(f"--report needs matplotlib and plotly ({e}): pip install matplotlib "
+                       "plotly") from None  # fmt: skip
+    from instseg_edu.engine.analysis import match_model
+    from instseg_edu.engine.evaluate import format_ap_table
+    from instseg_edu.engine.train import make_loader
+
+    loader = make_loader(val_set, args.batch_size, shuffle=False, workers=workers)
+    start = time.perf_counter()
+    matches = match_model(model, loader, val_set.coco, val_set.label_to_cat_id, device)
+    metrics = {t: m.stats for t, m in matches.items()}
+    table = format_ap_table(metrics)
+    print(f"\nCOCO evaluation on {len(val_set)} images ({time.perf_counter() - start:.1f} s):")
+    print(table, flush=True)
+    if out is not None:
+        (out / "ap.json").write_text(json.dumps(metrics, indent=1))
+        (out / "ap.md").write_text(table + "\n")
+    report = Path(args.report)
+    written = write_report(report, matches, images=val_set, iou_thr=args.iou_thr,
+                           score_thr=args.score_thr,
+                           title=f"Evaluation of {Path(args.checkpoint).name}")  # fmt: skip
+    print(f"wrote {report}/{{{', '.join(written)}}}")
 
 
 def cmd_predict(args) -> int:
@@ -604,6 +638,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-images")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="also write ap.json and ap.md here")
+    p.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="also write the error analysis to DIR: summary.md (COCO's 12 numbers, "
+        "per-class AP, true/false positives by kind, missed), analysis.json, "
+        "precision-recall curves, confusion matrix and a gallery of the worst images",
+    )
+    p.add_argument(
+        "--iou-thr",
+        type=float,
+        default=0.5,
+        help="IoU threshold of the --report error analysis (0.5, 0.55, ..., 0.95)",
+    )
+    p.add_argument(
+        "--score-thr",
+        type=float,
+        default=0.3,
+        help="detections scoring below it are left out of the --report error counts",
+    )
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -26,7 +26,9 @@
 #    pycocotools;
 # 3. how COCO evaluation **matches** detections to ground truth at each IoU threshold, built inline
 #    and checked against `COCOeval`;
-# 4. the **12 numbers** (AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l).
+# 4. the **12 numbers** (AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l);
+# 5. **where the mistakes are**: four kinds of false positive read from COCOeval's own matches,
+#    and the **EvaluationExplorer**.
 
 # %% tags=["parameters"]
 import os
@@ -306,3 +308,107 @@ perfect = [
     )
 ]
 assert evaluate_coco(coco_gt, perfect, ("bbox",), image_ids=[image_id])["bbox"]["AP"] == 1.0
+
+# %% [markdown]
+# ## 5. Where the mistakes are: four kinds of false positive, and the EvaluationExplorer
+#
+# The 12 numbers say how good a detector is, not *where* it fails. `instseg_edu.engine.analysis`
+# runs COCOeval once and reads back what it decided for every detection — the `dtMatches`,
+# `gtMatches` and ignore flags of section 3 — so nothing is matched twice and every count adds up
+# to COCO's. At an IoU threshold `t` each kept detection is a **true positive** or a false
+# positive of one of four kinds, checked in this order (the error analyses of Hoiem et al. 2012,
+# "Diagnosing Error in Object Detectors", and TIDE, Bolya et al. 2020):
+#
+# * **wrong class** — IoU ≥ `t` with an object of *another* class: found, but named wrong;
+# * **duplicate** — IoU ≥ `t` with an object of its class that a higher-scoring detection already
+#   took (section 3's "second detection on a taken object");
+# * **poor localisation** — its best IoU with an object of its class is in `[0.1, t)`;
+# * **background** — everything else.
+#
+# Every ground-truth object is **found** or **missed**. We simulate a detector on all the images
+# with each mistake built in: most objects found with some jitter, some boxes far off, some labels
+# swapped, some objects found twice, some missed, and one box on the background per image.
+
+# %%
+from instseg_edu.engine.analysis import (
+    BACKGROUND,
+    error_analysis,
+    match_coco,
+    per_class_ap,
+    precision_recall,
+)
+
+rng = np.random.default_rng(SEED)
+cat_ids = sorted(coco_gt.getCatIds())
+simulated = []
+
+
+def simulated_box(x, y, w, h, jitter):
+    dx, dy, dw, dh = rng.uniform(-jitter, jitter, 4) * [w, h, w, h]
+    return [x + dx, y + dy, max(w + dw, 1.0), max(h + dh, 1.0)]
+
+
+for ann in coco_json["annotations"]:
+    x, y, w, h = ann["bbox"]
+    kind = rng.choice(["hit", "far", "swap", "twice", "miss"], p=[0.55, 0.1, 0.1, 0.1, 0.15])
+    if kind == "miss":
+        continue
+    box = simulated_box(x, y, w, h, 0.45 if kind == "far" else 0.12)
+    cat = ann["category_id"]
+    if kind == "swap":
+        cat = int(rng.choice([c for c in cat_ids if c != cat]))
+    score = rng.uniform(0.5, 0.95) if kind in ("hit", "twice") else rng.uniform(0.2, 0.7)
+    simulated.append(dict(image_id=ann["image_id"], category_id=cat, bbox=box, score=score))
+    if kind == "twice":
+        simulated.append(
+            dict(simulated[-1], bbox=simulated_box(x, y, w, h, 0.05), score=score * 0.8)
+        )
+for image_id in dataset.image_ids:
+    w, h = rng.uniform(8, 24, 2)
+    x, y = rng.uniform(0, IMAGE_SIZE - w), rng.uniform(0, IMAGE_SIZE - h)
+    simulated.append(
+        dict(
+            image_id=image_id,
+            category_id=int(rng.choice(cat_ids)),
+            bbox=[x, y, w, h],
+            score=rng.uniform(0.2, 0.6),
+        )
+    )
+
+matches = match_coco(coco_gt, simulated, "bbox")
+errors = error_analysis(matches, iou_thr=0.5, score_thr=0.0)
+print(errors.totals())
+print(format_ap_table({"bbox": matches.stats}))
+
+# %% [markdown]
+# The counts add up to COCO's: true positives plus false positives are the detections COCO does
+# not ignore, true positives plus misses are its ground truth, and the per-class precision–recall
+# curves rebuilt from these matches give exactly COCOeval's AP50 and AP:
+
+# %%
+totals = errors.totals()
+false_positives = sum(
+    totals[k] for k in ("wrong class", "duplicate", "poor localisation", "background")
+)
+counted = errors.dt_outcome <= BACKGROUND  # outcome codes 0..4: TP and the four kinds of FP
+assert totals["true positive"] + false_positives == counted.sum()
+assert totals["true positive"] + totals["missed"] == errors.num_gt.sum()
+reference = evaluate_coco(coco_gt, simulated, ("bbox",))["bbox"]
+assert abs(precision_recall(matches, 0.5).mean_ap - reference["AP50"]) < 1e-12
+ap = per_class_ap(matches)  # each class's AP over IoU 0.50:0.95, -1 without ground truth
+assert abs(ap[ap > -1].mean() - reference["AP"]) < 1e-12
+print("TP + FP = detections counted, TP + missed = ground truth, AP50 and AP == COCOeval's ✓")
+
+# %% [markdown]
+# The **EvaluationExplorer** shows the same analysis image by image, worst image first: boxes in
+# the colour of their outcome (missed objects dashed cyan), the per-class precision–recall curves
+# with a ◆ where the score threshold puts each class, and the confusion matrix with a background
+# row and a missed column. Pick a detection to see the ground truth behind its outcome and the
+# IoU. Try raising **IoU** to 0.75: loose boxes turn from true positives into poor localisation,
+# and their objects into misses.
+
+# %%
+from instseg_edu.widgets import EvaluationExplorer
+
+explorer = EvaluationExplorer(matches, images=dataset, score_thr=0.3)
+explorer

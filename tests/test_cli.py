@@ -148,3 +148,43 @@ def test_train_on_coco_files_and_resume(smoke_run, tmp_path):
     assert main([*common, "--steps", "2", "--resume", str(tmp_path / "last.pt")]) == 0
     history = json.loads((tmp_path / "history.json").read_text())
     assert [s["step"] for s in history["steps"]] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
+def test_evaluate_report_writes_the_analysis(smoke_run, tmp_path, capsys):
+    import re
+
+    from instseg_edu.engine.evaluate import METRIC_NAMES
+
+    rc, out, _ = smoke_run
+    assert rc == 0
+    checkpoint = str(out / "last.pt")
+    bad = ["evaluate", "--checkpoint", checkpoint, "--device", "cpu", "--report", str(tmp_path),
+           "--iou-thr", "0.52"]  # fmt: skip
+    _fails_cleanly(bad, capsys, "--iou-thr 0.52")
+    report = tmp_path / "report"
+    assert main(["evaluate", "--checkpoint", checkpoint, "--device", "cpu", "--workers", "0",
+                 "--out", str(tmp_path / "ev"), "--report", str(report), "--score-thr", "0.05",
+                 "--no-progress"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| AP |" in printed and f"wrote {report}/" in printed
+    for name in ("summary.md", "analysis.json", "bbox_pr_curves.png", "bbox_confusion.png",
+                 "bbox_outcomes.png", "bbox_gallery.png"):  # fmt: skip
+        assert (report / name).is_file(), name
+    # Same model, same images, same COCOeval: the demo's numbers, to the last bit.
+    demo = json.loads((out / "ap.json").read_text())
+    analysis = json.loads((report / "analysis.json").read_text())
+    assert analysis["metrics"] == demo
+    assert json.loads((tmp_path / "ev" / "ap.json").read_text()) == demo
+    summary = (report / "summary.md").read_text()
+    for name in METRIC_NAMES:
+        value = demo["bbox"][name]
+        cell = re.search(rf"^\| {name} \| (\S+) \|$", summary, re.M).group(1)
+        assert cell == ("n/a" if value < 0 else f"{value:.3f}"), name
+    assert analysis["settings"] == {"iou_thr": 0.5, "area": "all", "max_dets": 100,
+                                    "score_thr": 0.05}  # fmt: skip
+    totals = analysis["errors"]["bbox"]["all"]
+    per_class = [v for k, v in analysis["errors"]["bbox"].items() if k != "all"]
+    for key, total in totals.items():
+        assert sum(c[key] for c in per_class) == total

@@ -9,6 +9,8 @@ computation.
 - :class:`SOLOGridExplorer` — SOLO's S×S grid targets: centre regions, cells, mask channels.
 - :class:`PrototypeExplorer` — YOLACT's prototypes, coefficients and the assembled mask.
 - :class:`TrainingDashboard` — a training-loop callback drawing losses, lr, img/s and predictions.
+- :class:`EvaluationExplorer` — a model's mistakes as COCO counted them: true positives, four
+  kinds of false positive, missed objects, precision–recall and confusion.
 
 The classes are imported on first use, so ``import instseg_edu.widgets`` stays cheap.
 """
@@ -20,6 +22,7 @@ import importlib
 __all__ = [
     "AnchorExplorer",
     "AssignerExplorer",
+    "EvaluationExplorer",
     "PrototypeExplorer",
     "RoIExplorer",
     "SOLOGridExplorer",
@@ -33,6 +36,7 @@ _MODULES = {
     "SOLOGridExplorer": "solo_explorer",
     "PrototypeExplorer": "yolact_explorer",
     "TrainingDashboard": "dashboard",
+    "EvaluationExplorer": "evaluation_explorer",
 }
 
 

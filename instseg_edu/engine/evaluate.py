@@ -92,6 +92,17 @@ def _empty_results(gt):
     return res
 
 
+def _evaluation_gt(coco_gt) -> tuple[dict, str]:
+    """The ground truth as COCOeval gets it for ``bbox``, and its source for messages: the same
+    rules as the training set decide which objects exist (and refuse what it refuses); the drops
+    are reported once. ``segm_ground_truth`` of it is the ``segm`` ground truth."""
+    dataset, file = _gt_dataset(coco_gt)
+    source = file or "the ground truth"
+    gt_dict, dropped = evaluation_ground_truth(dataset, source)
+    report_dropped(source, dropped, remember=file is not None)
+    return gt_dict, source
+
+
 def evaluate_coco(
     coco_gt,
     results: Sequence[dict],
@@ -141,11 +152,7 @@ def evaluate_coco(
     else:
         from faster_coco_eval import COCOeval_faster as COCOeval
 
-    # The same rules as the training set decide which objects exist (and refuse what it refuses).
-    dataset, file = _gt_dataset(coco_gt)
-    source = file or "the ground truth"
-    gt_dict, dropped = evaluation_ground_truth(dataset, source)
-    report_dropped(source, dropped, remember=file is not None)
+    gt_dict, source = _evaluation_gt(coco_gt)
     kinds = {annotation_kind(a) for a in gt_dict["annotations"]}
     out = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
     with out:

@@ -67,6 +67,14 @@ class ExplorerCase:
 
 
 CASES = [
+    # "IoU" 0.50 -> 0.75 (0.05 a step): loose true positives become poor localisation.
+    ExplorerCase(
+        "01_data_and_coco.ipynb",
+        ".instseg-evaluation-explorer",
+        "evaluation_explorer.png",
+        slider="IoU",
+        presses=5,
+    ),
     ExplorerCase("02_anchors.ipynb", ".instseg-anchor-explorer", "anchor_explorer.png"),
     ExplorerCase(
         "03_assignment_and_box_coding.ipynb", ".instseg-assigner-explorer", "assigner_explorer.png"
