@@ -158,7 +158,10 @@ def test_torchrun_cli_train_writes_one_checkpoint_and_the_ap_of_one_process(tmp_
     assert json.loads((tmp_path / "ev" / "ap.json").read_text()) == ap
 
 
-def test_a_failure_in_one_process_ends_both_and_is_shown_once(tmp_path):
+@pytest.mark.parametrize("debug", [False, True], ids=["line", "debug"])
+def test_a_failure_in_one_process_ends_both_and_is_shown_once(tmp_path, debug):
+    """A broken image in process 1's share: both processes stop and the error is shown once, as
+    the one-line data error, or with ``--debug`` as process 1's traceback."""
     train_json = make_shapes_dataset(tmp_path / "data", 8, image_size=64, seed=0, workers=0)
     images = train_json.parent / "train"
     # Process 1's second batch starts with the 3rd item of its share of epoch 0: break that file.
@@ -170,12 +173,16 @@ def test_a_failure_in_one_process_ends_both_and_is_shown_once(tmp_path):
         "-m", "instseg_edu", "train", "--preset", "RETINANET_R18_SMALL", "--train-json",
         train_json, "--train-images", images, "--image-size", "64", "--steps", "2",
         "--batch-size", "2", "--workers", "0", "--device", "cpu", "--no-progress",
-        "--out", tmp_path / "out",
+        "--out", tmp_path / "out", *(["--debug"] if debug else []),
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode != 0
     assert output.count(f"cannot read {broken}") == 1, output
-    assert output.count("error in process 1 of 2") == 1, output
+    if debug:
+        assert output.count("error in process 1 of 2") == 1, output
+    else:
+        assert output.count("instseg-edu train: error: ") == 1, output
+        assert "instseg_edu/cli.py" not in output, output  # no traceback of ours (torchrun's own)
     assert "Connection closed by peer" not in output  # process 0's lost collective stays silent
     root_cause = output[output.index("Root Cause") :]
     assert "rank      : 1 (local_rank: 1)" in root_cause, output
