@@ -800,9 +800,12 @@ class MaskRCNN(nn.Module):
         picked = mask_logits[
             torch.arange(num_mask, device=pos.device), t.mask.labels
         ]  # [Nmask, M, M]
-        if picked.numel() > 0:  # the mean over the batch's mask positives and their M*M pixels
+        # The mean over the batch's mask positives and their M*M pixels; counted on every process,
+        # even one without positives, because the count is summed over processes.
+        mask_pixels = global_avg_factor(picked.numel())
+        if picked.numel() > 0:
             bce = F.binary_cross_entropy_with_logits(picked, t.mask.masks, reduction="sum")
-            loss_mask = bce / global_avg_factor(picked.numel())
+            loss_mask = bce / mask_pixels
         else:  # no positive RoI: a zero that keeps the graph connected
             loss_mask = mask_logits.sum() * 0.0
         if cls_logits.shape[0] == 0:

@@ -829,8 +829,12 @@ class SOLO(nn.Module):
             if pos.shape[0] > 0:  # a shape: known on the host without waiting
                 pred = logits.flatten(0, 1)[pos]  # [B, S², h, w] -> [B*S², h, w] -> [P_l, h, w]
                 dice.append(dice_loss(pred.float().sigmoid(), target))  # [P_l]
-        if dice:  # the mean over the batch's (every process's) positive channels
-            loss_ins = torch.cat(dice).sum() / global_avg_factor(t.num_pos)
+        # The mean over the batch's (every process's) trained channels: positive cells of objects
+        # with a mask. Counted from shapes (no host wait), and on every process, even one with
+        # none, because the count is summed over processes.
+        num_masks = global_avg_factor(sum(pos.shape[0] for pos in t.pos_inds))
+        if dice:
+            loss_ins = torch.cat(dice).sum() / num_masks
         else:  # no object anywhere: zero, but keep every mask logit in the graph
             loss_ins = sum(m.float().sum() for m in outputs.mask_logits) * 0.0
 

@@ -182,6 +182,30 @@ def launched(device: torch.device, num_images: int) -> dict:
     }
 
 
+def uneven_masks(device: torch.device, families: list[str], data: str) -> dict:
+    """For :func:`instseg_edu.engine.distributed.launch`: one loss and backward of each family where
+    process 1's batch has only box-only objects (no mask to train), so its mask loss takes the
+    no-positive branch while process 0's does not. Every loss divisor is summed over processes,
+    so both must still join the same collectives; returns ``{family: [losses per process]}``."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "models"))
+    from _box_only import without_masks
+
+    from instseg_edu.data.transforms import collate
+
+    torch.set_num_threads(1)
+    train_set = dataset(Path(data))
+    batch = collate([train_set[i] for i in range(PER_PROCESS_BATCH)]).to(device)
+    if get_rank() == 1:
+        batch = without_masks(batch, [list(range(len(t.labels))) for t in batch.targets])
+    seen = {}
+    for family in families:
+        model = build(family, len(train_set.classes)).to(device)
+        losses = model.loss(model(batch.images), batch)
+        sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
+        seen[family] = all_gather_object({k: float(v.detach()) for k, v in losses.items()})
+    return seen
+
+
 def main(data: str, out: str):
     torch.set_num_threads(1)
     data, out = Path(data), Path(out)

@@ -9,6 +9,7 @@ each launch keeps both cores busy, so they run one after another.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -195,3 +196,15 @@ def test_launch_from_python_trains_on_disjoint_shares():
     assert [s["step"] for s in result["steps"]] == [1, 2]
     first, second = result["shares"]
     assert len(first) == len(second) == 3 and sorted(first + second) == list(range(6))
+
+
+def test_a_process_without_masks_joins_the_same_collectives(tmp_path):
+    """Process 1 has only box-only objects: its mask loss is the attached zero, yet it counts its
+    (zero) masks into the divisor that process 0 waits for, instead of leaving it waiting."""
+    worker.shapes(tmp_path)
+    terms = {"mask_rcnn": "loss_mask", "solo": "loss_ins"}
+    seen = launch(worker.uneven_masks, list(terms), str(tmp_path), nprocs=2, device="cpu")
+    for family, term in terms.items():
+        first, second = seen[family]
+        assert second[term] == 0.0 and first[term] > 0.0, (family, seen[family])
+        assert all(math.isfinite(v) for v in (*first.values(), *second.values())), family
