@@ -117,7 +117,7 @@ def test_gpu_check_smoke_records_every_part_and_figure(tmp_path):
     assert "instseg_gpu_check_" in install["instseg_edu_from"]
 
     # tests: every gpu-marked test collected (skipped without CUDA)
-    # (a decorated test, or one parameter of a test: pytest.param(..., marks=pytest.mark.gpu))
+    # (a decorated test, or one parameter of a test given the gpu mark through pytest.param)
     marked = sum(
         len(re.findall(r"^@pytest\.mark\.gpu$|marks=pytest\.mark\.gpu\b", p.read_text(), re.M))
         for p in Path(__file__).parent.rglob("test_*.py")
