@@ -175,8 +175,9 @@ except ValueError as err:
 # %% [markdown]
 # ## 4. Valid flags in a padded batch
 #
-# Images of a batch are padded (bottom/right) to a common size; anchors whose cell centre lies in
-# the padding of *this* image are invalid and the assigner ignores them.
+# Images of a batch are padded (bottom/right) to a common size; anchors of a cell that starts in
+# the padding of *this* image — row `i >= ceil(h / stride)` or column `j >= ceil(w / stride)`,
+# MMDetection's rule — are invalid and the assigner ignores them.
 
 # %%
 flags = gen.valid_flags([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], pad_shape=(40, 64))

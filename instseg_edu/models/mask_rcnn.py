@@ -392,7 +392,8 @@ class RPNTargets(NamedTuple):
     """What the RPN is trained on (Faster R-CNN Sec. 3.1.2).
 
     Attributes:
-        anchor_valid: ``[B, N]`` bool, anchor centre inside the image (not in the padding).
+        anchor_valid: ``[B, N]`` bool, the anchor's cell starts inside the image (not in the
+            padding; see :meth:`AnchorGenerator.valid_flags`).
         assignment: :class:`Assignment` with ``[B, N]`` fields (MaxIoU 0.7 / 0.3 / 0.3).
         pos_mask, neg_mask: ``[B, N]`` bool, the sampled positive and negative anchors.
         labels: ``[B, N]`` float, 1 for positive anchors, 0 elsewhere.
@@ -560,7 +561,7 @@ class MaskRCNN(nn.Module):
         return self._anchor_cache[key]
 
     def anchor_valid(self, featmap_sizes, image_sizes, device) -> Tensor:
-        """``[B, N]`` bool: the anchor's centre lies inside its image (not in the padding)."""
+        """``[B, N]`` bool: the anchor's cell starts inside its image (not in the padding)."""
         key = ("valid", tuple(featmap_sizes), tuple(map(tuple, image_sizes)), str(device))
         if key not in self._anchor_cache:
             if len(self._anchor_cache) > 64:  # many distinct image sizes: start afresh

@@ -23,8 +23,9 @@ The numbers are those of MMDetection 3.x ``AnchorGenerator``:
    flattened order is row, column, anchor: index ``(row * W + column) * A + a`` — the same order in
    which a head's ``[B, A*K, H, W]`` output is flattened after ``permute(0, 2, 3, 1)``.
 
-3. **Valid flags**: in a padded batch, a cell whose anchor centre lies outside this image's
-   un-padded ``(h, w)`` is invalid (its anchors are ignored by the assigner).
+3. **Valid flags**: in a padded batch, a cell that starts in the padding of this image — row
+   ``i >= ceil(h / stride)`` or column ``j >= ceil(w / stride)`` for the image's un-padded
+   ``(h, w)`` — is invalid (its anchors are ignored by the assigner).
 
 ``legacy=True`` reproduces MMDetection v1's generator (``LegacyAnchorGenerator``): centres at
 ``center_offset * (base_size - 1)``, half sizes ``(w - 1) / 2``, and the base anchors rounded to
@@ -218,11 +219,12 @@ class AnchorGenerator:
     ) -> list[Tensor]:
         """Which anchors belong to this image inside a padded batch.
 
-        A cell ``(i, j)`` is valid when its anchor centre ``(j * stride + c, i * stride + c)``
-        (``c`` the centre offset in pixels, 0 by default) lies inside the image: ``x < w`` and
-        ``y < h``.
-        With the default ``center_offset=0`` this is exactly MMDetection's rule ``j <
-        ceil(w / stride)``.
+        MMDetection's rule (``AnchorGenerator.single_level_valid_flags``, used unchanged by its
+        legacy generator): cell ``(i, j)`` of a level is valid when ``i < ceil(h / stride)`` and
+        ``j < ceil(w / stride)`` — the cell starts inside the image. It does not depend on
+        ``center_offset`` or ``legacy``: with ``center_offset=0.5`` a cell whose centre falls just
+        past the image edge is still valid (stride 16, ``w=500``: columns ``0..31``, although
+        column 31's centre is at 504).
 
         Args:
             featmap_sizes: ``(H, W)`` of each level's feature map (of the padded batch).
@@ -237,10 +239,9 @@ class AnchorGenerator:
         out = []
         for level, (feat_h, feat_w) in enumerate(featmap_sizes):
             stride = self.strides[level]
-            c = self._center(self.base_sizes[level])
-            xs = torch.arange(int(feat_w), device=device, dtype=torch.float32) * stride + c  # [W]
-            ys = torch.arange(int(feat_h), device=device, dtype=torch.float32) * stride + c  # [H]
-            cell_ok = (ys < h)[:, None] & (xs < w)[None, :]  # [H, W]
+            rows_ok = torch.arange(int(feat_h), device=device) < math.ceil(h / stride)  # [H]
+            cols_ok = torch.arange(int(feat_w), device=device) < math.ceil(w / stride)  # [W]
+            cell_ok = rows_ok[:, None] & cols_ok[None, :]  # [H, W]
             a = self.num_base_anchors[level]
             out.append(cell_ok[:, :, None].expand(-1, -1, a).reshape(-1))  # [H*W*A]
         return out

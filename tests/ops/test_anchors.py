@@ -95,7 +95,7 @@ def test_retinanet_512_anchor_count():
     )
 
 
-def test_valid_flags_centre_inside_image():
+def test_valid_flags_cell_starts_inside_image():
     gen = AnchorGenerator(strides=(8,), ratios=(0.5, 1.0), scales=(4,))
     # padded 4x4 cells (32x32), image 17 high, 9 wide: columns 0,1 (x=0,8) and rows 0..2 (y=0,8,16)
     flags = gen.valid_flags([(4, 4)], (17, 9))[0]
@@ -105,16 +105,35 @@ def test_valid_flags_centre_inside_image():
     expected = torch.zeros(4, 4, dtype=torch.bool)
     expected[:3, :2] = True
     assert torch.equal(cells[..., 0], expected)
-    # MMDetection's rule with centre offset 0: column j valid iff j < ceil(w / stride)
     assert int(cells[0, :, 0].sum()) == math.ceil(9 / 8)
-    # centre offset 0.5 moves centres to 4, 12, 20, ...: column 1 (x=12) is now outside w=9
-    half = AnchorGenerator(strides=(8,), ratios=(1.0,), scales=(4,), center_offset=0.5)
-    assert half.valid_flags([(4, 4)], (17, 9))[0].reshape(4, 4)[0].tolist() == [
-        True,
-        False,
-        False,
-        False,
-    ]
+    # MMDetection's rule: column j valid iff j < ceil(w / stride), whatever the centre offset:
+    # with offset 0.5 column 1's centre (x=12) lies past w=9, yet the column stays valid.
+    for legacy in (False, True):
+        half = AnchorGenerator(
+            strides=(8,), ratios=(1.0,), scales=(4,), center_offset=0.5, legacy=legacy
+        )
+        assert half.valid_flags([(4, 4)], (17, 9))[0].reshape(4, 4)[0].tolist() == [
+            True,
+            True,
+            False,
+            False,
+        ]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_valid_flags_333x500_at_stride_16_in_a_512x640_batch(legacy):
+    # The case where an anchor-centre rule and MMDetection's differ: with a centre offset of 0.5
+    # (7.5 px legacy, 8 px otherwise) column 31's centre is at x = 503.5 / 504 > 500, but
+    # 31 < ceil(500 / 16) = 32, so MMDetection (legacy generator included) keeps it: 21 rows
+    # (ceil(333 / 16) = 21) x 32 columns x 9 anchors = 6048 of 32 x 40 x 9 = 11520 flags, where a
+    # centre rule would give 21 x 31 x 9 = 5859 (189 fewer).
+    gen = AnchorGenerator(**{**RETINA, "strides": (16,)}, center_offset=0.5, legacy=legacy)
+    flags = gen.valid_flags([(32, 40)], (333, 500))[0]
+    assert flags.shape == (11520,)
+    assert int(flags.sum()) == 6048
+    expected = torch.zeros(32, 40, dtype=torch.bool)
+    expected[:21, :32] = True
+    assert torch.equal(flags.reshape(32, 40, 9), expected[:, :, None].expand(32, 40, 9))
 
 
 @pytest.mark.parametrize(
