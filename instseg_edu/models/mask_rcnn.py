@@ -66,6 +66,7 @@ from instseg_edu.ops.anchors import AnchorGenerator
 from instseg_edu.ops.assign import Assignment, max_iou_assign_padded
 from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
+from instseg_edu.ops.indexing import first_k_true
 from instseg_edu.ops.nms import class_aware_nms
 from instseg_edu.ops.sampling import random_sample_batched
 from instseg_edu.structures import Batch, Detections, image_sizes_tensor, pad_targets
@@ -682,7 +683,7 @@ class MaskRCNN(nn.Module):
         assignment = max_iou_assign_padded(cands, gt, cfg.assigner, cand_valid)
         pos, neg = _sample(assignment, cfg.sampler)  # [B, G+P]
         # The RoI stage's one wait for the device: how many RoIs (and positives) were sampled.
-        # With the counts on the host, the sampled entries are picked by a stable sort instead
+        # With the counts on the host, the sampled entries are picked by first_k_true instead
         # of `nonzero` (same image-major order) and the positives likewise further down.
         sampled = pos | neg  # [B, G+P]
         gt_col = (assignment.gt_inds - 1).clamp(min=0)  # [B, G+P] column in padded gt
@@ -690,7 +691,7 @@ class MaskRCNN(nn.Module):
         num_rois, num_pos, num_mask = torch.stack(
             [sampled.sum(), pos.sum(), with_mask.sum()]
         ).tolist()
-        flat = torch.argsort(~sampled.flatten(), stable=True)[:num_rois]  # [R] into B*(G+P)
+        flat = first_k_true(sampled.flatten(), num_rois)  # [R] into B*(G+P)
         img, col = flat // sampled.shape[1], flat % sampled.shape[1]  # [R] each, image-major
         boxes = cands[img, col]  # [R, 4]
         is_pos = pos[img, col]  # [R]
@@ -701,8 +702,8 @@ class MaskRCNN(nn.Module):
         offsets = torch.cumsum(gt.valid.sum(1), 0) - gt.valid.sum(1)  # [B] first gt of image
         gt_index = torch.where(is_pos, offsets[img] + gt_col, -1)  # [R]
         rois = torch.cat([img[:, None].to(boxes.dtype), boxes], 1)  # [R, 5]
-        pos_index = torch.argsort(~is_pos, stable=True)[:num_pos]  # [Npos] into the R RoIs
-        mask_index = torch.argsort(~with_mask[img, col], stable=True)[:num_mask]  # [Nmask]
+        pos_index = first_k_true(is_pos, num_pos)  # [Npos] into the R RoIs
+        mask_index = first_k_true(with_mask[img, col], num_mask)  # [Nmask]
         return RoITargets(
             cands,
             cand_valid,
@@ -852,13 +853,12 @@ class MaskRCNN(nn.Module):
         labels = torch.arange(c, device=device).repeat(p)  # [P*C] class of each column
 
         # Per image: candidates above score_thr, class-aware NMS, the best max_per_img. One host
-        # read gives every image's candidate count; a stable sort puts them first, in order.
+        # read gives every image's candidate count; first_k_true picks them, in order.
         keep = scores > cfg.score_thr  # [B, P*C]
         counts = keep.sum(1).tolist()  # B ints
-        first = torch.argsort(~keep, dim=1, stable=True)  # [B, P*C]
         kept = []
         for i, n in enumerate(counts):
-            idx = first[i, :n]  # [n] candidates of image i
+            idx = first_k_true(keep[i], n)  # [n] candidates of image i
             order = class_aware_nms(
                 boxes[i, idx], scores[i, idx], labels[idx], cfg.nms_iou_threshold
             )

@@ -62,6 +62,7 @@ from instseg_edu.ops.anchors import AnchorGenerator
 from instseg_edu.ops.assign import Assignment, max_iou_assign_padded
 from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
+from instseg_edu.ops.indexing import first_k_true
 from instseg_edu.ops.nms import class_aware_nms
 from instseg_edu.structures import Batch, Detections, image_sizes_tensor, pad_targets
 
@@ -664,12 +665,11 @@ class RetinaNet(nn.Module):
         keep = (cand_scores > test.score_thr) & (wh > test.min_bbox_size).all(dim=-1)  # [B, K]
 
         # 3. per image: thresholds leave a different number of candidates in each image. One
-        # host read gives every image's count; a stable sort puts its candidates first, in order.
+        # host read gives every image's count; first_k_true picks its candidates, in order.
         counts = keep.sum(1).tolist()  # B ints
-        first = torch.argsort(~keep, dim=1, stable=True)  # [B, K]
         results = []
         for i, n in enumerate(counts):
-            idx = first[i, :n]  # [n] this image's candidates
+            idx = first_k_true(keep[i], n)  # [n] this image's candidates
             img_boxes, img_scores, img_labels = boxes[i, idx], cand_scores[i, idx], labels[i, idx]
             kept = class_aware_nms(img_boxes, img_scores, img_labels, test.nms_iou_threshold)
             kept = kept[: test.max_per_img]  # batched_nms sorts by score, descending

@@ -76,6 +76,7 @@ from instseg_edu.models.backbone import (
     fpn_strides,
     resnet_out_channels,
 )
+from instseg_edu.ops.indexing import first_k_true
 from instseg_edu.ops.nms import matrix_nms, points_nms
 from instseg_edu.structures import Batch, Detections
 
@@ -794,11 +795,9 @@ class SOLO(nn.Module):
 
         pos_inds, ins_masks = [], []
         for rows_l, ind, count, size in zip(rows, ins_ind, counts, mask_sizes):
-            # The positive channels, image-major, as ``ind.flatten().nonzero()`` would list them:
-            # a stable sort puts the True entries (~ind = False) first, in their original order,
-            # and we keep the first `count`. Why not nonzero: its output size depends on the data,
-            # so on a GPU the host would wait for it; here the size is `count`, already known.
-            pos = torch.argsort(~ind.flatten(), stable=True)[:count]  # [B*S²] -> [P_l]
+            # The positive channels, image-major, as ``ind.flatten().nonzero()`` would list them,
+            # with a size the host already knows (`count`): no wait for the device.
+            pos = first_k_true(ind.flatten(), count)  # [B*S²] -> [P_l]
             pos_inds.append(pos)
             if count == 0:
                 ins_masks.append(torch.zeros(0, *size, device=device))  # [0, h, w]
@@ -927,9 +926,8 @@ class SOLO(nn.Module):
         for b in range(len(image_sizes)):
             n_level = level_counts[b]  # L ints
             # Flat indices row · C + class of the candidates, ascending as ``keep[b].nonzero()``
-            # lists them: a stable sort puts the True entries (~keep = False) first, in order.
-            # Static size (the count is known) instead of nonzero: no host sync on the GPU.
-            cand = torch.argsort(~keep[b].flatten(), stable=True)[: sum(n_level)]  # [N*C] -> [K]
+            # lists them, with a size the host already knows: no wait for the device.
+            cand = first_k_true(keep[b].flatten(), sum(n_level))  # [N*C] -> [K]
             rows, labels = cand // c, cand % c  # [K] each
             scores = cate[b].flatten()[cand]  # [N*C] -> [K]
             probs = _candidate_probs(outputs.mask_logits, b, rows, starts, n_level, mask_size0)
