@@ -9,6 +9,9 @@
 3. ``detections = model.predict(outputs, image_sizes)`` — a list of
    :class:`instseg_edu.structures.Detections`, one per image.
 
+The fast forms are batched and avoid host synchronisation; :mod:`instseg_edu.models.references`
+writes the same steps per image and per level, as the papers describe them (read those first).
+
 There is no registry: one ``build_<family>(cfg)`` per family (``build_retinanet``,
 ``build_mask_rcnn``, ``build_solo``, ``build_yolact``); the command line maps a family name to its
 builder and presets with the plain table ``instseg_edu.cli.FAMILIES``.

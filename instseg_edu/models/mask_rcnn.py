@@ -608,7 +608,8 @@ class MaskRCNN(nn.Module):
         waits for the device once — nothing else here does: every image has the same number of
         candidates (``min(nms_pre, H*W*A)`` per level), and boxes too small to keep are given score
         -1 instead of being removed (below every sigmoid score, they can suppress nothing; they
-        sort last and are marked invalid).
+        sort last and are marked invalid). The same steps per image and per level:
+        :func:`~instseg_edu.models.references.rpn_proposals_reference`.
         """
         logits = outputs.rpn_logits.detach().float()  # [B, N]
         deltas = outputs.rpn_deltas.detach().float()  # [B, N, 4]
@@ -623,7 +624,9 @@ class MaskRCNN(nn.Module):
             idx_parts.append(top + start)
             start += n
         idx = torch.cat(idx_parts, 1)  # [B, K], K = sum of k_l, level blocks side by side
-        scores = logits.gather(1, idx).sigmoid()  # [B, K]
+        # Probabilities of every anchor, then the candidates' (the reference slices the same
+        # tensor: see instseg_edu.models.references).
+        scores = logits.sigmoid().gather(1, idx)  # [B, N] -> [B, K]
         anchors = outputs.anchors[idx]  # [B, K, 4]
         d = deltas.gather(1, idx[..., None].expand(-1, -1, 4))  # [B, K, 4]
         sizes = image_sizes_tensor(image_sizes, logits.device)  # [B, 2] = (h, w)

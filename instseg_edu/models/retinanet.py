@@ -625,6 +625,9 @@ class RetinaNet(nn.Module):
            than ``min_bbox_size``.
         3. Class-aware NMS at ``nms_iou_threshold`` over all levels; keep ``max_per_img``.
 
+        Batched over images and levels; the same steps per image and per level:
+        :func:`~instseg_edu.models.references.retinanet_predict_reference`.
+
         Args:
             outputs: from ``forward``.
             image_sizes: each image's true ``(h, w)`` inside the padded batch.

@@ -1,9 +1,12 @@
 """The RoI stage pieces of Mask R-CNN: FPN level mapping, multi-scale RoIAlign, the box and mask
 heads, mask targets and mask pasting.
 
-Split from :mod:`instseg_edu.models.mask_rcnn` (which re-exports every name) to keep each file
-readable. Mask R-CNN (He et al., ICCV 2017) Sec. 3: RoIAlign reads a fixed ``S x S`` grid from one
-FPN level per RoI; the box head classifies (``C + 1`` columns, ``C`` = background) and regresses
+Split from :mod:`instseg_edu.models.mask_rcnn` (which re-exports the model pieces) to keep each
+file readable. :func:`mask_targets` and :func:`paste_masks` have readable one-RoI-at-a-time forms
+beside them (``*_reference``).
+
+Mask R-CNN (He et al., ICCV 2017) Sec. 3: RoIAlign reads a fixed ``S x S`` grid from one FPN level
+per RoI; the box head classifies (``C + 1`` columns, ``C`` = background) and regresses
 class-specific deltas; the mask head predicts one ``M x M`` mask per class, trained only on the
 ground-truth class with a per-pixel sigmoid, against the ground-truth mask cropped to the RoI and
 resized to ``M x M``. At test time the ``M x M`` masks are pasted back into the image.
@@ -16,6 +19,8 @@ Shape legend: ``R`` RoIs, ``F`` channels, ``S`` RoI grid size, ``C`` classes, ``
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -26,8 +31,10 @@ __all__ = [
     "MaskHead",
     "map_rois_to_levels",
     "mask_targets",
+    "mask_targets_reference",
     "multiscale_roi_align",
     "paste_masks",
+    "paste_masks_reference",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +110,8 @@ def multiscale_roi_align(
 def mask_targets(gt_masks: Tensor, rois: Tensor, gt_index: Tensor, mask_size: int = 28) -> Tensor:
     """Crop each positive RoI's ground-truth mask to the RoI and resize it to ``mask_size``².
 
+    Readable form: :func:`mask_targets_reference` (one RoI at a time).
+
     One ``roi_align`` over the stack of ground-truth masks, each RoI pointing (through its "batch
     index") at the mask of its matched object: bin ``(i, j)`` averages the mask bilinearly sampled
     at ``ceil(h / M) x ceil(w / M)`` points inside it (``aligned=True``: pixel ``x`` covers
@@ -133,6 +142,45 @@ def mask_targets(gt_masks: Tensor, rois: Tensor, gt_index: Tensor, mask_size: in
     return (sampled[:, 0] >= 0.5).float()
 
 
+def mask_targets_reference(
+    gt_masks: Tensor, rois: Tensor, gt_index: Tensor, mask_size: int = 28, binarize: bool = True
+) -> Tensor:
+    """:func:`mask_targets` one RoI at a time, as MMDetection's ``BitmapMasks.crop_and_resize``
+    describes it: split the RoI into ``M x M`` bins; in each, sample the ground-truth mask
+    bilinearly at ``ceil(h / M) x ceil(w / M)`` evenly spaced points (pixel ``x`` covers
+    ``[x, x + 1)``, so its centre is ``x + 0.5``; the border pixels extend outwards), average
+    them, and binarise at 0.5. Computed in float64 with ``grid_sample``; equal to
+    :func:`mask_targets` except where a bin's average is within float32 rounding of 0.5.
+
+    Args:
+        gt_masks, rois, gt_index, mask_size: as :func:`mask_targets`.
+        binarize: False returns the bin averages (``float64``) before the 0.5 threshold.
+
+    Returns:
+        ``[Npos, M, M]`` float32 in ``{0, 1}`` (``float64`` averages when ``binarize`` is False).
+    """
+    m = mask_size
+    hh, ww = gt_masks.shape[-2:]
+    out = []
+    for box, g in zip(rois[:, -4:].tolist(), gt_index.tolist()):
+        x1, y1, x2, y2 = box
+        h, w = y2 - y1, x2 - x1
+        sy, sx = max(math.ceil(h / m), 1), max(math.ceil(w / m), 1)  # samples per bin
+        # sample points in pixel-index coordinates (pixel x's centre at x + 0.5 -> index x)
+        ys = y1 + (torch.arange(m * sy, dtype=torch.float64) + 0.5) * h / (m * sy) - 0.5
+        xs = x1 + (torch.arange(m * sx, dtype=torch.float64) + 0.5) * w / (m * sx) - 0.5
+        gy = (ys / (hh - 1) * 2 - 1)[:, None].expand(-1, len(xs))  # [M*sy, M*sx] in [-1, 1]
+        gx = (xs / (ww - 1) * 2 - 1)[None, :].expand(len(ys), -1)  # [M*sy, M*sx]
+        grid = torch.stack([gx, gy], dim=-1)[None].to(gt_masks.device)  # [1, M*sy, M*sx, 2]
+        mask = gt_masks[g].double()[None, None]  # [1, 1, Hp, Wp]
+        sampled = F.grid_sample(
+            mask, grid, mode="bilinear", padding_mode="border", align_corners=True
+        )  # [1, 1, M*sy, M*sx]
+        out.append(F.avg_pool2d(sampled, (sy, sx))[0, 0])  # [M, M] bin averages
+    averages = torch.stack(out) if out else gt_masks.new_zeros(0, m, m, dtype=torch.float64)
+    return (averages >= 0.5).float() if binarize else averages
+
+
 def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """Paste ``M x M`` mask probabilities into their boxes of an ``h x w`` image, all at once.
 
@@ -143,7 +191,7 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Te
     ``max(0, 1 - |u - j|)``, so the paste is the batched matrix product
     ``Wy [K, h, M] @ masks [K, M, M] @ Wx^T [K, M, w]`` — the same numbers as
     ``F.grid_sample(align_corners=False)`` on a full-image grid per mask (detectron2's paste), with
-    no ``[K, h, w, 2]`` grid in memory.
+    no ``[K, h, w, 2]`` grid in memory. Readable form: :func:`paste_masks_reference`.
 
     Args:
         masks: ``[K, M, M]`` float probabilities (or logits — any value is interpolated).
@@ -168,6 +216,30 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Te
         wx = (1 - (u[:, :, None] - cells).abs()).clamp(min=0)  # [K, w, M]
         wy = (1 - (v[:, :, None] - cells).abs()).clamp(min=0)  # [K, h, M]
         return wy @ masks.float() @ wx.transpose(1, 2)  # [K, h, M] @ [K, M, M] @ [K, M, w]
+
+
+def paste_masks_reference(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """:func:`paste_masks` one mask at a time, as detectron2's ``paste_masks_in_image`` does it:
+    map every pixel centre of the image into the box's ``[-1, 1]`` coordinates and sample the
+    ``M x M`` mask there with ``grid_sample`` (bilinear, zeros outside). Equal to
+    :func:`paste_masks` to float32 rounding (it sums the same products in another order).
+
+    Returns:
+        ``[K, h, w]`` float32.
+    """
+    h, w = image_size
+    out = []
+    for mask, (x1, y1, x2, y2) in zip(masks.float(), boxes.float().tolist()):
+        xs = torch.arange(w, dtype=torch.float32, device=masks.device) + 0.5  # pixel centres
+        ys = torch.arange(h, dtype=torch.float32, device=masks.device) + 0.5
+        gx = ((xs - x1) / (x2 - x1) * 2 - 1)[None, :].expand(h, w)  # [h, w], box edges at ±1
+        gy = ((ys - y1) / (y2 - y1) * 2 - 1)[:, None].expand(h, w)  # [h, w]
+        grid = torch.stack([gx, gy], dim=-1)[None]  # [1, h, w, 2]
+        pasted = F.grid_sample(
+            mask[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )  # [1, 1, h, w]
+        out.append(pasted[0, 0])
+    return torch.stack(out) if out else masks.new_zeros(0, h, w, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------

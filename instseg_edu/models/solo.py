@@ -532,7 +532,8 @@ def solo_target_single(
 
     When two objects claim the same cell, the later one (higher index) wins, as in SOLO's loop.
     The computation is vectorised over objects and cells (a ``[G, S, S]`` coverage tensor per
-    level); callers loop over images only.
+    level); callers loop over images only. The loop itself, object by object and cell by cell:
+    :func:`~instseg_edu.models.references.solo_target_single_reference`.
 
     A **box-only** object (``has_mask`` False) is placed by its box: its centre is the box's
     centre in the same pixel-index convention, ``((y1 + y2) / 2 - 0.5, (x1 + x2) / 2 - 0.5)`` —
@@ -752,6 +753,8 @@ class SOLO(nn.Module):
         positive channels of each level, read once with ``.tolist()``. It is the size of the
         mask-loss tensors, so the host must know it; everything else stays on the device, where a
         boolean-mask index (``x[ind]``) would make the host wait for the GPU at every level.
+        The same targets image by image, with boolean masks:
+        :func:`~instseg_edu.models.references.solo_targets_reference`.
         """
         head = self.cfg.bbox_head
         device = outputs.cate_logits[0].device
@@ -882,7 +885,9 @@ class SOLO(nn.Module):
         each image and level (it sizes the mask tensors) and the number of detections of each image
         (it sizes the output), each read once for the whole batch. Between them every step has a
         size the host already knows: candidates that a boolean index would remove are kept at
-        score ``-inf`` instead, where they change nothing (see the comments in the code).
+        score ``-inf`` instead, where they change nothing (see the comments in the code). The
+        same steps one image at a time with boolean indexing:
+        :func:`~instseg_edu.models.references.solo_predict_reference`.
 
         Args:
             outputs: from ``forward``.

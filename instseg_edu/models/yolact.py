@@ -879,7 +879,8 @@ class YOLACT(nn.Module):
            the true ``(h, w)``.
 
         One host synchronisation per call, whatever the batch size: the number of detections of
-        each image, read once for the whole batch after Fast NMS.
+        each image, read once for the whole batch after Fast NMS. The same steps per image and per
+        level: :func:`~instseg_edu.models.references.yolact_predict_reference`.
 
         Returns:
             One :class:`Detections` per image: ``boxes [K, 4]``, ``scores [K]`` (descending),

@@ -316,50 +316,6 @@ def test_predict_respects_test_cfg():
     assert len(model1.predict(outputs, [(64, 96)])[0]) <= 5
 
 
-def _predict_reference(model, outputs, image_sizes):
-    """MMDetection's procedure written per image and per level, with boolean masks."""
-    test = model.cfg.test_cfg
-    anchors = model.anchors(outputs.featmap_sizes, "cpu")
-    results = []
-    for i, size in enumerate(image_sizes):
-        boxes, scores, labels, start = [], [], [], 0
-        for n in model.level_sizes(outputs.featmap_sizes):
-            s = outputs.cls_logits[i, start : start + n].sigmoid()  # [n, C]
-            keep = s > test.score_thr  # filter first, then the top nms_pre of what is left
-            idx = keep.nonzero()  # [k, 2]: (anchor, class)
-            order = s[keep].argsort(descending=True)[: test.nms_pre]
-            a, cls = idx[order, 0] + start, idx[order, 1]
-            decoded = model.bbox_coder.decode(anchors[a], outputs.bbox_deltas[i, a], max_shape=size)
-            boxes.append(decoded)
-            scores.append(s[keep][order])
-            labels.append(cls)
-            start += n
-        boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        big = (w > test.min_bbox_size) & (h > test.min_bbox_size)  # clipping can flatten a box
-        boxes, scores, labels = boxes[big], scores[big], labels[big]
-        keep = torchvision.ops.batched_nms(boxes, scores, labels, test.nms_iou_threshold)
-        keep = keep[: test.max_per_img]
-        results.append((boxes[keep], scores[keep], labels[keep]))
-    return results
-
-
-def test_predict_equals_per_level_reference():
-    torch.manual_seed(0)
-    model = build_retinanet(replace(TINY, test_cfg=RetinaTestConfig(nms_pre=40, max_per_img=30)))
-    outputs = RetinaNetOutputs(
-        torch.randn(2, N_64x96, 3) * 2 - 2, torch.randn(2, N_64x96, 4) * 0.3, SIZES_64x96
-    )
-    sizes = [(64, 96), (41, 77)]  # the second has boxes outside its true size: flattened, dropped
-    got = model.predict(outputs, sizes)
-    expected = _predict_reference(model, outputs, sizes)
-    for d, (boxes, scores, labels) in zip(got, expected):
-        assert 0 < len(d) <= 30
-        torch.testing.assert_close(d.boxes, boxes)
-        torch.testing.assert_close(d.scores, scores)
-        assert torch.equal(d.labels, labels)
-
-
 # ---------------------------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------------------------

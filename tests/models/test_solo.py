@@ -35,7 +35,6 @@ from instseg_edu.models.solo import (
     solo_target_single,
     split_feats,
 )
-from instseg_edu.ops.nms import matrix_nms, points_nms
 from instseg_edu.structures import Batch, Detections, Target
 
 # A tiny SOLO: ResNet-18, 16-channel FPN and head, two stacked convs, 3 classes, grids
@@ -270,67 +269,6 @@ def test_docstring_worked_example():
                              sigma=0.2)  # fmt: skip
     assert out.centers.tolist() == [[23.5, 23.5]]
     assert (out.gt_inds[0] >= 0).nonzero().flatten().tolist() == [5]
-
-
-def _reference_target_single(boxes, labels, masks, num_grids, scale_ranges, sigma):
-    """SOLO's ``solo_target_single`` loop, transcribed with Python floats (centre of mass as the
-    mean pixel index, the grid cell with Python's float ``//``)."""
-    hp, wp = masks.shape[-2:]
-    out_labels, out_inds = [], []
-    for num_grid, (lo, hi) in zip(num_grids, scale_ranges):
-        cate = torch.full((num_grid, num_grid), -1)
-        inds = torch.full((num_grid * num_grid,), -1)
-        for g in range(len(labels)):
-            x1, y1, x2, y2 = (float(v) for v in boxes[g])
-            if not lo <= math.sqrt((x2 - x1) * (y2 - y1)) <= hi or masks[g].sum() < 10:
-                continue
-            ys, xs = masks[g].nonzero(as_tuple=True)
-            cy, cx = ys.double().mean().item(), xs.double().mean().item()
-            half_h, half_w = 0.5 * (y2 - y1) * sigma, 0.5 * (x2 - x1) * sigma
-            coord_h, coord_w = (
-                int((cy / hp) // (1.0 / num_grid)),
-                int((cx / wp) // (1.0 / num_grid)),
-            )
-            top = max(0, int(((cy - half_h) / hp) // (1.0 / num_grid)), coord_h - 1)
-            down = min(num_grid - 1, int(((cy + half_h) / hp) // (1.0 / num_grid)), coord_h + 1)
-            left = max(0, int(((cx - half_w) / wp) // (1.0 / num_grid)), coord_w - 1)
-            right = min(num_grid - 1, int(((cx + half_w) / wp) // (1.0 / num_grid)), coord_w + 1)
-            for i in range(top, down + 1):
-                for j in range(left, right + 1):
-                    cate[i, j] = labels[g]
-                    inds[i * num_grid + j] = g
-        out_labels.append(cate)
-        out_inds.append(inds)
-    return out_labels, out_inds
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_vectorised_targets_equal_the_reference_loop(seed):
-    gen = torch.Generator().manual_seed(seed)
-    h, w, g = 96, 128, int(torch.randint(1, 8, (1,), generator=gen))
-    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    masks, boxes = [], []
-    for _ in range(g):
-        cy, cx = (
-            torch.randint(0, h, (1,), generator=gen).item(),
-            torch.randint(0, w, (1,), generator=gen).item(),
-        )
-        ry, rx = torch.randint(1, 40, (2,), generator=gen).tolist()
-        m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1  # an ellipse, maybe clipped
-        ys, xs = m.nonzero(as_tuple=True)
-        masks.append(m)
-        boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1])
-    boxes = torch.tensor(boxes, dtype=torch.float32)
-    labels = torch.randint(0, 3, (g,), generator=gen)
-    masks = torch.stack(masks)
-    sigma = (0.2, 0.5, 1.0)[seed % 3]
-    ranges = ((1, 24), (12, 48), (24, 96), (48, 192), (96, 384))
-    out = solo_target_single(boxes, labels, masks, num_grids=GRIDS, scale_ranges=ranges,
-                             sigma=sigma)  # fmt: skip
-    ref_labels, ref_inds = _reference_target_single(boxes, labels, masks, GRIDS, ranges, sigma)
-    for level in range(len(GRIDS)):
-        assert torch.equal(out.cate_labels[level], ref_labels[level])
-        assert torch.equal(out.gt_inds[level], ref_inds[level])
 
 
 def test_loss_matches_hand_computation(tiny_model):
@@ -617,90 +555,6 @@ def low_threshold_outputs():
     with torch.no_grad():
         outputs = model(torch.rand(3, 3, 128, 160))
     return model, outputs
-
-
-def _predict_reference(model, outputs, image_sizes):
-    """SOLO's ``get_seg_single`` one image at a time with boolean-mask indexing (as in SOLO's code
-    and this library's first version)."""
-    head, test = model.cfg.bbox_head, model.cfg.test_cfg
-    size0 = outputs.mask_logits[0].shape[-2:]
-    starts = [0]
-    for s in head.num_grids:
-        starts.append(starts[-1] + s * s)
-    resize = torch.nn.functional.interpolate
-
-    def candidate_probs(b, rows):  # each level's candidate channels, resized to size0
-        parts = []
-        for level, logits in enumerate(outputs.mask_logits):
-            in_level = (rows >= starts[level]) & (rows < starts[level + 1])
-            p = logits[b, rows[in_level] - starts[level]].float().sigmoid()
-            if p.shape[-2:] != size0 and len(p) == 0:
-                p = p.new_zeros(0, *size0)
-            elif p.shape[-2:] != size0:
-                p = resize(p[None], size=size0, mode="bilinear")[0]
-            parts.append(p)
-        return torch.cat(parts)  # [K, h0, w0]
-
-    # [B, C, S, S] -> [B, S², C] per level -> [B, N, C]
-    cate = torch.cat(
-        [points_nms(x.sigmoid()).flatten(2).transpose(1, 2) for x in outputs.cate_logits], 1
-    )
-    row_stride = torch.cat(
-        [torch.full((s * s,), float(st)) for s, st in zip(head.num_grids, head.strides)]
-    )  # [N]
-    results = []
-    for b, (h, w) in enumerate(image_sizes):
-        keep = cate[b] > test.score_thr  # [N, C]
-        rows, labels = keep.nonzero().unbind(1)
-        probs = candidate_probs(b, rows)  # [K, h0, w0]
-        masks = probs > test.mask_thr
-        area = masks.sum(dim=(1, 2)).float()
-        maskness = (probs * masks).sum(dim=(1, 2)) / area.clamp(min=1)
-        scores = cate[b][keep] * maskness
-        sel = (area > row_stride[rows]).nonzero()[:, 0]
-        sel = sel[scores[sel].argsort(descending=True, stable=True)[: test.nms_pre]]
-        decayed = matrix_nms(masks[sel], labels[sel], scores[sel], test.kernel, test.sigma)
-        ok = decayed >= test.update_thr
-        sel, decayed = sel[ok], decayed[ok]
-        order = decayed.argsort(descending=True, stable=True)[: test.max_per_img]
-        if len(order) == 0:
-            final = torch.zeros(0, h, w, dtype=torch.bool)
-        else:
-            full = resize(probs[sel[order]][None], size=outputs.input_size, mode="bilinear")[0]
-            final = full[:, :h, :w] > test.mask_thr
-        results.append((masks_to_boxes(final), decayed[order], labels[sel[order]], final))
-    return results
-
-
-@pytest.mark.parametrize(
-    "test_cfg",
-    [
-        LOW_THRESHOLDS,  # 100 detections per image (max_per_img)
-        replace(LOW_THRESHOLDS, update_thr=5e-5),  # a few survive Matrix NMS
-        replace(LOW_THRESHOLDS, nms_pre=7, max_per_img=3),
-        # mask_thr just above the prior: some masks are too small for their level's stride, so
-        # candidates dropped at score -inf do go through Matrix NMS (nms_pre 500 > K)
-        replace(LOW_THRESHOLDS, mask_thr=0.0100005),
-        replace(LOW_THRESHOLDS, mask_thr=0.0100005, kernel="linear"),
-        SOLOTestConfig(),  # nothing above score_thr = 0.1
-    ],
-)
-def test_predict_equals_the_boolean_indexing_reference(low_threshold_outputs, test_cfg):
-    trained, outputs = low_threshold_outputs
-    model = build_solo(replace(TINY, test_cfg=test_cfg))
-    model.load_state_dict(trained.state_dict())
-    dets = model.predict(outputs, PREDICT_SIZES)
-    expected = _predict_reference(model, outputs, PREDICT_SIZES)
-    for d, (boxes, scores, labels, masks), (h, w) in zip(dets, expected, PREDICT_SIZES):
-        assert len(d) == len(scores) and d.masks.shape == (len(scores), h, w)
-        assert torch.equal(d.labels, labels)
-        assert torch.equal(d.scores, scores)
-        assert torch.equal(d.masks, masks)
-        assert torch.equal(d.boxes, boxes)
-    if test_cfg == SOLOTestConfig():
-        assert [len(d) for d in dets] == [0, 0, 0]
-    else:
-        assert all(len(d) > 0 for d in dets)
 
 
 def test_predict_waits_for_the_device_twice_per_batch(low_threshold_outputs):
