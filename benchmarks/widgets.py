@@ -23,6 +23,14 @@ import time
 import torch
 
 
+def _retinanet():
+    from instseg_edu.data.shapes import CLASSES
+    from instseg_edu.models.retinanet import RETINANET_R18_SMALL, build_retinanet
+
+    torch.manual_seed(0)
+    return build_retinanet(RETINANET_R18_SMALL.with_num_classes(len(CLASSES)))
+
+
 def _cases():
     from instseg_edu.widgets.anchor_explorer import AnchorExplorer
     from instseg_edu.widgets.assigner_explorer import AssignerExplorer
@@ -47,7 +55,7 @@ def _cases():
         ),
         (
             "AssignerExplorer",
-            lambda: AssignerExplorer(image_size=512),
+            lambda: AssignerExplorer(_retinanet(), image_size=512),
             [
                 ("pos_iou_thr", (0.5, 0.6)),
                 ("match_low_quality", (False, True)),

@@ -290,7 +290,9 @@ assignment_figure(
 # %% [markdown]
 # ## 6. AssignerExplorer
 #
-# Move the thresholds and watch the colours, the histogram lines and the positives per object.
+# The explorer takes the model: what it draws is `model.targets(outputs, batch)` — the call the
+# loss makes — with the model's anchors and its assigner config as the starting point. Move the
+# thresholds and watch the colours, the histogram lines and the positives per object.
 # Try `pos_iou_thr = 0.7` (the RPN's value), `match_low_quality` off (the warning names the objects
 # that are then never trained as foreground), or `min_pos_iou = 0.3` (the RPN's value). The level
 # filter only changes what is drawn: assignment competes across all levels, as in training.
@@ -298,7 +300,7 @@ assignment_figure(
 # %%
 from instseg_edu.widgets import AssignerExplorer
 
-explorer = AssignerExplorer(image, gt_boxes, gt_labels, CLASSES, generator=gen)
+explorer = AssignerExplorer(model, image, gt_boxes, gt_labels, CLASSES)
 explorer
 
 # %%

@@ -4,7 +4,7 @@ Each explorer calls the same library functions the models train with; it never r
 computation.
 
 - :class:`AnchorExplorer` — anchor generator config → anchors, coloured by best IoU.
-- :class:`AssignerExplorer` — MaxIoU thresholds → positive / ignored / negative anchors.
+- :class:`AssignerExplorer` — a model's MaxIoU thresholds → positive / ignored / negative anchors.
 - :class:`RoIExplorer` — RoIPool vs RoIAlign cells and sampling points.
 - :class:`SOLOGridExplorer` — SOLO's S×S grid targets: centre regions, cells, mask channels.
 - :class:`PrototypeExplorer` — YOLACT's prototypes, coefficients and the assembled mask.

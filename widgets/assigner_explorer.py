@@ -1,28 +1,34 @@
 """AssignerExplorer: move the MaxIoU thresholds and see which anchors become positive.
 
-The assignment on screen is :func:`instseg_edu.ops.assign.max_iou_assign` over every anchor of every
-level (concatenated, as the RetinaNet loss does), with the controls' ``pos_iou_thr``,
-``neg_iou_thr``, ``min_pos_iou``, ``match_low_quality`` and ``gt_max_assign_all``; the counts come
-from :func:`instseg_edu.ops.assign.assignment_summary`. The ``level`` filter only changes what is
-drawn: the low-quality rescue (step 4) competes across all levels, as in training.
+The explorer is built from a model — a RetinaNet or a YOLACT — and shows exactly what its loss
+trains on: the assignment on screen is ``model.targets(outputs, batch).assignment`` for the image
+in a batch of one (padded as ``collate`` pads it), with the model's own anchors, valid flags and
+assigner config. The controls start at that config's ``pos_iou_thr``, ``neg_iou_thr``,
+``min_pos_iou``, ``match_low_quality`` and ``gt_max_assign_all``; moving one calls the model's
+``targets`` again with the config changed in that field only (an invalid combination is refused by
+the config itself, and the message is shown). The counts come from
+:func:`instseg_edu.ops.assign.assignment_summary`. The ``level`` filter only changes what is drawn:
+the low-quality rescue (step 4) competes across all levels, as in training.
 
 Taught in ``notebooks/03_assignment_and_box_coding.py``.
 """
 
 from __future__ import annotations
 
-import math
+import copy
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import ipywidgets as W
 import plotly.graph_objects as go
 import torch
 from instseg_edu.widgets.anchor_explorer import one_thread
-from torch import Tensor
+from torch import Tensor, nn
 
-from instseg_edu.ops.anchors import AnchorGenerator
-from instseg_edu.ops.assign import assignment_summary, max_iou_assign
+from instseg_edu.data.transforms import collate
+from instseg_edu.ops.assign import Assignment, assignment_summary
+from instseg_edu.structures import Target
 from instseg_edu.viz.anchors import shapes_sample
 from instseg_edu.viz.assign import (
     assignment_figure,
@@ -33,43 +39,54 @@ from instseg_edu.viz.assign import (
     unmatched_warning_html,
 )
 
-__all__ = ["AssignerExplorer"]
+__all__ = ["AssignerExplorer", "targets_with_assigner"]
+
+
+def targets_with_assigner(model: nn.Module, outputs, batch, **assigner_fields):
+    """``model.targets(outputs, batch)`` with the model's ``train_cfg.assigner`` changed in the
+    given fields (e.g. ``pos_iou_thr=0.7``); the model itself is left unchanged.
+
+    The targets are computed by a shallow copy of the model (same weights, anchors and code) whose
+    config differs only there. Raises the config's ``ValueError`` for an invalid combination.
+    """
+    train_cfg = model.cfg.train_cfg
+    assigner = replace(train_cfg.assigner, **assigner_fields)
+    variant = copy.copy(model)  # shares parameters and caches; its own cfg attribute below
+    variant.cfg = replace(model.cfg, train_cfg=replace(train_cfg, assigner=assigner))
+    return variant.targets(outputs, batch)
 
 
 class AssignerExplorer:
-    """MaxIoU assignment of a generator's anchors to an image's ground truth.
+    """MaxIoU assignment of a model's anchors to an image's ground truth, as its loss sees it.
 
     Args:
+        model: a RetinaNet or YOLACT (anything with ``cfg.train_cfg.assigner``, ``targets``,
+            ``anchors``, ``level_sizes`` and ``anchor_generator``); its head runs once on the
+            image to get the feature-map sizes.
         image: ``float [3, H, W]`` in ``[0, 1]``; default: shapes image ``sample_index``.
         gt_boxes: ``float [G, 4]`` xyxy pixels (required with ``image``).
         gt_labels: ``int64 [G]``; class_names: their names (for hover text and warnings).
-        generator: the :class:`AnchorGenerator` (default: RetinaNet's, strides 8–128, 9 anchors).
-        pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all: initial
-            assigner config (RetinaNet's by default).
         max_negatives: at most this many negative anchors are drawn (they are hidden until
             clicked in the legend).
 
     Attributes (controls): ``pos_iou_thr``, ``neg_iou_thr``, ``min_pos_iou``,
     ``match_low_quality``, ``gt_max_assign_all``, ``level``. ``figure`` is the ``FigureWidget``,
     ``warning`` an HTML line (counts and unmatched ground truth), ``widget`` the container.
-    After each update: ``assignment``, ``summary``, ``drawn`` (``bool [N]``), ``last_update_s``.
+    ``batch`` and ``outputs`` are what ``model.targets`` is called with. After each update:
+    ``targets`` (the model's), ``assignment`` (its image 0, fields ``[N]``), ``summary``,
+    ``drawn`` (``bool [N]``), ``last_update_s``.
     """
 
     def __init__(
         self,
+        model: nn.Module,
         image: Tensor | None = None,
         gt_boxes: Tensor | None = None,
         gt_labels: Tensor | None = None,
         class_names: Sequence[str] | None = None,
         *,
-        generator: AnchorGenerator | None = None,
         image_size: int = 512,
         sample_index: int = 3,
-        pos_iou_thr: float = 0.5,
-        neg_iou_thr: float = 0.4,
-        min_pos_iou: float = 0.0,
-        match_low_quality: bool = True,
-        gt_max_assign_all: bool = True,
         max_negatives: int = 1500,
     ) -> None:
         if image is None:
@@ -79,31 +96,37 @@ class AssignerExplorer:
             class_names = CLASSES if class_names is None else class_names
         if gt_boxes is None:
             raise ValueError("gt_boxes is required when an image is given")
+        self.model = model
         self.image = image
         self.gt_boxes = gt_boxes.float().reshape(-1, 4)
         g = self.gt_boxes.shape[0]
         self.gt_labels = gt_labels if gt_labels is not None else torch.zeros(g, dtype=torch.long)
         self.class_names = class_names
         self.max_negatives = max_negatives
-        self.generator = generator or AnchorGenerator(
-            strides=(8, 16, 32, 64, 128),
-            ratios=(0.5, 1.0, 2.0),
-            octave_base_scale=4,
-            scales_per_octave=3,
-        )
         h, w = image.shape[-2:]
-        sizes = [(math.ceil(h / s), math.ceil(w / s)) for s in self.generator.strides]
-        per_level = self.generator.grid_anchors(sizes, "cpu")  # list of [H*W*A, 4]
-        self.level_sizes = [len(a) for a in per_level]
-        self.anchors = torch.cat(per_level)  # [N, 4], levels concatenated as in the loss
+        target = Target(self.gt_boxes, self.gt_labels, torch.zeros(g, h, w, dtype=torch.bool))
+        self.batch = collate([(image, target)])
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.outputs = model(self.batch.images.to(device))
+        model.train(was_training)
+        self.batch = self.batch.to(device)
+        sizes = self.outputs.featmap_sizes
+        self.anchors = model.anchors(sizes, device).cpu()  # [N, 4], levels concatenated
+        self.level_sizes = list(model.level_sizes(sizes))
         self.anchor_level = torch.cat(
             [torch.full((n,), i) for i, n in enumerate(self.level_sizes)]
         )  # [N]
+        assigner = model.cfg.train_cfg.assigner
+        neg = assigner.neg_iou_thr
+        self._neg_low = neg[0] if isinstance(neg, tuple) else None  # a (lo, hi) pair: slide hi
 
         style = {"description_width": "110px"}
         layout = W.Layout(width="320px")
         self.pos_iou_thr = W.FloatSlider(
-            value=pos_iou_thr,
+            value=assigner.pos_iou_thr,
             min=0.0,
             max=1.0,
             step=0.01,
@@ -112,7 +135,7 @@ class AssignerExplorer:
             layout=layout,
         )
         self.neg_iou_thr = W.FloatSlider(
-            value=neg_iou_thr,
+            value=neg[1] if isinstance(neg, tuple) else neg,
             min=0.0,
             max=1.0,
             step=0.01,
@@ -121,7 +144,7 @@ class AssignerExplorer:
             layout=layout,
         )
         self.min_pos_iou = W.FloatSlider(
-            value=min_pos_iou,
+            value=assigner.min_pos_iou,
             min=0.0,
             max=1.0,
             step=0.01,
@@ -130,14 +153,14 @@ class AssignerExplorer:
             layout=layout,
         )
         self.match_low_quality = W.Checkbox(
-            value=match_low_quality, description="match_low_quality"
+            value=assigner.match_low_quality, description="match_low_quality"
         )
         self.gt_max_assign_all = W.Checkbox(
-            value=gt_max_assign_all, description="gt_max_assign_all"
+            value=assigner.gt_max_assign_all, description="gt_max_assign_all"
         )
         self.level = W.Dropdown(
             options=[("all levels", -1)]
-            + [(f"stride {int(s)}", i) for i, s in enumerate(self.generator.strides)],
+            + [(f"stride {int(s)}", i) for i, s in enumerate(model.anchor_generator.strides)],
             value=-1,
             description="level",
             style=style,
@@ -153,9 +176,9 @@ class AssignerExplorer:
             self.anchors,
             self.assignment,
             self.summary,
-            pos_iou_thr=pos_iou_thr,
-            neg_iou_thr=neg_iou_thr,
-            min_pos_iou=min_pos_iou,
+            pos_iou_thr=self.pos_iou_thr.value,
+            neg_iou_thr=self.neg_iou_thr.value,
+            min_pos_iou=self.min_pos_iou.value,
             draw=self.drawn,
             gt_labels=self.gt_labels,
             class_names=self.class_names,
@@ -191,19 +214,21 @@ class AssignerExplorer:
 
     # ----------------------------------------------------------------------------------------------
     def assign_kwargs(self) -> dict:
-        """The keyword arguments passed to :func:`max_iou_assign` for the current controls."""
+        """The assigner config fields the controls set (passed to :func:`targets_with_assigner`)."""
+        neg = float(self.neg_iou_thr.value)
         return {
             "pos_iou_thr": float(self.pos_iou_thr.value),
-            "neg_iou_thr": float(self.neg_iou_thr.value),
+            "neg_iou_thr": neg if self._neg_low is None else (min(self._neg_low, neg), neg),
             "min_pos_iou": float(self.min_pos_iou.value),
             "match_low_quality": bool(self.match_low_quality.value),
             "gt_max_assign_all": bool(self.gt_max_assign_all.value),
         }
 
     def _compute(self) -> None:
-        self.assignment = max_iou_assign(
-            self.anchors, self.gt_boxes, self.gt_labels, **self.assign_kwargs()
+        self.targets = targets_with_assigner(
+            self.model, self.outputs, self.batch, **self.assign_kwargs()
         )
+        self.assignment = Assignment(*(f[0].cpu() for f in self.targets.assignment))  # image 0
         self.summary = assignment_summary(
             self.assignment, self.gt_boxes.shape[0], level_sizes=self.level_sizes
         )
@@ -226,9 +251,8 @@ class AssignerExplorer:
         except ValueError as err:  # e.g. neg_iou_thr > pos_iou_thr: say why, keep the figure
             self.warning.value = f"<b style='color:#b00'>{err}</b>"
             return
-        kw = self.assign_kwargs()
         lines = threshold_lines(
-            kw["pos_iou_thr"], kw["neg_iou_thr"], kw["min_pos_iou"], counts.max()
+            self.pos_iou_thr.value, self.neg_iou_thr.value, self.min_pos_iou.value, counts.max()
         )
         pos = self.summary.pos_per_gt.tolist()
         data = self.figure.data
