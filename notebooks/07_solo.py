@@ -148,11 +148,11 @@ for ax, lvl in zip(axes, used_levels):
     for k in range(s + 1):  # grid lines
         ax.axhline(k * hp / s, color="white", lw=0.5, alpha=0.6)
         ax.axvline(k * wp / s, color="white", lw=0.5, alpha=0.6)
+    regions = solo.center_region(img0.centers, gt.boxes, head.sigma)  # [G, 4] xyxy
     for g in img0.levels[:, lvl].nonzero().flatten().tolist():
         cy, cx = img0.centers[g].tolist()
-        bw, bh = (gt.boxes[g, 2:] - gt.boxes[g, :2]).tolist()
-        ax.add_patch(Rectangle((cx - head.sigma * bw / 2, cy - head.sigma * bh / 2),
-                               head.sigma * bw, head.sigma * bh, fill=False, ls="--", color=colors[g]))  # fmt: skip
+        x1, y1, x2, y2 = regions[g].tolist()
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ls="--", color=colors[g]))
         ax.plot(cx, cy, "o", color=colors[g], ms=4)
     owners = targets.gt_inds[lvl][0].reshape(s, s)  # [S, S]: object owning each cell
     for i, j in (owners >= 0).nonzero().tolist():
@@ -169,15 +169,16 @@ for g in range(len(gt)):
           f"{[img0.cells[lvl, g].tolist() for lvl in img0.levels[g].nonzero().flatten().tolist()]}")  # fmt: skip
 
 # %% [markdown]
-# The same assignment, live: `SOLOGridExplorer` calls `solo_target_single` — the function
-# `model.targets` runs for each image — whenever you move a control. Try `sigma = 1`: the whole box
+# The same assignment, live: `SOLOGridExplorer` takes the model and calls its `targets` — the call
+# the loss makes — whenever you move a control (with the control's `sigma` or scale range in the
+# model's head config); the mask target on the right is that call's, at the model's mask size. Try `sigma = 1`: the whole box
 # becomes the centre region, yet at most the centre cell ± 1 is positive; or narrow a level's
 # scale range and watch objects move to the next level.
 
 # %%
 from instseg_edu.widgets.solo_explorer import SOLOGridExplorer
 
-explorer = SOLOGridExplorer(batch.images[0], batch.targets[0], head=head)
+explorer = SOLOGridExplorer(model, batch.images[0], batch.targets[0])
 explorer.sigma.value = 1.0
 print(explorer.summary.value)
 explorer.sigma.value = head.sigma

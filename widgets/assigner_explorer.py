@@ -15,7 +15,6 @@ Taught in ``notebooks/03_assignment_and_box_coding.py``.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,6 +23,7 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import torch
 from instseg_edu.widgets.anchor_explorer import one_thread
+from instseg_edu.widgets.variants import with_config
 from torch import Tensor, nn
 
 from instseg_edu.data.transforms import collate
@@ -46,14 +46,14 @@ def targets_with_assigner(model: nn.Module, outputs, batch, **assigner_fields):
     """``model.targets(outputs, batch)`` with the model's ``train_cfg.assigner`` changed in the
     given fields (e.g. ``pos_iou_thr=0.7``); the model itself is left unchanged.
 
-    The targets are computed by a shallow copy of the model (same weights, anchors and code) whose
-    config differs only there. Raises the config's ``ValueError`` for an invalid combination.
+    The targets are computed by :func:`~instseg_edu.widgets.variants.with_config`: the same
+    weights, anchors and code, a config that differs only there. Raises the config's
+    ``ValueError`` for an invalid combination.
     """
     train_cfg = model.cfg.train_cfg
     assigner = replace(train_cfg.assigner, **assigner_fields)
-    variant = copy.copy(model)  # shares parameters and caches; its own cfg attribute below
-    variant.cfg = replace(model.cfg, train_cfg=replace(train_cfg, assigner=assigner))
-    return variant.targets(outputs, batch)
+    cfg = replace(model.cfg, train_cfg=replace(train_cfg, assigner=assigner))
+    return with_config(model, cfg).targets(outputs, batch)
 
 
 class AssignerExplorer:

@@ -1,13 +1,14 @@
 """SOLOGridExplorer: pick a level, sigma and scale ranges; see which grid cells SOLO trains and
 what mask channel ``i · S + j`` of a cell learns.
 
-Every assignment comes from :func:`instseg_edu.models.solo.solo_target_single`, the function
-``SOLO.targets`` (and so the loss) calls for each image; the figure is
-:func:`instseg_edu.viz.solo.solo_grid_figure`. Nothing is recomputed here.
+The explorer is built from a SOLO model and shows what its loss trains on: every assignment is
+``model.targets(outputs, batch)`` for the image (a batch of one), with the model's head config —
+the controls change its ``sigma`` and ``scale_ranges`` only — and the mask target on the right is
+that call's ``ins_masks`` row of the selected channel, at the model's own mask size. The figure
+is :func:`instseg_edu.viz.solo.solo_grid_figure`. Nothing is recomputed here.
 
     from instseg_edu.widgets.solo_explorer import SOLOGridExplorer
-    SOLOGridExplorer(batch.images[0], batch.targets[0])               # SOLO R50 defaults
-    SOLOGridExplorer(image, target, head=SOLO_R18_SMALL.bbox_head)    # another head config
+    SOLOGridExplorer(model, batch.images[0], batch.targets[0])
 """
 
 from __future__ import annotations
@@ -16,35 +17,47 @@ from dataclasses import replace
 
 import ipywidgets as ipw
 import plotly.graph_objects as go
+import torch
+from instseg_edu.widgets.variants import with_config
 from torch import Tensor
 
-from instseg_edu.models.solo import SOLOHeadConfig, SOLOImageTargets, solo_target_single
-from instseg_edu.structures import Target
+from instseg_edu.models.solo import SOLO, SOLOImageTargets, SOLOTargets
+from instseg_edu.structures import Batch, Target
 from instseg_edu.viz.solo import positive_channels, solo_grid_figure, solo_grid_traces
 
 __all__ = ["SOLOGridExplorer"]
 
 
 class SOLOGridExplorer:
-    """The grid targets of one image, live.
+    """The grid targets of one image, live, as a SOLO model builds them.
 
     Controls (public ``ipywidgets``; set ``.value`` from code to drive them): ``level``, ``sigma``
     (centre-region factor), ``scale_range`` (the current level's ``(lo, hi)``), ``channel`` (one
     positive mask channel of the level, shown on the right). ``figure`` is the
-    ``go.FigureWidget``, ``assigned`` the current :class:`SOLOImageTargets`, ``head`` the
-    :class:`SOLOHeadConfig` with the edited values, ``widget`` the layout to display.
+    ``go.FigureWidget``, ``targets`` the model's current :class:`SOLOTargets` (a batch of one),
+    ``assigned`` its :class:`SOLOImageTargets`, ``head`` the model's head config with the edited
+    values, ``widget`` the layout to display.
 
     Args:
-        image: ``float [3, Hp, Wp]`` in ``[0, 1]`` (a padded batch image).
+        model: the SOLO whose ``targets`` and head config are shown; its forward runs once on the
+            image (for the mask sizes).
+        image: ``float [3, Hp, Wp]`` in ``[0, 1]`` (a padded batch image, sides multiples of 32).
         target: its ground truth, masks ``[G, Hp, Wp]``.
-        head: the head config whose ``num_grids``, ``scale_ranges``, ``sigma`` and ``strides``
-            start the controls (mask sizes follow SOLO: ``Hp / (stride / 2)``).
     """
 
-    def __init__(self, image: Tensor, target: Target, head: SOLOHeadConfig | None = None):
+    def __init__(self, model: SOLO, image: Tensor, target: Target):
+        self.model = model
         self.image = image.detach().float().cpu()
         self.target = target.to("cpu")
-        self.head = head or SOLOHeadConfig()
+        device = next(model.parameters()).device
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        self.batch = Batch(self.image[None], [size], [self.target]).to(device)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.outputs = model(self.batch.images)
+        model.train(was_training)
+        self.head = model.cfg.bbox_head
         levels = len(self.head.num_grids)
         self.level = ipw.IntSlider(value=0, min=0, max=levels - 1, description="level")
         self.sigma = ipw.FloatSlider(value=self.head.sigma, min=0.05, max=1.0, step=0.05,
@@ -82,26 +95,29 @@ class SOLOGridExplorer:
     # -- state -------------------------------------------------------------------------------
 
     def _assign(self) -> SOLOImageTargets:
-        t = self.target
-        return solo_target_single(
-            t.boxes,
-            t.labels,
-            t.masks,
-            num_grids=self.head.num_grids,
-            scale_ranges=self.head.scale_ranges,
-            sigma=self.head.sigma,
-        )
+        """The model's ``targets`` with the edited head config; image 0's assignment."""
+        model = with_config(self.model, replace(self.model.cfg, bbox_head=self.head))
+        self.targets: SOLOTargets = model.targets(self.outputs, self.batch)
+        return SOLOImageTargets(*(_cpu(f) for f in self.targets.per_image[0]))
 
     def mask_size(self, level: int) -> tuple[int, int]:
-        """The level's mask-branch size: the padded image over the mask stride ``stride / 2``."""
-        hp, wp = self.target.masks.shape[-2:]
-        out_stride = self.head.strides[level] // 2
-        return (hp // out_stride, wp // out_stride)
+        """The level's mask size: that of the model's ``mask_logits`` (and of its mask targets)."""
+        return tuple(self.outputs.mask_logits[level].shape[-2:])
+
+    def mask_target(self, level: int, channel: int | None) -> Tensor:
+        """``float [h, w]``: what mask channel ``channel`` of ``level`` is trained towards — its
+        row of the model's ``ins_masks`` — or zeros when it has no mask target (no object, or a
+        box-only object)."""
+        if channel is not None:
+            row = (self.targets.pos_inds[level] == channel).nonzero()  # batch of one: row = channel
+            if len(row):
+                return self.targets.ins_masks[level][int(row[0, 0])].cpu()
+        return torch.zeros(self.mask_size(level))
 
     def _level_args(self):
-        lvl = self.level.value
-        return (lvl, self.head.num_grids[lvl], self.head.sigma, self.mask_size(lvl),
-                self.channel.value)  # fmt: skip
+        lvl, channel = self.level.value, self.channel.value
+        return (lvl, self.head.num_grids[lvl], self.head.sigma, self.mask_target(lvl, channel),
+                channel)  # fmt: skip
 
     def _refresh_channels(self) -> None:
         s = self.head.num_grids[self.level.value]
@@ -161,3 +177,7 @@ class SOLOGridExplorer:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _cpu(x):
+    return [t.cpu() for t in x] if isinstance(x, list) else x.cpu()

@@ -103,6 +103,7 @@ __all__ = [
     "center_of_mass",
     "resize_masks",
     "masks_to_boxes",
+    "center_region",
     "solo_target_single",
 ]
 
@@ -495,6 +496,27 @@ def resize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
     return (m[:, 0] >= 0.5).float()  # [G, h, w]
 
 
+def center_region(centers: Tensor, boxes: Tensor, sigma: float) -> Tensor:
+    """SOLO's centre region of each object (Sec. 3.3.1, "center region"): its box scaled by
+    ``sigma`` around the centre of mass of its mask.
+
+    Example: centre ``(y, x) = (23.5, 23.5)``, box ``(8, 8, 40, 40)``, ``sigma = 0.2``: the region
+    is ``23.5 ± 0.2 · 32 / 2 = 23.5 ± 3.2``, i.e. ``(20.3, 20.3, 26.7, 26.7)``.
+
+    Args:
+        centers: ``float64 [G, 2]`` ``(y, x)`` in pixel-index coordinates (:func:`center_of_mass`).
+        boxes: ``float [G, 4]`` xyxy pixels; only their widths and heights are used.
+        sigma: the region's size as a fraction of the box (SOLO: 0.2).
+
+    Returns:
+        ``float64 [G, 4]`` ``(x1, y1, x2, y2)`` in the centres' coordinates.
+    """
+    wh = (boxes[:, 2:] - boxes[:, :2]).to(torch.float64)  # [G, 2] (w, h)
+    half = 0.5 * wh * sigma  # [G, 2]
+    cxy = centers[:, [1, 0]]  # [G, 2] (x, y)
+    return torch.cat([cxy - half, cxy + half], dim=1)  # [G, 4]
+
+
 def _grid_index(pos: Tensor, extent: float, num_grid: int) -> Tensor:
     """Grid cell of a pixel coordinate: SOLO's ``int((pos / extent) // (1. / num_grid))``.
 
@@ -521,8 +543,9 @@ def solo_target_single(
 
     1. ``(cy, cx)`` = centre of mass of its mask; the centre cell is
        ``(cy / Hp // (1 / S), cx / Wp // (1 / S))``.
-    2. The centre region is ``cy ± sigma · h / 2``, ``cx ± sigma · w / 2`` (``h, w`` of its box);
-       the cells it touches, clipped to the grid and to the centre cell ± 1, are positive.
+    2. The centre region (:func:`center_region`) is ``cy ± sigma · h / 2``,
+       ``cx ± sigma · w / 2`` (``h, w`` of its box); the cells it touches, clipped to the grid
+       and to the centre cell ± 1, are positive.
     3. Those cells get the object's class; their mask channels ``i · S + j`` learn its mask.
 
     Worked example: a 64×64 padded image, ``S = 4`` (16-pixel cells), a box ``(8, 8, 40, 40)``
@@ -573,7 +596,7 @@ def solo_target_single(
         centers = torch.where(has_mask[:, None], centers, box_centers)
         big_enough = torch.where(has_mask, big_enough, w * h >= MIN_MASK_AREA)
     cy, cx = centers[:, 0], centers[:, 1]
-    half_h, half_w = 0.5 * h * sigma, 0.5 * w * sigma  # [G]
+    region = center_region(centers, boxes, sigma)  # [G, 4] (x1, y1, x2, y2)
     order = torch.arange(g, device=device)  # [G]
 
     cate_labels, gt_inds, levels, cells = [], [], [], []
@@ -581,11 +604,12 @@ def solo_target_single(
         hit = (scale >= lo) & (scale <= hi) & big_enough  # [G]
         coord_h = _grid_index(cy, hp, num_grid)  # [G] centre cell row
         coord_w = _grid_index(cx, wp, num_grid)  # [G] centre cell column
-        top = torch.maximum(_grid_index(cy - half_h, hp, num_grid).clamp(min=0), coord_h - 1)
-        down = torch.minimum(_grid_index(cy + half_h, hp, num_grid).clamp(max=num_grid - 1),
+        # cells the centre region touches, clipped to the grid and to the centre cell ± 1
+        top = torch.maximum(_grid_index(region[:, 1], hp, num_grid).clamp(min=0), coord_h - 1)
+        down = torch.minimum(_grid_index(region[:, 3], hp, num_grid).clamp(max=num_grid - 1),
                              coord_h + 1)  # fmt: skip
-        left = torch.maximum(_grid_index(cx - half_w, wp, num_grid).clamp(min=0), coord_w - 1)
-        right = torch.minimum(_grid_index(cx + half_w, wp, num_grid).clamp(max=num_grid - 1),
+        left = torch.maximum(_grid_index(region[:, 0], wp, num_grid).clamp(min=0), coord_w - 1)
+        right = torch.minimum(_grid_index(region[:, 2], wp, num_grid).clamp(max=num_grid - 1),
                               coord_w + 1)  # fmt: skip
         ranges = torch.stack([top, down, left, right], dim=1)  # [G, 4]
         cells.append(torch.where(hit[:, None], ranges, torch.full_like(ranges, -1)))

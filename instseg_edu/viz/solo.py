@@ -1,8 +1,9 @@
 """Plotly figure of SOLO's grid targets: the S × S grid of one level over an image, each object's
 centre of mass and centre region, the positive cells, and the mask target of one cell's channel.
 
-Every number comes from :func:`instseg_edu.models.solo.solo_target_single` (the function
-``SOLO.targets`` calls for each image) and :func:`~instseg_edu.models.solo.resize_masks`; this
+Every number comes from the model: the assignment of one image
+(:class:`~instseg_edu.models.solo.SOLOImageTargets`, from ``SOLO.targets``), the centre regions of
+:func:`~instseg_edu.models.solo.center_region` and the mask target of the selected channel; this
 module only draws. Shared by ``notebooks/07_solo.py`` and
 :class:`instseg_edu.widgets.solo_explorer.SOLOGridExplorer`.
 
@@ -19,7 +20,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from instseg_edu.models.solo import SOLOImageTargets, resize_masks
+from instseg_edu.models.solo import SOLOImageTargets, center_region
 from instseg_edu.structures import Target
 from instseg_edu.viz.anchors import boxes_to_path, image_trace
 
@@ -72,42 +73,36 @@ def solo_grid_traces(
     level: int,
     num_grid: int,
     sigma: float,
-    mask_size: tuple[int, int],
+    mask_target: Tensor,
     channel: int | None = None,
 ) -> list[dict]:
     """Data of every trace but the image, in :data:`TRACE_NAMES` order.
 
     Args:
         target: the image's ground truth, masks ``bool [G, Hp, Wp]`` over the padded image.
-        assigned: :func:`~instseg_edu.models.solo.solo_target_single` of ``target``.
+        assigned: the image's :class:`~instseg_edu.models.solo.SOLOImageTargets` (e.g.
+            ``model.targets(outputs, batch).per_image[0]``).
         level: which level to draw; ``num_grid`` its ``S``, ``sigma`` the centre-region factor used.
-        mask_size: ``(h, w)`` of the level's mask branch output (its mask targets' size).
-        channel: the mask channel to highlight; ``None`` takes the first positive one.
+        mask_target: ``float [h, w]``, the mask target of ``channel`` at the level's mask size
+            (as in ``SOLOTargets.ins_masks``); zeros when it has none.
+        channel: the mask channel to highlight (a positive one), or ``None``.
     """
     hp, wp = target.masks.shape[-2:]
     gx, gy = grid_path(num_grid, hp, wp)
     hit = assigned.levels[:, level]  # [G]
     centers = assigned.centers[hit]  # [G', 2] (y, x)
-    half = 0.5 * sigma * (target.boxes[hit, 2:] - target.boxes[hit, :2]).double()  # [G', 2] (w, h)
-    regions = torch.cat(
-        [centers[:, [1, 0]] - half, centers[:, [1, 0]] + half], dim=1
-    )  # [G', 4] xyxy
-    rx, ry = boxes_to_path(regions)
+    rx, ry = boxes_to_path(center_region(centers, target.boxes[hit], sigma))  # [G', 4] xyxy
     owners = assigned.gt_inds[level]  # [S²]
     positive = (owners >= 0).nonzero().flatten()  # [K]
     cells = torch.stack([positive // num_grid, positive % num_grid], dim=1)  # [K, 2] (i, j)
     px, py = boxes_to_path(cells_to_boxes(cells, num_grid, hp, wp))
 
-    if channel is None or channel not in positive.tolist():
-        channel = int(positive[0]) if len(positive) else None
     if channel is None:
         sx, sy = np.array([np.nan]), np.array([np.nan])
-        z = np.zeros(mask_size)
     else:
         cell = torch.tensor([[channel // num_grid, channel % num_grid]])
         sx, sy = boxes_to_path(cells_to_boxes(cell, num_grid, hp, wp))
-        owner = int(owners[channel])
-        z = resize_masks(target.masks[owner : owner + 1].cpu(), mask_size)[0].numpy()
+    z = mask_target.detach().float().cpu().numpy()
     return [
         {"x": gx, "y": gy},
         {"x": rx, "y": ry},
@@ -125,14 +120,14 @@ def solo_grid_figure(
     level: int,
     num_grid: int,
     sigma: float,
-    mask_size: tuple[int, int],
+    mask_target: Tensor,
     channel: int | None = None,
     height: int = 440,
 ) -> go.Figure:
     """Left: the image, grid, centres, centre regions (dashed), positive cells (filled) and the
     selected cell (yellow). Right: the selected channel's mask target. Arguments as in
     :func:`solo_grid_traces`; ``image`` is ``float [3, Hp, Wp]`` in ``[0, 1]``."""
-    data = solo_grid_traces(target, assigned, level, num_grid, sigma, mask_size, channel)
+    data = solo_grid_traces(target, assigned, level, num_grid, sigma, mask_target, channel)
     fig = make_subplots(1, 2, column_widths=[0.6, 0.4], subplot_titles=("grid", "mask target"))
     fig.add_trace(image_trace(image.cpu(), name="image", hoverinfo="skip"), 1, 1)
     styles = [
