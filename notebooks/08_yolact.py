@@ -255,7 +255,8 @@ gallery(batch.images.cpu(), [d.to("cpu") for d in dets], val_set.classes,
 # %% [markdown]
 # ## 8. Explore: edit a detection's coefficients
 #
-# `PrototypeExplorer` lists the anchors with the best foreground scores. Pick one, move its
+# `PrototypeExplorer` lists the model's best detections, exactly as `predict` makes them (its
+# `kept_detections` step: Fast NMS's survivors with their coefficients). Pick one, move its
 # coefficient sliders and watch `crop(sigmoid(Prototypes · c))` — computed by the same
 # `assemble_masks` that `predict` uses — change. Try setting all coefficients to 0 (the mask
 # becomes sigmoid(0) = 0.5 everywhere inside the box) or flipping the sign of the largest one.

@@ -1,10 +1,12 @@
 """PrototypeExplorer: pick a YOLACT detection, edit its mask coefficients, watch its mask change.
 
 A YOLACT mask is ``crop(sigmoid(Prototypes · c), box)`` (Bolya et al. 2019, Sec. 3.3). The explorer
-lists candidate detections (anchors with the best foreground scores), shows the chosen one's ``P``
-coefficients as bars and as sliders, and redraws the assembled mask whenever a slider moves. The
-mask comes from :func:`instseg_edu.models.yolact.assemble_masks` (through
-:mod:`instseg_edu.viz.yolact`), the function ``predict`` uses.
+lists detections, shows the chosen one's ``P`` coefficients as bars and as sliders, and redraws the
+assembled mask whenever a slider moves. Built from a model, the detections are those its
+``predict`` returns — Fast NMS's survivors, with their boxes and coefficients, from
+:meth:`~instseg_edu.models.yolact.YOLACT.kept_detections` — and the mask comes from
+:func:`instseg_edu.models.yolact.assemble_masks` (through :mod:`instseg_edu.viz.yolact`), the
+function ``predict`` uses.
 
     from instseg_edu.widgets.yolact_explorer import PrototypeExplorer
     PrototypeExplorer.from_model(model, batch.images)   # a YOLACT and a batch
@@ -83,18 +85,38 @@ class PrototypeExplorer:
         self.widget.add_class("instseg-prototype-explorer")
 
     @classmethod
-    def from_model(cls, model, images: Tensor, image_index: int = 0, num_candidates: int = 10):
-        """Candidates = the ``num_candidates`` anchors of one image with the best foreground
-        score; their boxes are the decoded predictions (``model`` is a ``YOLACT``)."""
+    def from_model(
+        cls,
+        model,
+        images: Tensor,
+        image_index: int = 0,
+        num_candidates: int = 10,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ):
+        """The best ``num_candidates`` detections of one image, exactly as ``model.predict``
+        (a ``YOLACT``) makes them: :meth:`~instseg_edu.models.yolact.YOLACT.kept_detections`
+        gives their boxes, scores, labels and coefficients.
+
+        Args:
+            images: ``float [B, 3, Hp, Wp]``; image_sizes: their true ``(h, w)`` (default: the
+                padded size for every image).
+
+        Raises:
+            ValueError: the image has no detection (nothing scores above ``test_cfg.score_thr``).
+        """
+        sizes = image_sizes or [tuple(images.shape[-2:])] * len(images)
         with torch.no_grad():
             out = model(images)
-        scores = out.cls_logits[image_index].float().softmax(-1)[:, :-1]  # [N, C]
-        best, label = scores.max(dim=1)  # [N] each
-        top = best.topk(min(num_candidates, best.numel())).indices  # [K]
-        anchors = model.anchors(out.featmap_sizes, images.device)[top]  # [K, 4]
-        boxes = model.bbox_coder.decode(anchors, out.bbox_deltas[image_index, top].float())
-        names = [f"anchor {int(a)}: class {int(label[a])}, {float(best[a]):.2f}" for a in top]
-        return cls(out.prototypes[image_index], out.coeffs[image_index, top], boxes,
+            kept, coeffs = model.kept_detections(out, sizes)[image_index]
+        if len(coeffs) == 0:
+            raise ValueError(
+                f"image {image_index} has no detection above score_thr="
+                f"{model.cfg.test_cfg.score_thr}: nothing to explore"
+            )
+        k = min(num_candidates, len(coeffs))  # kept detections are sorted by score
+        names = [f"detection {i}: class {int(c)}, {float(s):.2f}"
+                 for i, (c, s) in enumerate(zip(kept.labels[:k], kept.scores[:k]))]  # fmt: skip
+        return cls(out.prototypes[image_index], coeffs[:k], kept.boxes[:k],
                    stride=model.proto_stride, labels=names)  # fmt: skip
 
     # -- state -------------------------------------------------------------------------------

@@ -887,6 +887,38 @@ class YOLACT(nn.Module):
             ``labels [K]``, ``masks bool [K, h, w]``.
         """
         test = self.cfg.test_cfg
+        device = outputs.cls_logits.device
+        hm, wm = outputs.prototypes.shape[-2:]
+        padded = (hm * self.proto_stride, wm * self.proto_stride)
+        results = []
+        for i, ((h, w), (kept, coeffs)) in enumerate(
+            zip(image_sizes, self.kept_detections(outputs, image_sizes))
+        ):
+            # 3. masks of the kept detections
+            probs = assemble_masks(
+                outputs.prototypes[i].float(), coeffs, kept.boxes / self.proto_stride
+            )  # [n, Hm, Wm]
+            if len(coeffs) > 0:
+                up = F.interpolate(probs[None], size=padded, mode="bilinear", align_corners=False)
+                masks = up[0, :, :h, :w] > test.mask_thr  # [n, h, w]
+            else:
+                masks = torch.zeros(0, h, w, dtype=torch.bool, device=device)
+            results.append(Detections(kept.boxes, kept.scores, kept.labels, masks))
+        return results
+
+    @torch.no_grad()
+    def kept_detections(
+        self, outputs: YOLACTOutputs, image_sizes: list[tuple[int, int]]
+    ) -> list[tuple[FastNMSResult, Tensor]]:
+        """Steps 1 and 2 of :meth:`predict`: the detections Fast NMS keeps in each image, with
+        their mask coefficients — what the prototype explorer shows.
+
+        Returns:
+            Per image ``(kept, coeffs)``: :class:`~instseg_edu.ops.nms.FastNMSResult` (``boxes
+            [K, 4]`` clipped to the image, ``scores [K]`` descending, ``labels [K]``, ``indices
+            [K]`` into the image's candidates) and ``coeffs float [K, P]``.
+        """
+        test = self.cfg.test_cfg
         c = self.num_classes
         device = outputs.cls_logits.device
         anchors = self.anchors(outputs.featmap_sizes, device)  # [N, 4]
@@ -921,23 +953,8 @@ class YOLACT(nn.Module):
             max_num=test.max_per_img,
         )
         counts = num_kept.tolist()  # the one host synchronisation: nb ints
-        hm, wm = outputs.prototypes.shape[-2:]
-        padded = (hm * self.proto_stride, wm * self.proto_stride)
-        results = []
-        for i, ((h, w), n) in enumerate(zip(image_sizes, counts)):
-            kept = FastNMSResult(*(f[i, :n] for f in ranked))  # each [nb, M, ...] -> [n, ...]
-            # 3. masks of the kept detections
-            coeffs = cand_coeffs[i][kept.indices]  # [n, P]
-            probs = assemble_masks(
-                outputs.prototypes[i].float(), coeffs, kept.boxes / self.proto_stride
-            )  # [n, Hm, Wm]
-            if n > 0:
-                up = F.interpolate(probs[None], size=padded, mode="bilinear", align_corners=False)
-                masks = up[0, :, :h, :w] > test.mask_thr  # [n, h, w]
-            else:
-                masks = torch.zeros(0, h, w, dtype=torch.bool, device=device)
-            results.append(Detections(kept.boxes, kept.scores, kept.labels, masks))
-        return results
+        kept = [FastNMSResult(*(f[i, :n] for f in ranked)) for i, n in enumerate(counts)]
+        return [(k, cand_coeffs[i][k.indices]) for i, k in enumerate(kept)]  # coeffs [n, P]
 
 
 def build_yolact(cfg: YOLACTConfig = YOLACT_R50_FPN) -> YOLACT:

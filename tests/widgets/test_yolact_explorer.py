@@ -88,7 +88,7 @@ def test_picking_a_detection_loads_its_coefficients_and_box():
     np.testing.assert_allclose(explorer.coeffs.numpy(), coeffs[2].numpy(), rtol=1e-6)
 
 
-def test_from_model_uses_the_models_outputs():
+def test_from_model_lists_the_detections_predict_returns():
     cfg = replace(
         YOLACT_R18_SMALL,
         neck=replace(YOLACT_R18_SMALL.neck, out_channels=16),
@@ -99,13 +99,27 @@ def test_from_model_uses_the_models_outputs():
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_yolact(cfg).eval()
-    images = torch.rand(1, 3, 64, 64)
-    explorer = PrototypeExplorer.from_model(model, images, num_candidates=5)
+    images = torch.rand(2, 3, 64, 64)
+    sizes = [(64, 64), (50, 40)]
+    explorer = PrototypeExplorer.from_model(model, images, 1, num_candidates=5, image_sizes=sizes)
     with torch.no_grad():
         out = model(images)
+        (_, dets) = model.predict(out, sizes)
     assert len(explorer.detection.options) == 5 and len(explorer.coeff_sliders) == 4
-    torch.testing.assert_close(explorer.prototypes, out.prototypes[0])
-    anchor = int(explorer.detection.options[0][0].split()[1].rstrip(":"))
-    torch.testing.assert_close(explorer.coeffs, out.coeffs[0, anchor], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(explorer.prototypes, out.prototypes[1])
+    # the candidates are predict's five best detections of image 1: the same boxes, and their
+    # coefficients assemble predict's masks
+    assert torch.equal(explorer.boxes, dets.boxes[:5])
+    assert explorer.detection.options[0][0] == (
+        f"detection 0: class {int(dets.labels[0])}, {float(dets.scores[0]):.2f}"
+    )
+    probs = assemble_masks(
+        out.prototypes[1], explorer.candidates, explorer.boxes / 4
+    )  # [5, 16, 16]
+    up = torch.nn.functional.interpolate(probs[None], size=(64, 64), mode="bilinear")[0]
+    assert torch.equal(up[:, :50, :40] > model.cfg.test_cfg.mask_thr, dets.masks[:5])
     z = np.array(explorer.figure.data[MASK].z)
     assert z.shape == (16, 16)
+    nothing = replace(cfg, test_cfg=replace(cfg.test_cfg, score_thr=0.99))
+    with pytest.raises(ValueError, match="no detection"):
+        PrototypeExplorer.from_model(build_yolact(nothing).eval(), images)
