@@ -56,7 +56,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from instseg_edu.data.annotations import segm_ground_truth
 from instseg_edu.engine.evaluate import (
@@ -65,8 +64,7 @@ from instseg_edu.engine.evaluate import (
     _coco,
     _empty_results,
     _evaluation_gt,
-    detections_to_coco,
-    predict_loader,
+    predict_coco,
 )
 
 __all__ = [
@@ -797,22 +795,15 @@ def predict_results(
 ) -> tuple[list[dict], list[int]]:
     """Run a model over a loader and return ``(COCO result dicts, image ids seen)``.
 
-    The same prediction and conversion as
-    :func:`~instseg_edu.engine.evaluate.evaluate_model` (``predict_loader`` then
-    ``detections_to_coco``: boxes and masks in the original image's pixels).
+    :func:`~instseg_edu.engine.evaluate.predict_coco` — the prediction and conversion of
+    :func:`~instseg_edu.engine.evaluate.evaluate_model` (boxes and masks in the original image's
+    pixels; an image the loader repeats counts once) — flattened over images.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    amp = amp and device.type == "cuda"
-    results: list[dict] = []
-    image_ids: list[int] = []
-    for batch, detections in predict_loader(
-        model, loader, device, amp=amp, max_batches=max_batches
-    ):
-        image_ids.extend(int(t.image_id) for t in batch.targets)
-        results.extend(
-            detections_to_coco(detections, batch.targets, batch.image_sizes, label_to_cat_id)
-        )
-    return results, image_ids
+    per_image, _ = predict_coco(
+        model, loader, label_to_cat_id, device, amp=amp, max_batches=max_batches
+    )
+    results = [r for image_results in per_image.values() for r in image_results]
+    return results, list(per_image)
 
 
 def match_model(

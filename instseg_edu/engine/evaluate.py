@@ -311,6 +311,43 @@ def predict_loader(model, loader, device=None, *, amp: bool = False, max_batches
         model.train(was_training)
 
 
+def predict_coco(
+    model,
+    loader,
+    label_to_cat_id: Sequence[int],
+    device=None,
+    *,
+    amp: bool = False,
+    max_batches: int | None = None,
+) -> tuple[dict[int, list[dict]], bool]:
+    """Predict over ``loader`` and convert every image's detections to COCO result dicts.
+
+    :func:`predict_loader` then :func:`detections_to_coco` (boxes and masks in the original
+    image's pixels, label ``k`` reported as category ``label_to_cat_id[k]``). ``amp`` applies on
+    CUDA only.
+
+    Returns:
+        ``(per_image, has_masks)``: ``per_image`` maps each image id the loader produced, in
+        loader order, to its result dicts — an image the loader repeats (a
+        ``DistributedSampler`` pads its share that way) keeps its first copy; ``has_masks`` is
+        True when the model returned masks (even empty ones).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    amp = amp and device.type == "cuda"
+    per_image: dict[int, list[dict]] = {}  # image id -> its results, in loader order
+    has_masks = False
+    for batch, detections in predict_loader(
+        model, loader, device, amp=amp, max_batches=max_batches
+    ):
+        has_masks = has_masks or any(d.masks is not None for d in detections)
+        for det, target, size in zip(detections, batch.targets, batch.image_sizes):
+            if int(target.image_id) not in per_image:
+                per_image[int(target.image_id)] = detections_to_coco(
+                    [det], [target], [size], label_to_cat_id
+                )
+    return per_image, has_masks
+
+
 def evaluate_model(
     model,
     loader,
@@ -354,19 +391,9 @@ def evaluate_model(
     match_categories(
         names, used, [{"id": c, "name": names.get(c, str(c))} for c in label_to_cat_id], source
     )
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    amp = amp and device.type == "cuda"
-    per_image: dict[int, list[dict]] = {}  # image id -> its results, in loader order
-    has_masks = False
-    for batch, detections in predict_loader(
-        model, loader, device, amp=amp, max_batches=max_batches
-    ):
-        has_masks = has_masks or any(d.masks is not None for d in detections)
-        for det, target, size in zip(detections, batch.targets, batch.image_sizes):
-            if int(target.image_id) not in per_image:
-                per_image[int(target.image_id)] = detections_to_coco(
-                    [det], [target], [size], label_to_cat_id
-                )
+    per_image, has_masks = predict_coco(
+        model, loader, label_to_cat_id, device, amp=amp, max_batches=max_batches
+    )
     shares = all_gather_object((per_image, has_masks))  # [(dict, bool)] per process
     if get_rank() != 0:
         return broadcast_object(None)

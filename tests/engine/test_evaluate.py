@@ -287,6 +287,51 @@ def test_evaluate_model_maps_predictions_back_to_original_pixels():
     assert first["bbox"]["AP"] == pytest.approx(1.0)
 
 
+def test_predict_coco_is_what_evaluate_model_and_match_model_score(monkeypatch):
+    """One prediction pass for both: per image, the first copy of an image the loader repeats (as
+    a DistributedSampler pads a share), in loader order; evaluate_model and predict_results (behind
+    match_model) both take their results from it."""
+    from _engine_toy import ToyDataset
+
+    from instseg_edu.data.transforms import collate
+    from instseg_edu.engine import analysis, evaluate
+    from instseg_edu.engine.evaluate import predict_coco
+
+    ds = ToyDataset(3, flip=False)
+    items = [ds[i] for i in (0, 1, 2, 0)]  # image 0 again at the end
+    loader = torch.utils.data.DataLoader(items, batch_size=2, collate_fn=collate)
+    boxes = [t.boxes[0] for _, t in items]
+    per_image, has_masks = predict_coco(_Oracle(boxes), loader, [9], "cpu")
+    ids = [t.image_id for _, t in items[:3]]
+    assert list(per_image) == ids and not has_masks
+    expected = detections_to_coco(
+        [Detections(boxes[0][None], torch.ones(1), torch.zeros(1, dtype=torch.long))],
+        [items[0][1]],
+        [(32, 32)],
+        [9],
+    )
+    assert per_image[ids[0]] == expected  # the first copy
+
+    calls = []
+    real = evaluate.predict_coco
+
+    def spy(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "predict_coco", spy)
+    monkeypatch.setattr(analysis, "predict_coco", spy)
+    results, image_ids = analysis.predict_results(_Oracle(boxes), loader, [9], "cpu")
+    assert image_ids == ids and results == [r for rs in per_image.values() for r in rs]
+    gt = {
+        "images": [{"id": i, "width": 32, "height": 32, "file_name": f"{i}.png"} for i in ids],
+        "annotations": [],
+        "categories": [{"id": 9, "name": "box"}],
+    }
+    evaluate.evaluate_model(_Oracle(boxes), loader, gt, [9], "cpu")
+    assert len(calls) == 2
+
+
 # ---- ground truth as people write it: cleaned by the training set's rules -------------------
 
 
