@@ -784,24 +784,18 @@ def per_class_ap(matches: CocoMatches, area: str = "all", max_dets: int = 100) -
 # ------------------------------------------------------------------------------------------------
 
 
-def predict_results(
-    model,
-    loader,
-    label_to_cat_id: Sequence[int],
-    device=None,
-    *,
-    amp: bool = False,
-    max_batches: int | None = None,
-) -> tuple[list[dict], list[int]]:
+def predict_results(model, loader, label_to_cat_id: Sequence[int], device=None, **options):
     """Run a model over a loader and return ``(COCO result dicts, image ids seen)``.
 
     :func:`~instseg_edu.engine.evaluate.predict_coco` — the prediction and conversion of
     :func:`~instseg_edu.engine.evaluate.evaluate_model` (boxes and masks in the original image's
-    pixels; an image the loader repeats counts once) — flattened over images.
+    pixels; an image the loader repeats counts once) — flattened over images. ``options`` are
+    its keyword arguments ``amp`` and ``max_batches``.
+
+    Returns:
+        ``(list[dict], list[int])``.
     """
-    per_image, _ = predict_coco(
-        model, loader, label_to_cat_id, device, amp=amp, max_batches=max_batches
-    )
+    per_image, _ = predict_coco(model, loader, label_to_cat_id, device, **options)
     results = [r for image_results in per_image.values() for r in image_results]
     return results, list(per_image)
 
