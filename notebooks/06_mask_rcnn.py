@@ -60,6 +60,7 @@ from instseg_edu.models.mask_rcnn import (
     mask_targets,
     paste_masks,
 )
+from instseg_edu.models.roi_heads import mask_targets_reference, paste_masks_reference
 
 torch.manual_seed(SEED)
 device = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
@@ -151,6 +152,29 @@ show(axes[1], batch.images[img], p.boxes[img][p.valid[img]][:20], "cyan", "20 be
 plt.show()
 
 # %% [markdown]
+# `model.proposals` does this for the whole batch at once: every level's top-k in one tensor, the
+# levels' NMS as one class-aware call per image, too-small boxes kept at score -1 rather than
+# removed (so the GPU never waits for a count). The same steps image by image and level by level,
+# as MMDetection's `RPNHead` writes them, are `rpn_proposals_reference` — read it first; then
+# check that both give the same proposals.
+
+# %%
+import inspect
+
+from instseg_edu.models.references import rpn_proposals_reference
+
+print(inspect.getsource(rpn_proposals_reference))
+
+# %%
+proposal_cfg = model.cfg.train_cfg.rpn_proposal  # what targets() used above
+expected = rpn_proposals_reference(model, outputs, batch.image_sizes, proposal_cfg)
+for i, (boxes_i, scores_i, _) in enumerate(expected):
+    n = int(p.valid[i].sum())
+    assert n == len(boxes_i)
+    assert sorted(p.scores[i, :n].tolist()) == sorted(scores_i.tolist())
+print("proposals == rpn_proposals_reference ✓ ", [len(b) for b, _, _ in expected], "proposals")
+
+# %% [markdown]
 # ## 4 · RoI stage: which FPN level reads an RoI?
 #
 # The FPN paper maps an RoI of size `w × h` to level `k = ⌊k0 + log2(√(wh) / 224)⌋` with `k0 = 4`.
@@ -207,7 +231,15 @@ crop = gt_masks[obj, y1 : y1 + side, x1 : x1 + side].float()[None, None]
 by_hand = (F.interpolate(crop, size=(28, 28), mode="area")[0, 0] >= 0.5).float()
 assert torch.equal(by_hand, mask_targets(gt_masks, box, torch.tensor([obj], device=device))[0])
 
+# Any RoI, one at a time: `mask_targets_reference` samples each bin bilinearly and averages, as
+# MMDetection's `crop_and_resize` describes it. The model's targets agree with it everywhere but
+# on exact ties (a bin average of 0.5 may round either way in float32).
 mt = targets.mask
+k = min(50, len(mt.masks))
+averages = mask_targets_reference(gt_masks, mt.rois[:k], mt.gt_index[:k], binarize=False)
+decided = (averages - 0.5).abs() > 1e-4
+assert torch.equal(mt.masks[:k][decided], (averages[decided] >= 0.5).float())
+
 n_show = min(6, len(mt.masks))
 if n_show:
     fig, axes = plt.subplots(1, n_show, figsize=(1.6 * n_show, 1.8), squeeze=False)
@@ -287,6 +319,10 @@ for m, (bx1, by1, bx2, by2) in zip(probs, boxes.tolist()):
     ref = F.grid_sample(m[None, None], torch.stack([gx, gy], -1)[None], align_corners=False)[0, 0]
     pasted = paste_masks(m[None], torch.tensor([[bx1, by1, bx2, by2]], device=device), (h, w))[0]
     assert torch.allclose(pasted, ref, atol=1e-5)
+# the library keeps this one-mask-at-a-time form as `paste_masks_reference`
+assert torch.allclose(
+    paste_masks(probs, boxes, (h, w)), paste_masks_reference(probs, boxes, (h, w)), atol=1e-5
+)
 
 model.eval()
 with torch.no_grad():

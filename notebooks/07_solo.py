@@ -308,3 +308,34 @@ for ax, i in zip(np.atleast_1d(fig.subplots(1, len(dets))), range(len(dets))):
                     class_names=val_set.classes, ax=ax, score_thr=0.3,
                     image_size=vb.image_sizes[i], title=f"{len(d)} detections")  # fmt: skip
 show(fig)
+
+# %% [markdown]
+# `predict` is written so that the GPU never waits for the host: candidates are picked with
+# `first_k_true` (a stable sort standing in for `nonzero()[:k]`), and masks too small for their
+# level stay in, at score `-inf`, instead of being removed. The same steps one image at a time,
+# with boolean indexing as SOLO's `get_seg_single` writes them, are `solo_predict_reference` —
+# read it first; then check that both give the same detections (and masks).
+
+# %%
+import inspect
+
+from instseg_edu.models.references import solo_predict_reference
+
+print(inspect.getsource(solo_predict_reference))
+
+
+# %%
+def same(a, b):  # equal detections, up to the order of exactly equal scores
+    return sorted(zip(a.scores.tolist(), a.labels.tolist(), a.boxes.tolist())) == sorted(
+        zip(b.scores.tolist(), b.labels.tolist(), b.boxes.tolist())
+    )
+
+
+model.eval()
+with torch.no_grad():
+    out = model(vb.images)
+fast = model.predict(out, vb.image_sizes)
+ref = solo_predict_reference(model, out, vb.image_sizes)
+assert all(map(same, fast, ref))
+assert all(f.masks.sum() == r.masks.sum() for f, r in zip(fast, ref))
+print("predict == solo_predict_reference ✓ ", [len(d) for d in fast], "detections")

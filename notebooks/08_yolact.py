@@ -253,6 +253,33 @@ gallery(batch.images.cpu(), [d.to("cpu") for d in dets], val_set.classes,
         image_sizes=batch.image_sizes, score_thr=0.3)  # fmt: skip
 
 # %% [markdown]
+# `predict` runs Fast NMS for every image at once and reads the number of detections once for
+# the batch. The same steps image by image and level by level — the best `nms_pre` anchors of each
+# level, Fast NMS written as loops (`fast_nms_reference`), each kept detection's mask — are
+# `yolact_predict_reference`: read it first; then check that both give the same detections.
+
+# %%
+import inspect
+
+from instseg_edu.models.references import yolact_predict_reference
+
+print(inspect.getsource(yolact_predict_reference))
+
+
+# %%
+def same(a, b):  # equal detections, up to the order of exactly equal scores
+    return sorted(zip(a.scores.tolist(), a.labels.tolist(), a.boxes.tolist())) == sorted(
+        zip(b.scores.tolist(), b.labels.tolist(), b.boxes.tolist())
+    )
+
+
+with torch.no_grad():
+    out = model(batch.images)
+ref = yolact_predict_reference(model, out, batch.image_sizes)
+assert all(map(same, dets, ref))
+print("predict == yolact_predict_reference ✓ ", [len(d) for d in dets], "detections")
+
+# %% [markdown]
 # ## 8. Explore: edit a detection's coefficients
 #
 # `PrototypeExplorer` lists the model's best detections, exactly as `predict` makes them (its
