@@ -130,7 +130,7 @@ def solo_target_single_reference(
             cells[level, k] = torch.tensor([top, down, left, right])
             for i in range(top, down + 1):
                 for j in range(left, right + 1):
-                    cate[i, j] = gt_labels[k]
+                    cate[i, j] = int(gt_labels[k])
                     inds[i * num_grid + j] = k  # mask channel i * S + j learns object k
         cate_labels.append(cate.to(device))
         gt_inds.append(inds.to(device))
