@@ -18,15 +18,28 @@ Under data-parallel training (``torchrun`` + ``DistributedDataParallel``) every 
 its share of the batch, so a count such as "positive anchors of the batch" must be the count of
 the *whole* batch: :func:`global_avg_factor` sums it over the processes (MMDetection's
 ``reduce_mean(num_total_pos)``) and does nothing in a single process.
+
+A model's config names each of its loss terms with one of the loss configs at the end of this
+module (MMDetection's ``loss_cls=dict(type='FocalLoss', ...)`` and friends, without ``type``): the
+parameters of the loss and its ``loss_weight``, the factor the term is multiplied by.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from instseg_edu.config import check_at_least, check_in_range
+
 __all__ = [
+    "CrossEntropyLossConfig",
+    "DiceLossConfig",
+    "FocalLossConfig",
+    "L1LossConfig",
+    "SmoothL1LossConfig",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "dice_loss",
@@ -284,3 +297,65 @@ def dice_loss(probs: Tensor, targets: Tensor, eps: float = 1e-3) -> Tensor:
     b = (p * p).sum(dim=1) + eps
     c = (t * t).sum(dim=1) + eps
     return 1 - 2 * a / (b + c)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss configs (MMDetection's ``loss_*`` keys)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FocalLossConfig:
+    """``FocalLoss``: :func:`sigmoid_focal_loss` with ``alpha`` in ``[0, 1]`` (the weight of
+    positives) and ``gamma >= 0``, times ``loss_weight``."""
+
+    alpha: float = 0.25
+    gamma: float = 2.0
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_in_range(self, "alpha", 0, 1)
+        check_at_least(self, 0, "gamma", "loss_weight")
+
+
+@dataclass(frozen=True)
+class L1LossConfig:
+    """``L1Loss``: :func:`l1_loss` times ``loss_weight``."""
+
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "loss_weight")
+
+
+@dataclass(frozen=True)
+class SmoothL1LossConfig:
+    """``SmoothL1Loss``: :func:`smooth_l1_loss` with switch point ``beta >= 0``, times
+    ``loss_weight``."""
+
+    beta: float = 1.0
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "beta", "loss_weight")
+
+
+@dataclass(frozen=True)
+class CrossEntropyLossConfig:
+    """``CrossEntropyLoss``: softmax cross-entropy, or per-element sigmoid cross-entropy where the
+    head predicts independent sigmoids (an objectness, a mask), times ``loss_weight``."""
+
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "loss_weight")
+
+
+@dataclass(frozen=True)
+class DiceLossConfig:
+    """``DiceLoss``: :func:`dice_loss` times ``loss_weight`` (SOLO: 3)."""
+
+    loss_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 0, "loss_weight")

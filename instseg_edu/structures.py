@@ -12,8 +12,27 @@ Conventions (see DESIGN.md):
   for it and its mask row is all zeros. Box models train on it like any other object; mask models
   train its box and class terms and leave it out of their mask terms.
 
-Shape legend: ``B`` images, ``G`` ground-truth objects, ``I`` ignore regions, ``K`` detections,
-``H, W`` height and width, ``Hp, Wp`` padded height and width.
+Sizes have two names, everywhere: an image's **true size** ``(h, w)`` — ``image_size`` /
+``image_sizes`` — and the **padded input size** ``(Hp, Wp)`` of the batch it sits in —
+``input_size`` (the shape of ``Batch.images``).
+
+**Target encodings**, the same in every family's ``*Targets``: ``gt_index`` is 0-based (a row of
+the image's, or the batch's, ground truth) with :data:`NO_GT` for none; a class label is
+``0..C-1`` for a positive entry and :data:`BACKGROUND` for every other one — a weight (``0`` for an
+ignored anchor) says whether it is trained as background. The softmax heads (YOLACT, the R-CNN box
+head) move ``BACKGROUND`` to their background column ``C`` inside the loss
+(:func:`softmax_labels`). Why an anchor is negative or ignored is the assigner's ``reason``, with
+the codes ``NEGATIVE``, ``IGNORED``, ``POSITIVE`` of :mod:`instseg_edu.ops.assign`.
+
+Shape legend, one meaning per letter in every module (each module's docstring lists those it uses):
+
+- ``B`` images; ``G`` ground-truth objects; ``I`` ignore regions; ``C`` classes; ``L`` FPN levels;
+- ``A`` anchors per feature-map cell; ``N`` anchors (or SOLO grid cells) of all levels;
+- ``R`` proposals / RoIs (Mask R-CNN); ``P`` prototypes (YOLACT); ``S`` a SOLO grid size;
+- ``M`` positives that train a mask (RoIs, anchors or grid cells); ``K`` candidates or detections;
+- ``T`` the side of a Mask R-CNN mask-head output (28);
+- ``H, W`` a feature map's height and width; ``h, w`` an image's true size; ``Hp, Wp`` the padded
+  input size; ``Hm, Wm`` YOLACT's prototype size.
 """
 
 from __future__ import annotations
@@ -22,6 +41,33 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
+
+__all__ = [
+    "BACKGROUND",
+    "NO_GT",
+    "Batch",
+    "Detections",
+    "PaddedTargets",
+    "Target",
+    "image_sizes_tensor",
+    "pad_targets",
+    "softmax_labels",
+]
+
+#: ``gt_index`` of an entry (anchor, proposal, grid cell, mask channel) that no object owns.
+NO_GT = -1
+#: Class label of an entry that is not positive (a negative or ignored anchor, a negative RoI, an
+#: empty SOLO cell): its one-hot row is all zeros; a softmax head moves it to its background
+#: column ``C`` (:func:`softmax_labels`).
+BACKGROUND = -1
+
+
+def softmax_labels(labels: Tensor, num_classes: int) -> Tensor:
+    """Class labels for a softmax over ``C + 1`` columns: ``BACKGROUND`` becomes column ``C``.
+
+    Example with ``C = 3``: ``[2, -1, 0] → [2, 3, 0]``.
+    """
+    return torch.where(labels == BACKGROUND, num_classes, labels)
 
 
 @dataclass

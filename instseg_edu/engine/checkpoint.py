@@ -95,13 +95,16 @@ def config_from_dict(cls, d: dict):
 
     Fields that are dataclasses are rebuilt recursively; lists become tuples where the field is
     annotated as a tuple (also nested, e.g. ``tuple[tuple[int, int], ...]``); missing keys take the
-    field's default. An unknown key raises ``ValueError`` naming it, so a checkpoint from a newer
-    version fails loudly instead of silently dropping a setting.
+    field's default. A key that a config class lists in its ``former_fields`` (old key → new key,
+    dotted for a key that moved into a nested config) is read under its new name, so checkpoints
+    written before a rename still load. An unknown key raises ``ValueError`` naming it, so a
+    checkpoint from a newer version fails loudly instead of silently dropping a setting.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     if not isinstance(d, dict):
         raise ValueError(f"{cls.__name__}: expected a dict, got {type(d).__name__}")
+    d = _renamed(cls, d)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(d) - names)
@@ -109,6 +112,27 @@ def config_from_dict(cls, d: dict):
         raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
     kwargs = {name: _convert(hints.get(name, typing.Any), value) for name, value in d.items()}
     return cls(**kwargs)
+
+
+def _renamed(cls, d: dict) -> dict:
+    """``d`` with the keys of ``cls.former_fields`` moved to their new (possibly nested) place."""
+    former = getattr(cls, "former_fields", {})
+    if not any(old in d for old in former):
+        return d
+    d = dict(d)
+    for old, new in former.items():
+        if old not in d:
+            continue
+        value = d.pop(old)
+        *parents, last = new.split(".")
+        place = d
+        for name in parents:  # copies: the caller's dicts stay as they were
+            place[name] = dict(place.get(name) or {})
+            place = place[name]
+        if last in place:
+            raise ValueError(f"{cls.__name__}: both {old!r} and its new name {new!r} are given")
+        place[last] = value
+    return d
 
 
 def _convert(tp, value):

@@ -63,6 +63,8 @@ __all__ = [
     "FPN",
     "BackboneWithFPN",
     "build_backbone",
+    "check_backbone_and_heads",
+    "fpn_p2_p6",
     "fpn_strides",
     "resnet_out_channels",
     "RESNET_STAGE_BLOCKS",
@@ -239,6 +241,42 @@ def fpn_strides(resnet_cfg: ResNetConfig, fpn_cfg: FPNConfig) -> tuple[int, ...]
     used = backbone[fpn_cfg.start_level : fpn_cfg.backbone_end_level]
     extra = fpn_cfg.num_outs - len(used)
     return tuple(used + [used[-1] * 2 ** (k + 1) for k in range(extra)])
+
+
+def fpn_p2_p6(in_channels=(256, 512, 1024, 2048), out_channels: int = 256) -> FPNConfig:
+    """Mask R-CNN's and SOLO's FPN: P2-P5 from C2-C5 and P6 by max-pooling P5 (strides 4..64)."""
+    return FPNConfig(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        start_level=0,
+        num_outs=5,
+        add_extra_convs=False,
+    )
+
+
+def check_backbone_and_heads(
+    backbone: ResNetConfig, neck: FPNConfig, **head_channels: int
+) -> tuple[int, ...]:
+    """The cross-checks of every family config; returns the FPN strides.
+
+    ``neck.in_channels`` must be the ResNet's output channels and each head's ``in_channels``
+    (given by name, e.g. ``bbox_head=cfg.bbox_head.in_channels``) must be ``neck.out_channels``.
+
+    Raises:
+        ValueError: naming the field that does not fit.
+    """
+    channels = resnet_out_channels(backbone)
+    if tuple(neck.in_channels) != channels:
+        raise ValueError(
+            f"neck.in_channels={neck.in_channels} must equal the ResNet-{backbone.depth} output "
+            f"channels {channels}"
+        )
+    for name, in_channels in head_channels.items():
+        if in_channels != neck.out_channels:
+            raise ValueError(
+                f"{name}.in_channels={in_channels} must equal neck.out_channels={neck.out_channels}"
+            )
+    return fpn_strides(backbone, neck)
 
 
 # --------------------------------------------------------------------------------------------------

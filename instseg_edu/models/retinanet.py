@@ -49,22 +49,38 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from instseg_edu.losses import global_avg_factor, l1_loss, sigmoid_focal_loss
+from instseg_edu.config import check_at_least, check_in_range
+from instseg_edu.losses import (
+    FocalLossConfig,
+    L1LossConfig,
+    global_avg_factor,
+    l1_loss,
+    sigmoid_focal_loss,
+)
+from instseg_edu.models import dense_heads
 from instseg_edu.models.backbone import (
     FPNConfig,
     ImageNormalize,
     ResNetConfig,
     build_backbone,
-    fpn_strides,
-    resnet_out_channels,
+    check_backbone_and_heads,
 )
-from instseg_edu.ops.anchors import AnchorGenerator
-from instseg_edu.ops.assign import Assignment, max_iou_assign_padded
+from instseg_edu.models.dense_heads import to_B_HWA_K
+from instseg_edu.ops.anchors import AnchorGeneratorConfig
+from instseg_edu.ops.assign import (
+    NEGATIVE,
+    Assignment,
+    MaxIoUAssignerConfig,
+    max_iou_assign_padded,
+)
 from instseg_edu.ops.boxes import clip_boxes
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
 from instseg_edu.ops.indexing import first_k_true
-from instseg_edu.ops.nms import class_aware_nms
+from instseg_edu.ops.nms import NMSConfig, class_aware_nms
 from instseg_edu.structures import Batch, Detections, image_sizes_tensor, pad_targets
+
+#: The former name of the box coder's config: the coder is its own config.
+BBoxCoderConfig = DeltaXYWHBBoxCoder
 
 __all__ = [
     "AnchorGeneratorConfig",
@@ -90,100 +106,8 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration (MMDetection key names)
+# Configuration (MMDetection key names; the shared pieces live beside their ops)
 # --------------------------------------------------------------------------------------------------
-
-
-def _tuple_of_positive(name: str, values) -> tuple:
-    values = tuple(values)
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise ValueError(f"{name}={values} must be a non-empty sequence of finite values > 0")
-    return values
-
-
-@dataclass(frozen=True)
-class AnchorGeneratorConfig:
-    """``bbox_head.anchor_generator``: 3 ratios × 3 octave scales per cell (Sec. 4, "Anchors").
-
-    ``ratios`` are ``h / w``; scales are ``octave_base_scale · 2**(i / scales_per_octave)`` times
-    the stride; ``center_offset`` is the anchor centre as a fraction of the stride (0: the cell's
-    top-left corner, MMDetection 3.x).
-    """
-
-    octave_base_scale: float = 4.0
-    scales_per_octave: int = 3
-    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
-    center_offset: float = 0.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "ratios", _tuple_of_positive("ratios", self.ratios))
-        object.__setattr__(self, "strides", _tuple_of_positive("strides", self.strides))
-        if not self.octave_base_scale > 0:
-            raise ValueError(f"octave_base_scale={self.octave_base_scale} must be > 0")
-        if int(self.scales_per_octave) != self.scales_per_octave or self.scales_per_octave < 1:
-            raise ValueError(f"scales_per_octave={self.scales_per_octave} must be an integer >= 1")
-        if not 0.0 <= self.center_offset <= 1.0:
-            raise ValueError(f"center_offset={self.center_offset} must be in [0, 1]")
-
-    @property
-    def num_base_anchors(self) -> int:
-        """``A``: anchors per feature-map cell."""
-        return len(self.ratios) * int(self.scales_per_octave)
-
-    def build(self) -> AnchorGenerator:
-        """The :class:`~instseg_edu.ops.anchors.AnchorGenerator` these settings describe."""
-        return AnchorGenerator(
-            strides=self.strides,
-            ratios=self.ratios,
-            octave_base_scale=self.octave_base_scale,
-            scales_per_octave=self.scales_per_octave,
-            center_offset=self.center_offset,
-        )
-
-
-@dataclass(frozen=True)
-class BBoxCoderConfig:
-    """``bbox_head.bbox_coder``: normalisation of the deltas (RetinaNet: none)."""
-
-    target_means: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
-    target_stds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "target_means", tuple(self.target_means))
-        if len(self.target_means) != 4:
-            raise ValueError(f"target_means={self.target_means} must have 4 values")
-        object.__setattr__(self, "target_stds", _tuple_of_positive("target_stds", self.target_stds))
-        if len(self.target_stds) != 4:
-            raise ValueError(f"target_stds={self.target_stds} must have 4 values")
-
-
-@dataclass(frozen=True)
-class FocalLossConfig:
-    """``bbox_head.loss_cls``: sigmoid focal loss (Sec. 3.2); ``alpha`` weighs positives."""
-
-    alpha: float = 0.25
-    gamma: float = 2.0
-    loss_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha={self.alpha} must be in [0, 1]")
-        if not self.gamma >= 0:
-            raise ValueError(f"gamma={self.gamma} must be >= 0")
-        if not self.loss_weight >= 0:
-            raise ValueError(f"loss_weight={self.loss_weight} must be >= 0")
-
-
-@dataclass(frozen=True)
-class L1LossConfig:
-    """``bbox_head.loss_bbox``: L1 on the encoded deltas of positive anchors."""
-
-    loss_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.loss_weight >= 0:
-            raise ValueError(f"loss_weight={self.loss_weight} must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -196,6 +120,9 @@ class RetinaHeadConfig:
         stacked_convs: 3×3 conv + ReLU layers in each branch (paper: 4).
         feat_channels: their width (paper: 256).
         prior_prob: the foreground probability ``π`` every anchor starts with (paper: 0.01).
+        anchor_generator: 3 ratios × 3 octave scales per cell (Sec. 4, "Anchors").
+        bbox_coder: normalisation of the deltas (RetinaNet: none).
+        loss_cls: the focal loss (Sec. 3.2); loss_bbox: L1 on the deltas of positive anchors.
     """
 
     num_classes: int = 80
@@ -204,46 +131,14 @@ class RetinaHeadConfig:
     feat_channels: int = 256
     prior_prob: float = 0.01
     anchor_generator: AnchorGeneratorConfig = field(default_factory=AnchorGeneratorConfig)
-    bbox_coder: BBoxCoderConfig = field(default_factory=BBoxCoderConfig)
+    bbox_coder: DeltaXYWHBBoxCoder = field(default_factory=DeltaXYWHBBoxCoder)
     loss_cls: FocalLossConfig = field(default_factory=FocalLossConfig)
     loss_bbox: L1LossConfig = field(default_factory=L1LossConfig)
 
     def __post_init__(self) -> None:
-        for name in ("num_classes", "in_channels", "feat_channels"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.stacked_convs < 0:
-            raise ValueError(f"stacked_convs={self.stacked_convs} must be >= 0")
-        if not 0.0 < self.prior_prob < 1.0:
-            raise ValueError(f"prior_prob={self.prior_prob} must be in (0, 1)")
-
-
-@dataclass(frozen=True)
-class MaxIoUAssignerConfig:
-    """``train_cfg.assigner``: see :func:`instseg_edu.ops.assign.max_iou_assign`."""
-
-    pos_iou_thr: float = 0.5
-    neg_iou_thr: float | tuple[float, float] = 0.4
-    min_pos_iou: float = 0.0
-    match_low_quality: bool = True
-    gt_max_assign_all: bool = True
-    ignore_iof_thr: float = -1.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.pos_iou_thr <= 1.0:
-            raise ValueError(f"pos_iou_thr={self.pos_iou_thr} must be in [0, 1]")
-        neg = self.neg_iou_thr
-        if isinstance(neg, (tuple, list)):
-            object.__setattr__(self, "neg_iou_thr", tuple(neg))
-            if len(neg) != 2 or not 0.0 <= neg[0] <= neg[1] <= self.pos_iou_thr:
-                raise ValueError(
-                    f"neg_iou_thr={tuple(neg)} must be a pair 0 <= lo <= hi <= "
-                    f"pos_iou_thr={self.pos_iou_thr}"
-                )
-        elif not 0.0 <= neg <= self.pos_iou_thr:
-            raise ValueError(f"neg_iou_thr={neg} must be in [0, pos_iou_thr={self.pos_iou_thr}]")
-        if not 0.0 <= self.min_pos_iou <= 1.0:
-            raise ValueError(f"min_pos_iou={self.min_pos_iou} must be in [0, 1]")
+        check_at_least(self, 1, "num_classes", "in_channels", "feat_channels")
+        check_at_least(self, 0, "stacked_convs")
+        check_in_range(self, "prior_prob", 0, 1, lo_open=True, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -262,27 +157,24 @@ class RetinaTestConfig:
         nms_pre: per level, keep the ``nms_pre`` best (anchor, class) scores (``-1``: all).
         min_bbox_size: drop decoded boxes whose width or height is not above this.
         score_thr: drop (anchor, class) scores not above this.
-        nms_iou_threshold: class-aware NMS IoU (MMDetection ``nms=dict(iou_threshold=0.5)``).
+        nms: class-aware NMS (MMDetection ``nms=dict(iou_threshold=0.5)``).
         max_per_img: detections kept per image after NMS.
     """
+
+    former_fields = {"nms_iou_threshold": "nms.iou_threshold"}
 
     nms_pre: int = 1000
     min_bbox_size: float = 0.0
     score_thr: float = 0.05
-    nms_iou_threshold: float = 0.5
+    nms: NMSConfig = field(default_factory=NMSConfig)
     max_per_img: int = 100
 
     def __post_init__(self) -> None:
-        if self.nms_pre != -1 and self.nms_pre < 1:
-            raise ValueError(f"nms_pre={self.nms_pre} must be >= 1 or -1 (all)")
-        if not 0.0 <= self.score_thr < 1.0:
-            raise ValueError(f"score_thr={self.score_thr} must be in [0, 1)")
-        if not 0.0 < self.nms_iou_threshold <= 1.0:
-            raise ValueError(f"nms_iou_threshold={self.nms_iou_threshold} must be in (0, 1]")
-        if self.max_per_img < 1:
-            raise ValueError(f"max_per_img={self.max_per_img} must be >= 1")
-        if self.min_bbox_size < 0:
-            raise ValueError(f"min_bbox_size={self.min_bbox_size} must be >= 0")
+        if self.nms_pre != -1:
+            check_at_least(self, 1, "nms_pre")
+        check_in_range(self, "score_thr", 0, 1, hi_open=True)
+        check_at_least(self, 1, "max_per_img")
+        check_at_least(self, 0, "min_bbox_size")
 
 
 @dataclass(frozen=True)
@@ -301,24 +193,20 @@ class RetinaNetConfig:
     test_cfg: RetinaTestConfig = field(default_factory=RetinaTestConfig)
 
     def __post_init__(self) -> None:
-        channels = resnet_out_channels(self.backbone)
-        if tuple(self.neck.in_channels) != channels:
-            raise ValueError(
-                f"neck.in_channels={self.neck.in_channels} must equal the ResNet-"
-                f"{self.backbone.depth} output channels {channels}"
-            )
-        if self.bbox_head.in_channels != self.neck.out_channels:
-            raise ValueError(
-                f"bbox_head.in_channels={self.bbox_head.in_channels} must equal "
-                f"neck.out_channels={self.neck.out_channels}"
-            )
+        expected = check_backbone_and_heads(
+            self.backbone, self.neck, bbox_head=self.bbox_head.in_channels
+        )
         strides = tuple(self.bbox_head.anchor_generator.strides)
-        expected = fpn_strides(self.backbone, self.neck)
-        if len(strides) != self.neck.num_outs or strides != expected:
+        if strides != expected:
             raise ValueError(
                 f"anchor_generator.strides={strides} must be the strides {expected} of the "
                 f"neck.num_outs={self.neck.num_outs} FPN levels"
             )
+
+    @property
+    def num_classes(self) -> int:
+        """``C``, the foreground classes (``bbox_head.num_classes``)."""
+        return self.bbox_head.num_classes
 
     def with_num_classes(self, num_classes: int) -> RetinaNetConfig:
         """The same config for another dataset: ``cfg.with_num_classes(len(dataset.classes))``."""
@@ -368,14 +256,16 @@ class RetinaNetTargets(NamedTuple):
     """What the loss trains on, for every anchor of every image.
 
     Attributes:
-        labels: ``int64 [B, N]`` class of the assigned ground truth, ``-1`` for background and
-            ignored anchors (the classification target is the one-hot of this, all-zero for -1).
+        labels: ``int64 [B, N]`` class of the assigned ground truth, ``BACKGROUND`` (-1) for
+            negative and ignored anchors (the classification target is the one-hot of this,
+            all-zero for -1).
         label_weights: ``float [B, N]``: 1 for positives and negatives, 0 for ignored anchors (IoU
             in [0.4, 0.5), inside an ignore region, or in the batch padding).
         bbox_targets: ``float [B, N, 4]`` encoded deltas from anchor to its ground truth; 0 where
             not positive.
         bbox_weights: ``float [B, N]``: 1 for positives, else 0.
-        assignment: the :class:`~instseg_edu.ops.assign.Assignment` behind it, fields ``[B, N]``.
+        assignment: the :class:`~instseg_edu.ops.assign.Assignment` behind it, fields ``[B, N]``;
+            its ``gt_index`` is each anchor's ground truth (``NO_GT`` where not positive).
         num_pos: ``float [B]`` positive anchors per image.
     """
 
@@ -385,18 +275,6 @@ class RetinaNetTargets(NamedTuple):
     bbox_weights: Tensor
     assignment: Assignment
     num_pos: Tensor
-
-
-def to_B_HWA_K(x: Tensor, k: int) -> Tensor:
-    """``[B, A*K, H, W]`` head map → ``[B, H*W*A, K]``, rows in (row, column, anchor) order.
-
-    Channel ``a * K + k`` holds value ``k`` of anchor ``a``, as in MMDetection and detectron2
-    (``permute_to_N_HWA_K``), which is what makes row ``(i * W + j) * A + a`` of the result line up
-    with the anchor generator's row for anchor ``a`` of cell ``(i, j)``.
-    """
-    b, _, h, w = x.shape
-    x = x.permute(0, 2, 3, 1)  # [B, H, W, A*K] (free for channels_last tensors)
-    return x.reshape(b, -1, k)  # [B, H*W*A, K]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -455,8 +333,6 @@ class RetinaNet(nn.Module):
     ``images``); the model normalises them with the ImageNet mean and std itself.
     """
 
-    _CACHE_SIZE = 16  # anchor sets / valid flags kept per (sizes, device); evaluation sizes vary
-
     def __init__(self, cfg: RetinaNetConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -465,12 +341,9 @@ class RetinaNet(nn.Module):
         self.backbone = build_backbone(cfg.backbone, cfg.neck)
         self.bbox_head = RetinaHead(head)
         self.anchor_generator = head.anchor_generator.build()
-        self.bbox_coder = DeltaXYWHBBoxCoder(
-            head.bbox_coder.target_means, head.bbox_coder.target_stds
-        )
+        self.bbox_coder = head.bbox_coder
         self.normalize = ImageNormalize()
-        self._anchor_cache: dict[tuple, Tensor] = {}
-        self._valid_cache: dict[tuple, Tensor] = {}
+        self._anchor_cache: dict[tuple, Tensor] = {}  # see instseg_edu.models.dense_heads
 
     # ---- stage 1: forward ------------------------------------------------------------------------
 
@@ -491,48 +364,23 @@ class RetinaNet(nn.Module):
         bbox_deltas = torch.cat([to_B_HWA_K(r, 4) for r in reg], dim=1)  # [B, N, 4]
         return RetinaNetOutputs(cls_logits, bbox_deltas, featmap_sizes)
 
-    # ---- anchors ---------------------------------------------------------------------------------
+    # ---- anchors (instseg_edu.models.dense_heads) ----------------------------------------------
 
     def level_sizes(self, featmap_sizes) -> list[int]:
         """Anchors per level, ``H_l · W_l · A``: how to split the ``N`` axis into levels."""
-        a = self.anchor_generator.num_base_anchors
-        return [h * w * a_l for (h, w), a_l in zip(featmap_sizes, a)]
-
-    @staticmethod
-    def _remember(cache: dict, key, make):
-        if key not in cache:
-            if len(cache) >= RetinaNet._CACHE_SIZE:
-                cache.pop(next(iter(cache)))  # forget the oldest
-            cache[key] = make()
-        return cache[key]
+        return dense_heads.level_sizes(self.anchor_generator, featmap_sizes)
 
     def anchors(self, featmap_sizes, device: torch.device | str) -> Tensor:
         """All anchors, ``float32 [N, 4]`` xyxy pixels, levels concatenated (cached per sizes)."""
-        key = (tuple(map(tuple, featmap_sizes)), str(torch.device(device)))
-        return self._remember(
-            self._anchor_cache,
-            key,
-            lambda: torch.cat(self.anchor_generator.grid_anchors(key[0], device), dim=0),
+        return dense_heads.all_anchors(
+            self.anchor_generator, featmap_sizes, device, self._anchor_cache
         )
 
     def anchor_valid(self, featmap_sizes, image_sizes, device: torch.device | str) -> Tensor:
-        """``bool [B, N]``: anchors whose cell lies inside each image's true size (not padding).
-
-        Flags are computed once per distinct image size and cached; a batch of equal sizes costs
-        one ``stack`` of cached tensors.
-        """
-        sizes = tuple(map(tuple, featmap_sizes))
-        dev = str(torch.device(device))
-        per_image = []
-        for h, w in image_sizes:
-            hw = (int(h), int(w))
-            flags = self._remember(
-                self._valid_cache,
-                (sizes, hw, dev),
-                lambda hw=hw: torch.cat(self.anchor_generator.valid_flags(sizes, hw, device)),
-            )
-            per_image.append(flags)  # [N]
-        return torch.stack(per_image, dim=0)  # [B, N]
+        """``bool [B, N]``: anchors whose cell lies inside each image's true size (not padding)."""
+        return dense_heads.anchor_valid(
+            self.anchor_generator, featmap_sizes, image_sizes, device, self._anchor_cache
+        )
 
     # ---- stage 2: targets and loss ---------------------------------------------------------------
 
@@ -549,22 +397,15 @@ class RetinaNet(nn.Module):
         valid = self.anchor_valid(outputs.featmap_sizes, batch.image_sizes, device)  # [B, N]
         gt = pad_targets(batch.targets, device)  # boxes [B, G, 4], labels/valid [B, G]
         assignment = max_iou_assign_padded(anchors, gt, self.cfg.train_cfg.assigner, valid)
-        pos = assignment.gt_inds > 0  # [B, N]
-        b, n = pos.shape
-        anchors_b = anchors.expand(b, n, 4)  # [B, N, 4]
-        if gt.boxes.shape[1] > 0:
-            gt_index = (assignment.gt_inds - 1).clamp(min=0)  # [B, N], 0 where not positive
-            matched = torch.gather(gt.boxes, 1, gt_index[..., None].expand(b, n, 4))  # [B, N, 4]
-            # Non-positives get their own anchor as "target": finite deltas, never used (weight 0).
-            matched = torch.where(pos[..., None], matched, anchors_b)
-        else:
-            matched = anchors_b
-        deltas = self.bbox_coder.encode(anchors_b, matched)  # [B, N, 4]
-        bbox_targets = torch.where(pos[..., None], deltas, torch.zeros_like(deltas))
+        pos = assignment.gt_index >= 0  # [B, N]
+        bbox_targets = dense_heads.encode_matched(
+            self.bbox_coder, anchors, gt.boxes, assignment.gt_index, pos
+        )  # [B, N, 4]: deltas of positives, zeros elsewhere
         bbox_weights = pos.to(torch.float32)  # [B, N]
+        trained = pos | (assignment.reason == NEGATIVE)  # [B, N]: not ignored
         return RetinaNetTargets(
             labels=assignment.labels,
-            label_weights=(assignment.gt_inds >= 0).to(torch.float32),
+            label_weights=trained.to(torch.float32),
             bbox_targets=bbox_targets,
             bbox_weights=bbox_weights,
             assignment=assignment,
@@ -623,7 +464,7 @@ class RetinaNet(nn.Module):
            ``score_thr``.
         2. Decode their anchors' deltas, clip to the image's true ``(h, w)``; drop boxes not larger
            than ``min_bbox_size``.
-        3. Class-aware NMS at ``nms_iou_threshold`` over all levels; keep ``max_per_img``.
+        3. Class-aware NMS at ``nms.iou_threshold`` over all levels; keep ``max_per_img``.
 
         Batched over images and levels; the same steps per image and per level:
         :func:`~instseg_edu.models.references.retinanet_predict_reference`.
@@ -643,18 +484,12 @@ class RetinaNet(nn.Module):
         scores = outputs.cls_logits.float().sigmoid()  # [B, N, C]
         b = scores.shape[0]
 
-        # 1. top nms_pre per level (batched): flat index i = anchor * C + class
-        top_scores, top_index = [], []
-        start = 0
-        for n_level in self.level_sizes(outputs.featmap_sizes):
-            level = scores[:, start : start + n_level].reshape(b, n_level * c)  # [B, n_l*C]
-            k = n_level * c if test.nms_pre == -1 else min(test.nms_pre, n_level * c)
-            s, i = level.topk(k, dim=1)  # [B, k] each, sorted
-            top_scores.append(s)
-            top_index.append(i + start * c)  # index into the flattened [N*C]
-            start += n_level
-        cand_scores = torch.cat(top_scores, dim=1)  # [B, K]
-        flat = torch.cat(top_index, dim=1)  # [B, K]
+        # 1. top nms_pre per level (batched) of the (anchor, class) pairs: index anchor * C + class
+        cand_scores, flat = dense_heads.topk_per_level(
+            scores.reshape(b, -1),  # [B, N*C]
+            [n * c for n in self.level_sizes(outputs.featmap_sizes)],
+            test.nms_pre,
+        )  # [B, K] each, each level's best first
         anchor_index, labels = flat // c, flat % c  # [B, K] each
 
         # 2. decode the candidates' boxes
@@ -674,7 +509,7 @@ class RetinaNet(nn.Module):
         for i, n in enumerate(counts):
             idx = first_k_true(keep[i], n)  # [n] this image's candidates
             img_boxes, img_scores, img_labels = boxes[i, idx], cand_scores[i, idx], labels[i, idx]
-            kept = class_aware_nms(img_boxes, img_scores, img_labels, test.nms_iou_threshold)
+            kept = class_aware_nms(img_boxes, img_scores, img_labels, test.nms.iou_threshold)
             kept = kept[: test.max_per_img]  # batched_nms sorts by score, descending
             results.append(Detections(img_boxes[kept], img_scores[kept], img_labels[kept]))
         return results

@@ -24,12 +24,18 @@ The numbers are those of MMDetection 3.x ``AnchorGenerator``:
    which a head's ``[B, A*K, H, W]`` output is flattened after ``permute(0, 2, 3, 1)``.
 
 3. **Valid flags**: in a padded batch, a cell that starts in the padding of this image — row
-   ``i >= ceil(h / stride)`` or column ``j >= ceil(w / stride)`` for the image's un-padded
-   ``(h, w)`` — is invalid (its anchors are ignored by the assigner).
+   ``i >= ceil(h / stride)`` or column ``j >= ceil(w / stride)`` for the image's true (un-padded)
+   size ``(h, w)`` — is invalid (its anchors are ignored by the assigner).
 
 ``legacy=True`` reproduces MMDetection v1's generator (``LegacyAnchorGenerator``): centres at
 ``center_offset * (base_size - 1)``, half sizes ``(w - 1) / 2``, and the base anchors rounded to
 whole pixels — e.g. the stride-8 wide anchor becomes ``(-22, -11, 22, 11)``.
+
+A model configures its generator with :class:`AnchorGeneratorConfig` (MMDetection's
+``anchor_generator`` keys), the one anchor config of every dense head (RetinaNet, YOLACT, the RPN).
+
+Shape legend: ``A`` anchors per cell, ``H, W`` a level's feature-map size, ``h, w`` an image's
+true size.
 
 Taught in ``notebooks/02_anchors.py``.
 """
@@ -38,23 +44,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["AnchorGenerator"]
+__all__ = ["AnchorGenerator", "AnchorGeneratorConfig"]
 
 
 def _as_positive_floats(name: str, values: Sequence[float]) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in values)
     except TypeError as err:
-        raise ValueError(f"{name} must be a sequence of numbers, got {values!r}") from err
+        raise ValueError(f"{name}={values!r} must be a sequence of numbers") from err
     if len(out) == 0:
-        raise ValueError(f"{name} must not be empty")
+        raise ValueError(f"{name}={values!r} must not be empty")
     for v in out:
         if not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"{name} must contain only finite values > 0, got {values!r}")
+            raise ValueError(f"{name}={values!r} must contain only finite values > 0")
     return out
 
 
@@ -99,6 +106,12 @@ class AnchorGenerator:
     ) -> None:
         self.strides = _as_positive_floats("strides", strides)
         self.ratios = _as_positive_floats("ratios", ratios)
+        if octave_base_scale is not None and not float(octave_base_scale) > 0:
+            raise ValueError(f"octave_base_scale={octave_base_scale!r} must be > 0")
+        if scales_per_octave is not None and (
+            int(scales_per_octave) != scales_per_octave or scales_per_octave < 1
+        ):
+            raise ValueError(f"scales_per_octave={scales_per_octave!r} must be an integer >= 1")
         if (scales is None) == (octave_base_scale is None):
             raise ValueError(
                 "give exactly one of scales or octave_base_scale (with scales_per_octave), got "
@@ -106,19 +119,13 @@ class AnchorGenerator:
             )
         if scales is not None:
             if scales_per_octave is not None:
-                raise ValueError("scales_per_octave is only used with octave_base_scale")
+                raise ValueError(
+                    f"scales_per_octave={scales_per_octave!r} is only used with octave_base_scale"
+                )
             self.scales = _as_positive_floats("scales", scales)
         else:
-            if not (float(octave_base_scale) > 0):
-                raise ValueError(f"octave_base_scale must be > 0, got {octave_base_scale!r}")
-            if (
-                scales_per_octave is None
-                or int(scales_per_octave) != scales_per_octave
-                or (scales_per_octave < 1)
-            ):
-                raise ValueError(
-                    f"scales_per_octave must be an integer >= 1, got {scales_per_octave!r}"
-                )
+            if scales_per_octave is None:
+                raise ValueError("scales_per_octave=None: give it with octave_base_scale")
             # As MMDetection: the ladder is computed in float64, then stored as float32.
             self.scales = tuple(
                 float(octave_base_scale) * 2 ** (i / scales_per_octave)
@@ -130,11 +137,11 @@ class AnchorGenerator:
             self.base_sizes = _as_positive_floats("base_sizes", base_sizes)
             if len(self.base_sizes) != len(self.strides):
                 raise ValueError(
-                    f"base_sizes has {len(self.base_sizes)} entries but strides has "
+                    f"base_sizes={base_sizes!r} has {len(self.base_sizes)} entries but strides has "
                     f"{len(self.strides)}; give one base size per level"
                 )
         if not 0.0 <= float(center_offset) <= 1.0:
-            raise ValueError(f"center_offset must be in [0, 1], got {center_offset!r}")
+            raise ValueError(f"center_offset={center_offset!r} must be in [0, 1]")
         self.center_offset = float(center_offset)
         self.legacy = bool(legacy)
         self._base_anchors = [self._level_base_anchors(s) for s in self.base_sizes]
@@ -214,8 +221,10 @@ class AnchorGenerator:
     def valid_flags(
         self,
         featmap_sizes: Sequence[tuple[int, int]],
-        pad_shape: tuple[int, int],
+        image_size: tuple[int, int] | None = None,
         device: torch.device | str = "cpu",
+        *,
+        pad_shape: tuple[int, int] | None = None,
     ) -> list[Tensor]:
         """Which anchors belong to this image inside a padded batch.
 
@@ -228,14 +237,18 @@ class AnchorGenerator:
 
         Args:
             featmap_sizes: ``(H, W)`` of each level's feature map (of the padded batch).
-            pad_shape: this image's true ``(h, w)`` inside the padded batch.
+            image_size: this image's true ``(h, w)`` inside the padded batch.
             device: where to build the flags.
+            pad_shape: the former name of ``image_size`` (MMDetection's, where it is the size of
+                the image padded alone); still accepted as a keyword.
 
         Returns:
             One ``bool [H*W*A]`` tensor per level, in the order of :meth:`grid_anchors`.
         """
+        if (image_size is None) == (pad_shape is None):
+            raise ValueError("give the image's true (h, w) as image_size (or pad_shape), once")
         self._check_featmap_sizes(featmap_sizes)
-        h, w = pad_shape[:2]
+        h, w = (image_size if image_size is not None else pad_shape)[:2]
         out = []
         for level, (feat_h, feat_w) in enumerate(featmap_sizes):
             stride = self.strides[level]
@@ -251,4 +264,60 @@ class AnchorGenerator:
             f"AnchorGenerator(strides={self.strides}, ratios={self.ratios}, scales={self.scales}, "
             f"base_sizes={self.base_sizes}, center_offset={self.center_offset}, "
             f"legacy={self.legacy})"
+        )
+
+
+@dataclass(frozen=True)
+class AnchorGeneratorConfig:
+    """``anchor_generator``: the settings of an :class:`AnchorGenerator` (MMDetection keys).
+
+    Scales are given one of two ways, as in MMDetection: an octave ladder
+    ``octave_base_scale · 2**(i / scales_per_octave)`` times the stride (the default, RetinaNet's
+    ``4, 3``; YOLACT ``3, 1``), or explicit ``scales`` (the RPN: ``(8,)``). Explicit ``scales``
+    replace the ladder, whose two fields are then stored as ``None``, so the config always shows
+    what the generator uses. Validated by the generator itself (``ValueError`` naming the field);
+    ``strides`` must also increase — one per FPN level, finest first.
+
+    Attributes:
+        strides: pixels per feature cell of each level.
+        ratios: aspect ratios ``h / w``.
+        octave_base_scale, scales_per_octave: the octave ladder (``None`` with ``scales``).
+        scales: explicit scales, or ``None`` for the ladder.
+        center_offset: the anchor centre as a fraction of the stride (0: the cell's top-left
+            corner, MMDetection 3.x; 0.5: its centre).
+    """
+
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    octave_base_scale: float | None = 4.0
+    scales_per_octave: int | None = 3
+    scales: tuple[float, ...] | None = None
+    center_offset: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strides", tuple(self.strides))
+        object.__setattr__(self, "ratios", tuple(self.ratios))
+        if self.scales is not None:
+            object.__setattr__(self, "scales", tuple(self.scales))
+            object.__setattr__(self, "octave_base_scale", None)
+            object.__setattr__(self, "scales_per_octave", None)
+        if not all(a < b for a, b in zip(self.strides, self.strides[1:])):
+            raise ValueError(f"strides={self.strides} must increase (finest level first)")
+        self.build()  # the generator checks every field
+
+    @property
+    def num_base_anchors(self) -> int:
+        """``A``: anchors per feature-map cell (the same on every level)."""
+        per_ratio = len(self.scales) if self.scales is not None else int(self.scales_per_octave)
+        return len(self.ratios) * per_ratio
+
+    def build(self) -> AnchorGenerator:
+        """The :class:`AnchorGenerator` these settings describe."""
+        return AnchorGenerator(
+            strides=self.strides,
+            ratios=self.ratios,
+            octave_base_scale=self.octave_base_scale,
+            scales_per_octave=self.scales_per_octave,
+            scales=self.scales,
+            center_offset=self.center_offset,
         )

@@ -3,8 +3,11 @@ Sec. 3.1.2; RetinaNet, Lin et al. 2017, Sec. 4 "anchors ... assigned to ground-t
 using an IoU threshold of 0.5; and to background if their IoU is in [0, 0.4)").
 
 The rule is MMDetection's ``MaxIoUAssigner``, in four steps over the ``[N, G]`` IoU matrix of ``N``
-anchors and ``G`` ground-truth boxes. ``gt_inds`` holds the result per anchor: ``-1`` ignored, ``0``
-negative (background), ``k >= 1`` positive for ground truth ``k - 1``.
+anchors and ``G`` ground-truth boxes. The steps are written in MMDetection's ``gt_inds`` encoding,
+which needs three states per anchor: ``-1`` ignored, ``0`` negative (background), ``k >= 1``
+positive for ground truth ``k - 1``. The :class:`Assignment` they produce speaks the library's
+encoding instead (:mod:`instseg_edu.structures`): ``gt_index`` is 0-based with ``-1`` for none, and
+``reason`` says why a box is negative or ignored.
 
 1. Everything starts **ignored** (``-1``).
 2. An anchor whose best IoU is below ``neg_iou_thr`` (or inside ``[lo, hi)`` when a pair is given)
@@ -43,17 +46,25 @@ Differences from MMDetection, on purpose:
 - Ignore regions still apply in an image without ground truth (MMDetection makes every anchor
   negative there, including those covering a crowd region).
 
+A model configures the assigner with :class:`MaxIoUAssignerConfig` (MMDetection's ``assigner``
+keys), the one assigner config of every family, and calls :func:`max_iou_assign_padded` with it.
+
+Shape legend: ``B`` images, ``N`` boxes (anchors or proposals), ``G`` ground truths (padded to the
+batch's largest), ``I`` ignore regions, ``L`` FPN levels.
+
 Taught in ``notebooks/03_assignment_and_box_coding.py``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from instseg_edu.ops.boxes import batched_box_iof, batched_box_iou, box_iof, box_iou
+from instseg_edu.structures import BACKGROUND, NO_GT
 
 __all__ = [
     "IGNORED",
@@ -63,6 +74,7 @@ __all__ = [
     "REASON_NAMES",
     "Assignment",
     "AssignmentSteps",
+    "MaxIoUAssignerConfig",
     "AssignmentSummary",
     "assignment_summary",
     "max_iou_assign",
@@ -85,16 +97,36 @@ class Assignment(NamedTuple):
     """The result of an assignment; every field has shape ``[N]`` (``[B, N]`` when batched).
 
     Attributes:
-        gt_inds: ``int64``; -1 ignored, 0 negative, ``k >= 1`` positive for ground truth ``k - 1``.
+        gt_index: ``int64``; the assigned ground truth (0-based, a row of the image's — or the
+            padded batch's — ground truth) for positive boxes, ``NO_GT`` (-1) for the others.
         max_iou: ``float32``; the box's best IoU with any (valid) ground truth, 0 without any.
-        labels: ``int64``; the class of the assigned ground truth, -1 where not positive.
-        reason: ``uint8``; one of ``NEGATIVE, IGNORED, POSITIVE, LOW_QUALITY_POSITIVE``.
+        labels: ``int64``; the class of the assigned ground truth, ``BACKGROUND`` (-1) where not
+            positive.
+        reason: ``uint8``; one of ``NEGATIVE, IGNORED, POSITIVE, LOW_QUALITY_POSITIVE``: which of
+            the non-positive boxes are negatives and which are ignored.
     """
 
-    gt_inds: Tensor
+    gt_index: Tensor
     max_iou: Tensor
     labels: Tensor
     reason: Tensor
+
+    @property
+    def gt_inds(self) -> Tensor:
+        """MMDetection's encoding, read-only: -1 ignored, 0 negative, ``k >= 1`` positive for
+        ground truth ``k - 1`` (``gt_index + 1`` for positives)."""
+        not_pos = torch.where(self.reason == NEGATIVE, 0, -1)
+        return torch.where(self.gt_index >= 0, self.gt_index + 1, not_pos)
+
+    @staticmethod
+    def from_gt_inds(gt_inds: Tensor, max_iou: Tensor, labels: Tensor, reason: Tensor):
+        """An :class:`Assignment` from MMDetection's 1-based ``gt_inds``."""
+        return Assignment(_to_gt_index(gt_inds), max_iou, labels, reason)
+
+
+def _to_gt_index(gt_inds: Tensor) -> Tensor:
+    """MMDetection's ``gt_inds`` (``k >= 1`` positive for ground truth ``k - 1``) → ``gt_index``."""
+    return torch.where(gt_inds > 0, gt_inds - 1, NO_GT)
 
 
 class AssignmentSteps(NamedTuple):
@@ -275,10 +307,10 @@ def max_iou_assign(
     reason[(steps.step3_positives > 0) & (gt_inds > 0)] = POSITIVE
     reason[(steps.step3_positives <= 0) & (gt_inds > 0)] = LOW_QUALITY_POSITIVE
 
-    labels = torch.full_like(gt_inds, -1)
+    labels = torch.full_like(gt_inds, BACKGROUND)
     pos = gt_inds > 0
     labels[pos] = gt_labels[gt_inds[pos] - 1]
-    return Assignment(gt_inds, max_iou, labels, reason)
+    return Assignment(_to_gt_index(gt_inds), max_iou, labels, reason)
 
 
 @torch.no_grad()  # assignment is a target, never differentiated
@@ -319,7 +351,7 @@ def max_iou_assign_batched(
         ignore_valid: ``bool [B, I]``, False for padding rows of ``gt_boxes_ignore``.
 
     Returns:
-        :class:`Assignment` with every field shaped ``[B, N]``; ``gt_inds - 1`` indexes the padded
+        :class:`Assignment` with every field shaped ``[B, N]``; ``gt_index`` indexes the padded
         ``G`` axis of ``gt_boxes`` (so ``torch.gather`` on the padded tensors finds the box).
     """
     _check_thresholds(pos_iou_thr, neg_iou_thr, min_pos_iou)
@@ -359,10 +391,10 @@ def max_iou_assign_batched(
 
     has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]
     if g == 0:
-        gt_inds = torch.where(anchor_ok, 0, -1).long()  # [B, N]
+        gt_index = torch.full((b, n), NO_GT, dtype=torch.long, device=device)
         reason = torch.where(anchor_ok, NEGATIVE, IGNORED).to(torch.uint8)
-        labels = torch.full((b, n), -1, dtype=torch.long, device=device)
-        return Assignment(gt_inds, torch.zeros(b, n, device=device), labels, reason)
+        labels = torch.full((b, n), BACKGROUND, dtype=torch.long, device=device)
+        return Assignment(gt_index, torch.zeros(b, n, device=device), labels, reason)
 
     # The [B, N, G] IoU is the only big tensor; it is modified in place below (it is ours), so the
     # whole assignment makes a handful of passes over it.
@@ -406,8 +438,8 @@ def max_iou_assign_batched(
 
     assigned = gt_inds > 0
     gathered = torch.gather(gt_labels, 1, (gt_inds - 1).clamp(min=0))  # [B, N]
-    labels = torch.where(assigned, gathered, -1)
-    return Assignment(gt_inds, max_iou, labels, reason)
+    labels = torch.where(assigned, gathered, BACKGROUND)
+    return Assignment(_to_gt_index(gt_inds), max_iou, labels, reason)
 
 
 class AssignmentSummary(NamedTuple):
@@ -428,19 +460,38 @@ class AssignmentSummary(NamedTuple):
     counts_per_level: Tensor | None
 
 
-# The assigner keys of MMDetection's ``MaxIoUAssigner`` that a model config may carry.
-_ASSIGNER_KEYS = (
-    "pos_iou_thr",
-    "neg_iou_thr",
-    "min_pos_iou",
-    "match_low_quality",
-    "gt_max_assign_all",
-    "ignore_iof_thr",
-)
+@dataclass(frozen=True)
+class MaxIoUAssignerConfig:
+    """``assigner`` (MMDetection's ``MaxIoUAssigner`` keys): the thresholds of the four steps.
+
+    Defaults are RetinaNet's (Sec. 4: positive at IoU >= 0.5, background below 0.4). The RPN uses
+    ``0.7, 0.3, min_pos_iou=0.3``; the R-CNN stage ``0.5, 0.5`` without low-quality matches.
+
+    Attributes:
+        pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all,
+            ignore_iof_thr: see :func:`max_iou_assign`. ``neg_iou_thr`` is a float or a
+            ``(lo, hi)`` pair.
+
+    Raises:
+        ValueError: naming the field, for thresholds outside ``[0, 1]`` or a ``neg_iou_thr``
+            above ``pos_iou_thr`` (the one check :func:`max_iou_assign` also applies).
+    """
+
+    pos_iou_thr: float = 0.5
+    neg_iou_thr: float | tuple[float, float] = 0.4
+    min_pos_iou: float = 0.0
+    match_low_quality: bool = True
+    gt_max_assign_all: bool = True
+    ignore_iof_thr: float = -1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.neg_iou_thr, list):
+            object.__setattr__(self, "neg_iou_thr", tuple(self.neg_iou_thr))
+        _check_thresholds(self.pos_iou_thr, self.neg_iou_thr, self.min_pos_iou)
 
 
 def max_iou_assign_padded(
-    anchors: Tensor, gt, cfg, anchor_valid: Tensor | None = None
+    anchors: Tensor, gt, cfg: MaxIoUAssignerConfig, anchor_valid: Tensor | None = None
 ) -> Assignment:
     """:func:`max_iou_assign_batched` with a model's assigner config and padded ground truth.
 
@@ -448,18 +499,20 @@ def max_iou_assign_padded(
         anchors: ``[N, 4]`` (shared by the batch) or ``[B, N, 4]``.
         gt: a :class:`~instseg_edu.structures.PaddedTargets` (boxes, labels, valid and ignore
             regions of the batch).
-        cfg: any config with MMDetection's assigner keys (``pos_iou_thr``, ``neg_iou_thr``,
-            ``min_pos_iou``, ``match_low_quality``, ``ignore_iof_thr``, optionally
-            ``gt_max_assign_all``); a key it lacks keeps the function's default.
+        cfg: the model's :class:`MaxIoUAssignerConfig`.
         anchor_valid: ``bool [B, N]`` or None.
     """
-    thresholds = {k: getattr(cfg, k) for k in _ASSIGNER_KEYS if hasattr(cfg, k)}
     return max_iou_assign_batched(
         anchors,
         gt.boxes,
         gt.labels,
         gt.valid,
-        **thresholds,
+        pos_iou_thr=cfg.pos_iou_thr,
+        neg_iou_thr=cfg.neg_iou_thr,
+        min_pos_iou=cfg.min_pos_iou,
+        match_low_quality=cfg.match_low_quality,
+        gt_max_assign_all=cfg.gt_max_assign_all,
+        ignore_iof_thr=cfg.ignore_iof_thr,
         anchor_valid=anchor_valid,
         gt_boxes_ignore=gt.ignore_boxes,
         ignore_valid=gt.ignore_valid,
@@ -480,22 +533,22 @@ def assignment_summary(
     Returns:
         :class:`AssignmentSummary`.
     """
-    gt_inds, reason = assignment.gt_inds, assignment.reason
-    if gt_inds.dim() != 1:
+    gt_index, reason = assignment.gt_index, assignment.reason
+    if gt_index.dim() != 1:
         raise ValueError(
-            f"assignment_summary takes one image's assignment ([N]), got {tuple(gt_inds.shape)}"
+            f"assignment_summary takes one image's assignment ([N]), got {tuple(gt_index.shape)}"
         )
-    pos = gt_inds > 0
-    pos_per_gt = torch.bincount(gt_inds[pos] - 1, minlength=num_gt)[:num_gt]  # [G]
+    pos = gt_index >= 0
+    pos_per_gt = torch.bincount(gt_index[pos], minlength=num_gt)[:num_gt]  # [G]
     unmatched = torch.nonzero(pos_per_gt == 0).flatten()
     r = reason.long()
     counts = torch.bincount(r, minlength=4)[:4]
     per_level = None
     if level_sizes is not None:
-        if sum(level_sizes) != gt_inds.shape[0]:
+        if sum(level_sizes) != gt_index.shape[0]:
             raise ValueError(
                 f"level_sizes sum to {sum(level_sizes)} but the assignment has "
-                f"{gt_inds.shape[0]} boxes"
+                f"{gt_index.shape[0]} boxes"
             )
         per_level = torch.stack(
             [torch.bincount(part, minlength=4)[:4] for part in r.split(list(level_sizes))]

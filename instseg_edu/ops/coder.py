@@ -15,6 +15,9 @@ Decoding inverts this; ``dw, dh`` are clamped to ``±|log(16/1000)| ≈ ±4.135`
 prediction cannot grow a box by more than ``1000/16 = 62.5×`` (and cannot overflow ``exp``).
 Numbers are those of MMDetection's ``DeltaXYWHBBoxCoder`` (widths ``x2 - x1``, no "+1").
 
+The coder is a frozen dataclass of its two MMDetection keys, so a model's config holds it directly
+as its ``bbox_coder`` (there is no separate coder config).
+
 Taught in ``notebooks/03_assignment_and_box_coding.py``.
 """
 
@@ -46,9 +49,9 @@ class DeltaXYWHBBoxCoder:
         means = tuple(float(m) for m in self.target_means)
         stds = tuple(float(s) for s in self.target_stds)
         if len(means) != 4:
-            raise ValueError(f"target_means must have 4 values, got {self.target_means!r}")
+            raise ValueError(f"target_means={self.target_means!r} must have 4 values")
         if len(stds) != 4 or any(not s > 0 for s in stds):
-            raise ValueError(f"target_stds must be 4 values > 0, got {self.target_stds!r}")
+            raise ValueError(f"target_stds={self.target_stds!r} must be 4 values > 0")
         object.__setattr__(self, "target_means", means)
         object.__setattr__(self, "target_stds", stds)
 

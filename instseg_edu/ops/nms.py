@@ -24,6 +24,7 @@ Taught in the SOLO and YOLACT walkthroughs in ``notebooks/``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -34,6 +35,7 @@ from torchvision.ops import nms
 from instseg_edu.ops.boxes import batched_box_iou, box_iou
 
 __all__ = [
+    "NMSConfig",
     "FastNMSResult",
     "class_aware_nms",
     "fast_nms",
@@ -43,6 +45,19 @@ __all__ = [
     "matrix_nms",
     "points_nms",
 ]
+
+
+@dataclass(frozen=True)
+class NMSConfig:
+    """``nms=dict(type='nms', iou_threshold=...)`` of an MMDetection ``test_cfg``: greedy box NMS
+    (:func:`class_aware_nms`) that discards a box whose IoU with a kept, higher-scored box of its
+    class is above ``iou_threshold``, in ``(0, 1]``."""
+
+    iou_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.iou_threshold <= 1.0:
+            raise ValueError(f"nms.iou_threshold={self.iou_threshold} must be in (0, 1]")
 
 
 def class_aware_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshold: float) -> Tensor:

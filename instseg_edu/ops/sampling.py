@@ -16,17 +16,22 @@ Drawing ``k`` of the candidates uniformly at random, vectorised: give every box 
 random key in ``[0, 1)``, push non-candidates to -1, and keep the ``k`` largest keys (``topk``).
 Every ``k``-subset of the candidates is equally likely, and a ``torch.Generator`` makes it
 reproducible. The batched form does the same for a whole ``[B, N]`` batch with a fixed ``k``, so it
-needs no host synchronisation.
+needs no host synchronisation. A model configures it with :class:`SamplerConfig`.
+
+Shape legend: ``B`` images, ``N`` boxes (anchors or proposals).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from instseg_edu.ops.assign import Assignment
+from instseg_edu.config import check, check_in_range
+from instseg_edu.ops.assign import NEGATIVE, Assignment
 
-__all__ = ["random_sample", "random_sample_batched"]
+__all__ = ["SamplerConfig", "random_sample", "random_sample_batched"]
 
 
 def _check(num: int, pos_fraction: float) -> None:
@@ -34,6 +39,28 @@ def _check(num: int, pos_fraction: float) -> None:
         raise ValueError(f"num={num!r} must be an integer >= 0")
     if not 0.0 <= pos_fraction <= 1.0:
         raise ValueError(f"pos_fraction={pos_fraction!r} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """``sampler`` (MMDetection's ``RandomSampler`` keys): ``num`` boxes per image, at most
+    ``num * pos_fraction`` of them positive. Defaults are the RPN's (Faster R-CNN Sec. 3.1.3).
+
+    Attributes:
+        num: the budget per image (RPN 256, R-CNN 512), ``> 0``.
+        pos_fraction: the largest share of positives, in ``(0, 1]``.
+        neg_pos_ub: when ``>= 0``, at most ``neg_pos_ub * max(num_pos, 1)`` negatives.
+        add_gt_as_proposals: the R-CNN stage adds the ground-truth boxes to the proposals.
+    """
+
+    num: int = 256
+    pos_fraction: float = 0.5
+    neg_pos_ub: float = -1
+    add_gt_as_proposals: bool = False
+
+    def __post_init__(self) -> None:
+        check(int(self.num) == self.num and self.num > 0, f"num={self.num} must be an integer > 0")
+        check_in_range(self, "pos_fraction", 0, 1, lo_open=True)
 
 
 def _topk_mask(candidates: Tensor, keys: Tensor, k: int, limit: Tensor | None = None) -> Tensor:
@@ -61,8 +88,8 @@ def random_sample_batched(
     """Sample positives and negatives for a whole batch without leaving the device.
 
     Args:
-        assignment: a batched :class:`~instseg_edu.ops.assign.Assignment` (fields ``[B, N]``) or its
-            ``gt_inds`` (``int64 [B, N]``: > 0 positive, 0 negative, -1 ignored).
+        assignment: a batched :class:`~instseg_edu.ops.assign.Assignment` (fields ``[B, N]``) or
+            MMDetection's ``gt_inds`` (``int64 [B, N]``: > 0 positive, 0 negative, -1 ignored).
         num: total budget per image (RPN 256, R-CNN 512).
         pos_fraction: at most ``int(num * pos_fraction)`` positives per image.
         neg_pos_ub: when ``>= 0``, at most ``int(neg_pos_ub * max(num_pos, 1))`` negatives.
@@ -72,17 +99,20 @@ def random_sample_batched(
         ``(pos_mask, neg_mask)``, ``bool [B, N]`` each, disjoint.
     """
     _check(num, pos_fraction)
-    gt_inds = assignment.gt_inds if isinstance(assignment, Assignment) else assignment
-    if gt_inds.dim() != 2:
-        raise ValueError(f"gt_inds must be [B, N], got {tuple(gt_inds.shape)}")
-    keys = torch.rand(gt_inds.shape, generator=generator, device=gt_inds.device)  # [B, N]
-    pos_mask = _topk_mask(gt_inds > 0, keys, int(num * pos_fraction))
+    if isinstance(assignment, Assignment):
+        positive, negative = assignment.gt_index >= 0, assignment.reason == NEGATIVE
+    else:
+        positive, negative = assignment > 0, assignment == 0
+    if positive.dim() != 2:
+        raise ValueError(f"the assignment must be [B, N], got {tuple(positive.shape)}")
+    keys = torch.rand(positive.shape, generator=generator, device=positive.device)  # [B, N]
+    pos_mask = _topk_mask(positive, keys, int(num * pos_fraction))
     num_pos = pos_mask.sum(dim=1)  # [B], stays on the device
     num_neg = num - num_pos  # [B]
     if neg_pos_ub >= 0:
         upper = torch.floor(neg_pos_ub * num_pos.clamp(min=1).double()).long()  # [B]
         num_neg = torch.minimum(num_neg, upper)
-    neg_mask = _topk_mask(gt_inds == 0, keys, int(num), limit=num_neg)
+    neg_mask = _topk_mask(negative, keys, int(num), limit=num_neg)
     return pos_mask, neg_mask
 
 
@@ -96,8 +126,8 @@ def random_sample(
     """Sample a fixed budget of positive and negative boxes of one image.
 
     Args:
-        assignment: one image's :class:`~instseg_edu.ops.assign.Assignment` (fields ``[N]``), or its
-            ``gt_inds`` tensor.
+        assignment: one image's :class:`~instseg_edu.ops.assign.Assignment` (fields ``[N]``), or
+            MMDetection's ``gt_inds`` tensor.
         num: total budget (RPN 256, R-CNN 512).
         pos_fraction: at most ``int(num * pos_fraction)`` positives (RPN 0.5, R-CNN 0.25).
         neg_pos_ub: when ``>= 0``, at most ``int(neg_pos_ub * max(num_pos, 1))`` negatives
@@ -107,10 +137,15 @@ def random_sample(
     Returns:
         ``(pos_inds, neg_inds)``: ``int64`` indices into the ``N`` boxes, ascending.
     """
-    gt_inds = assignment.gt_inds if isinstance(assignment, Assignment) else assignment
-    if gt_inds.dim() != 1:
-        raise ValueError(f"random_sample takes one image ([N]), got {tuple(gt_inds.shape)}")
+    one = assignment.gt_index if isinstance(assignment, Assignment) else assignment
+    if one.dim() != 1:
+        raise ValueError(f"random_sample takes one image ([N]), got {tuple(one.shape)}")
+    batch = (
+        Assignment(*(f[None] for f in assignment))
+        if isinstance(assignment, Assignment)
+        else assignment[None]
+    )
     pos_mask, neg_mask = random_sample_batched(
-        gt_inds[None], num, pos_fraction, neg_pos_ub=neg_pos_ub, generator=generator
+        batch, num, pos_fraction, neg_pos_ub=neg_pos_ub, generator=generator
     )  # [1, N] each
     return pos_mask[0].nonzero().flatten(), neg_mask[0].nonzero().flatten()

@@ -31,6 +31,7 @@ from instseg_edu.models.retinanet import (
 from instseg_edu.ops.anchors import AnchorGenerator
 from instseg_edu.ops.assign import POSITIVE, max_iou_assign
 from instseg_edu.ops.boxes import box_iou
+from instseg_edu.ops.nms import NMSConfig
 from instseg_edu.structures import Batch, Detections, Target
 
 # A tiny RetinaNet: ResNet-18, 16-channel FPN, one conv per branch, 3 classes. Same anchors,
@@ -333,7 +334,7 @@ def test_presets_mirror_mmdetection():
     a = cfg.train_cfg.assigner
     assert (a.pos_iou_thr, a.neg_iou_thr, a.min_pos_iou, a.match_low_quality) == (0.5, 0.4, 0, True)
     t = cfg.test_cfg
-    assert (t.nms_pre, t.score_thr, t.nms_iou_threshold, t.max_per_img) == (1000, 0.05, 0.5, 100)
+    assert (t.nms_pre, t.score_thr, t.nms.iou_threshold, t.max_per_img) == (1000, 0.05, 0.5, 100)
     assert (head.loss_cls.alpha, head.loss_cls.gamma) == (0.25, 2.0)
     assert RETINANET_R18_SMALL.with_num_classes(5).bbox_head.num_classes == 5
     # 512² image: (64² + 32² + 16² + 8² + 4²) · 9 anchors.
@@ -376,7 +377,7 @@ def test_model_train_keeps_backbone_frozen():
         (lambda: RetinaTestConfig(score_thr=1.5), "score_thr"),
         (lambda: RetinaTestConfig(nms_pre=0), "nms_pre"),
         (lambda: RetinaTestConfig(max_per_img=0), "max_per_img"),
-        (lambda: RetinaTestConfig(nms_iou_threshold=0.0), "nms_iou_threshold"),
+        (lambda: RetinaTestConfig(nms=NMSConfig(iou_threshold=0.0)), "iou_threshold"),
     ],
 )  # fmt: skip
 def test_invalid_config_names_the_field(make, field):

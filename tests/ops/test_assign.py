@@ -201,7 +201,7 @@ def reference_for_image(anchors, gts, labels, valid, ign, kwargs):
     reason = torch.full((n,), IGNORED, dtype=torch.uint8)
     gt_inds[valid], lab[valid], reason[valid] = out.gt_inds, out.labels, out.reason
     max_iou = box_iou(anchors, gts).amax(1) if len(gts) else torch.zeros(n)
-    return Assignment(gt_inds, max_iou, lab, reason)
+    return Assignment.from_gt_inds(gt_inds, max_iou, lab, reason)
 
 
 CONFIGS = [
@@ -332,10 +332,8 @@ def test_batched_on_cuda_has_no_host_sync_and_matches_cpu():
         assert torch.equal(a.cpu(), b)
 
 
-def test_padded_form_reads_the_model_config_keys():
-    from types import SimpleNamespace
-
-    from instseg_edu.ops.assign import max_iou_assign_padded
+def test_padded_form_takes_the_assigner_config():
+    from instseg_edu.ops.assign import MaxIoUAssignerConfig, max_iou_assign_padded
     from instseg_edu.structures import Target, pad_targets
 
     gen = torch.Generator().manual_seed(3)
@@ -349,9 +347,8 @@ def test_padded_form_reads_the_model_config_keys():
                torch.zeros(1, 4, 4, dtype=torch.bool)),
     ]  # fmt: skip
     gt = pad_targets(targets)
-    # A config without gt_max_assign_all (Mask R-CNN's): the function's default applies.
-    cfg = SimpleNamespace(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.1,
-                          match_low_quality=True, ignore_iof_thr=0.5)  # fmt: skip
+    cfg = MaxIoUAssignerConfig(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.1,
+                               match_low_quality=True, ignore_iof_thr=0.5)  # fmt: skip
     valid = torch.rand(2, 60, generator=gen) > 0.1
     got = max_iou_assign_padded(anchors, gt, cfg, valid)
     expected = max_iou_assign_batched(

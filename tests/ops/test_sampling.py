@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from instseg_edu.ops.assign import Assignment
+from instseg_edu.ops.assign import IGNORED, NEGATIVE, POSITIVE, Assignment
 from instseg_edu.ops.sampling import random_sample, random_sample_batched
 
 
@@ -16,8 +16,9 @@ def make_assignment(num_pos, num_neg, num_ign, seed=0):
     )
     gt_inds = gt_inds[torch.randperm(len(gt_inds), generator=g)]
     n = len(gt_inds)
-    return Assignment(
-        gt_inds, torch.zeros(n), torch.full((n,), -1), torch.zeros(n, dtype=torch.uint8)
+    reason = torch.where(gt_inds > 0, POSITIVE, torch.where(gt_inds == 0, NEGATIVE, IGNORED))
+    return Assignment.from_gt_inds(
+        gt_inds, torch.zeros(n), torch.full((n,), -1), reason.to(torch.uint8)
     )
 
 
