@@ -4,41 +4,48 @@ The story (He et al., "Mask R-CNN", ICCV 2017, building on Ren et al., "Faster R
 and Lin et al., "Feature Pyramid Networks", CVPR 2017):
 
 1. **Backbone + FPN** turn the image into five feature maps P2-P6 (strides 4, 8, 16, 32, 64).
-2. **Region Proposal Network** (Faster R-CNN Sec. 3.1). A 3x3 conv then two 1x1 convs predict, for
-   each of the ``A = 3`` anchors (``scales=(8,)``, ratios 0.5/1/2) at every location of every level,
-   an objectness logit and four box deltas. Training: anchors are assigned with MaxIoU (0.7 / 0.3,
-   low-quality matches rescued at 0.3), 256 anchors per image are sampled (at most half positive),
-   binary cross-entropy on objectness + L1 on deltas, both divided by the number of sampled anchors.
+2. **Region Proposal Network** (Faster R-CNN Sec. 3.1; :mod:`instseg_edu.models.rpn`). A 3x3 conv
+   then two 1x1 convs predict, for each of the ``A = 3`` anchors (``scales=(8,)``, ratios
+   0.5/1/2) at every location of every level, an objectness logit and four box deltas. Training:
+   anchors are assigned with MaxIoU (0.7 / 0.3, low-quality matches rescued at 0.3), 256 anchors
+   per image are sampled (at most half positive), binary cross-entropy on objectness + L1 on
+   deltas, both divided by the number of sampled anchors.
 3. **Proposals**: per image and level keep the ``nms_pre`` highest-scoring anchors, decode them,
    clip to the image, drop boxes with a side ``<= min_bbox_size``, NMS at 0.7 (run separately per
    FPN level, as MMDetection does: its ``batched_nms`` takes the level as the group id), keep the
    best ``max_per_img`` of the image (2000/1000 in training, 1000/1000 at test time).
-4. **RoI stage** (Mask R-CNN Sec. 3). During training the ground-truth boxes are added to the
-   proposals, which are assigned at 0.5 / 0.5 (no low-quality matches) and sampled (512 per image,
-   a quarter positive). Each RoI reads a 7x7 (box) or 14x14 (mask) grid with RoIAlign from one FPN
-   level chosen by its size (FPN Eq. 1, see :func:`map_rois_to_levels`). The box head (two fc
-   layers of 1024) scores ``C + 1`` classes (column ``C`` is background) and regresses
-   class-specific deltas; the mask head (four 3x3 convs, a 2x deconv) predicts one 28x28 mask per
-   class, and only the ground-truth class's mask is trained (per-pixel BCE), decoupling masks from
-   classification. A positive RoI of a box-only object (``Target.has_mask`` False) trains the
-   box head and the RPN like any other, but not the mask head.
+4. **RoI stage** (Mask R-CNN Sec. 3; :mod:`instseg_edu.models.roi_heads`). During training the
+   ground-truth boxes are added to the proposals, which are assigned at 0.5 / 0.5 (no low-quality
+   matches) and sampled (512 per image, a quarter positive). Each RoI reads a 7x7 (box) or 14x14
+   (mask) grid with RoIAlign from one FPN level chosen by its size (FPN Eq. 1, see
+   :func:`map_rois_to_levels`). The box head (two fc layers of 1024) scores ``C + 1`` classes
+   (column ``C`` is background) and regresses class-specific deltas; the mask head (four 3x3
+   convs, a 2x deconv) predicts one 28x28 mask per class, and only the ground-truth class's mask is
+   trained (per-pixel BCE), decoupling masks from classification. A positive RoI of a box-only
+   object (``Target.has_mask`` False) trains the box head and the RPN like any other, but not the
+   mask head.
 5. **Predict**: softmax scores, class-specific decoding, ``score_thr`` 0.05, per-class NMS 0.5,
    100 detections per image, then the mask head runs on the kept boxes and the 28x28 masks are
    pasted into the image with one batched separable bilinear resampling (:func:`paste_masks`).
 
 Everything that is trained on is public so that notebooks and explorers show exactly it:
 ``model.targets(outputs, batch)`` returns the RPN assignment and sampled anchors, the proposals
-before and after NMS, the sampled RoIs with their labels and the mask targets. Walkthrough:
+before and after NMS, the sampled RoIs with their labels and the mask targets. Target encodings
+are the library's (:mod:`instseg_edu.structures`): a background RoI's label is ``BACKGROUND``
+(the box head's softmax moves it to column ``C``), ``gt_index`` is ``NO_GT`` where there is none.
+Config keys follow MMDetection's ``mask_rcnn_r50_fpn``; the classes and presets are in
+:mod:`instseg_edu.models.configs.mask_rcnn` (importable from here too). Walkthrough:
 ``notebooks/06_mask_rcnn.py``.
 
 Shape legend: ``B`` images, ``N`` anchors (all levels), ``A`` anchors per location, ``G`` ground
-truth, ``K`` proposals kept before NMS, ``P`` proposals per image after NMS, ``R`` sampled RoIs,
-``C`` classes, ``F`` FPN channels, ``M`` mask size (28), ``L`` FPN levels.
+truth (padded per image, or of the whole batch), ``K`` candidates or detections, ``R`` proposals
+per image (``[B, R, 4]``) or RoIs of the batch (``[R, 5]``), ``M`` positive RoIs (of which
+``M_mask`` have a mask), ``C`` classes, ``F`` FPN channels, ``T`` the mask head's output size (28),
+``L`` FPN levels, ``Hp, Wp`` the padded input size, ``h, w`` an image's true size.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -46,13 +53,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from instseg_edu.losses import global_avg_factor
-from instseg_edu.models.backbone import (
-    FPNConfig,
-    ImageNormalize,
-    ResNetConfig,
-    build_backbone,
-    fpn_strides,
-    resnet_out_channels,
+from instseg_edu.models import dense_heads
+from instseg_edu.models.backbone import ImageNormalize, build_backbone
+from instseg_edu.models.configs.mask_rcnn import (
+    MASK_RCNN_R18_SMALL,
+    MASK_RCNN_R50_FPN,
+    MaskRCNNConfig,
+    ProposalConfig,
+    RCNNTestConfig,
+    RCNNTrainConfig,
+    RoIHeadConfig,
+    RPNHeadConfig,
+    RPNTrainConfig,
+    TestCfg,
+    TrainCfg,
 )
 from instseg_edu.models.roi_heads import (
     BoxHead,
@@ -62,305 +76,26 @@ from instseg_edu.models.roi_heads import (
     multiscale_roi_align,
     paste_masks,
 )
-from instseg_edu.ops.anchors import AnchorGenerator
-from instseg_edu.ops.assign import Assignment, max_iou_assign_padded
+from instseg_edu.models.rpn import Proposals, RPNHead, RPNTargets, rpn_proposals, rpn_targets
+from instseg_edu.ops.anchors import AnchorGeneratorConfig
+from instseg_edu.ops.assign import Assignment, MaxIoUAssignerConfig, max_iou_assign_padded
 from instseg_edu.ops.boxes import clip_boxes
-from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
 from instseg_edu.ops.indexing import first_k_true
 from instseg_edu.ops.nms import class_aware_nms
-from instseg_edu.ops.sampling import random_sample_batched
-from instseg_edu.structures import Batch, Detections, image_sizes_tensor, pad_targets
-
-# --------------------------------------------------------------------------------------------------
-# Configuration (key names follow MMDetection's configs/_base_/models/mask_rcnn_r50_fpn.py)
-# --------------------------------------------------------------------------------------------------
-
-
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(msg)
-
-
-@dataclass(frozen=True)
-class AnchorConfig:
-    """``rpn_head.anchor_generator``: anchor side = ``stride * scale`` with ``h / w = ratio``."""
-
-    strides: tuple[int, ...] = (4, 8, 16, 32, 64)
-    ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    scales: tuple[float, ...] = (8.0,)
-    center_offset: float = 0.0
-
-    def __post_init__(self):
-        _check(
-            len(self.strides) > 0 and all(s > 0 for s in self.strides),
-            f"anchor_generator.strides={self.strides} must be positive",
-        )
-        _check(
-            all(a < b for a, b in zip(self.strides, self.strides[1:])),
-            f"anchor_generator.strides={self.strides} must increase",
-        )
-        _check(
-            len(self.ratios) > 0 and all(r > 0 for r in self.ratios),
-            f"anchor_generator.ratios={self.ratios} must be > 0",
-        )
-        _check(
-            len(self.scales) > 0 and all(s > 0 for s in self.scales),
-            f"anchor_generator.scales={self.scales} must be > 0",
-        )
-        _check(
-            0.0 <= self.center_offset < 1.0,
-            f"anchor_generator.center_offset={self.center_offset} must be in [0, 1)",
-        )
-
-
-@dataclass(frozen=True)
-class AssignerConfig:
-    """``MaxIoUAssigner`` thresholds (see :func:`instseg_edu.ops.assign.max_iou_assign`)."""
-
-    pos_iou_thr: float = 0.7
-    neg_iou_thr: float = 0.3
-    min_pos_iou: float = 0.3
-    match_low_quality: bool = True
-    ignore_iof_thr: float = -1.0
-
-    def __post_init__(self):
-        _check(0.0 <= self.pos_iou_thr <= 1.0, f"pos_iou_thr={self.pos_iou_thr} must be in [0, 1]")
-        _check(0.0 <= self.neg_iou_thr <= 1.0, f"neg_iou_thr={self.neg_iou_thr} must be in [0, 1]")
-        _check(
-            self.neg_iou_thr <= self.pos_iou_thr,
-            f"neg_iou_thr={self.neg_iou_thr} must be <= pos_iou_thr={self.pos_iou_thr}",
-        )
-        _check(0.0 <= self.min_pos_iou <= 1.0, f"min_pos_iou={self.min_pos_iou} must be in [0, 1]")
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    """``RandomSampler``: ``num`` samples per image, at most ``num * pos_fraction`` positive."""
-
-    num: int = 256
-    pos_fraction: float = 0.5
-    neg_pos_ub: int = -1
-    add_gt_as_proposals: bool = False
-
-    def __post_init__(self):
-        _check(self.num > 0, f"sampler.num={self.num} must be > 0")
-        _check(
-            0.0 < self.pos_fraction <= 1.0,
-            f"sampler.pos_fraction={self.pos_fraction} must be in (0, 1]",
-        )
-
-
-@dataclass(frozen=True)
-class ProposalConfig:
-    """``train_cfg.rpn_proposal`` / ``test_cfg.rpn``: turning RPN outputs into proposals."""
-
-    nms_pre: int = 1000
-    max_per_img: int = 1000
-    nms_iou_threshold: float = 0.7  # mmdet: nms=dict(type="nms", iou_threshold=0.7)
-    min_bbox_size: float = 0.0
-
-    def __post_init__(self):
-        _check(self.nms_pre > 0, f"rpn nms_pre={self.nms_pre} must be > 0")
-        _check(self.max_per_img > 0, f"rpn max_per_img={self.max_per_img} must be > 0")
-        _check(
-            0.0 < self.nms_iou_threshold <= 1.0,
-            f"rpn nms_iou_threshold={self.nms_iou_threshold} must be in (0, 1]",
-        )
-        _check(self.min_bbox_size >= 0, f"rpn min_bbox_size={self.min_bbox_size} must be >= 0")
-
-
-@dataclass(frozen=True)
-class RPNHeadConfig:
-    """``rpn_head``: one 3x3 conv of ``feat_channels`` then 1x1 objectness / delta convs."""
-
-    feat_channels: int = 256
-    anchor_generator: AnchorConfig = field(default_factory=AnchorConfig)
-    target_means: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
-    target_stds: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-
-    def __post_init__(self):
-        _check(self.feat_channels > 0, f"rpn_head.feat_channels={self.feat_channels} must be > 0")
-        _check(
-            len(self.target_stds) == 4 and all(s > 0 for s in self.target_stds),
-            f"rpn_head.target_stds={self.target_stds} must be 4 positive numbers",
-        )
-
-
-@dataclass(frozen=True)
-class RoIHeadConfig:
-    """``roi_head``: RoIAlign extractors, ``Shared2FCBBoxHead`` and ``FCNMaskHead``."""
-
-    featmap_strides: tuple[int, ...] = (4, 8, 16, 32)  # P2-P5; P6 feeds only the RPN
-    finest_scale: float = 56.0
-    bbox_roi_size: int = 7
-    mask_roi_size: int = 14
-    sampling_ratio: int = 0  # 0 = adaptive ceil(roi_size / output_size), as mmdet
-    aligned: bool = True
-    fc_out_channels: int = 1024
-    target_means: tuple[float, ...] = (0.0, 0.0, 0.0, 0.0)
-    target_stds: tuple[float, ...] = (0.1, 0.1, 0.2, 0.2)
-    num_convs: int = 4
-    conv_out_channels: int = 256
-
-    def __post_init__(self):
-        _check(len(self.featmap_strides) > 0, "roi_head.featmap_strides must not be empty")
-        _check(self.finest_scale > 0, f"roi_head.finest_scale={self.finest_scale} must be > 0")
-        _check(self.bbox_roi_size > 0, f"roi_head.bbox_roi_size={self.bbox_roi_size} must be > 0")
-        _check(self.mask_roi_size > 0, f"roi_head.mask_roi_size={self.mask_roi_size} must be > 0")
-        _check(
-            self.sampling_ratio >= 0, f"roi_head.sampling_ratio={self.sampling_ratio} must be >= 0"
-        )
-        _check(
-            self.fc_out_channels > 0, f"roi_head.fc_out_channels={self.fc_out_channels} must be > 0"
-        )
-        _check(
-            len(self.target_stds) == 4 and all(s > 0 for s in self.target_stds),
-            f"roi_head.target_stds={self.target_stds} must be 4 positive numbers",
-        )
-        _check(self.num_convs >= 0, f"roi_head.num_convs={self.num_convs} must be >= 0")
-        _check(
-            self.conv_out_channels > 0,
-            f"roi_head.conv_out_channels={self.conv_out_channels} must be > 0",
-        )
-
-
-@dataclass(frozen=True)
-class RCNNTrainConfig:
-    """``train_cfg.rcnn``: RoI assignment, sampling and the mask target size."""
-
-    assigner: AssignerConfig = field(
-        default_factory=lambda: AssignerConfig(0.5, 0.5, 0.5, match_low_quality=False)
-    )
-    sampler: SamplerConfig = field(
-        default_factory=lambda: SamplerConfig(512, 0.25, add_gt_as_proposals=True)
-    )
-    mask_size: int = 28
-
-    def __post_init__(self):
-        _check(self.mask_size > 0, f"rcnn.mask_size={self.mask_size} must be > 0")
-
-
-@dataclass(frozen=True)
-class RCNNTestConfig:
-    """``test_cfg.rcnn``: post-processing of the box and mask heads."""
-
-    score_thr: float = 0.05
-    nms_iou_threshold: float = 0.5
-    max_per_img: int = 100
-    mask_thr_binary: float = 0.5
-
-    def __post_init__(self):
-        _check(0.0 <= self.score_thr < 1.0, f"rcnn.score_thr={self.score_thr} must be in [0, 1)")
-        _check(
-            0.0 < self.nms_iou_threshold <= 1.0,
-            f"rcnn.nms_iou_threshold={self.nms_iou_threshold} must be in (0, 1]",
-        )
-        _check(self.max_per_img > 0, f"rcnn.max_per_img={self.max_per_img} must be > 0")
-        _check(
-            0.0 <= self.mask_thr_binary <= 1.0,
-            f"rcnn.mask_thr_binary={self.mask_thr_binary} must be in [0, 1]",
-        )
-
-
-@dataclass(frozen=True)
-class TrainCfg:
-    """``train_cfg``: RPN assigner/sampler, training proposals, RoI assigner/sampler."""
-
-    rpn_assigner: AssignerConfig = field(default_factory=AssignerConfig)
-    rpn_sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    rpn_proposal: ProposalConfig = field(
-        default_factory=lambda: ProposalConfig(nms_pre=2000, max_per_img=1000)
-    )
-    rcnn: RCNNTrainConfig = field(default_factory=RCNNTrainConfig)
-
-
-@dataclass(frozen=True)
-class TestCfg:
-    """``test_cfg``: test-time proposals and detection post-processing."""
-
-    __test__ = False  # not a pytest test class despite the name
-
-    rpn: ProposalConfig = field(default_factory=ProposalConfig)
-    rcnn: RCNNTestConfig = field(default_factory=RCNNTestConfig)
-
-
-def _resnet50() -> ResNetConfig:
-    # Random initialisation (nothing is downloaded), so BatchNorm must train: no frozen stages.
-    return ResNetConfig(depth=50, frozen_stages=-1, norm_eval=False)
-
-
-def _fpn_p2_p6(in_channels=(256, 512, 1024, 2048), out_channels=256) -> FPNConfig:
-    # Mask R-CNN's FPN: P2-P5 from C2-C5, P6 by max-pooling P5 (add_extra_convs=False).
-    return FPNConfig(
-        in_channels=in_channels,
-        out_channels=out_channels,
-        num_outs=5,
-        start_level=0,
-        add_extra_convs=False,
-    )
-
-
-@dataclass(frozen=True)
-class MaskRCNNConfig:
-    """All of Mask R-CNN's settings; defaults are MMDetection's ``mask_rcnn_r50_fpn``.
-
-    ``num_classes`` counts foreground classes only (labels ``0..C-1``; the box head adds the
-    background column ``C``). Change a nested value with ``dataclasses.replace``.
-    """
-
-    num_classes: int = 80
-    backbone: ResNetConfig = field(default_factory=_resnet50)
-    neck: FPNConfig = field(default_factory=_fpn_p2_p6)
-    rpn_head: RPNHeadConfig = field(default_factory=RPNHeadConfig)
-    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
-    train_cfg: TrainCfg = field(default_factory=TrainCfg)
-    test_cfg: TestCfg = field(default_factory=TestCfg)
-
-    def __post_init__(self):
-        _check(self.num_classes >= 1, f"num_classes={self.num_classes} must be >= 1")
-        channels = resnet_out_channels(self.backbone)
-        _check(
-            tuple(self.neck.in_channels) == channels,
-            f"neck.in_channels={self.neck.in_channels} must equal the backbone's output channels "
-            f"{channels} (ResNet-{self.backbone.depth})",
-        )
-        strides = tuple(fpn_strides(self.backbone, self.neck))
-        anchor_strides = tuple(self.rpn_head.anchor_generator.strides)
-        _check(
-            anchor_strides == strides,
-            f"rpn_head.anchor_generator.strides={anchor_strides} must equal the FPN strides "
-            f"{strides}",
-        )
-        roi_strides = tuple(self.roi_head.featmap_strides)
-        _check(
-            roi_strides == strides[: len(roi_strides)],
-            f"roi_head.featmap_strides={roi_strides} must be the first FPN strides {strides}",
-        )
-
-
-MASK_RCNN_R50_FPN = MaskRCNNConfig()
-"""MMDetection's ``mask_rcnn_r50_fpn`` (random init; 80 classes: ``replace`` ``num_classes``)."""
-
-MASK_RCNN_R18_SMALL = MaskRCNNConfig(
-    num_classes=80,
-    backbone=ResNetConfig(depth=18, frozen_stages=-1, norm_eval=False),
-    neck=_fpn_p2_p6(in_channels=(64, 128, 256, 512), out_channels=64),
-    rpn_head=RPNHeadConfig(feat_channels=64),
-    roi_head=RoIHeadConfig(fc_out_channels=256, conv_out_channels=64, sampling_ratio=2),
-    train_cfg=TrainCfg(
-        rpn_sampler=SamplerConfig(128, 0.5),
-        rpn_proposal=ProposalConfig(nms_pre=300, max_per_img=150),
-        rcnn=RCNNTrainConfig(
-            AssignerConfig(0.5, 0.5, 0.5, match_low_quality=False),
-            SamplerConfig(64, 0.25, add_gt_as_proposals=True),
-        ),
-    ),
-    test_cfg=TestCfg(
-        rpn=ProposalConfig(nms_pre=300, max_per_img=150), rcnn=RCNNTestConfig(max_per_img=50)
-    ),
+from instseg_edu.ops.sampling import SamplerConfig, random_sample_batched
+from instseg_edu.structures import (
+    BACKGROUND,
+    NO_GT,
+    Batch,
+    Detections,
+    image_sizes_tensor,
+    pad_targets,
+    softmax_labels,
 )
-"""CPU-fast variant for tests, notebooks' smoke mode and quick experiments: ResNet-18, 64-channel
-FPN and heads, fewer sampled anchors / RoIs and proposals."""
+
+#: Former names of the shared config pieces Mask R-CNN composes.
+AnchorConfig = AnchorGeneratorConfig
+AssignerConfig = MaxIoUAssignerConfig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -373,12 +108,12 @@ class MaskRCNNOutputs(NamedTuple):
 
     Attributes:
         features: ``L`` FPN maps ``[B, F, H_l, W_l]`` (P2-P6).
-        rpn_logits: ``[B, N]`` objectness logits, levels concatenated, each level in (row, column,
-            anchor) order — the order of ``anchors``.
-        rpn_deltas: ``[B, N, 4]`` encoded ``(dx, dy, dw, dh)`` per anchor.
-        anchors: ``[N, 4]`` xyxy pixels, shared by the batch.
-        anchor_levels: ``[N]`` int64 FPN level index (0 = P2) of each anchor.
-        pad_shape: ``(Hp, Wp)`` of the padded input.
+        rpn_logits: ``float [B, N]`` objectness logits, levels concatenated, each level in (row,
+            column, anchor) order — the order of ``anchors``.
+        rpn_deltas: ``float [B, N, 4]`` encoded ``(dx, dy, dw, dh)`` per anchor.
+        anchors: ``float [N, 4]`` xyxy pixels, shared by the batch.
+        anchor_levels: ``int64 [N]`` FPN level index (0 = P2) of each anchor.
+        input_size: ``(Hp, Wp)`` of the padded input (``pad_shape`` is its former name).
     """
 
     features: tuple[Tensor, ...]
@@ -386,70 +121,34 @@ class MaskRCNNOutputs(NamedTuple):
     rpn_deltas: Tensor
     anchors: Tensor
     anchor_levels: Tensor
-    pad_shape: tuple[int, int]
+    input_size: tuple[int, int]
 
-
-class RPNTargets(NamedTuple):
-    """What the RPN is trained on (Faster R-CNN Sec. 3.1.2).
-
-    Attributes:
-        anchor_valid: ``[B, N]`` bool, the anchor's cell starts inside the image (not in the
-            padding; see :meth:`AnchorGenerator.valid_flags`).
-        assignment: :class:`Assignment` with ``[B, N]`` fields (MaxIoU 0.7 / 0.3 / 0.3).
-        pos_mask, neg_mask: ``[B, N]`` bool, the sampled positive and negative anchors.
-        labels: ``[B, N]`` float, 1 for positive anchors, 0 elsewhere.
-        bbox_targets: ``[B, N, 4]`` encoded deltas to the matched box (zeros where not positive).
-        num_samples: scalar tensor, sampled anchors in the batch (the loss's ``avg_factor``).
-    """
-
-    anchor_valid: Tensor
-    assignment: Assignment
-    pos_mask: Tensor
-    neg_mask: Tensor
-    labels: Tensor
-    bbox_targets: Tensor
-    num_samples: Tensor
-
-
-class Proposals(NamedTuple):
-    """RPN proposals before and after NMS.
-
-    Attributes:
-        boxes: ``[B, P, 4]`` xyxy, ``P = max_per_img``, sorted by score within each image.
-        scores: ``[B, P]`` sigmoid objectness.
-        levels: ``[B, P]`` FPN level the proposal came from.
-        valid: ``[B, P]`` bool; False for padding when fewer than ``P`` survive.
-        pre_nms_boxes: ``[B, K, 4]`` the top ``nms_pre`` per level, decoded and clipped.
-        pre_nms_scores: ``[B, K]``; pre_nms_levels: ``[B, K]``.
-        pre_nms_valid: ``[B, K]`` bool, False where the box is not larger than ``min_bbox_size``.
-    """
-
-    boxes: Tensor
-    scores: Tensor
-    levels: Tensor
-    valid: Tensor
-    pre_nms_boxes: Tensor
-    pre_nms_scores: Tensor
-    pre_nms_levels: Tensor
-    pre_nms_valid: Tensor
+    @property
+    def pad_shape(self) -> tuple[int, int]:
+        """The former name of ``input_size`` (read-only)."""
+        return self.input_size
 
 
 class RoITargets(NamedTuple):
-    """Sampled RoIs and what the box head is trained on.
+    """Sampled RoIs and what the box head is trained on (Mask R-CNN Sec. 3, Faster R-CNN Sec. 3.2).
 
     Attributes:
-        candidates: ``[B, G + P, 4]`` ground-truth boxes (first ``G`` columns) then proposals.
-        candidate_valid: ``[B, G + P]`` bool.
-        assignment: :class:`Assignment` of the candidates, ``[B, G + P]`` fields.
-        pos_mask, neg_mask: ``[B, G + P]`` bool, the sampled candidates.
-        rois: ``[R, 5]`` sampled RoIs ``(batch_index, x1, y1, x2, y2)``, image-major.
-        labels: ``[R]`` int64 in ``0..C``; ``C`` is background.
-        bbox_targets: ``[R, 4]`` deltas (stds 0.1, 0.1, 0.2, 0.2); zeros for background.
-        gt_index: ``[R]`` index of the matched object in the batch's concatenated ground truth
-            (image 0's objects first), ``-1`` for background.
-        is_gt: ``[R]`` bool, the RoI is a ground-truth box added as a proposal.
-        pos_index: ``[Npos]`` int64, the positive RoIs (``labels < C``) in order.
-        mask_index: ``[Nmask]`` int64, the positive RoIs whose object has a mask, in order: the
+        candidates: ``float [B, G + R, 4]`` ground-truth boxes (first ``G`` columns) then the
+            image's proposals.
+        candidate_valid: ``bool [B, G + R]``.
+        assignment: :class:`~instseg_edu.ops.assign.Assignment` of the candidates, ``[B, G + R]``
+            fields (``gt_index`` a column of the padded ground truth).
+        pos_mask, neg_mask: ``bool [B, G + R]``, the sampled candidates.
+        rois: ``float [R, 5]`` the sampled RoIs of the batch ``(batch_index, x1, y1, x2, y2)``,
+            image-major.
+        labels: ``int64 [R]``: the class ``0..C-1`` of positives, ``BACKGROUND`` (-1) for
+            negatives (the loss moves it to the softmax's background column ``C``).
+        bbox_targets: ``float [R, 4]`` deltas (stds 0.1, 0.1, 0.2, 0.2); zeros for background.
+        gt_index: ``int64 [R]`` the matched object in the batch's concatenated ground truth
+            (image 0's objects first), ``NO_GT`` (-1) for background.
+        is_gt: ``bool [R]``, the RoI is a ground-truth box added as a proposal.
+        pos_index: ``int64 [M]``, the positive RoIs (``labels >= 0``) in order.
+        mask_index: ``int64 [M_mask]``, the positive RoIs whose object has a mask, in order: the
             mask head's RoIs. Equal to ``pos_index`` unless the batch has box-only objects.
     """
 
@@ -468,13 +167,14 @@ class RoITargets(NamedTuple):
 
 
 class MaskTargets(NamedTuple):
-    """Mask head targets: one ``M x M`` binary crop per positive RoI (Mask R-CNN Sec. 3) whose
+    """Mask head targets: one ``T x T`` binary crop per positive RoI (Mask R-CNN Sec. 3) whose
     object has a mask (``RoITargets.mask_index``; a box-only object trains no mask).
 
     Attributes:
-        rois: ``[Nmask, 5]`` positive RoIs; labels: ``[Nmask]`` their class; gt_index:
-            ``[Nmask]``.
-        masks: ``[Nmask, M, M]`` float in ``{0, 1}``.
+        rois: ``float [M_mask, 5]`` positive RoIs; labels: ``int64 [M_mask]`` their class (the
+            mask channel trained); gt_index: ``int64 [M_mask]`` their object in the batch's
+            concatenated ground truth.
+        masks: ``float [M_mask, T, T]`` in ``{0, 1}``: the object's mask inside the RoI.
     """
 
     rois: Tensor
@@ -484,6 +184,9 @@ class MaskTargets(NamedTuple):
 
 
 class MaskRCNNTargets(NamedTuple):
+    """Everything :meth:`MaskRCNN.loss` compares against, stage by stage: the RPN's targets, the
+    proposals they were built from, the sampled RoIs and the mask targets."""
+
     rpn: RPNTargets
     proposals: Proposals
     roi: RoITargets
@@ -491,95 +194,57 @@ class MaskRCNNTargets(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------------
-# RPN head (the RoI heads live in roi_heads.py)
-# --------------------------------------------------------------------------------------------------
-
-
-class RPNHead(nn.Module):
-    """3x3 conv + ReLU shared by all levels, then 1x1 convs: ``A`` logits and ``4A`` deltas."""
-
-    def __init__(self, in_channels: int, feat_channels: int, num_anchors: int):
-        super().__init__()
-        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
-        self.rpn_cls = nn.Conv2d(feat_channels, num_anchors, 1)
-        self.rpn_reg = nn.Conv2d(feat_channels, num_anchors * 4, 1)
-        for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
-
-    def forward(self, features) -> tuple[Tensor, Tensor]:
-        logits, deltas = [], []
-        for x in features:
-            t = F.relu(self.rpn_conv(x))
-            b = x.shape[0]
-            logits.append(self.rpn_cls(t).permute(0, 2, 3, 1).reshape(b, -1))  # [B, H*W*A]
-            deltas.append(self.rpn_reg(t).permute(0, 2, 3, 1).reshape(b, -1, 4))  # [B, H*W*A, 4]
-        return torch.cat(logits, 1), torch.cat(deltas, 1)  # [B, N], [B, N, 4]
-
-
-# --------------------------------------------------------------------------------------------------
-# The model
+# The model (the RPN lives in rpn.py, the RoI heads in roi_heads.py)
 # --------------------------------------------------------------------------------------------------
 
 
 class MaskRCNN(nn.Module):
-    """Mask R-CNN with the three public stages (``forward``, ``targets``/``loss``, ``predict``)."""
+    """Mask R-CNN with the three public stages (``forward``, ``targets``/``loss``, ``predict``).
+
+    Images are ``float32 [B, 3, Hp, Wp]`` in ``[0, 1]`` (a :class:`~instseg_edu.structures.Batch`'s
+    ``images``); the model normalises them with the ImageNet mean and std itself.
+    """
 
     def __init__(self, cfg: MaskRCNNConfig):
         super().__init__()
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.backbone = build_backbone(cfg.backbone, cfg.neck)
-        a = cfg.rpn_head.anchor_generator
-        self.anchor_generator = AnchorGenerator(
-            strides=a.strides, ratios=a.ratios, scales=a.scales, center_offset=a.center_offset
-        )
+        self.anchor_generator = cfg.rpn_head.anchor_generator.build()
         num_anchors = self.anchor_generator.num_base_anchors[0]
         channels = cfg.neck.out_channels
         self.rpn_head = RPNHead(channels, cfg.rpn_head.feat_channels, num_anchors)
         r = cfg.roi_head
         self.bbox_head = BoxHead(channels, r.bbox_roi_size, r.fc_out_channels, cfg.num_classes)
         self.mask_head = MaskHead(channels, r.conv_out_channels, r.num_convs, cfg.num_classes)
-        self.rpn_coder = DeltaXYWHBBoxCoder(cfg.rpn_head.target_means, cfg.rpn_head.target_stds)
-        self.bbox_coder = DeltaXYWHBBoxCoder(r.target_means, r.target_stds)
+        self.rpn_coder = cfg.rpn_head.bbox_coder
+        self.bbox_coder = r.bbox_coder
         self.normalize = ImageNormalize()
-        self._anchor_cache: dict = {}
+        self._anchor_cache: dict = {}  # see instseg_edu.models.dense_heads
 
     # ---- stage 1 ---------------------------------------------------------------------------------
 
     def anchors(self, featmap_sizes: list[tuple[int, int]], device) -> tuple[Tensor, Tensor]:
-        """All anchors ``[N, 4]`` and their level ``[N]``, cached per feature-map sizes."""
-        key = (tuple(featmap_sizes), str(device))
-        if key not in self._anchor_cache:
-            per_level = self.anchor_generator.grid_anchors(featmap_sizes, device)  # [H*W*A, 4] each
-            levels = torch.cat(
-                [
-                    torch.full((len(a),), i, dtype=torch.long, device=device)
-                    for i, a in enumerate(per_level)
-                ]
-            )
-            self._anchor_cache[key] = (torch.cat(per_level), levels)
-        return self._anchor_cache[key]
+        """All anchors ``float32 [N, 4]`` and their level ``int64 [N]``, cached per sizes."""
+        gen, cache = self.anchor_generator, self._anchor_cache
+        anchors = dense_heads.all_anchors(gen, featmap_sizes, device, cache)
+        return anchors, dense_heads.anchor_levels(gen, featmap_sizes, device, cache)
 
     def anchor_valid(self, featmap_sizes, image_sizes, device) -> Tensor:
-        """``[B, N]`` bool: the anchor's cell starts inside its image (not in the padding)."""
-        key = ("valid", tuple(featmap_sizes), tuple(map(tuple, image_sizes)), str(device))
-        if key not in self._anchor_cache:
-            if len(self._anchor_cache) > 64:  # many distinct image sizes: start afresh
-                self._anchor_cache.clear()
-            self._anchor_cache[key] = torch.stack(
-                [
-                    torch.cat(self.anchor_generator.valid_flags(featmap_sizes, tuple(hw), device))
-                    for hw in image_sizes
-                ]
-            )  # [B, N]
-        return self._anchor_cache[key]
+        """``bool [B, N]``: the anchor's cell starts inside its image (not in the padding)."""
+        return dense_heads.anchor_valid(
+            self.anchor_generator, featmap_sizes, image_sizes, device, self._anchor_cache
+        )
 
     def forward(self, images: Tensor) -> MaskRCNNOutputs:
         """Backbone, FPN and RPN head.
 
         Args:
             images: ``float32 [B, 3, Hp, Wp]`` in ``[0, 1]`` (normalised here with ImageNet stats).
+
+        Returns:
+            :class:`MaskRCNNOutputs`; the RoI heads run in :meth:`loss` and :meth:`predict`, on
+            proposals.
         """
         x = self.normalize(images)
         features = tuple(self.backbone(x))
@@ -599,114 +264,82 @@ class MaskRCNN(nn.Module):
 
     @torch.no_grad()
     def proposals(self, outputs: MaskRCNNOutputs, image_sizes, cfg: ProposalConfig) -> Proposals:
-        """RPN proposals for the whole batch: top ``nms_pre`` per level, decode, clip, NMS.
-
-        Top-k, decoding, clipping and the size filter run batched. NMS runs per image *and per FPN
-        level*, as MMDetection's RPN does (the level is the group id of a class-aware NMS, one
-        call per image); the ``max_per_img`` best survivors of all levels are then kept. NMS is
-        greedy and sequential, and ``torchvision.ops.nms`` finishes on the host, so each call
-        waits for the device once — nothing else here does: every image has the same number of
-        candidates (``min(nms_pre, H*W*A)`` per level), and boxes too small to keep are given score
-        -1 instead of being removed (below every sigmoid score, they can suppress nothing; they
-        sort last and are marked invalid). The same steps per image and per level:
-        :func:`~instseg_edu.models.references.rpn_proposals_reference`.
-        """
-        logits = outputs.rpn_logits.detach().float()  # [B, N]
-        deltas = outputs.rpn_deltas.detach().float()  # [B, N, 4]
-        b = logits.shape[0]
-        idx_parts, start = [], 0
-        per_level = [
-            f.shape[-2] * f.shape[-1] * a
-            for f, a in zip(outputs.features, self.anchor_generator.num_base_anchors)
-        ]  # H*W*A each
-        for n in per_level:
-            top = logits[:, start : start + n].topk(min(cfg.nms_pre, n), dim=1).indices  # [B, k_l]
-            idx_parts.append(top + start)
-            start += n
-        idx = torch.cat(idx_parts, 1)  # [B, K], K = sum of k_l, level blocks side by side
-        # Probabilities of every anchor, then the candidates' (the reference slices the same
-        # tensor: see instseg_edu.models.references).
-        scores = logits.sigmoid().gather(1, idx)  # [B, N] -> [B, K]
-        anchors = outputs.anchors[idx]  # [B, K, 4]
-        d = deltas.gather(1, idx[..., None].expand(-1, -1, 4))  # [B, K, 4]
-        sizes = image_sizes_tensor(image_sizes, logits.device)  # [B, 2] = (h, w)
-        boxes = clip_boxes(self.rpn_coder.decode(anchors, d), sizes[:, None])  # [B, K, 4]
-        levels = outputs.anchor_levels[idx]  # [B, K]
-        wh = boxes[..., 2:] - boxes[..., :2]  # [B, K, 2]
-        big_enough = (wh > cfg.min_bbox_size).all(-1)  # [B, K]
-        nms_scores = torch.where(big_enough, scores, -1.0)  # [B, K]
-
-        p = cfg.max_per_img
-        out_boxes = boxes.new_zeros(b, p, 4)
-        out_scores = scores.new_zeros(b, p)
-        out_levels = levels.new_zeros(b, p)
-        out_valid = torch.zeros(b, p, dtype=torch.bool, device=boxes.device)
-        for i in range(b):
-            keep = class_aware_nms(boxes[i], nms_scores[i], levels[i], cfg.nms_iou_threshold)
-            keep = keep[:p]  # [n] indices into K, best first over all levels
-            n, ok = keep.numel(), big_enough[i, keep]  # [n]
-            out_boxes[i, :n] = boxes[i, keep] * ok[:, None]  # too-small boxes: zeros, invalid
-            out_scores[i, :n] = scores[i, keep] * ok
-            out_levels[i, :n] = levels[i, keep] * ok
-            out_valid[i, :n] = ok
-        return Proposals(
-            out_boxes, out_scores, out_levels, out_valid, boxes, scores, levels, big_enough
+        """RPN proposals for the whole batch: top ``nms_pre`` per level, decode, clip, NMS per
+        level, best ``max_per_img`` (:func:`~instseg_edu.models.rpn.rpn_proposals`). The same
+        steps per image and per level:
+        :func:`~instseg_edu.models.references.rpn_proposals_reference`."""
+        sizes = [tuple(f.shape[-2:]) for f in outputs.features]
+        return rpn_proposals(
+            outputs.rpn_logits,
+            outputs.rpn_deltas,
+            outputs.anchors,
+            outputs.anchor_levels,
+            dense_heads.level_sizes(self.anchor_generator, sizes),
+            image_sizes,
+            self.rpn_coder,
+            cfg,
         )
 
     # ---- stage 2: targets and loss -----------------------------------------------------------
 
     def rpn_targets(self, outputs: MaskRCNNOutputs, batch: Batch, gt=None) -> RPNTargets:
-        """Assign every anchor (MaxIoU 0.7 / 0.3, low-quality matches) and sample 256 per image."""
-        cfg = self.cfg.train_cfg
+        """Assign every anchor (MaxIoU 0.7 / 0.3, low-quality matches) and sample 256 per image
+        (:func:`~instseg_edu.models.rpn.rpn_targets`); padding anchors are ignored."""
         device = outputs.rpn_logits.device
         gt = gt if gt is not None else _padded_targets(batch, device)
         sizes = [tuple(f.shape[-2:]) for f in outputs.features]
         valid = self.anchor_valid(sizes, batch.image_sizes, device)  # [B, N]
-        assignment = max_iou_assign_padded(outputs.anchors, gt, cfg.rpn_assigner, valid)
-        pos, neg = _sample(assignment, cfg.rpn_sampler)  # [B, N] each
-        anchors = outputs.anchors.expand(len(batch), -1, -1)  # [B, N, 4]
-        matched = _gather_gt(gt.boxes, assignment.gt_inds)  # [B, N, 4]
-        matched = torch.where(pos[..., None], matched, anchors)  # encode(a, a) = 0 elsewhere
-        bbox_targets = self.rpn_coder.encode(anchors, matched)  # [B, N, 4]
-        num = (pos | neg).sum().clamp(min=1)
-        return RPNTargets(valid, assignment, pos, neg, pos.float(), bbox_targets, num)
+        return rpn_targets(outputs.anchors, valid, gt, self.rpn_coder, self.cfg.train_cfg.rpn)
 
     def roi_targets(self, batch: Batch, proposals: Proposals, gt=None) -> RoITargets:
-        """Add ground truth to the proposals, assign (0.5 / 0.5), sample 512 per image, encode."""
+        """The R-CNN stage's training RoIs (``train_cfg.rcnn``; MMDetection's
+        ``StandardRoIHead``): add the ground truth to each image's proposals, assign them
+        (MaxIoU 0.5 / 0.5, no low-quality matches), sample 512 per image with at most a quarter
+        positive, and encode each positive's box (class labels ``BACKGROUND`` for negatives).
+
+        Args:
+            batch: the padded batch; proposals: the training proposals.
+            gt: the batch's padded ground truth, when already built.
+
+        Returns:
+            :class:`RoITargets`. One host synchronisation: the number of sampled RoIs (and of
+            positives), which sizes the RoI tensors.
+        """
         cfg = self.cfg.train_cfg.rcnn
         device = proposals.boxes.device
         gt = gt if gt is not None else _padded_targets(batch, device)
         if cfg.sampler.add_gt_as_proposals:
-            cands = torch.cat([gt.boxes, proposals.boxes], 1)  # [B, G+P, 4]
-            cand_valid = torch.cat([gt.valid, proposals.valid], 1)  # [B, G+P]
+            cands = torch.cat([gt.boxes, proposals.boxes], 1)  # [B, G+R, 4]
+            cand_valid = torch.cat([gt.valid, proposals.valid], 1)  # [B, G+R]
             is_gt = torch.cat([gt.valid, torch.zeros_like(proposals.valid)], 1)
         else:
             cands, cand_valid = proposals.boxes, proposals.valid
             is_gt = torch.zeros_like(proposals.valid)
         assignment = max_iou_assign_padded(cands, gt, cfg.assigner, cand_valid)
-        pos, neg = _sample(assignment, cfg.sampler)  # [B, G+P]
+        s = cfg.sampler
+        pos, neg = random_sample_batched(assignment, s.num, s.pos_fraction, s.neg_pos_ub)
         # The RoI stage's one wait for the device: how many RoIs (and positives) were sampled.
         # With the counts on the host, the sampled entries are picked by first_k_true instead
         # of `nonzero` (same image-major order) and the positives likewise further down.
-        sampled = pos | neg  # [B, G+P]
-        gt_col = (assignment.gt_inds - 1).clamp(min=0)  # [B, G+P] column in padded gt
-        with_mask = pos & gt.has_mask.gather(1, gt_col)  # [B, G+P]: box-only objects train no mask
+        sampled = pos | neg  # [B, G+R]
+        gt_col = assignment.gt_index.clamp(min=0)  # [B, G+R] column in padded gt (0: none)
+        with_mask = pos & gt.has_mask.gather(1, gt_col)  # [B, G+R]: box-only objects train no mask
         num_rois, num_pos, num_mask = torch.stack(
             [sampled.sum(), pos.sum(), with_mask.sum()]
         ).tolist()
-        flat = first_k_true(sampled.flatten(), num_rois)  # [R] into B*(G+P)
+        flat = first_k_true(sampled.flatten(), num_rois)  # [R] into B*(G+R)
         img, col = flat // sampled.shape[1], flat % sampled.shape[1]  # [R] each, image-major
         boxes = cands[img, col]  # [R, 4]
         is_pos = pos[img, col]  # [R]
         gt_col = gt_col[img, col]  # [R]
-        labels = torch.where(is_pos, gt.labels[img, gt_col], self.num_classes)  # [R]
+        labels = torch.where(is_pos, gt.labels[img, gt_col], BACKGROUND)  # [R]
         matched = torch.where(is_pos[:, None], gt.boxes[img, gt_col], boxes)  # [R, 4]
         bbox_targets = self.bbox_coder.encode(boxes, matched)  # [R, 4]
         offsets = torch.cumsum(gt.valid.sum(1), 0) - gt.valid.sum(1)  # [B] first gt of image
-        gt_index = torch.where(is_pos, offsets[img] + gt_col, -1)  # [R]
+        gt_index = torch.where(is_pos, offsets[img] + gt_col, NO_GT)  # [R]
         rois = torch.cat([img[:, None].to(boxes.dtype), boxes], 1)  # [R, 5]
-        pos_index = first_k_true(is_pos, num_pos)  # [Npos] into the R RoIs
-        mask_index = first_k_true(with_mask[img, col], num_mask)  # [Nmask]
+        pos_index = first_k_true(is_pos, num_pos)  # [M] into the R RoIs
+        mask_index = first_k_true(with_mask[img, col], num_mask)  # [M_mask]
         return RoITargets(
             cands,
             cand_valid,
@@ -725,59 +358,79 @@ class MaskRCNN(nn.Module):
     def targets(
         self, outputs: MaskRCNNOutputs, batch: Batch, proposals: Proposals | None = None
     ) -> MaskRCNNTargets:
-        """Everything the losses compare against: RPN targets, proposals, RoI and mask targets.
+        """Everything the losses compare against, in the order the losses need it.
 
-        ``proposals`` default to the training proposals of ``outputs`` (``train_cfg.rpn_proposal``).
+        1. :meth:`rpn_targets`: every anchor assigned (0.7 / 0.3), 256 sampled per image.
+        2. The training proposals (``train_cfg.rpn_proposal``: 2000 per level before NMS, 1000
+           per image after) — or ``proposals`` when given.
+        3. :meth:`roi_targets`: the ground truth added to the proposals, assigned (0.5 / 0.5),
+           512 RoIs sampled per image, a quarter positive; class labels and box deltas.
+        4. Mask targets (Mask R-CNN Sec. 3, "Mask Representation"): for each positive RoI whose
+           object has a mask, that mask cropped to the RoI and resampled to ``T x T`` (28) with
+           RoIAlign, binarised at 0.5 (:func:`~instseg_edu.models.roi_heads.mask_targets`).
+
+        Args:
+            outputs: from ``forward``.
+            batch: the padded batch with its targets.
+            proposals: proposals to train the RoI heads on (default: the training proposals).
+
+        Returns:
+            :class:`MaskRCNNTargets` (``rpn``, ``proposals``, ``roi``, ``mask``). The one wait for
+            the device is in :meth:`roi_targets` (how many RoIs were sampled); the proposals'
+            NMS waits once per image.
         """
         gt = _padded_targets(batch, outputs.rpn_logits.device)  # [B, Gmax, ...], built once
         rpn = self.rpn_targets(outputs, batch, gt)
         if proposals is None:
             proposals = self.proposals(outputs, batch.image_sizes, self.cfg.train_cfg.rpn_proposal)
         roi = self.roi_targets(batch, proposals, gt)
-        pos = roi.mask_index  # [Nmask]: positives whose object has a mask
+        pos = roi.mask_index  # [M_mask]: positives whose object has a mask
         device = roi.rois.device
-        gt_masks = _concat_masks(batch, device)  # [G_total, Hp, Wp]
+        gt_masks = _concat_masks(batch, device)  # [ΣG, Hp, Wp]
         masks = mask_targets(
             gt_masks, roi.rois[pos], roi.gt_index[pos], self.cfg.train_cfg.rcnn.mask_size
-        )  # [Npos, M, M]
+        )  # [M_mask, T, T]
         mask = MaskTargets(roi.rois[pos], roi.labels[pos], roi.gt_index[pos], masks)
         return MaskRCNNTargets(rpn, proposals, roi, mask)
 
+    def _roi_features(self, features, rois: Tensor, output_size: int) -> Tensor:
+        """RoIAlign of ``[R, 5]`` RoIs on their FPN level: ``[R, F, S, S]``, ``S = output_size``."""
+        r = self.cfg.roi_head
+        return multiscale_roi_align(
+            features, rois, r.featmap_strides, output_size, r.sampling_ratio, r.aligned,
+            r.finest_scale,
+        )  # fmt: skip
+
     def box_forward(self, features, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Box head on ``[R, 5]`` RoIs: ``([R, C+1] logits, [R, 4C] deltas)``."""
-        r = self.cfg.roi_head
-        x = multiscale_roi_align(
-            features,
-            rois,
-            r.featmap_strides,
-            r.bbox_roi_size,
-            r.sampling_ratio,
-            r.aligned,
-            r.finest_scale,
-        )  # [R, F, 7, 7]
-        return self.bbox_head(x)
+        return self.bbox_head(self._roi_features(features, rois, self.cfg.roi_head.bbox_roi_size))
 
     def mask_forward(self, features, rois: Tensor) -> Tensor:
-        """Mask head on ``[R, 5]`` RoIs: ``[R, C, M, M]`` logits."""
-        r = self.cfg.roi_head
-        x = multiscale_roi_align(
-            features,
-            rois,
-            r.featmap_strides,
-            r.mask_roi_size,
-            r.sampling_ratio,
-            r.aligned,
-            r.finest_scale,
-        )  # [R, F, 14, 14]
-        return self.mask_head(x)
+        """Mask head on ``[R, 5]`` RoIs: ``[R, C, T, T]`` logits."""
+        return self.mask_head(self._roi_features(features, rois, self.cfg.roi_head.mask_roi_size))
 
     def loss(self, outputs: MaskRCNNOutputs, batch: Batch) -> dict[str, Tensor]:
-        """RPN, box and mask losses, with MMDetection's weights (all 1) and normalisations.
+        """The five losses of Mask R-CNN (Faster R-CNN Sec. 3.1.2, Eq. 1; Mask R-CNN Sec. 3), all
+        from :meth:`targets`, with MMDetection's normalisations; each is multiplied by its
+        config's ``loss_weight`` (all 1).
+
+        Returns:
+            ``loss_rpn_cls``: binary cross-entropy of the objectness of the sampled anchors,
+            divided by their number; ``loss_rpn_bbox``: L1 on the deltas of the sampled positive
+            anchors, same divisor; ``loss_cls``: softmax cross-entropy over ``C + 1`` of the
+            sampled RoIs, divided by their number ``R``; ``loss_bbox``: L1 on the ground-truth
+            class's deltas of the positive RoIs, divided by ``R``; ``loss_mask``: per-pixel
+            binary cross-entropy of the ground-truth class's ``T x T`` mask of the positive RoIs
+            with a mask, averaged over those RoIs and pixels (0, still attached to the graph,
+            without any); ``num_pos`` (positive RoIs), ``num_rpn_pos`` (sampled positive
+            anchors) and ``acc`` (box-head accuracy in %, over the sampled RoIs): detached
+            statistics.
 
         Every divisor is a count of the whole batch: under DDP, of every process's share
         (:func:`~instseg_edu.losses.global_avg_factor`).
         """
         t = self.targets(outputs, batch)
+        rpn_cfg, roi_cfg = self.cfg.rpn_head, self.cfg.roi_head
         # RPN: BCE over sampled anchors + L1 over positive ones, both / number of sampled anchors.
         sampled = (t.rpn.pos_mask | t.rpn.neg_mask).float()  # [B, N]
         num_samples = global_avg_factor(t.rpn.num_samples)
@@ -791,21 +444,22 @@ class MaskRCNN(nn.Module):
         # Box head: CE over all sampled RoIs; L1 on the GT class's deltas of positives / R.
         cls_logits, deltas = self.box_forward(outputs.features, t.roi.rois)
         cls_logits = cls_logits.float()
-        num_rois = global_avg_factor(t.roi.labels.numel(), clamp_min=1)
-        loss_cls = F.cross_entropy(cls_logits, t.roi.labels, reduction="sum") / num_rois
-        pos = t.roi.pos_index  # [Npos]
+        labels = softmax_labels(t.roi.labels, self.num_classes)  # [R]: background is column C
+        num_rois = global_avg_factor(labels.numel(), clamp_min=1)
+        loss_cls = F.cross_entropy(cls_logits, labels, reduction="sum") / num_rois
+        pos = t.roi.pos_index  # [M]
         deltas = deltas.float().view(deltas.shape[0], self.num_classes, 4)  # [R, C, 4]
-        pos_deltas = deltas[pos, t.roi.labels[pos]]  # [Npos, 4]
+        pos_deltas = deltas[pos, t.roi.labels[pos]]  # [M, 4]
         loss_bbox = (pos_deltas - t.roi.bbox_targets[pos]).abs().sum() / num_rois
 
         # Mask head: per-pixel BCE of the GT class's channel, mean over positives and pixels.
         # Positives of box-only objects are not among t.mask's RoIs: no mask term for them.
-        mask_logits = self.mask_forward(outputs.features, t.mask.rois).float()  # [Nmask, C, M, M]
+        mask_logits = self.mask_forward(outputs.features, t.mask.rois).float()  # [M_mask, C, T, T]
         num_mask = t.mask.labels.shape[0]
         picked = mask_logits[
             torch.arange(num_mask, device=pos.device), t.mask.labels
-        ]  # [Nmask, M, M]
-        # The mean over the batch's mask positives and their M*M pixels; counted on every process,
+        ]  # [M_mask, T, T]
+        # The mean over the batch's mask positives and their T*T pixels; counted on every process,
         # even one without positives, because the count is summed over processes.
         mask_pixels = global_avg_factor(picked.numel())
         if picked.numel() > 0:
@@ -816,13 +470,13 @@ class MaskRCNN(nn.Module):
         if cls_logits.shape[0] == 0:
             loss_cls = cls_logits.sum() * 0.0
         with torch.no_grad():
-            acc = (cls_logits.argmax(1) == t.roi.labels).float().mean() * 100
+            acc = (cls_logits.argmax(1) == labels).float().mean() * 100
         return {
-            "loss_rpn_cls": loss_rpn_cls,
-            "loss_rpn_bbox": loss_rpn_bbox,
-            "loss_cls": loss_cls,
-            "loss_bbox": loss_bbox,
-            "loss_mask": loss_mask,
+            "loss_rpn_cls": rpn_cfg.loss_cls.loss_weight * loss_rpn_cls,
+            "loss_rpn_bbox": rpn_cfg.loss_bbox.loss_weight * loss_rpn_bbox,
+            "loss_cls": roi_cfg.loss_cls.loss_weight * loss_cls,
+            "loss_bbox": roi_cfg.loss_bbox.loss_weight * loss_bbox,
+            "loss_mask": roi_cfg.loss_mask.loss_weight * loss_mask,
             "num_pos": torch.full((), float(len(pos)), device=pos.device),  # a fill, no copy
             "num_rpn_pos": t.rpn.pos_mask.sum().float(),
             "acc": acc.detach() if cls_logits.shape[0] else cls_logits.new_zeros(()),
@@ -832,49 +486,70 @@ class MaskRCNN(nn.Module):
 
     @torch.no_grad()
     def predict(self, outputs: MaskRCNNOutputs, image_sizes) -> list[Detections]:
-        """Boxes, scores, labels and ``bool [K, h, w]`` masks per image (Mask R-CNN Sec. 3.1)."""
+        """Detections with masks (Mask R-CNN Sec. 3.1, "Inference"; MMDetection's ``test_cfg``).
+
+        1. Proposals (``test_cfg.rpn``: 1000 per level before NMS, 1000 per image after).
+        2. The box head on every proposal: softmax over ``C + 1`` (background dropped),
+           class-specific deltas decoded on the proposal and clipped to the image's true size.
+        3. Per image: the (proposal, class) pairs above ``score_thr``, class-aware NMS at
+           ``nms.iou_threshold``, the best ``max_per_img``.
+        4. The mask head on the kept boxes (not on the proposals: a mask follows the refined box);
+           the ``T x T`` mask of the detection's class is pasted into the image
+           (:func:`~instseg_edu.models.roi_heads.paste_masks`, bilinear) and thresholded at
+           ``mask_thr_binary``.
+
+        One host synchronisation for the candidates' counts of the batch, plus NMS's per image.
+
+        Args:
+            outputs: from ``forward``.
+            image_sizes: each image's true ``(h, w)`` inside the padded batch.
+
+        Returns:
+            One :class:`Detections` per image: ``boxes float32 [K, 4]`` xyxy in input pixels,
+            ``scores [K]`` descending, ``labels int64 [K]``, ``masks bool [K, h, w]``.
+        """
         cfg = self.cfg.test_cfg.rcnn
         c = self.num_classes
         b = len(image_sizes)
         device = outputs.rpn_logits.device
         props = self.proposals(outputs, image_sizes, self.cfg.test_cfg.rpn)
         # Every proposal slot goes through the box head, padding included (its scores are zeroed
-        # below): a fixed R = B * P, so no host read is needed to build the RoIs.
-        p = props.boxes.shape[1]
-        img = torch.arange(b, device=device).repeat_interleave(p)  # [R] image of each RoI
-        rois = torch.cat([img[:, None].float(), props.boxes.reshape(-1, 4)], 1)  # [R, 5]
+        # below): a fixed B * R RoIs, so no host read is needed to build them.
+        p = props.boxes.shape[1]  # R proposals per image
+        img = torch.arange(b, device=device).repeat_interleave(p)  # [B*R] image of each RoI
+        rois = torch.cat([img[:, None].float(), props.boxes.reshape(-1, 4)], 1)  # [B*R, 5]
         cls_logits, deltas = self.box_forward(outputs.features, rois)
-        scores = F.softmax(cls_logits.float(), dim=1)[:, :c]  # [R, C] (background dropped)
-        scores = scores * props.valid.reshape(-1, 1)  # [R, C]; padding slots score 0
+        scores = F.softmax(cls_logits.float(), dim=1)[:, :c]  # [B*R, C] (background dropped)
+        scores = scores * props.valid.reshape(-1, 1)  # [B*R, C]; padding slots score 0
         r = rois.shape[0]
         boxes = self.bbox_coder.decode(
             rois[:, None, 1:].expand(r, c, 4), deltas.float().view(r, c, 4)
-        )  # [R, C, 4]
+        )  # [B*R, C, 4]
         sizes = image_sizes_tensor(image_sizes, device)  # [B, 2] = (h, w)
-        boxes = clip_boxes(boxes.view(b, p * c, 4), sizes[:, None])  # [B, P*C, 4]
-        scores = scores.view(b, p * c)  # [B, P*C]: row-major over (proposal, class)
-        labels = torch.arange(c, device=device).repeat(p)  # [P*C] class of each column
+        boxes = clip_boxes(boxes.view(b, p * c, 4), sizes[:, None])  # [B, R*C, 4]
+        scores = scores.view(b, p * c)  # [B, R*C]: row-major over (proposal, class)
+        labels = torch.arange(c, device=device).repeat(p)  # [R*C] class of each column
 
         # Per image: candidates above score_thr, class-aware NMS, the best max_per_img. One host
         # read gives every image's candidate count; first_k_true picks them, in order.
-        keep = scores > cfg.score_thr  # [B, P*C]
+        keep = scores > cfg.score_thr  # [B, R*C]
         counts = keep.sum(1).tolist()  # B ints
         kept = []
         for i, n in enumerate(counts):
             idx = first_k_true(keep[i], n)  # [n] candidates of image i
             order = class_aware_nms(
-                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms_iou_threshold
+                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms.iou_threshold
             )
             kept.append(idx[order[: cfg.max_per_img]])  # [K_i] best first
         num_dets = [len(k) for k in kept]  # tensor sizes: known on the host
         det_img = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(num_dets)])
-        det_cols = torch.cat(kept)  # [K_all] columns into P*C, grouped by image
+        det_cols = torch.cat(kept)  # [K_all] columns into R*C, grouped by image
         det_boxes = boxes[det_img, det_cols]  # [K_all, 4]
         det_scores = scores[det_img, det_cols]  # [K_all]
         det_labels = labels[det_cols]  # [K_all]
 
         det_rois = torch.cat([det_img[:, None].float(), det_boxes], 1)  # [K_all, 5]
-        mask_logits = self.mask_forward(outputs.features, det_rois)  # [K_all, C, M, M]
+        mask_logits = self.mask_forward(outputs.features, det_rois)  # [K_all, C, T, T]
         probs = (
             mask_logits[torch.arange(len(det_cols), device=device), det_labels].float().sigmoid()
         )
@@ -911,12 +586,6 @@ def _padded_targets(batch: Batch, device):
     return gt
 
 
-def _gather_gt(gt_boxes: Tensor, gt_inds: Tensor) -> Tensor:
-    """Matched box of each anchor: ``[B, G, 4]`` by 1-based ``[B, N]`` -> ``[B, N, 4]``."""
-    col = (gt_inds - 1).clamp(min=0)  # [B, N]
-    return gt_boxes.gather(1, col[..., None].expand(-1, -1, 4))  # [B, N, 4]
-
-
 def _concat_masks(batch: Batch, device) -> Tensor:
     """The batch's ground-truth masks ``[G_total, Hp, Wp]``, image 0's objects first."""
     hp, wp = batch.images.shape[-2:]
@@ -924,11 +593,6 @@ def _concat_masks(batch: Batch, device) -> Tensor:
     if not masks:
         return torch.zeros(0, hp, wp, dtype=torch.bool, device=device)
     return torch.cat(masks)
-
-
-def _sample(assignment: Assignment, cfg: SamplerConfig) -> tuple[Tensor, Tensor]:
-    """Random positive / negative sample of each image as ``[B, N]`` boolean masks."""
-    return random_sample_batched(assignment, cfg.num, cfg.pos_fraction, cfg.neg_pos_ub)
 
 
 def build_mask_rcnn(cfg: MaskRCNNConfig = MASK_RCNN_R50_FPN) -> MaskRCNN:
@@ -955,6 +619,7 @@ __all__ = [
     "RPNHead",
     "RPNHeadConfig",
     "RPNTargets",
+    "RPNTrainConfig",
     "RoIHeadConfig",
     "RoITargets",
     "SamplerConfig",

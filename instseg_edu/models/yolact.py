@@ -45,22 +45,22 @@ The three public stages (see :mod:`instseg_edu.models`): ``model(images)`` →
 image_sizes)`` → one :class:`~instseg_edu.structures.Detections` (with masks) per image.
 
 Config keys follow MMDetection's ``configs/yolact/yolact_r50_1x8_coco.py`` (``bbox_head`` =
-``YOLACTHead``, ``mask_head`` = ``YOLACTProtonet``, ``train_cfg``, ``test_cfg``). Differences on
+``YOLACTHead``, ``mask_head`` = ``YOLACTProtonet``, ``train_cfg``, ``test_cfg``); the classes and
+presets are in :mod:`instseg_edu.models.configs.yolact` (importable from here too). Differences on
 purpose: integer strides 8..128 instead of ``550 / (69, 35, 18, 9, 5)`` (any input size, not only
 550²); an image without positives keeps no OHEM negatives (original YOLACT; MMDetection keeps all
 of them).
 
 Shape legend: ``B`` images, ``N`` anchors of all levels, ``A`` anchors per cell, ``C`` classes,
-``P`` prototypes, ``K`` positives used for masks (or detections), ``G`` ground truths,
-``Hm, Wm`` prototype height and width (input / 4), ``Hp, Wp`` padded input size.
+``P`` prototypes, ``M`` positives whose masks are trained, ``K`` candidates or detections, ``G``
+ground truths, ``Hm, Wm`` prototype height and width (input / 4), ``Hp, Wp`` padded input size,
+``h, w`` an image's true size.
 
 Taught in ``notebooks/08_yolact.py``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
@@ -68,25 +68,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from instseg_edu.losses import global_avg_factor, smooth_l1_loss
-from instseg_edu.models.backbone import (
-    FPNConfig,
-    ImageNormalize,
-    ResNetConfig,
-    build_backbone,
-    fpn_strides,
-    resnet_out_channels,
+from instseg_edu.models import dense_heads
+from instseg_edu.models.backbone import ImageNormalize, build_backbone
+from instseg_edu.models.configs.yolact import (
+    YOLACT_R18_SMALL,
+    YOLACT_R50_FPN,
+    YOLACTConfig,
+    YOLACTHeadConfig,
+    YOLACTProtonetConfig,
+    YOLACTTestConfig,
+    YOLACTTrainConfig,
 )
-from instseg_edu.models.retinanet import (
-    AnchorGeneratorConfig,
-    BBoxCoderConfig,
-    MaxIoUAssignerConfig,
-    to_B_HWA_K,
-)
-from instseg_edu.ops.assign import Assignment, max_iou_assign_padded
+from instseg_edu.models.dense_heads import to_B_HWA_K
+from instseg_edu.ops.assign import NEGATIVE, Assignment, max_iou_assign_padded
 from instseg_edu.ops.boxes import clip_boxes
-from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
+from instseg_edu.ops.masks import crop_masks
 from instseg_edu.ops.nms import FastNMSResult, fast_nms_batched
-from instseg_edu.structures import Batch, Detections, pad_targets
+from instseg_edu.ops.sampling import ohem_negatives
+from instseg_edu.structures import Batch, Detections, pad_targets, softmax_labels
 
 __all__ = [
     "YOLACTHeadConfig",
@@ -110,263 +109,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------
-# Configuration (MMDetection key names)
-# --------------------------------------------------------------------------------------------------
-
-
-def _check_weight(name: str, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{name}={value} must be >= 0")
-
-
-@dataclass(frozen=True)
-class YOLACTHeadConfig:
-    """``bbox_head`` (``YOLACTHead``): the prediction head of Sec. 3.2 and its losses.
-
-    Attributes:
-        num_classes: foreground classes ``C``; the head predicts ``C + 1`` logits, background last.
-        in_channels: channels of the FPN levels.
-        feat_channels: width of the shared 3×3 conv(s).
-        num_head_convs: shared 3×3 conv + ReLU layers before the three outputs (paper: 1).
-        num_protos: ``P``, mask coefficients per anchor (= prototypes; paper: 32).
-        anchor_generator: 3 ratios × 1 scale, ``3 · stride`` wide, centred in the cell.
-        bbox_coder: deltas normalised by ``(0.1, 0.1, 0.2, 0.2)`` (SSD's variances).
-        loss_cls_weight, loss_bbox_weight: 1.0 and 1.5 (paper and MMDetection).
-        smoothl1_beta: the smooth-L1 switch point.
-    """
-
-    num_classes: int = 80
-    in_channels: int = 256
-    feat_channels: int = 256
-    num_head_convs: int = 1
-    num_protos: int = 32
-    anchor_generator: AnchorGeneratorConfig = field(
-        default_factory=lambda: AnchorGeneratorConfig(
-            octave_base_scale=3.0,
-            scales_per_octave=1,
-            ratios=(0.5, 1.0, 2.0),
-            strides=(8, 16, 32, 64, 128),
-            center_offset=0.5,
-        )
-    )
-    bbox_coder: BBoxCoderConfig = field(
-        default_factory=lambda: BBoxCoderConfig(target_stds=(0.1, 0.1, 0.2, 0.2))
-    )
-    loss_cls_weight: float = 1.0
-    loss_bbox_weight: float = 1.5
-    smoothl1_beta: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("num_classes", "in_channels", "feat_channels", "num_protos"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.num_head_convs < 0:
-            raise ValueError(f"num_head_convs={self.num_head_convs} must be >= 0")
-        _check_weight("loss_cls_weight", self.loss_cls_weight)
-        _check_weight("loss_bbox_weight", self.loss_bbox_weight)
-        _check_weight("smoothl1_beta", self.smoothl1_beta)
-
-
-@dataclass(frozen=True)
-class YOLACTProtonetConfig:
-    """``mask_head`` (``YOLACTProtonet``): the prototype branch of Sec. 3.1 and the mask loss.
-
-    The layers are MMDetection's two parallel tuples: a kernel size ``k > 0`` is a ``k×k`` conv to
-    ``proto_channels[i]`` channels followed by ReLU; ``k < 0`` is a bilinear upsample by ``-k``
-    (its channel entry is ``None``). Default: three 3×3 convs, ×2 upsample, a 3×3 conv and a 1×1
-    conv to ``num_protos`` — stride 8 (P3) becomes stride 4.
-
-    Attributes:
-        in_channels: channels of P3.
-        proto_channels, proto_kernel_sizes: the layers, see above; the last conv must output
-            ``num_protos`` channels.
-        include_last_relu: ReLU on the prototypes (paper: unbounded positive prototypes work best,
-            Sec. 3.1).
-        num_protos: ``P``.
-        max_masks_to_train: positives per image whose masks are trained (a random subset).
-        loss_mask_weight: 6.125 (MMDetection).
-        with_seg_branch: add the semantic segmentation auxiliary loss on P3 (Sec. 5).
-        loss_segm_weight: its weight (1.0).
-    """
-
-    in_channels: int = 256
-    proto_channels: tuple[int | None, ...] = (256, 256, 256, None, 256, 32)
-    proto_kernel_sizes: tuple[int, ...] = (3, 3, 3, -2, 3, 1)
-    include_last_relu: bool = True
-    num_protos: int = 32
-    max_masks_to_train: int = 100
-    loss_mask_weight: float = 6.125
-    with_seg_branch: bool = False
-    loss_segm_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "proto_channels", tuple(self.proto_channels))
-        object.__setattr__(self, "proto_kernel_sizes", tuple(self.proto_kernel_sizes))
-        for name in ("in_channels", "num_protos", "max_masks_to_train"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        chans, kernels = self.proto_channels, self.proto_kernel_sizes
-        if len(chans) != len(kernels) or not kernels:
-            raise ValueError(
-                f"proto_channels={chans} and proto_kernel_sizes={kernels} must be non-empty "
-                "and of the same length"
-            )
-        for c, k in zip(chans, kernels):
-            if k == 0 or (k > 0 and (c is None or c < 1)) or (k < 0 and c is not None):
-                raise ValueError(
-                    f"proto_kernel_sizes={kernels} with proto_channels={chans}: each entry must be "
-                    "a conv (k > 0, channels >= 1) or an upsample (k < 0, channels None)"
-                )
-        convs = [c for c, k in zip(chans, kernels) if k > 0]
-        if not convs or convs[-1] != self.num_protos:
-            raise ValueError(
-                f"proto_channels={chans}: the last conv must output num_protos={self.num_protos}"
-            )
-        _check_weight("loss_mask_weight", self.loss_mask_weight)
-        _check_weight("loss_segm_weight", self.loss_segm_weight)
-
-    @property
-    def upsample_factor(self) -> int:
-        """How much finer the prototypes are than P3 (2 by default)."""
-        return math.prod(-k for k in self.proto_kernel_sizes if k < 0)
-
-
-@dataclass(frozen=True)
-class YOLACTTrainConfig:
-    """``train_cfg``: MaxIoU assignment and OHEM.
-
-    Attributes:
-        assigner: ``pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0``, one best anchor per ground
-            truth (``gt_max_assign_all=False``, as MMDetection's YOLACT).
-        neg_pos_ratio: OHEM keeps ``neg_pos_ratio`` hardest negatives per positive (3, SSD).
-    """
-
-    assigner: MaxIoUAssignerConfig = field(
-        default_factory=lambda: MaxIoUAssignerConfig(
-            pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0, gt_max_assign_all=False
-        )
-    )
-    neg_pos_ratio: int = 3
-
-    def __post_init__(self) -> None:
-        if self.neg_pos_ratio < 0:
-            raise ValueError(f"neg_pos_ratio={self.neg_pos_ratio} must be >= 0")
-
-
-@dataclass(frozen=True)
-class YOLACTTestConfig:
-    """``test_cfg``.
-
-    Attributes:
-        nms_pre: per level, keep the ``nms_pre`` anchors with the best foreground score.
-        score_thr: drop scores not above this (0.05).
-        iou_thr: Fast NMS IoU threshold (0.5).
-        top_k: Fast NMS considers the ``top_k`` best boxes per class (200).
-        max_per_img: detections kept per image (100).
-        mask_thr: binarisation threshold of the upsampled mask probabilities (0.5).
-    """
-
-    nms_pre: int = 1000
-    score_thr: float = 0.05
-    iou_thr: float = 0.5
-    top_k: int = 200
-    max_per_img: int = 100
-    mask_thr: float = 0.5
-
-    def __post_init__(self) -> None:
-        for name in ("nms_pre", "top_k", "max_per_img"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not 0.0 <= self.score_thr < 1.0:
-            raise ValueError(f"score_thr={self.score_thr} must be in [0, 1)")
-        if not 0.0 < self.iou_thr <= 1.0:
-            raise ValueError(f"iou_thr={self.iou_thr} must be in (0, 1]")
-        if not 0.0 < self.mask_thr < 1.0:
-            raise ValueError(f"mask_thr={self.mask_thr} must be in (0, 1)")
-
-
-@dataclass(frozen=True)
-class YOLACTConfig:
-    """The whole model. Defaults are MMDetection's ``yolact_r50_1x8_coco`` (80 classes).
-
-    Cross-checks (``ValueError`` naming the field): anchor ``strides`` equal the FPN output strides,
-    ``bbox_head.in_channels`` and ``mask_head.in_channels`` equal ``neck.out_channels``, and
-    ``bbox_head.num_protos`` equals ``mask_head.num_protos``.
-    """
-
-    backbone: ResNetConfig = field(
-        default_factory=lambda: ResNetConfig(
-            depth=50, frozen_stages=-1, norm_eval=False, zero_init_residual=False
-        )
-    )
-    neck: FPNConfig = field(default_factory=FPNConfig)
-    bbox_head: YOLACTHeadConfig = field(default_factory=YOLACTHeadConfig)
-    mask_head: YOLACTProtonetConfig = field(default_factory=YOLACTProtonetConfig)
-    train_cfg: YOLACTTrainConfig = field(default_factory=YOLACTTrainConfig)
-    test_cfg: YOLACTTestConfig = field(default_factory=YOLACTTestConfig)
-
-    def __post_init__(self) -> None:
-        channels = resnet_out_channels(self.backbone)
-        if tuple(self.neck.in_channels) != channels:
-            raise ValueError(
-                f"neck.in_channels={self.neck.in_channels} must equal the ResNet-"
-                f"{self.backbone.depth} output channels {channels}"
-            )
-        for name, head in (("bbox_head", self.bbox_head), ("mask_head", self.mask_head)):
-            if head.in_channels != self.neck.out_channels:
-                raise ValueError(
-                    f"{name}.in_channels={head.in_channels} must equal "
-                    f"neck.out_channels={self.neck.out_channels}"
-                )
-        if self.bbox_head.num_protos != self.mask_head.num_protos:
-            raise ValueError(
-                f"bbox_head.num_protos={self.bbox_head.num_protos} must equal "
-                f"mask_head.num_protos={self.mask_head.num_protos}"
-            )
-        strides = tuple(self.bbox_head.anchor_generator.strides)
-        expected = fpn_strides(self.backbone, self.neck)
-        if strides != expected:
-            raise ValueError(
-                f"anchor_generator.strides={strides} must be the strides {expected} of the "
-                f"neck.num_outs={self.neck.num_outs} FPN levels"
-            )
-        if strides[0] % self.mask_head.upsample_factor:
-            raise ValueError(
-                f"proto_kernel_sizes={self.mask_head.proto_kernel_sizes} upsample P3 (stride "
-                f"{strides[0]}) by {self.mask_head.upsample_factor}, which must divide it"
-            )
-
-    @property
-    def proto_stride(self) -> int:
-        """Input pixels per prototype pixel (8 / 2 = 4 by default)."""
-        return int(self.bbox_head.anchor_generator.strides[0]) // self.mask_head.upsample_factor
-
-    def with_num_classes(self, num_classes: int) -> YOLACTConfig:
-        """The same config for another dataset: ``cfg.with_num_classes(len(dataset.classes))``."""
-        return replace(self, bbox_head=replace(self.bbox_head, num_classes=num_classes))
-
-
-#: MMDetection's ``yolact_r50_1x8_coco`` (without the ImageNet weights; set
-#: ``backbone.pretrained="ResNet50_Weights.IMAGENET1K_V1"`` for them), with the semantic
-#: segmentation branch on as there.
-YOLACT_R50_FPN = YOLACTConfig(mask_head=YOLACTProtonetConfig(with_seg_branch=True))
-
-#: A small YOLACT for CPUs: ResNet-18, 64-channel FPN, head and protonet, 16 prototypes, two
-#: protonet convs before the upsample. Same anchors, assigner, OHEM, losses and test procedure.
-YOLACT_R18_SMALL = YOLACTConfig(
-    backbone=ResNetConfig(depth=18, frozen_stages=-1, norm_eval=False),
-    neck=FPNConfig(in_channels=(64, 128, 256, 512), out_channels=64, start_level=1, num_outs=5),
-    bbox_head=YOLACTHeadConfig(in_channels=64, feat_channels=64, num_protos=16),
-    mask_head=YOLACTProtonetConfig(
-        in_channels=64,
-        proto_channels=(64, 64, None, 64, 16),
-        proto_kernel_sizes=(3, 3, -2, 3, 1),
-        num_protos=16,
-    ),
-)
-
-
-# --------------------------------------------------------------------------------------------------
 # Outputs and targets
 # --------------------------------------------------------------------------------------------------
 
@@ -380,7 +122,7 @@ class YOLACTOutputs(NamedTuple):
         coeffs: ``float [B, N, P]`` mask coefficients in ``[-1, 1]`` (tanh).
         prototypes: ``float [B, P, Hm, Wm]`` prototype masks, ``>= 0`` (ReLU), ``Hm = Hp / 4``.
         featmap_sizes: ``(H, W)`` of each FPN level (fixes the anchors).
-        segm_logits: ``float [B, C, H/8, W/8]`` semantic logits, or ``None`` without the branch.
+        segm_logits: ``float [B, C, Hp/8, Wp/8]`` semantic logits, or ``None`` without the branch.
     """
 
     cls_logits: Tensor
@@ -395,30 +137,32 @@ class YOLACTTargets(NamedTuple):
     """What the losses train on.
 
     Attributes:
-        labels: ``int64 [B, N]``: the class ``0..C-1`` of positives, ``C`` (background) for
-            negatives, ``-1`` for ignored anchors.
-        gt_inds: ``int64 [B, N]``: index of the matched ground truth (into the image's targets)
-            for positives, ``-1`` elsewhere.
+        labels: ``int64 [B, N]``: the class ``0..C-1`` of positives, ``BACKGROUND`` (-1) for
+            every other anchor (the loss moves it to the softmax's background column ``C``;
+            ``cls_weights`` says which of them are trained).
+        gt_index: ``int64 [B, N]``: the matched ground truth (a row of the image's targets) for
+            positives, ``NO_GT`` (-1) elsewhere.
         cls_weights: ``float [B, N]``: 1 for positives and for the OHEM-kept negatives, else 0.
         bbox_targets: ``float [B, N, 4]`` encoded deltas to the matched box; 0 where not positive.
         pos: ``bool [B, N]`` positive anchors.
         ohem_neg: ``bool [B, N]`` negatives kept by OHEM.
         num_pos: ``float [B]`` positives per image.
-        mask_anchor_inds: ``int64 [B, K]`` anchors whose masks are trained, ``K = min(
+        mask_anchor_inds: ``int64 [B, M]`` anchors whose masks are trained, ``M = min(
             max_masks_to_train, N)``; rows beyond an image's positives are filler.
-        mask_valid: ``bool [B, K]``: True for real (positive) entries of ``mask_anchor_inds``.
-        mask_targets: ``float [B, K, Hm, Wm]`` the matched ground-truth masks at prototype size.
-        mask_boxes: ``float [B, K, 4]`` the matched ground-truth boxes in prototype pixels (crop
+        mask_valid: ``bool [B, M]``: True for real (positive) entries of ``mask_anchor_inds``.
+        mask_targets: ``float [B, M, Hm, Wm]`` the matched ground-truth masks at prototype size.
+        mask_boxes: ``float [B, M, 4]`` the matched ground-truth boxes in prototype pixels (crop
             and area normaliser).
-        segm_targets: ``float [B, C, h, w]`` per-class union masks at the semantic branch's size,
-            or ``None``.
+        segm_targets: ``float [B, C, Hp/8, Wp/8]`` per-class union masks at the semantic branch's
+            size, or ``None``.
         assignment: the :class:`~instseg_edu.ops.assign.Assignment` behind it, fields ``[B, N]``.
-        segm_weights: ``float [B, C, h, w]``, 0 where ``segm_targets`` is unknown (inside the box
-            of a box-only object, in its class's channel), else 1; ``None`` without the branch.
+        segm_weights: ``float [B, C, Hp/8, Wp/8]``, 0 where ``segm_targets`` is unknown (inside
+            the box of a box-only object, in its class's channel), else 1; ``None`` without the
+            branch.
     """
 
     labels: Tensor
-    gt_inds: Tensor
+    gt_index: Tensor
     cls_weights: Tensor
     bbox_targets: Tensor
     pos: Tensor
@@ -432,9 +176,15 @@ class YOLACTTargets(NamedTuple):
     assignment: Assignment
     segm_weights: Tensor | None = None
 
+    @property
+    def gt_inds(self) -> Tensor:
+        """The former name of ``gt_index`` (read-only)."""
+        return self.gt_index
+
 
 # --------------------------------------------------------------------------------------------------
-# The three small ideas: linear combination, crop, OHEM
+# The small ideas: linear combination and assembly (crop: instseg_edu.ops.masks, OHEM:
+# instseg_edu.ops.sampling)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -455,32 +205,6 @@ def linear_combination(prototypes: Tensor, coeffs: Tensor) -> Tensor:
     return torch.einsum("...phw,...kp->...khw", prototypes, coeffs.to(prototypes.dtype))
 
 
-def crop_masks(masks: Tensor, boxes: Tensor) -> Tensor:
-    """Zero every mask outside its box (Sec. 3.3, "Cropping").
-
-    A pixel ``(i, j)`` covers ``[j, j+1) × [i, i+1)`` and is kept when its centre
-    ``(j + 0.5, i + 0.5)`` lies in ``[x1, x2) × [y1, y2)``. Example on a 4×4 grid with the box
-    ``(1, 0.6, 3, 2)``: columns 1, 2 (centres 1.5, 2.5) and rows 1 (centre 1.5; row 0's centre 0.5
-    is above 0.6) survive. (The YOLACT code pads the box by one pixel and truncates coordinates; the
-    centre rule is the same rule used to rasterise masks and boxes elsewhere in this library.)
-
-    Args:
-        masks: ``float [..., K, Hm, Wm]``.
-        boxes: ``float [..., K, 4]`` xyxy in the *masks'* pixel units.
-
-    Returns:
-        ``masks * inside``, same shape and dtype.
-    """
-    h, w = masks.shape[-2:]
-    xs = torch.arange(w, device=masks.device, dtype=boxes.dtype) + 0.5  # [Wm] pixel centres
-    ys = torch.arange(h, device=masks.device, dtype=boxes.dtype) + 0.5  # [Hm]
-    x1, y1, x2, y2 = (boxes[..., i, None] for i in range(4))  # each [..., K, 1]
-    in_x = (xs >= x1) & (xs < x2)  # [..., K, Wm]
-    in_y = (ys >= y1) & (ys < y2)  # [..., K, Hm]
-    inside = in_y[..., :, None] & in_x[..., None, :]  # [..., K, Hm, Wm]
-    return masks * inside.to(masks.dtype)
-
-
 def assemble_masks(prototypes: Tensor, coeffs: Tensor, boxes: Tensor | None = None) -> Tensor:
     """Mask probabilities of a set of detections: ``crop(sigmoid(Prototypes · Coeffsᵀ), boxes)``.
 
@@ -494,33 +218,6 @@ def assemble_masks(prototypes: Tensor, coeffs: Tensor, boxes: Tensor | None = No
     """
     probs = linear_combination(prototypes, coeffs).sigmoid()
     return probs if boxes is None else crop_masks(probs, boxes)
-
-
-def ohem_negatives(neg_loss: Tensor, neg: Tensor, num_pos: Tensor, neg_pos_ratio: int) -> Tensor:
-    """Online hard example mining (SSD Sec. 2.2; YOLACT Sec. 4): per image, keep the
-    ``min(neg_pos_ratio · num_pos, num_neg)`` negatives with the largest loss.
-
-    Vectorised by ranking: sort each image's losses with non-negatives at ``-inf`` (so they sort
-    last), turn the sort order into a rank per anchor, and keep the negatives whose rank is below
-    the quota. Example: losses ``[0.1, 2.0, 0.5, 0.7]`` all negative, one positive elsewhere,
-    ratio 3 → ranks ``[3, 0, 2, 1]``, quota 3, kept ``[F, T, T, T]``.
-
-    Args:
-        neg_loss: ``float [B, N]`` classification loss of each anchor (detached).
-        neg: ``bool [B, N]`` negative anchors.
-        num_pos: ``[B]`` positives per image.
-        neg_pos_ratio: negatives per positive.
-
-    Returns:
-        ``bool [B, N]`` kept negatives.
-    """
-    ranked = torch.where(neg, neg_loss, float("-inf"))  # [B, N]
-    order = ranked.argsort(dim=1, descending=True, stable=True)  # [B, N] anchors, hardest first
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )  # [B, N]: rank[b, order[b, r]] = r
-    quota = (num_pos.to(torch.long) * neg_pos_ratio)[:, None]  # [B, 1]
-    return neg & (rank < quota)  # rank < num_neg holds for negatives, so min(quota, num_neg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -607,8 +304,6 @@ class YOLACT(nn.Module):
     :class:`~instseg_edu.structures.Batch`'s ``images``); the model normalises them itself.
     """
 
-    _CACHE_SIZE = 16
-
     def __init__(self, cfg: YOLACTConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -620,11 +315,9 @@ class YOLACT(nn.Module):
         self.bbox_head = YOLACTHead(head)
         self.mask_head = Protonet(cfg.mask_head, head.num_classes)
         self.anchor_generator = head.anchor_generator.build()
-        self.bbox_coder = DeltaXYWHBBoxCoder(
-            head.bbox_coder.target_means, head.bbox_coder.target_stds
-        )
+        self.bbox_coder = head.bbox_coder
         self.normalize = ImageNormalize()
-        self._cache: dict[tuple, Tensor] = {}
+        self._anchor_cache: dict[tuple, Tensor] = {}  # see instseg_edu.models.dense_heads
 
     # ---- stage 1: forward ------------------------------------------------------------------------
 
@@ -640,7 +333,7 @@ class YOLACT(nn.Module):
         x = self.normalize(images)
         features = self.backbone(x)  # P3..P7: [B, 256, H/8, W/8] ... [B, 256, H/128, W/128]
         cls, reg, coeff = self.bbox_head(features)
-        prototypes, segm = self.mask_head(features[0])  # [B, P, Hm, Wm], [B, C, H/8, W/8]
+        prototypes, segm = self.mask_head(features[0])  # [B, P, Hm, Wm], [B, C, Hp/8, Wp/8]
         c1, p = self.num_classes + 1, self.num_protos
         return YOLACTOutputs(
             cls_logits=torch.cat([to_B_HWA_K(t, c1) for t in cls], dim=1),  # [B, N, C+1]
@@ -651,42 +344,23 @@ class YOLACT(nn.Module):
             segm_logits=segm,
         )
 
-    # ---- anchors ---------------------------------------------------------------------------------
-
-    def _remember(self, key, make):
-        if key not in self._cache:
-            if len(self._cache) >= self._CACHE_SIZE:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = make()
-        return self._cache[key]
+    # ---- anchors (instseg_edu.models.dense_heads) ----------------------------------------------
 
     def level_sizes(self, featmap_sizes) -> list[int]:
         """Anchors per level, ``H_l · W_l · A``."""
-        a = self.anchor_generator.num_base_anchors
-        return [h * w * a_l for (h, w), a_l in zip(featmap_sizes, a)]
+        return dense_heads.level_sizes(self.anchor_generator, featmap_sizes)
 
     def anchors(self, featmap_sizes, device: torch.device | str) -> Tensor:
         """All anchors, ``float32 [N, 4]`` xyxy pixels, levels concatenated (cached)."""
-        sizes = tuple(map(tuple, featmap_sizes))
-        key = ("anchors", sizes, str(torch.device(device)))
-        return self._remember(
-            key, lambda: torch.cat(self.anchor_generator.grid_anchors(sizes, device), dim=0)
+        return dense_heads.all_anchors(
+            self.anchor_generator, featmap_sizes, device, self._anchor_cache
         )
 
     def anchor_valid(self, featmap_sizes, image_sizes, device: torch.device | str) -> Tensor:
         """``bool [B, N]``: anchors whose cell lies inside each image's true size."""
-        sizes = tuple(map(tuple, featmap_sizes))
-        dev = str(torch.device(device))
-        flags = [
-            self._remember(
-                ("valid", sizes, (int(h), int(w)), dev),
-                lambda h=h, w=w: torch.cat(
-                    self.anchor_generator.valid_flags(sizes, (int(h), int(w)), device)
-                ),
-            )
-            for h, w in image_sizes
-        ]
-        return torch.stack(flags, dim=0)  # [B, N]
+        return dense_heads.anchor_valid(
+            self.anchor_generator, featmap_sizes, image_sizes, device, self._anchor_cache
+        )
 
     # ---- stage 2: targets and loss ---------------------------------------------------------------
 
@@ -705,24 +379,14 @@ class YOLACT(nn.Module):
         valid = self.anchor_valid(outputs.featmap_sizes, batch.image_sizes, device)  # [B, N]
         gt = pad_targets(batch.targets, device)  # boxes [B, G, 4], labels / valid [B, G]
         assignment = max_iou_assign_padded(anchors, gt, self.cfg.train_cfg.assigner, valid)
-        pos = assignment.gt_inds > 0  # [B, N]
-        neg = assignment.gt_inds == 0  # [B, N]
+        gt_index = assignment.gt_index  # [B, N], NO_GT where not positive
+        pos = gt_index >= 0  # [B, N]
+        neg = assignment.reason == NEGATIVE  # [B, N]
         b, n = pos.shape
         g = gt.boxes.shape[1]
-        gt_inds = torch.where(pos, assignment.gt_inds - 1, -1)  # [B, N]
-        labels = torch.where(pos, assignment.labels, torch.where(neg, c, -1))  # [B, N]
         num_pos = pos.sum(dim=1).to(torch.float32)  # [B]
-
-        # Box targets (as RetinaNet; non-positives encode their own anchor and get weight 0).
-        anchors_b = anchors.expand(b, n, 4)  # [B, N, 4]
-        index = gt_inds.clamp(min=0)  # [B, N]
-        if g > 0:
-            matched = torch.gather(gt.boxes, 1, index[..., None].expand(b, n, 4))  # [B, N, 4]
-            matched = torch.where(pos[..., None], matched, anchors_b)
-        else:
-            matched = anchors_b
-        deltas = self.bbox_coder.encode(anchors_b, matched)  # [B, N, 4]
-        bbox_targets = torch.where(pos[..., None], deltas, torch.zeros_like(deltas))
+        bbox_targets = dense_heads.encode_matched(self.bbox_coder, anchors, gt.boxes, gt_index, pos)
+        index = gt_index.clamp(min=0)  # [B, N], a valid row (0) where not positive
 
         # OHEM: rank negatives by their background cross-entropy, logsumexp(x) - x_bg.
         logits = outputs.cls_logits.detach().float()  # [B, N, C+1]
@@ -730,14 +394,14 @@ class YOLACT(nn.Module):
         ohem_neg = ohem_negatives(bg_loss, neg, num_pos, self.cfg.train_cfg.neg_pos_ratio)
         cls_weights = (pos | ohem_neg).to(torch.float32)  # [B, N]
 
-        # Mask subset: K = min(max_masks_to_train, N) anchors per image, positives first. Only
+        # Mask subset: M = min(max_masks_to_train, N) anchors per image, positives first. Only
         # positives whose object has a mask qualify: a box-only object trains no mask.
-        k = min(self.cfg.mask_head.max_masks_to_train, n)
+        m = min(self.cfg.mask_head.max_masks_to_train, n)
         mask_pos = pos & torch.gather(gt.has_mask, 1, index) if g > 0 else pos  # [B, N]
         keys = torch.rand(b, n, device=device) + mask_pos.to(torch.float32)  # those in [1, 2)
-        mask_anchor_inds = keys.topk(k, dim=1).indices  # [B, K]
-        mask_valid = torch.gather(mask_pos, 1, mask_anchor_inds)  # [B, K]
-        mask_gt = torch.gather(index, 1, mask_anchor_inds)  # [B, K] ground-truth index
+        mask_anchor_inds = keys.topk(m, dim=1).indices  # [B, M]
+        mask_valid = torch.gather(mask_pos, 1, mask_anchor_inds)  # [B, M]
+        mask_gt = torch.gather(index, 1, mask_anchor_inds)  # [B, M] ground-truth index
         hm, wm = outputs.prototypes.shape[-2:]
         s = float(self.proto_stride)
         if g > 0:
@@ -747,13 +411,13 @@ class YOLACT(nn.Module):
             small = F.interpolate(gt_masks, size=(hm, wm), mode="bilinear", align_corners=False)
             small = (small > 0.5).to(torch.float32)  # [B, G, Hm, Wm]
             mask_targets = torch.gather(
-                small, 1, mask_gt[:, :, None, None].expand(b, k, hm, wm)
-            )  # [B, K, Hm, Wm]
-            mask_boxes = torch.gather(gt.boxes, 1, mask_gt[..., None].expand(b, k, 4)) / s
+                small, 1, mask_gt[:, :, None, None].expand(b, m, hm, wm)
+            )  # [B, M, Hm, Wm]
+            mask_boxes = torch.gather(gt.boxes, 1, mask_gt[..., None].expand(b, m, 4)) / s
         else:
             small = torch.zeros(b, 0, hm, wm, device=device)
-            mask_targets = torch.zeros(b, k, hm, wm, device=device)
-            mask_boxes = torch.zeros(b, k, 4, device=device)
+            mask_targets = torch.zeros(b, m, hm, wm, device=device)
+            mask_boxes = torch.zeros(b, m, 4, device=device)
 
         segm_targets = segm_weights = None
         if outputs.segm_logits is not None:
@@ -775,8 +439,8 @@ class YOLACT(nn.Module):
                 segm_targets = torch.zeros(b, c, hs, ws, device=device)
 
         return YOLACTTargets(
-            labels=labels,
-            gt_inds=gt_inds,
+            labels=assignment.labels,  # the class of positives, BACKGROUND elsewhere
+            gt_index=gt_index,
             cls_weights=cls_weights,
             bbox_targets=bbox_targets,
             pos=pos,
@@ -819,45 +483,44 @@ class YOLACT(nn.Module):
         num_pos = global_avg_factor(t.num_pos.sum(), clamp_min=1.0)
 
         logits = outputs.cls_logits.float()  # [B, N, C+1]
-        ce = F.cross_entropy(
-            logits.flatten(0, 1), t.labels.clamp(min=0).flatten(), reduction="none"
-        )  # [B*N]; ignored anchors (-1) get any label, their weight is 0
-        loss_cls = (ce * t.cls_weights.flatten()).sum() / num_pos
+        labels = softmax_labels(t.labels, self.num_classes)  # [B, N]: background is column C
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")  # [B*N]
+        loss_cls = (ce * t.cls_weights.flatten()).sum() / num_pos  # ignored anchors: weight 0
 
         loss_bbox = smooth_l1_loss(
             outputs.bbox_deltas.float(),
             t.bbox_targets,
-            beta=head.smoothl1_beta,
+            beta=head.loss_bbox.beta,
             reduction="sum",
             weight=t.pos[..., None].to(torch.float32),  # [B, N, 1]
             avg_factor=num_pos,
         )
 
         # Masks of the trained positives: gather their coefficients, assemble, crop with the GT box.
-        b, k = t.mask_anchor_inds.shape
+        b, m = t.mask_anchor_inds.shape
         coeffs = torch.gather(
-            outputs.coeffs, 1, t.mask_anchor_inds[..., None].expand(b, k, self.num_protos)
-        )  # [B, K, P]
-        mask_logits = linear_combination(outputs.prototypes.float(), coeffs)  # [B, K, Hm, Wm]
+            outputs.coeffs, 1, t.mask_anchor_inds[..., None].expand(b, m, self.num_protos)
+        )  # [B, M, P]
+        mask_logits = linear_combination(outputs.prototypes.float(), coeffs)  # [B, M, Hm, Wm]
         bce = F.binary_cross_entropy_with_logits(mask_logits, t.mask_targets, reduction="none")
         bce = crop_masks(bce, t.mask_boxes)  # outside the ground-truth box: no loss
-        wh = (t.mask_boxes[..., 2:] - t.mask_boxes[..., :2]).clamp(min=1.0)  # [B, K, 2]
-        per_mask = bce.sum(dim=(2, 3)) / (wh[..., 0] * wh[..., 1])  # [B, K]
+        wh = (t.mask_boxes[..., 2:] - t.mask_boxes[..., :2]).clamp(min=1.0)  # [B, M, 2]
+        per_mask = bce.sum(dim=(2, 3)) / (wh[..., 0] * wh[..., 1])  # [B, M]
         valid = t.mask_valid.to(torch.float32)
         loss_mask = (per_mask * valid).sum() / global_avg_factor(valid.sum(), clamp_min=1.0)
 
         losses = {
-            "loss_cls": head.loss_cls_weight * loss_cls,
-            "loss_bbox": head.loss_bbox_weight * loss_bbox,
+            "loss_cls": head.loss_cls.loss_weight * loss_cls,
+            "loss_bbox": head.loss_bbox.loss_weight * loss_bbox,
             "loss_mask": mask_cfg.loss_mask_weight * loss_mask,
         }
         if outputs.segm_logits is not None:
-            segm = outputs.segm_logits.float()  # [B, C, h, w]
+            segm = outputs.segm_logits.float()  # [B, C, Hp/8, Wp/8]
             loss_segm = F.binary_cross_entropy_with_logits(
                 segm, t.segm_targets, weight=t.segm_weights, reduction="sum"
             )
-            pixels = global_avg_factor(segm[:, 0].numel())  # B*h*w of the whole batch
-            losses["loss_segm"] = mask_cfg.loss_segm_weight * loss_segm / pixels
+            pixels = global_avg_factor(segm[:, 0].numel())  # B*Hp/8*Wp/8 of the whole batch
+            losses["loss_segm"] = mask_cfg.loss_segm.loss_weight * loss_segm / pixels
         losses["num_pos"] = t.num_pos.mean().detach()
         return losses
 
@@ -926,12 +589,9 @@ class YOLACT(nn.Module):
 
         # 1. top nms_pre anchors per level by their best foreground score
         best = scores.amax(dim=2)  # [B, N]
-        picks, start = [], 0
-        for n_level in self.level_sizes(outputs.featmap_sizes):
-            k = min(test.nms_pre, n_level)
-            picks.append(best[:, start : start + n_level].topk(k, dim=1).indices + start)
-            start += n_level
-        idx = torch.cat(picks, dim=1)  # [B, K] anchor indices
+        _, idx = dense_heads.topk_per_level(
+            best, self.level_sizes(outputs.featmap_sizes), test.nms_pre
+        )  # [B, K] anchor indices
         cand_scores = torch.gather(scores, 1, idx[..., None].expand(-1, -1, c))  # [B, K, C]
         cand_deltas = torch.gather(outputs.bbox_deltas.float(), 1, idx[..., None].expand(-1, -1, 4))
         cand_coeffs = torch.gather(

@@ -8,6 +8,7 @@
 - :mod:`~instseg_edu.ops.roi` — readable RoIPool / RoIAlign next to torchvision's.
 - :mod:`~instseg_edu.ops.nms` — Fast NMS (YOLACT), Matrix NMS (SOLOv2), points NMS (SOLO), mask NMS.
 - :mod:`~instseg_edu.ops.indexing` — ``first_k_true``: ``nonzero()[:k]`` with a size the host knows.
+- :mod:`~instseg_edu.ops.masks` — centre of mass, resizing, tight boxes and cropping of masks.
 
 Boxes are ``xyxy`` absolute pixels everywhere. Nothing here keeps state or modifies its inputs.
 """

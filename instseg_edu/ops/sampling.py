@@ -18,6 +18,9 @@ Every ``k``-subset of the candidates is equally likely, and a ``torch.Generator`
 reproducible. The batched form does the same for a whole ``[B, N]`` batch with a fixed ``k``, so it
 needs no host synchronisation. A model configures it with :class:`SamplerConfig`.
 
+One-stage detectors that sample do it by loss instead: :func:`ohem_negatives` keeps each image's
+hardest negatives (SSD; YOLACT).
+
 Shape legend: ``B`` images, ``N`` boxes (anchors or proposals).
 """
 
@@ -31,7 +34,7 @@ from torch import Tensor
 from instseg_edu.config import check, check_in_range
 from instseg_edu.ops.assign import NEGATIVE, Assignment
 
-__all__ = ["SamplerConfig", "random_sample", "random_sample_batched"]
+__all__ = ["SamplerConfig", "ohem_negatives", "random_sample", "random_sample_batched"]
 
 
 def _check(num: int, pos_fraction: float) -> None:
@@ -149,3 +152,30 @@ def random_sample(
         batch, num, pos_fraction, neg_pos_ub=neg_pos_ub, generator=generator
     )  # [1, N] each
     return pos_mask[0].nonzero().flatten(), neg_mask[0].nonzero().flatten()
+
+
+def ohem_negatives(neg_loss: Tensor, neg: Tensor, num_pos: Tensor, neg_pos_ratio: int) -> Tensor:
+    """Online hard example mining (SSD Sec. 2.2; YOLACT Sec. 4): per image, keep the
+    ``min(neg_pos_ratio · num_pos, num_neg)`` negatives with the largest loss.
+
+    Vectorised by ranking: sort each image's losses with non-negatives at ``-inf`` (so they sort
+    last), turn the sort order into a rank per anchor, and keep the negatives whose rank is below
+    the quota. Example: losses ``[0.1, 2.0, 0.5, 0.7]`` all negative, one positive elsewhere,
+    ratio 3 → ranks ``[3, 0, 2, 1]``, quota 3, kept ``[F, T, T, T]``.
+
+    Args:
+        neg_loss: ``float [B, N]`` classification loss of each anchor (detached).
+        neg: ``bool [B, N]`` negative anchors.
+        num_pos: ``[B]`` positives per image.
+        neg_pos_ratio: negatives per positive.
+
+    Returns:
+        ``bool [B, N]`` kept negatives.
+    """
+    ranked = torch.where(neg, neg_loss, float("-inf"))  # [B, N]
+    order = ranked.argsort(dim=1, descending=True, stable=True)  # [B, N] anchors, hardest first
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )  # [B, N]: rank[b, order[b, r]] = r
+    quota = (num_pos.to(torch.long) * neg_pos_ratio)[:, None]  # [B, 1]
+    return neg & (rank < quota)  # rank < num_neg holds for negatives, so min(quota, num_neg)

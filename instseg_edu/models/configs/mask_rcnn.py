@@ -1,0 +1,283 @@
+"""Mask R-CNN's configuration: MMDetection's ``configs/_base_/models/mask_rcnn_r50_fpn.py`` as
+frozen dataclasses, and the presets.
+
+``rpn_head`` (anchors, box coder, losses), ``roi_head`` (RoIAlign extractors,
+``Shared2FCBBoxHead`` and ``FCNMaskHead`` in one flat config), ``train_cfg`` (``rpn`` assigner and
+sampler, ``rpn_proposal``, ``rcnn`` assigner, sampler and ``mask_size``) and ``test_cfg`` (``rpn``
+proposals, ``rcnn`` post-processing), composed from the shared pieces of
+:mod:`instseg_edu.config`. ``num_classes`` sits at the top (MMDetection repeats it in the box and
+mask heads). The model is in :mod:`instseg_edu.models.mask_rcnn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from instseg_edu.config import check, check_at_least, check_in_range
+from instseg_edu.losses import CrossEntropyLossConfig, L1LossConfig
+from instseg_edu.models.backbone import (
+    FPNConfig,
+    ResNetConfig,
+    check_backbone_and_heads,
+    fpn_p2_p6,
+)
+from instseg_edu.ops.anchors import AnchorGeneratorConfig
+from instseg_edu.ops.assign import MaxIoUAssignerConfig
+from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
+from instseg_edu.ops.nms import NMSConfig
+from instseg_edu.ops.sampling import SamplerConfig
+
+__all__ = [
+    "MASK_RCNN_R18_SMALL",
+    "MASK_RCNN_R50_FPN",
+    "MaskRCNNConfig",
+    "ProposalConfig",
+    "RCNNTestConfig",
+    "RCNNTrainConfig",
+    "RPNHeadConfig",
+    "RPNTrainConfig",
+    "RoIHeadConfig",
+    "TestCfg",
+    "TrainCfg",
+]
+
+_COORD_CODER = ("target_means", "target_stds")  # keys that moved into bbox_coder
+
+
+def _rpn_anchors() -> AnchorGeneratorConfig:
+    # One scale of 8 strides per level, three ratios: 32..512 px anchors on P2-P6.
+    return AnchorGeneratorConfig(strides=(4, 8, 16, 32, 64), scales=(8.0,))
+
+
+@dataclass(frozen=True)
+class RPNHeadConfig:
+    """``rpn_head``: one 3x3 conv of ``feat_channels``, then 1x1 objectness and delta convs.
+
+    Attributes:
+        feat_channels: width of the shared 3x3 conv.
+        anchor_generator: ``A = 3`` anchors per cell (``scales=(8,)``, ratios 0.5/1/2).
+        bbox_coder: the deltas' normalisation (none for the RPN).
+        loss_cls: binary cross-entropy on the objectness; loss_bbox: L1 on the deltas.
+    """
+
+    former_fields = {k: f"bbox_coder.{k}" for k in _COORD_CODER}
+
+    feat_channels: int = 256
+    anchor_generator: AnchorGeneratorConfig = field(default_factory=_rpn_anchors)
+    bbox_coder: DeltaXYWHBBoxCoder = field(default_factory=DeltaXYWHBBoxCoder)
+    loss_cls: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
+    loss_bbox: L1LossConfig = field(default_factory=L1LossConfig)
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "feat_channels")
+
+
+@dataclass(frozen=True)
+class ProposalConfig:
+    """``train_cfg.rpn_proposal`` / ``test_cfg.rpn``: turning RPN outputs into proposals.
+
+    Attributes:
+        nms_pre: candidates kept per image and level before NMS.
+        max_per_img: proposals kept per image after NMS (``R``).
+        nms: the NMS run per image and level (IoU 0.7).
+        min_bbox_size: drop decoded boxes whose width or height is not above this.
+    """
+
+    former_fields = {"nms_iou_threshold": "nms.iou_threshold"}
+
+    nms_pre: int = 1000
+    max_per_img: int = 1000
+    nms: NMSConfig = field(default_factory=lambda: NMSConfig(iou_threshold=0.7))
+    min_bbox_size: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "nms_pre", "max_per_img")
+        check_at_least(self, 0, "min_bbox_size")
+
+
+@dataclass(frozen=True)
+class RoIHeadConfig:
+    """``roi_head``: RoIAlign extractors, ``Shared2FCBBoxHead`` and ``FCNMaskHead``.
+
+    Attributes:
+        featmap_strides: the FPN levels RoIs are read from (P2-P5; P6 feeds only the RPN).
+        finest_scale: FPN Eq. 1's ``k0`` scale, 56 (a 224-pixel RoI goes to P4).
+        bbox_roi_size, mask_roi_size: RoIAlign output sizes (7 and 14).
+        sampling_ratio: RoIAlign samples per bin side (0: adaptive, as MMDetection).
+        aligned: RoIAlign's half-pixel correction.
+        fc_out_channels: width of the box head's two fc layers.
+        bbox_coder: class-specific deltas normalised by ``(0.1, 0.1, 0.2, 0.2)``.
+        num_convs, conv_out_channels: the mask head's 3x3 convs.
+        loss_cls: softmax cross-entropy over ``C + 1``; loss_bbox: L1 on the deltas;
+            loss_mask: per-pixel binary cross-entropy.
+    """
+
+    former_fields = {k: f"bbox_coder.{k}" for k in _COORD_CODER}
+
+    featmap_strides: tuple[int, ...] = (4, 8, 16, 32)
+    finest_scale: float = 56.0
+    bbox_roi_size: int = 7
+    mask_roi_size: int = 14
+    sampling_ratio: int = 0
+    aligned: bool = True
+    fc_out_channels: int = 1024
+    bbox_coder: DeltaXYWHBBoxCoder = field(
+        default_factory=lambda: DeltaXYWHBBoxCoder(target_stds=(0.1, 0.1, 0.2, 0.2))
+    )
+    num_convs: int = 4
+    conv_out_channels: int = 256
+    loss_cls: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
+    loss_bbox: L1LossConfig = field(default_factory=L1LossConfig)
+    loss_mask: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "featmap_strides", tuple(self.featmap_strides))
+        check(len(self.featmap_strides) > 0, "roi_head.featmap_strides must not be empty")
+        check(self.finest_scale > 0, f"finest_scale={self.finest_scale} must be > 0")
+        check_at_least(
+            self, 1, "bbox_roi_size", "mask_roi_size", "fc_out_channels", "conv_out_channels"
+        )
+        check_at_least(self, 0, "sampling_ratio", "num_convs")
+
+
+@dataclass(frozen=True)
+class RPNTrainConfig:
+    """``train_cfg.rpn``: MaxIoU 0.7 / 0.3 with low-quality matches at 0.3, 256 anchors per image
+    of which at most half positive (Faster R-CNN Sec. 3.1.2-3.1.3)."""
+
+    assigner: MaxIoUAssignerConfig = field(
+        default_factory=lambda: MaxIoUAssignerConfig(0.7, 0.3, min_pos_iou=0.3)
+    )
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass(frozen=True)
+class RCNNTrainConfig:
+    """``train_cfg.rcnn``: RoI assignment (0.5 / 0.5, no low-quality matches), sampling (512
+    RoIs, a quarter positive, ground truth added as proposals) and the mask target size ``T``."""
+
+    assigner: MaxIoUAssignerConfig = field(
+        default_factory=lambda: MaxIoUAssignerConfig(0.5, 0.5, 0.5, match_low_quality=False)
+    )
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(512, 0.25, add_gt_as_proposals=True)
+    )
+    mask_size: int = 28
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "mask_size")
+
+
+@dataclass(frozen=True)
+class RCNNTestConfig:
+    """``test_cfg.rcnn``: post-processing of the box and mask heads.
+
+    Attributes:
+        score_thr: drop (RoI, class) scores not above this.
+        nms: per-class NMS (IoU 0.5).
+        max_per_img: detections kept per image.
+        mask_thr_binary: a pasted mask pixel is foreground at or above this probability.
+    """
+
+    former_fields = {"nms_iou_threshold": "nms.iou_threshold"}
+
+    score_thr: float = 0.05
+    nms: NMSConfig = field(default_factory=NMSConfig)
+    max_per_img: int = 100
+    mask_thr_binary: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_in_range(self, "score_thr", 0, 1, hi_open=True)
+        check_at_least(self, 1, "max_per_img")
+        check_in_range(self, "mask_thr_binary", 0, 1)
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    """``train_cfg``: RPN assigner and sampler, training proposals, RoI assigner and sampler."""
+
+    former_fields = {"rpn_assigner": "rpn.assigner", "rpn_sampler": "rpn.sampler"}
+
+    rpn: RPNTrainConfig = field(default_factory=RPNTrainConfig)
+    rpn_proposal: ProposalConfig = field(
+        default_factory=lambda: ProposalConfig(nms_pre=2000, max_per_img=1000)
+    )
+    rcnn: RCNNTrainConfig = field(default_factory=RCNNTrainConfig)
+
+
+@dataclass(frozen=True)
+class TestCfg:
+    """``test_cfg``: test-time proposals and detection post-processing."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    rpn: ProposalConfig = field(default_factory=ProposalConfig)
+    rcnn: RCNNTestConfig = field(default_factory=RCNNTestConfig)
+
+
+def _resnet50() -> ResNetConfig:
+    # Random initialisation (nothing is downloaded), so BatchNorm must train: no frozen stages.
+    return ResNetConfig(depth=50, frozen_stages=-1, norm_eval=False)
+
+
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    """All of Mask R-CNN's settings; defaults are MMDetection's ``mask_rcnn_r50_fpn``.
+
+    ``num_classes`` counts foreground classes only (labels ``0..C-1``; the box head adds the
+    background column ``C``). Cross-checks (``ValueError`` naming the field): ``neck.in_channels``
+    must be the ResNet's output channels, the RPN's anchor strides the FPN strides, and
+    ``roi_head.featmap_strides`` the first of them.
+    """
+
+    num_classes: int = 80
+    backbone: ResNetConfig = field(default_factory=_resnet50)
+    neck: FPNConfig = field(default_factory=fpn_p2_p6)
+    rpn_head: RPNHeadConfig = field(default_factory=RPNHeadConfig)
+    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    train_cfg: TrainCfg = field(default_factory=TrainCfg)
+    test_cfg: TestCfg = field(default_factory=TestCfg)
+
+    def __post_init__(self) -> None:
+        check_at_least(self, 1, "num_classes")
+        strides = check_backbone_and_heads(self.backbone, self.neck)
+        anchor_strides = tuple(self.rpn_head.anchor_generator.strides)
+        check(
+            anchor_strides == strides,
+            f"rpn_head.anchor_generator.strides={anchor_strides} must equal the FPN strides "
+            f"{strides}",
+        )
+        roi_strides = self.roi_head.featmap_strides
+        check(
+            roi_strides == strides[: len(roi_strides)],
+            f"roi_head.featmap_strides={roi_strides} must be the first FPN strides {strides}",
+        )
+
+    def with_num_classes(self, num_classes: int) -> MaskRCNNConfig:
+        """The same config for another dataset: ``cfg.with_num_classes(len(dataset.classes))``."""
+        return replace(self, num_classes=num_classes)
+
+
+MASK_RCNN_R50_FPN = MaskRCNNConfig()
+"""MMDetection's ``mask_rcnn_r50_fpn`` (random init; 80 classes: ``with_num_classes``)."""
+
+MASK_RCNN_R18_SMALL = MaskRCNNConfig(
+    num_classes=80,
+    backbone=ResNetConfig(depth=18, frozen_stages=-1, norm_eval=False),
+    neck=fpn_p2_p6(in_channels=(64, 128, 256, 512), out_channels=64),
+    rpn_head=RPNHeadConfig(feat_channels=64),
+    roi_head=RoIHeadConfig(fc_out_channels=256, conv_out_channels=64, sampling_ratio=2),
+    train_cfg=TrainCfg(
+        rpn=RPNTrainConfig(sampler=SamplerConfig(128, 0.5)),
+        rpn_proposal=ProposalConfig(nms_pre=300, max_per_img=150),
+        rcnn=RCNNTrainConfig(
+            MaxIoUAssignerConfig(0.5, 0.5, 0.5, match_low_quality=False),
+            SamplerConfig(64, 0.25, add_gt_as_proposals=True),
+        ),
+    ),
+    test_cfg=TestCfg(
+        rpn=ProposalConfig(nms_pre=300, max_per_img=150), rcnn=RCNNTestConfig(max_per_img=50)
+    ),
+)
+"""CPU-fast variant for tests, notebooks' smoke mode and quick experiments: ResNet-18, 64-channel
+FPN and heads, fewer sampled anchors / RoIs and proposals."""
