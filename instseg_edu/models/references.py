@@ -55,7 +55,7 @@ from instseg_edu.models.solo import (
 )
 from instseg_edu.models.yolact import YOLACT, YOLACTOutputs, assemble_masks
 from instseg_edu.ops.nms import class_aware_nms, fast_nms_reference, matrix_nms, points_nms
-from instseg_edu.structures import Batch, Detections, Target
+from instseg_edu.structures import NO_GT, Batch, Detections, Target
 
 __all__ = [
     "solo_target_single_reference",
@@ -106,12 +106,12 @@ def solo_target_single_reference(
     def cell(pos: float, extent: int, num_grid: int) -> int:  # SOLO's own expression
         return int((pos / extent) // (1.0 / num_grid))
 
-    cate_labels, gt_inds = [], []
+    cate_labels, gt_index = [], []
     levels = torch.zeros(g, len(num_grids), dtype=torch.bool)
     cells = torch.full((len(num_grids), g, 4), -1, dtype=torch.long)
     for level, (num_grid, (lo, hi)) in enumerate(zip(num_grids, scale_ranges)):
         cate = torch.full((num_grid, num_grid), BACKGROUND, dtype=torch.long)
-        inds = torch.full((num_grid * num_grid,), -1, dtype=torch.long)
+        inds = torch.full((num_grid * num_grid,), NO_GT, dtype=torch.long)
         for k in range(g):  # in order: an object written later takes over a shared cell
             x1, y1, x2, y2 = (float(v) for v in gt_boxes[k])
             w, h = x2 - x1, y2 - y1
@@ -133,9 +133,9 @@ def solo_target_single_reference(
                     cate[i, j] = int(gt_labels[k])
                     inds[i * num_grid + j] = k  # mask channel i * S + j learns object k
         cate_labels.append(cate.to(device))
-        gt_inds.append(inds.to(device))
+        gt_index.append(inds.to(device))
     return SOLOImageTargets(
-        cate_labels, gt_inds, centers.to(device), levels.to(device), cells.to(device)
+        cate_labels, gt_index, centers.to(device), levels.to(device), cells.to(device)
     )
 
 
@@ -152,13 +152,13 @@ def solo_targets_reference(model: SOLO, outputs: SOLOOutputs, batch: Batch) -> S
         solo_target_single_reference(t, head.num_grids, head.scale_ranges, head.sigma)
         for t in batch.targets
     ]
-    cate_labels, ins_ind, gt_inds, ins_masks, pos_inds = [], [], [], [], []
+    cate_labels, ins_ind, gt_index, ins_masks, pos_inds = [], [], [], [], []
     num_pos = 0
     for level, logits in enumerate(outputs.mask_logits):
         size = tuple(logits.shape[-2:])  # this level's mask size
         trained_l, masks_l = [], []
         for target, image in zip(batch.targets, per_image):
-            owner = image.gt_inds[level]  # [S²] object of each cell, -1 for none
+            owner = image.gt_index[level]  # [S²] object of each cell, NO_GT for none
             owned = owner >= 0
             trained = owned.clone()
             trained[owned] = target.has_mask[owner[owned]]  # box-only objects: no mask target
@@ -166,12 +166,12 @@ def solo_targets_reference(model: SOLO, outputs: SOLOOutputs, batch: Batch) -> S
             trained_l.append(trained)
             masks_l.append(resize_masks(target.masks[owner[trained]], size))  # [P_b, h, w]
         cate_labels.append(torch.stack([image.cate_labels[level] for image in per_image]))
-        gt_inds.append(torch.stack([image.gt_inds[level] for image in per_image]))
+        gt_index.append(torch.stack([image.gt_index[level] for image in per_image]))
         ins_ind.append(torch.stack(trained_l))  # [B, S²]
         ins_masks.append(torch.cat(masks_l))  # [P_l, h, w], image-major
         pos_inds.append(ins_ind[-1].flatten().nonzero()[:, 0])  # rows b · S² + channel
     num_pos = torch.tensor(num_pos, device=ins_ind[0].device)
-    return SOLOTargets(cate_labels, ins_ind, gt_inds, ins_masks, num_pos, per_image, pos_inds)
+    return SOLOTargets(cate_labels, ins_ind, gt_index, ins_masks, num_pos, per_image, pos_inds)
 
 
 def solo_predict_reference(
@@ -271,7 +271,7 @@ def retinanet_predict_reference(
         wh = boxes[:, 2:] - boxes[:, :2]  # clipping can flatten a box
         big = (wh > test.min_bbox_size).all(dim=1)
         boxes, scores, labels = boxes[big], scores[big], labels[big]
-        kept = class_aware_nms(boxes, scores, labels, test.nms_iou_threshold)[: test.max_per_img]
+        kept = class_aware_nms(boxes, scores, labels, test.nms.iou_threshold)[: test.max_per_img]
         results.append(Detections(boxes[kept], scores[kept], labels[kept]))
     return results
 
@@ -356,7 +356,7 @@ def rpn_proposals_reference(
             s = probs[i, top]  # [k]
             big = ((b[:, 2:] - b[:, :2]) > cfg.min_bbox_size).all(dim=1)
             b, s = b[big], s[big]
-            kept = nms(b, s, cfg.nms_iou_threshold)
+            kept = nms(b, s, cfg.nms.iou_threshold)
             boxes.append(b[kept])
             scores.append(s[kept])
             levels.append(torch.full((len(kept),), level, device=b.device))

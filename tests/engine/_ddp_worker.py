@@ -62,11 +62,7 @@ def build(family: str, num_classes: int, frozen_bn: bool = True) -> torch.nn.Mod
     import importlib
 
     module = importlib.import_module(f"instseg_edu.models.{family}")
-    cfg = getattr(module, f"{family.upper()}_R18_SMALL")
-    if hasattr(cfg, "with_num_classes"):
-        cfg = cfg.with_num_classes(num_classes)
-    else:
-        cfg = dataclasses.replace(cfg, num_classes=num_classes)
+    cfg = getattr(module, f"{family.upper()}_R18_SMALL").with_num_classes(num_classes)
     if frozen_bn:
         cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, norm_eval=True))
     if family == "mask_rcnn":
@@ -74,10 +70,10 @@ def build(family: str, num_classes: int, frozen_bn: bool = True) -> torch.nn.Mod
         rcnn = dataclasses.replace(
             train_cfg.rcnn, sampler=dataclasses.replace(train_cfg.rcnn.sampler, num=100_000)
         )
-        rpn_sampler = dataclasses.replace(train_cfg.rpn_sampler, num=100_000)
-        cfg = dataclasses.replace(
-            cfg, train_cfg=dataclasses.replace(train_cfg, rcnn=rcnn, rpn_sampler=rpn_sampler)
+        rpn = dataclasses.replace(
+            train_cfg.rpn, sampler=dataclasses.replace(train_cfg.rpn.sampler, num=100_000)
         )
+        cfg = dataclasses.replace(cfg, train_cfg=dataclasses.replace(train_cfg, rcnn=rcnn, rpn=rpn))
     if family == "mask_rcnn":
         rcnn = dataclasses.replace(cfg.test_cfg.rcnn, score_thr=0.001)
         cfg = dataclasses.replace(cfg, test_cfg=dataclasses.replace(cfg.test_cfg, rcnn=rcnn))

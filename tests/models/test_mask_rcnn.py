@@ -125,9 +125,9 @@ def test_default_config_is_mmdetection_mask_rcnn_r50_fpn():
     cfg = MaskRCNNConfig()
     assert cfg.rpn_head.anchor_generator.strides == (4, 8, 16, 32, 64)
     assert (
-        cfg.train_cfg.rpn_assigner.pos_iou_thr,
-        cfg.train_cfg.rpn_assigner.neg_iou_thr,
-        cfg.train_cfg.rpn_assigner.min_pos_iou,
+        cfg.train_cfg.rpn.assigner.pos_iou_thr,
+        cfg.train_cfg.rpn.assigner.neg_iou_thr,
+        cfg.train_cfg.rpn.assigner.min_pos_iou,
     ) == (0.7, 0.3, 0.3)
     assert (cfg.train_cfg.rpn_proposal.nms_pre, cfg.train_cfg.rpn_proposal.max_per_img) == (
         2000,
@@ -135,7 +135,7 @@ def test_default_config_is_mmdetection_mask_rcnn_r50_fpn():
     )
     assert (cfg.train_cfg.rcnn.sampler.num, cfg.train_cfg.rcnn.sampler.pos_fraction) == (512, 0.25)
     assert not cfg.train_cfg.rcnn.assigner.match_low_quality
-    assert cfg.roi_head.target_stds == (0.1, 0.1, 0.2, 0.2)
+    assert cfg.roi_head.bbox_coder.target_stds == (0.1, 0.1, 0.2, 0.2)
     assert (cfg.test_cfg.rcnn.score_thr, cfg.test_cfg.rcnn.max_per_img) == (0.05, 100)
 
 
@@ -284,7 +284,7 @@ def test_shapes_of_every_stage(model):
         roi.rois.shape == (r, 5) and roi.labels.shape == (r,) and roi.bbox_targets.shape == (r, 4)
     )
     assert r <= 2 * 64
-    pos = roi.labels < NUM_CLASSES
+    pos = roi.labels >= 0  # BACKGROUND (-1) for negatives
     for b in range(2):
         in_b = roi.rois[:, 0] == b
         assert int((pos & in_b).sum()) <= 16
@@ -364,7 +364,7 @@ def test_predict_equals_a_per_image_reference_with_torchvision_batched_nms(model
             labels = torch.arange(NUM_CLASSES).expand_as(scores)
             ok = scores > cfg.score_thr
             b, sc, lb = decoded[ok], scores[ok], labels[ok]
-            keep = batched_nms(b, sc, lb, cfg.nms_iou_threshold)[: cfg.max_per_img]
+            keep = batched_nms(b, sc, lb, cfg.nms.iou_threshold)[: cfg.max_per_img]
             assert len(keep) > 0
             torch.testing.assert_close(dets[i].scores, sc[keep])
             torch.testing.assert_close(dets[i].boxes, b[keep])

@@ -26,6 +26,7 @@ from instseg_edu.models.references import (
 from instseg_edu.models.retinanet import RetinaNetOutputs, RetinaTestConfig, build_retinanet
 from instseg_edu.models.solo import SOLOTestConfig, build_solo, solo_target_single
 from instseg_edu.models.yolact import YOLACTTestConfig, build_yolact
+from instseg_edu.ops.nms import NMSConfig
 from instseg_edu.structures import Target
 
 
@@ -207,8 +208,8 @@ def test_yolact_predict_equals_the_per_level_reference(test_cfg):
 @pytest.mark.parametrize(
     "cfg",
     [
-        ProposalConfig(nms_pre=100, max_per_img=60, nms_iou_threshold=0.7, min_bbox_size=2.0),
-        ProposalConfig(nms_pre=1000, max_per_img=1000, nms_iou_threshold=0.5),
+        ProposalConfig(nms_pre=100, max_per_img=60, nms=NMSConfig(0.7), min_bbox_size=2.0),
+        ProposalConfig(nms_pre=1000, max_per_img=1000, nms=NMSConfig(0.5)),
     ],
 )
 def test_rpn_proposals_equal_the_per_image_per_level_reference(cfg):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from instseg_edu.engine.host_sync import count_host_syncs
+from instseg_edu.losses import SmoothL1LossConfig
 from instseg_edu.models.backbone import FPNConfig, ResNetConfig
 from instseg_edu.models.retinanet import AnchorGeneratorConfig, MaxIoUAssignerConfig
 from instseg_edu.models.yolact import (
@@ -32,7 +33,7 @@ from instseg_edu.models.yolact import (
     ohem_negatives,
 )
 from instseg_edu.ops.assign import max_iou_assign
-from instseg_edu.structures import Batch, Detections, Target
+from instseg_edu.structures import BACKGROUND, Batch, Detections, Target, softmax_labels
 
 # A tiny YOLACT: ResNet-18, 16-channel FPN and head, 8 prototypes from a 3-layer protonet, 2
 # classes. Same anchors, assigner, OHEM, losses and test procedure as the real one.
@@ -186,7 +187,7 @@ def test_targets_match_per_image_assigner(tiny_model):
         assert pos.sum() == t.num_pos[i] > 0
         assert torch.equal(t.gt_inds[i, valid], torch.where(ref.gt_inds > 0, ref.gt_inds - 1, -1))
         assert torch.equal(t.labels[i, pos], target.labels[t.gt_inds[i, pos]])
-        assert (t.labels[i, neg] == 2).all()  # background index C
+        assert (t.labels[i, neg] == BACKGROUND).all()  # the loss moves it to column C
         assert (t.labels[i, ~pos & ~neg] == -1).all()
         expected = tiny_model.bbox_coder.encode(anchors[pos], target.boxes[t.gt_inds[i, pos]])
         torch.testing.assert_close(t.bbox_targets[i, pos], expected)
@@ -235,7 +236,8 @@ def test_losses_equal_explicit_loops(tiny_model):
     ce = 0.0
     for i in range(2):
         sel = t.pos[i] | t.ohem_neg[i]
-        ce = ce + F.cross_entropy(outputs.cls_logits[i, sel], t.labels[i, sel], reduction="sum")
+        labels = softmax_labels(t.labels[i, sel], 2)  # background: column C = 2
+        ce = ce + F.cross_entropy(outputs.cls_logits[i, sel], labels, reduction="sum")
     torch.testing.assert_close(losses["loss_cls"], ce / num_pos)
     pos = t.pos
     diff = (outputs.bbox_deltas[pos] - t.bbox_targets[pos]).abs()
@@ -471,7 +473,9 @@ def test_presets_mirror_mmdetection():
     assert gen.strides == (8, 16, 32, 64, 128)
     assert head.bbox_coder.target_stds == (0.1, 0.1, 0.2, 0.2)
     assert (head.num_classes, head.num_protos, head.num_head_convs) == (80, 32, 1)
-    assert (head.loss_cls_weight, head.loss_bbox_weight, mask.loss_mask_weight) == (1, 1.5, 6.125)
+    assert (head.loss_cls.loss_weight, head.loss_bbox.loss_weight, mask.loss_mask_weight) == (
+        1, 1.5, 6.125)  # fmt: skip
+    assert head.loss_bbox.beta == 1.0
     assert mask.max_masks_to_train == 100 and mask.with_seg_branch
     a = cfg.train_cfg.assigner
     assert (a.pos_iou_thr, a.neg_iou_thr, a.min_pos_iou, a.match_low_quality) == (0.5, 0.4, 0, True)
@@ -509,7 +513,7 @@ def test_semantic_branch_loss():
         (lambda: replace(TINY, backbone=ResNetConfig(depth=50)), "in_channels"),
         (lambda: YOLACTHeadConfig(num_classes=0), "num_classes"),
         (lambda: YOLACTHeadConfig(num_protos=0), "num_protos"),
-        (lambda: YOLACTHeadConfig(loss_bbox_weight=-1), "loss_bbox_weight"),
+        (lambda: YOLACTHeadConfig(loss_bbox=SmoothL1LossConfig(loss_weight=-1)), "loss_weight"),
         (lambda: YOLACTProtonetConfig(proto_channels=(256, 32), proto_kernel_sizes=(3,)),
          "proto_channels"),
         (lambda: YOLACTProtonetConfig(proto_channels=(256, 16), proto_kernel_sizes=(3, 1)),
