@@ -731,12 +731,13 @@ def train(
     net = None
     if ddp:
         # Averages the gradients over the processes during backward. Its forward runs the loss
-        # too (heads such as Mask R-CNN's RoI heads run inside `loss`), and it finds the
-        # parameters a step leaves unused (e.g. a SOLO level without positives in this process's
-        # images): their gradient counts as zero here, while other processes may have one.
+        # too (heads such as Mask R-CNN's RoI heads run inside `loss`). Every family's loss
+        # reaches every trainable parameter on every step, even where a term has nothing to
+        # train (no positives, no masks: it adds that prediction times 0), so DDP need not
+        # search the graph for unused parameters each step (find_unused_parameters=False).
         ids = [device.index] if on_cuda else None
         net = torch.nn.parallel.DistributedDataParallel(
-            _ForwardAndLoss(model), device_ids=ids, find_unused_parameters=True
+            _ForwardAndLoss(model), device_ids=ids, find_unused_parameters=False
         )
 
     ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None

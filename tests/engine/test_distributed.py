@@ -140,6 +140,7 @@ def test_torchrun_cli_train_writes_one_checkpoint_and_the_ap_of_one_process(tmp_
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("model: mask_rcnn") == 1  # rank 0 prints, rank 1 does not
+    assert "find_unused_parameters" not in done.stderr  # every loss reaches every parameter
     assert "batch 2 processes x 2 = 4" in done.stdout
     assert "lr: 0.02 x 4 / 16 = 0.005 (linear scaling rule" in done.stdout
     assert [p.name for p in out.iterdir() if ".pt" in p.name] == ["last.pt"]  # no temp files
