@@ -673,7 +673,9 @@ def train(
     (:func:`~instseg_edu.engine.evaluate.evaluate_model` splits the work and gathers the results),
     and a stop requested by a callback takes effect at the next step whose values are synced
     (every ``log_every`` steps on CUDA, every step on the CPU), when the processes agree on it.
-    Every process returns the same :class:`History`.
+    Every process returns the same :class:`History`. The model's ``loss`` must reach every
+    trainable parameter on every step (DDP runs with ``find_unused_parameters=False``): a term
+    with nothing to train adds its prediction times 0, as the four families do.
 
     Returns:
         The :class:`History`. The model is left on the training device in eval mode.
