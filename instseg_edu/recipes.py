@@ -379,13 +379,16 @@ def measure_step_seconds(r: Recipe, steps: int = 2, device: str = "auto") -> flo
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-def describe_tier(tier: str, r: Recipe | None = None, *, measure: bool = True) -> str:
+def describe_tier(
+    tier: str, r: Recipe | None = None, *, measure: bool = True, reason: str | None = None
+) -> str:
     """Print (and return) one line: which tier runs, why, and how long training should take here.
 
     With a recipe of the ``cpu`` or ``gpu`` tier and ``measure``, the time is ``max_steps`` x the
-    seconds per step measured now (:func:`measure_step_seconds`, a few seconds).
+    seconds per step measured now (:func:`measure_step_seconds`, a few seconds). ``reason`` says
+    why this tier was chosen (default: what :func:`select_tier` looked at).
     """
-    head = f"tier {tier!r} ({_tier_reason()})"
+    head = f"tier {tier!r} ({reason or _tier_reason()})"
     if r is None:
         line = f"{head}: this notebook trains no model; the same sizes on every tier"
     elif tier == "smoke":
