@@ -390,7 +390,8 @@ def cmd_demo(args) -> int:
     r = recipe(args.model, tier)
     given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
     r = dataclasses.replace(r, **{k: v for k, v in given.items() if v is not None})
-    describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why)
+    print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
+          flush=True)  # fmt: skip
     args.image_size, args.batch_size = r.image_size, r.batch_size
     if args.workers is None:
         args.workers = 0 if args.smoke else r.loader_workers

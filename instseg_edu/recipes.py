@@ -12,7 +12,7 @@ therefore run in one of three **tiers**:
 
 :func:`select_tier` picks one (``INSTSEG_TIER`` wins, then ``INSTSEG_SMOKE=1``, then the device),
 :data:`RECIPES` holds one :class:`Recipe` per model family and tier, and :func:`describe_tier`
-prints which tier runs and how long its training should take on this machine, from a couple of
+says which tier runs and how long its training should take on this machine, from a couple of
 training steps timed here (:func:`measure_step_seconds`).
 
 A recipe's field names are :class:`~instseg_edu.engine.train.TrainConfig`'s (``max_steps``,
@@ -158,11 +158,13 @@ class Recipe:
             lr=self.lr,
             optimizer=self.optimizer,
             weight_decay=self.weight_decay,
-            warmup_steps=min(self.warmup_steps, self.max_steps),
+            warmup_steps=self.warmup_steps,
             schedule=self.schedule,
             grad_clip=self.grad_clip,
         )
         settings.update(overrides)
+        if "warmup_steps" not in overrides:  # a shortened run warms up for at most its length
+            settings["warmup_steps"] = min(self.warmup_steps, settings["max_steps"])
         return TrainConfig(**settings)
 
     def shapes_datasets(self, root: str | os.PathLike, seed: int = 0):
@@ -382,7 +384,7 @@ def measure_step_seconds(r: Recipe, steps: int = 2, device: str = "auto") -> flo
 def describe_tier(
     tier: str, r: Recipe | None = None, *, measure: bool = True, reason: str | None = None
 ) -> str:
-    """Print (and return) one line: which tier runs, why, and how long training should take here.
+    """One line: which tier runs, why, and how long its training should take on this machine.
 
     With a recipe of the ``cpu`` or ``gpu`` tier and ``measure``, the time is ``max_steps`` x the
     seconds per step measured now (:func:`measure_step_seconds`, a few seconds). ``reason`` says
@@ -390,7 +392,8 @@ def describe_tier(
     """
     head = f"tier {tier!r} ({reason or _tier_reason()})"
     if r is None:
-        line = f"{head}: this notebook trains no model; the same sizes on every tier"
+        sizes = "small images, seconds" if tier == "smoke" else "full-size images"
+        line = f"{head}: this notebook trains no model ({sizes})"
     elif tier == "smoke":
         line = (
             f"{head}: {r.model} on {r.num_train} images of {r.image_size} px, {r.max_steps} "
@@ -408,5 +411,4 @@ def describe_tier(
         if r.expected_minutes is not None:
             where = "two CPU cores" if tier == "cpu" else "one GPU"
             line += f" (about {r.expected_minutes:g} min on {where})"
-    print(line, flush=True)
     return line
