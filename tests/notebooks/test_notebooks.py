@@ -123,3 +123,14 @@ def test_notebook_runs_in_smoke_mode(py: Path, tmp_path, monkeypatch):
     assert elapsed < SMOKE_BUDGET_S, f"{py.name} took {elapsed:.1f} s in smoke mode"
     # Nothing is written next to the notebooks: datasets go to a temp dir or data/.
     assert not any(p.suffix in {".png", ".json"} for p in (ROOT / "notebooks").iterdir())
+    # A training notebook saves its model where a later notebook (or `instseg-edu evaluate`)
+    # finds it, relative to the notebook's working directory.
+    family = TRAINING.get(py.stem)
+    if family is not None:
+        from instseg_edu.engine.checkpoint import load_checkpoint
+        from instseg_edu.recipes import notebook_checkpoint
+
+        ckpt = load_checkpoint(tmp_path / notebook_checkpoint(family, "smoke"))
+        assert ckpt["recipe"]["family"] == family and ckpt["recipe"]["tier"] == "smoke"
+        assert ckpt["meta"]["model"] == family and ckpt["model"]
+        assert len(ckpt["history"]["steps"]) == ckpt["recipe"]["max_steps"]
