@@ -393,8 +393,8 @@ def cmd_demo(args) -> int:
     print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
           flush=True)  # fmt: skip
     args.image_size, args.batch_size = r.image_size, r.batch_size
-    if args.workers is None:
-        args.workers = 0 if args.smoke else r.loader_workers
+    if args.workers is None:  # in memory: nothing left to decode in worker processes
+        args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
     train_json, train_dir, val_json, val_dir = _shapes(
         args.data, r.image_size, r.num_train, r.num_val, args.seed
     )
