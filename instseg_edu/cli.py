@@ -2,10 +2,11 @@
 
 Subcommands:
 
-- ``demo``: build the shapes dataset if missing, train a RetinaNet on it (ResNet-50-FPN for a few
-  minutes on a GPU; a small ResNet-18 model on 128 px images for about five minutes on a CPU),
-  evaluate it with pycocotools and write the AP table, the loss curve and a prediction gallery to
-  ``runs/demo/``;
+- ``demo``: build the shapes dataset if missing, train one model family on it (``--model``,
+  Mask R-CNN by default) with its recipe for this machine (:mod:`instseg_edu.recipes`: a
+  ResNet-50-FPN model on a GPU; a small ResNet-18 model on 128 px images for about five minutes
+  on a CPU), evaluate it with pycocotools (box and mask AP) and write the AP table, the loss curve
+  and a prediction gallery with masks to ``runs/demo/``;
 - ``train``: train a model family on the shapes dataset or on your own COCO-format data;
 - ``evaluate``: COCO AP of a checkpoint on a validation set (``--report DIR``: where it fails);
 - ``predict``: draw a checkpoint's detections on image files.
@@ -163,20 +164,36 @@ def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int 
 
 
 def _datasets(train_json, train_images, val_json, val_images, image_size: int,
-              categories: list[dict] | None = None):  # fmt: skip
+              categories: list[dict] | None = None, in_memory: bool = False):  # fmt: skip
     """Training and validation sets. The validation set's labels are the model's: those of the
-    training set, or ``categories`` (a checkpoint's list), matched to its file by category id."""
+    training set, or ``categories`` (a checkpoint's list), matched to its file by category id.
+    ``in_memory``: read every image once, resized, and keep it (only the random augmentation
+    then runs per step; see :class:`~instseg_edu.data.memory.InMemoryDataset`)."""
     from instseg_edu.data.coco import CocoDataset
+    from instseg_edu.data.memory import InMemoryDataset
     from instseg_edu.data.transforms import eval_transforms, train_transforms
 
     train_set = val_set = None
+    start = time.perf_counter()
     try:
         if train_json is not None:
-            train_set = CocoDataset(train_json, train_images, train_transforms(image_size))
+            if in_memory:
+                train_set = InMemoryDataset(
+                    CocoDataset(train_json, train_images, eval_transforms(image_size)),
+                    train_transforms(image_size),
+                )
+            else:
+                train_set = CocoDataset(train_json, train_images, train_transforms(image_size))
             categories = train_set.categories
         if val_json is not None:
             val_set = CocoDataset(val_json, val_images, eval_transforms(image_size),
                                   categories=categories)  # fmt: skip
+            if in_memory:
+                val_set = InMemoryDataset(val_set)
+        if in_memory:
+            count = sum(len(d) for d in (train_set, val_set) if d is not None)
+            print(f"data: {count} images read into memory in {time.perf_counter() - start:.1f} s",
+                  flush=True)  # fmt: skip
     except ValueError as e:  # malformed annotation files: the message names file and problem
         raise CliError(str(e)) from None
     return train_set, val_set
@@ -383,42 +400,54 @@ def _train_config(args, device, **overrides):
 # Subcommands
 # ------------------------------------------------------------------------------------------------
 
-# (GPU, CPU, smoke) settings of the demo.
-DEMO_SETTINGS = {
-    "gpu": dict(image_size=512, num_train=3000, num_val=200, steps=3000, batch_size=8,
-                optimizer="sgd", lr=0.02, weight_decay=1e-4, warmup_steps=300),
-    "cpu": dict(image_size=128, num_train=1000, num_val=50, steps=1500, batch_size=4,
-                optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=50,
-                preset="RETINANET_R18_CPU_DEMO"),
-    "smoke": dict(image_size=64, num_train=6, num_val=4, steps=2, batch_size=2,
-                  optimizer="sgd", lr=0.01, weight_decay=1e-4, warmup_steps=1),
-}  # fmt: skip
+DEMO_OVERRIDES = ("image_size", "max_steps", "batch_size", "num_train", "num_val")
+
+
+def _demo_tier(args, device) -> tuple[str, str]:
+    """``(tier, why)``: ``--smoke``, else ``INSTSEG_TIER`` when set, else the device's tier."""
+    from instseg_edu.recipes import TIER_ENV, select_tier
+
+    if args.smoke:
+        return "smoke", "--smoke"
+    if os.environ.get(TIER_ENV) is not None:
+        return select_tier(), f"{TIER_ENV}={os.environ[TIER_ENV]}"
+    tier = "gpu" if device.type == "cuda" else "cpu"
+    return tier, f"training on {device}"
 
 
 def cmd_demo(args) -> int:
+    import dataclasses
+
+    from instseg_edu.engine.distributed import is_distributed
+    from instseg_edu.recipes import describe_tier, recipe
+
     device = _device(args.device)
-    mode = "smoke" if args.smoke else ("gpu" if device.type == "cuda" else "cpu")
-    settings = dict(DEMO_SETTINGS[mode])
-    for key in ("image_size", "steps", "batch_size", "num_train", "num_val"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    args.image_size, args.batch_size = settings["image_size"], settings["batch_size"]
-    if args.workers is None:
-        args.workers = 0 if args.smoke else _default_workers(device)
+    try:
+        tier, why = _demo_tier(args, device)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    r = recipe(args.model, tier)
+    given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
+    r = dataclasses.replace(r, **{k: v for k, v in given.items() if v is not None})
+    print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
+          flush=True)  # fmt: skip
+    args.image_size, args.batch_size = r.image_size, r.batch_size
+    if args.workers is None:  # in memory: nothing left to decode in worker processes
+        args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
     train_json, train_dir, val_json, val_dir = _shapes(
-        args.data, settings["image_size"], settings["num_train"], settings["num_val"], args.seed
+        args.data, r.image_size, r.num_train, r.num_val, args.seed
     )
-    train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, args.image_size)
-    preset_name, model_cfg = _preset("retinanet", settings.get("preset"), device)
+    train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, r.image_size,
+                                   in_memory=r.in_memory)  # fmt: skip
+    preset_name, model_cfg = _preset(args.model, r.model, device)
     model_cfg = _with_num_classes(model_cfg, len(train_set.classes))
     train_cfg = _train_config(
-        args, device, max_steps=settings["steps"], lr=settings["lr"],
-        optimizer=settings["optimizer"], weight_decay=settings["weight_decay"],
-        warmup_steps=min(settings["warmup_steps"], settings["steps"]), schedule="cosine",
-        grad_clip=10.0, log_every=10,
+        args, device, max_steps=r.max_steps, lr=r.lr, optimizer=r.optimizer,
+        weight_decay=r.weight_decay, warmup_steps=min(r.warmup_steps, r.max_steps),
+        schedule=r.schedule, grad_clip=r.grad_clip, log_every=10,
     )  # fmt: skip
-    data_meta = {"val_json": str(val_json), "val_images": str(val_dir)}
-    return _run_training(args, "retinanet", preset_name, model_cfg, train_set, val_set, device,
+    data_meta = {"val_json": str(val_json), "val_images": str(val_dir), "recipe": r.as_dict()}
+    return _run_training(args, args.model, preset_name, model_cfg, train_set, val_set, device,
                          train_cfg, data_meta=data_meta)  # fmt: skip
 
 
@@ -805,17 +834,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="train RetinaNet on the shapes dataset and write AP table and figures",
-        description="Build the shapes dataset if missing, train RetinaNet (ResNet-50-FPN for a few "
-        "minutes on a GPU, a small ResNet-18 model on 128 px images for about five minutes on a "
-        "CPU), evaluate it with pycocotools, and write ap.md, ap.json, history.json, "
-        "loss_curve.png, predictions.png and last.pt to --out.",
+        help="train a model on the shapes dataset and write AP table and figures",
+        description="Build the shapes dataset if missing, train one model family with its recipe "
+        "for this machine (instseg_edu.recipes: ResNet-50-FPN models at 512 px on a GPU; small "
+        "ResNet-18 models at 128 px, kept in memory, for about five minutes on a CPU), evaluate "
+        "it with pycocotools (box AP, and mask AP for the mask families), and write ap.md, "
+        "ap.json, history.json, loss_curve.png, predictions.png (with masks) and last.pt to "
+        "--out. The tier: --smoke, else INSTSEG_TIER when set, else the device's (cpu or gpu).",
     )
+    p.add_argument("--model", choices=list(FAMILIES), default="mask_rcnn",
+                   help="model family (default: mask_rcnn, the best masks in a few CPU "
+                   "minutes)")  # fmt: skip
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument(
         "--data", default="data/shapes", help="shapes dataset root (default: data/shapes)"
     )
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: by device)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--image-size", type=int, default=None, help="longest image side in pixels")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-train", type=int, default=None, help="shapes training images")

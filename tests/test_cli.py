@@ -12,6 +12,7 @@ import torch
 
 from instseg_edu.cli import build_parser, main
 from instseg_edu.engine.checkpoint import load_checkpoint
+from instseg_edu.recipes import RECIPES
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -83,6 +84,7 @@ def test_cuda_requested_without_cuda(tmp_path, capsys):
 def test_parser_defaults():
     args = build_parser().parse_args(["demo"])
     assert args.out == "runs/demo" and args.data == "data/shapes" and not args.smoke
+    assert args.model == "mask_rcnn"  # the best masks in a few CPU minutes
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +115,42 @@ def test_demo_smoke_end_to_end(smoke_run, capsys):
     history = json.loads((out / "history.json").read_text())
     assert [s["step"] for s in history["steps"]] == [1, 2]
     assert (out / "ap.md").read_text().startswith("| metric | bbox |")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
+def test_demo_trains_mask_rcnn_by_default_and_reports_mask_ap(smoke_run):
+    rc, out, _ = smoke_run
+    assert rc == 0
+    meta = load_checkpoint(out / "last.pt")["meta"]
+    assert meta["model"] == "mask_rcnn" and meta["preset"] == "MASK_RCNN_R18_CPU"
+    assert meta["recipe"]["tier"] == "smoke" and meta["recipe"]["family"] == "mask_rcnn"
+    assert set(json.loads((out / "ap.json").read_text())) == {"bbox", "segm"}
+    assert (out / "ap.md").read_text().startswith("| metric | bbox | segm |")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["retinanet", "solo", "yolact"])
+def test_demo_smoke_of_every_family(family, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["demo", "--smoke", "--model", family, "--out", str(out), "--data",
+               str(tmp_path / "data"), "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    recipe = RECIPES[(family, "smoke")]
+    assert printed.startswith(f"tier 'smoke' (--smoke): {recipe.model} on 8 images of 64 px")
+    assert (out / "predictions.png").is_file() and (out / "last.pt").is_file()
+    metrics = json.loads((out / "ap.json").read_text())
+    kinds = ["bbox"] if family == "retinanet" else ["bbox", "segm"]
+    assert list(metrics) == kinds
+    assert (out / "ap.md").read_text().startswith("| metric | " + " | ".join(kinds) + " |")
+    meta = load_checkpoint(out / "last.pt")["meta"]
+    assert (meta["model"], meta["preset"]) == (family, recipe.model)
+
+
+def test_demo_tier_variable_is_checked(monkeypatch, capsys):
+    monkeypatch.setenv("INSTSEG_TIER", "laptop")
+    _fails_cleanly(["demo", "--device", "cpu"], capsys, "INSTSEG_TIER='laptop' must be one of")
 
 
 @pytest.mark.slow
@@ -270,10 +308,12 @@ def test_evaluate_report_writes_the_analysis(smoke_run, tmp_path, capsys):
     assert analysis["metrics"] == demo
     assert json.loads((tmp_path / "ev" / "ap.json").read_text()) == demo
     summary = (report / "summary.md").read_text()
+    assert list(demo) == ["bbox", "segm"]  # the demo's Mask R-CNN
     for name in METRIC_NAMES:
-        value = demo["bbox"][name]
-        cell = re.search(rf"^\| {name} \| (\S+) \|$", summary, re.M).group(1)
-        assert cell == ("n/a" if value < 0 else f"{value:.3f}"), name
+        cells = re.search(rf"^\| {name} \| (\S+) \| (\S+) \|$", summary, re.M).groups()
+        for iou_type, cell in zip(demo, cells):
+            value = demo[iou_type][name]
+            assert cell == ("n/a" if value < 0 else f"{value:.3f}"), (iou_type, name)
     assert analysis["settings"] == {"iou_thr": 0.5, "area": "all", "max_dets": 100,
                                     "score_thr": 0.05}  # fmt: skip
     totals = analysis["errors"]["bbox"]["all"]
