@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[notebooks,dev,browser,fast-eval]'
 	touch $(STAMP)
 
+# The demo trains the family with the best masks on a CPU (Mask R-CNN) with the recipe of this
+# machine's tier (instseg_edu/recipes.py); `instseg-edu demo --model solo` for another family.
 demo: setup
 	$(VENV)/bin/instseg-edu demo
 

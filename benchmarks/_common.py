@@ -8,7 +8,6 @@ that neither side sees larger images) and use label 0 for background in Mask R-C
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -36,18 +35,6 @@ def loaders(train, val, batch_size: int, workers: int, seed: int = 0, persistent
     train_loader = make_loader(train, batch_size, shuffle=True, **kw)
     val_loader = make_loader(val, batch_size, shuffle=False, **kw)
     return train_loader, val_loader
-
-
-def with_num_classes(cfg, num_classes: int):
-    """A copy of a nested frozen model config whose every ``num_classes`` field is replaced."""
-    changes = {}
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        if field.name == "num_classes":
-            changes[field.name] = num_classes
-        elif dataclasses.is_dataclass(value):
-            changes[field.name] = with_num_classes(value, num_classes)
-    return dataclasses.replace(cfg, **changes)
 
 
 # ----------------------------------------------------------------------------- torchvision peers

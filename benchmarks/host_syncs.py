@@ -30,7 +30,6 @@ from _common import (
     build_torchvision,
     shapes_data,
     torchvision_inputs,
-    with_num_classes,
 )
 
 from instseg_edu.data.transforms import collate
@@ -69,7 +68,7 @@ def build_ours(family: str, num_classes: int, smoke: bool) -> torch.nn.Module:
         cfg, build = (m.YOLACT_R18_SMALL if smoke else m.YOLACT_R50_FPN), m.build_yolact
     else:
         raise ValueError(f"unknown family {family!r}")
-    cfg = with_num_classes(cfg, num_classes)
+    cfg = cfg.with_num_classes(num_classes)
     return build(replace(cfg, test_cfg=LENIENT_OURS[family](cfg.test_cfg)))
 
 

@@ -1,23 +1,37 @@
 """Time to accuracy: ours against torchvision's model, trained for the same wall-clock time.
 
-Both models (R50-FPN, random init) train on the same shapes train split at 512² from the same
-loader for ``--minutes`` each, and are evaluated every ``--eval-every`` minutes with the same
-pycocotools evaluation on the val split (evaluation time is not counted as training time). The
-script prints both AP curves and the two questions the project asks:
+Both models train on the same shapes train split from loaders with the same seed (the same images
+in the same order), for ``--minutes`` of training time each, and are evaluated at the same points
+(every ``--eval-every`` minutes, or ``--evals`` points spread evenly over the run) with the same
+pycocotools evaluation on the val split; evaluation time is not counted as training time. The
+script prints both AP curves, point by point, and the two questions the project asks:
 
-- how long did ours need to reach torchvision's final AP (target: at most half the time)?
-- is our final AP at least torchvision's?
+- how long did ours need to reach torchvision's final AP?
+- is our AP at least torchvision's, at the end and at every evaluation point?
+
+Two protocols, chosen by the device:
+
+- **GPU** (``--device cuda``): ResNet-50-FPN on both sides, random init, 512², SGD, one side after
+  the other (the GPU is not shared with anything else).
+- **CPU** (``--device cpu``): the CPU recipe of the family (``instseg_edu.recipes``: RetinaNet
+  ``RETINANET_R18_CPU_DEMO``, Mask R-CNN ``MASK_RCNN_R18_CPU``; 128 px images kept in memory, its
+  optimiser, learning rate, warm-up and gradient clipping) against torchvision's model of the same
+  family built on the **same small backbone**: torchvision's own ResNet-18 with the same stages,
+  an FPN of the same width and levels, the same anchors, RoI sizes, sampled RoIs and detection
+  limits, as far as torchvision's constructors allow (:func:`torchvision_like`). The two sides run
+  **interleaved** in time slices of ``--slice-seconds`` of training, so whatever else the machine
+  is doing slows both alike.
 
     python benchmarks/time_to_ap.py --family retinanet --device cuda
     python benchmarks/time_to_ap.py --family mask_rcnn --device cuda
+    python benchmarks/time_to_ap.py --family mask_rcnn --device cpu --minutes 4 --evals 4
     python benchmarks/time_to_ap.py --family retinanet --device cpu --smoke   # seconds-long check
 
 Each side runs in its best precision (bf16 autocast on CUDA for both by default; ``--tv-precision
-fp32`` to compare) with SGD (momentum 0.9, weight decay 1e-4), a linear warm-up and the learning
-rate given per side. Only the training steps count as training time (the loader's waits and the
-evaluations do not); ``--max-wall-minutes`` also stops a side after that much wall-clock time
-outside evaluation, so a loader-bound run still ends on time (its curve then ends short of
-``--minutes``).
+fp32`` to compare; always fp32 on the CPU). Only the training steps count as training time (the
+loader's waits and the evaluations do not); ``--max-wall-minutes`` also stops a side after that
+much wall-clock time outside evaluation, so a loader-bound run still ends on time (its curve then
+ends short of ``--minutes``).
 
 ``parse_args`` and ``run`` are importable: ``benchmarks/gpu_check.py`` runs the same protocol.
 """
@@ -33,7 +47,6 @@ from _common import (
     Timer,
     autocast,
     build_torchvision,
-    loaders,
     loss_total,
     shapes_data,
     torchvision_detections,
@@ -41,9 +54,133 @@ from _common import (
 )
 from train_throughput import build_ours
 
+from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.memory import InMemoryDataset
+from instseg_edu.data.shapes import make_shapes_splits
+from instseg_edu.data.transforms import eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import detections_to_coco, evaluate_coco
+from instseg_edu.engine.train import make_loader
+from instseg_edu.recipes import recipe
+
+# Settings of each protocol that the command line does not set (None there means "from here").
+GPU_DEFAULTS = dict(
+    data="data/shapes512", image_size=512, num_train=4000, num_val=200, batch_size=8, workers=8,
+    minutes=10.0, eval_every=2.0, lr=0.02, optimizer="sgd", weight_decay=1e-4, warmup_steps=300,
+    grad_clip=10.0, slice_seconds=0.0, in_memory=False,
+)  # fmt: skip
+CPU_DEFAULTS = dict(
+    data="data/shapes128", workers=0, minutes=4.0, eval_every=1.0, slice_seconds=15.0
+)  # the rest comes from the family's CPU recipe
 
 
+# ----------------------------------------------------------------------- torchvision, small
+def _torchvision_resnet_fpn(backbone_cfg, neck_cfg, extra_blocks):
+    """torchvision's ResNet (random init, trainable BatchNorm) with an FPN over the same stages and
+    of the same width as our ``backbone_cfg`` / ``neck_cfg``."""
+    import torchvision
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    end = len(neck_cfg.in_channels) if neck_cfg.end_level == -1 else neck_cfg.end_level + 1
+    used = range(neck_cfg.start_level, end)  # indices of the stages the FPN reads (0 = layer1)
+    body = getattr(torchvision.models, f"resnet{backbone_cfg.depth}")(
+        weights=None, zero_init_residual=backbone_cfg.zero_init_residual
+    )
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{i + 1}": str(k) for k, i in enumerate(used)},
+        in_channels_list=[neck_cfg.in_channels[i] for i in used],
+        out_channels=neck_cfg.out_channels,
+        extra_blocks=extra_blocks,
+    )
+
+
+def torchvision_like(family: str, cfg, image_size: int) -> torch.nn.Module:
+    """torchvision's RetinaNet / Mask R-CNN built to mirror our config ``cfg`` (random init).
+
+    Same: ResNet depth and the stages used (torchvision's ``IntermediateLayerGetter`` stops after
+    the last stage the FPN reads, as our ``num_stages`` does), FPN width and levels, anchor sizes
+    and ratios, RetinaNet's number of head convs (torchvision fixes 4; the towers are cut to
+    ``stacked_convs``), Mask R-CNN's RPN and RoI sampling, proposal counts, RoIAlign sizes, the
+    box head's fc width, the mask head's convs and the detection limits. Different, because
+    torchvision's API has no setting for it: RetinaNet's extra levels take a ReLU between P6 and
+    P7, and torchvision's anchors, box coder and sampler are its own implementations.
+    ``image_size`` pins torchvision's internal resize to the benchmark's size.
+    """
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+    common = dict(min_size=image_size, max_size=image_size)
+    if family == "retinanet":
+        from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
+
+        neck, head_cfg, anchors = cfg.neck, cfg.bbox_head, cfg.bbox_head.anchor_generator
+        if neck.add_extra_convs != "on_input":
+            raise ValueError("torchvision_like: RetinaNet's extra levels must be 'on_input'")
+        end = len(neck.in_channels) if neck.end_level == -1 else neck.end_level + 1
+        if neck.num_outs - (end - neck.start_level) != 2:
+            raise ValueError("torchvision_like: RetinaNet needs exactly two extra FPN levels")
+        extra = LastLevelP6P7(neck.in_channels[end - 1], neck.out_channels)
+        backbone = _torchvision_resnet_fpn(cfg.backbone, neck, extra)
+        octave = [anchors.octave_base_scale * 2 ** (k / anchors.scales_per_octave)
+                  for k in range(anchors.scales_per_octave)]  # fmt: skip
+        sizes = tuple(tuple(s * o for o in octave) for s in anchors.strides)
+        generator = AnchorGenerator(sizes, (tuple(anchors.ratios),) * len(sizes))
+        head = RetinaNetHead(neck.out_channels, generator.num_anchors_per_location()[0],
+                             head_cfg.num_classes)  # fmt: skip
+        for tower in (head.classification_head, head.regression_head):
+            tower.conv = tower.conv[: head_cfg.stacked_convs]
+        test = cfg.test_cfg
+        return RetinaNet(
+            backbone, head_cfg.num_classes, anchor_generator=generator, head=head,
+            score_thresh=test.score_thr, nms_thresh=test.nms.iou_threshold,
+            detections_per_img=test.max_per_img, topk_candidates=test.nms_pre, **common,
+        )  # fmt: skip
+    if family == "mask_rcnn":
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+        from torchvision.models.detection.mask_rcnn import (
+            MaskRCNN,
+            MaskRCNNHeads,
+            MaskRCNNPredictor,
+        )
+        from torchvision.models.detection.rpn import RPNHead
+        from torchvision.ops import MultiScaleRoIAlign
+
+        neck, roi, train, test = cfg.neck, cfg.roi_head, cfg.train_cfg, cfg.test_cfg
+        backbone = _torchvision_resnet_fpn(cfg.backbone, neck, LastLevelMaxPool())
+        anchors = cfg.rpn_head.anchor_generator
+        sizes = tuple(tuple(s * k for k in anchors.scales) for s in anchors.strides)
+        generator = AnchorGenerator(sizes, (tuple(anchors.ratios),) * len(sizes))
+        names = [str(k) for k in range(len(roi.featmap_strides))]
+        width, classes = neck.out_channels, cfg.num_classes + 1  # torchvision: 0 is background
+        return MaskRCNN(
+            backbone, num_classes=None, rpn_anchor_generator=generator,
+            rpn_head=RPNHead(width, generator.num_anchors_per_location()[0]),
+            rpn_pre_nms_top_n_train=train.rpn_proposal.nms_pre,
+            rpn_post_nms_top_n_train=train.rpn_proposal.max_per_img,
+            rpn_pre_nms_top_n_test=test.rpn.nms_pre, rpn_post_nms_top_n_test=test.rpn.max_per_img,
+            rpn_nms_thresh=test.rpn.nms.iou_threshold,
+            rpn_fg_iou_thresh=train.rpn.assigner.pos_iou_thr,
+            rpn_bg_iou_thresh=train.rpn.assigner.neg_iou_thr,
+            rpn_batch_size_per_image=train.rpn.sampler.num,
+            rpn_positive_fraction=train.rpn.sampler.pos_fraction,
+            box_roi_pool=MultiScaleRoIAlign(names, roi.bbox_roi_size, roi.sampling_ratio),
+            box_head=TwoMLPHead(width * roi.bbox_roi_size**2, roi.fc_out_channels),
+            box_predictor=FastRCNNPredictor(roi.fc_out_channels, classes),
+            box_score_thresh=test.rcnn.score_thr, box_nms_thresh=test.rcnn.nms.iou_threshold,
+            box_detections_per_img=test.rcnn.max_per_img,
+            box_fg_iou_thresh=train.rcnn.assigner.pos_iou_thr,
+            box_bg_iou_thresh=train.rcnn.assigner.neg_iou_thr,
+            box_batch_size_per_image=train.rcnn.sampler.num,
+            box_positive_fraction=train.rcnn.sampler.pos_fraction,
+            mask_roi_pool=MultiScaleRoIAlign(names, roi.mask_roi_size, roi.sampling_ratio),
+            mask_head=MaskRCNNHeads(width, [roi.conv_out_channels] * roi.num_convs, dilation=1),
+            mask_predictor=MaskRCNNPredictor(roi.conv_out_channels, roi.conv_out_channels, classes),
+            **common,
+        )  # fmt: skip
+    raise ValueError(f"unknown family {family!r}")
+
+
+# ---------------------------------------------------------------------------------- one side
 def predict(name, model, family, batch, precision, device):
     with torch.inference_mode(), autocast(device, precision):
         if name == "ours":
@@ -72,59 +209,95 @@ def evaluate(name, model, family, val_loader, val_set, precision, device):
     return {t: metrics[t]["AP"] for t in iou_types}
 
 
-def run_side(name, model, family, args, train_loader, val_loader, val_set, device, on_point=None):
-    """Train one side for ``args.minutes`` of training time; returns its AP curve (one point per
-    evaluation: ``minutes`` of training, ``step``, ``bbox`` [and ``segm``] AP). ``on_point(point)``
-    is called after each evaluation."""
-    model = model.to(device).train()
-    precision = args.precision if name == "ours" else args.tv_precision
-    lr = args.lr if name == "ours" else args.tv_lr
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
-    budget, eval_every = args.minutes * 60, args.eval_every * 60
-    max_wall = args.max_wall_minutes * 60 if args.max_wall_minutes else float("inf")
-    timer = Timer(device)
-    trained, next_eval, step, curve = 0.0, eval_every, 0, []
-    start, eval_s, done = time.perf_counter(), 0.0, False
-    while not done:
-        for batch in train_loader:
-            batch = batch.to(device, non_blocking=True)
-            timer.start()
-            warm = min(1.0, (step + 1) / args.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * warm
-            with autocast(device, precision):
-                if name == "ours":
-                    losses = model.loss(model(batch.images), batch)
+class SideRun:
+    """One side's model, optimiser and loader, trained a slice at a time.
+
+    ``trained`` counts seconds inside training steps only; ``wall`` the seconds spent in
+    :meth:`train_until` (steps plus the loader's waits), which ``--max-wall-minutes`` limits.
+    """
+
+    def __init__(self, name, model, family, args, train_loader, device):
+        self.name, self.family, self.args, self.device = name, family, args, device
+        self.model = model.to(device).train()
+        self.loader, self.batches = train_loader, None  # started at the first step
+        self.precision = args.precision if name == "ours" else args.tv_precision
+        self.lr = args.lr if name == "ours" else args.tv_lr
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if args.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.params, lr=self.lr,
+                                               weight_decay=args.weight_decay)  # fmt: skip
+        else:
+            self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=0.9,
+                                             weight_decay=args.weight_decay)  # fmt: skip
+        self.timer = Timer(device)
+        self.trained = self.wall = 0.0
+        self.step = 0
+        self.curve: list[dict] = []
+        self.stopped = False  # by --max-wall-minutes
+
+    def _next_batch(self):
+        batch = None if self.batches is None else next(self.batches, None)
+        if batch is None:  # a new epoch: the loader's seeded generator gives the next order
+            self.batches = iter(self.loader)
+            batch = next(self.batches)
+        return batch
+
+    def train_until(self, trained_s: float) -> None:
+        """Train steps until ``trained >= trained_s`` (or the wall-clock limit is reached)."""
+        max_wall = self.args.max_wall_minutes * 60 if self.args.max_wall_minutes else float("inf")
+        start = time.perf_counter()
+        while self.trained < trained_s and not self.stopped:
+            batch = self._next_batch().to(self.device, non_blocking=True)
+            self.timer.start()
+            warm = min(1.0, (self.step + 1) / max(1, self.args.warmup_steps))
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * warm
+            with autocast(self.device, self.precision):
+                if self.name == "ours":
+                    losses = self.model.loss(self.model(batch.images), batch)
                 else:
-                    images, targets = torchvision_inputs(batch, family)
-                    losses = model(images, targets)
-                total = loss_total(losses, ours=name == "ours")
-            optimizer.zero_grad(set_to_none=True)
+                    images, targets = torchvision_inputs(batch, self.family)
+                    losses = self.model(images, targets)
+                total = loss_total(losses, ours=self.name == "ours")
+            self.optimizer.zero_grad(set_to_none=True)
             total.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            optimizer.step()
-            trained += timer.elapsed()
-            step += 1
-            done = trained >= budget or time.perf_counter() - start - eval_s >= max_wall
-            if trained >= next_eval or done:
-                eval_start = time.perf_counter()
-                ap = evaluate(name, model, family, val_loader, val_set, precision, device)
-                eval_s += time.perf_counter() - eval_start
-                point = {"minutes": trained / 60, "step": step, **ap}
-                curve.append(point)
-                print(
-                    f"{family} {name:11s} {trained / 60:5.2f} min  step {step:6d}  "
-                    + "  ".join(f"{k} AP {v:.3f}" for k, v in ap.items()),
-                    flush=True,
-                )
-                if on_point is not None:
-                    on_point(point)
-                while next_eval <= trained:
-                    next_eval += eval_every
-            if done:
-                break
-    return curve
+            if self.args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
+            self.optimizer.step()
+            self.trained += self.timer.elapsed()
+            self.step += 1
+            self.stopped = self.wall + time.perf_counter() - start >= max_wall
+        self.wall += time.perf_counter() - start
+
+    def evaluate(self, val_loader, val_set) -> dict:
+        ap = evaluate(self.name, self.model, self.family, val_loader, val_set, self.precision,
+                      self.device)  # fmt: skip
+        point = {"minutes": self.trained / 60, "step": self.step, **ap}
+        self.curve.append(point)
+        print(f"{self.family} {self.name:11s} {self.trained / 60:5.2f} min  step {self.step:6d}  "
+              + "  ".join(f"{k} AP {v:.3f}" for k, v in ap.items()), flush=True)  # fmt: skip
+        return point
+
+
+def datasets(args):
+    """The shapes train and val splits; read once into memory when ``args.in_memory``."""
+    if not args.in_memory:
+        return shapes_data(args.data, args.image_size, args.num_train, args.num_val)
+    paths = make_shapes_splits(args.data, args.num_train, args.num_val, image_size=args.image_size)
+    size = args.image_size
+    train = CocoDataset(paths["train"], paths["train"].parent / "train", eval_transforms(size))
+    val = CocoDataset(paths["val"], paths["val"].parent / "val", eval_transforms(size))
+    return InMemoryDataset(train, train_transforms(size)), InMemoryDataset(val)
+
+
+def eval_points(minutes: float, eval_every: float) -> list[float]:
+    """Training seconds at which both sides are evaluated: every ``eval_every`` minutes, and at
+    the end. Example: ``eval_points(4, 1.5) == [90, 180, 240]``."""
+    points, t = [], eval_every
+    while t < minutes - 1e-9:
+        points.append(t * 60)
+        t += eval_every
+    return [*points, minutes * 60]
 
 
 def time_to_reach(curve, key, value):
@@ -134,97 +307,207 @@ def time_to_reach(curve, key, value):
     return None
 
 
+# ------------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line (``argv``, default ``sys.argv``), with ``--smoke`` applied."""
+    """The command line (``argv``, default ``sys.argv``), with the protocol's defaults and
+    ``--smoke`` applied."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=["retinanet", "mask_rcnn"], default="retinanet")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data", default="data/shapes512")
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--num-train", type=int, default=4000)
-    parser.add_argument("--num-val", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--device", default=None, help="cuda (default when present) or cpu")
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--num-train", type=int, default=None)
+    parser.add_argument("--num-val", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--minutes", type=float, default=None, help="training minutes per side")
     parser.add_argument(
         "--max-wall-minutes",
         type=float,
         default=None,
         help="also stop a side after this much wall-clock time outside evaluation",
     )
-    parser.add_argument("--eval-every", type=float, default=2.0)
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--tv-lr", type=float, default=0.02)
-    parser.add_argument("--warmup-steps", type=int, default=300)
+    parser.add_argument("--eval-every", type=float, default=None, help="minutes between evals")
+    parser.add_argument("--evals", type=int, default=None,
+                        help="evaluation points spread evenly over --minutes (overrides "
+                        "--eval-every)")  # fmt: skip
+    parser.add_argument(
+        "--slice-seconds",
+        type=float,
+        default=None,
+        help="interleave the sides in slices of this much training time "
+        "(0: one side after the other; default 15 on the CPU, 0 on a GPU)",
+    )
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--tv-lr", type=float, default=None, help="default: --lr")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default=None)
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--warmup-steps", type=int, default=None)
+    parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--tv-precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sides", nargs="+", default=["torchvision", "ours"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, small models, CPU-fast")
     parser.add_argument("--json", help="also write both curves here")
     args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.protocol = "gpu" if torch.device(args.device).type == "cuda" else "cpu"
+    if args.protocol == "cpu":
+        r = recipe(args.family, "cpu")
+        defaults = dict(
+            image_size=r.image_size, num_train=r.num_train, num_val=r.num_val,
+            batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer,
+            weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, grad_clip=r.grad_clip,
+            in_memory=r.in_memory, model=r.model, **CPU_DEFAULTS,
+        )  # fmt: skip
+        args.precision = args.tv_precision = "fp32"
+    else:
+        defaults = dict(GPU_DEFAULTS, model=None)
+    if args.evals is not None and args.eval_every is not None:
+        parser.error("give --evals or --eval-every, not both")
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.tv_lr is None:
+        args.tv_lr = args.lr
     if args.smoke:
         args.image_size, args.num_train, args.num_val, args.batch_size = 128, 8, 4, 2
         args.minutes, args.eval_every, args.workers, args.warmup_steps = 0.1, 0.05, 0, 5
+        if args.protocol == "cpu":
+            args.slice_seconds = 1.0
         args.data = args.data + "_smoke"
+    if args.evals is not None:
+        if args.evals < 1:
+            parser.error(f"--evals {args.evals} must be >= 1")
+        args.eval_every = args.minutes / args.evals
     return args
 
 
-def run(args: argparse.Namespace, on_point=None) -> dict:
-    """Train and evaluate every side of ``args.sides`` in turn; returns ``{side: curve}``.
-    ``on_point(side, point)`` is called after each evaluation."""
+def build_side(name: str, args, num_classes: int) -> torch.nn.Module:
+    if args.protocol == "gpu":
+        if name == "ours":
+            return build_ours(args.family, num_classes, args.smoke)
+        return build_torchvision(args.family, num_classes, args.image_size)
+    r = recipe(args.family, "cpu")
+    if name == "ours":
+        return r.build_model(num_classes)
+    return torchvision_like(args.family, r.model_config(num_classes), args.image_size)
+
+
+def run(args: argparse.Namespace, on_point=None, slices: list | None = None) -> dict:
+    """Train and evaluate every side of ``args.sides``; returns ``{side: curve}``.
+
+    ``on_point(side, point)`` is called after each evaluation. With ``args.slice_seconds`` the
+    sides take turns every that many seconds of training; without, one runs after the other.
+    ``slices``, when given, receives one ``{"side", "wall_s", "trained_s", "step"}`` per turn
+    (``wall_s`` since the start of training) to show how the sides shared the machine."""
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = False
-    train_set, val_set = shapes_data(args.data, args.image_size, args.num_train, args.num_val)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_set, val_set = datasets(args)
+    # One loader per side, same seed: the same images in the same order on both sides.
     # Persistent workers: a new epoch (or evaluation) does not wait for workers to start.
-    train_loader, val_loader = loaders(
-        train_set, val_set, args.batch_size, args.workers, persistent=True
-    )
+    persistent = args.workers > 0
+
+    def loader(dataset, shuffle):
+        return make_loader(dataset, args.batch_size, shuffle=shuffle, workers=args.workers,
+                           seed=0, persistent_workers=persistent)  # fmt: skip
+
+    val_loader = loader(val_set, False)
     num_classes = len(train_set.classes)
-    curves = {}
+    runs = {}
     for name in args.sides:
         torch.manual_seed(0)
-        if name == "ours":
-            model = build_ours(args.family, num_classes, args.smoke)
-        else:
-            model = build_torchvision(args.family, num_classes, args.image_size)
-        callback = None if on_point is None else (lambda point, name=name: on_point(name, point))
-        curves[name] = run_side(
-            name, model, args.family, args, train_loader, val_loader, val_set, device, callback
-        )
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return curves
+        model = build_side(name, args, num_classes)
+        runs[name] = SideRun(name, model, args.family, args, loader(train_set, True), device)
+
+    def point_done(run):
+        point = run.evaluate(val_loader, val_set)
+        if on_point is not None:
+            on_point(run.name, point)
+
+    start = time.perf_counter()
+
+    def train_until(r: SideRun, target: float) -> None:
+        r.train_until(target)
+        if slices is not None:
+            slices.append({"side": r.name, "wall_s": time.perf_counter() - start,
+                           "trained_s": r.trained, "step": r.step})  # fmt: skip
+
+    points = eval_points(args.minutes, args.eval_every)
+    if args.slice_seconds > 0:  # interleaved: machine noise hits every side alike
+        for target in points:
+            while any(r.trained < target and not r.stopped for r in runs.values()):
+                for r in runs.values():
+                    if r.trained < target and not r.stopped:
+                        train_until(r, min(r.trained + args.slice_seconds, target))
+            for r in runs.values():
+                if not r.curve or r.curve[-1]["step"] != r.step:
+                    point_done(r)
+    else:  # one side after the other (a GPU to itself)
+        for r in runs.values():
+            for target in points:
+                train_until(r, target)
+                if not r.curve or r.curve[-1]["step"] != r.step:
+                    point_done(r)
+                if r.stopped:
+                    break
+            r.batches = r.loader = None  # its loader's workers can go
+            if device.type == "cuda":
+                r.model.cpu()
+                torch.cuda.empty_cache()
+    return {name: r.curve for name, r in runs.items()}
+
+
+def compare(curves: dict, family: str) -> dict:
+    """Point-by-point comparison (the points are the same evaluations of both sides)."""
+    ours, peer = curves["ours"], curves["torchvision"]
+    keys = ["bbox", "segm"] if family == "mask_rcnn" else ["bbox"]
+    rows = [{"minutes": o["minutes"], **{f"ours_{k}": o[k] for k in keys},
+             **{f"torchvision_{k}": p[k] for k in keys}} for o, p in zip(ours, peer)]  # fmt: skip
+    above = {k: all(o[k] > p[k] for o, p in zip(ours, peer)) for k in keys}
+    return {"points": rows, "ours_above_at_every_point": above}
 
 
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
     print(
-        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}"
+        f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'} "
+        f"({torch.get_num_threads()} threads), torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}; {args.protocol} protocol: {args.family}"
+        + (f" {args.model} against torchvision's on the same ResNet-18" if args.model else "")
+        + f", {args.image_size} px, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, "
+        f"{args.minutes:g} min per side, evaluated every {args.eval_every:g} min"
+        + (f", interleaved every {args.slice_seconds:g} s" if args.slice_seconds > 0 else "")
     )
-    curves = run(args)
+    slices: list[dict] = []
+    curves = run(args, slices=slices)
 
+    summary = None
     if {"ours", "torchvision"} <= curves.keys():
         key = "segm" if args.family == "mask_rcnn" else "bbox"
         peer_final = curves["torchvision"][-1][key]
         reach = time_to_reach(curves["ours"], key, peer_final)
-        finals = {
-            k: (curves["ours"][-1][k], curves["torchvision"][-1][k])
-            for k in curves["ours"][-1]
-            if k in ("bbox", "segm")
-        }
         print(
             f"torchvision's final {key} AP {peer_final:.3f}; ours reached it after "
             + (f"{reach:.2f} min" if reach is not None else "never (within the budget)")
         )
-        for k, (ours, peer) in finals.items():
+        for k in [k for k in ("bbox", "segm") if k in curves["ours"][-1]]:
+            ours, peer = curves["ours"][-1][k], curves["torchvision"][-1][k]
             ratio = f"{ours / peer:.2f}" if peer > 0 else "n/a (torchvision at 0)"
             print(f"final {k} AP: ours {ours:.3f}  torchvision {peer:.3f}  ratio {ratio}")
+        summary = compare(curves, args.family)
+        for k, above in summary["ours_above_at_every_point"].items():
+            print(f"ours above torchvision at every evaluation point ({k} AP): "
+                  + ("yes" if above else "no"))  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "curves": curves}, f, indent=2)
+            json.dump({"args": vars(args), "curves": curves, "summary": summary,
+                       "slices": slices}, f, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

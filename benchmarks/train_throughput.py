@@ -28,7 +28,6 @@ from _common import (
     loss_total,
     shapes_data,
     torchvision_inputs,
-    with_num_classes,
 )
 
 from instseg_edu.data.transforms import collate
@@ -45,11 +44,11 @@ def build_ours(family: str, num_classes: int, smoke: bool):
         # Random init on both sides: nothing frozen, BatchNorm statistics updated, as torchvision
         # does without weights.
         cfg = RETINANET_R18_SMALL if smoke else RETINANET_R50_FPN_SCRATCH
-        return build_retinanet(with_num_classes(cfg, num_classes))
+        return build_retinanet(cfg.with_num_classes(num_classes))
     from instseg_edu.models.mask_rcnn import MASK_RCNN_R18_SMALL, MASK_RCNN_R50_FPN, build_mask_rcnn
 
     cfg = MASK_RCNN_R18_SMALL if smoke else MASK_RCNN_R50_FPN
-    return build_mask_rcnn(with_num_classes(cfg, num_classes))
+    return build_mask_rcnn(cfg.with_num_classes(num_classes))
 
 
 class Side:

@@ -2,10 +2,11 @@
 
 Subcommands:
 
-- ``demo``: build the shapes dataset if missing, train a RetinaNet on it (ResNet-50-FPN for a few
-  minutes on a GPU; a small ResNet-18 model on 128 px images for about five minutes on a CPU),
-  evaluate it with pycocotools and write the AP table, the loss curve and a prediction gallery to
-  ``runs/demo/``;
+- ``demo``: build the shapes dataset if missing, train one model family on it (``--model``,
+  Mask R-CNN by default) with its recipe for this machine (:mod:`instseg_edu.recipes`: a
+  ResNet-50-FPN model on a GPU; a small ResNet-18 model on 128 px images for about five minutes
+  on a CPU), evaluate it with pycocotools (box and mask AP) and write the AP table, the loss curve
+  and a prediction gallery with masks to ``runs/demo/``;
 - ``train``: train a model family on the shapes dataset or on your own COCO-format data;
 - ``evaluate``: COCO AP of a checkpoint on a validation set (``--report DIR``: where it fails);
 - ``predict``: draw a checkpoint's detections on image files.
@@ -27,6 +28,7 @@ output, and an error is shown once, by the process that failed first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -101,16 +103,6 @@ def _preset(family: str, name: str | None, device) -> tuple[str, object]:
     return name, cfg
 
 
-def _with_num_classes(cfg, num_classes: int):
-    import dataclasses
-
-    if hasattr(cfg, "with_num_classes"):
-        return cfg.with_num_classes(num_classes)
-    if any(f.name == "num_classes" for f in dataclasses.fields(cfg)):
-        return dataclasses.replace(cfg, num_classes=num_classes)
-    raise CliError(f"cannot set the number of classes of {type(cfg).__name__}")
-
-
 def _build(family: str, cfg):
     return getattr(_family_module(family), FAMILIES[family][1])(cfg)
 
@@ -162,20 +154,36 @@ def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int 
 
 
 def _datasets(train_json, train_images, val_json, val_images, image_size: int,
-              categories: list[dict] | None = None):  # fmt: skip
+              categories: list[dict] | None = None, in_memory: bool = False):  # fmt: skip
     """Training and validation sets. The validation set's labels are the model's: those of the
-    training set, or ``categories`` (a checkpoint's list), matched to its file by category id."""
+    training set, or ``categories`` (a checkpoint's list), matched to its file by category id.
+    ``in_memory``: read every image once, resized, and keep it (only the random augmentation
+    then runs per step; see :class:`~instseg_edu.data.memory.InMemoryDataset`)."""
     from instseg_edu.data.coco import CocoDataset
+    from instseg_edu.data.memory import InMemoryDataset
     from instseg_edu.data.transforms import eval_transforms, train_transforms
 
     train_set = val_set = None
+    start = time.perf_counter()
     try:
         if train_json is not None:
-            train_set = CocoDataset(train_json, train_images, train_transforms(image_size))
+            if in_memory:
+                train_set = InMemoryDataset(
+                    CocoDataset(train_json, train_images, eval_transforms(image_size)),
+                    train_transforms(image_size),
+                )
+            else:
+                train_set = CocoDataset(train_json, train_images, train_transforms(image_size))
             categories = train_set.categories
         if val_json is not None:
             val_set = CocoDataset(val_json, val_images, eval_transforms(image_size),
                                   categories=categories)  # fmt: skip
+            if in_memory:
+                val_set = InMemoryDataset(val_set)
+        if in_memory:
+            count = sum(len(d) for d in (train_set, val_set) if d is not None)
+            print(f"data: {count} images read into memory in {time.perf_counter() - start:.1f} s",
+                  flush=True)  # fmt: skip
     except ValueError as e:  # malformed annotation files: the message names file and problem
         raise CliError(str(e)) from None
     return train_set, val_set
@@ -228,6 +236,38 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
     return written
 
 
+#: Where ``train`` (and ``evaluate --out``) list every annotation the rules dropped.
+DROPPED_FILE = "dropped_annotations.json"
+
+
+def _report_dropped(out: Path | None, *datasets) -> None:
+    """Say how many annotations were dropped from each file (the warnings name the first few) and
+    write the whole list, ``[{"file", "annotation_id", "reason"}, ...]``, to ``out/DROPPED_FILE``
+    (without ``out``: say how to get it)."""
+    from instseg_edu.engine.distributed import is_main_process
+
+    records = [
+        {"file": str(ds.ann_file), "annotation_id": ann_id, "reason": reason}
+        for ds in datasets
+        if ds is not None
+        for ann_id, reason in ds.dropped.items()
+    ]
+    if not records:
+        return
+    per_file = ", ".join(
+        f"{sum(r['file'] == str(ds.ann_file) for r in records)} from {ds.ann_file}"
+        for ds in dict.fromkeys(d for d in datasets if d is not None and d.dropped)
+    )
+    if out is None:
+        print(f"note: {len(records)} annotations dropped ({per_file}); add --out DIR to get "
+              f"their list in DIR/{DROPPED_FILE}", flush=True)  # fmt: skip
+        return
+    if is_main_process():
+        (out / DROPPED_FILE).write_text(json.dumps(records, indent=1) + "\n")
+    print(f"note: {len(records)} annotations dropped ({per_file}); all of them, with their "
+          f"reasons, are listed in {out / DROPPED_FILE}", flush=True)  # fmt: skip
+
+
 def _evaluate_and_report(model, val_set, device, out: Path | None, batch_size: int, workers: int):
     from instseg_edu.engine.distributed import is_main_process
     from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
@@ -254,14 +294,20 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     from instseg_edu.engine.distributed import claim_failure, get_world_size, is_main_process
     from instseg_edu.engine.train import NonFiniteLossError, make_loader, train
 
-    # Before any step: a set with nothing to learn would train to loss 0 without a word.
-    note = train_set.check_trainable(needs_masks=family in MASK_FAMILIES)
-    if note:
-        print(f"note: {note} ({family})", flush=True)
     world = get_world_size()
     main = is_main_process()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    _report_dropped(out, train_set, val_set)
+    # Before any step: a set with nothing to learn would train to loss 0 without a word.
+    if train_set.check_trainable(needs_masks=family in MASK_FAMILIES):  # box-only objects
+        counts = train_set.counts
+        print(f"note: {train_set.ann_file}: {counts['box_only']} of "
+              f"{counts['mask'] + counts['box_only']} objects are box-only: "
+              f"{BOX_ONLY_TRAINING[family]} ({family})", flush=True)  # fmt: skip
+    import torch
+
+    torch.manual_seed(args.seed)  # initial weights from --seed, whatever ran before in the process
     model = _build(family, model_cfg)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     batch = (
@@ -344,42 +390,54 @@ def _train_config(args, device, **overrides):
 # Subcommands
 # ------------------------------------------------------------------------------------------------
 
-# (GPU, CPU, smoke) settings of the demo.
-DEMO_SETTINGS = {
-    "gpu": dict(image_size=512, num_train=3000, num_val=200, steps=3000, batch_size=8,
-                optimizer="sgd", lr=0.02, weight_decay=1e-4, warmup_steps=300),
-    "cpu": dict(image_size=128, num_train=1000, num_val=50, steps=1500, batch_size=4,
-                optimizer="adamw", lr=1e-3, weight_decay=0.05, warmup_steps=50,
-                preset="RETINANET_R18_CPU_DEMO"),
-    "smoke": dict(image_size=64, num_train=6, num_val=4, steps=2, batch_size=2,
-                  optimizer="sgd", lr=0.01, weight_decay=1e-4, warmup_steps=1),
-}  # fmt: skip
+DEMO_OVERRIDES = ("image_size", "max_steps", "batch_size", "num_train", "num_val")
+
+
+def _demo_tier(args, device) -> tuple[str, str]:
+    """``(tier, why)``: ``--smoke``, else ``INSTSEG_TIER`` when set, else the device's tier."""
+    from instseg_edu.recipes import TIER_ENV, select_tier
+
+    if args.smoke:
+        return "smoke", "--smoke"
+    if os.environ.get(TIER_ENV) is not None:
+        return select_tier(), f"{TIER_ENV}={os.environ[TIER_ENV]}"
+    tier = "gpu" if device.type == "cuda" else "cpu"
+    return tier, f"training on {device}"
 
 
 def cmd_demo(args) -> int:
+    import dataclasses
+
+    from instseg_edu.engine.distributed import is_distributed
+    from instseg_edu.recipes import describe_tier, recipe
+
     device = _device(args.device)
-    mode = "smoke" if args.smoke else ("gpu" if device.type == "cuda" else "cpu")
-    settings = dict(DEMO_SETTINGS[mode])
-    for key in ("image_size", "steps", "batch_size", "num_train", "num_val"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    args.image_size, args.batch_size = settings["image_size"], settings["batch_size"]
-    if args.workers is None:
-        args.workers = 0 if args.smoke else _default_workers(device)
+    try:
+        tier, why = _demo_tier(args, device)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    r = recipe(args.model, tier)
+    given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
+    r = dataclasses.replace(r, **{k: v for k, v in given.items() if v is not None})
+    print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
+          flush=True)  # fmt: skip
+    args.image_size, args.batch_size = r.image_size, r.batch_size
+    if args.workers is None:  # in memory: nothing left to decode in worker processes
+        args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
     train_json, train_dir, val_json, val_dir = _shapes(
-        args.data, settings["image_size"], settings["num_train"], settings["num_val"], args.seed
+        args.data, r.image_size, r.num_train, r.num_val, args.seed
     )
-    train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, args.image_size)
-    preset_name, model_cfg = _preset("retinanet", settings.get("preset"), device)
-    model_cfg = _with_num_classes(model_cfg, len(train_set.classes))
+    train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, r.image_size,
+                                   in_memory=r.in_memory)  # fmt: skip
+    preset_name, model_cfg = _preset(args.model, r.model, device)
+    model_cfg = model_cfg.with_num_classes(len(train_set.classes))
     train_cfg = _train_config(
-        args, device, max_steps=settings["steps"], lr=settings["lr"],
-        optimizer=settings["optimizer"], weight_decay=settings["weight_decay"],
-        warmup_steps=min(settings["warmup_steps"], settings["steps"]), schedule="cosine",
-        grad_clip=10.0, log_every=10,
+        args, device, max_steps=r.max_steps, lr=r.lr, optimizer=r.optimizer,
+        weight_decay=r.weight_decay, warmup_steps=min(r.warmup_steps, r.max_steps),
+        schedule=r.schedule, grad_clip=r.grad_clip, log_every=10,
     )  # fmt: skip
-    data_meta = {"val_json": str(val_json), "val_images": str(val_dir)}
-    return _run_training(args, "retinanet", preset_name, model_cfg, train_set, val_set, device,
+    data_meta = {"val_json": str(val_json), "val_images": str(val_dir), "recipe": r.as_dict()}
+    return _run_training(args, args.model, preset_name, model_cfg, train_set, val_set, device,
                          train_cfg, data_meta=data_meta)  # fmt: skip
 
 
@@ -406,8 +464,33 @@ def _lr(args) -> float:
     return lr
 
 
+#: ``train``'s defaults. The parser leaves these options ``None`` when they are not given, so
+#: that ``--resume`` can tell a given value from a default: it takes what is not given from the
+#: checkpoint, not from here.
+TRAIN_DEFAULTS = {
+    "model": "retinanet", "image_size": 512, "batch_size": 8, "lr": 0.02, "optimizer": "sgd",
+    "schedule": "cosine", "warmup_steps": 300, "grad_clip": 10.0, "checkpoint_every": 500,
+    "seed": 0, "sync_bn": False, "out": "runs/train",
+}  # fmt: skip
+
+#: What each mask family does with a box-only object (an annotation without segmentation).
+BOX_ONLY_TRAINING = {
+    "mask_rcnn": "their RPN, box and class terms are trained, their mask term is skipped",
+    "yolact": "their box and class terms are trained, their mask term is skipped (and the "
+    "semantic-segmentation term, when on, leaves their boxes out)",
+    "solo": "SOLO has no box branch: each is placed on the category grid by its box (its centre "
+    "and area stand in for the mask's) and its cells are trained on its class; its mask term "
+    "is skipped",
+}
+
+
 def cmd_train(args) -> int:
     device = _device(args.device)
+    resume = _resume_settings(args) if args.resume is not None else None
+    for key, value in TRAIN_DEFAULTS.items():
+        if getattr(args, key) is None and not (resume and key == "lr"):  # see _resumed_run
+            setattr(args, key, value)
+    _check_sync_bn(args, device, from_checkpoint=resume is not None and resume["sync_bn_stored"])
     if args.data == "shapes":
         if args.train_json or args.train_images:
             raise CliError("give either --data shapes or --train-json/--train-images, not both")
@@ -421,25 +504,167 @@ def cmd_train(args) -> int:
         if args.val_json or args.val_images:
             val_json = _existing(args.val_json, "annotation file", "--val-json")
             val_dir = _existing(args.val_images, "image folder", "--val-images", folder=True)
-    if args.resume is not None:
-        _existing(args.resume, "checkpoint", "--resume")
     if args.workers is None:
         args.workers = _default_workers(device)
     train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, args.image_size)
-    preset_name, model_cfg = _preset(args.model, args.preset, device)
-    model_cfg = _with_num_classes(model_cfg, len(train_set.classes))
-    length = {"max_steps": args.steps} if args.steps else {"epochs": args.epochs or 12}
-    train_cfg = _train_config(
-        args, device, lr=_lr(args), optimizer=args.optimizer, warmup_steps=args.warmup_steps,
-        schedule=args.schedule, grad_clip=args.grad_clip, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, sync_bn=args.sync_bn, **length,
-    )  # fmt: skip
+    if resume is None:
+        preset_name, model_cfg = _preset(args.model, args.preset, device)
+        model_cfg = model_cfg.with_num_classes(len(train_set.classes))
+        length = {"max_steps": args.steps} if args.steps else {"epochs": args.epochs or 12}
+        train_cfg = _train_config(
+            args, device, lr=_lr(args), optimizer=args.optimizer, warmup_steps=args.warmup_steps,
+            schedule=args.schedule, grad_clip=args.grad_clip, eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every, sync_bn=args.sync_bn, **length,
+        )  # fmt: skip
+    else:
+        preset_name, model_cfg, train_cfg = _resumed_run(args, device, resume, train_set)
     data_meta = {
+        "train_json": str(train_json),
+        "train_images": str(train_dir),
         "val_json": None if val_json is None else str(val_json),
         "val_images": None if val_dir is None else str(val_dir),
+        "batch_size": args.batch_size,
     }
     return _run_training(args, args.model, preset_name, model_cfg, train_set, val_set, device,
                          train_cfg, data_meta=data_meta)  # fmt: skip
+
+
+def _check_sync_bn(args, device, *, from_checkpoint: bool) -> None:
+    """``--sync-bn`` in one process does nothing (say so); on CPU processes it cannot run."""
+    from instseg_edu.engine.distributed import get_world_size
+
+    if not args.sync_bn:
+        return
+    flag = "--sync-bn (the checkpoint's setting)" if from_checkpoint else "--sync-bn"
+    if get_world_size() == 1:
+        if not from_checkpoint:
+            print("note: --sync-bn has no effect in one process: it shares BatchNorm statistics "
+                  "between the processes of a torchrun run", flush=True)  # fmt: skip
+        return
+    if device.type != "cuda":
+        advice = (
+            "resume it on GPUs" if from_checkpoint else "on CPU processes leave it out: each "
+            "process then normalises with the BatchNorm statistics of its own images"
+        )  # fmt: skip
+        raise CliError(f"{flag} needs GPUs (PyTorch's SyncBatchNorm has no CPU kernel); {advice}")
+
+
+def _resume_settings(args) -> dict:
+    """``--resume``: every setting not given on the command line comes from the checkpoint, and a
+    given one that would make the run differ from its continuation is refused (one line naming
+    the option and both values). Fills ``args`` in place; returns the checkpoint's pieces."""
+    from instseg_edu.engine.checkpoint import load_checkpoint
+
+    path = _existing(args.resume, "checkpoint", "--resume")
+    ckpt = load_checkpoint(path, map_location="cpu")
+    meta, cfg = ckpt.get("meta") or {}, ckpt.get("config") or {}
+    if meta.get("model") not in FAMILIES or "model_config" not in meta or not cfg:
+        raise CliError(f"--resume: {path} has no model description or training config; was it "
+                       "written by `instseg-edu train`?")  # fmt: skip
+
+    def keep(flag: str, attr: str, stored):
+        given = getattr(args, attr)
+        if given is not None and stored is not None and given != stored:
+            raise CliError(
+                f"{flag} {given} differs from the checkpoint's {stored}: --resume continues "
+                f"the run exactly as it was started; leave {flag} out (or start a new run)"
+            )
+        if given is None:
+            setattr(args, attr, stored)
+
+    keep("--model", "model", meta["model"])
+    keep("--preset", "preset", meta.get("preset"))
+    keep("--image-size", "image_size", meta.get("image_size"))
+    keep("--batch-size", "batch_size", meta.get("batch_size"))  # None in older checkpoints
+    for flag, attr in (("--seed", "seed"), ("--optimizer", "optimizer"),
+                       ("--schedule", "schedule"), ("--warmup-steps", "warmup_steps"),
+                       ("--grad-clip", "grad_clip")):  # fmt: skip
+        keep(flag, attr, cfg.get(attr))
+    stored_sync_bn = bool(cfg.get("sync_bn"))
+    if args.sync_bn and not stored_sync_bn:
+        raise CliError("--sync-bn: the checkpoint was trained without it; --resume continues the "
+                       "run exactly as it was started; leave --sync-bn out")  # fmt: skip
+    sync_bn_stored = stored_sync_bn and args.sync_bn is None
+    args.sync_bn = stored_sync_bn
+    # Options that do not change the numbers: given or the checkpoint's.
+    for attr in ("eval_every", "checkpoint_every"):
+        if getattr(args, attr) is None:
+            setattr(args, attr, cfg.get(attr))
+    if args.out is None:
+        args.out = str(path.parent)
+    if args.data is None and args.train_json is None and args.train_images is None:
+        args.train_json, args.train_images = meta.get("train_json"), meta.get("train_images")
+    if args.val_json is None and args.val_images is None:
+        args.val_json, args.val_images = meta.get("val_json"), meta.get("val_images")
+    return {"ckpt": ckpt, "meta": meta, "config": cfg, "sync_bn_stored": sync_bn_stored}
+
+
+def _resumed_run(args, device, resume: dict, train_set):
+    """The model config and :class:`TrainConfig` of the checkpoint, with the changes ``--resume``
+    allows: the device, progress bar, output folder, evaluation and checkpoint intervals, and a
+    new length (``--steps`` / ``--epochs``) only where the learning rate of every step does not
+    depend on the length (``--schedule constant``)."""
+    import math
+
+    from instseg_edu.engine.checkpoint import config_from_dict
+    from instseg_edu.engine.train import TrainConfig
+
+    meta, cfg = resume["meta"], resume["config"]
+    ckpt_categories = _checkpoint_categories(meta)
+    if ckpt_categories is not None and train_set.categories != ckpt_categories:
+        raise CliError(
+            f"--resume: the categories of {train_set.ann_file} "
+            f"({[(c['id'], c['name']) for c in train_set.categories]}) are not the checkpoint's "
+            f"({[(c['id'], c['name']) for c in ckpt_categories]})"
+        )
+    config_cls = getattr(_family_module(args.model), FAMILIES[args.model][2])
+    try:
+        model_cfg = config_from_dict(config_cls, meta["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CliError(f"--resume: cannot rebuild the checkpoint's model config ({e})") from None
+
+    if args.lr is None and args.scale_lr is None:
+        lr = cfg["lr"]
+        print(f"lr: {lr:g} (the checkpoint's)", flush=True)
+    else:
+        if args.lr is None:
+            args.lr = TRAIN_DEFAULTS["lr"]
+        lr = _lr(args)
+        if not math.isclose(lr, cfg["lr"], rel_tol=1e-9):
+            flag = f"--lr {args.lr:g}" + ("" if args.scale_lr is None else
+                                           f" --scale-lr {args.scale_lr}")  # fmt: skip
+            raise CliError(
+                f"{flag} gives lr {lr:g}, but the checkpoint's lr is {cfg['lr']:g}: --resume "
+                "continues the run exactly as it was started; leave --lr and --scale-lr out"
+            )
+    length = {"epochs": cfg.get("epochs"), "max_steps": cfg.get("max_steps")}
+    if args.steps is not None or args.epochs is not None:
+        wanted = ({"epochs": None, "max_steps": args.steps} if args.steps
+                  else {"epochs": args.epochs, "max_steps": None})  # fmt: skip
+        if wanted != length:
+            flag = f"--steps {args.steps}" if args.steps else f"--epochs {args.epochs}"
+            stored = (f"--steps {length['max_steps']}" if length["max_steps"] else
+                      f"--epochs {length['epochs']}")  # fmt: skip
+            if cfg["schedule"] != "constant":
+                raise CliError(
+                    f"{flag} differs from the checkpoint's {stored}: with --schedule "
+                    f"{cfg['schedule']} the learning rate of every step depends on the run's "
+                    "length, so a longer or shorter run is not this run continued; resume with "
+                    "the same length (only a --schedule constant run can be extended)"
+                )
+            step = int(resume["ckpt"].get("step", 0))
+            if args.steps is not None and args.steps <= step:
+                raise CliError(f"{flag}: the checkpoint is at step {step} already")
+            length = wanted
+    overrides = {
+        "device": str(device), "progress": not args.no_progress, "checkpoint_dir": str(args.out),
+        "eval_every": args.eval_every, "checkpoint_every": args.checkpoint_every, **length,
+    }  # fmt: skip
+    try:
+        train_cfg = config_from_dict(TrainConfig, {**cfg, **overrides})
+    except (TypeError, ValueError) as e:
+        raise CliError(f"--resume: cannot rebuild the checkpoint's training config ({e})") from None
+    return meta.get("preset") or "(from the checkpoint)", model_cfg, train_cfg
 
 
 def cmd_evaluate(args) -> int:
@@ -460,6 +685,7 @@ def cmd_evaluate(args) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+    _report_dropped(out, val_set)
     workers = _default_workers(device) if args.workers is None else args.workers
     if args.report:
         _analysis_report(model, val_set, device, out, args, workers)
@@ -517,7 +743,8 @@ def cmd_predict(args) -> int:
     from instseg_edu.viz.draw import draw_detections
 
     results = []
-    for image_id, path in enumerate(paths, start=1):
+    names = _drawing_names(paths)
+    for image_id, (path, name) in enumerate(zip(paths, names), start=1):
         image = read_image(path)  # [3, H, W] in [0, 1], EXIF orientation applied
         h, w = image.shape[-2:]
         empty = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
@@ -530,14 +757,46 @@ def cmd_predict(args) -> int:
         fig = draw_detections(batch.images[0], det.boxes, det.labels, det.masks, det.scores,
                               classes, score_thr=args.score_thr, title=path.name,
                               image_size=batch.image_sizes[0])  # fmt: skip
-        fig.savefig(out / f"{path.stem}.png", dpi=100)
+        drawing = out / name
+        drawing.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(drawing, dpi=100)
         for r in detections_to_coco([det], batch.targets, batch.image_sizes, label_to_cat_id):
             if r["score"] >= args.score_thr:
-                results.append({**r, "file_name": str(path)})
+                results.append({**r, "file_name": str(path), "drawing": str(name)})
         kept = int((det.scores >= args.score_thr).sum())
-        print(f"{path}: {kept} detections above {args.score_thr} -> {out / (path.stem + '.png')}")
+        print(f"{path}: {kept} detections above {args.score_thr} -> {drawing}")
     (out / "predictions.json").write_text(json.dumps(results))
     return 0
+
+
+def _drawing_names(paths: list[Path]) -> list[Path]:
+    """A distinct output name per input image, relative to ``--out``: ``STEM.png`` when no other
+    input has that stem; otherwise the input's folders below the inputs' common folder are kept
+    (``a/img.jpg``, ``b/img.jpg`` -> ``a/img.png``, ``b/img.png``), then its suffix
+    (``img.jpg``, ``img.tif`` -> ``img_jpg.png``, ``img_tif.png``), then a counter (the same file
+    given twice: ``img.png``, ``img-2.png``)."""
+    from collections import Counter
+
+    resolved = [p.resolve() for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in resolved]))
+    stems = Counter(p.stem for p in set(resolved))  # distinct files
+    names = []
+    for p in resolved:
+        if stems[p.stem] == 1:
+            names.append(Path(f"{p.stem}.png"))
+            continue
+        folder = p.parent.relative_to(common)
+        same_place = sum(q.stem == p.stem and q.parent == p.parent for q in set(resolved))
+        stem = p.stem if same_place == 1 else f"{p.stem}_{p.suffix.lstrip('.')}"
+        names.append(folder / f"{stem}.png")
+    taken: set[Path] = set()
+    for i, name in enumerate(names):
+        n = 1
+        while names[i] in taken:
+            n += 1
+            names[i] = name.with_name(f"{name.stem}-{n}.png")
+        taken.add(names[i])
+    return names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -547,7 +806,8 @@ def cmd_predict(args) -> int:
 
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
-    p.add_argument("--seed", type=int, default=0, help="seed of data order and augmentation")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, data order and augmentation")  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true",
@@ -564,17 +824,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="train RetinaNet on the shapes dataset and write AP table and figures",
-        description="Build the shapes dataset if missing, train RetinaNet (ResNet-50-FPN for a few "
-        "minutes on a GPU, a small ResNet-18 model on 128 px images for about five minutes on a "
-        "CPU), evaluate it with pycocotools, and write ap.md, ap.json, history.json, "
-        "loss_curve.png, predictions.png and last.pt to --out.",
+        help="train a model on the shapes dataset and write AP table and figures",
+        description="Build the shapes dataset if missing, train one model family with its recipe "
+        "for this machine (instseg_edu.recipes: ResNet-50-FPN models at 512 px on a GPU; small "
+        "ResNet-18 models at 128 px, kept in memory, for about five minutes on a CPU), evaluate "
+        "it with pycocotools (box AP, and mask AP for the mask families), and write ap.md, "
+        "ap.json, history.json, loss_curve.png, predictions.png (with masks) and last.pt to "
+        "--out. The tier: --smoke, else INSTSEG_TIER when set, else the device's (cpu or gpu).",
     )
+    p.add_argument("--model", choices=list(FAMILIES), default="mask_rcnn",
+                   help="model family (default: mask_rcnn, the best masks in a few CPU "
+                   "minutes)")  # fmt: skip
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument(
         "--data", default="data/shapes", help="shapes dataset root (default: data/shapes)"
     )
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: by device)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--image-size", type=int, default=None, help="longest image side in pixels")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-train", type=int, default=None, help="shapes training images")
@@ -590,7 +855,10 @@ def build_parser() -> argparse.ArgumentParser:
         "your own COCO-format files with --train-json/--train-images (and optionally "
         "--val-json/--val-images for evaluation).",
     )
-    p.add_argument("--model", choices=sorted(FAMILIES), default="retinanet")
+    # Options that decide a run's numbers default to None here (TRAIN_DEFAULTS fills them in):
+    # --resume takes every one not given from the checkpoint.
+    p.add_argument("--model", choices=sorted(FAMILIES), default=None,
+                   help="model family (default: retinanet)")  # fmt: skip
     p.add_argument("--preset", default=None,
                    help="config constant of the model module, e.g. RETINANET_R18_SMALL "
                    "(default: R50-FPN on a GPU, the small R18 preset on a CPU)")  # fmt: skip
@@ -602,29 +870,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-images", help="folder of the training images")
     p.add_argument("--val-json", help="COCO instances JSON of the validation set")
     p.add_argument("--val-images", help="folder of the validation images")
-    p.add_argument("--image-size", type=int, default=512, help="longest side after resizing")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="longest side after resizing (default: 512)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 12 unless --steps)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="images per process and step; under torchrun the global batch is "
-                   "N processes x this")  # fmt: skip
-    p.add_argument("--lr", type=float, default=0.02,
-                   help="learning rate (of the global batch; see --scale-lr)")  # fmt: skip
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per process and step (default: 8); under torchrun the global "
+                   "batch is N processes x this")  # fmt: skip
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate of the global batch (default: 0.02; see --scale-lr)",
+    )
     p.add_argument("--scale-lr", type=int, default=None, metavar="REF_BATCH",
                    help="--lr was tuned for REF_BATCH images per step: multiply it by "
                    "global batch / REF_BATCH (linear scaling rule, Goyal et al. 2017)")  # fmt: skip
-    p.add_argument("--sync-bn", action="store_true",
+    p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch "
                    "(SyncBatchNorm)")  # fmt: skip
-    p.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-    p.add_argument("--schedule", choices=["step", "cosine", "constant"], default="cosine")
-    p.add_argument("--warmup-steps", type=int, default=300)
-    p.add_argument("--grad-clip", type=float, default=10.0)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], default=None,
+                   help="(default: sgd)")  # fmt: skip
+    p.add_argument("--schedule", choices=["step", "cosine", "constant"], default=None,
+                   help="learning rate after warm-up (default: cosine)")  # fmt: skip
+    p.add_argument("--warmup-steps", type=int, default=None, help="(default: 300)")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help="largest gradient norm (default: 10)")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from (e.g. OUT/last.pt)")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints (default: 500)")  # fmt: skip
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/train; with --resume, the checkpoint's "
+                   "folder)")  # fmt: skip
+    p.add_argument("--resume", default=None,
+                   help="checkpoint to continue from (e.g. OUT/last.pt). The run continues "
+                   "exactly: options not given are the checkpoint's, and one given with "
+                   "another value than the checkpoint's is refused (--steps/--epochs may "
+                   "change only with --schedule constant)")  # fmt: skip
     _common(p)
+    p.set_defaults(seed=None)  # 0, or with --resume the checkpoint's
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -665,7 +949,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="draw a checkpoint's detections on images",
         description="Run a checkpoint on image files and write one drawn PNG per image plus "
-        "predictions.json (COCO results, in original pixels) to --out.",
+        "predictions.json (COCO results, in original pixels) to --out. A drawing is named after "
+        "its image (STEM.png); images that share a name keep their folders below the inputs' "
+        "common folder (a/img.png, b/img.png).",
     )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+", metavar="IMAGE")
@@ -684,9 +970,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from instseg_edu.engine.distributed import launched_by_torchrun
 
-    if launched_by_torchrun():
-        return _main_distributed(args)
-    return _run(args)
+    with _warnings_as_lines(args):
+        if launched_by_torchrun():
+            return _main_distributed(args)
+        return _run(args)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(args):
+    """Print each warning as one line, ``instseg-edu COMMAND: warning: MESSAGE``, instead of
+    Python's form (source file, line number, category and the code line), and under torchrun
+    only from rank 0 (every process reads the same files and would repeat it). Only how the
+    command prints changes: the library still issues ordinary warnings, which a program using it
+    can filter, record or turn into errors. ``--debug`` keeps Python's form."""
+    import warnings
+
+    if getattr(args, "debug", False):
+        yield
+        return
+    rank0 = os.environ.get("RANK", "0") == "0"  # set by torchrun before any process group
+
+    def one_line(message, category, filename, lineno, line=None) -> str:
+        if not rank0:
+            return ""
+        kind = "warning" if category is UserWarning else f"warning ({category.__name__})"
+        return f"instseg-edu {args.command}: {kind}: {' '.join(str(message).split())}\n"
+
+    original = warnings.formatwarning
+    warnings.formatwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
 
 
 def _run(args) -> int:
@@ -717,8 +1032,6 @@ def _main_distributed(args) -> int:
     """One process of ``torchrun``: join the process group, run the command, leave the group
     (after success, an error or Ctrl-C). Only rank 0 prints to stdout; an error is printed by
     the process that failed first (:func:`~instseg_edu.engine.distributed.claim_failure`)."""
-    import contextlib
-
     from instseg_edu.engine import distributed
 
     if args.command not in DISTRIBUTED_COMMANDS:

@@ -31,13 +31,15 @@
 #    and the **EvaluationExplorer**.
 
 # %% tags=["parameters"]
-import os
+from instseg_edu.recipes import describe_tier, select_tier
 
-SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
 IMAGE_SIZE = 128 if SMOKE else 512
 NUM_IMAGES = 4 if SMOKE else 64
 SEED = 0
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored)
+print(describe_tier(TIER))
 
 # %%
 import contextlib

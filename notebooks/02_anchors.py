@@ -25,12 +25,14 @@
 # every key of its config with its effect, and ends with the **AnchorExplorer**.
 
 # %% tags=["parameters"]
-import os
+from instseg_edu.recipes import describe_tier, select_tier
 
-SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
 IMAGE_SIZE = 256 if SMOKE else 512
 SAMPLE_INDEX = 3  # which shapes image to look at
 SEED = 0
+print(describe_tier(TIER))
 
 # %%
 import math

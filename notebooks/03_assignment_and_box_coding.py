@@ -28,12 +28,14 @@
 # own `targets()` gives the same answer, and finish with the **AssignerExplorer**.
 
 # %% tags=["parameters"]
-import os
+from instseg_edu.recipes import describe_tier, select_tier
 
-SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
 IMAGE_SIZE = 256 if SMOKE else 512
 SAMPLE_INDEX = 3
 SEED = 0
+print(describe_tier(TIER))
 
 # %%
 import math

@@ -25,22 +25,33 @@
 #
 # We look at the shapes of every stage, plot the focal loss, train with a live
 # **TrainingDashboard**, evaluate with COCO's 12 numbers and look at the mistakes.
-# With `INSTSEG_SMOKE=1` everything is tiny and runs on the CPU; otherwise it trains on the GPU.
+#
+# **Tiers.** The parameters cell picks one of three (`instseg_edu.recipes`): `gpu` when CUDA is
+# present (ResNet-50-FPN at 512 px, thousands of steps), `cpu` without (a small ResNet-18 RetinaNet
+# at 128 px, images kept in memory, about four minutes of training on two cores, and it does learn),
+# `smoke` with `INSTSEG_SMOKE=1` (seconds, the tests). `INSTSEG_TIER=cpu` (or `gpu`, `smoke`) wins
+# over both. The cell prints the tier and how long its training should take on this machine.
 
 # %% tags=["parameters"]
-import os
+from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
 
-SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
-IMAGE_SIZE = 128 if SMOKE else 512
-NUM_TRAIN = 8 if SMOKE else 2000
-NUM_VAL = 4 if SMOKE else 200
-BATCH_SIZE = 2 if SMOKE else 16
-# INSTSEG_TRAIN_STEPS overrides (the browser test trains a few more steps to watch the dashboard).
-TRAIN_STEPS = int(os.environ.get("INSTSEG_TRAIN_STEPS", 2 if SMOKE else 3000))
-LR = 0.01
-MODEL = "RETINANET_R18_SMALL" if SMOKE else "RETINANET_R50_FPN_SCRATCH"
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
+# The tier's recipe; INSTSEG_TRAIN_STEPS overrides its steps (the browser test trains a few more
+# steps to watch the dashboard).
+RECIPE = notebook_recipe("retinanet", TIER)
+IMAGE_SIZE = RECIPE.image_size
+NUM_TRAIN = RECIPE.num_train
+NUM_VAL = RECIPE.num_val
+BATCH_SIZE = RECIPE.batch_size
+TRAIN_STEPS = RECIPE.max_steps
+LR = RECIPE.lr
+MODEL = RECIPE.model
+IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tier)
+WORKERS = RECIPE.loader_workers
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 SEED = 0
+print(describe_tier(TIER, RECIPE))
 
 # %%
 import tempfile
@@ -53,20 +64,28 @@ from IPython.display import display
 
 import instseg_edu.models.retinanet as retinanet
 from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.checkpoint import config_to_dict, save_checkpoint
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table, predict_loader
-from instseg_edu.engine.train import TrainConfig, make_loader, resolve_device, train
+from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.losses import sigmoid_focal_loss
 from instseg_edu.ops.boxes import box_iou
+from instseg_edu.recipes import notebook_checkpoint
 from instseg_edu.viz.training import detection_thumbnail
 
 torch.manual_seed(SEED)
 device = resolve_device("auto")
 root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
 splits = make_shapes_splits(root, NUM_TRAIN, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED)
-train_set = CocoDataset(splits["train"], root / "train", train_transforms(IMAGE_SIZE))
+train_set = CocoDataset(splits["train"], root / "train", eval_transforms(IMAGE_SIZE))
 val_set = CocoDataset(splits["val"], root / "val", eval_transforms(IMAGE_SIZE))
+augment = train_transforms(IMAGE_SIZE)  # random flip and colour jitter, drawn anew every step
+if IN_MEMORY:  # read and resize every image once; then only the augmentation runs per step
+    train_set, val_set = InMemoryDataset(train_set, augment), InMemoryDataset(val_set)
+else:
+    train_set.transforms = augment
 print(f"device {device}; {len(train_set)} train / {len(val_set)} val images of {IMAGE_SIZE}²")
 
 # %% [markdown]
@@ -186,20 +205,14 @@ import time
 
 from instseg_edu.widgets import TrainingDashboard
 
-train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=0 if SMOKE else 4)
-val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False, workers=0 if SMOKE else 4)
+train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=WORKERS)
+val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False, workers=WORKERS)
 dashboard = TrainingDashboard(thumbnails_every=1 if SMOKE else 100, class_names=train_set.classes)
 display(dashboard)
 
-train_cfg = TrainConfig(
-    max_steps=TRAIN_STEPS,
-    lr=LR,
-    warmup_steps=min(500, max(1, TRAIN_STEPS // 5)),  # the first fifth, at most 500 steps
-    grad_clip=35.0,
-    schedule="cosine",
-    log_every=1 if SMOKE else 20,
-    progress=not SMOKE,
-    seed=SEED,
+# The recipe's optimiser (AdamW on the CPU, SGD on the GPU), warm-up, cosine decay, clipping.
+train_cfg = RECIPE.train_config(
+    max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 20, progress=not SMOKE, seed=SEED
 )
 start = time.perf_counter()
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
@@ -207,6 +220,16 @@ train_s = time.perf_counter() - start
 print(
     f"{len(history.steps)} steps in {train_s:.1f} s; dashboard time {dashboard.overhead_s:.2f} s, {dashboard.redraws} redraws"
 )
+# Saved for later notebooks (runs/notebooks/<tier>/retinanet.pt; `instseg-edu evaluate` reads it).
+checkpoint = save_checkpoint(notebook_checkpoint(RECIPE.family, TIER), {
+    "model": model.state_dict(),
+    "recipe": RECIPE.as_dict(),
+    "history": history.to_dict(),
+    "meta": {"model": RECIPE.family, "preset": MODEL, "model_config": config_to_dict(cfg),
+             "classes": list(train_set.classes), "label_to_cat_id": list(train_set.label_to_cat_id),
+             "image_size": IMAGE_SIZE},
+})  # fmt: skip
+print("saved", checkpoint)
 
 # %% [markdown]
 # ### `predict`, the readable way
@@ -242,8 +265,9 @@ print("predict == retinanet_predict_reference ✓ ", [len(d) for d in fast], "de
 # %% [markdown]
 # ## 5. Evaluation: the 12 COCO numbers
 #
-# In smoke mode the model has trained for two steps, so expect zeros; on the GPU run, AP on shapes
-# climbs past 0.5 within a few thousand steps.
+# In the smoke tier the model has trained for two steps, so expect zeros. The cpu tier's few
+# minutes find most of the larger shapes (small ones are often missed); on the GPU tier, AP on
+# shapes climbs past 0.5 within a few thousand steps.
 
 # %%
 metrics = evaluate_model(model, val_loader, val_set.coco, val_set.label_to_cat_id, device)

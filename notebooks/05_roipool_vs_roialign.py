@@ -29,13 +29,15 @@
 # `roi_align_reference`; the models use torchvision's compiled kernels.
 
 # %% tags=["parameters"]
-import os
+from instseg_edu.recipes import describe_tier, select_tier
 
-SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
 IMAGE_SIZE = 128 if SMOKE else 512  # shapes images for the mask experiment
 NUM_IMAGES = 2 if SMOKE else 12
 NUM_RANDOM_ROIS = 16 if SMOKE else 256
 SEED = 0
+print(describe_tier(TIER))
 
 # %%
 import matplotlib.pyplot as plt

@@ -26,55 +26,78 @@
 #
 # Everything we draw below is what `instseg_edu.models.mask_rcnn` trains on: `model.targets(...)`
 # is the very function `model.loss(...)` calls.
+#
+# **Tiers.** The parameters cell picks one (`instseg_edu.recipes`): `gpu` with CUDA (ResNet-50-FPN
+# at 512 px), `cpu` without — `MASK_RCNN_R18_CPU`, a ResNet-18 Mask R-CNN on 128 px images kept in
+# memory, whose mask RoIs are 7×7 and masks 14×14 (instead of 14×14 and 28×28), trained with
+# AdamW for about five minutes on two cores: enough for the right class and a recognisable mask on
+# most shapes — and `smoke` with `INSTSEG_SMOKE=1` (seconds, the tests). `INSTSEG_TIER` wins over
+# both. The cell prints the tier and how long its training should take on this machine.
 
 # %% tags=["parameters"]
-import os
+from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
 
-SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
-IMAGE_SIZE = 128 if SMOKE else 512
-NUM_TRAIN = 8 if SMOKE else 2000
-NUM_VAL = 4 if SMOKE else 200
-BATCH_SIZE = 2 if SMOKE else 8
-TRAIN_STEPS = 3 if SMOKE else 3000
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
+RECIPE = notebook_recipe("mask_rcnn", TIER)  # INSTSEG_TRAIN_STEPS overrides its steps
+IMAGE_SIZE = RECIPE.image_size
+NUM_TRAIN = RECIPE.num_train
+NUM_VAL = RECIPE.num_val
+BATCH_SIZE = RECIPE.batch_size
+TRAIN_STEPS = RECIPE.max_steps
+LR = RECIPE.lr
+MODEL = RECIPE.model
+IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tier)
+WORKERS = RECIPE.loader_workers
 SEED = 0
+print(describe_tier(TIER, RECIPE))
 
 # %%
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
+from IPython.display import display
 
+import instseg_edu.models.mask_rcnn as mask_rcnn
 from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import CLASSES, make_shapes_dataset
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.checkpoint import config_to_dict, save_checkpoint
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
-from instseg_edu.engine.train import TrainConfig, make_loader, train
+from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.models.mask_rcnn import (
-    MASK_RCNN_R18_SMALL,
-    MASK_RCNN_R50_FPN,
     build_mask_rcnn,
     map_rois_to_levels,
     mask_targets,
     paste_masks,
 )
 from instseg_edu.models.roi_heads import mask_targets_reference, paste_masks_reference
+from instseg_edu.recipes import notebook_checkpoint
+from instseg_edu.viz.draw import gallery
 
 torch.manual_seed(SEED)
-device = torch.device("cuda" if torch.cuda.is_available() and not SMOKE else "cpu")
-root = Path(tempfile.mkdtemp()) / "shapes" if SMOKE else Path("data") / "shapes"
+device = resolve_device("auto")
+root = Path(tempfile.mkdtemp()) / "shapes" if SMOKE else Path("data") / f"shapes{IMAGE_SIZE}"
 train_json = make_shapes_dataset(root, NUM_TRAIN, image_size=IMAGE_SIZE, seed=SEED, split="train")
 val_json = make_shapes_dataset(root, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED, split="val")
-train_set = CocoDataset(train_json, root / "train", transforms=train_transforms(IMAGE_SIZE))
+train_set = CocoDataset(train_json, root / "train", transforms=eval_transforms(IMAGE_SIZE))
 val_set = CocoDataset(val_json, root / "val", transforms=eval_transforms(IMAGE_SIZE))
+augment = train_transforms(IMAGE_SIZE)  # random flip and colour jitter, drawn anew every step
+if IN_MEMORY:  # read and resize every image once; then only the augmentation runs per step
+    train_set, val_set = InMemoryDataset(train_set, augment), InMemoryDataset(val_set)
+else:
+    train_set.transforms = augment
 
-base = MASK_RCNN_R18_SMALL if SMOKE else MASK_RCNN_R50_FPN
-cfg = replace(base, num_classes=len(CLASSES))
+cfg = getattr(mask_rcnn, MODEL).with_num_classes(len(CLASSES))
 model = build_mask_rcnn(cfg).to(device)
 batch = collate([val_set[i] for i in range(2)]).to(device)
-print(cfg.backbone.depth, "ResNet;", len(CLASSES), "classes; batch", tuple(batch.images.shape))
+print(f"{MODEL}: ResNet-{cfg.backbone.depth}, {len(CLASSES)} classes, mask RoIs "
+      f"{cfg.roi_head.mask_roi_size}², masks {cfg.train_cfg.rcnn.mask_size}²; batch "
+      f"{tuple(batch.images.shape)} on {device}")  # fmt: skip
 
 
 # %%
@@ -194,11 +217,14 @@ print("sampled RoIs per level (P2..P5):", torch.bincount(inline_levels, minlengt
 # ## 5 · Sampled RoIs and their labels
 #
 # The ground-truth boxes join the proposals; RoIs with IoU ≥ 0.5 take their object's class, the
-# others are background (label `C`). At most a quarter of the 512 sampled RoIs per image are
-# positive.
+# others are background (label `C`). The sampler keeps `sampler.num` RoIs per image, at most a
+# `pos_fraction` of them positive: 512 and a quarter in the full model; 32 and a half in the cpu
+# tier's, whose 128 px images hold a few objects each (512 RoIs would be almost all background).
 
 # %%
 roi = targets.roi
+sampler = cfg.train_cfg.rcnn.sampler
+print(f"sampler: {sampler.num} RoIs per image, at most {sampler.pos_fraction:.0%} positive")
 in_img = roi.rois[:, 0] == img
 positive = in_img & (roi.labels < cfg.num_classes)
 print(
@@ -214,22 +240,27 @@ plt.show()
 # %% [markdown]
 # ## 6 · Mask targets
 #
-# Each positive RoI's target is its object's mask cropped to the RoI and resized to 28×28. The
-# library does all RoIs at once with one `roi_align` over the stack of ground-truth masks. For an
-# RoI whose sides are exact multiples of 28 pixels that is the same as averaging 28×28 blocks of
-# the crop — a check we can do by hand with `F.interpolate(mode="area")`:
+# Each positive RoI's target is its object's mask cropped to the RoI and resized to `M × M`, the
+# mask head's output: its RoIAlign grid (`mask_roi_size`, 14 in the full model) doubled by one
+# deconvolution, so 28×28 — or 14×14 from the 7×7 grid of the cpu tier's model. The library does
+# all RoIs at once with one `roi_align` over the stack of ground-truth masks. For an RoI whose
+# sides are exact multiples of `M` pixels that is the same as averaging `M × M` blocks of the
+# crop — a check we can do by hand with `F.interpolate(mode="area")`:
 
 # %%
+M = cfg.train_cfg.rcnn.mask_size
+assert M == 2 * cfg.roi_head.mask_roi_size
 gt_masks = torch.cat([t.masks for t in batch.targets])  # [G_total, Hp, Wp]
 obj = 0
 y, x = torch.nonzero(gt_masks[obj], as_tuple=True)
 x1, y1 = int(x.min()), int(y.min())
-side = 28 * max(1, (int(x.max()) - x1 + 1) // 28)
+side = M * max(1, (int(x.max()) - x1 + 1) // M)
 x1, y1 = min(x1, gt_masks.shape[-1] - side), min(y1, gt_masks.shape[-2] - side)
 box = torch.tensor([[x1, y1, x1 + side, y1 + side]], dtype=torch.float32, device=device)
 crop = gt_masks[obj, y1 : y1 + side, x1 : x1 + side].float()[None, None]
-by_hand = (F.interpolate(crop, size=(28, 28), mode="area")[0, 0] >= 0.5).float()
-assert torch.equal(by_hand, mask_targets(gt_masks, box, torch.tensor([obj], device=device))[0])
+by_hand = (F.interpolate(crop, size=(M, M), mode="area")[0, 0] >= 0.5).float()
+library = mask_targets(gt_masks, box, torch.tensor([obj], device=device), mask_size=M)[0]
+assert torch.equal(by_hand, library)
 
 # Any RoI, one at a time: `mask_targets_reference` samples each bin bilinearly and averages, as
 # MMDetection's `crop_and_resize` describes it. The model's targets agree with it everywhere but
@@ -275,35 +306,42 @@ print(f"{syncs.count} host synchronisations in one training step of {len(batch)}
 print(syncs.summary())
 
 # %% [markdown]
-# ## 8 · Training
+# ## 8 · Training, with a live dashboard
 #
 # The shared training loop (`instseg_edu.engine.train`) calls `model(images)` and
 # `model.loss(outputs, batch)`: RPN BCE + L1, box-head cross-entropy + L1, mask BCE on the
-# ground-truth class's channel. On a GPU it uses bf16 autocast and channels-last.
+# ground-truth class's channel. On a GPU it uses bf16 autocast and channels-last. The dashboard
+# draws every loss term as it falls, and every few hundred steps the current predictions.
 
 # %%
-train_cfg = TrainConfig(
-    max_steps=TRAIN_STEPS,
-    lr=0.02,
-    warmup_steps=min(500, TRAIN_STEPS),
-    grad_clip=35.0,
-    progress=not SMOKE,
-    log_every=1 if SMOKE else 50,
+from instseg_edu.widgets import TrainingDashboard
+
+train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=WORKERS)
+dashboard = TrainingDashboard(thumbnails_every=1 if SMOKE else 200, class_names=train_set.classes)
+display(dashboard)
+# The recipe's optimiser (AdamW on the CPU, SGD on the GPU), warm-up, schedule and clipping.
+train_cfg = RECIPE.train_config(
+    max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 20, progress=not SMOKE, seed=SEED,
     device=str(device),
-)
-history = train(model, make_loader(train_set, BATCH_SIZE, seed=SEED), train_cfg)
-fig, ax = plt.subplots(figsize=(6, 3))
-for key in history.loss_keys():
-    ax.plot(*history.series(key), label=key)
-ax.set_xlabel("step")
-ax.legend(fontsize=7)
-plt.show()
+)  # fmt: skip
+history = train(model, train_loader, train_cfg, callbacks=[dashboard])
+print(f"{len(history.steps)} steps; last loss {history.steps[-1]['loss']:.3f}")
+# Saved for later notebooks (runs/notebooks/<tier>/mask_rcnn.pt; `instseg-edu evaluate` reads it).
+checkpoint = save_checkpoint(notebook_checkpoint(RECIPE.family, TIER), {
+    "model": model.state_dict(),
+    "recipe": RECIPE.as_dict(),
+    "history": history.to_dict(),
+    "meta": {"model": RECIPE.family, "preset": MODEL, "model_config": config_to_dict(cfg),
+             "classes": list(train_set.classes), "label_to_cat_id": list(train_set.label_to_cat_id),
+             "image_size": IMAGE_SIZE},
+})  # fmt: skip
+print("saved", checkpoint)
 
 # %% [markdown]
 # ## 9 · Predict: boxes, then masks pasted into the image
 #
 # `predict` keeps boxes above `score_thr`, runs per-class NMS, then the mask head on the kept
-# boxes. Pasting a 28×28 mask into its box is bilinear resampling; `paste_masks` does all boxes of
+# boxes. Pasting an `M × M` mask into its box is bilinear resampling; `paste_masks` does all boxes of
 # an image in one batched (separable) product. It must agree with the textbook version —
 # `grid_sample` on a full-image grid, one mask at a time:
 
@@ -324,17 +362,17 @@ assert torch.allclose(
     paste_masks(probs, boxes, (h, w)), paste_masks_reference(probs, boxes, (h, w)), atol=1e-5
 )
 
+# %% [markdown]
+# The trained model on validation images it has never seen: class, score and mask of every
+# detection above 0.3. (In the smoke tier it has trained for two steps: expect nothing useful.)
+
+# %%
 model.eval()
+shown = collate([val_set[i] for i in range(min(8, len(val_set)))]).to(device)
 with torch.no_grad():
-    detections = model.predict(model(batch.images), batch.image_sizes)
-fig, axes = plt.subplots(1, 2, figsize=(9, 4.5))
-for ax, det, image, (hh, ww) in zip(axes, detections, batch.images, batch.image_sizes):
-    top = det.scores > 0.3
-    show(ax, image[:, :hh, :ww], det.boxes[top], "lime", f"{int(top.sum())} detections > 0.3")
-    if top.any():
-        overlay = det.masks[top].any(0).cpu().float()
-        ax.imshow(overlay, alpha=0.35 * (overlay > 0).float().numpy(), cmap="autumn")
-plt.show()
+    detections = model.predict(model(shown.images), shown.image_sizes)
+display(gallery(shown.images.cpu(), [d.to("cpu") for d in detections], CLASSES,
+                image_sizes=shown.image_sizes, score_thr=0.3))  # fmt: skip
 
 # %% [markdown]
 # ## 10 · Evaluation (pycocotools box and mask AP)

@@ -22,21 +22,32 @@
 # mask loss is **dice**, and inference ends with **Matrix NMS**.
 #
 # Everything below calls the library: `model.targets` is exactly what `model.loss` trains on.
-# With `INSTSEG_SMOKE=1` everything is tiny and runs on the CPU; otherwise it trains on the GPU.
+#
+# **Tiers.** The parameters cell picks one (`instseg_edu.recipes`): `gpu` with CUDA (ResNet-50-FPN
+# at 512 px), `cpu` without (the small ResNet-18 SOLO on 128 px images kept in memory, a few
+# minutes on two cores: the category grid and rough masks of the larger shapes appear, but from
+# scratch SOLO's masks learn slowly, so expect a low mask AP), `smoke` with `INSTSEG_SMOKE=1`
+# (seconds, the tests). `INSTSEG_TIER` wins over both. The cell prints the tier and how long its
+# training should take on this machine.
 
 # %% tags=["parameters"]
-import os
+from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
 
-SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
-IMAGE_SIZE = 128 if SMOKE else 512
-NUM_TRAIN = 4 if SMOKE else 2000
-NUM_VAL = 2 if SMOKE else 200
-BATCH_SIZE = 2 if SMOKE else 16
-TRAIN_STEPS = 3 if SMOKE else 3000
-LR = 0.01
-MODEL = "SOLO_R18_SMALL" if SMOKE else "SOLO_R50_FPN_SCRATCH"
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
+RECIPE = notebook_recipe("solo", TIER)  # INSTSEG_TRAIN_STEPS overrides its steps
+IMAGE_SIZE = RECIPE.image_size
+NUM_TRAIN = RECIPE.num_train
+NUM_VAL = RECIPE.num_val
+BATCH_SIZE = RECIPE.batch_size
+TRAIN_STEPS = RECIPE.max_steps
+LR = RECIPE.lr
+MODEL = RECIPE.model
+IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tier)
+WORKERS = RECIPE.loader_workers
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 SEED = 0
+print(describe_tier(TIER, RECIPE))
 
 # %%
 import io
@@ -52,13 +63,16 @@ from matplotlib.patches import Rectangle
 
 import instseg_edu.models.solo as solo
 from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
-from instseg_edu.engine.evaluate import predict_loader
-from instseg_edu.engine.train import TrainConfig, make_loader, resolve_device, train
+from instseg_edu.engine.checkpoint import config_to_dict, save_checkpoint
+from instseg_edu.engine.evaluate import evaluate_model, format_ap_table, predict_loader
+from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.losses import dice_loss
 from instseg_edu.ops.nms import matrix_nms, points_nms
-from instseg_edu.viz.draw import draw_detections, loss_curve_figure
+from instseg_edu.recipes import notebook_checkpoint
+from instseg_edu.viz.draw import draw_detections
 
 
 def show(fig: Figure, dpi: int = 80) -> None:
@@ -72,8 +86,13 @@ torch.manual_seed(SEED)
 device = resolve_device("auto")
 root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
 splits = make_shapes_splits(root, NUM_TRAIN, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED)
-train_set = CocoDataset(splits["train"], root / "train", train_transforms(IMAGE_SIZE))
+train_set = CocoDataset(splits["train"], root / "train", eval_transforms(IMAGE_SIZE))
 val_set = CocoDataset(splits["val"], root / "val", eval_transforms(IMAGE_SIZE))
+augment = train_transforms(IMAGE_SIZE)  # random flip and colour jitter, drawn anew every step
+if IN_MEMORY:  # read and resize every image once; then only the augmentation runs per step
+    train_set, val_set = InMemoryDataset(train_set, augment), InMemoryDataset(val_set)
+else:
+    train_set.transforms = augment
 cfg = getattr(solo, MODEL).with_num_classes(len(train_set.classes))
 model = solo.build_solo(cfg)
 head = cfg.bbox_head
@@ -238,29 +257,37 @@ for name, probs in candidates.items():
     print(f"{name:26s} BCE {bce:.4f}   dice {float(inline):.4f}")
 
 # %% [markdown]
-# ## 6. A short training
+# ## 6. Training, with a live dashboard
 #
 # The same `train` loop as every other model: `loss_ins` (dice × 3 over positive channels) and
-# `loss_cate` (focal over all cells / (positives + 1)).
+# `loss_cate` (focal over all cells / (positives + 1)). The dashboard draws both as they fall, and
+# `num_pos`, the positive cells per image.
 
 # %%
-train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=0 if SMOKE else 4)
-val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False, workers=0 if SMOKE else 4)
-train_cfg = TrainConfig(
-    max_steps=TRAIN_STEPS,
-    lr=LR,
-    warmup_steps=min(500, TRAIN_STEPS),
-    grad_clip=35.0,
-    schedule="cosine",
-    log_every=1 if SMOKE else 20,
-    progress=not SMOKE,
-    seed=SEED,
+from instseg_edu.widgets import TrainingDashboard
+
+train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=WORKERS)
+val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False, workers=WORKERS)
+dashboard = TrainingDashboard(thumbnails_every=1 if SMOKE else 200, class_names=train_set.classes)
+display(dashboard)
+# The recipe's optimiser (AdamW on the CPU, SGD on the GPU), warm-up, cosine decay, clipping.
+train_cfg = RECIPE.train_config(
+    max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 20, progress=not SMOKE, seed=SEED
 )
-history = train(model, train_loader, train_cfg)
+history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 last = history.steps[-1]
 print(f"{len(history.steps)} steps; last loss_ins {last['loss_ins']:.3f}, loss_cate "
       f"{last['loss_cate']:.3f}, positives per image {last['num_pos']:.1f}")  # fmt: skip
-show(loss_curve_figure(history, smooth=1 if SMOKE else 20))
+# Saved for later notebooks (runs/notebooks/<tier>/solo.pt; `instseg-edu evaluate` reads it).
+checkpoint = save_checkpoint(notebook_checkpoint(RECIPE.family, TIER), {
+    "model": model.state_dict(),
+    "recipe": RECIPE.as_dict(),
+    "history": history.to_dict(),
+    "meta": {"model": RECIPE.family, "preset": MODEL, "model_config": config_to_dict(cfg),
+             "classes": list(train_set.classes), "label_to_cat_id": list(train_set.label_to_cat_id),
+             "image_size": IMAGE_SIZE},
+})  # fmt: skip
+print("saved", checkpoint)
 
 # %% [markdown]
 # ## 7. Inference: points NMS, maskness, Matrix NMS
@@ -295,18 +322,22 @@ for name, s0, s1 in zip("ABC", scores.tolist(), decayed.tolist()):
 # %% [markdown]
 # `model.predict` chains it all: points NMS, `score_thr`, masks above `mask_thr` (and larger than
 # the level's stride), score × maskness, the best `nms_pre`, Matrix NMS, `update_thr`,
-# `max_per_img`, then the masks are upsampled to the input size and cropped to each image. In smoke
-# mode the model has trained for a few steps, so expect no or poor detections.
+# `max_per_img`, then the masks are upsampled to the input size and cropped to each image. In the
+# smoke tier the model has trained for two steps, so expect no or poor detections; in the cpu
+# tier, the larger shapes with rough masks.
 
 # %%
 batches = list(predict_loader(model, val_loader, device, max_batches=1))
 vb, dets = batches[0]
-fig = Figure(figsize=(4 * len(dets), 4), layout="constrained")
-for ax, i in zip(np.atleast_1d(fig.subplots(1, len(dets))), range(len(dets))):
+ncols = min(4, len(dets))
+nrows = -(-len(dets) // ncols)
+fig = Figure(figsize=(3.5 * ncols, 3.5 * nrows), layout="constrained")
+for ax, i in zip(np.atleast_1d(fig.subplots(nrows, ncols)).flat, range(len(dets))):
     d = dets[i]
+    kept = int((d.scores > 0.3).sum())
     draw_detections(vb.images[i].cpu(), d.boxes, d.labels, masks=d.masks, scores=d.scores,
                     class_names=val_set.classes, ax=ax, score_thr=0.3,
-                    image_size=vb.image_sizes[i], title=f"{len(d)} detections")  # fmt: skip
+                    image_size=vb.image_sizes[i], title=f"{kept} detections > 0.3")  # fmt: skip
 show(fig)
 
 # %% [markdown]
@@ -339,3 +370,13 @@ ref = solo_predict_reference(model, out, vb.image_sizes)
 assert all(map(same, fast, ref))
 assert all(f.masks.sum() == r.masks.sum() for f, r in zip(fast, ref))
 print("predict == solo_predict_reference ✓ ", [len(d) for d in fast], "detections")
+
+
+# %% [markdown]
+# ## 8. Evaluation (pycocotools box and mask AP)
+#
+# SOLO has no box branch: a detection's box is its mask's tight box. Both are scored.
+
+# %%
+metrics = evaluate_model(model, val_loader, val_set.coco, val_set.label_to_cat_id, device)
+print(format_ap_table(metrics))

@@ -26,22 +26,32 @@
 # 4. **Fast NMS** replaces greedy NMS by one triangular IoU matrix per class (Sec. 5).
 #
 # We open each step on a shapes image, rebuild the small pieces inline and `assert` they equal the
-# library, train briefly, and look at the predictions. With `INSTSEG_SMOKE=1` everything is tiny
-# and runs on the CPU in seconds.
+# library, train, and look at the predictions.
+#
+# **Tiers.** The parameters cell picks one (`instseg_edu.recipes`): `gpu` with CUDA (ResNet-50-FPN
+# at 512 px), `cpu` without (the small ResNet-18 YOLACT on 128 px images kept in memory, a few
+# minutes on two cores: boxes and classes of the larger shapes, blurry prototype masks, a low mask
+# AP), `smoke` with `INSTSEG_SMOKE=1` (seconds, the tests). `INSTSEG_TIER` wins over both. The
+# cell prints the tier and how long its training should take on this machine.
 
 # %% tags=["parameters"]
-import os
+from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
 
-SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"
-IMAGE_SIZE = 128 if SMOKE else 512
-NUM_TRAIN = 4 if SMOKE else 2000
-NUM_VAL = 2 if SMOKE else 200
-BATCH_SIZE = 2 if SMOKE else 16
-TRAIN_STEPS = 3 if SMOKE else 3000
-LR = 1e-3 if SMOKE else 0.01
-MODEL = "YOLACT_R18_SMALL" if SMOKE else "YOLACT_R50_FPN"
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
+RECIPE = notebook_recipe("yolact", TIER)  # INSTSEG_TRAIN_STEPS overrides its steps
+IMAGE_SIZE = RECIPE.image_size
+NUM_TRAIN = RECIPE.num_train
+NUM_VAL = RECIPE.num_val
+BATCH_SIZE = RECIPE.batch_size
+TRAIN_STEPS = RECIPE.max_steps
+LR = RECIPE.lr
+MODEL = RECIPE.model
+IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tier)
+WORKERS = RECIPE.loader_workers
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 SEED = 0
+print(describe_tier(TIER, RECIPE))
 
 # %%
 # %matplotlib inline
@@ -57,18 +67,27 @@ from matplotlib.patches import Rectangle
 
 import instseg_edu.models.yolact as yolact
 from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
-from instseg_edu.engine.train import TrainConfig, make_loader, resolve_device, train
+from instseg_edu.engine.checkpoint import config_to_dict, save_checkpoint
+from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
+from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.ops.nms import fast_nms
+from instseg_edu.recipes import notebook_checkpoint
 from instseg_edu.viz.draw import gallery
 
 torch.manual_seed(SEED)
 device = resolve_device("auto")
 root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
 splits = make_shapes_splits(root, NUM_TRAIN, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED)
-train_set = CocoDataset(splits["train"], root / "train", train_transforms(IMAGE_SIZE))
+train_set = CocoDataset(splits["train"], root / "train", eval_transforms(IMAGE_SIZE))
 val_set = CocoDataset(splits["val"], root / "val", eval_transforms(IMAGE_SIZE))
+augment = train_transforms(IMAGE_SIZE)  # random flip and colour jitter, drawn anew every step
+if IN_MEMORY:  # read and resize every image once; then only the augmentation runs per step
+    train_set, val_set = InMemoryDataset(train_set, augment), InMemoryDataset(val_set)
+else:
+    train_set.transforms = augment
 print(f"device {device}; {len(train_set)} train / {len(val_set)} val images of {IMAGE_SIZE}²")
 
 # %% [markdown]
@@ -210,21 +229,36 @@ losses = model.loss(outputs, batch)
 print({k: round(float(v), 3) for k, v in losses.items()})
 
 # %% [markdown]
-# ## 6. A short training run
+# ## 6. Training, with a live dashboard
 #
-# The same loop as every model (`instseg_edu.engine.train`). In smoke mode: a few steps on the CPU
-# (the masks will be noise); on a GPU, a few thousand steps give recognisable masks.
+# The same loop as every model (`instseg_edu.engine.train`), the dashboard drawing `loss_cls`,
+# `loss_bbox` and `loss_mask` as they fall. In the smoke tier: two steps (the masks will be
+# noise); in the cpu tier, a few minutes give boxes and rough masks of the larger shapes; on a
+# GPU, a few thousand steps give recognisable masks.
 
 # %%
-train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=0 if SMOKE else 4)
-train_cfg = TrainConfig(
-    max_steps=TRAIN_STEPS, lr=LR, optimizer="adamw" if SMOKE else "sgd",
-    warmup_steps=min(500, TRAIN_STEPS), grad_clip=35.0, schedule="cosine",
-    log_every=1 if SMOKE else 50, progress=not SMOKE, seed=SEED,
-)  # fmt: skip
-history = train(model, train_loader, train_cfg)
+from instseg_edu.widgets import TrainingDashboard
+
+train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=WORKERS)
+dashboard = TrainingDashboard(thumbnails_every=1 if SMOKE else 200, class_names=train_set.classes)
+display(dashboard)
+# The recipe's optimiser (AdamW on the CPU, SGD on the GPU), warm-up, cosine decay, clipping.
+train_cfg = RECIPE.train_config(
+    max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 50, progress=not SMOKE, seed=SEED
+)
+history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 for key in ("loss_cls", "loss_bbox", "loss_mask"):
     print(key, [round(s[key], 3) for s in history.steps[:: max(1, len(history.steps) // 5)]])
+# Saved for later notebooks (runs/notebooks/<tier>/yolact.pt; `instseg-edu evaluate` reads it).
+checkpoint = save_checkpoint(notebook_checkpoint(RECIPE.family, TIER), {
+    "model": model.state_dict(),
+    "recipe": RECIPE.as_dict(),
+    "history": history.to_dict(),
+    "meta": {"model": RECIPE.family, "preset": MODEL, "model_config": config_to_dict(cfg),
+             "classes": list(train_set.classes), "label_to_cat_id": list(train_set.label_to_cat_id),
+             "image_size": IMAGE_SIZE},
+})  # fmt: skip
+print("saved", checkpoint)
 
 # %% [markdown]
 # ## 7. Predictions
@@ -278,6 +312,15 @@ with torch.no_grad():
 ref = yolact_predict_reference(model, out, batch.image_sizes)
 assert all(map(same, dets, ref))
 print("predict == yolact_predict_reference ✓ ", [len(d) for d in dets], "detections")
+
+
+# %% [markdown]
+# COCO's box and mask AP over the whole validation split:
+
+# %%
+val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False, workers=WORKERS)
+metrics = evaluate_model(model, val_loader, val_set.coco, val_set.label_to_cat_id, device)
+print(format_ap_table(metrics))
 
 # %% [markdown]
 # ## 8. Explore: edit a detection's coefficients

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +76,56 @@ def test_time_to_ap_evaluates_both_sides_with_pycocotools(tmp_path):
     curves = json.loads((tmp_path / "tta.json").read_text())["curves"]
     assert set(curves) == {"ours", "torchvision"}
     assert all(point["segm"] >= 0 for side in curves.values() for point in side)
+
+
+def test_time_to_ap_cpu_protocol_interleaves_the_same_small_models(tmp_path):
+    out = run(tmp_path, "time_to_ap.py", "--device", "cpu", "--smoke", "--family", "retinanet",
+              "--json", "tta.json")  # fmt: skip
+    assert "cpu protocol: retinanet RETINANET_R18_CPU_DEMO against torchvision's" in out
+    assert re.search(r"final bbox AP: ours [\d.]+\s+torchvision [\d.]+\s+ratio ", out), out
+    assert re.search(r"ours above torchvision at every evaluation point \(bbox AP\): (yes|no)", out)
+    report = json.loads((tmp_path / "tta.json").read_text())
+    assert report["args"]["protocol"] == "cpu" and report["args"]["in_memory"]
+    curves = report["curves"]
+    assert len(curves["ours"]) == len(curves["torchvision"]) >= 1
+    # The sides take turns: the first round trains torchvision, then ours.
+    sides = [s["side"] for s in report["slices"]]
+    assert sides[:2] == ["torchvision", "ours"], sides
+    assert len(report["summary"]["points"]) == len(curves["ours"])
+
+
+def test_torchvision_like_mirrors_our_cpu_models():
+    sys.path.insert(0, str(BENCHMARKS))
+    import time_to_ap
+
+    from instseg_edu.recipes import recipe
+
+    for family in ("retinanet", "mask_rcnn"):
+        cfg = recipe(family, "cpu").model_config(7)
+        tv = time_to_ap.torchvision_like(family, cfg, 128)
+        # torchvision's ResNet-18 body, stopping after the last stage the FPN reads
+        assert type(tv.backbone.body).__name__ == "IntermediateLayerGetter"
+        assert tv.backbone.out_channels == cfg.neck.out_channels
+        tv.eval()
+        with torch.no_grad():
+            feats = tv.backbone(torch.zeros(1, 3, 128, 128))
+        assert len(feats) == cfg.neck.num_outs
+        strides = [128 // f.shape[-1] for f in feats.values()]
+        if family == "retinanet":
+            assert "layer4" not in dict(tv.backbone.body.named_children())
+            assert strides == list(cfg.bbox_head.anchor_generator.strides)
+            assert len(tv.head.classification_head.conv) == cfg.bbox_head.stacked_convs
+            sizes = tv.anchor_generator.sizes
+            assert sizes[0][0] == cfg.bbox_head.anchor_generator.octave_base_scale * 8
+        else:
+            assert strides == list(cfg.rpn_head.anchor_generator.strides)
+            heads = tv.roi_heads
+            assert heads.fg_bg_sampler.batch_size_per_image == 32
+            assert heads.fg_bg_sampler.positive_fraction == 0.5
+            assert heads.mask_roi_pool.output_size == (7, 7)
+            assert heads.box_head.fc6.out_features == 1024
+            logits = heads.mask_predictor(torch.zeros(2, 64, 7, 7))
+            assert logits.shape == (2, 8, 14, 14)  # 14x14 masks, as ours; class 0 is background
 
 
 # ------------------------------------------------------------------------------- the GPU check

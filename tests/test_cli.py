@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from instseg_edu.cli import build_parser, main
+from instseg_edu.engine.checkpoint import load_checkpoint
+from instseg_edu.recipes import RECIPES
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -81,6 +84,7 @@ def test_cuda_requested_without_cuda(tmp_path, capsys):
 def test_parser_defaults():
     args = build_parser().parse_args(["demo"])
     assert args.out == "runs/demo" and args.data == "data/shapes" and not args.smoke
+    assert args.model == "mask_rcnn"  # the best masks in a few CPU minutes
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +119,42 @@ def test_demo_smoke_end_to_end(smoke_run, capsys):
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
+def test_demo_trains_mask_rcnn_by_default_and_reports_mask_ap(smoke_run):
+    rc, out, _ = smoke_run
+    assert rc == 0
+    meta = load_checkpoint(out / "last.pt")["meta"]
+    assert meta["model"] == "mask_rcnn" and meta["preset"] == "MASK_RCNN_R18_CPU"
+    assert meta["recipe"]["tier"] == "smoke" and meta["recipe"]["family"] == "mask_rcnn"
+    assert set(json.loads((out / "ap.json").read_text())) == {"bbox", "segm"}
+    assert (out / "ap.md").read_text().startswith("| metric | bbox | segm |")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["retinanet", "solo", "yolact"])
+def test_demo_smoke_of_every_family(family, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["demo", "--smoke", "--model", family, "--out", str(out), "--data",
+               str(tmp_path / "data"), "--device", "cpu", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    recipe = RECIPES[(family, "smoke")]
+    assert printed.startswith(f"tier 'smoke' (--smoke): {recipe.model} on 8 images of 64 px")
+    assert (out / "predictions.png").is_file() and (out / "last.pt").is_file()
+    metrics = json.loads((out / "ap.json").read_text())
+    kinds = ["bbox"] if family == "retinanet" else ["bbox", "segm"]
+    assert list(metrics) == kinds
+    assert (out / "ap.md").read_text().startswith("| metric | " + " | ".join(kinds) + " |")
+    meta = load_checkpoint(out / "last.pt")["meta"]
+    assert (meta["model"], meta["preset"]) == (family, recipe.model)
+
+
+def test_demo_tier_variable_is_checked(monkeypatch, capsys):
+    monkeypatch.setenv("INSTSEG_TIER", "laptop")
+    _fails_cleanly(["demo", "--device", "cpu"], capsys, "INSTSEG_TIER='laptop' must be one of")
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
 def test_evaluate_and_predict_from_the_demo_checkpoint(smoke_run, tmp_path, capsys):
     rc, out, data = smoke_run
     assert rc == 0
@@ -135,19 +175,109 @@ def test_evaluate_and_predict_from_the_demo_checkpoint(smoke_run, tmp_path, caps
     assert all({"bbox", "score", "category_id", "file_name"} <= set(r) for r in results)
 
 
+def _keep_checkpoint_of_step(monkeypatch, step: int, copy: Path):
+    """Copy the checkpoint that training writes at ``step`` to ``copy`` (later ones overwrite
+    last.pt): a run interrupted there, to resume from."""
+    import shutil
+
+    from instseg_edu.engine import train as train_module
+
+    save = train_module.save_checkpoint
+
+    def save_and_copy(path, state):
+        written = save(path, state)
+        if state["step"] == step:
+            shutil.copy(written, copy)
+        return written
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_copy)
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
-def test_train_on_coco_files_and_resume(smoke_run, tmp_path):
-    rc, out, data = smoke_run
+def test_resume_continues_the_run_exactly_with_the_checkpoints_settings(
+    smoke_run, tmp_path, capsys, monkeypatch
+):
+    _, _, data = smoke_run
+    folder = next(data.iterdir())
+    # A run whose settings all differ from the defaults: lr 0.02 x 2 / 16 = 0.0025 (not the
+    # default 0.02), 4 steps of a cosine schedule, a validation set.
+    first = ["train", "--train-json", str(folder / "train.json"), "--train-images",
+             str(folder / "train"), "--val-json", str(folder / "val.json"), "--val-images",
+             str(folder / "val"), "--image-size", "64", "--batch-size", "2", "--device", "cpu",
+             "--preset", "RETINANET_R18_SMALL", "--warmup-steps", "1", "--workers", "0",
+             "--steps", "4", "--scale-lr", "16", "--checkpoint-every", "2", "--seed", "3",
+             "--no-progress"]  # fmt: skip
+    straight = tmp_path / "straight"
+    _keep_checkpoint_of_step(monkeypatch, 2, tmp_path / "step2.pt")
+    assert main([*first, "--out", str(straight)]) == 0
+    monkeypatch.undo()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (tmp_path / "step2.pt").rename(resumed / "last.pt")
+    capsys.readouterr()
+
+    # Nothing but --resume: every setting is the checkpoint's, the output folder its folder.
+    assert main(["train", "--resume", str(resumed / "last.pt"), "--device", "cpu",
+                 "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    assert "lr: 0.0025 (the checkpoint's)" in capsys.readouterr().out
+    one = json.loads((straight / "history.json").read_text())
+    two = json.loads((resumed / "history.json").read_text())
+    assert [s["step"] for s in two["steps"]] == [1, 2, 3, 4]
+    for a, b in zip(one["steps"], two["steps"], strict=True):
+        for key in ("loss", "loss_cls", "loss_bbox", "lr", "epoch"):
+            assert a[key] == b[key], (a["step"], key)
+    a, b = load_checkpoint(straight / "last.pt"), load_checkpoint(resumed / "last.pt")
+    assert b["config"]["lr"] == 0.0025 and b["config"] == {
+        **a["config"],
+        "checkpoint_dir": str(resumed),
+    }
+    assert b["meta"] == a["meta"] and b["meta"]["val_json"] == str(folder / "val.json")
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert json.loads((resumed / "ap.json").read_text()) == json.loads(
+        (straight / "ap.json").read_text()
+    )
+
+    # A given setting that differs from the checkpoint's: one line naming it and both values.
+    again = ["train", "--resume", str(resumed / "last.pt"), "--device", "cpu", "--workers", "0",
+             "--out", str(tmp_path / "x"), "--no-progress"]  # fmt: skip
+    _fails_cleanly([*again, "--lr", "0.02"], capsys, "--lr 0.02 gives lr 0.02",
+                   "the checkpoint's lr is 0.0025")  # fmt: skip
+    _fails_cleanly([*again, "--steps", "6"], capsys, "--steps 6 differs from the checkpoint's "
+                   "--steps 4", "--schedule cosine")  # fmt: skip
+    _fails_cleanly([*again, "--batch-size", "4"], capsys,
+                   "--batch-size 4 differs from the checkpoint's 2")  # fmt: skip
+    _fails_cleanly([*again, "--model", "solo"], capsys,
+                   "--model solo differs from the checkpoint's retinanet")  # fmt: skip
+    assert main([*again, "--lr", "0.02", "--scale-lr", "16", "--steps", "4"]) == 0  # the same
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
+def test_resume_extends_a_constant_schedule_run_exactly(smoke_run, tmp_path, capsys):
+    # With --schedule constant the lr of a step does not depend on the run's length, so a longer
+    # run is well defined: 2 steps then 2 more equal 4 steps straight.
+    _, _, data = smoke_run
     folder = next(data.iterdir())
     common = ["train", "--train-json", str(folder / "train.json"), "--train-images",
-              str(folder / "train"), "--image-size", "64", "--batch-size", "2", "--device", "cpu",
-              "--preset", "RETINANET_R18_SMALL", "--warmup-steps", "1", "--workers", "0",
-              "--out", str(tmp_path), "--no-progress"]  # fmt: skip
-    assert main([*common, "--steps", "1"]) == 0
-    assert main([*common, "--steps", "2", "--resume", str(tmp_path / "last.pt")]) == 0
-    history = json.loads((tmp_path / "history.json").read_text())
-    assert [s["step"] for s in history["steps"]] == [1, 2]
+              str(folder / "train"), "--image-size", "64", "--batch-size", "2", "--device",
+              "cpu", "--preset", "RETINANET_R18_SMALL", "--warmup-steps", "1", "--workers", "0",
+              "--schedule", "constant", "--lr", "0.005", "--no-progress"]  # fmt: skip
+    assert main([*common, "--steps", "4", "--out", str(tmp_path / "straight")]) == 0
+    assert main([*common, "--steps", "2", "--out", str(tmp_path / "short")]) == 0
+    checkpoint = str(tmp_path / "short" / "last.pt")
+    capsys.readouterr()
+    _fails_cleanly(["train", "--resume", checkpoint, "--steps", "1", "--device", "cpu"], capsys,
+                   "--steps 1: the checkpoint is at step 2 already")  # fmt: skip
+    assert main(["train", "--resume", checkpoint, "--steps", "4", "--device", "cpu",
+                 "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    one = json.loads((tmp_path / "straight" / "history.json").read_text())
+    two = json.loads((tmp_path / "short" / "history.json").read_text())
+    assert [s["step"] for s in two["steps"]] == [1, 2, 3, 4]
+    for a, b in zip(one["steps"], two["steps"], strict=True):
+        for key in ("loss", "lr"):
+            assert a[key] == b[key], (a["step"], key)
 
 
 @pytest.mark.slow
@@ -178,13 +308,140 @@ def test_evaluate_report_writes_the_analysis(smoke_run, tmp_path, capsys):
     assert analysis["metrics"] == demo
     assert json.loads((tmp_path / "ev" / "ap.json").read_text()) == demo
     summary = (report / "summary.md").read_text()
+    assert list(demo) == ["bbox", "segm"]  # the demo's Mask R-CNN
     for name in METRIC_NAMES:
-        value = demo["bbox"][name]
-        cell = re.search(rf"^\| {name} \| (\S+) \|$", summary, re.M).group(1)
-        assert cell == ("n/a" if value < 0 else f"{value:.3f}"), name
+        cells = re.search(rf"^\| {name} \| (\S+) \| (\S+) \|$", summary, re.M).groups()
+        for iou_type, cell in zip(demo, cells):
+            value = demo[iou_type][name]
+            assert cell == ("n/a" if value < 0 else f"{value:.3f}"), (iou_type, name)
     assert analysis["settings"] == {"iou_thr": 0.5, "area": "all", "max_dets": 100,
                                     "score_thr": 0.05}  # fmt: skip
     totals = analysis["errors"]["bbox"]["all"]
     per_class = [v for k, v in analysis["errors"]["bbox"].items() if k != "all"]
     for key, total in totals.items():
         assert sum(c[key] for c in per_class) == total
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
+def test_predict_gives_images_of_the_same_name_their_own_drawings(smoke_run, tmp_path, capsys):
+    import shutil
+
+    rc, out, data = smoke_run
+    assert rc == 0
+    first, second = sorted((next(data.iterdir()) / "val").glob("*.png"))[:2]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    inputs = [
+        tmp_path / "a" / "img.png",
+        tmp_path / "b" / "c" / "img.png",
+        tmp_path / "a" / "x.png",
+    ]
+    for source, target in zip([first, second, second], inputs):
+        shutil.copy(source, target)
+    pred = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(out / "last.pt"), *map(str, inputs), "--out",
+                 str(pred), "--device", "cpu", "--score-thr", "0.0"]) == 0  # fmt: skip
+    drawings = sorted(str(p.relative_to(pred)) for p in pred.rglob("*.png"))
+    assert drawings == ["a/img.png", "b/c/img.png", "x.png"]
+    # Different images, different drawings (the second is not the first overwritten).
+    assert (pred / "a" / "img.png").read_bytes() != (pred / "b" / "c" / "img.png").read_bytes()
+    printed = capsys.readouterr().out
+    for image, drawing in zip(inputs, ["a/img.png", "b/c/img.png", "x.png"]):
+        assert f"{image}: " in printed and f" -> {pred / drawing}\n" in printed
+
+
+def test_drawing_names_are_unique():
+    from instseg_edu.cli import _drawing_names
+
+    paths = ["/d/a/img.jpg", "/d/b/img.jpg", "/d/a/img.tif", "/d/a/one.png", "/d/a/one.png",
+             "/d/two.jpg"]  # fmt: skip
+    names = _drawing_names([Path(p) for p in paths])
+    assert [str(n) for n in names] == ["a/img_jpg.png", "b/img.png", "a/img_tif.png", "one.png",
+                                       "one-2.png", "two.png"]  # fmt: skip
+
+
+def test_sync_bn_in_one_process_is_a_note_and_on_cpu_processes_an_error(
+    tmp_path, capsys, monkeypatch
+):
+    missing = str(tmp_path / "missing.json")
+    # One process: a note that it has no effect, then the command goes on (here to its error).
+    assert main(["train", "--sync-bn", "--device", "cpu", "--train-json", missing]) == 2
+    captured = capsys.readouterr()
+    assert "note: --sync-bn has no effect in one process" in captured.out
+    assert "--train-json" in captured.err
+    # Two CPU processes (as under torchrun): refused in one line naming the flag, before the data.
+    from instseg_edu.engine import distributed
+
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    _fails_cleanly(["train", "--sync-bn", "--device", "cpu", "--train-json", missing], capsys,
+                   "--sync-bn needs GPUs", "leave it out")  # fmt: skip
+
+
+def test_warnings_are_one_line_in_the_command_and_ordinary_for_the_library():
+    import argparse
+    import warnings
+
+    from instseg_edu.cli import _warnings_as_lines
+
+    args = argparse.Namespace(command="train", debug=False)
+    with _warnings_as_lines(args):
+        line = warnings.formatwarning("first line\n  second", UserWarning, "/x/cli.py", 174)
+        other = warnings.formatwarning("old", FutureWarning, "/x/y.py", 1)
+    assert line == "instseg-edu train: warning: first line second\n"
+    assert other == "instseg-edu train: warning (FutureWarning): old\n"
+    # Outside the command (and with --debug) Python's own form, with the source location.
+    assert "/x/cli.py:174: UserWarning" in warnings.formatwarning(
+        "m", UserWarning, "/x/cli.py", 174
+    )
+    with _warnings_as_lines(argparse.Namespace(command="train", debug=True)):
+        assert "UserWarning" in warnings.formatwarning("m", UserWarning, "/x/cli.py", 174)
+
+
+@pytest.mark.slow
+def test_drops_are_one_warning_line_a_count_and_a_file_in_the_run_folder(tmp_path):
+    """As a user sees it (a separate process, DataLoader workers): the drops are announced once
+    as one clean line, counted, and listed in full in OUT/dropped_annotations.json."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    images, anns = [], []
+    for i in (1, 2, 3, 4):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "height": 64, "width": 64})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [8, 8, 30, 30],
+                     "segmentation": [[8, 8, 38, 8, 38, 38, 8, 38]], "iscrowd": 0})  # fmt: skip
+    anns += [
+        {"id": 11, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "segmentation": [[]]},
+        {"id": 12, "image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5],
+         "segmentation": {"size": [64, 64], "counts": [4096]}},  # covers no pixel
+    ]  # fmt: skip
+    ann_file = tmp_path / "train.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": anns,
+                                    "categories": [{"id": 1, "name": "square"}]}))  # fmt: skip
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "instseg_edu", "train", "--train-json", str(ann_file),
+         "--train-images", str(tmp_path / "img"), "--preset", "RETINANET_R18_SMALL",
+         "--image-size", "64", "--batch-size", "1", "--steps", "2", "--workers", "2",
+         "--device", "cpu", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    drops = [line for line in err if "dropped" in line]
+    assert drops == [
+        f"instseg-edu train: warning: {ann_file}: dropped 2 annotation(s) (annotation 11: its "
+        "segmentation has no valid polygon (each needs at least 3 points, [x1, y1, x2, y2, x3, "
+        "y3, ...]; got lengths [0]); "
+        "annotation 12: its mask covers no pixel)"
+    ], done.stderr
+    assert "UserWarning" not in done.stderr and "cli.py" not in done.stderr, done.stderr
+    listed = out / "dropped_annotations.json"
+    assert f"note: 2 annotations dropped (2 from {ann_file}); all of them, with their reasons, " \
+        f"are listed in {listed}" in done.stdout  # fmt: skip
+    records = json.loads(listed.read_text())
+    assert [(r["file"], r["annotation_id"]) for r in records] == [(str(ann_file), 11),
+                                                                  (str(ann_file), 12)]  # fmt: skip
+    assert "no pixel" in records[1]["reason"]

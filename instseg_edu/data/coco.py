@@ -25,10 +25,12 @@ rules that build the ground truth for COCO evaluation: masks in any encoding, **
 drops (an annotation whose polygons are all invalid, a box under 1 px, a mask covering no pixel),
 each reported once with its annotation id.
 
-Validation happens in two steps. At construction the JSON is checked completely but cheaply —
-keys, ids, categories, every number (finite, in range), RLE sizes against image sizes — and every
-image file's existence is checked with one directory listing per folder. The things that need
-pixels (the image file's real size, decoding masks) are checked when an item is loaded. Images are
+Validation happens in two steps. At construction the JSON is checked completely — keys, ids,
+categories, every number (finite, in range), RLE sizes against image sizes, every mask's pixel
+count (so every drop is known, and announced once, before training starts; about 20 us per
+polygon) — and every image file's existence is checked with one directory listing per folder.
+What needs the image file's pixels (its real size, whether it can be decoded) is checked when an
+item is loaded. Images are
 read by :func:`instseg_edu.data.images.read_image` (EXIF orientation applied, every mode and bit
 depth scaled to ``[0, 1]``). Every problem raises a
 :class:`~instseg_edu.data.annotations.DataError` (a ``ValueError``; ``FileNotFoundError`` for
@@ -44,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,13 +58,12 @@ from instseg_edu.data.annotations import (
     BOX_ONLY,
     CROWD,
     MASK,
-    NO_PIXELS,
     DataError,
     annotation_kind,
+    apply_pixel_rule,
     check_coco,
     decode_mask,
     load_coco_json,
-    mark_reported,
     match_categories,
     report_dropped,
 )
@@ -96,10 +96,10 @@ class CocoDataset(Dataset):
     ``ignore_boxes [I, 4]`` (the ``iscrowd`` regions), ``image_id`` (the COCO id) and
     ``orig_size = (H, W)`` of the file. Images without annotations are kept, with ``G = 0``.
 
-    Annotations the rules drop (see :mod:`instseg_edu.data.annotations`) are recorded in
-    :attr:`dropped`: those known from the JSON at construction, announced by one warning naming
-    them; a mask covering no pixel when its image is loaded, the first announced by a warning.
-    (DataLoader workers each hold their own copy of the dataset, hence of :attr:`dropped`.)
+    Annotations the rules drop (see :mod:`instseg_edu.data.annotations`) are all found at
+    construction, recorded in :attr:`dropped` and announced by one warning naming them (the first
+    five, with the count of the others). Loading an item drops nothing more, so DataLoader
+    workers have nothing to announce.
 
     Attributes:
         coco: the pycocotools ``COCO`` index of the checked annotations (for evaluation; its
@@ -111,7 +111,7 @@ class CocoDataset(Dataset):
         image_ids: COCO image ids in file order; item ``i`` is image ``image_ids[i]``.
         counts: kept annotations by kind (``"mask"``, ``"box_only"``, ``"crowd"``) and the number
             ``"dropped"`` at construction.
-        dropped: ``{annotation_id: reason}`` of the annotations skipped so far.
+        dropped: ``{annotation_id: reason}`` of every annotation left out.
     """
 
     def __init__(
@@ -127,7 +127,7 @@ class CocoDataset(Dataset):
         self.images_dir = Path(images_dir)
         self.transforms = transforms
         source = str(self.ann_file)
-        checked = check_coco(load_coco_json(self.ann_file), source)
+        checked = apply_pixel_rule(check_coco(load_coco_json(self.ann_file), source))
         self._sizes = checked.sizes  # image id -> (height, width)
 
         if categories is None:
@@ -151,7 +151,6 @@ class CocoDataset(Dataset):
         coco.source = source
         self.coco = coco
         self.dropped: dict[int, str] = dict(checked.dropped)
-        self._warned_at_load = False
         report_dropped(source, checked.dropped)
         if not self.images_dir.is_dir():
             raise FileNotFoundError(
@@ -180,8 +179,10 @@ class CocoDataset(Dataset):
             needs_masks: the model learns masks (Mask R-CNN, SOLO, YOLACT).
 
         Returns:
-            ``None``, or for a mask model on a file with box-only objects a one-line note: their
-            box and class terms are trained, their mask term is skipped.
+            ``None``, or for a mask model on a file with box-only objects a one-line note: how
+            many there are, and that no mask is trained on them (what each family does with their
+            boxes is in docs/own_data.md: Mask R-CNN and YOLACT train their box and class terms;
+            SOLO, which has no box branch, places them on its category grid by their box).
 
         Raises:
             DataError: no object at all (every annotation a crowd region or dropped: training
@@ -193,7 +194,7 @@ class CocoDataset(Dataset):
             raise DataError(
                 f"{self.ann_file}: nothing to train on: {len(self)} images and no object "
                 f"({c[CROWD]} crowd regions (iscrowd=1), which are not objects; {c['dropped']} "
-                "annotations dropped, see CocoDataset.dropped)"
+                "annotations dropped by the annotation rules)"
             )
         if needs_masks and c[MASK] == 0:
             raise DataError(
@@ -203,8 +204,8 @@ class CocoDataset(Dataset):
             )
         if needs_masks and c[BOX_ONLY]:
             return (
-                f"{self.ann_file}: {c[BOX_ONLY]} of {objects} objects are box-only: their box and "
-                "class terms are trained, their mask term is skipped"
+                f"{self.ann_file}: {c[BOX_ONLY]} of {objects} objects are box-only: their mask "
+                "term is skipped, the model's other terms still train on them"
             )
         return None
 
@@ -222,11 +223,8 @@ class CocoDataset(Dataset):
             if kind == CROWD:
                 ignore.append(box)
                 continue
-            if kind == MASK:
+            if kind == MASK:  # at least one pixel: apply_pixel_rule dropped the others
                 mask = decode_mask(ann["segmentation"], height, width)  # [H, W]
-                if not mask.any():
-                    self._drop(ann["id"], NO_PIXELS)
-                    continue
             else:  # box-only: an empty mask row that no mask loss will look at
                 mask = np.zeros((height, width), dtype=bool)
             boxes.append(box)
@@ -264,19 +262,6 @@ class CocoDataset(Dataset):
             raise DataError(_size_mismatch(where, path, info, image.shape[-2:]))
         return image
 
-    def _drop(self, ann_id: int, reason: str) -> None:
-        if ann_id in self.dropped:
-            return
-        self.dropped[ann_id] = reason
-        mark_reported(str(self.ann_file), [ann_id])
-        if not self._warned_at_load:
-            self._warned_at_load = True
-            warnings.warn(
-                f"{self.ann_file}: dropping annotation {ann_id} because {reason}; further drops "
-                "are listed in CocoDataset.dropped",
-                stacklevel=3,
-            )
-
     def _check_files_exist(self, images: list[dict]) -> None:
         listed: dict[Path, set[str]] = {}
         missing = []
@@ -286,7 +271,7 @@ class CocoDataset(Dataset):
             if folder not in listed:
                 listed[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
             if path.name not in listed[folder]:
-                missing.append(str(path))
+                missing.append(f"image {image['id']} ({path})")
         if missing:
             shown = ", ".join(missing[:3]) + (
                 f" and {len(missing) - 3} more" if len(missing) > 3 else ""

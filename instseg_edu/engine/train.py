@@ -673,7 +673,9 @@ def train(
     (:func:`~instseg_edu.engine.evaluate.evaluate_model` splits the work and gathers the results),
     and a stop requested by a callback takes effect at the next step whose values are synced
     (every ``log_every`` steps on CUDA, every step on the CPU), when the processes agree on it.
-    Every process returns the same :class:`History`.
+    Every process returns the same :class:`History`. The model's ``loss`` must reach every
+    trainable parameter on every step (DDP runs with ``find_unused_parameters=False``): a term
+    with nothing to train adds its prediction times 0, as the four families do.
 
     Returns:
         The :class:`History`. The model is left on the training device in eval mode.
@@ -731,12 +733,13 @@ def train(
     net = None
     if ddp:
         # Averages the gradients over the processes during backward. Its forward runs the loss
-        # too (heads such as Mask R-CNN's RoI heads run inside `loss`), and it finds the
-        # parameters a step leaves unused (e.g. a SOLO level without positives in this process's
-        # images): their gradient counts as zero here, while other processes may have one.
+        # too (heads such as Mask R-CNN's RoI heads run inside `loss`). Every family's loss
+        # reaches every trainable parameter on every step, even where a term has nothing to
+        # train (no positives, no masks: it adds that prediction times 0), so DDP need not
+        # search the graph for unused parameters each step (find_unused_parameters=False).
         ids = [device.index] if on_cuda else None
         net = torch.nn.parallel.DistributedDataParallel(
-            _ForwardAndLoss(model), device_ids=ids, find_unused_parameters=True
+            _ForwardAndLoss(model), device_ids=ids, find_unused_parameters=False
         )
 
     ckpt_path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None

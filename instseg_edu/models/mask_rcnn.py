@@ -56,6 +56,7 @@ from instseg_edu.losses import global_avg_factor
 from instseg_edu.models import dense_heads
 from instseg_edu.models.backbone import ImageNormalize, build_backbone
 from instseg_edu.models.configs.mask_rcnn import (
+    MASK_RCNN_R18_CPU,
     MASK_RCNN_R18_SMALL,
     MASK_RCNN_R50_FPN,
     MaskRCNNConfig,
@@ -601,6 +602,7 @@ def build_mask_rcnn(cfg: MaskRCNNConfig = MASK_RCNN_R50_FPN) -> MaskRCNN:
 
 
 __all__ = [
+    "MASK_RCNN_R18_CPU",
     "MASK_RCNN_R18_SMALL",
     "MASK_RCNN_R50_FPN",
     "AnchorConfig",

@@ -414,19 +414,23 @@ class SOLO(nn.Module):
         """
         t = self.targets(outputs, batch)
         head = self.cfg.bbox_head
-        dice = []
+        dice, unused = [], []
         for logits, pos, target in zip(outputs.mask_logits, t.pos_inds, t.ins_masks):
             if pos.shape[0] > 0:  # a shape: known on the host without waiting
                 pred = logits.flatten(0, 1)[pos]  # [B, S², H, W] -> [B*S², H, W] -> [M_l, H, W]
                 dice.append(dice_loss(pred.float().sigmoid(), target))  # [M_l]
+            else:
+                unused.append(logits.float().sum())
         # The mean over the batch's (every process's) trained channels: positive cells of objects
         # with a mask. Counted from shapes (no host wait), and on every process, even one with
         # none, because the count is summed over processes.
         num_masks = global_avg_factor(sum(pos.shape[0] for pos in t.pos_inds))
-        if dice:
-            loss_ins = torch.cat(dice).sum() / num_masks
-        else:  # no object anywhere: zero, but keep every mask logit in the graph
-            loss_ins = sum(m.float().sum() for m in outputs.mask_logits) * 0.0
+        loss_ins = torch.cat(dice).sum() / num_masks if dice else 0.0
+        # A level without positives has its own mask convolution: add it times 0 (the value is
+        # unchanged: x + 0.0 == x) so that the backward pass still reaches its parameters, as
+        # DistributedDataParallel (find_unused_parameters=False) needs on every process.
+        if unused:
+            loss_ins = loss_ins + sum(unused) * 0.0
 
         classes = torch.arange(self.num_classes, device=t.num_pos.device)  # [C]
         logits = torch.cat(

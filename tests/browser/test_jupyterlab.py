@@ -9,8 +9,10 @@ also copied to ``docs/img/`` for the README.
 
 For notebook 04 the TrainingDashboard is watched while the kernel trains: its plotly data must
 change several times before training ends (live redraws reaching the browser), and the final loss
-curve must have one point per logged step. The lab's kernels get ``INSTSEG_TRAIN_STEPS`` (read
-only by notebook 04's parameters cell) so that run is long enough to watch.
+curve must have one point per logged step. The lab's kernels get ``INSTSEG_TRAIN_STEPS`` (read by
+the parameters cells of the training notebooks 04 and 06-08, through
+``instseg_edu.recipes.notebook_recipe``) so that run is long enough to watch; 07 and 08 then train
+as many smoke steps before their explorers appear (seconds at their smoke sizes).
 
 Skipped when Chromium or Playwright is missing, unless ``INSTSEG_REQUIRE_BROWSER=1`` (CI), where a
 missing browser is a failure.
@@ -139,7 +141,7 @@ def lab(tmp_path_factory):
         HOME=str(base / "home"),
         IPYTHONDIR=str(base / "ipython"),
         INSTSEG_SMOKE="1",
-        # Only notebook 04 reads it (tests/notebooks/ runs 04 with its 2 smoke steps).
+        # Read by the training notebooks (tests/notebooks/ runs them with their 2 smoke steps).
         INSTSEG_TRAIN_STEPS=str(DASHBOARD_STEPS),
         MPLBACKEND="Agg",
         OMP_NUM_THREADS="1",

@@ -1,6 +1,7 @@
 """CocoDataset: the three mask encodings, crowds, empty images, label mapping, clear errors."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -125,16 +126,41 @@ def test_degenerate_boxes_and_empty_masks_are_dropped_with_a_reason(tmp_path):
             _ann(3, 1, {"size": [3, 4], "counts": COUNTS_3x4}, [0, 0, 4, 3]),
         ],
     )
-    with pytest.warns(UserWarning, match=r"dropped 1 annotation\(s\) \(annotation 1: .*1 px"):
-        ds = CocoDataset(*_write(tmp_path, data, {"1.png": (3, 4)}))  # known from the JSON
-    assert list(ds.dropped) == [1]
-    with pytest.warns(UserWarning, match="dropping annotation 2 because its mask covers no pixel"):
-        _, target = ds[0]  # known once the mask is rasterised
-    assert len(target) == 1
-    assert sorted(ds.dropped) == [1, 2]
+    # Both found when the dataset is built (the mask is rasterised then), in one warning.
+    with pytest.warns(UserWarning) as record:
+        ds = CocoDataset(*_write(tmp_path, data, {"1.png": (3, 4)}))
+    assert [str(w.message) for w in record] == [
+        f"{tmp_path / 'ann.json'}: dropped 2 annotation(s) (annotation 1: its box [0, 0, 0.5, 3] "
+        "is under 1 px wide or high; annotation 2: its mask covers no pixel)"
+    ]
+    assert sorted(ds.dropped) == [1, 2] and ds.counts["dropped"] == 2
     assert "1 px" in ds.dropped[1] and "no pixel" in ds.dropped[2]
-    ds[0]  # loading the image again records nothing new
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # loading announces nothing more
+        _, target = ds[0]
+    assert len(target) == 1
     assert len(ds.dropped) == 2
+
+
+def test_drops_are_announced_once_whatever_the_number_of_workers(tmp_path):
+    """A mask covering no pixel used to be found, and announced, by each DataLoader worker."""
+    data = _dataset(
+        [_image(1, 3, 4), _image(2, 3, 4)],
+        [
+            _ann(1, 1, {"size": [3, 4], "counts": [12]}, [0, 0, 4, 3]),  # no pixel set
+            _ann(2, 2, {"size": [3, 4], "counts": [12]}, [0, 0, 4, 3]),
+            _ann(3, 2, {"size": [3, 4], "counts": COUNTS_3x4}, [0, 0, 4, 3]),
+        ],
+    )
+    path, images = _write(tmp_path, data, {"1.png": (3, 4), "2.png": (3, 4)})
+    with pytest.warns(UserWarning, match=r"dropped 2 annotation\(s\)") as record:
+        ds = CocoDataset(path, images)
+    assert len(record) == 1
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, collate_fn=list,
+                                         multiprocessing_context="fork")  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert [len(t) for ((_, t),) in loader] == [0, 1]
 
 
 def test_shapes_dataset_loads_with_the_masks_it_painted(tmp_path):
@@ -229,8 +255,10 @@ def test_unknown_image_id(tmp_path):
 
 def test_missing_image_file(tmp_path):
     path, images = _write(tmp_path, _good(), {})
-    with pytest.raises(FileNotFoundError, match=r"ann\.json: 1 image file\(s\) missing: .*1\.png"):
-        CocoDataset(path, images)
+    with pytest.raises(
+        FileNotFoundError, match=r"ann\.json: 1 image file\(s\) missing: image 1 \(.*1\.png\)$"
+    ):
+        CocoDataset(path, images)  # fmt: skip
     ds = CocoDataset(path, images, check_files=False)  # or found out when loading
     with pytest.raises(FileNotFoundError, match=r"ann\.json: image 1: file .*1\.png not found"):
         ds[0]

@@ -189,8 +189,12 @@ def test_case1_a_mask_model_on_a_mixed_file_says_once_what_it_skips(tmp_path, ca
     assert main(_train_args(ann_file, images, tmp_path / "run", "--model", "solo", "--steps",
                             "1", "--preset", "SOLO_R18_SMALL")) == 0  # fmt: skip
     out = capsys.readouterr().out
-    note = ("note: " + str(ann_file) + ": 1 of 3 objects are box-only: their box and class terms "
-            "are trained, their mask term is skipped (solo)")  # fmt: skip
+    # SOLO has no box branch: the note says what it does instead (no "box term").
+    note = (
+        "note: " + str(ann_file) + ": 1 of 3 objects are box-only: SOLO has no box branch: each "
+        "is placed on the category grid by its box (its centre and area stand in for the mask's) "
+        "and its cells are trained on its class; its mask term is skipped (solo)"
+    )
     assert out.count(note) == 1, out
 
 

@@ -106,6 +106,19 @@ def test_sync_bn_on_the_cpu_is_refused_clearly(worker_run):
     assert error is not None and "SyncBatchNorm" in error and "CUDA" in error
 
 
+def test_sync_bn_on_cpu_processes_is_one_line_from_the_command(tmp_path):
+    # Refused before any data is read (the training file does not even exist), once, in one line.
+    done = torchrun(
+        "-m", "instseg_edu", "train", "--sync-bn", "--device", "cpu", "--train-json",
+        tmp_path / "missing.json", "--train-images", tmp_path, "--no-progress",
+    )  # fmt: skip
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert output.count("instseg-edu train: error: --sync-bn needs GPUs") == 1, output
+    assert "leave it out" in output and "missing.json" not in output, output
+    assert "instseg_edu/" not in output and "ValueError" not in output, output  # no traceback
+
+
 def test_resume_after_ctrl_c_continues_exactly(worker_run):
     # Shuffled, augmented data, BatchNorm in training mode; 4 images per process and epoch in
     # batches of 2: the checkpoint at step 3 is one batch into epoch 1, and Ctrl-C comes during
@@ -140,6 +153,7 @@ def test_torchrun_cli_train_writes_one_checkpoint_and_the_ap_of_one_process(tmp_
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("model: mask_rcnn") == 1  # rank 0 prints, rank 1 does not
+    assert "find_unused_parameters" not in done.stderr  # every loss reaches every parameter
     assert "batch 2 processes x 2 = 4" in done.stdout
     assert "lr: 0.02 x 4 / 16 = 0.005 (linear scaling rule" in done.stdout
     assert [p.name for p in out.iterdir() if ".pt" in p.name] == ["last.pt"]  # no temp files

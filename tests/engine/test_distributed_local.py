@@ -83,3 +83,37 @@ def test_a_world_of_one_process_trains_and_evaluates_as_without_one(device, monk
         assert grouped[2] == alone[2]
     else:
         assert grouped[2]["bbox"]["AR100"] == pytest.approx(alone[2]["bbox"]["AR100"], abs=0.05)
+
+
+@pytest.mark.parametrize("family", ["retinanet", "mask_rcnn", "solo", "yolact"])
+def test_every_loss_reaches_every_trainable_parameter(family, tmp_path):
+    """DistributedDataParallel runs with ``find_unused_parameters=False``: every parameter must
+    get a gradient on every step, also from a batch without masks or without any object (where
+    a term with nothing to train adds its prediction times 0: same value, same graph)."""
+    import dataclasses
+
+    import _ddp_worker as worker
+
+    from instseg_edu.data.transforms import collate
+    from instseg_edu.structures import Batch
+
+    ds = worker.dataset(tmp_path)
+    full = collate([ds[i] for i in range(worker.PER_PROCESS_BATCH)])
+    box_only = Batch(full.images, list(full.image_sizes), [
+        dataclasses.replace(t, masks=torch.zeros_like(t.masks),
+                            has_mask=torch.zeros_like(t.has_mask))
+        for t in full.targets
+    ])  # fmt: skip
+    empty = Batch(full.images, list(full.image_sizes), [
+        dataclasses.replace(t, boxes=t.boxes[:0], labels=t.labels[:0], masks=t.masks[:0],
+                            has_mask=t.has_mask[:0])
+        for t in full.targets
+    ])  # fmt: skip
+    model = worker.build(family, len(ds.classes))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for name, batch in (("objects", full), ("no masks", box_only), ("no objects", empty)):
+        model.zero_grad(set_to_none=True)
+        losses = model.loss(model(batch.images), batch)
+        sum(v for k, v in losses.items() if k.startswith("loss_")).backward()
+        reached = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert trainable - reached == set(), (name, sorted(trainable - reached)[:4])

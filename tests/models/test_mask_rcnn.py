@@ -14,12 +14,15 @@ from torchvision.ops import roi_align
 
 from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.models.mask_rcnn import (
+    MASK_RCNN_R18_CPU,
     MASK_RCNN_R18_SMALL,
     AnchorConfig,
     AssignerConfig,
     MaskRCNNConfig,
     ProposalConfig,
     RCNNTestConfig,
+    RCNNTrainConfig,
+    RoIHeadConfig,
     RPNHeadConfig,
     SamplerConfig,
     build_mask_rcnn,
@@ -119,6 +122,48 @@ def model():
 def test_invalid_config_raises_value_error_naming_the_field(make, field):
     with pytest.raises(ValueError, match=field):
         make()
+
+
+@pytest.mark.parametrize("mask_roi_size, mask_size", [(7, 28), (14, 14), (14, 27)])
+def test_mask_size_must_be_what_the_mask_head_predicts(mask_roi_size, mask_size):
+    # The mask head's one 2x deconv turns an S x S RoI grid into 2S x 2S masks.
+    with pytest.raises(ValueError, match=r"train_cfg\.rcnn\.mask_size=") as err:
+        replace(
+            CFG,
+            roi_head=replace(CFG.roi_head, mask_roi_size=mask_roi_size),
+            train_cfg=replace(CFG.train_cfg, rcnn=replace(CFG.train_cfg.rcnn, mask_size=mask_size)),
+        )
+    assert f"roi_head.mask_roi_size={mask_roi_size}" in str(err.value)
+    assert f"= {2 * mask_roi_size}" in str(err.value)
+    # The consistent pair builds.
+    replace(
+        CFG,
+        roi_head=RoIHeadConfig(mask_roi_size=mask_roi_size, conv_out_channels=64),
+        train_cfg=replace(CFG.train_cfg, rcnn=RCNNTrainConfig(mask_size=2 * mask_roi_size)),
+    )
+
+
+def test_cpu_preset_predicts_14x14_masks_and_trains():
+    cfg = replace(MASK_RCNN_R18_CPU, num_classes=NUM_CLASSES)
+    assert (cfg.roi_head.mask_roi_size, cfg.train_cfg.rcnn.mask_size) == (7, 14)
+    sampler = cfg.train_cfg.rcnn.sampler
+    assert (sampler.num, sampler.pos_fraction, cfg.roi_head.fc_out_channels) == (32, 0.5, 1024)
+    assert cfg.backbone.depth == 18
+    torch.manual_seed(0)
+    model = build_mask_rcnn(cfg)
+    batch = make_batch(seed=6)
+    outputs = model(batch.images)
+    targets = model.targets(outputs, batch)
+    assert targets.mask.masks.shape[-2:] == (14, 14)
+    assert len(targets.roi.labels) <= 32 * len(batch)
+    hist = _train(model, batch, 2)
+    assert all(math.isfinite(v) for h in hist for k, v in h.items() if k.startswith("loss_"))
+    assert hist[-1]["loss_mask"] > 0
+    model.eval()
+    with torch.no_grad():
+        dets = model.predict(model(batch.images), batch.image_sizes)
+    for det, (h, w) in zip(dets, batch.image_sizes):
+        assert det.masks.shape == (len(det), h, w)
 
 
 def test_default_config_is_mmdetection_mask_rcnn_r50_fpn():

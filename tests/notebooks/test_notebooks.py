@@ -48,11 +48,48 @@ def test_ipynb_is_paired_and_output_free(py: Path):
         if cell.cell_type == "code":
             assert cell.get("outputs", []) == [], f"{ipynb.name} has outputs committed"
             assert cell.get("execution_count") is None, f"{ipynb.name} has execution counts"
-    # The first code cell is the parameters cell.
+    # The first code cell is the parameters cell; its tier comes from the one library function.
     first_code = next(c for c in from_py.cells if c.cell_type == "code")
-    assert 'SMOKE = os.environ.get("INSTSEG_SMOKE") == "1"' in first_code.source
+    assert "parameters" in first_code.metadata.get("tags", [])
+    assert "TIER = select_tier()" in first_code.source
+    assert "describe_tier(TIER" in first_code.source
     # Opening the .ipynb in JupyterLab starts the Python kernel without asking.
     assert from_ipynb.metadata.get("kernelspec", {}).get("name") == "python3"
+
+
+# Notebooks that train, and the family whose recipe they take.
+TRAINING = {"04_retinanet": "retinanet", "06_mask_rcnn": "mask_rcnn", "07_solo": "solo",
+            "08_yolact": "yolact"}  # fmt: skip
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)
+def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, capsys):
+    """A laptop: no CUDA, no INSTSEG_SMOKE, no INSTSEG_TIER. Runs only the parameters cell."""
+    import torch
+
+    from instseg_edu import recipes
+
+    for name in (recipes.TIER_ENV, recipes.SMOKE_ENV, recipes.STEPS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # The cell times two training steps for its line; a fixed time keeps this test fast.
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
+    first_code = next(c for c in jupytext.read(py).cells if c.cell_type == "code")
+    namespace: dict = {}
+    exec(compile(first_code.source, f"{py.name}[parameters]", "exec"), namespace)
+    assert namespace["TIER"] == "cpu" and namespace["SMOKE"] is False
+    printed = capsys.readouterr().out
+    assert printed.startswith("tier 'cpu' (no CUDA device)"), printed
+    family = TRAINING.get(py.stem)
+    if family is None:
+        assert "trains no model" in printed
+        return
+    r = namespace["RECIPE"]
+    assert r == recipes.recipe(family, "cpu")
+    assert (namespace["IMAGE_SIZE"], namespace["TRAIN_STEPS"], namespace["MODEL"]) == (
+        r.image_size, r.max_steps, r.model,
+    )  # fmt: skip
+    assert f"about {r.max_steps * 0.25 / 60:.1f} min" in printed
 
 
 @pytest.mark.notebooks
@@ -86,3 +123,14 @@ def test_notebook_runs_in_smoke_mode(py: Path, tmp_path, monkeypatch):
     assert elapsed < SMOKE_BUDGET_S, f"{py.name} took {elapsed:.1f} s in smoke mode"
     # Nothing is written next to the notebooks: datasets go to a temp dir or data/.
     assert not any(p.suffix in {".png", ".json"} for p in (ROOT / "notebooks").iterdir())
+    # A training notebook saves its model where a later notebook (or `instseg-edu evaluate`)
+    # finds it, relative to the notebook's working directory.
+    family = TRAINING.get(py.stem)
+    if family is not None:
+        from instseg_edu.engine.checkpoint import load_checkpoint
+        from instseg_edu.recipes import notebook_checkpoint
+
+        ckpt = load_checkpoint(tmp_path / notebook_checkpoint(family, "smoke"))
+        assert ckpt["recipe"]["family"] == family and ckpt["recipe"]["tier"] == "smoke"
+        assert ckpt["meta"]["model"] == family and ckpt["model"]
+        assert len(ckpt["history"]["steps"]) == ckpt["recipe"]["max_steps"]

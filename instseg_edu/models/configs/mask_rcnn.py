@@ -28,6 +28,7 @@ from instseg_edu.ops.nms import NMSConfig
 from instseg_edu.ops.sampling import SamplerConfig
 
 __all__ = [
+    "MASK_RCNN_R18_CPU",
     "MASK_RCNN_R18_SMALL",
     "MASK_RCNN_R50_FPN",
     "MaskRCNNConfig",
@@ -226,8 +227,9 @@ class MaskRCNNConfig:
 
     ``num_classes`` counts foreground classes only (labels ``0..C-1``; the box head adds the
     background column ``C``). Cross-checks (``ValueError`` naming the field): ``neck.in_channels``
-    must be the ResNet's output channels, the RPN's anchor strides the FPN strides, and
-    ``roi_head.featmap_strides`` the first of them.
+    must be the ResNet's output channels, the RPN's anchor strides the FPN strides,
+    ``roi_head.featmap_strides`` the first of them, and ``train_cfg.rcnn.mask_size`` twice
+    ``roi_head.mask_roi_size``.
     """
 
     num_classes: int = 80
@@ -251,6 +253,15 @@ class MaskRCNNConfig:
         check(
             roi_strides == strides[: len(roi_strides)],
             f"roi_head.featmap_strides={roi_strides} must be the first FPN strides {strides}",
+        )
+        # The mask head upsamples its RoI grid once by 2 (one stride-2 deconv): a 14x14 RoI
+        # predicts 28x28 masks, a 7x7 one 14x14. The targets must have the predicted size.
+        mask_out = 2 * self.roi_head.mask_roi_size
+        check(
+            self.train_cfg.rcnn.mask_size == mask_out,
+            f"train_cfg.rcnn.mask_size={self.train_cfg.rcnn.mask_size} must be 2 x "
+            f"roi_head.mask_roi_size={self.roi_head.mask_roi_size} = {mask_out} (the mask head's "
+            "2x deconv output)",
         )
 
     def with_num_classes(self, num_classes: int) -> MaskRCNNConfig:
@@ -281,3 +292,32 @@ MASK_RCNN_R18_SMALL = MaskRCNNConfig(
 )
 """CPU-fast variant for tests, notebooks' smoke mode and quick experiments: ResNet-18, 64-channel
 FPN and heads, fewer sampled anchors / RoIs and proposals."""
+
+MASK_RCNN_R18_CPU = MaskRCNNConfig(
+    num_classes=80,
+    backbone=ResNetConfig(depth=18, frozen_stages=-1, norm_eval=False),
+    neck=fpn_p2_p6(in_channels=(64, 128, 256, 512), out_channels=64),
+    rpn_head=RPNHeadConfig(feat_channels=64),
+    roi_head=RoIHeadConfig(
+        fc_out_channels=1024, conv_out_channels=64, sampling_ratio=2, mask_roi_size=7
+    ),
+    train_cfg=TrainCfg(
+        rpn=RPNTrainConfig(sampler=SamplerConfig(128, 0.5)),
+        rpn_proposal=ProposalConfig(nms_pre=300, max_per_img=150),
+        rcnn=RCNNTrainConfig(
+            MaxIoUAssignerConfig(0.5, 0.5, 0.5, match_low_quality=False),
+            SamplerConfig(32, 0.5, add_gt_as_proposals=True),
+            mask_size=14,
+        ),
+    ),
+    test_cfg=TestCfg(
+        rpn=ProposalConfig(nms_pre=300, max_per_img=150), rcnn=RCNNTestConfig(max_per_img=50)
+    ),
+)
+"""The CPU tier's Mask R-CNN (``instseg-edu demo`` and notebook 06 without a GPU, 128 px images).
+ResNet-18 with a 64-channel FPN and heads, as :data:`MASK_RCNN_R18_SMALL`, changed where a few CPU
+minutes are spent: mask RoIs of 7x7 predicting 14x14 masks (a quarter of the mask head's work; a
+shape at 128 px is rarely larger than 60 px, so 14x14 still has about one mask pixel per 4 image
+pixels), 32 sampled RoIs per image with up to half positive (the shapes images hold a few objects,
+so 512 RoIs at a quarter positive would be mostly background), and 1024-wide box-head layers as in
+the full model (an fc layer is cheap next to the convolutions)."""

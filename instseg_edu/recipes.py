@@ -1,0 +1,414 @@
+"""Training recipes for the three tiers: what the notebooks and the demo train, and for how long.
+
+Most people who open the notebooks have a laptop, not a GPU. Every notebook and the demo
+therefore run in one of three **tiers**:
+
+- ``"smoke"``: tiny images, a few steps, seconds. It proves that the code runs (the test suite
+  sets ``INSTSEG_SMOKE=1``); the model learns nothing.
+- ``"cpu"``: a real training of a few minutes on a laptop-class CPU (two cores): small ResNet-18
+  models on 128 px images, kept in memory (:class:`~instseg_edu.data.memory.InMemoryDataset`),
+  trained with AdamW. The loss falls visibly and the larger objects come out right.
+- ``"gpu"``: the full ResNet-50-FPN models on 512 px images, thousands of steps.
+
+:func:`select_tier` picks one (``INSTSEG_TIER`` wins, then ``INSTSEG_SMOKE=1``, then the device),
+:data:`RECIPES` holds one :class:`Recipe` per model family and tier, and :func:`describe_tier`
+says which tier runs and how long its training should take on this machine, from a couple of
+training steps timed here (:func:`measure_step_seconds`).
+
+A recipe's field names are :class:`~instseg_edu.engine.train.TrainConfig`'s (``max_steps``,
+``lr``, ``optimizer``, ``weight_decay``, ``warmup_steps``, ``schedule``, ``grad_clip``);
+``model`` names a preset constant of the family's module (``MASK_RCNN_R18_CPU`` in
+:mod:`instseg_edu.models.mask_rcnn`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TIERS = ("smoke", "cpu", "gpu")
+FAMILIES = ("retinanet", "mask_rcnn", "solo", "yolact")
+
+TIER_ENV = "INSTSEG_TIER"
+"""Environment variable naming the tier; it wins over everything else."""
+SMOKE_ENV = "INSTSEG_SMOKE"
+"""``INSTSEG_SMOKE=1`` selects the smoke tier (what the test suite sets)."""
+STEPS_ENV = "INSTSEG_TRAIN_STEPS"
+"""Overrides a notebook recipe's ``max_steps`` (e.g. a browser test that watches the dashboard)."""
+
+NOTEBOOK_SMOKE_IMAGE_SIZE = 128
+"""Smoke-tier image size of the notebooks: they draw their images, so 64 px would show nothing."""
+
+#: family -> (module, builder)
+MODEL_BUILDERS = {
+    "retinanet": ("instseg_edu.models.retinanet", "build_retinanet"),
+    "mask_rcnn": ("instseg_edu.models.mask_rcnn", "build_mask_rcnn"),
+    "solo": ("instseg_edu.models.solo", "build_solo"),
+    "yolact": ("instseg_edu.models.yolact", "build_yolact"),
+}
+
+
+def select_tier() -> str:
+    """The tier to run: ``"smoke"``, ``"cpu"`` or ``"gpu"``.
+
+    ``INSTSEG_TIER`` when set (any of the three; it wins over everything else), else ``"smoke"``
+    when ``INSTSEG_SMOKE=1``, else ``"gpu"`` when CUDA is available and ``"cpu"`` without.
+
+    Raises:
+        ValueError: ``INSTSEG_TIER`` is set to something else.
+    """
+    tier = os.environ.get(TIER_ENV)
+    if tier is not None:
+        if tier not in TIERS:
+            raise ValueError(f"{TIER_ENV}={tier!r} must be one of {', '.join(TIERS)}")
+        return tier
+    if os.environ.get(SMOKE_ENV) == "1":
+        return "smoke"
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _tier_reason() -> str:
+    if os.environ.get(TIER_ENV) is not None:
+        return f"{TIER_ENV}={os.environ[TIER_ENV]}"
+    if os.environ.get(SMOKE_ENV) == "1":
+        return f"{SMOKE_ENV}=1"
+    return "CUDA is available" if torch.cuda.is_available() else "no CUDA device"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One family's training at one tier.
+
+    Attributes:
+        family: ``"retinanet"``, ``"mask_rcnn"``, ``"solo"`` or ``"yolact"``.
+        tier: ``"smoke"``, ``"cpu"`` or ``"gpu"``.
+        model: name of a preset constant in the family's module, e.g. ``"MASK_RCNN_R18_CPU"``.
+        image_size: longest image side in pixels (the shapes images are square).
+        num_train, num_val: shapes images in the training and validation splits.
+        batch_size: images per optimiser step.
+        max_steps: optimiser steps.
+        lr, optimizer, weight_decay, warmup_steps, schedule, grad_clip: as in
+            :class:`~instseg_edu.engine.train.TrainConfig`.
+        in_memory: decode the training and validation images once and keep them in memory
+            (:class:`~instseg_edu.data.memory.InMemoryDataset`), loading in the main process.
+        workers: DataLoader worker processes when not ``in_memory``.
+        expected_minutes: training minutes on the machine the tier is for (two CPU cores for
+            ``"cpu"``), ``None`` where not measured; :func:`describe_tier` measures this machine.
+        note: one line on what to expect from the trained model.
+    """
+
+    family: str
+    tier: str
+    model: str
+    image_size: int
+    num_train: int
+    num_val: int
+    batch_size: int
+    max_steps: int
+    lr: float
+    optimizer: str = "sgd"
+    weight_decay: float = 1e-4
+    warmup_steps: int = 500
+    schedule: str = "cosine"
+    grad_clip: float | None = 35.0
+    in_memory: bool = False
+    workers: int = 4
+    expected_minutes: float | None = None
+    note: str = ""
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family={self.family!r} must be one of {FAMILIES}")
+        if self.tier not in TIERS:
+            raise ValueError(f"tier={self.tier!r} must be one of {TIERS}")
+        for name in ("image_size", "num_train", "num_val", "batch_size", "max_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive int")
+
+    def model_config(self, num_classes: int):
+        """The preset named by ``model``, for ``num_classes`` foreground classes."""
+        module = importlib.import_module(MODEL_BUILDERS[self.family][0])
+        cfg = getattr(module, self.model, None)
+        if cfg is None:
+            raise ValueError(f"model={self.model!r} is not a preset of {module.__name__}")
+        return cfg.with_num_classes(num_classes)
+
+    def build_model(self, num_classes: int) -> torch.nn.Module:
+        """A freshly initialised model of this recipe."""
+        module_name, builder = MODEL_BUILDERS[self.family]
+        build = getattr(importlib.import_module(module_name), builder)
+        return build(self.model_config(num_classes))
+
+    def train_config(self, **overrides):
+        """The :class:`~instseg_edu.engine.train.TrainConfig` of this recipe; ``overrides`` set
+        any other field (``device``, ``seed``, ``log_every``, ``progress``, ...)."""
+        from instseg_edu.engine.train import TrainConfig
+
+        settings = dict(
+            max_steps=self.max_steps,
+            lr=self.lr,
+            optimizer=self.optimizer,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            schedule=self.schedule,
+            grad_clip=self.grad_clip,
+        )
+        settings.update(overrides)
+        if "warmup_steps" not in overrides:  # a shortened run warms up for at most its length
+            settings["warmup_steps"] = min(self.warmup_steps, settings["max_steps"])
+        return TrainConfig(**settings)
+
+    def shapes_datasets(self, root: str | os.PathLike, seed: int = 0):
+        """Generate (or reuse) the shapes splits of this recipe under ``root`` and open them.
+
+        Returns:
+            ``(train_set, val_set)``: training with :func:`~instseg_edu.data.transforms.
+            train_transforms` (flip, colour jitter), validation with only the resize; both kept
+            in memory when ``in_memory``.
+        """
+        from instseg_edu.data.coco import CocoDataset
+        from instseg_edu.data.shapes import make_shapes_splits
+        from instseg_edu.data.transforms import eval_transforms, train_transforms
+
+        root = Path(root)
+        splits = make_shapes_splits(root, self.num_train, self.num_val, self.image_size, seed)
+        size = self.image_size
+        if not self.in_memory:
+            train_set = CocoDataset(splits["train"], root / "train", train_transforms(size))
+            val_set = CocoDataset(splits["val"], root / "val", eval_transforms(size))
+            return train_set, val_set
+        from instseg_edu.data.memory import InMemoryDataset
+
+        train_set = InMemoryDataset(
+            CocoDataset(splits["train"], root / "train", eval_transforms(size)),
+            train_transforms(size),
+        )
+        val_set = InMemoryDataset(CocoDataset(splits["val"], root / "val", eval_transforms(size)))
+        return train_set, val_set
+
+    @property
+    def loader_workers(self) -> int:
+        """DataLoader workers: none for an in-memory dataset (nothing to decode)."""
+        return 0 if self.in_memory else self.workers
+
+    def as_dict(self) -> dict:
+        """Plain data (for a checkpoint, which :func:`torch.load` reads with ``weights_only``)."""
+        return dataclasses.asdict(self)
+
+
+def _cpu(family: str, model: str, **kw) -> Recipe:
+    # 128 px images kept in memory, AdamW (from scratch it starts faster than SGD), cosine decay.
+    settings = dict(image_size=128, num_train=1000, num_val=200, batch_size=8,
+                    optimizer="adamw", weight_decay=0.05, warmup_steps=50, grad_clip=10.0,
+                    in_memory=True, workers=0)  # fmt: skip
+    settings.update(kw)
+    return Recipe(family, "cpu", model, **settings)
+
+
+def _gpu(family: str, model: str, **kw) -> Recipe:
+    # ResNet-50-FPN from random weights at 512 px: MMDetection-style SGD with a warm-up.
+    settings = dict(image_size=512, num_train=2000, num_val=200, batch_size=16, max_steps=3000,
+                    optimizer="sgd", lr=0.01, weight_decay=1e-4, warmup_steps=500,
+                    grad_clip=35.0, workers=4)  # fmt: skip
+    settings.update(kw)
+    return Recipe(family, "gpu", model, **settings)
+
+
+def _smoke(cpu: Recipe) -> Recipe:
+    # Seconds on any machine: the CPU tier's model, optimiser and data path on a few 64 px images.
+    return dataclasses.replace(cpu, tier="smoke", image_size=64, num_train=8, num_val=4,
+                               batch_size=2, max_steps=2, warmup_steps=1, expected_minutes=None,
+                               note="")  # fmt: skip
+
+
+RECIPES: dict[tuple[str, str], Recipe] = {
+    # RetinaNet: three ResNet-18 stages and smaller anchors on the CPU (RETINANET_R18_CPU_DEMO).
+    ("retinanet", "cpu"): _cpu(
+        "retinanet", "RETINANET_R18_CPU_DEMO", batch_size=4, max_steps=1500, lr=1e-3,
+        expected_minutes=4.0, note="boxes only; larger shapes are found, small ones often missed",
+    ),
+    ("retinanet", "gpu"): _gpu(
+        "retinanet", "RETINANET_R50_FPN_SCRATCH", num_train=3000, batch_size=8, lr=0.02,
+        warmup_steps=300, grad_clip=10.0,
+    ),
+    # Mask R-CNN: the CPU tier's best masks (MASK_RCNN_R18_CPU: 7x7 mask RoIs, 14x14 masks).
+    ("mask_rcnn", "cpu"): _cpu(
+        "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=1000, lr=2e-3, expected_minutes=4.8,
+        note="right class and a recognisable mask for most objects larger than about 16 px",
+    ),
+    ("mask_rcnn", "gpu"): _gpu(
+        "mask_rcnn", "MASK_RCNN_R50_FPN", batch_size=8, lr=0.02, schedule="step",
+    ),
+    # SOLO and YOLACT: their small presets. A training step of SOLO takes about 0.7x, of YOLACT
+    # about 0.5x the time of Mask R-CNN's on the same machine; their step counts keep training
+    # under about 4 minutes with room to spare (not yet timed on a quiet machine, hence no
+    # expected_minutes). From scratch their masks learn slowly: expect a low mask AP.
+    ("solo", "cpu"): _cpu(
+        "solo", "SOLO_R18_SMALL", max_steps=600, lr=1e-3,
+        note="learns where the larger shapes are and rough masks of them; mask AP stays low",
+    ),
+    ("solo", "gpu"): _gpu("solo", "SOLO_R50_FPN_SCRATCH"),
+    ("yolact", "cpu"): _cpu(
+        "yolact", "YOLACT_R18_SMALL", max_steps=800, lr=1e-3,
+        note="boxes and classes of the larger shapes; blurry prototype masks; mask AP stays low",
+    ),
+    ("yolact", "gpu"): _gpu("yolact", "YOLACT_R50_FPN"),
+}  # fmt: skip
+RECIPES.update({(family, "smoke"): _smoke(RECIPES[(family, "cpu")]) for family in FAMILIES})
+
+
+def recipe(family: str, tier: str) -> Recipe:
+    """The recipe of ``family`` at ``tier``.
+
+    Raises:
+        ValueError: an unknown family or tier (naming the choices).
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} must be one of {', '.join(FAMILIES)}")
+    if tier not in TIERS:
+        raise ValueError(f"tier={tier!r} must be one of {', '.join(TIERS)}")
+    return RECIPES[(family, tier)]
+
+
+def notebook_recipe(family: str, tier: str) -> Recipe:
+    """The recipe a notebook trains with: :func:`recipe`, with 128 px images in the smoke tier
+    (notebooks draw them) and ``max_steps`` from ``INSTSEG_TRAIN_STEPS`` when set.
+
+    Raises:
+        ValueError: ``INSTSEG_TRAIN_STEPS`` is not a positive integer.
+    """
+    r = recipe(family, tier)
+    if tier == "smoke":
+        r = dataclasses.replace(r, image_size=NOTEBOOK_SMOKE_IMAGE_SIZE)
+    steps = os.environ.get(STEPS_ENV)
+    if steps is not None:
+        try:
+            value = int(steps)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(f"{STEPS_ENV}={steps!r} must be a positive integer")
+        r = dataclasses.replace(r, max_steps=value)
+    return r
+
+
+def notebook_checkpoint(family: str, tier: str, root: str | os.PathLike = "runs") -> Path:
+    """Where a notebook saves the model it trained: ``root/notebooks/<tier>/<family>.pt``.
+
+    Notebooks 04 (RetinaNet), 06 (Mask R-CNN), 07 (SOLO) and 08 (YOLACT) write it with
+    :func:`~instseg_edu.engine.checkpoint.save_checkpoint` (model state, recipe, history), so a
+    later notebook can compare the four without training them again.
+    """
+    recipe(family, tier)  # validates both names
+    return Path(root) / "notebooks" / tier / f"{family}.pt"
+
+
+# --------------------------------------------------------------------------------------------------
+# How long will it take here?
+# --------------------------------------------------------------------------------------------------
+
+
+def shapes_batch(batch_size: int, image_size: int, seed: int = 0):
+    """A :class:`~instseg_edu.structures.Batch` of freshly drawn shapes images (nothing written
+    to disk): the same kind of images and objects the recipes train on, for timing."""
+    from instseg_edu.data.shapes import CLASSES, render_image
+    from instseg_edu.data.transforms import collate
+    from instseg_edu.structures import Target
+
+    items = []
+    for index in range(batch_size):
+        scene, shapes = render_image(seed, "timing", index, image_size)
+        masks = torch.from_numpy(scene.masks.copy())  # [G, H, W] bool
+        ys = masks.any(dim=2)  # [G, H]: rows each object touches
+        xs = masks.any(dim=1)  # [G, W]
+        arange_h = torch.arange(image_size)
+        arange_w = torch.arange(image_size)
+        y1 = torch.where(ys, arange_h, image_size).amin(1)
+        y2 = torch.where(ys, arange_h, -1).amax(1) + 1
+        x1 = torch.where(xs, arange_w, image_size).amin(1)
+        x2 = torch.where(xs, arange_w, -1).amax(1) + 1
+        boxes = torch.stack([x1, y1, x2, y2], dim=1).float()  # [G, 4] xyxy
+        labels = torch.tensor([CLASSES.index(shapes[k].kind) for k in scene.kept.tolist()])
+        image = torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255  # [3, H, W]
+        target = Target(boxes, labels.long(), masks, image_id=index + 1)
+        items.append((image, target))
+    return collate(items)
+
+
+def measure_step_seconds(r: Recipe, steps: int = 2, device: str = "auto") -> float:
+    """Seconds per training step of recipe ``r`` on this machine.
+
+    Builds the recipe's model, runs one warm-up step, then times ``steps`` real training steps
+    (forward, loss, backward, optimiser update: :func:`~instseg_edu.engine.train.train` itself)
+    on a batch of freshly drawn shapes images of the recipe's size. Data loading is not counted
+    (an in-memory recipe barely has any).
+    """
+    from instseg_edu.data.shapes import CLASSES
+    from instseg_edu.engine.train import resolve_device, train
+
+    # Building the model draws random numbers and train() seeds every generator: leave the
+    # caller's random numbers as they were.
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()  # noqa: NPY002
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        dev = resolve_device(device)
+        model = r.build_model(len(CLASSES))
+        batch = shapes_batch(r.batch_size, r.image_size)
+        cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0)
+        train(model, [batch], cfg)  # warm-up: allocations, kernel selection
+        cfg = dataclasses.replace(cfg, max_steps=steps)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        train(model, [batch] * steps, cfg)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return (time.perf_counter() - start) / steps
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])  # noqa: NPY002
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def describe_tier(
+    tier: str, r: Recipe | None = None, *, measure: bool = True, reason: str | None = None
+) -> str:
+    """One line: which tier runs, why, and how long its training should take on this machine.
+
+    With a recipe of the ``cpu`` or ``gpu`` tier and ``measure``, the time is ``max_steps`` x the
+    seconds per step measured now (:func:`measure_step_seconds`, a few seconds). ``reason`` says
+    why this tier was chosen (default: what :func:`select_tier` looked at).
+    """
+    head = f"tier {tier!r} ({reason or _tier_reason()})"
+    if r is None:
+        sizes = "small images, seconds" if tier == "smoke" else "full-size images"
+        line = f"{head}: this notebook trains no model ({sizes})"
+    elif tier == "smoke":
+        line = (
+            f"{head}: {r.model} on {r.num_train} images of {r.image_size} px, {r.max_steps} "
+            "steps: seconds; it proves the code runs and learns nothing"
+        )
+    else:
+        what = (f"{r.model}, {r.num_train} images of {r.image_size} px, batch {r.batch_size}, "
+                f"{r.max_steps} steps")  # fmt: skip
+        if measure:
+            seconds = measure_step_seconds(r)
+            line = (f"{head}: {what}; {seconds:.2f} s per step measured here, so training "
+                    f"takes about {r.max_steps * seconds / 60:.1f} min")  # fmt: skip
+        else:
+            line = f"{head}: {what}"
+        if r.expected_minutes is not None:
+            where = "two CPU cores" if tier == "cpu" else "one GPU"
+            line += f" (about {r.expected_minutes:g} min on {where})"
+    return line

@@ -1,0 +1,208 @@
+"""Tiers and recipes: which tier runs (environment and device), every family's recipe builds,
+the notebook variant and its step override, where notebooks save their models, timing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from instseg_edu import recipes
+from instseg_edu.engine.train import TrainConfig
+from instseg_edu.recipes import (
+    FAMILIES,
+    NOTEBOOK_SMOKE_IMAGE_SIZE,
+    RECIPES,
+    SMOKE_ENV,
+    STEPS_ENV,
+    TIER_ENV,
+    TIERS,
+    describe_tier,
+    measure_step_seconds,
+    notebook_checkpoint,
+    notebook_recipe,
+    recipe,
+    select_tier,
+    shapes_batch,
+)
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """A clean environment: no tier variables, and CUDA as the test says."""
+    for name in (TIER_ENV, SMOKE_ENV, STEPS_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+    def set_cuda(available: bool):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+
+    set_cuda(False)
+    return monkeypatch, set_cuda
+
+
+# ---- select_tier ---------------------------------------------------------------------------------
+
+
+def test_tier_follows_the_device_without_variables(env):
+    _, set_cuda = env
+    assert select_tier() == "cpu"
+    set_cuda(True)
+    assert select_tier() == "gpu"
+
+
+def test_smoke_variable_selects_smoke_on_any_device(env):
+    monkeypatch, set_cuda = env
+    monkeypatch.setenv(SMOKE_ENV, "1")
+    assert select_tier() == "smoke"
+    set_cuda(True)
+    assert select_tier() == "smoke"
+    monkeypatch.setenv(SMOKE_ENV, "0")  # only "1" means smoke
+    assert select_tier() == "gpu"
+
+
+@pytest.mark.parametrize("tier", TIERS, ids=lambda t: f"tier_{t}")  # an id "gpu" means CUDA-only
+def test_tier_variable_wins_over_smoke_and_device(env, tier):
+    monkeypatch, set_cuda = env
+    monkeypatch.setenv(SMOKE_ENV, "1")
+    monkeypatch.setenv(TIER_ENV, tier)
+    set_cuda(tier != "gpu")  # the device would say otherwise
+    assert select_tier() == tier
+
+
+@pytest.mark.parametrize("value", ["GPU", "laptop", ""])
+def test_unknown_tier_is_a_clear_error(env, value):
+    monkeypatch, _ = env
+    monkeypatch.setenv(TIER_ENV, value)
+    with pytest.raises(ValueError, match=f"{TIER_ENV}={value!r} must be one of smoke, cpu, gpu"):
+        select_tier()
+
+
+# ---- recipes -------------------------------------------------------------------------------------
+
+
+def test_every_family_has_every_tier():
+    assert set(RECIPES) == {(f, t) for f in FAMILIES for t in TIERS}
+    for (family, tier), r in RECIPES.items():
+        assert (r.family, r.tier) == (family, tier)
+        assert recipe(family, tier) is r
+
+
+def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
+    for family in FAMILIES:
+        cpu, gpu, smoke = (recipe(family, t) for t in ("cpu", "gpu", "smoke"))
+        assert cpu.image_size == 128 and cpu.in_memory and cpu.loader_workers == 0
+        assert "R18" in cpu.model and "R50" in gpu.model
+        assert gpu.image_size == 512
+        # smoke takes the CPU tier's model and optimiser, at toy sizes
+        assert (smoke.model, smoke.optimizer, smoke.lr) == (cpu.model, cpu.optimizer, cpu.lr)
+        assert smoke.max_steps <= 3 and smoke.num_train <= 8 and smoke.image_size <= 64
+    mask_rcnn = recipe("mask_rcnn", "cpu")
+    assert (mask_rcnn.model, mask_rcnn.optimizer, mask_rcnn.lr) == (
+        "MASK_RCNN_R18_CPU",
+        "adamw",
+        2e-3,
+    )
+    assert (mask_rcnn.max_steps, mask_rcnn.batch_size) == (1000, 8)
+    retinanet = recipe("retinanet", "cpu")
+    assert (retinanet.max_steps, retinanet.lr, retinanet.image_size) == (1500, 1e-3, 128)
+
+
+def test_unknown_family_or_tier_names_the_choices():
+    with pytest.raises(ValueError, match="family='fcos' must be one of retinanet, mask_rcnn"):
+        recipe("fcos", "cpu")
+    with pytest.raises(ValueError, match="tier='tpu' must be one of smoke, cpu, gpu"):
+        recipe("solo", "tpu")
+    with pytest.raises(ValueError, match="max_steps=0"):
+        dataclasses.replace(recipe("solo", "cpu"), max_steps=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_recipe_builds_its_model_and_train_config(family):
+    for tier in TIERS:
+        r = recipe(family, tier)
+        cfg = r.model_config(7)
+        assert type(cfg).__name__.lower().startswith(family.replace("_", ""))
+        tc = r.train_config(device="cpu", seed=3)
+        assert isinstance(tc, TrainConfig)
+        assert (tc.max_steps, tc.lr, tc.optimizer, tc.seed) == (r.max_steps, r.lr, r.optimizer, 3)
+        assert tc.warmup_steps == min(r.warmup_steps, r.max_steps)
+        assert r.train_config(max_steps=1).warmup_steps == 1  # warm-up fits a shortened run
+        assert r.train_config(max_steps=1, warmup_steps=0).warmup_steps == 0
+    model = recipe(family, "smoke").build_model(7)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert r.as_dict()["family"] == family
+
+
+def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(env):
+    monkeypatch, _ = env
+    smoke = notebook_recipe("yolact", "smoke")
+    assert smoke.image_size == NOTEBOOK_SMOKE_IMAGE_SIZE == 128
+    assert dataclasses.replace(smoke, image_size=64) == recipe("yolact", "smoke")
+    assert notebook_recipe("yolact", "cpu") == recipe("yolact", "cpu")
+    monkeypatch.setenv(STEPS_ENV, "60")
+    assert notebook_recipe("retinanet", "smoke").max_steps == 60
+    assert notebook_recipe("retinanet", "gpu").max_steps == 60
+    for bad in ("0", "-3", "ten", "2.5"):
+        monkeypatch.setenv(STEPS_ENV, bad)
+        with pytest.raises(ValueError, match=f"{STEPS_ENV}={bad!r} must be a positive integer"):
+            notebook_recipe("retinanet", "cpu")
+
+
+def test_notebook_checkpoint_path():
+    assert notebook_checkpoint("mask_rcnn", "cpu") == Path("runs/notebooks/cpu/mask_rcnn.pt")
+    assert notebook_checkpoint("solo", "gpu", root="/tmp/x") == Path("/tmp/x/notebooks/gpu/solo.pt")
+    with pytest.raises(ValueError, match="family"):
+        notebook_checkpoint("detr", "cpu")
+
+
+def test_in_memory_recipe_opens_its_shapes_splits_once(tmp_path):
+    r = dataclasses.replace(recipe("mask_rcnn", "smoke"), num_train=3, num_val=2)
+    train_set, val_set = r.shapes_datasets(tmp_path / "shapes")
+    assert (len(train_set), len(val_set)) == (3, 2)
+    assert train_set.classes == val_set.classes and len(train_set.classes) == 7
+    image, target = train_set[0]
+    assert image.shape == (3, r.image_size, r.image_size)
+    assert target.masks.shape[-2:] == (r.image_size, r.image_size)
+    on_disk = dataclasses.replace(r, in_memory=False)
+    train_disk, _ = on_disk.shapes_datasets(tmp_path / "shapes")
+    assert type(train_disk).__name__ == "CocoDataset"
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+
+def test_shapes_batch_has_tight_boxes_around_its_masks():
+    batch = shapes_batch(2, 64, seed=1)
+    assert batch.images.shape == (2, 3, 64, 64)
+    for t in batch.targets:
+        assert len(t) > 0 and t.labels.max() < 7
+        for box, mask in zip(t.boxes, t.masks):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            expected = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+            assert box.tolist() == [float(v) for v in expected]
+
+
+def test_measure_step_seconds_and_describe_tier(env):
+    monkeypatch, _ = env
+    r = recipe("retinanet", "smoke")
+    torch.manual_seed(5)
+    seconds = measure_step_seconds(r, steps=1)
+    assert 0 < seconds < 60
+    assert torch.equal(torch.rand(3), torch.manual_seed(5) and torch.rand(3))  # seeds untouched
+
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.6)
+    cpu = recipe("mask_rcnn", "cpu")
+    line = describe_tier("cpu", cpu)
+    assert line.startswith("tier 'cpu' (no CUDA device): MASK_RCNN_R18_CPU")
+    assert "0.60 s per step measured here" in line
+    assert f"about {cpu.max_steps * 0.6 / 60:.1f} min" in line
+    assert "(about 4.8 min on two CPU cores)" in line
+
+    monkeypatch.setenv(SMOKE_ENV, "1")
+    line = describe_tier("smoke", notebook_recipe("solo", "smoke"))
+    assert line.startswith(f"tier 'smoke' ({SMOKE_ENV}=1)") and "seconds" in line
+    monkeypatch.setenv(TIER_ENV, "cpu")
+    assert "trains no model" in describe_tier("cpu")
+    assert f"({TIER_ENV}=cpu)" in describe_tier("cpu", cpu, measure=False)
