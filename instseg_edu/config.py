@@ -30,8 +30,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 
-__all__ = ["check", "check_at_least", "check_in_range", "positive_tuple"]
+__all__ = ["ClassesInBBoxHead", "check", "check_at_least", "check_in_range", "positive_tuple"]
+
+
+class ClassesInBBoxHead:
+    """``num_classes`` and ``with_num_classes`` of a family config whose ``bbox_head`` holds the
+    classes (RetinaNet, SOLO, YOLACT; Mask R-CNN keeps ``num_classes`` at its top)."""
+
+    @property
+    def num_classes(self) -> int:
+        """``C``, the foreground classes (``bbox_head.num_classes``)."""
+        return self.bbox_head.num_classes
+
+    def with_num_classes(self, num_classes: int):
+        """The same config for another dataset: ``cfg.with_num_classes(len(dataset.classes))``."""
+        return replace(self, bbox_head=replace(self.bbox_head, num_classes=num_classes))
 
 
 def check(condition: bool, message: str) -> None:

@@ -21,7 +21,11 @@ the *whole* batch: :func:`global_avg_factor` sums it over the processes (MMDetec
 
 A model's config names each of its loss terms with one of the loss configs at the end of this
 module (MMDetection's ``loss_cls=dict(type='FocalLoss', ...)`` and friends, without ``type``): the
-parameters of the loss and its ``loss_weight``, the factor the term is multiplied by.
+parameters of the loss and its ``loss_weight``, the factor the term is multiplied by. The focal,
+L1 and smooth-L1 configs are called like MMDetection's loss modules,
+``cfg(pred, target, weight=..., avg_factor=...)``: the summed, weighted loss divided by
+``avg_factor``, times ``loss_weight``. A family reduces its cross-entropy and dice terms its own
+way and multiplies them by their ``loss_weight``.
 """
 
 from __future__ import annotations
@@ -317,6 +321,13 @@ class FocalLossConfig:
         check_in_range(self, "alpha", 0, 1)
         check_at_least(self, 0, "gamma", "loss_weight")
 
+    def __call__(self, logits: Tensor, targets: Tensor, *, weight=None, avg_factor=None) -> Tensor:
+        """``loss_weight ×`` :func:`sigmoid_focal_loss` summed (``weight``, ``avg_factor``)."""
+        loss = sigmoid_focal_loss(
+            logits, targets, self.alpha, self.gamma, "sum", weight=weight, avg_factor=avg_factor
+        )
+        return self.loss_weight * loss
+
 
 @dataclass(frozen=True)
 class L1LossConfig:
@@ -326,6 +337,11 @@ class L1LossConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 0, "loss_weight")
+
+    def __call__(self, pred: Tensor, target: Tensor, *, weight=None, avg_factor=None) -> Tensor:
+        """``loss_weight ×`` :func:`l1_loss` summed (``weight``, ``avg_factor``)."""
+        loss = l1_loss(pred, target, "sum", weight=weight, avg_factor=avg_factor)
+        return self.loss_weight * loss
 
 
 @dataclass(frozen=True)
@@ -338,6 +354,11 @@ class SmoothL1LossConfig:
 
     def __post_init__(self) -> None:
         check_at_least(self, 0, "beta", "loss_weight")
+
+    def __call__(self, pred: Tensor, target: Tensor, *, weight=None, avg_factor=None) -> Tensor:
+        """``loss_weight ×`` :func:`smooth_l1_loss` summed (``weight``, ``avg_factor``)."""
+        loss = smooth_l1_loss(pred, target, self.beta, "sum", weight=weight, avg_factor=avg_factor)
+        return self.loss_weight * loss
 
 
 @dataclass(frozen=True)

@@ -255,12 +255,14 @@ def fpn_p2_p6(in_channels=(256, 512, 1024, 2048), out_channels: int = 256) -> FP
 
 
 def check_backbone_and_heads(
-    backbone: ResNetConfig, neck: FPNConfig, **head_channels: int
+    backbone: ResNetConfig, neck: FPNConfig, anchor_strides=None, **head_channels: int
 ) -> tuple[int, ...]:
     """The cross-checks of every family config; returns the FPN strides.
 
-    ``neck.in_channels`` must be the ResNet's output channels and each head's ``in_channels``
-    (given by name, e.g. ``bbox_head=cfg.bbox_head.in_channels``) must be ``neck.out_channels``.
+    ``neck.in_channels`` must be the ResNet's output channels, each head's ``in_channels``
+    (given by name, e.g. ``bbox_head=cfg.bbox_head.in_channels``) must be ``neck.out_channels``,
+    and ``anchor_strides`` (a dense head's ``anchor_generator.strides``), when given, must be the
+    strides of the FPN levels.
 
     Raises:
         ValueError: naming the field that does not fit.
@@ -276,7 +278,13 @@ def check_backbone_and_heads(
             raise ValueError(
                 f"{name}.in_channels={in_channels} must equal neck.out_channels={neck.out_channels}"
             )
-    return fpn_strides(backbone, neck)
+    strides = fpn_strides(backbone, neck)
+    if anchor_strides is not None and tuple(anchor_strides) != strides:
+        raise ValueError(
+            f"anchor_generator.strides={tuple(anchor_strides)} must be the strides {strides} of "
+            f"the neck.num_outs={neck.num_outs} FPN levels"
+        )
+    return strides
 
 
 # --------------------------------------------------------------------------------------------------

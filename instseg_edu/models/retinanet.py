@@ -53,8 +53,6 @@ from instseg_edu.losses import (
     FocalLossConfig,
     L1LossConfig,
     global_avg_factor,
-    l1_loss,
-    sigmoid_focal_loss,
 )
 from instseg_edu.models import dense_heads
 from instseg_edu.models.backbone import ImageNormalize, build_backbone
@@ -304,25 +302,21 @@ class RetinaNet(nn.Module):
         onehot = (t.labels[..., None] == classes).to(logits.dtype)  # [B, N, C]
         # Positives of the whole batch (of every process under DDP), 0-d: no host synchronisation.
         num_pos = global_avg_factor(t.num_pos.sum(), clamp_min=1.0)
-        loss_cls = sigmoid_focal_loss(
+        loss_cls = head.loss_cls(  # the focal loss, times its loss_weight
             logits,
             onehot,
-            alpha=head.loss_cls.alpha,
-            gamma=head.loss_cls.gamma,
-            reduction="sum",
             weight=t.label_weights[..., None],  # [B, N, 1]: ignored anchors contribute nothing
             avg_factor=num_pos,
         )
-        loss_bbox = l1_loss(
+        loss_bbox = head.loss_bbox(  # L1
             outputs.bbox_deltas.float(),
             t.bbox_targets,
-            reduction="sum",
             weight=t.bbox_weights[..., None],  # [B, N, 1]: positives only
             avg_factor=num_pos,
         )
         return {
-            "loss_cls": head.loss_cls.loss_weight * loss_cls,
-            "loss_bbox": head.loss_bbox.loss_weight * loss_bbox,
+            "loss_cls": loss_cls,
+            "loss_bbox": loss_bbox,
             "num_pos": t.num_pos.mean().detach(),
         }
 

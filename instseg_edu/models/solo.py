@@ -73,7 +73,6 @@ from instseg_edu.losses import (
     FocalLossConfig,
     dice_loss,
     global_avg_factor,
-    sigmoid_focal_loss,
 )
 from instseg_edu.models.backbone import ImageNormalize, build_backbone
 from instseg_edu.models.configs.solo import (
@@ -441,17 +440,13 @@ class SOLO(nn.Module):
         )  # [B*S²] of every level -> [ΣB*S², C]
         labels = torch.cat([c.reshape(-1) for c in t.cate_labels])  # [ΣB*S²]
         onehot = (labels[:, None] == classes).to(logits.dtype)  # [ΣB*S², C]; -1 matches nothing
-        loss_cate = sigmoid_focal_loss(
-            logits,
-            onehot,
-            alpha=head.loss_cate.alpha,
-            gamma=head.loss_cate.gamma,
-            reduction="sum",
-            avg_factor=global_avg_factor(t.num_pos, offset=1),
+        # The focal loss over every cell, class and level, times its loss_weight.
+        loss_cate = head.loss_cate(
+            logits, onehot, avg_factor=global_avg_factor(t.num_pos, offset=1)
         )
         return {
             "loss_ins": head.loss_ins.loss_weight * loss_ins,
-            "loss_cate": head.loss_cate.loss_weight * loss_cate,
+            "loss_cate": loss_cate,
             "num_pos": (t.num_pos.float() / len(batch)).detach(),
         }
 

@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from instseg_edu.losses import global_avg_factor, smooth_l1_loss
+from instseg_edu.losses import global_avg_factor
 from instseg_edu.models import dense_heads
 from instseg_edu.models.backbone import ImageNormalize, build_backbone
 from instseg_edu.models.configs.yolact import (
@@ -487,11 +487,9 @@ class YOLACT(nn.Module):
         ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")  # [B*N]
         loss_cls = (ce * t.cls_weights.flatten()).sum() / num_pos  # ignored anchors: weight 0
 
-        loss_bbox = smooth_l1_loss(
+        loss_bbox = head.loss_bbox(  # smooth L1, times its loss_weight
             outputs.bbox_deltas.float(),
             t.bbox_targets,
-            beta=head.loss_bbox.beta,
-            reduction="sum",
             weight=t.pos[..., None].to(torch.float32),  # [B, N, 1]
             avg_factor=num_pos,
         )
@@ -511,7 +509,7 @@ class YOLACT(nn.Module):
 
         losses = {
             "loss_cls": head.loss_cls.loss_weight * loss_cls,
-            "loss_bbox": head.loss_bbox.loss_weight * loss_bbox,
+            "loss_bbox": loss_bbox,
             "loss_mask": mask_cfg.loss_mask_weight * loss_mask,
         }
         if outputs.segm_logits is not None:

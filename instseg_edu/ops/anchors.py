@@ -42,6 +42,7 @@ Taught in ``notebooks/02_anchors.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -312,12 +313,5 @@ class AnchorGeneratorConfig:
         return len(self.ratios) * per_ratio
 
     def build(self) -> AnchorGenerator:
-        """The :class:`AnchorGenerator` these settings describe."""
-        return AnchorGenerator(
-            strides=self.strides,
-            ratios=self.ratios,
-            octave_base_scale=self.octave_base_scale,
-            scales_per_octave=self.scales_per_octave,
-            scales=self.scales,
-            center_offset=self.center_offset,
-        )
+        """The :class:`AnchorGenerator` these settings describe (the fields are its arguments)."""
+        return AnchorGenerator(**dataclasses.asdict(self))

@@ -138,6 +138,47 @@ class AssignmentSteps(NamedTuple):
     step4_low_quality: Tensor
 
 
+@dataclass(frozen=True)
+class MaxIoUAssignerConfig:
+    """``assigner`` (MMDetection's ``MaxIoUAssigner`` keys): the thresholds of the four steps.
+
+    Defaults are RetinaNet's (Sec. 4: positive at IoU >= 0.5, background below 0.4). The RPN uses
+    ``0.7, 0.3, min_pos_iou=0.3``; the R-CNN stage ``0.5, 0.5`` without low-quality matches.
+
+    Attributes:
+        pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all,
+            ignore_iof_thr: see :func:`max_iou_assign`. ``neg_iou_thr`` is a float or a
+            ``(lo, hi)`` pair.
+
+    Raises:
+        ValueError: naming the field, for thresholds outside ``[0, 1]`` or a ``neg_iou_thr``
+            above ``pos_iou_thr`` (the one check :func:`max_iou_assign` also applies).
+    """
+
+    pos_iou_thr: float = 0.5
+    neg_iou_thr: float | tuple[float, float] = 0.4
+    min_pos_iou: float = 0.0
+    match_low_quality: bool = True
+    gt_max_assign_all: bool = True
+    ignore_iof_thr: float = -1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.neg_iou_thr, list):
+            object.__setattr__(self, "neg_iou_thr", tuple(self.neg_iou_thr))
+        _check_thresholds(self.pos_iou_thr, self.neg_iou_thr, self.min_pos_iou)
+
+
+def _config(cfg: MaxIoUAssignerConfig | None, thresholds: dict) -> MaxIoUAssignerConfig:
+    """The assigner config of a call: ``cfg``, or one built (and checked) from keywords."""
+    if cfg is None:
+        return MaxIoUAssignerConfig(**thresholds)
+    if thresholds:
+        raise TypeError(
+            f"give the thresholds as cfg or as keywords, not both: {sorted(thresholds)}"
+        )
+    return cfg
+
+
 def _check_thresholds(pos_iou_thr, neg_iou_thr, min_pos_iou) -> None:
     if not 0.0 <= pos_iou_thr <= 1.0:
         raise ValueError(f"pos_iou_thr={pos_iou_thr} must be in [0, 1]")
@@ -177,27 +218,25 @@ def _ignored_by_regions(boxes: Tensor, gt_boxes_ignore, ignore_iof_thr: float) -
 
 def max_iou_assign_steps(
     iou: Tensor,
+    cfg: MaxIoUAssignerConfig | None = None,
     *,
-    pos_iou_thr: float,
-    neg_iou_thr: float | tuple[float, float],
-    min_pos_iou: float = 0.0,
-    match_low_quality: bool = True,
-    gt_max_assign_all: bool = True,
     ignored: Tensor | None = None,
+    **thresholds,
 ) -> AssignmentSteps:
     """The four steps of MaxIoU assignment on a given IoU matrix (the readable reference).
 
     Args:
         iou: ``float [N, G]`` IoU of every box (anchor) with every ground truth.
-        pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all: see
-            :func:`max_iou_assign`.
+        cfg: the thresholds, a :class:`MaxIoUAssignerConfig` — or give its fields as keywords
+            (``pos_iou_thr=0.5, neg_iou_thr=0.4, ...``, as to :func:`max_iou_assign`).
         ignored: ``bool [N]`` boxes forced to stay ignored (inside an ignore region); they are
             neither negative nor positive and no ground truth can claim them in step 4.
 
     Returns:
         :class:`AssignmentSteps`, ``gt_inds`` (``int64 [N]``) after each step.
     """
-    _check_thresholds(pos_iou_thr, neg_iou_thr, min_pos_iou)
+    cfg = _config(cfg, thresholds)
+    pos_iou_thr, neg_iou_thr, min_pos_iou = cfg.pos_iou_thr, cfg.neg_iou_thr, cfg.min_pos_iou
     n, g = iou.shape
     if ignored is not None:
         # As MMDetection: an ignored box's IoUs become -1, so it can win nothing below.
@@ -226,12 +265,12 @@ def max_iou_assign_steps(
 
     # 4. low-quality matches: each ground truth claims its best box(es)
     step4 = step3.clone()
-    if match_low_quality:
+    if cfg.match_low_quality:
         gt_max, gt_argmax = iou.max(dim=0)  # [G]: each ground truth's best box
         for k in range(g):  # in order: a later ground truth overwrites an earlier claim
             # "> 0" is our fix of MMDetection's degenerate case (see the module docstring).
             if gt_max[k] >= min_pos_iou and gt_max[k] > 0:
-                if gt_max_assign_all:
+                if cfg.gt_max_assign_all:
                     step4[iou[:, k] == gt_max[k]] = k + 1
                 else:
                     step4[gt_argmax[k]] = k + 1
@@ -284,17 +323,12 @@ def max_iou_assign(
         raise ValueError(
             f"gt_labels must be [G] with G={gt_boxes.shape[0]}, got {tuple(gt_labels.shape)}"
         )
+    cfg = MaxIoUAssignerConfig(
+        pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all, ignore_iof_thr
+    )  # checks the thresholds
     iou = box_iou(boxes, gt_boxes)  # [N, G]
     ignored = _ignored_by_regions(boxes, gt_boxes_ignore, ignore_iof_thr)  # [N]
-    steps = max_iou_assign_steps(
-        iou,
-        pos_iou_thr=pos_iou_thr,
-        neg_iou_thr=neg_iou_thr,
-        min_pos_iou=min_pos_iou,
-        match_low_quality=match_low_quality,
-        gt_max_assign_all=gt_max_assign_all,
-        ignored=ignored,
-    )
+    steps = max_iou_assign_steps(iou, cfg, ignored=ignored)
     gt_inds = steps.step4_low_quality
     if gt_boxes.shape[0] == 0:
         max_iou = torch.zeros(boxes.shape[0], dtype=boxes.dtype, device=boxes.device)
@@ -319,16 +353,12 @@ def max_iou_assign_batched(
     gt_boxes: Tensor,
     gt_labels: Tensor,
     gt_valid: Tensor,
+    cfg: MaxIoUAssignerConfig | None = None,
     *,
-    pos_iou_thr: float,
-    neg_iou_thr: float | tuple[float, float],
-    min_pos_iou: float = 0.0,
-    match_low_quality: bool = True,
-    gt_max_assign_all: bool = True,
-    ignore_iof_thr: float = -1.0,
     anchor_valid: Tensor | None = None,
     gt_boxes_ignore: Tensor | None = None,
     ignore_valid: Tensor | None = None,
+    **thresholds,
 ) -> Assignment:
     """:func:`max_iou_assign` for a whole padded batch in a few tensor operations.
 
@@ -343,8 +373,8 @@ def max_iou_assign_batched(
         gt_boxes: ``float [B, G, 4]`` xyxy, padded to the batch's largest ``G``.
         gt_labels: ``int64 [B, G]``.
         gt_valid: ``bool [B, G]``, False for padding rows.
-        pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all,
-            ignore_iof_thr: as in :func:`max_iou_assign`.
+        cfg: the thresholds, a :class:`MaxIoUAssignerConfig` — or give its fields as keywords
+            (``pos_iou_thr=0.5, neg_iou_thr=0.4, ...``, as to :func:`max_iou_assign`).
         anchor_valid: ``bool [B, N]`` (e.g. :meth:`AnchorGenerator.valid_flags` of each image);
             invalid anchors are ``IGNORED`` and take no part in step 4. ``None``: all valid.
         gt_boxes_ignore: ``float [B, I, 4]`` ignore regions, padded.
@@ -354,7 +384,7 @@ def max_iou_assign_batched(
         :class:`Assignment` with every field shaped ``[B, N]``; ``gt_index`` indexes the padded
         ``G`` axis of ``gt_boxes`` (so ``torch.gather`` on the padded tensors finds the box).
     """
-    _check_thresholds(pos_iou_thr, neg_iou_thr, min_pos_iou)
+    cfg = _config(cfg, thresholds)
     if gt_boxes.dim() != 3 or gt_boxes.shape[-1] != 4:
         raise ValueError(f"gt_boxes must be [B, G, 4], got {tuple(gt_boxes.shape)}")
     b, g = gt_boxes.shape[:2]
@@ -381,13 +411,13 @@ def max_iou_assign_batched(
             )
         anchor_ok = anchor_valid.clone()
     ignore_used = (
-        ignore_iof_thr > 0 and gt_boxes_ignore is not None and gt_boxes_ignore.shape[1] > 0
+        cfg.ignore_iof_thr > 0 and gt_boxes_ignore is not None and gt_boxes_ignore.shape[1] > 0
     )
     if ignore_used:
         iof = batched_box_iof(anchors, gt_boxes_ignore)  # [B, N, I]
         if ignore_valid is not None:
             iof = iof.masked_fill(~ignore_valid[:, None, :], 0.0)  # padding regions ignore nothing
-        anchor_ok &= ~(iof.amax(dim=2) > ignore_iof_thr)  # [B, N]
+        anchor_ok &= ~(iof.amax(dim=2) > cfg.ignore_iof_thr)  # [B, N]
 
     has_gt = gt_valid.any(dim=1, keepdim=True)  # [B, 1]
     if g == 0:
@@ -404,20 +434,20 @@ def max_iou_assign_batched(
     eff_max = torch.where(anchor_ok, best, -1.0)  # invalid / ignored anchors win nothing
 
     # Step 2 (an image without ground truth: all its valid anchors are background).
-    neg = anchor_ok & (_is_negative(eff_max, neg_iou_thr) | ~has_gt)  # [B, N]
+    neg = anchor_ok & (_is_negative(eff_max, cfg.neg_iou_thr) | ~has_gt)  # [B, N]
     # Step 3.
-    pos = eff_max >= pos_iou_thr  # [B, N]
+    pos = eff_max >= cfg.pos_iou_thr  # [B, N]
     gt_inds = torch.where(pos, argmax + 1, torch.where(neg, 0, -1))  # [B, N]
 
     # Step 4, vectorised: is_best[b, n, k] = box n is one that ground truth k claims; the claim of
     # the highest k wins, as in the reference loop over ground truth.
     lq = torch.zeros_like(pos)
-    if match_low_quality:
+    if cfg.match_low_quality:
         if anchor_valid is not None or ignore_used:
             iou.masked_fill_(~anchor_ok[:, :, None], -1.0)  # they cannot be claimed either
         gt_max, gt_argmax = iou.max(dim=1)  # [B, G] each: each ground truth's best anchor
-        claims = gt_valid & (gt_max >= min_pos_iou) & (gt_max > 0)  # [B, G]
-        if gt_max_assign_all:
+        claims = gt_valid & (gt_max >= cfg.min_pos_iou) & (gt_max > 0)  # [B, G]
+        if cfg.gt_max_assign_all:
             # every anchor tied at the best IoU; 2.0 (above any IoU) for a ground truth that
             # claims nothing
             target = torch.where(claims, gt_max, 2.0)  # [B, G]
@@ -460,36 +490,6 @@ class AssignmentSummary(NamedTuple):
     counts_per_level: Tensor | None
 
 
-@dataclass(frozen=True)
-class MaxIoUAssignerConfig:
-    """``assigner`` (MMDetection's ``MaxIoUAssigner`` keys): the thresholds of the four steps.
-
-    Defaults are RetinaNet's (Sec. 4: positive at IoU >= 0.5, background below 0.4). The RPN uses
-    ``0.7, 0.3, min_pos_iou=0.3``; the R-CNN stage ``0.5, 0.5`` without low-quality matches.
-
-    Attributes:
-        pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality, gt_max_assign_all,
-            ignore_iof_thr: see :func:`max_iou_assign`. ``neg_iou_thr`` is a float or a
-            ``(lo, hi)`` pair.
-
-    Raises:
-        ValueError: naming the field, for thresholds outside ``[0, 1]`` or a ``neg_iou_thr``
-            above ``pos_iou_thr`` (the one check :func:`max_iou_assign` also applies).
-    """
-
-    pos_iou_thr: float = 0.5
-    neg_iou_thr: float | tuple[float, float] = 0.4
-    min_pos_iou: float = 0.0
-    match_low_quality: bool = True
-    gt_max_assign_all: bool = True
-    ignore_iof_thr: float = -1.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.neg_iou_thr, list):
-            object.__setattr__(self, "neg_iou_thr", tuple(self.neg_iou_thr))
-        _check_thresholds(self.pos_iou_thr, self.neg_iou_thr, self.min_pos_iou)
-
-
 def max_iou_assign_padded(
     anchors: Tensor, gt, cfg: MaxIoUAssignerConfig, anchor_valid: Tensor | None = None
 ) -> Assignment:
@@ -507,12 +507,7 @@ def max_iou_assign_padded(
         gt.boxes,
         gt.labels,
         gt.valid,
-        pos_iou_thr=cfg.pos_iou_thr,
-        neg_iou_thr=cfg.neg_iou_thr,
-        min_pos_iou=cfg.min_pos_iou,
-        match_low_quality=cfg.match_low_quality,
-        gt_max_assign_all=cfg.gt_max_assign_all,
-        ignore_iof_thr=cfg.ignore_iof_thr,
+        cfg,
         anchor_valid=anchor_valid,
         gt_boxes_ignore=gt.ignore_boxes,
         ignore_valid=gt.ignore_valid,

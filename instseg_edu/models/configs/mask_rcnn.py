@@ -11,7 +11,7 @@ mask heads). The model is in :mod:`instseg_edu.models.mask_rcnn`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from instseg_edu.config import check, check_at_least, check_in_range
 from instseg_edu.losses import CrossEntropyLossConfig, L1LossConfig
@@ -26,21 +26,6 @@ from instseg_edu.ops.assign import MaxIoUAssignerConfig
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
 from instseg_edu.ops.nms import NMSConfig
 from instseg_edu.ops.sampling import SamplerConfig
-
-__all__ = [
-    "MASK_RCNN_R18_CPU",
-    "MASK_RCNN_R18_SMALL",
-    "MASK_RCNN_R50_FPN",
-    "MaskRCNNConfig",
-    "ProposalConfig",
-    "RCNNTestConfig",
-    "RCNNTrainConfig",
-    "RPNHeadConfig",
-    "RPNTrainConfig",
-    "RoIHeadConfig",
-    "TestCfg",
-    "TrainCfg",
-]
 
 _COORD_CODER = ("target_means", "target_stds")  # keys that moved into bbox_coder
 
@@ -64,10 +49,10 @@ class RPNHeadConfig:
     former_fields = {k: f"bbox_coder.{k}" for k in _COORD_CODER}
 
     feat_channels: int = 256
-    anchor_generator: AnchorGeneratorConfig = field(default_factory=_rpn_anchors)
-    bbox_coder: DeltaXYWHBBoxCoder = field(default_factory=DeltaXYWHBBoxCoder)
-    loss_cls: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
-    loss_bbox: L1LossConfig = field(default_factory=L1LossConfig)
+    anchor_generator: AnchorGeneratorConfig = _rpn_anchors()
+    bbox_coder: DeltaXYWHBBoxCoder = DeltaXYWHBBoxCoder()
+    loss_cls: CrossEntropyLossConfig = CrossEntropyLossConfig()
+    loss_bbox: L1LossConfig = L1LossConfig()
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "feat_channels")
@@ -88,7 +73,7 @@ class ProposalConfig:
 
     nms_pre: int = 1000
     max_per_img: int = 1000
-    nms: NMSConfig = field(default_factory=lambda: NMSConfig(iou_threshold=0.7))
+    nms: NMSConfig = NMSConfig(iou_threshold=0.7)
     min_bbox_size: float = 0.0
 
     def __post_init__(self) -> None:
@@ -122,14 +107,12 @@ class RoIHeadConfig:
     sampling_ratio: int = 0
     aligned: bool = True
     fc_out_channels: int = 1024
-    bbox_coder: DeltaXYWHBBoxCoder = field(
-        default_factory=lambda: DeltaXYWHBBoxCoder(target_stds=(0.1, 0.1, 0.2, 0.2))
-    )
+    bbox_coder: DeltaXYWHBBoxCoder = DeltaXYWHBBoxCoder(target_stds=(0.1, 0.1, 0.2, 0.2))
     num_convs: int = 4
     conv_out_channels: int = 256
-    loss_cls: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
-    loss_bbox: L1LossConfig = field(default_factory=L1LossConfig)
-    loss_mask: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
+    loss_cls: CrossEntropyLossConfig = CrossEntropyLossConfig()
+    loss_bbox: L1LossConfig = L1LossConfig()
+    loss_mask: CrossEntropyLossConfig = CrossEntropyLossConfig()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "featmap_strides", tuple(self.featmap_strides))
@@ -146,10 +129,8 @@ class RPNTrainConfig:
     """``train_cfg.rpn``: MaxIoU 0.7 / 0.3 with low-quality matches at 0.3, 256 anchors per image
     of which at most half positive (Faster R-CNN Sec. 3.1.2-3.1.3)."""
 
-    assigner: MaxIoUAssignerConfig = field(
-        default_factory=lambda: MaxIoUAssignerConfig(0.7, 0.3, min_pos_iou=0.3)
-    )
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    assigner: MaxIoUAssignerConfig = MaxIoUAssignerConfig(0.7, 0.3, min_pos_iou=0.3)
+    sampler: SamplerConfig = SamplerConfig()
 
 
 @dataclass(frozen=True)
@@ -157,12 +138,8 @@ class RCNNTrainConfig:
     """``train_cfg.rcnn``: RoI assignment (0.5 / 0.5, no low-quality matches), sampling (512
     RoIs, a quarter positive, ground truth added as proposals) and the mask target size ``T``."""
 
-    assigner: MaxIoUAssignerConfig = field(
-        default_factory=lambda: MaxIoUAssignerConfig(0.5, 0.5, 0.5, match_low_quality=False)
-    )
-    sampler: SamplerConfig = field(
-        default_factory=lambda: SamplerConfig(512, 0.25, add_gt_as_proposals=True)
-    )
+    assigner: MaxIoUAssignerConfig = MaxIoUAssignerConfig(0.5, 0.5, 0.5, match_low_quality=False)
+    sampler: SamplerConfig = SamplerConfig(512, 0.25, add_gt_as_proposals=True)
     mask_size: int = 28
 
     def __post_init__(self) -> None:
@@ -183,7 +160,7 @@ class RCNNTestConfig:
     former_fields = {"nms_iou_threshold": "nms.iou_threshold"}
 
     score_thr: float = 0.05
-    nms: NMSConfig = field(default_factory=NMSConfig)
+    nms: NMSConfig = NMSConfig()
     max_per_img: int = 100
     mask_thr_binary: float = 0.5
 
@@ -199,11 +176,9 @@ class TrainCfg:
 
     former_fields = {"rpn_assigner": "rpn.assigner", "rpn_sampler": "rpn.sampler"}
 
-    rpn: RPNTrainConfig = field(default_factory=RPNTrainConfig)
-    rpn_proposal: ProposalConfig = field(
-        default_factory=lambda: ProposalConfig(nms_pre=2000, max_per_img=1000)
-    )
-    rcnn: RCNNTrainConfig = field(default_factory=RCNNTrainConfig)
+    rpn: RPNTrainConfig = RPNTrainConfig()
+    rpn_proposal: ProposalConfig = ProposalConfig(nms_pre=2000, max_per_img=1000)
+    rcnn: RCNNTrainConfig = RCNNTrainConfig()
 
 
 @dataclass(frozen=True)
@@ -212,8 +187,8 @@ class TestCfg:
 
     __test__ = False  # not a pytest test class despite the name
 
-    rpn: ProposalConfig = field(default_factory=ProposalConfig)
-    rcnn: RCNNTestConfig = field(default_factory=RCNNTestConfig)
+    rpn: ProposalConfig = ProposalConfig()
+    rcnn: RCNNTestConfig = RCNNTestConfig()
 
 
 def _resnet50() -> ResNetConfig:
@@ -233,21 +208,17 @@ class MaskRCNNConfig:
     """
 
     num_classes: int = 80
-    backbone: ResNetConfig = field(default_factory=_resnet50)
-    neck: FPNConfig = field(default_factory=fpn_p2_p6)
-    rpn_head: RPNHeadConfig = field(default_factory=RPNHeadConfig)
-    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
-    train_cfg: TrainCfg = field(default_factory=TrainCfg)
-    test_cfg: TestCfg = field(default_factory=TestCfg)
+    backbone: ResNetConfig = _resnet50()
+    neck: FPNConfig = fpn_p2_p6()
+    rpn_head: RPNHeadConfig = RPNHeadConfig()
+    roi_head: RoIHeadConfig = RoIHeadConfig()
+    train_cfg: TrainCfg = TrainCfg()
+    test_cfg: TestCfg = TestCfg()
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "num_classes")
-        strides = check_backbone_and_heads(self.backbone, self.neck)
-        anchor_strides = tuple(self.rpn_head.anchor_generator.strides)
-        check(
-            anchor_strides == strides,
-            f"rpn_head.anchor_generator.strides={anchor_strides} must equal the FPN strides "
-            f"{strides}",
+        strides = check_backbone_and_heads(
+            self.backbone, self.neck, self.rpn_head.anchor_generator.strides
         )
         roi_strides = self.roi_head.featmap_strides
         check(

@@ -11,26 +11,15 @@ and :class:`~instseg_edu.ops.anchors.AnchorGeneratorConfig`,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
-from instseg_edu.config import check_at_least, check_in_range
+from instseg_edu.config import ClassesInBBoxHead, check_at_least, check_in_range
 from instseg_edu.losses import FocalLossConfig, L1LossConfig
 from instseg_edu.models.backbone import FPNConfig, ResNetConfig, check_backbone_and_heads
 from instseg_edu.ops.anchors import AnchorGeneratorConfig
 from instseg_edu.ops.assign import MaxIoUAssignerConfig
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
 from instseg_edu.ops.nms import NMSConfig
-
-__all__ = [
-    "RetinaHeadConfig",
-    "RetinaTrainConfig",
-    "RetinaTestConfig",
-    "RetinaNetConfig",
-    "RETINANET_R50_FPN",
-    "RETINANET_R50_FPN_SCRATCH",
-    "RETINANET_R18_SMALL",
-    "RETINANET_R18_CPU_DEMO",
-]
 
 
 @dataclass(frozen=True)
@@ -53,10 +42,10 @@ class RetinaHeadConfig:
     stacked_convs: int = 4
     feat_channels: int = 256
     prior_prob: float = 0.01
-    anchor_generator: AnchorGeneratorConfig = field(default_factory=AnchorGeneratorConfig)
-    bbox_coder: DeltaXYWHBBoxCoder = field(default_factory=DeltaXYWHBBoxCoder)
-    loss_cls: FocalLossConfig = field(default_factory=FocalLossConfig)
-    loss_bbox: L1LossConfig = field(default_factory=L1LossConfig)
+    anchor_generator: AnchorGeneratorConfig = AnchorGeneratorConfig()
+    bbox_coder: DeltaXYWHBBoxCoder = DeltaXYWHBBoxCoder()
+    loss_cls: FocalLossConfig = FocalLossConfig()
+    loss_bbox: L1LossConfig = L1LossConfig()
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "num_classes", "in_channels", "feat_channels")
@@ -69,7 +58,7 @@ class RetinaTrainConfig:
     """``train_cfg``; RetinaNet trains on every anchor (no sampler) and keeps padding anchors out
     (MMDetection's ``allowed_border=-1``: only the image's valid flags count)."""
 
-    assigner: MaxIoUAssignerConfig = field(default_factory=MaxIoUAssignerConfig)
+    assigner: MaxIoUAssignerConfig = MaxIoUAssignerConfig()
 
 
 @dataclass(frozen=True)
@@ -89,7 +78,7 @@ class RetinaTestConfig:
     nms_pre: int = 1000
     min_bbox_size: float = 0.0
     score_thr: float = 0.05
-    nms: NMSConfig = field(default_factory=NMSConfig)
+    nms: NMSConfig = NMSConfig()
     max_per_img: int = 100
 
     def __post_init__(self) -> None:
@@ -101,7 +90,7 @@ class RetinaTestConfig:
 
 
 @dataclass(frozen=True)
-class RetinaNetConfig:
+class RetinaNetConfig(ClassesInBBoxHead):
     """The whole detector. Defaults are MMDetection's ``retinanet_r50_fpn`` (COCO, 80 classes).
 
     Cross-checks (``ValueError`` naming the field): the anchor ``strides`` must be the strides of
@@ -109,31 +98,17 @@ class RetinaNetConfig:
     ``neck.out_channels``, and ``neck.in_channels`` must be the ResNet's output channels.
     """
 
-    backbone: ResNetConfig = field(default_factory=ResNetConfig)
-    neck: FPNConfig = field(default_factory=FPNConfig)
-    bbox_head: RetinaHeadConfig = field(default_factory=RetinaHeadConfig)
-    train_cfg: RetinaTrainConfig = field(default_factory=RetinaTrainConfig)
-    test_cfg: RetinaTestConfig = field(default_factory=RetinaTestConfig)
+    backbone: ResNetConfig = ResNetConfig()
+    neck: FPNConfig = FPNConfig()
+    bbox_head: RetinaHeadConfig = RetinaHeadConfig()
+    train_cfg: RetinaTrainConfig = RetinaTrainConfig()
+    test_cfg: RetinaTestConfig = RetinaTestConfig()
 
     def __post_init__(self) -> None:
-        expected = check_backbone_and_heads(
-            self.backbone, self.neck, bbox_head=self.bbox_head.in_channels
+        head = self.bbox_head
+        check_backbone_and_heads(
+            self.backbone, self.neck, head.anchor_generator.strides, bbox_head=head.in_channels
         )
-        strides = tuple(self.bbox_head.anchor_generator.strides)
-        if strides != expected:
-            raise ValueError(
-                f"anchor_generator.strides={strides} must be the strides {expected} of the "
-                f"neck.num_outs={self.neck.num_outs} FPN levels"
-            )
-
-    @property
-    def num_classes(self) -> int:
-        """``C``, the foreground classes (``bbox_head.num_classes``)."""
-        return self.bbox_head.num_classes
-
-    def with_num_classes(self, num_classes: int) -> RetinaNetConfig:
-        """The same config for another dataset: ``cfg.with_num_classes(len(dataset.classes))``."""
-        return replace(self, bbox_head=replace(self.bbox_head, num_classes=num_classes))
 
 
 #: MMDetection's ``retinanet_r50_fpn_1x_coco`` with ``pretrained=None``. Set

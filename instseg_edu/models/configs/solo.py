@@ -10,9 +10,9 @@ shared ones of :mod:`instseg_edu.losses`; the model is in :mod:`instseg_edu.mode
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
-from instseg_edu.config import check, check_at_least, check_in_range
+from instseg_edu.config import ClassesInBBoxHead, check, check_at_least, check_in_range
 from instseg_edu.losses import DiceLossConfig, FocalLossConfig
 from instseg_edu.models.backbone import (
     FPNConfig,
@@ -20,16 +20,6 @@ from instseg_edu.models.backbone import (
     check_backbone_and_heads,
     fpn_p2_p6,
 )
-
-__all__ = [
-    "SOLOHeadConfig",
-    "SOLOTestConfig",
-    "SOLOConfig",
-    "SOLO_R50_FPN",
-    "SOLO_R50_FPN_SCRATCH",
-    "SOLO_R18_SMALL",
-    "split_strides",
-]
 
 
 @dataclass(frozen=True)
@@ -73,8 +63,8 @@ class SOLOHeadConfig:
     cate_down_pos: int = 0
     norm_num_groups: int = 32
     prior_prob: float = 0.01
-    loss_ins: DiceLossConfig = field(default_factory=lambda: DiceLossConfig(loss_weight=3.0))
-    loss_cate: FocalLossConfig = field(default_factory=FocalLossConfig)
+    loss_ins: DiceLossConfig = DiceLossConfig(loss_weight=3.0)
+    loss_cate: FocalLossConfig = FocalLossConfig()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
@@ -155,7 +145,7 @@ def split_strides(fpn: tuple[int, ...]) -> tuple[int, ...]:
 
 
 @dataclass(frozen=True)
-class SOLOConfig:
+class SOLOConfig(ClassesInBBoxHead):
     """The whole model; defaults are SOLO's ``solo_r50_fpn_8gpu_1x`` (COCO, 80 classes).
 
     Cross-checks (``ValueError`` naming the field): ``neck.in_channels`` must be the ResNet's
@@ -164,10 +154,10 @@ class SOLOConfig:
     ``split_feats`` (one per ``neck.num_outs``).
     """
 
-    backbone: ResNetConfig = field(default_factory=ResNetConfig)
-    neck: FPNConfig = field(default_factory=fpn_p2_p6)
-    bbox_head: SOLOHeadConfig = field(default_factory=SOLOHeadConfig)
-    test_cfg: SOLOTestConfig = field(default_factory=SOLOTestConfig)
+    backbone: ResNetConfig = ResNetConfig()
+    neck: FPNConfig = fpn_p2_p6()
+    bbox_head: SOLOHeadConfig = SOLOHeadConfig()
+    test_cfg: SOLOTestConfig = SOLOTestConfig()
 
     def __post_init__(self) -> None:
         fpn = check_backbone_and_heads(
@@ -183,15 +173,6 @@ class SOLOConfig:
             f"bbox_head.strides={self.bbox_head.strides} must be the strides {expected} of "
             f"the neck.num_outs={self.neck.num_outs} FPN levels after split_feats",
         )
-
-    @property
-    def num_classes(self) -> int:
-        """``C``, the foreground classes (``bbox_head.num_classes``)."""
-        return self.bbox_head.num_classes
-
-    def with_num_classes(self, num_classes: int) -> SOLOConfig:
-        """The same config for another dataset: ``cfg.with_num_classes(len(dataset.classes))``."""
-        return replace(self, bbox_head=replace(self.bbox_head, num_classes=num_classes))
 
 
 #: SOLO R50-FPN as in ``solo_r50_fpn_8gpu_1x`` with ``pretrained=None``; set

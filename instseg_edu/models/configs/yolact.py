@@ -11,24 +11,14 @@ shared pieces are those of :mod:`instseg_edu.config`; the model is in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
-from instseg_edu.config import check, check_at_least, check_in_range
+from instseg_edu.config import ClassesInBBoxHead, check, check_at_least, check_in_range
 from instseg_edu.losses import CrossEntropyLossConfig, SmoothL1LossConfig
 from instseg_edu.models.backbone import FPNConfig, ResNetConfig, check_backbone_and_heads
 from instseg_edu.ops.anchors import AnchorGeneratorConfig
 from instseg_edu.ops.assign import MaxIoUAssignerConfig
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
-
-__all__ = [
-    "YOLACTHeadConfig",
-    "YOLACTProtonetConfig",
-    "YOLACTTrainConfig",
-    "YOLACTTestConfig",
-    "YOLACTConfig",
-    "YOLACT_R50_FPN",
-    "YOLACT_R18_SMALL",
-]
 
 
 @dataclass(frozen=True)
@@ -57,18 +47,12 @@ class YOLACTHeadConfig:
     feat_channels: int = 256
     num_head_convs: int = 1
     num_protos: int = 32
-    anchor_generator: AnchorGeneratorConfig = field(
-        default_factory=lambda: AnchorGeneratorConfig(
-            octave_base_scale=3.0, scales_per_octave=1, center_offset=0.5
-        )
+    anchor_generator: AnchorGeneratorConfig = AnchorGeneratorConfig(
+        octave_base_scale=3.0, scales_per_octave=1, center_offset=0.5
     )
-    bbox_coder: DeltaXYWHBBoxCoder = field(
-        default_factory=lambda: DeltaXYWHBBoxCoder(target_stds=(0.1, 0.1, 0.2, 0.2))
-    )
-    loss_cls: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
-    loss_bbox: SmoothL1LossConfig = field(
-        default_factory=lambda: SmoothL1LossConfig(beta=1.0, loss_weight=1.5)
-    )
+    bbox_coder: DeltaXYWHBBoxCoder = DeltaXYWHBBoxCoder(target_stds=(0.1, 0.1, 0.2, 0.2))
+    loss_cls: CrossEntropyLossConfig = CrossEntropyLossConfig()
+    loss_bbox: SmoothL1LossConfig = SmoothL1LossConfig(beta=1.0, loss_weight=1.5)
 
     def __post_init__(self) -> None:
         check_at_least(self, 1, "num_classes", "in_channels", "feat_channels", "num_protos")
@@ -107,7 +91,7 @@ class YOLACTProtonetConfig:
     max_masks_to_train: int = 100
     loss_mask_weight: float = 6.125
     with_seg_branch: bool = False
-    loss_segm: CrossEntropyLossConfig = field(default_factory=CrossEntropyLossConfig)
+    loss_segm: CrossEntropyLossConfig = CrossEntropyLossConfig()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "proto_channels", tuple(self.proto_channels))
@@ -148,9 +132,7 @@ class YOLACTTrainConfig:
         neg_pos_ratio: OHEM keeps ``neg_pos_ratio`` hardest negatives per positive (3, SSD).
     """
 
-    assigner: MaxIoUAssignerConfig = field(
-        default_factory=lambda: MaxIoUAssignerConfig(gt_max_assign_all=False)
-    )
+    assigner: MaxIoUAssignerConfig = MaxIoUAssignerConfig(gt_max_assign_all=False)
     neg_pos_ratio: int = 3
 
     def __post_init__(self) -> None:
@@ -185,7 +167,7 @@ class YOLACTTestConfig:
 
 
 @dataclass(frozen=True)
-class YOLACTConfig:
+class YOLACTConfig(ClassesInBBoxHead):
     """The whole model. Defaults are MMDetection's ``yolact_r50_1x8_coco`` (80 classes).
 
     Cross-checks (``ValueError`` naming the field): anchor ``strides`` equal the FPN output strides,
@@ -193,36 +175,30 @@ class YOLACTConfig:
     ``bbox_head.num_protos`` equals ``mask_head.num_protos``.
     """
 
-    backbone: ResNetConfig = field(
-        default_factory=lambda: ResNetConfig(
-            depth=50, frozen_stages=-1, norm_eval=False, zero_init_residual=False
-        )
+    backbone: ResNetConfig = ResNetConfig(
+        depth=50, frozen_stages=-1, norm_eval=False, zero_init_residual=False
     )
-    neck: FPNConfig = field(default_factory=FPNConfig)
-    bbox_head: YOLACTHeadConfig = field(default_factory=YOLACTHeadConfig)
-    mask_head: YOLACTProtonetConfig = field(default_factory=YOLACTProtonetConfig)
-    train_cfg: YOLACTTrainConfig = field(default_factory=YOLACTTrainConfig)
-    test_cfg: YOLACTTestConfig = field(default_factory=YOLACTTestConfig)
+    neck: FPNConfig = FPNConfig()
+    bbox_head: YOLACTHeadConfig = YOLACTHeadConfig()
+    mask_head: YOLACTProtonetConfig = YOLACTProtonetConfig()
+    train_cfg: YOLACTTrainConfig = YOLACTTrainConfig()
+    test_cfg: YOLACTTestConfig = YOLACTTestConfig()
 
     def __post_init__(self) -> None:
-        expected = check_backbone_and_heads(
+        head, protonet = self.bbox_head, self.mask_head
+        strides = check_backbone_and_heads(
             self.backbone,
             self.neck,
-            bbox_head=self.bbox_head.in_channels,
-            mask_head=self.mask_head.in_channels,
+            head.anchor_generator.strides,
+            bbox_head=head.in_channels,
+            mask_head=protonet.in_channels,
         )
         check(
-            self.bbox_head.num_protos == self.mask_head.num_protos,
-            f"bbox_head.num_protos={self.bbox_head.num_protos} must equal "
-            f"mask_head.num_protos={self.mask_head.num_protos}",
+            head.num_protos == protonet.num_protos,
+            f"bbox_head.num_protos={head.num_protos} must equal "
+            f"mask_head.num_protos={protonet.num_protos}",
         )
-        strides = tuple(self.bbox_head.anchor_generator.strides)
-        check(
-            strides == expected,
-            f"anchor_generator.strides={strides} must be the strides {expected} of the "
-            f"neck.num_outs={self.neck.num_outs} FPN levels",
-        )
-        factor = self.mask_head.upsample_factor
+        factor = protonet.upsample_factor
         check(
             strides[0] % factor == 0,
             f"proto_kernel_sizes={self.mask_head.proto_kernel_sizes} upsample P3 (stride "
@@ -233,15 +209,6 @@ class YOLACTConfig:
     def proto_stride(self) -> int:
         """Input pixels per prototype pixel (8 / 2 = 4 by default)."""
         return int(self.bbox_head.anchor_generator.strides[0]) // self.mask_head.upsample_factor
-
-    @property
-    def num_classes(self) -> int:
-        """``C``, the foreground classes (``bbox_head.num_classes``)."""
-        return self.bbox_head.num_classes
-
-    def with_num_classes(self, num_classes: int) -> YOLACTConfig:
-        """The same config for another dataset: ``cfg.with_num_classes(len(dataset.classes))``."""
-        return replace(self, bbox_head=replace(self.bbox_head, num_classes=num_classes))
 
 
 #: MMDetection's ``yolact_r50_1x8_coco`` (without the ImageNet weights; set
