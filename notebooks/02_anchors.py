@@ -182,7 +182,7 @@ except ValueError as err:
 # MMDetection's rule — are invalid and the assigner ignores them.
 
 # %%
-flags = gen.valid_flags([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], pad_shape=(40, 64))
+flags = gen.valid_flags([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], image_size=(40, 64))
 print("valid cells of stride 8 in a 40 × 64 image padded to 64 × 64:")
 print(flags[0].reshape(8, 8, 9)[..., 0].int())
 

@@ -105,7 +105,10 @@ print(
 )
 
 # %% [markdown]
-# Now the library function — the very one the RetinaNet loss calls. It must agree exactly:
+# Now the library function — the very one the RetinaNet loss calls. It must agree exactly. It
+# returns the library's encoding, the one every model's targets use: `gt_index` is 0-based with
+# `-1` for "no ground truth", and `reason` tells the negatives from the ignored boxes.
+# MMDetection's three-state `gt_inds` is there too, as a read-only view of those two fields:
 
 # %%
 assignment = max_iou_assign(
@@ -119,6 +122,8 @@ assignment = max_iou_assign(
     gt_max_assign_all=True,
 )
 assert torch.equal(assignment.gt_inds, gt_inds)
+assert torch.equal(assignment.gt_index, torch.where(gt_inds > 0, gt_inds - 1, -1))
+assert torch.equal(assignment.reason == NEGATIVE, gt_inds == 0)
 assert torch.equal(assignment.max_iou, max_iou)
 steps = max_iou_assign_steps(iou, pos_iou_thr=POS_IOU_THR, neg_iou_thr=NEG_IOU_THR)
 assert torch.equal(steps.step3_positives, after_step3)

@@ -226,7 +226,7 @@ roi = targets.roi
 sampler = cfg.train_cfg.rcnn.sampler
 print(f"sampler: {sampler.num} RoIs per image, at most {sampler.pos_fraction:.0%} positive")
 in_img = roi.rois[:, 0] == img
-positive = in_img & (roi.labels < cfg.num_classes)
+positive = in_img & (roi.labels >= 0)  # negatives are BACKGROUND (-1)
 print(
     f"image {img}: {int(in_img.sum())} sampled RoIs, {int(positive.sum())} positive,",
     f"{int((roi.is_gt & in_img).sum())} of them ground-truth boxes",

@@ -173,7 +173,7 @@ for ax, lvl in zip(axes, used_levels):
         x1, y1, x2, y2 = regions[g].tolist()
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, ls="--", color=colors[g]))
         ax.plot(cx, cy, "o", color=colors[g], ms=4)
-    owners = targets.gt_inds[lvl][0].reshape(s, s)  # [S, S]: object owning each cell
+    owners = targets.gt_index[lvl][0].reshape(s, s)  # [S, S]: object owning each cell
     for i, j in (owners >= 0).nonzero().tolist():
         ax.add_patch(Rectangle((j * wp / s, i * hp / s), wp / s, hp / s, alpha=0.35,
                                color=colors[int(owners[i, j])]))  # fmt: skip
@@ -221,7 +221,7 @@ else:
     i, j = divmod(k, s)
     assert k == i * s + j
     print(f"level {lvl}, cell (i, j) = ({i}, {j}) -> channel {k}: class "
-          f"{train_set.classes[int(targets.cate_labels[lvl][0, i, j])]}, object {int(targets.gt_inds[lvl][0, k])}")  # fmt: skip
+          f"{train_set.classes[int(targets.cate_labels[lvl][0, i, j])]}, object {int(targets.gt_index[lvl][0, k])}")  # fmt: skip
     gathered = outputs.mask_logits[lvl].flatten(0, 1)[targets.ins_ind[lvl].flatten()]
     assert gathered.shape == targets.ins_masks[lvl].shape
     fig = Figure(figsize=(9, 3), layout="constrained")

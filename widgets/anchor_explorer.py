@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import ipywidgets as W
 import plotly.graph_objects as go
 import torch
+from instseg_edu.widgets.controls import example_image, slider
 from torch import Tensor
 
 from instseg_edu.ops.anchors import AnchorGenerator
@@ -31,7 +32,6 @@ from instseg_edu.viz.anchors import (
     best_iou,
     iou_binned_paths,
     location_anchor_indices,
-    shapes_sample,
     sparse_level_indices,
 )
 
@@ -98,49 +98,22 @@ class AnchorExplorer:
         center_offset: float = 0.0,
         max_cells: int = 100,
     ) -> None:
-        if image is None:
-            from instseg_edu.data.shapes import CLASSES
-
-            image, gt_boxes, gt_labels = shapes_sample(sample_index, image_size)
-            class_names = CLASSES if class_names is None else class_names
-        if gt_boxes is None:
-            raise ValueError("gt_boxes is required when an image is given")
+        image, self.gt_boxes, self.gt_labels, self.class_names = example_image(
+            image, gt_boxes, gt_labels, class_names, sample_index, image_size
+        )
         self.image = image
-        self.gt_boxes = gt_boxes.float().reshape(-1, 4)
-        self.gt_labels = gt_labels
-        self.class_names = class_names
         self.max_cells = max_cells
         h, w = image.shape[-2:]
         self.image_hw = (int(h), int(w))
 
         style = {"description_width": "130px"}
         layout = W.Layout(width="330px")
-        self.octave_base_scale = W.FloatSlider(
-            value=octave_base_scale,
-            min=1.0,
-            max=10.0,
-            step=0.5,
-            description="octave_base_scale",
-            style=style,
-            layout=layout,
+        sized = dict(label_width="130px", width="330px")
+        self.octave_base_scale = slider(
+            "octave_base_scale", octave_base_scale, 1.0, 10.0, 0.5, **sized
         )
-        self.scales_per_octave = W.IntSlider(
-            value=scales_per_octave,
-            min=1,
-            max=6,
-            description="scales_per_octave",
-            style=style,
-            layout=layout,
-        )
-        self.center_offset = W.FloatSlider(
-            value=center_offset,
-            min=0.0,
-            max=1.0,
-            step=0.05,
-            description="center_offset",
-            style=style,
-            layout=layout,
-        )
+        self.scales_per_octave = slider("scales_per_octave", scales_per_octave, 1, 6, **sized)
+        self.center_offset = slider("center_offset", center_offset, 0.0, 1.0, 0.05, **sized)
         ratio_options = list(RATIO_CHOICES)
         initial = [_ratio_key(r, ratio_options) for r in ratios]
         self.ratios = W.SelectMultiple(

@@ -23,13 +23,13 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import torch
 from instseg_edu.widgets.anchor_explorer import one_thread
+from instseg_edu.widgets.controls import example_image, slider
 from instseg_edu.widgets.variants import with_config
 from torch import Tensor, nn
 
 from instseg_edu.data.transforms import collate
 from instseg_edu.ops.assign import Assignment, assignment_summary
 from instseg_edu.structures import Target
-from instseg_edu.viz.anchors import shapes_sample
 from instseg_edu.viz.assign import (
     assignment_figure,
     iou_histogram,
@@ -89,19 +89,13 @@ class AssignerExplorer:
         sample_index: int = 3,
         max_negatives: int = 1500,
     ) -> None:
-        if image is None:
-            from instseg_edu.data.shapes import CLASSES
-
-            image, gt_boxes, gt_labels = shapes_sample(sample_index, image_size)
-            class_names = CLASSES if class_names is None else class_names
-        if gt_boxes is None:
-            raise ValueError("gt_boxes is required when an image is given")
+        image, self.gt_boxes, gt_labels, self.class_names = example_image(
+            image, gt_boxes, gt_labels, class_names, sample_index, image_size
+        )
         self.model = model
         self.image = image
-        self.gt_boxes = gt_boxes.float().reshape(-1, 4)
         g = self.gt_boxes.shape[0]
         self.gt_labels = gt_labels if gt_labels is not None else torch.zeros(g, dtype=torch.long)
-        self.class_names = class_names
         self.max_negatives = max_negatives
         h, w = image.shape[-2:]
         target = Target(self.gt_boxes, self.gt_labels, torch.zeros(g, h, w, dtype=torch.bool))
@@ -124,34 +118,11 @@ class AssignerExplorer:
         self._neg_low = neg[0] if isinstance(neg, tuple) else None  # a (lo, hi) pair: slide hi
 
         style = {"description_width": "110px"}
-        layout = W.Layout(width="320px")
-        self.pos_iou_thr = W.FloatSlider(
-            value=assigner.pos_iou_thr,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            description="pos_iou_thr",
-            style=style,
-            layout=layout,
-        )
-        self.neg_iou_thr = W.FloatSlider(
-            value=neg[1] if isinstance(neg, tuple) else neg,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            description="neg_iou_thr",
-            style=style,
-            layout=layout,
-        )
-        self.min_pos_iou = W.FloatSlider(
-            value=assigner.min_pos_iou,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            description="min_pos_iou",
-            style=style,
-            layout=layout,
-        )
+        layout = W.Layout(width="320px")  # of the level dropdown, as of the sliders
+        self.pos_iou_thr = slider("pos_iou_thr", assigner.pos_iou_thr, 0.0, 1.0, 0.01)
+        neg_hi = neg[1] if isinstance(neg, tuple) else neg
+        self.neg_iou_thr = slider("neg_iou_thr", neg_hi, 0.0, 1.0, 0.01)
+        self.min_pos_iou = slider("min_pos_iou", assigner.min_pos_iou, 0.0, 1.0, 0.01)
         self.match_low_quality = W.Checkbox(
             value=assigner.match_low_quality, description="match_low_quality"
         )

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import ipywidgets as W
 import plotly.graph_objects as go
 import torch
+from instseg_edu.widgets.controls import slider
 
 from instseg_edu.viz.training import (
     detection_thumbnail,
@@ -74,21 +75,10 @@ class TrainingDashboard:
         self.class_names = class_names
         self.thumbnail_size = thumbnail_size
         style = {"description_width": "110px"}
-        self.redraw_every = W.FloatSlider(
-            value=redraw_every,
-            min=0.0,
-            max=5.0,
-            step=0.1,
-            description="redraw every (s)",
-            style=style,
-        )
-        self.smoothing = W.FloatSlider(
-            value=smoothing, min=0.0, max=0.99, step=0.01, description="smoothing", style=style
-        )
+        self.redraw_every = slider("redraw every (s)", redraw_every, 0.0, 5.0, 0.1, width=None)
+        self.smoothing = slider("smoothing", smoothing, 0.0, 0.99, 0.01, width=None)
         self.log_loss = W.Checkbox(value=log_loss, description="log-scale losses")
-        self.score_thr = W.FloatSlider(
-            value=score_thr, min=0.0, max=1.0, step=0.05, description="score_thr", style=style
-        )
+        self.score_thr = slider("score_thr", score_thr, 0.0, 1.0, 0.05, width=None)
         self.thumbnails_every = W.IntText(
             value=thumbnails_every,
             description="thumbnails every",

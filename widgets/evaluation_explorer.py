@@ -26,6 +26,7 @@ from collections import OrderedDict
 import ipywidgets as ipw
 import numpy as np
 import plotly.graph_objects as go
+from instseg_edu.widgets.controls import slider
 
 from instseg_edu.engine.analysis import (
     AREA_NAMES,
@@ -47,6 +48,9 @@ from instseg_edu.viz.evaluation import (
     image_source,
     summary_html,
 )
+
+#: ipywidgets' own label and control widths for this explorer's sliders.
+_DEFAULT_SIZE = dict(label_width=None, width=None)
 
 __all__ = ["EvaluationExplorer"]
 
@@ -115,14 +119,9 @@ class EvaluationExplorer:
 
         self.results = ipw.Dropdown(options=list(by_name), description="results")
         self.results.layout.display = None if len(by_name) > 1 else "none"
-        self.iou_thr = ipw.FloatSlider(
-            value=first.iou_thrs[first.iou_index(iou_thr)],
-            min=float(first.iou_thrs[0]),
-            max=float(first.iou_thrs[-1]),
-            step=0.05,
-            readout_format=".2f",
-            description="IoU",
-        )
+        thrs, start = first.iou_thrs, first.iou_thrs[first.iou_index(iou_thr)]
+        self.iou_thr = slider("IoU", start, float(thrs[0]), float(thrs[-1]), 0.05,
+                              readout_format=".2f", **_DEFAULT_SIZE)  # fmt: skip
         self.area = ipw.Dropdown(options=list(AREA_NAMES), value=area, description="area")
         self.max_dets = ipw.Dropdown(
             options=list(first.max_dets), value=max_dets, description="max dets"
@@ -132,20 +131,9 @@ class EvaluationExplorer:
             value=-1,
             description="class",
         )
-        self.score_thr = ipw.FloatSlider(
-            value=score_thr,
-            min=0.0,
-            max=1.0,
-            step=0.05,
-            readout_format=".2f",
-            description="score",
-        )
-        self.image = ipw.IntSlider(
-            value=0,
-            min=0,
-            max=max(first.num_images - 1, 0),
-            description="image",
-        )
+        self.score_thr = slider("score", score_thr, 0.0, 1.0, 0.05, readout_format=".2f",
+                                **_DEFAULT_SIZE)  # fmt: skip
+        self.image = slider("image", 0, 0, max(first.num_images - 1, 0), **_DEFAULT_SIZE)
         self.image.tooltip = "position in the ranking: 0 has the most errors (FP + missed)"
         self.previous = ipw.Button(description="◀", layout=ipw.Layout(width="36px"))
         self.next = ipw.Button(description="▶", layout=ipw.Layout(width="36px"))

@@ -2,8 +2,8 @@
 centre of mass and centre region, the positive cells, and the mask target of one cell's channel.
 
 Every number comes from the model: the assignment of one image
-(:class:`~instseg_edu.models.solo.SOLOImageTargets`, from ``SOLO.targets``), the centre regions of
-:func:`~instseg_edu.models.solo.center_region` and the mask target of the selected channel; this
+(:class:`~instseg_edu.ops.grid_assign.SOLOImageTargets`, from ``SOLO.targets``), the centre regions
+of :func:`~instseg_edu.ops.grid_assign.center_region` and the mask target of the selected channel; this
 module only draws. Shared by ``notebooks/07_solo.py`` and
 :class:`instseg_edu.widgets.solo_explorer.SOLOGridExplorer`.
 
@@ -20,7 +20,7 @@ import torch
 from plotly.subplots import make_subplots
 from torch import Tensor
 
-from instseg_edu.models.solo import SOLOImageTargets, center_region
+from instseg_edu.ops.grid_assign import SOLOImageTargets, center_region
 from instseg_edu.structures import Target
 from instseg_edu.viz.anchors import boxes_to_path, image_trace
 
@@ -64,7 +64,7 @@ def cells_to_boxes(cells: Tensor, num_grid: int, height: int, width: int) -> Ten
 
 def positive_channels(assigned: SOLOImageTargets, level: int) -> list[int]:
     """Mask channels ``k = i · S + j`` trained on ``level`` (ascending)."""
-    return (assigned.gt_inds[level] >= 0).nonzero().flatten().tolist()
+    return (assigned.gt_index[level] >= 0).nonzero().flatten().tolist()
 
 
 def solo_grid_traces(
@@ -80,7 +80,7 @@ def solo_grid_traces(
 
     Args:
         target: the image's ground truth, masks ``bool [G, Hp, Wp]`` over the padded image.
-        assigned: the image's :class:`~instseg_edu.models.solo.SOLOImageTargets` (e.g.
+        assigned: the image's :class:`~instseg_edu.ops.grid_assign.SOLOImageTargets` (e.g.
             ``model.targets(outputs, batch).per_image[0]``).
         level: which level to draw; ``num_grid`` its ``S``, ``sigma`` the centre-region factor used.
         mask_target: ``float [h, w]``, the mask target of ``channel`` at the level's mask size
@@ -92,7 +92,7 @@ def solo_grid_traces(
     hit = assigned.levels[:, level]  # [G]
     centers = assigned.centers[hit]  # [G', 2] (y, x)
     rx, ry = boxes_to_path(center_region(centers, target.boxes[hit], sigma))  # [G', 4] xyxy
-    owners = assigned.gt_inds[level]  # [S²]
+    owners = assigned.gt_index[level]  # [S²], NO_GT where no object
     positive = (owners >= 0).nonzero().flatten()  # [K]
     cells = torch.stack([positive // num_grid, positive % num_grid], dim=1)  # [K, 2] (i, j)
     px, py = boxes_to_path(cells_to_boxes(cells, num_grid, hp, wp))
