@@ -2,9 +2,9 @@
 centre of mass and centre region, the positive cells, and the mask target of one cell's channel.
 
 Every number comes from the model: the assignment of one image
-(:class:`~instseg_edu.ops.grid_assign.SOLOImageTargets`, from ``SOLO.targets``), the centre regions
-of :func:`~instseg_edu.ops.grid_assign.center_region` and the mask target of the selected channel; this
-module only draws. Shared by ``notebooks/07_solo.py`` and
+(:class:`~instseg_edu.ops.grid_assign.SOLOImageTargets`, from ``SOLO.targets``), the centre
+regions of :func:`~instseg_edu.ops.grid_assign.center_region` and the mask target of the selected
+channel; this module only draws. Shared by ``notebooks/07_solo.py`` and
 :class:`instseg_edu.widgets.solo_explorer.SOLOGridExplorer`.
 
 Coordinates: SOLO places the grid over the padded image in pixel-index coordinates (the centre of
