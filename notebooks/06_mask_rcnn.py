@@ -267,7 +267,7 @@ assert torch.equal(by_hand, library)
 # on exact ties (a bin average of 0.5 may round either way in float32).
 mt = targets.mask
 k = min(50, len(mt.masks))
-averages = mask_targets_reference(gt_masks, mt.rois[:k], mt.gt_index[:k], binarize=False)
+averages = mask_targets_reference(gt_masks, mt.rois[:k], mt.gt_index[:k], M, binarize=False)
 decided = (averages - 0.5).abs() > 1e-4
 assert torch.equal(mt.masks[:k][decided], (averages[decided] >= 0.5).float())
 
