@@ -73,9 +73,8 @@ class SOLOGridExplorer:
 
         self.assigned = self._assign()
         self._refresh_channels()
-        self.figure = go.FigureWidget(
-            solo_grid_figure(self.image, self.target, self.assigned, *self._level_args())
-        )
+        data = solo_grid_traces(self.target, self.assigned, *self._level_args())
+        self.figure = go.FigureWidget(solo_grid_figure(self.image, data))
         self._write_summary()
         self.level.observe(self._on_level, names="value")
         for control in (self.sigma, self.scale_range):

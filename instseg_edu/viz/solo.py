@@ -113,21 +113,15 @@ def solo_grid_traces(
     ]
 
 
-def solo_grid_figure(
-    image: Tensor,
-    target: Target,
-    assigned: SOLOImageTargets,
-    level: int,
-    num_grid: int,
-    sigma: float,
-    mask_target: Tensor,
-    channel: int | None = None,
-    height: int = 440,
-) -> go.Figure:
+def solo_grid_figure(image: Tensor, data: list[dict], height: int = 440) -> go.Figure:
     """Left: the image, grid, centres, centre regions (dashed), positive cells (filled) and the
-    selected cell (yellow). Right: the selected channel's mask target. Arguments as in
-    :func:`solo_grid_traces`; ``image`` is ``float [3, Hp, Wp]`` in ``[0, 1]``."""
-    data = solo_grid_traces(target, assigned, level, num_grid, sigma, mask_target, channel)
+    selected cell (yellow). Right: the selected channel's mask target.
+
+    Args:
+        image: ``float [3, Hp, Wp]`` in ``[0, 1]``, the padded image the grid lies over.
+        data: the traces' data, :func:`solo_grid_traces` of the image's assignment.
+        height: the figure's height in pixels.
+    """
     fig = make_subplots(1, 2, column_widths=[0.6, 0.4], subplot_titles=("grid", "mask target"))
     fig.add_trace(image_trace(image.cpu(), name="image", hoverinfo="skip"), 1, 1)
     styles = [
