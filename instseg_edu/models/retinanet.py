@@ -240,17 +240,25 @@ class RetinaNet(nn.Module):
     # ---- anchors (instseg_edu.models.dense_heads) ----------------------------------------------
 
     def level_sizes(self, featmap_sizes) -> list[int]:
-        """Anchors per level, ``H_l · W_l · A``: how to split the ``N`` axis into levels."""
+        """Anchors per level, ``H_l · W_l · A``: how to split the ``N`` axis into levels.
+
+        Example: a 512² input has P3..P7 of 64², 32², 16², 8², 4² cells and ``A = 9``:
+        ``[36864, 9216, 2304, 576, 144]``, ``N = 49 104``.
+        """
         return dense_heads.level_sizes(self.anchor_generator, featmap_sizes)
 
     def anchors(self, featmap_sizes, device: torch.device | str) -> Tensor:
-        """All anchors, ``float32 [N, 4]`` xyxy pixels, levels concatenated (cached per sizes)."""
+        """All anchors, ``float32 [N, 4]`` xyxy pixels, levels concatenated in the order of the
+        head's outputs (:func:`~instseg_edu.models.dense_heads.all_anchors`; built once per
+        feature-map sizes and device)."""
         return dense_heads.all_anchors(
             self.anchor_generator, featmap_sizes, device, self._anchor_cache
         )
 
     def anchor_valid(self, featmap_sizes, image_sizes, device: torch.device | str) -> Tensor:
-        """``bool [B, N]``: anchors whose cell lies inside each image's true size (not padding)."""
+        """``bool [B, N]``: anchors whose cell starts inside each image's true size, not in the
+        batch's padding (:meth:`~instseg_edu.ops.anchors.AnchorGenerator.valid_flags`; built once
+        per image size)."""
         return dense_heads.anchor_valid(
             self.anchor_generator, featmap_sizes, image_sizes, device, self._anchor_cache
         )

@@ -136,7 +136,9 @@ def rpn_targets(
     """
     assignment = max_iou_assign_padded(anchors, gt, cfg.assigner, anchor_valid)
     s = cfg.sampler
-    pos, neg = random_sample_batched(assignment, s.num, s.pos_fraction, s.neg_pos_ub)  # [B, N]
+    pos, neg = random_sample_batched(
+        assignment, s.num, s.pos_fraction, neg_pos_ub=s.neg_pos_ub
+    )  # [B, N]
     bbox_targets = encode_matched(coder, anchors, gt.boxes, assignment.gt_index, pos)  # [B,N,4]
     num = (pos | neg).sum().clamp(min=1)
     return RPNTargets(anchor_valid, assignment, pos, neg, pos.float(), bbox_targets, num)

@@ -311,24 +311,27 @@ class YOLACT(nn.Module):
         self.num_classes = head.num_classes
         self.num_protos = head.num_protos
         self.proto_stride = cfg.proto_stride
+        # The anchors (A per cell, and the coder of their deltas) and their cache.
+        self.anchor_generator = head.anchor_generator.build()
+        self.bbox_coder = head.bbox_coder
+        self._anchor_cache: dict[tuple, Tensor] = {}  # see instseg_edu.models.dense_heads
+        self.normalize = ImageNormalize()
         self.backbone = build_backbone(cfg.backbone, cfg.neck)
         self.bbox_head = YOLACTHead(head)
         self.mask_head = Protonet(cfg.mask_head, head.num_classes)
-        self.anchor_generator = head.anchor_generator.build()
-        self.bbox_coder = head.bbox_coder
-        self.normalize = ImageNormalize()
-        self._anchor_cache: dict[tuple, Tensor] = {}  # see instseg_edu.models.dense_heads
 
     # ---- stage 1: forward ------------------------------------------------------------------------
 
     def forward(self, images: Tensor) -> YOLACTOutputs:
-        """Backbone + FPN, prediction head on P3–P7, protonet on P3.
+        """Backbone + FPN, prediction head on P3–P7, protonet on P3 (Sec. 3.1-3.2, Fig. 2).
 
         Args:
-            images: ``float [B, 3, Hp, Wp]`` in ``[0, 1]``.
+            images: ``float [B, 3, Hp, Wp]`` in ``[0, 1]``, ``Hp, Wp`` multiples of 32.
 
         Returns:
-            :class:`YOLACTOutputs` with ``N = Σ_l H_l · W_l · A`` anchors.
+            :class:`YOLACTOutputs`: per anchor ``C + 1`` class logits, 4 deltas and ``P`` mask
+            coefficients (``N = Σ_l H_l · W_l · A`` anchors, levels concatenated), the
+            prototypes at stride 4 and the semantic logits (or ``None``).
         """
         x = self.normalize(images)
         features = self.backbone(x)  # P3..P7: [B, 256, H/8, W/8] ... [B, 256, H/128, W/128]

@@ -37,6 +37,7 @@ __all__ = [
     "best_iou",
     "boxes_to_path",
     "gt_boxes_trace",
+    "image_layout",
     "image_trace",
     "image_to_data_uri",
     "iou_binned_paths",
@@ -88,6 +89,20 @@ def image_to_data_uri(image: Tensor) -> str:
 def image_trace(image: Tensor, **kwargs) -> go.Image:
     """The image as a plotly ``Image`` trace, pixel ``(0, 0)`` covering ``[0, 1]²``."""
     return go.Image(source=image_to_data_uri(image), x0=0.5, y0=0.5, dx=1, dy=1, **kwargs)
+
+
+def image_layout(title: str, height: int, width_px: int, height_px: int, domain) -> dict:
+    """``fig.update_layout`` arguments of a figure whose first axes show an image
+    (:func:`image_trace`) of ``width_px x height_px`` pixels: y down, square pixels, no grid, the
+    x axis spanning ``domain`` (a fraction of the figure's width)."""
+    return {
+        "title": title,
+        "height": height,
+        "margin": {"l": 10, "r": 10, "t": 40, "b": 10},
+        "xaxis": {"domain": domain, "range": [0, width_px], "showgrid": False, "zeroline": False},
+        "yaxis": {"range": [height_px, 0], "scaleanchor": "x", "showgrid": False,
+                  "zeroline": False},
+    }  # fmt: skip
 
 
 def boxes_to_path(boxes: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -264,11 +279,7 @@ def anchor_figure(
     fig.add_trace(gt_boxes_trace(gt_boxes, gt_labels, class_names))
     fig.add_trace(anchor_counts_trace(counts, strides))
     fig.update_layout(
-        title=title,
-        height=height,
-        margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        xaxis={"domain": [0, 0.68], "range": [0, w], "showgrid": False, "zeroline": False},
-        yaxis={"range": [h, 0], "scaleanchor": "x", "showgrid": False, "zeroline": False},
+        **image_layout(title, height, w, h, [0, 0.68]),
         xaxis2={"domain": [0.76, 1.0], "anchor": "y2"},
         yaxis2={"domain": [0.55, 1.0], "anchor": "x2", "type": "log", "title": "anchors"},
         legend={"x": 0.76, "y": 0.45, "xanchor": "left", "yanchor": "top"},

@@ -26,7 +26,7 @@ from instseg_edu.ops.assign import (
     Assignment,
     AssignmentSummary,
 )
-from instseg_edu.viz.anchors import boxes_to_path, gt_boxes_trace, image_trace
+from instseg_edu.viz.anchors import boxes_to_path, gt_boxes_trace, image_layout, image_trace
 
 __all__ = [
     "REASON_COLORS",
@@ -221,11 +221,7 @@ def assignment_figure(
         )
     )
     fig.update_layout(
-        title=title,
-        height=height,
-        margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        xaxis={"domain": [0, 0.58], "range": [0, w], "showgrid": False, "zeroline": False},
-        yaxis={"range": [h, 0], "scaleanchor": "x", "showgrid": False, "zeroline": False},
+        **image_layout(title, height, w, h, [0, 0.58]),
         xaxis2={"domain": [0.72, 1.0], "anchor": "y2", "range": [0, 1], "title": "best IoU"},
         yaxis2={"domain": [0.6, 1.0], "anchor": "x2", "type": "log", "title": "anchors"},
         xaxis3={"domain": [0.72, 1.0], "anchor": "y3"},
