@@ -12,6 +12,13 @@
 The fast forms are batched and avoid host synchronisation; :mod:`instseg_edu.models.references`
 writes the same steps per image and per level, as the papers describe them (read those first).
 
+Beside the four family files: :mod:`~instseg_edu.models.backbone` (ResNet + FPN),
+:mod:`~instseg_edu.models.dense_heads` (the anchor plumbing RetinaNet, YOLACT and the RPN share, as
+plain functions), :mod:`~instseg_edu.models.rpn` and :mod:`~instseg_edu.models.roi_heads` (Mask
+R-CNN's two stages), and :mod:`instseg_edu.models.configs` (each family's configuration and
+presets, composed of the config pieces that live beside their ops; re-exported by the family
+modules). Target encodings and the shape letters are those of :mod:`instseg_edu.structures`.
+
 There is no registry: one ``build_<family>(cfg)`` per family (``build_retinanet``,
 ``build_mask_rcnn``, ``build_solo``, ``build_yolact``); the command line maps a family name to its
 builder and presets with the plain table ``instseg_edu.cli.FAMILIES``.

@@ -5,16 +5,17 @@ Split from :mod:`instseg_edu.models.mask_rcnn` (which re-exports the model piece
 file readable. :func:`mask_targets` and :func:`paste_masks` have readable one-RoI-at-a-time forms
 beside them (``*_reference``).
 
-Mask R-CNN (He et al., ICCV 2017) Sec. 3: RoIAlign reads a fixed ``S x S`` grid from one FPN level
+Mask R-CNN (He et al., ICCV 2017) Sec. 3: RoIAlign reads a fixed ``O x O`` grid from one FPN level
 per RoI; the box head classifies (``C + 1`` columns, ``C`` = background) and regresses
-class-specific deltas; the mask head predicts one ``M x M`` mask per class, trained only on the
+class-specific deltas; the mask head predicts one ``T x T`` mask per class, trained only on the
 ground-truth class with a per-pixel sigmoid, against the ground-truth mask cropped to the RoI and
-resized to ``M x M``. At test time the ``M x M`` masks are pasted back into the image.
+resized to ``T x T``. At test time the ``T x T`` masks are pasted back into the image.
 Walkthrough: ``notebooks/06_mask_rcnn.py``; RoIAlign itself:
 ``notebooks/05_roipool_vs_roialign.py``.
 
-Shape legend: ``R`` RoIs, ``F`` channels, ``S`` RoI grid size, ``C`` classes, ``M`` mask size,
-``K`` detections, ``G`` ground-truth masks.
+Shape legend: ``R`` RoIs, ``F`` channels, ``O`` the RoIAlign output size (7 or 14), ``C``
+classes, ``T`` the mask size (28), ``M`` positive RoIs, ``K`` detections, ``G`` ground-truth masks,
+``Hp, Wp`` the padded input size, ``h, w`` an image's true size.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def multiscale_roi_align(
     # torchvision's roi_align runs in float32 under autocast anyway.
     out = first.new_zeros(
         rois.shape[0], first.shape[1], output_size, output_size, dtype=torch.float32
-    )  # [R, F, S, S]
+    )  # [R, F, O, O]
     rois = rois.float()
     per_level = levels == torch.arange(len(strides), device=levels.device)[:, None]  # [L, R]
     counts = per_level.sum(1).tolist()  # L ints: the one host read
@@ -103,7 +104,7 @@ def multiscale_roi_align(
             spatial_scale=1.0 / stride,
             sampling_ratio=sampling_ratio,
             aligned=aligned,
-        ).float()  # [R_l, F, S, S]
+        ).float()  # [R_l, F, O, O]
     return out
 
 
@@ -114,22 +115,22 @@ def mask_targets(gt_masks: Tensor, rois: Tensor, gt_index: Tensor, mask_size: in
 
     One ``roi_align`` over the stack of ground-truth masks, each RoI pointing (through its "batch
     index") at the mask of its matched object: bin ``(i, j)`` averages the mask bilinearly sampled
-    at ``ceil(h / M) x ceil(w / M)`` points inside it (``aligned=True``: pixel ``x`` covers
+    at ``ceil(h / T) x ceil(w / T)`` points inside it (``aligned=True``: pixel ``x`` covers
     ``[x, x + 1)``), then ``>= 0.5`` binarises, as MMDetection's ``BitmapMasks.crop_and_resize``.
-    For an integer box whose sides are multiples of ``M`` this is exactly area (average-pool)
+    For an integer box whose sides are multiples of ``T`` this is exactly area (average-pool)
     resizing of the crop ``mask[y1:y2, x1:x2]``.
 
     Args:
         gt_masks: ``[G_total, Hp, Wp]`` bool/float masks of the batch, concatenated per image.
-        rois: ``[Npos, 4]`` xyxy pixels (or ``[Npos, 5]``: the batch index is ignored).
-        gt_index: ``[Npos]`` int64 row of ``gt_masks`` matched by each RoI.
+        rois: ``[M, 4]`` xyxy pixels (or ``[M, 5]``: the batch index is ignored).
+        gt_index: ``[T]`` int64 row of ``gt_masks`` matched by each RoI.
     Returns:
-        ``[Npos, M, M]`` float32 in ``{0, 1}``.
+        ``[M, T, T]`` float32 in ``{0, 1}``.
     """
     boxes = rois[:, -4:].float()
     if boxes.shape[0] == 0:
         return boxes.new_zeros(0, mask_size, mask_size)
-    index_and_box = torch.cat([gt_index[:, None].to(boxes.dtype), boxes], dim=1)  # [Npos, 5]
+    index_and_box = torch.cat([gt_index[:, None].to(boxes.dtype), boxes], dim=1)  # [M, 5]
     with torch.autocast(device_type=boxes.device.type, enabled=False):
         sampled = roi_align(
             gt_masks[:, None].float(),
@@ -138,7 +139,7 @@ def mask_targets(gt_masks: Tensor, rois: Tensor, gt_index: Tensor, mask_size: in
             spatial_scale=1.0,
             sampling_ratio=0,
             aligned=True,
-        )  # [Npos, 1, M, M]
+        )  # [M, 1, T, T]
     return (sampled[:, 0] >= 0.5).float()
 
 
@@ -146,8 +147,8 @@ def mask_targets_reference(
     gt_masks: Tensor, rois: Tensor, gt_index: Tensor, mask_size: int = 28, binarize: bool = True
 ) -> Tensor:
     """:func:`mask_targets` one RoI at a time, as MMDetection's ``BitmapMasks.crop_and_resize``
-    describes it: split the RoI into ``M x M`` bins; in each, sample the ground-truth mask
-    bilinearly at ``ceil(h / M) x ceil(w / M)`` evenly spaced points (pixel ``x`` covers
+    describes it: split the RoI into ``T x T`` bins; in each, sample the ground-truth mask
+    bilinearly at ``ceil(h / T) x ceil(w / T)`` evenly spaced points (pixel ``x`` covers
     ``[x, x + 1)``, so its centre is ``x + 0.5``; the border pixels extend outwards), average
     them, and binarise at 0.5. Computed in float64 with ``grid_sample``; equal to
     :func:`mask_targets` except where a bin's average is within float32 rounding of 0.5.
@@ -157,7 +158,7 @@ def mask_targets_reference(
         binarize: False returns the bin averages (``float64``) before the 0.5 threshold.
 
     Returns:
-        ``[Npos, M, M]`` float32 in ``{0, 1}`` (``float64`` averages when ``binarize`` is False).
+        ``[M, T, T]`` float32 in ``{0, 1}`` (``float64`` averages when ``binarize`` is False).
     """
     m = mask_size
     hh, ww = gt_masks.shape[-2:]
@@ -169,32 +170,32 @@ def mask_targets_reference(
         # sample points in pixel-index coordinates (pixel x's centre at x + 0.5 -> index x)
         ys = y1 + (torch.arange(m * sy, dtype=torch.float64) + 0.5) * h / (m * sy) - 0.5
         xs = x1 + (torch.arange(m * sx, dtype=torch.float64) + 0.5) * w / (m * sx) - 0.5
-        gy = (ys / (hh - 1) * 2 - 1)[:, None].expand(-1, len(xs))  # [M*sy, M*sx] in [-1, 1]
-        gx = (xs / (ww - 1) * 2 - 1)[None, :].expand(len(ys), -1)  # [M*sy, M*sx]
-        grid = torch.stack([gx, gy], dim=-1)[None].to(gt_masks.device)  # [1, M*sy, M*sx, 2]
+        gy = (ys / (hh - 1) * 2 - 1)[:, None].expand(-1, len(xs))  # [T*sy, T*sx] in [-1, 1]
+        gx = (xs / (ww - 1) * 2 - 1)[None, :].expand(len(ys), -1)  # [T*sy, T*sx]
+        grid = torch.stack([gx, gy], dim=-1)[None].to(gt_masks.device)  # [1, T*sy, T*sx, 2]
         mask = gt_masks[g].double()[None, None]  # [1, 1, Hp, Wp]
         sampled = F.grid_sample(
             mask, grid, mode="bilinear", padding_mode="border", align_corners=True
-        )  # [1, 1, M*sy, M*sx]
-        out.append(F.avg_pool2d(sampled, (sy, sx))[0, 0])  # [M, M] bin averages
+        )  # [1, 1, T*sy, T*sx]
+        out.append(F.avg_pool2d(sampled, (sy, sx))[0, 0])  # [T, T] bin averages
     averages = torch.stack(out) if out else gt_masks.new_zeros(0, m, m, dtype=torch.float64)
     return (averages >= 0.5).float() if binarize else averages
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """Paste ``M x M`` mask probabilities into their boxes of an ``h x w`` image, all at once.
+    """Paste ``T x T`` mask probabilities into their boxes of an ``h x w`` image, all at once.
 
-    Mask cell ``j`` covers ``[x1 + j bw / M, x1 + (j + 1) bw / M)`` of its box (the RoIAlign
+    Mask cell ``j`` covers ``[x1 + j bw / T, x1 + (j + 1) bw / T)`` of its box (the RoIAlign
     convention of the targets), and pixel ``x`` is sampled at its centre ``x + 0.5``, i.e. at cell
-    coordinate ``u = (x + 0.5 - x1) / bw * M - 0.5``. Bilinear interpolation with zeros outside
+    coordinate ``u = (x + 0.5 - x1) / bw * T - 0.5``. Bilinear interpolation with zeros outside
     the mask is separable: the weight of cell ``j`` for pixel ``x`` is the "tent"
     ``max(0, 1 - |u - j|)``, so the paste is the batched matrix product
-    ``Wy [K, h, M] @ masks [K, M, M] @ Wx^T [K, M, w]`` — the same numbers as
+    ``Wy [K, h, T] @ masks [K, T, T] @ Wx^T [K, T, w]`` — the same numbers as
     ``F.grid_sample(align_corners=False)`` on a full-image grid per mask (detectron2's paste), with
     no ``[K, h, w, 2]`` grid in memory. Readable form: :func:`paste_masks_reference`.
 
     Args:
-        masks: ``[K, M, M]`` float probabilities (or logits — any value is interpolated).
+        masks: ``[K, T, T]`` float probabilities (or logits — any value is interpolated).
         boxes: ``[K, 4]`` xyxy pixels in the image.
         image_size: ``(h, w)``.
     Returns:
@@ -206,22 +207,22 @@ def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Te
         return masks.new_zeros(0, h, w, dtype=torch.float32)
     with torch.autocast(device_type=masks.device.type, enabled=False):
         boxes = boxes.float()
-        cells = torch.arange(m, device=masks.device, dtype=torch.float32)  # [M]
+        cells = torch.arange(m, device=masks.device, dtype=torch.float32)  # [T]
         xs = torch.arange(w, device=masks.device, dtype=torch.float32) + 0.5  # [w]
         ys = torch.arange(h, device=masks.device, dtype=torch.float32) + 0.5  # [h]
         bw = (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-6)[:, None]  # [K, 1]
         bh = (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-6)[:, None]  # [K, 1]
         u = (xs[None] - boxes[:, 0:1]) / bw * m - 0.5  # [K, w]
         v = (ys[None] - boxes[:, 1:2]) / bh * m - 0.5  # [K, h]
-        wx = (1 - (u[:, :, None] - cells).abs()).clamp(min=0)  # [K, w, M]
-        wy = (1 - (v[:, :, None] - cells).abs()).clamp(min=0)  # [K, h, M]
-        return wy @ masks.float() @ wx.transpose(1, 2)  # [K, h, M] @ [K, M, M] @ [K, M, w]
+        wx = (1 - (u[:, :, None] - cells).abs()).clamp(min=0)  # [K, w, T]
+        wy = (1 - (v[:, :, None] - cells).abs()).clamp(min=0)  # [K, h, T]
+        return wy @ masks.float() @ wx.transpose(1, 2)  # [K, h, T] @ [K, T, T] @ [K, T, w]
 
 
 def paste_masks_reference(masks: Tensor, boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     """:func:`paste_masks` one mask at a time, as detectron2's ``paste_masks_in_image`` does it:
     map every pixel centre of the image into the box's ``[-1, 1]`` coordinates and sample the
-    ``M x M`` mask there with ``grid_sample`` (bilinear, zeros outside). Equal to
+    ``T x T`` mask there with ``grid_sample`` (bilinear, zeros outside). Equal to
     :func:`paste_masks` to float32 rounding (it sums the same products in another order).
 
     Returns:

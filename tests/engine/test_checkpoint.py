@@ -95,3 +95,19 @@ def test_config_from_dict_survives_a_checkpoint(tmp_path):
 def test_config_from_dict_unknown_key():
     with pytest.raises(ValueError, match="no field"):
         config_from_dict(_Outer, {"inner": {"depht": 3}})
+
+
+@dataclass(frozen=True)
+class _Renamed:
+    former_fields = {"old_depth": "inner.depth", "label": "name"}
+
+    inner: _Inner = field(default_factory=_Inner)
+    name: str = "x"
+
+
+def test_config_from_dict_reads_former_field_names():
+    old = {"old_depth": 50, "label": "y", "inner": {"out_indices": [3]}}
+    assert config_from_dict(_Renamed, old) == _Renamed(inner=_Inner(50, (3,)), name="y")
+    assert old == {"old_depth": 50, "label": "y", "inner": {"out_indices": [3]}}  # untouched
+    with pytest.raises(ValueError, match="'label' and its new name 'name'"):
+        config_from_dict(_Renamed, {"label": "y", "name": "z"})
