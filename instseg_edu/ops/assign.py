@@ -163,9 +163,26 @@ class MaxIoUAssignerConfig:
     ignore_iof_thr: float = -1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.neg_iou_thr, list):
-            object.__setattr__(self, "neg_iou_thr", tuple(self.neg_iou_thr))
-        _check_thresholds(self.pos_iou_thr, self.neg_iou_thr, self.min_pos_iou)
+        # The one check of the thresholds: every assigner function builds this config.
+        pos, neg = self.pos_iou_thr, self.neg_iou_thr
+        if isinstance(neg, list):
+            neg = tuple(neg)
+            object.__setattr__(self, "neg_iou_thr", neg)
+        if not 0.0 <= pos <= 1.0:
+            raise ValueError(f"pos_iou_thr={pos} must be in [0, 1]")
+        if isinstance(neg, tuple):
+            if len(neg) != 2:
+                raise ValueError(f"neg_iou_thr={neg!r} must be a float or a (lo, hi) pair")
+            if not 0.0 <= neg[0] <= neg[1]:
+                raise ValueError(f"neg_iou_thr={neg} must satisfy 0 <= lo <= hi")
+            if neg[1] > pos:
+                raise ValueError(f"neg_iou_thr={neg}: hi must be <= pos_iou_thr={pos}")
+        elif neg > pos:
+            raise ValueError(f"neg_iou_thr={neg} must be <= pos_iou_thr={pos}")
+        elif neg < 0:
+            raise ValueError(f"neg_iou_thr={neg} must be >= 0")
+        if not 0.0 <= self.min_pos_iou <= 1.0:
+            raise ValueError(f"min_pos_iou={self.min_pos_iou} must be in [0, 1]")
 
 
 def _config(cfg: MaxIoUAssignerConfig | None, thresholds: dict) -> MaxIoUAssignerConfig:
@@ -177,28 +194,6 @@ def _config(cfg: MaxIoUAssignerConfig | None, thresholds: dict) -> MaxIoUAssigne
             f"give the thresholds as cfg or as keywords, not both: {sorted(thresholds)}"
         )
     return cfg
-
-
-def _check_thresholds(pos_iou_thr, neg_iou_thr, min_pos_iou) -> None:
-    if not 0.0 <= pos_iou_thr <= 1.0:
-        raise ValueError(f"pos_iou_thr={pos_iou_thr} must be in [0, 1]")
-    if isinstance(neg_iou_thr, (tuple, list)):
-        if len(neg_iou_thr) != 2:
-            raise ValueError(f"neg_iou_thr={neg_iou_thr!r} must be a float or a (lo, hi) pair")
-        lo, hi = neg_iou_thr
-        if not 0.0 <= lo <= hi:
-            raise ValueError(f"neg_iou_thr={tuple(neg_iou_thr)} must satisfy 0 <= lo <= hi")
-        if hi > pos_iou_thr:
-            raise ValueError(
-                f"neg_iou_thr={tuple(neg_iou_thr)}: hi must be <= pos_iou_thr={pos_iou_thr}"
-            )
-    else:
-        if neg_iou_thr > pos_iou_thr:
-            raise ValueError(f"neg_iou_thr={neg_iou_thr} must be <= pos_iou_thr={pos_iou_thr}")
-        if neg_iou_thr < 0:
-            raise ValueError(f"neg_iou_thr={neg_iou_thr} must be >= 0")
-    if not 0.0 <= min_pos_iou <= 1.0:
-        raise ValueError(f"min_pos_iou={min_pos_iou} must be in [0, 1]")
 
 
 def _is_negative(max_iou: Tensor, neg_iou_thr) -> Tensor:

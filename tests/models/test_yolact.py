@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.losses import SmoothL1LossConfig
 from instseg_edu.models.backbone import FPNConfig, ResNetConfig
-from instseg_edu.models.retinanet import AnchorGeneratorConfig, MaxIoUAssignerConfig
 from instseg_edu.models.yolact import (
     YOLACT_R18_SMALL,
     YOLACT_R50_FPN,
@@ -32,7 +31,8 @@ from instseg_edu.models.yolact import (
     linear_combination,
     ohem_negatives,
 )
-from instseg_edu.ops.assign import max_iou_assign
+from instseg_edu.ops.anchors import AnchorGeneratorConfig
+from instseg_edu.ops.assign import MaxIoUAssignerConfig, max_iou_assign
 from instseg_edu.structures import BACKGROUND, Batch, Detections, Target, softmax_labels
 
 # A tiny YOLACT: ResNet-18, 16-channel FPN and head, 8 prototypes from a 3-layer protonet, 2
