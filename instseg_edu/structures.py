@@ -30,7 +30,7 @@ Shape legend, one meaning per letter in every module (each module's docstring li
 - ``A`` anchors per feature-map cell; ``N`` anchors (or SOLO grid cells) of all levels;
 - ``R`` proposals / RoIs (Mask R-CNN); ``P`` prototypes (YOLACT); ``S`` a SOLO grid size;
 - ``M`` positives that train a mask (RoIs, anchors or grid cells); ``K`` candidates or detections;
-- ``T`` the side of a Mask R-CNN mask-head output (28);
+- ``T`` the side of a Mask R-CNN mask-head output (28), ``O`` that of a RoIAlign output (7, 14);
 - ``H, W`` a feature map's height and width; ``h, w`` an image's true size; ``Hp, Wp`` the padded
   input size; ``Hm, Wm`` YOLACT's prototype size.
 """

@@ -36,8 +36,8 @@ Two settings you will meet:
 - RetinaNet: ``start_level=1, num_outs=5, add_extra_convs="on_input"`` → P3–P7, strides 8..128.
 - Mask R-CNN: ``start_level=0, num_outs=5, add_extra_convs=False`` → P2–P6, strides 4..64.
 
-Shape legend: ``B`` images, ``H, W`` input height and width; a stride-``s`` map is
-``ceil(H / s) × ceil(W / s)`` for the convolutions here (each halves ``n`` to ``ceil(n / 2)``).
+Shape legend: ``B`` images, ``Hp, Wp`` the (padded) input height and width; a stride-``s`` map is
+``ceil(Hp / s) × ceil(Wp / s)`` for the convolutions here (each halves ``n`` to ``ceil(n / 2)``).
 
 Used by every model family; its walkthroughs are in ``notebooks/``.
 """

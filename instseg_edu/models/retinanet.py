@@ -35,8 +35,9 @@ Config keys follow MMDetection's ``configs/_base_/models/retinanet_r50_fpn.py``:
 ``train_cfg.assigner`` and ``test_cfg``; the config classes and presets are in
 :mod:`instseg_edu.models.configs.retinanet` (importable from here too).
 
-Shape legend: ``B`` images, ``N`` anchors of all levels, ``A`` anchors per cell, ``C`` classes,
-``K`` candidate detections, ``H, W`` a level's height and width.
+Shape legend (:mod:`instseg_edu.structures`): ``B`` images, ``N`` anchors of all levels, ``A``
+anchors per cell, ``C`` classes, ``G`` ground truths (padded), ``K`` candidates or detections,
+``H, W`` a level's height and width, ``h, w`` an image's true size.
 
 Taught in the RetinaNet walkthrough in ``notebooks/``.
 """
