@@ -299,7 +299,7 @@ class ResNet(nn.Module):
     ``layerK.0.downsample.0/1``), so ``torchvision.models.resnet50().state_dict()`` minus ``fc.*``
     loads with ``strict=True``.
 
-    ``forward(x)``: ``x`` float ``[B, 3, H, W]`` (already normalised) → a tuple with one map per
+    ``forward(x)``: ``x`` float ``[B, 3, Hp, Wp]`` (already normalised) → a tuple with one map per
     ``out_indices`` entry; stage ``i`` is ``[B, out_channels[i], ceil(H / 2**(i+2)),
     ceil(W / 2**(i+2))]``.
     """
@@ -310,7 +310,7 @@ class ResNet(nn.Module):
         block, stage_blocks = RESNET_STAGE_BLOCKS[cfg.depth]
         self.out_channels = resnet_out_channels(cfg)
 
-        # Stem: [B, 3, H, W] -> [B, 64, H/2, W/2] -> max-pool -> [B, 64, H/4, W/4]
+        # Stem: [B, 3, Hp, Wp] -> [B, 64, Hp/2, Wp/2] -> max-pool -> [B, 64, Hp/4, Wp/4]
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
@@ -412,7 +412,7 @@ class ResNet(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # [B, 64, H/4, W/4]
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # [B, 64, Hp/4, Wp/4]
         outs = []
         for i in range(self.cfg.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)  # [B, C_i, H / 2**(i+2), W / 2**(i+2)]
@@ -500,7 +500,7 @@ class FPN(nn.Module):
 class ImageNormalize(nn.Module):
     """``(x - mean) / std`` per channel with ImageNet statistics, the first step of every model.
 
-    Images arrive as ``float [B, 3, H, W]`` in ``[0, 1]``; a ResNet (pretrained or not) expects
+    Images arrive as ``float [B, 3, Hp, Wp]`` in ``[0, 1]``; a ResNet (pretrained or not) expects
     inputs centred the way ImageNet training centred them. The statistics are buffers, so they
     move with the model to the GPU once instead of being copied there on every call.
     """
@@ -515,7 +515,7 @@ class ImageNormalize(nn.Module):
 
 
 class BackboneWithFPN(nn.Module):
-    """``resnet`` followed by ``fpn``: ``[B, 3, H, W]`` → a tuple of ``num_outs`` maps
+    """``resnet`` followed by ``fpn``: ``[B, 3, Hp, Wp]`` → a tuple of ``num_outs`` maps
     ``[B, out_channels, ceil(H / s), ceil(W / s)]`` for the strides ``self.strides``."""
 
     def __init__(self, resnet_cfg: ResNetConfig, fpn_cfg: FPNConfig) -> None:

@@ -203,7 +203,7 @@ class RetinaHead(nn.Module):
 class RetinaNet(nn.Module):
     """RetinaNet with the three public stages ``forward``, ``targets``/``loss`` and ``predict``.
 
-    Images are ``float32 [B, 3, H, W]`` in ``[0, 1]`` (a :class:`~instseg_edu.structures.Batch`'s
+    Images are ``float32 [B, 3, Hp, Wp]`` in ``[0, 1]`` (a :class:`~instseg_edu.structures.Batch`'s
     ``images``); the model normalises them with the ImageNet mean and std itself.
     """
 
@@ -225,13 +225,13 @@ class RetinaNet(nn.Module):
         """Run backbone, FPN and head.
 
         Args:
-            images: ``float [B, 3, H, W]`` in ``[0, 1]``.
+            images: ``float [B, 3, Hp, Wp]`` in ``[0, 1]``.
 
         Returns:
             :class:`RetinaNetOutputs` with ``N = Σ_l H_l · W_l · A`` anchors.
         """
         x = self.normalize(images)
-        features = self.backbone(x)  # P3..P7: [B, 256, H/8, W/8] ... [B, 256, H/128, W/128]
+        features = self.backbone(x)  # P3..P7: [B, 256, Hp/8, Wp/8] ... [B, 256, Hp/128, Wp/128]
         cls, reg = self.bbox_head(features)
         featmap_sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
         cls_logits = torch.cat([to_B_HWA_K(c, self.num_classes) for c in cls], dim=1)  # [B, N, C]

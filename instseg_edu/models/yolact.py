@@ -6,7 +6,7 @@ job into two parallel, fully convolutional tasks and one matrix product (Sec. 3)
 
 1. **Protonet** (Sec. 3.1): a small FCN on P3 — three 3×3 convs, a 2× upsample, a 3×3 conv and a
    1×1 conv to ``P = 32`` channels, ReLU on the output — gives ``P`` *prototype masks* per image at
-   a quarter of the input resolution: ``[B, P, H/4, W/4]``. They belong to no instance; they are
+   a quarter of the input resolution: ``[B, P, Hp/4, Wp/4]``. They belong to no instance; they are
    image-sized "basis images" (one fires on the left part of objects, one on the background, ...).
 2. **Prediction head** (Sec. 3.2, Fig. 4): RetinaNet's anchor head, shared by P3–P7, with one
    shared 3×3 conv and three outputs per anchor: ``C + 1`` class logits (softmax with a background
@@ -260,7 +260,7 @@ class YOLACTHead(nn.Module):
 
 
 class Protonet(nn.Module):
-    """The prototype branch (Sec. 3.1, Fig. 3): P3 ``[B, in, H/8, W/8]`` → ``[B, P, H/4, W/4]``.
+    """The prototype branch (Sec. 3.1, Fig. 3): P3 ``[B, in, Hp/8, Wp/8]`` → ``[B, P, Hp/4, Wp/4]``.
 
     Also holds the optional semantic segmentation conv (Sec. 5): a 1×1 conv on P3 to ``C``
     channels, used only by the auxiliary loss.
@@ -288,7 +288,7 @@ class Protonet(nn.Module):
 
     def forward(self, p3: Tensor) -> tuple[Tensor, Tensor | None]:
         protos = self.protonet(p3)  # [B, P, Hm, Wm]
-        segm = self.segm_conv(p3) if self.segm_conv is not None else None  # [B, C, H/8, W/8]
+        segm = self.segm_conv(p3) if self.segm_conv is not None else None  # [B, C, Hp/8, Wp/8]
         return protos, segm
 
 
@@ -334,7 +334,7 @@ class YOLACT(nn.Module):
             prototypes at stride 4 and the semantic logits (or ``None``).
         """
         x = self.normalize(images)
-        features = self.backbone(x)  # P3..P7: [B, 256, H/8, W/8] ... [B, 256, H/128, W/128]
+        features = self.backbone(x)  # P3..P7: [B, 256, Hp/8, Wp/8] ... [B, 256, Hp/128, Wp/128]
         cls, reg, coeff = self.bbox_head(features)
         prototypes, segm = self.mask_head(features[0])  # [B, P, Hm, Wm], [B, C, Hp/8, Wp/8]
         c1, p = self.num_classes + 1, self.num_protos
