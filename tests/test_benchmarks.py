@@ -62,10 +62,76 @@ def test_host_syncs_ours_against_torchvision(tmp_path):
 
 
 def test_train_throughput_side_by_side(tmp_path):
-    out = run(tmp_path, "train_throughput.py", "--smoke", "--families", "retinanet")
+    out = run(tmp_path, "train_throughput.py", "--smoke", "--families", "retinanet",
+              "--json", "tp.json")  # fmt: skip
     for side in ("ours", "torchvision"):
         assert re.search(rf"retinanet {side}\s+fp32 train\s+[\d.]+ img/s\s+infer\s+[\d.]+", out)
-    assert re.search(r"ratio ours/torchvision: train [\d.]+x\s+infer [\d.]+x", out), out
+    assert re.search(r"ratio ours/torchvision: train [\d.]+x \([\d.]+-[\d.]+\)\s+infer", out), out
+    # Equal work: thresholds at 0, both sides return max_per_img detections per image.
+    assert "detections per image, both sides (equal work, max_per_img 100)" in out, out
+    result = json.loads((tmp_path / "tp.json").read_text())["retinanet"]
+    (run_,) = result["runs"]
+    for side in ("ours", "torchvision"):
+        assert len(run_["repeats"][side]) == 2  # --smoke: two alternations
+        assert all(r["detections"] == [[100, 100], [100]] for r in run_["repeats"][side])
+    assert set(result["ratios"]) == {"train", "infer", "latency_speedup"}
+
+
+class _FakeSide:
+    """Stands in for ``train_throughput.Side``: returns ``counts`` detections per image."""
+
+    def __init__(self, counts, log):
+        self.counts, self.calls, self.log = counts, [], log
+
+    def train_step(self, batch, precision):
+        self.calls.append(("train", batch))
+        self.log.append(self)
+
+    def infer(self, batch, precision):
+        self.calls.append(("infer", batch))
+        return batch
+
+    def count(self, outputs):
+        return [self.counts] * len(outputs)
+
+
+def _side_by_side(counts_ours, counts_peer, repeats=3):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import torch
+    from train_throughput import measure_side_by_side
+
+    log = []  # which side trained, in order
+    sides = {"ours": _FakeSide(counts_ours, log), "torchvision": _FakeSide(counts_peer, log)}
+    batches, batch1 = [["a", "b"], ["c", "d"]], ["a"]
+    result = measure_side_by_side(
+        sides, batches, batch1, "fp32", warmup=1, repeats=repeats, steps=2,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    return sides, result, log
+
+
+def test_measure_side_by_side_alternates_and_counts_detections():
+    sides, result, log = _side_by_side(100, 100)
+    ours, peer = sides["ours"], sides["torchvision"]
+    # warm-up of each, then repeats 0 (ours first), 1 (torchvision first), 2 (ours first)
+    assert log == [ours, peer] + [ours] * 2 + [peer] * 4 + [ours] * 4 + [peer] * 2
+    for side in sides.values():  # warm-up (train, infer, batch-1), then 3 x (2 + 2 + 2) calls
+        assert len(side.calls) == 3 + 3 * 6
+        assert side.calls[3:7] == [("train", ["a", "b"]), ("train", ["c", "d"]),
+                                   ("infer", ["a", "b"]), ("infer", ["c", "d"])]  # fmt: skip
+    assert result["detections"] == [[100, 100], [100, 100], [100]]
+    assert len(result["repeats"]["ours"]) == len(result["repeats"]["torchvision"]) == 3
+    assert set(result["ratios"]) == set(result["ratio_ranges"]) == {
+        "train", "infer", "latency_speedup"
+    }  # fmt: skip
+    for key, (lo, hi) in result["ratio_ranges"].items():
+        assert lo <= result["ratios"][key] <= hi
+
+
+def test_measure_side_by_side_refuses_unequal_work():
+    with pytest.raises(RuntimeError, match=r"unequal work in repeat 0: detections per image"):
+        _side_by_side(100, 37)
 
 
 def test_time_to_ap_evaluates_both_sides_with_pycocotools(tmp_path):
