@@ -637,8 +637,8 @@ class MaskRCNN(nn.Module):
         out_levels = levels.new_zeros(b, p)
         out_valid = torch.zeros(b, p, dtype=torch.bool, device=boxes.device)
         for i in range(b):
-            keep = class_aware_nms(boxes[i], nms_scores[i], levels[i], cfg.nms_iou_threshold)
-            keep = keep[:p]  # [n] indices into K, best first over all levels
+            # [n] indices into K, best first over all levels, n <= P
+            keep = class_aware_nms(boxes[i], nms_scores[i], levels[i], cfg.nms_iou_threshold, p)
             n, ok = keep.numel(), big_enough[i, keep]  # [n]
             out_boxes[i, :n] = boxes[i, keep] * ok[:, None]  # too-small boxes: zeros, invalid
             out_scores[i, :n] = scores[i, keep] * ok
@@ -859,9 +859,9 @@ class MaskRCNN(nn.Module):
         for i, n in enumerate(counts):
             idx = first[i, :n]  # [n] candidates of image i
             order = class_aware_nms(
-                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms_iou_threshold
+                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms_iou_threshold, cfg.max_per_img
             )
-            kept.append(idx[order[: cfg.max_per_img]])  # [K_i] best first
+            kept.append(idx[order])  # [K_i] best first, K_i <= max_per_img
         num_dets = [len(k) for k in kept]  # tensor sizes: known on the host
         det_img = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(num_dets)])
         det_cols = torch.cat(kept)  # [K_all] columns into P*C, grouped by image
