@@ -596,7 +596,9 @@ class MaskRCNN(nn.Module):
     # ---- proposals ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def proposals(self, outputs: MaskRCNNOutputs, image_sizes, cfg: ProposalConfig) -> Proposals:
+    def proposals(
+        self, outputs: MaskRCNNOutputs, image_sizes, cfg: ProposalConfig, trim: bool = False
+    ) -> Proposals:
         """RPN proposals for the whole batch: top ``nms_pre`` per level, decode, clip, NMS.
 
         Top-k, decoding, clipping and the size filter run batched. NMS runs per image *and per FPN
@@ -607,6 +609,12 @@ class MaskRCNN(nn.Module):
         candidates (``min(nms_pre, H*W*A)`` per level), and boxes too small to keep are given score
         -1 instead of being removed (below every sigmoid score, they can suppress nothing; they
         sort last and are marked invalid).
+
+        ``trim``: ``P`` is the largest number of proposals an image kept instead of
+        ``cfg.max_per_img`` (NMS returns its count to the host, so this costs no extra wait).
+        At inference every slot goes through the box head, and the slots after the last image's
+        last proposal are padding in every image: trimming them changes no detection. Training
+        keeps ``P = max_per_img``, the shape the RoI sampler draws from.
         """
         logits = outputs.rpn_logits.detach().float()  # [B, N]
         deltas = outputs.rpn_deltas.detach().float()  # [B, N, 4]
@@ -631,14 +639,18 @@ class MaskRCNN(nn.Module):
         big_enough = (wh > cfg.min_bbox_size).all(-1)  # [B, K]
         nms_scores = torch.where(big_enough, scores, -1.0)  # [B, K]
 
-        p = cfg.max_per_img
+        keeps = [  # [n_i] indices into K per image, best first over all levels, n_i <= P
+            class_aware_nms(
+                boxes[i], nms_scores[i], levels[i], cfg.nms_iou_threshold, cfg.max_per_img
+            )
+            for i in range(b)
+        ]
+        p = max((k.numel() for k in keeps), default=0) if trim else cfg.max_per_img
         out_boxes = boxes.new_zeros(b, p, 4)
         out_scores = scores.new_zeros(b, p)
         out_levels = levels.new_zeros(b, p)
         out_valid = torch.zeros(b, p, dtype=torch.bool, device=boxes.device)
-        for i in range(b):
-            # [n] indices into K, best first over all levels, n <= P
-            keep = class_aware_nms(boxes[i], nms_scores[i], levels[i], cfg.nms_iou_threshold, p)
+        for i, keep in enumerate(keeps):
             n, ok = keep.numel(), big_enough[i, keep]  # [n]
             out_boxes[i, :n] = boxes[i, keep] * ok[:, None]  # too-small boxes: zeros, invalid
             out_scores[i, :n] = scores[i, keep] * ok
@@ -832,9 +844,10 @@ class MaskRCNN(nn.Module):
         c = self.num_classes
         b = len(image_sizes)
         device = outputs.rpn_logits.device
-        props = self.proposals(outputs, image_sizes, self.cfg.test_cfg.rpn)
+        props = self.proposals(outputs, image_sizes, self.cfg.test_cfg.rpn, trim=True)
         # Every proposal slot goes through the box head, padding included (its scores are zeroed
-        # below): a fixed R = B * P, so no host read is needed to build the RoIs.
+        # below): R = B * P with P the largest count of an image, known on the host from NMS, so
+        # no further host read is needed to build the RoIs.
         p = props.boxes.shape[1]
         img = torch.arange(b, device=device).repeat_interleave(p)  # [R] image of each RoI
         rois = torch.cat([img[:, None].float(), props.boxes.reshape(-1, 4)], 1)  # [R, 5]

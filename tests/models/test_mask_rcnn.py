@@ -562,6 +562,56 @@ def test_batched_proposals_equal_a_per_image_per_level_reference(model):
         torch.testing.assert_close(got.boxes[b, :n], boxes)
 
 
+def test_trimmed_proposals_drop_only_padding_slots(model):
+    batch = make_batch(seed=11)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch.images)
+    out = out._replace(rpn_logits=torch.randn_like(out.rpn_logits) * 3)
+    # NMS leaves fewer than max_per_img, and a different number in each image
+    cfg = ProposalConfig(nms_pre=100, max_per_img=400, nms_iou_threshold=0.5)
+    full = model.proposals(out, batch.image_sizes, cfg)
+    trimmed = model.proposals(out, batch.image_sizes, cfg, trim=True)
+    counts = full.valid.sum(1).tolist()
+    assert max(counts) < 400 and counts[0] != counts[1]
+    p = trimmed.boxes.shape[1]
+    assert p == max(counts)
+    for name in ("boxes", "scores", "levels", "valid"):
+        assert torch.equal(getattr(trimmed, name), getattr(full, name)[:, :p]), name
+        assert not getattr(full, name)[:, p:].any(), name  # what was cut: zeros, invalid
+    for name in ("pre_nms_boxes", "pre_nms_scores", "pre_nms_levels", "pre_nms_valid"):
+        assert torch.equal(getattr(trimmed, name), getattr(full, name)), name
+
+
+def test_predict_on_trimmed_proposals_equals_predict_on_all_slots(model, monkeypatch):
+    batch = make_batch(seed=5)
+    model.eval()
+    # Up to 2000 proposals per image: NMS leaves fewer, so trimming drops padding slots.
+    lenient = replace(
+        model.cfg.test_cfg,
+        rpn=ProposalConfig(nms_pre=1000, max_per_img=2000),
+        rcnn=replace(model.cfg.test_cfg.rcnn, score_thr=0.0),
+    )
+    monkeypatch.setattr(model, "cfg", replace(model.cfg, test_cfg=lenient))
+    with torch.no_grad():
+        out = model(batch.images)
+        props = model.proposals(out, batch.image_sizes, lenient.rpn, trim=True)
+        assert props.boxes.shape[1] < 2000 and not props.valid.all()
+        trimmed = model.predict(out, batch.image_sizes)
+        untrimmed_proposals = model.proposals
+        monkeypatch.setattr(
+            model, "proposals", lambda o, sizes, cfg, trim: untrimmed_proposals(o, sizes, cfg)
+        )
+        every_slot = model.predict(out, batch.image_sizes)
+    assert [len(d) for d in trimmed] == [len(d) for d in every_slot]
+    assert all(len(d) > 0 for d in trimmed)
+    for got, ref in zip(trimmed, every_slot):
+        torch.testing.assert_close(got.boxes, ref.boxes)
+        torch.testing.assert_close(got.scores, ref.scores)
+        assert torch.equal(got.labels, ref.labels)
+        assert torch.equal(got.masks, ref.masks)
+
+
 # ---- box-only objects ----------------------------------------------------------------------------
 
 
