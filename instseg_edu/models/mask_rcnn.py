@@ -508,7 +508,7 @@ class RPNHead(nn.Module):
     def forward(self, features) -> tuple[Tensor, Tensor]:
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.rpn_conv(x))
+            t = F.relu(self.rpn_conv(x), inplace=True)  # [B, F, H, W]
             b = x.shape[0]
             logits.append(self.rpn_cls(t).permute(0, 2, 3, 1).reshape(b, -1))  # [B, H*W*A]
             deltas.append(self.rpn_reg(t).permute(0, 2, 3, 1).reshape(b, -1, 4))  # [B, H*W*A, 4]

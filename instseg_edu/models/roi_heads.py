@@ -79,24 +79,30 @@ def multiscale_roi_align(
     first = features[0]
     # Float32 throughout: RoI coordinates in bf16 would be off by up to 2 px at x = 500, and
     # torchvision's roi_align runs in float32 under autocast anyway.
-    out = first.new_zeros(
-        rois.shape[0], first.shape[1], output_size, output_size, dtype=torch.float32
-    )  # [R, F, S, S]
     rois = rois.float()
     per_level = levels == torch.arange(len(strides), device=levels.device)[:, None]  # [L, R]
     counts = per_level.sum(1).tolist()  # L ints: the one host read
     by_level = torch.argsort(levels, stable=True).split(counts)  # L tensors [R_l]
-    for level, (stride, idx) in enumerate(zip(strides, by_level)):
-        if idx.numel() == 0:
-            continue
-        out[idx] = roi_align(
+
+    def align(level: int, level_rois: Tensor) -> Tensor:  # [R_l, 5] -> [R_l, F, S, S]
+        return roi_align(
             features[level].float(),
-            rois[idx],
+            level_rois,
             output_size,
-            spatial_scale=1.0 / stride,
+            spatial_scale=1.0 / strides[level],
             sampling_ratio=sampling_ratio,
             aligned=aligned,
-        ).float()  # [R_l, F, S, S]
+        ).float()
+
+    if max(counts, default=0) == rois.shape[0] > 0:  # every RoI on one level: no scatter
+        return align(counts.index(rois.shape[0]), rois)
+    # Every RoI has exactly one level, so every row is written: no zero-fill needed.
+    out = first.new_empty(
+        rois.shape[0], first.shape[1], output_size, output_size, dtype=torch.float32
+    )  # [R, F, S, S]
+    for level, idx in enumerate(by_level):
+        if idx.numel() > 0:
+            out[idx] = align(level, rois[idx])  # [R_l, F, S, S]
     return out
 
 
@@ -196,8 +202,10 @@ class BoxHead(nn.Module):
         nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = F.relu(self.fc1(x.flatten(1)))  # [R, F*7*7] -> [R, fc]
-        x = F.relu(self.fc2(x))
+        # In place: a Linear's backward needs its input, not its output, so the ReLU may overwrite
+        # the output (ReLU's own backward reads its result, which it keeps).
+        x = F.relu(self.fc1(x.flatten(1)), inplace=True)  # [R, F*7*7] -> [R, fc]
+        x = F.relu(self.fc2(x), inplace=True)
         return self.fc_cls(x), self.fc_reg(x)  # [R, C+1], [R, 4C]
 
 
@@ -224,5 +232,5 @@ class MaskHead(nn.Module):
                 nn.init.zeros_(mod.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.upsample(self.convs(x)))  # [R, F', 2S, 2S]
+        x = F.relu(self.upsample(self.convs(x)), inplace=True)  # [R, F', 2S, 2S]
         return self.conv_logits(x)  # [R, C, 2S, 2S]
