@@ -12,8 +12,13 @@ Equal work. Untrained models score every candidate near the classification prior
 so at the usual score threshold 0.05 one side may return no detection (and skip its mask head)
 while the other returns a hundred. Here the score thresholds are 0 on both sides (``host_syncs``'
 lenient settings) and both keep the same ``max_per_img``, so both return ``max_per_img``
-detections per image. The detections of every timed inference call are counted on both sides,
-printed, and must agree batch by batch: a difference stops the run with an error.
+detections per image. Mask R-CNN's second stage also does equal work: with random weights the
+RPN scores are noise and the two RPNs keep different numbers of proposals after their NMS, so both
+are capped at the fewest any image gets on either side (:func:`equalize_proposals`) and each box
+head sees the same number of RoIs. The detections of every timed inference call (and the RoIs its
+box head saw) are counted on both sides, printed, and must agree batch by batch: a difference
+stops the run with an error. BatchNorm statistics, which a training step updates, are restored
+after each timed training phase so that inference always does the work counted before the timing.
 
 The optimizer is SGD with momentum at learning rate 0: the step does all of its arithmetic, but
 the weights stay at their initial values, so the detection counts cannot drift over the run (a
@@ -46,6 +51,7 @@ from _common import (
     shapes_data,
     torchvision_inputs,
 )
+from gpu_check import SMOKE_TORCHVISION
 from host_syncs import LENIENT_TORCHVISION
 from host_syncs import build_ours as build_ours_lenient
 
@@ -59,7 +65,10 @@ def build_ours(family: str, num_classes: int, smoke: bool):
 
 
 class Side:
-    """How one model is stepped: ours takes a Batch, torchvision takes lists."""
+    """How one model is stepped: ours takes a Batch, torchvision takes lists.
+
+    For Mask R-CNN a forward hook on the box head counts the RoIs it sees, the work of the
+    second stage (``box_head_rois``, summed over the calls since the last :meth:`infer`)."""
 
     def __init__(self, name, model, family, device, channels_last):
         self.name, self.model, self.family, self.device = name, model.to(device), family, device
@@ -67,6 +76,22 @@ class Side:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.box_head_rois = 0
+        if family == "mask_rcnn":
+            head = self.model.bbox_head if name == "ours" else self.model.roi_heads.box_head
+            head.register_forward_hook(self._count_rois)
+        self.initial_buffers = [b.detach().clone() for b in self.model.buffers()]
+
+    def _count_rois(self, module, inputs, output) -> None:
+        self.box_head_rois += inputs[0].shape[0]  # [R, F, S, S]: a size, no synchronisation
+
+    def restore_buffers(self) -> None:
+        """BatchNorm statistics back to their initial values: a training step updates them
+        even at learning rate 0, and they decide which proposals and detections inference
+        finds. Restored outside the timed loops, so inference always does the calibrated work."""
+        with torch.no_grad():
+            for buffer, initial in zip(self.model.buffers(), self.initial_buffers):
+                buffer.copy_(initial)
 
     def train_step(self, batch, precision):
         self.model.train()
@@ -87,6 +112,7 @@ class Side:
     @torch.no_grad()
     def infer(self, batch, precision):
         self.model.eval()
+        self.box_head_rois = 0
         with autocast(self.device, precision):
             if self.name == "ours":
                 return self.model.predict(self.model(batch.images), batch.image_sizes)
@@ -98,6 +124,27 @@ class Side:
         if self.name == "ours":
             return [len(d.scores) for d in outputs]
         return [len(o["scores"]) for o in outputs]
+
+    def work(self, outputs) -> dict:
+        """What the last :meth:`infer` did: detections per image and, for Mask R-CNN, the RoIs
+        its box head saw."""
+        done = {"detections": self.count(outputs)}
+        if self.family == "mask_rcnn":
+            done["box_head_rois"] = self.box_head_rois
+        return done
+
+    @torch.no_grad()
+    def proposals_per_image(self, batch) -> list[int]:
+        """Mask R-CNN: valid RPN proposals of each image at the current test settings."""
+        self.model.eval()
+        if self.name == "ours":
+            outputs = self.model(batch.images)
+            props = self.model.proposals(outputs, batch.image_sizes, self.model.cfg.test_cfg.rpn)
+            return props.valid.sum(1).tolist()
+        images, _ = torchvision_inputs(batch, self.family)
+        image_list, _ = self.model.transform(images)
+        proposals, _ = self.model.rpn(image_list, self.model.backbone(image_list.tensors))
+        return [len(p) for p in proposals]
 
 
 def max_per_img(model, family: str) -> int:
@@ -118,6 +165,32 @@ def set_max_per_img(side: Side, keep: int) -> None:
     else:
         test = replace(test, max_per_img=keep)
     model.cfg = replace(model.cfg, test_cfg=test)
+
+
+def set_rpn_max_per_img(side: Side, keep: int) -> None:
+    """Mask R-CNN: keep at most ``keep`` RPN proposals per image at test time."""
+    model = side.model
+    if side.name == "torchvision":
+        model.rpn._post_nms_top_n = {**model.rpn._post_nms_top_n, "testing": keep}
+        return
+    test = model.cfg.test_cfg
+    model.cfg = replace(model.cfg, test_cfg=replace(test, rpn=replace(test.rpn, max_per_img=keep)))
+
+
+def equalize_proposals(sides: dict[str, Side], batches) -> int:
+    """Mask R-CNN: cap both RPNs at the fewest proposals any image of ``batches`` gets on either
+    side, so both box heads see the same number of RoIs per image.
+
+    With random weights the RPN scores are noise, and which anchors survive its NMS (0.7 per
+    level) differs between the two models: at 256² ours kept the full 1000 per image where
+    torchvision's kept 470-970, so its box head did half the work. Capped at the smallest count
+    ``K``, every image has at least ``K`` proposals on both sides and keeps exactly ``K``.
+    Returns ``K``."""
+    counts = [n for side in sides.values() for b in batches for n in side.proposals_per_image(b)]
+    keep = max(1, min(counts))
+    for side in sides.values():
+        set_rpn_max_per_img(side, keep)
+    return keep
 
 
 def measure(side: Side, batches, batch1, precision, warmup, steps, device):
@@ -162,7 +235,7 @@ def measure(side: Side, batches, batch1, precision, warmup, steps, device):
 
 def _time_phases(side: Side, batches, batch1, precision, steps, device, start: int) -> dict:
     """One repeat of one side: ``steps`` training steps, ``steps`` inference batches and ``steps``
-    batch-1 calls; detection counts of every inference call."""
+    batch-1 calls; the work of every inference call (:meth:`Side.work`)."""
     timer = Timer(device)
     pick = [batches[(start + i) % len(batches)] for i in range(steps)]
     if device.type == "cuda":
@@ -172,24 +245,27 @@ def _time_phases(side: Side, batches, batch1, precision, steps, device, start: i
         side.train_step(batch, precision)
     train_s = timer.elapsed()
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    counts = []
+    side.restore_buffers()
+    work = []
     timer.start()
     for batch in pick:
-        counts.append(side.count(side.infer(batch, precision)))
+        out = side.infer(batch, precision)
+        work.append(side.work(out))  # tensor sizes and a hook's count: no synchronisation
     infer_s = timer.elapsed()
     latencies = []
     for _ in range(steps):
         timer.start()
         out = side.infer(batch1, precision)
         latencies.append(timer.elapsed() * 1000)
-    counts.append(side.count(out))
+    work.append(side.work(out))
     n_images = steps * len(batches[0])
     return {
         "train_img_s": n_images / train_s,
         "infer_img_s": n_images / infer_s,
         "latency_ms": statistics.median(latencies),
         "peak_gib": peak,
-        "detections": counts,  # per inference batch, then the batch-1 call: per-image counts
+        "work": work,  # per inference batch, then the batch-1 call: detections per image (and
+        # Mask R-CNN's box-head RoIs)
     }
 
 
@@ -205,16 +281,17 @@ def measure_side_by_side(
 
     Returns:
         ``{"repeats": {side: [per-repeat figures]}, side: median figures, "ratios": median ratios,
-        "ratio_ranges": (min, max) per ratio, "detections": per-image counts of the last repeat}``.
+        "ratio_ranges": (min, max) per ratio, "work": the inference work of the last repeat}``.
 
     Raises:
-        RuntimeError: the two sides returned different numbers of detections for some inference
-            call: the work is not equal and the ratios would mean nothing.
+        RuntimeError: the two sides did different work in some inference call (other numbers of
+            detections, or of box-head RoIs): the ratios would mean nothing.
     """
     names = list(sides)
     for side in sides.values():
         for i in range(warmup):
             side.train_step(batches[i % len(batches)], precision)
+            side.restore_buffers()
             side.infer(batches[i % len(batches)], precision)
             side.infer(batch1, precision)
     per_repeat: dict[str, list[dict]] = {name: [] for name in names}
@@ -224,11 +301,11 @@ def measure_side_by_side(
             per_repeat[name].append(
                 _time_phases(sides[name], batches, batch1, precision, steps, device, r * steps)
             )
-        counts = {name: per_repeat[name][-1]["detections"] for name in names}
-        if len({json.dumps(c) for c in counts.values()}) > 1:
+        work = {name: per_repeat[name][-1]["work"] for name in names}
+        if len({json.dumps(w) for w in work.values()}) > 1:
             raise RuntimeError(
-                f"unequal work in repeat {r}: detections per image "
-                + ", ".join(f"{name} {c}" for name, c in counts.items())
+                f"unequal work in repeat {r}: "
+                + ", ".join(f"{name} {w}" for name, w in work.items())
             )
     result: dict = {"precision": precision, "repeats": per_repeat}
     for name in names:
@@ -241,7 +318,7 @@ def measure_side_by_side(
             "latency_ms": statistics.median(run["latency_ms"] for run in runs),
             "peak_gib": max(peaks) if peaks else float("nan"),
         }
-    result["detections"] = per_repeat[names[0]][-1]["detections"]
+    result["work"] = per_repeat[names[0]][-1]["work"]
     if len(names) == 2:
         ours, peer = (per_repeat[name] for name in names)
         per = {
@@ -315,8 +392,9 @@ def main() -> None:
     for family in args.families:
         torch.manual_seed(0)
         ours = Side("ours", build_ours(family, num_classes, args.smoke), family, device, True)
+        smaller = SMOKE_TORCHVISION.get(family, {}) if args.smoke else {}
         peer_model = build_torchvision(
-            family, num_classes, args.image_size, **LENIENT_TORCHVISION[family]
+            family, num_classes, args.image_size, **LENIENT_TORCHVISION[family], **smaller
         )
         sides = {
             "ours": ours,
@@ -327,6 +405,7 @@ def main() -> None:
             set_max_per_img(side, keep)
             for group in side.optimizer.param_groups:
                 group["lr"] = 0.0  # see the module docstring
+        proposals = equalize_proposals(sides, [*batches, batch1]) if family == "mask_rcnn" else None
         runs = [
             measure_side_by_side(
                 sides, batches, batch1, p, args.warmup, args.repeats, args.steps, device
@@ -342,11 +421,18 @@ def main() -> None:
                     f"{r['latency_ms']:7.1f} ms  peak "
                     + (f"{r['peak_gib']:5.2f} GiB" if cuda else "(CUDA only)")
                 )
-            counts = run["detections"]
+            work = run["work"]
             print(
                 f"{family:9s} detections per image, both sides (equal work, max_per_img {keep}): "
-                f"batches {counts[:-1]}, batch-1 {counts[-1]}"
+                f"batches {[w['detections'] for w in work[:-1]]}, "
+                f"batch-1 {work[-1]['detections']}"
             )
+            if proposals is not None:
+                print(
+                    f"{family:9s} box-head RoIs per call, both sides (RPN capped at {proposals} "
+                    f"proposals per image): batches {[w['box_head_rois'] for w in work[:-1]]}, "
+                    f"batch-1 {work[-1]['box_head_rois']}"
+                )
         if len(runs) == 1:
             ratios, ranges = runs[0]["ratios"], runs[0]["ratio_ranges"]
             best = {name: runs[0][name] for name in sides}
@@ -379,6 +465,7 @@ def main() -> None:
             "ratios": ratios,
             "ratio_ranges": ranges,
             "max_per_img": keep,
+            "rpn_max_per_img": proposals,
         }
         del sides, ours, peer_model
     results["settings"]["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())

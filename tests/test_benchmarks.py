@@ -73,8 +73,22 @@ def test_train_throughput_side_by_side(tmp_path):
     (run_,) = result["runs"]
     for side in ("ours", "torchvision"):
         assert len(run_["repeats"][side]) == 2  # --smoke: two alternations
-        assert all(r["detections"] == [[100, 100], [100]] for r in run_["repeats"][side])
+        work = [[w["detections"] for w in r["work"]] for r in run_["repeats"][side]]
+        assert work == [[[100, 100], [100]]] * 2
     assert set(result["ratios"]) == {"train", "infer", "latency_speedup"}
+
+
+def test_train_throughput_mask_rcnn_box_heads_see_equal_rois(tmp_path):
+    out = run(tmp_path, "train_throughput.py", "--smoke", "--families", "mask_rcnn",
+              "--json", "tp.json")  # fmt: skip
+    result = json.loads((tmp_path / "tp.json").read_text())["mask_rcnn"]
+    k = result["rpn_max_per_img"]
+    assert 0 < k <= 150  # the small preset's test-time proposals, then the fewest of either RPN
+    assert f"RPN capped at {k} proposals per image): batches [{2 * k}], batch-1 {k}" in out, out
+    for side in ("ours", "torchvision"):
+        for r in result["runs"][0]["repeats"][side]:
+            assert r["work"] == [{"detections": [50, 50], "box_head_rois": 2 * k},
+                                 {"detections": [50], "box_head_rois": k}]  # fmt: skip
 
 
 class _FakeSide:
@@ -91,8 +105,11 @@ class _FakeSide:
         self.calls.append(("infer", batch))
         return batch
 
-    def count(self, outputs):
-        return [self.counts] * len(outputs)
+    def restore_buffers(self):
+        self.calls.append(("restore", None))
+
+    def work(self, outputs):
+        return {"detections": [self.counts] * len(outputs)}
 
 
 def _side_by_side(counts_ours, counts_peer, repeats=3):
@@ -116,11 +133,11 @@ def test_measure_side_by_side_alternates_and_counts_detections():
     ours, peer = sides["ours"], sides["torchvision"]
     # warm-up of each, then repeats 0 (ours first), 1 (torchvision first), 2 (ours first)
     assert log == [ours, peer] + [ours] * 2 + [peer] * 4 + [ours] * 4 + [peer] * 2
-    for side in sides.values():  # warm-up (train, infer, batch-1), then 3 x (2 + 2 + 2) calls
-        assert len(side.calls) == 3 + 3 * 6
-        assert side.calls[3:7] == [("train", ["a", "b"]), ("train", ["c", "d"]),
+    for side in sides.values():  # warm-up (train, restore, infer, batch-1), then 3 x 7 calls
+        assert len(side.calls) == 4 + 3 * 7
+        assert side.calls[4:9] == [("train", ["a", "b"]), ("train", ["c", "d"]), ("restore", None),
                                    ("infer", ["a", "b"]), ("infer", ["c", "d"])]  # fmt: skip
-    assert result["detections"] == [[100, 100], [100, 100], [100]]
+    assert [w["detections"] for w in result["work"]] == [[100, 100], [100, 100], [100]]
     assert len(result["repeats"]["ours"]) == len(result["repeats"]["torchvision"]) == 3
     assert set(result["ratios"]) == set(result["ratio_ranges"]) == {
         "train", "infer", "latency_speedup"
@@ -130,7 +147,7 @@ def test_measure_side_by_side_alternates_and_counts_detections():
 
 
 def test_measure_side_by_side_refuses_unequal_work():
-    with pytest.raises(RuntimeError, match=r"unequal work in repeat 0: detections per image"):
+    with pytest.raises(RuntimeError, match=r"unequal work in repeat 0: ours .*100.* torchvision"):
         _side_by_side(100, 37)
 
 
