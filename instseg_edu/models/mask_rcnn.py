@@ -764,8 +764,9 @@ class MaskRCNN(nn.Module):
         )  # [R, F, 7, 7]
         return self.bbox_head(x)
 
-    def mask_forward(self, features, rois: Tensor) -> Tensor:
-        """Mask head on ``[R, 5]`` RoIs: ``[R, C, M, M]`` logits."""
+    def mask_forward(self, features, rois: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Mask head on ``[R, 5]`` RoIs: ``[R, C, M, M]`` logits, or with ``labels`` (``int64
+        [R]``) only each RoI's class: ``[R, M, M]``."""
         r = self.cfg.roi_head
         x = multiscale_roi_align(
             features,
@@ -776,7 +777,7 @@ class MaskRCNN(nn.Module):
             r.aligned,
             r.finest_scale,
         )  # [R, F, 14, 14]
-        return self.mask_head(x)
+        return self.mask_head(x, labels)
 
     def loss(self, outputs: MaskRCNNOutputs, batch: Batch) -> dict[str, Tensor]:
         """RPN, box and mask losses, with MMDetection's weights (all 1) and normalisations.
@@ -883,10 +884,8 @@ class MaskRCNN(nn.Module):
         det_labels = labels[det_cols]  # [K_all]
 
         det_rois = torch.cat([det_img[:, None].float(), det_boxes], 1)  # [K_all, 5]
-        mask_logits = self.mask_forward(outputs.features, det_rois)  # [K_all, C, M, M]
-        probs = (
-            mask_logits[torch.arange(len(det_cols), device=device), det_labels].float().sigmoid()
-        )
+        # [K_all, M, M]: each detection's own class only
+        probs = self.mask_forward(outputs.features, det_rois, det_labels).float().sigmoid()
 
         results = []
         for i, (bx, sc, lb, pr) in enumerate(

@@ -17,6 +17,7 @@ from instseg_edu.models.mask_rcnn import (
     MASK_RCNN_R18_SMALL,
     AnchorConfig,
     AssignerConfig,
+    MaskHead,
     MaskRCNNConfig,
     ProposalConfig,
     RCNNTestConfig,
@@ -177,6 +178,24 @@ def test_multiscale_roi_align_one_level_and_no_rois():
     assert torch.equal(out, roi_align(feats[0], rois, 7, 0.25, 0, aligned=True))
     empty = multiscale_roi_align(feats, rois[:0], strides, 7)
     assert empty.shape == (0, 5, 7, 7) and empty.dtype == torch.float32
+
+
+def test_mask_head_label_channel():
+    # forward(x, labels) is forward(x)'s channel labels[r] of each RoI r, computed alone.
+    torch.manual_seed(3)
+    head = MaskHead(16, 32, 2, num_classes=5).eval()
+    x = torch.randn(9, 16, 14, 14)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3, 0, 4, 1])
+    with torch.no_grad():
+        every_class = head(x)  # [9, 5, 28, 28]
+        own = head(x, labels)  # [9, 28, 28]
+        # the channels-last deconvolution of this path gives the same bits as the NCHW one
+        up = head.upsample(head.convs(x))
+        up_cl = head.upsample(head.convs(x).contiguous(memory_format=torch.channels_last))
+    assert own.shape == (9, 28, 28)
+    torch.testing.assert_close(own, every_class[torch.arange(9), labels], rtol=1e-5, atol=1e-5)
+    assert torch.equal(up, up_cl)
+    assert head(x[:0], labels[:0]).shape == (0, 28, 28)
 
 
 def _random_blobs(gen, g, h, w):
