@@ -84,7 +84,8 @@ def class_aware_nms(
 
     Returns:
         ``int64 [K]`` indices of the kept boxes, by descending score (``K <= max_num`` when
-        ``max_num >= 0``); exactly torchvision's ``batched_nms(...)[:max_num]``.
+        ``max_num >= 0``): the full run's first ``max_num``, which for distinct scores is
+        torchvision's ``batched_nms(...)[:max_num]``.
     """
     if boxes.numel() == 0 or max_num == 0:
         return torch.zeros(0, dtype=torch.long, device=boxes.device)
