@@ -552,7 +552,7 @@ class RPNHead(nn.Module):
     def forward(self, features) -> tuple[Tensor, Tensor]:
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.rpn_conv(x))
+            t = F.relu(self.rpn_conv(x), inplace=True)  # [B, F, H, W]
             b = x.shape[0]
             logits.append(self.rpn_cls(t).permute(0, 2, 3, 1).reshape(b, -1))  # [B, H*W*A]
             deltas.append(self.rpn_reg(t).permute(0, 2, 3, 1).reshape(b, -1, 4))  # [B, H*W*A, 4]
@@ -640,7 +640,9 @@ class MaskRCNN(nn.Module):
     # ---- proposals ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def proposals(self, outputs: MaskRCNNOutputs, image_sizes, cfg: ProposalConfig) -> Proposals:
+    def proposals(
+        self, outputs: MaskRCNNOutputs, image_sizes, cfg: ProposalConfig, trim: bool = False
+    ) -> Proposals:
         """RPN proposals for the whole batch: top ``nms_pre`` per level, decode, clip, NMS.
 
         Top-k, decoding, clipping and the size filter run batched. NMS runs per image *and per FPN
@@ -652,6 +654,12 @@ class MaskRCNN(nn.Module):
         -1 instead of being removed (below every sigmoid score, they can suppress nothing; they
         sort last and are marked invalid). The same steps per image and per level:
         :func:`~instseg_edu.models.references.rpn_proposals_reference`.
+
+        ``trim``: ``P`` is the largest number of proposals an image kept instead of
+        ``cfg.max_per_img`` (NMS returns its count to the host, so this costs no extra wait).
+        At inference every slot goes through the box head, and the slots after the last image's
+        last proposal are padding in every image: trimming them changes no detection. Training
+        keeps ``P = max_per_img``, the shape the RoI sampler draws from.
         """
         logits = outputs.rpn_logits.detach().float()  # [B, N]
         deltas = outputs.rpn_deltas.detach().float()  # [B, N, 4]
@@ -678,14 +686,18 @@ class MaskRCNN(nn.Module):
         big_enough = (wh > cfg.min_bbox_size).all(-1)  # [B, K]
         nms_scores = torch.where(big_enough, scores, -1.0)  # [B, K]
 
-        p = cfg.max_per_img
+        keeps = [  # [n_i] indices into K per image, best first over all levels, n_i <= P
+            class_aware_nms(
+                boxes[i], nms_scores[i], levels[i], cfg.nms_iou_threshold, cfg.max_per_img
+            )
+            for i in range(b)
+        ]
+        p = max((k.numel() for k in keeps), default=0) if trim else cfg.max_per_img
         out_boxes = boxes.new_zeros(b, p, 4)
         out_scores = scores.new_zeros(b, p)
         out_levels = levels.new_zeros(b, p)
         out_valid = torch.zeros(b, p, dtype=torch.bool, device=boxes.device)
-        for i in range(b):
-            keep = class_aware_nms(boxes[i], nms_scores[i], levels[i], cfg.nms_iou_threshold)
-            keep = keep[:p]  # [n] indices into K, best first over all levels
+        for i, keep in enumerate(keeps):
             n, ok = keep.numel(), big_enough[i, keep]  # [n]
             out_boxes[i, :n] = boxes[i, keep] * ok[:, None]  # too-small boxes: zeros, invalid
             out_scores[i, :n] = scores[i, keep] * ok
@@ -799,8 +811,9 @@ class MaskRCNN(nn.Module):
         )  # [R, F, 7, 7]
         return self.bbox_head(x)
 
-    def mask_forward(self, features, rois: Tensor) -> Tensor:
-        """Mask head on ``[R, 5]`` RoIs: ``[R, C, M, M]`` logits."""
+    def mask_forward(self, features, rois: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Mask head on ``[R, 5]`` RoIs: ``[R, C, M, M]`` logits, or with ``labels`` (``int64
+        [R]``) only each RoI's class: ``[R, M, M]``."""
         r = self.cfg.roi_head
         x = multiscale_roi_align(
             features,
@@ -811,7 +824,7 @@ class MaskRCNN(nn.Module):
             r.aligned,
             r.finest_scale,
         )  # [R, F, 14, 14]
-        return self.mask_head(x)
+        return self.mask_head(x, labels)
 
     def loss(self, outputs: MaskRCNNOutputs, batch: Batch) -> dict[str, Tensor]:
         """RPN, box and mask losses, with MMDetection's weights (all 1) and normalisations.
@@ -879,9 +892,10 @@ class MaskRCNN(nn.Module):
         c = self.num_classes
         b = len(image_sizes)
         device = outputs.rpn_logits.device
-        props = self.proposals(outputs, image_sizes, self.cfg.test_cfg.rpn)
+        props = self.proposals(outputs, image_sizes, self.cfg.test_cfg.rpn, trim=True)
         # Every proposal slot goes through the box head, padding included (its scores are zeroed
-        # below): a fixed R = B * P, so no host read is needed to build the RoIs.
+        # below): R = B * P with P the largest count of an image, known on the host from NMS, so
+        # no further host read is needed to build the RoIs.
         p = props.boxes.shape[1]
         img = torch.arange(b, device=device).repeat_interleave(p)  # [R] image of each RoI
         rois = torch.cat([img[:, None].float(), props.boxes.reshape(-1, 4)], 1)  # [R, 5]
@@ -905,9 +919,9 @@ class MaskRCNN(nn.Module):
         for i, n in enumerate(counts):
             idx = first_k_true(keep[i], n)  # [n] candidates of image i
             order = class_aware_nms(
-                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms_iou_threshold
+                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms_iou_threshold, cfg.max_per_img
             )
-            kept.append(idx[order[: cfg.max_per_img]])  # [K_i] best first
+            kept.append(idx[order])  # [K_i] best first, K_i <= max_per_img
         num_dets = [len(k) for k in kept]  # tensor sizes: known on the host
         det_img = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(num_dets)])
         det_cols = torch.cat(kept)  # [K_all] columns into P*C, grouped by image
@@ -916,10 +930,8 @@ class MaskRCNN(nn.Module):
         det_labels = labels[det_cols]  # [K_all]
 
         det_rois = torch.cat([det_img[:, None].float(), det_boxes], 1)  # [K_all, 5]
-        mask_logits = self.mask_forward(outputs.features, det_rois)  # [K_all, C, M, M]
-        probs = (
-            mask_logits[torch.arange(len(det_cols), device=device), det_labels].float().sigmoid()
-        )
+        # [K_all, M, M]: each detection's own class only
+        probs = self.mask_forward(outputs.features, det_rois, det_labels).float().sigmoid()
 
         results = []
         for i, (bx, sc, lb, pr) in enumerate(
