@@ -63,10 +63,93 @@ def test_host_syncs_ours_against_torchvision(tmp_path):
 
 
 def test_train_throughput_side_by_side(tmp_path):
-    out = run(tmp_path, "train_throughput.py", "--smoke", "--families", "retinanet")
+    out = run(tmp_path, "train_throughput.py", "--smoke", "--families", "retinanet",
+              "--json", "tp.json")  # fmt: skip
     for side in ("ours", "torchvision"):
         assert re.search(rf"retinanet {side}\s+fp32 train\s+[\d.]+ img/s\s+infer\s+[\d.]+", out)
-    assert re.search(r"ratio ours/torchvision: train [\d.]+x\s+infer [\d.]+x", out), out
+    assert re.search(r"ratio ours/torchvision: train [\d.]+x \([\d.]+-[\d.]+\)\s+infer", out), out
+    # Equal work: thresholds at 0, both sides return max_per_img detections per image.
+    assert "detections per image, both sides (equal work, max_per_img 100)" in out, out
+    result = json.loads((tmp_path / "tp.json").read_text())["retinanet"]
+    (run_,) = result["runs"]
+    for side in ("ours", "torchvision"):
+        assert len(run_["repeats"][side]) == 2  # --smoke: two alternations
+        work = [[w["detections"] for w in r["work"]] for r in run_["repeats"][side]]
+        assert work == [[[100, 100], [100]]] * 2
+    assert set(result["ratios"]) == {"train", "infer", "latency_speedup"}
+
+
+def test_train_throughput_mask_rcnn_box_heads_see_equal_rois(tmp_path):
+    out = run(tmp_path, "train_throughput.py", "--smoke", "--families", "mask_rcnn",
+              "--json", "tp.json")  # fmt: skip
+    result = json.loads((tmp_path / "tp.json").read_text())["mask_rcnn"]
+    k = result["rpn_max_per_img"]
+    assert 0 < k <= 150  # the small preset's test-time proposals, then the fewest of either RPN
+    assert f"RPN capped at {k} proposals per image): batches [{2 * k}], batch-1 {k}" in out, out
+    for side in ("ours", "torchvision"):
+        for r in result["runs"][0]["repeats"][side]:
+            assert r["work"] == [{"detections": [50, 50], "box_head_rois": 2 * k},
+                                 {"detections": [50], "box_head_rois": k}]  # fmt: skip
+
+
+class _FakeSide:
+    """Stands in for ``train_throughput.Side``: returns ``counts`` detections per image."""
+
+    def __init__(self, counts, log):
+        self.counts, self.calls, self.log = counts, [], log
+
+    def train_step(self, batch, precision):
+        self.calls.append(("train", batch))
+        self.log.append(self)
+
+    def infer(self, batch, precision):
+        self.calls.append(("infer", batch))
+        return batch
+
+    def restore_buffers(self):
+        self.calls.append(("restore", None))
+
+    def work(self, outputs):
+        return {"detections": [self.counts] * len(outputs)}
+
+
+def _side_by_side(counts_ours, counts_peer, repeats=3):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import torch
+    from train_throughput import measure_side_by_side
+
+    log = []  # which side trained, in order
+    sides = {"ours": _FakeSide(counts_ours, log), "torchvision": _FakeSide(counts_peer, log)}
+    batches, batch1 = [["a", "b"], ["c", "d"]], ["a"]
+    result = measure_side_by_side(
+        sides, batches, batch1, "fp32", warmup=1, repeats=repeats, steps=2,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    return sides, result, log
+
+
+def test_measure_side_by_side_alternates_and_counts_detections():
+    sides, result, log = _side_by_side(100, 100)
+    ours, peer = sides["ours"], sides["torchvision"]
+    # warm-up of each, then repeats 0 (ours first), 1 (torchvision first), 2 (ours first)
+    assert log == [ours, peer] + [ours] * 2 + [peer] * 4 + [ours] * 4 + [peer] * 2
+    for side in sides.values():  # warm-up (train, restore, infer, batch-1), then 3 x 7 calls
+        assert len(side.calls) == 4 + 3 * 7
+        assert side.calls[4:9] == [("train", ["a", "b"]), ("train", ["c", "d"]), ("restore", None),
+                                   ("infer", ["a", "b"]), ("infer", ["c", "d"])]  # fmt: skip
+    assert [w["detections"] for w in result["work"]] == [[100, 100], [100, 100], [100]]
+    assert len(result["repeats"]["ours"]) == len(result["repeats"]["torchvision"]) == 3
+    assert set(result["ratios"]) == set(result["ratio_ranges"]) == {
+        "train", "infer", "latency_speedup"
+    }  # fmt: skip
+    for key, (lo, hi) in result["ratio_ranges"].items():
+        assert lo <= result["ratios"][key] <= hi
+
+
+def test_measure_side_by_side_refuses_unequal_work():
+    with pytest.raises(RuntimeError, match=r"unequal work in repeat 0: ours .*100.* torchvision"):
+        _side_by_side(100, 37)
 
 
 def test_time_to_ap_evaluates_both_sides_with_pycocotools(tmp_path):

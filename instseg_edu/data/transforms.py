@@ -84,7 +84,9 @@ class ResizeKeepAspect:
 
     def __call__(self, image: tv_tensors.Image, parts: Parts) -> tuple[tv_tensors.Image, Parts]:
         new_hw = list(resized_size(image.shape[-2], image.shape[-1], self.size))
-        if new_hw == list(image.shape[-2:]):  # already that size: nothing to resample
+        if new_hw == list(image.shape[-2:]):
+            # Already at size: every resize below would be the identity. torchvision returns
+            # the image as is, but the masks' interpolate would still cost ~4 ms per mask at 256².
             return image, parts
         image = F.resize(image, new_hw, interpolation=InterpolationMode.BILINEAR, antialias=True)
         resized = {}

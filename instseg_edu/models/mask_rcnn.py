@@ -264,9 +264,12 @@ class MaskRCNN(nn.Module):
     # ---- proposals ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def proposals(self, outputs: MaskRCNNOutputs, image_sizes, cfg: ProposalConfig) -> Proposals:
+    def proposals(
+        self, outputs: MaskRCNNOutputs, image_sizes, cfg: ProposalConfig, trim: bool = False
+    ) -> Proposals:
         """RPN proposals for the whole batch: top ``nms_pre`` per level, decode, clip, NMS per
-        level, best ``max_per_img`` (:func:`~instseg_edu.models.rpn.rpn_proposals`). The same
+        level, best ``max_per_img`` (:func:`~instseg_edu.models.rpn.rpn_proposals`; ``trim``:
+        only as many slots as the image with the most proposals needs, for inference). The same
         steps per image and per level:
         :func:`~instseg_edu.models.references.rpn_proposals_reference`."""
         sizes = [tuple(f.shape[-2:]) for f in outputs.features]
@@ -279,6 +282,7 @@ class MaskRCNN(nn.Module):
             image_sizes,
             self.rpn_coder,
             cfg,
+            trim=trim,
         )
 
     # ---- stage 2: targets and loss -----------------------------------------------------------
@@ -406,9 +410,11 @@ class MaskRCNN(nn.Module):
         """Box head on ``[R, 5]`` RoIs: ``([R, C+1] logits, [R, 4C] deltas)``."""
         return self.bbox_head(self._roi_features(features, rois, self.cfg.roi_head.bbox_roi_size))
 
-    def mask_forward(self, features, rois: Tensor) -> Tensor:
-        """Mask head on ``[R, 5]`` RoIs: ``[R, C, T, T]`` logits."""
-        return self.mask_head(self._roi_features(features, rois, self.cfg.roi_head.mask_roi_size))
+    def mask_forward(self, features, rois: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Mask head on ``[R, 5]`` RoIs: ``[R, C, T, T]`` logits, or with ``labels`` (``int64
+        [R]``) only each RoI's class: ``[R, T, T]``."""
+        roi_features = self._roi_features(features, rois, self.cfg.roi_head.mask_roi_size)
+        return self.mask_head(roi_features, labels)
 
     def loss(self, outputs: MaskRCNNOutputs, batch: Batch) -> dict[str, Tensor]:
         """The five losses of Mask R-CNN (Faster R-CNN Sec. 3.1.2, Eq. 1; Mask R-CNN Sec. 3), all
@@ -513,9 +519,10 @@ class MaskRCNN(nn.Module):
         c = self.num_classes
         b = len(image_sizes)
         device = outputs.rpn_logits.device
-        props = self.proposals(outputs, image_sizes, self.cfg.test_cfg.rpn)
+        props = self.proposals(outputs, image_sizes, self.cfg.test_cfg.rpn, trim=True)
         # Every proposal slot goes through the box head, padding included (its scores are zeroed
-        # below): a fixed B * R RoIs, so no host read is needed to build them.
+        # below): B * R RoIs with R the largest count of an image, known on the host from NMS,
+        # so no further host read is needed to build them.
         p = props.boxes.shape[1]  # R proposals per image
         img = torch.arange(b, device=device).repeat_interleave(p)  # [B*R] image of each RoI
         rois = torch.cat([img[:, None].float(), props.boxes.reshape(-1, 4)], 1)  # [B*R, 5]
@@ -539,9 +546,9 @@ class MaskRCNN(nn.Module):
         for i, n in enumerate(counts):
             idx = first_k_true(keep[i], n)  # [n] candidates of image i
             order = class_aware_nms(
-                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms.iou_threshold
+                boxes[i, idx], scores[i, idx], labels[idx], cfg.nms.iou_threshold, cfg.max_per_img
             )
-            kept.append(idx[order[: cfg.max_per_img]])  # [K_i] best first
+            kept.append(idx[order])  # [K_i] best first, K_i <= max_per_img
         num_dets = [len(k) for k in kept]  # tensor sizes: known on the host
         det_img = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(num_dets)])
         det_cols = torch.cat(kept)  # [K_all] columns into R*C, grouped by image
@@ -550,10 +557,8 @@ class MaskRCNN(nn.Module):
         det_labels = labels[det_cols]  # [K_all]
 
         det_rois = torch.cat([det_img[:, None].float(), det_boxes], 1)  # [K_all, 5]
-        mask_logits = self.mask_forward(outputs.features, det_rois)  # [K_all, C, T, T]
-        probs = (
-            mask_logits[torch.arange(len(det_cols), device=device), det_labels].float().sigmoid()
-        )
+        # [K_all, T, T]: each detection's own class only
+        probs = self.mask_forward(outputs.features, det_rois, det_labels).float().sigmoid()
 
         results = []
         for i, (bx, sc, lb, pr) in enumerate(

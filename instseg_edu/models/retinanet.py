@@ -387,8 +387,9 @@ class RetinaNet(nn.Module):
         for i, n in enumerate(counts):
             idx = first_k_true(keep[i], n)  # [n] this image's candidates
             img_boxes, img_scores, img_labels = boxes[i, idx], cand_scores[i, idx], labels[i, idx]
-            kept = class_aware_nms(img_boxes, img_scores, img_labels, test.nms.iou_threshold)
-            kept = kept[: test.max_per_img]  # batched_nms sorts by score, descending
+            kept = class_aware_nms(  # [K] by descending score, K <= max_per_img
+                img_boxes, img_scores, img_labels, test.nms.iou_threshold, test.max_per_img
+            )
             results.append(Detections(img_boxes[kept], img_scores[kept], img_labels[kept]))
         return results
 

@@ -62,7 +62,7 @@ class RPNHead(nn.Module):
     def forward(self, features) -> tuple[Tensor, Tensor]:
         logits, deltas = [], []
         for x in features:
-            t = F.relu(self.rpn_conv(x))  # [B, F, H, W]
+            t = F.relu(self.rpn_conv(x), inplace=True)  # [B, F, H, W]
             logits.append(to_B_HWA_K(self.rpn_cls(t), 1)[..., 0])  # [B, H*W*A]
             deltas.append(to_B_HWA_K(self.rpn_reg(t), 4))  # [B, H*W*A, 4]
         return torch.cat(logits, 1), torch.cat(deltas, 1)  # [B, N], [B, N, 4]
@@ -154,6 +154,7 @@ def rpn_proposals(
     image_sizes: list[tuple[int, int]],
     coder: DeltaXYWHBBoxCoder,
     cfg: ProposalConfig,
+    trim: bool = False,
 ) -> Proposals:
     """RPN proposals for the whole batch: top ``nms_pre`` per level, decode, clip, NMS.
 
@@ -172,6 +173,11 @@ def rpn_proposals(
         image_sizes: each image's true ``(h, w)``; the boxes are clipped to it.
         coder: the RPN's box coder.
         cfg: ``train_cfg.rpn_proposal`` or ``test_cfg.rpn``.
+        trim: ``R`` is the largest number of proposals an image kept instead of
+            ``cfg.max_per_img`` (NMS returns its count to the host, so this costs no extra wait).
+            At inference every slot goes through the box head, and the slots after the last
+            image's last proposal are padding in every image: trimming them changes no
+            detection. Training keeps ``R = max_per_img``, the shape the RoI sampler draws from.
 
     Returns:
         :class:`Proposals`.
@@ -190,14 +196,16 @@ def rpn_proposals(
     big_enough = (wh > cfg.min_bbox_size).all(-1)  # [B, K]
     nms_scores = torch.where(big_enough, scores, -1.0)  # [B, K]
 
-    r = cfg.max_per_img
+    keeps = [  # [n_i] indices into K per image, best first over all levels, n_i <= max_per_img
+        class_aware_nms(boxes[i], nms_scores[i], levels[i], cfg.nms.iou_threshold, cfg.max_per_img)
+        for i in range(b)
+    ]
+    r = max((k.numel() for k in keeps), default=0) if trim else cfg.max_per_img
     out_boxes = boxes.new_zeros(b, r, 4)
     out_scores = scores.new_zeros(b, r)
     out_levels = levels.new_zeros(b, r)
     out_valid = torch.zeros(b, r, dtype=torch.bool, device=boxes.device)
-    for i in range(b):
-        keep = class_aware_nms(boxes[i], nms_scores[i], levels[i], cfg.nms.iou_threshold)
-        keep = keep[:r]  # [n] indices into K, best first over all levels
+    for i, keep in enumerate(keeps):
         n, ok = keep.numel(), big_enough[i, keep]  # [n]
         out_boxes[i, :n] = boxes[i, keep] * ok[:, None]  # too-small boxes: zeros, invalid
         out_scores[i, :n] = scores[i, keep] * ok

@@ -84,6 +84,37 @@ def test_resize_keep_aspect_golden():
     assert 0.0 <= out_image.min() and out_image.max() <= 1.0
 
 
+def test_resize_to_the_same_size_changes_nothing(monkeypatch):
+    # Images already at size skip every resize; the resizes themselves would be the identity.
+    from instseg_edu.data import transforms
+
+    image = torch.rand(3, 24, 32)
+    masks = torch.rand(3, 24, 32) > 0.5
+    target = _target(masks, ignore=torch.tensor([[1.0, 2.0, 9.0, 20.0]]))
+    step = transforms.ResizeKeepAspect(32)
+    from torchvision import tv_tensors
+
+    tv_image = tv_tensors.Image(image)  # what a step sees
+    parts = {
+        "boxes": tv_tensors.BoundingBoxes(target.boxes, format="XYXY", canvas_size=(24, 32)),
+        "masks": tv_tensors.Mask(masks.to(torch.uint8)),
+    }
+    got_image, got_parts = step(tv_image, parts)
+    assert got_image is tv_image and got_parts is parts
+    same_size = [24, 32]  # (h, w): resizing for real gives identical tensors
+    assert torch.equal(transforms._resize_masks(parts["masks"], same_size), parts["masks"])
+    resized = v2.functional.resize(
+        tv_image, same_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True
+    )
+    assert torch.equal(resized, tv_image)
+    assert torch.equal(v2.functional.resize(parts["boxes"], same_size), parts["boxes"])
+    calls = []
+    monkeypatch.setattr(transforms, "_resize_masks", lambda *a: calls.append(a))
+    out_image, out = eval_transforms(32)(image, target)
+    assert calls == [] and torch.equal(out_image, image) and torch.equal(out.masks, masks)
+    assert torch.equal(out.boxes, target.boxes)
+
+
 def test_objects_that_vanish_are_dropped():
     image = torch.rand(3, 64, 64)
     masks = torch.zeros(3, 64, 64, dtype=torch.bool)

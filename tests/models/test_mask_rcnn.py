@@ -18,6 +18,7 @@ from instseg_edu.models.mask_rcnn import (
     MASK_RCNN_R18_SMALL,
     AnchorConfig,
     AssignerConfig,
+    MaskHead,
     MaskRCNNConfig,
     ProposalConfig,
     RCNNTestConfig,
@@ -33,6 +34,7 @@ from instseg_edu.models.mask_rcnn import (
 )
 from instseg_edu.models.roi_heads import mask_targets_reference, paste_masks_reference
 from instseg_edu.ops.assign import POSITIVE
+from instseg_edu.ops.nms import NMSConfig
 from instseg_edu.structures import Batch, Detections, Target
 
 NUM_CLASSES = 3
@@ -209,6 +211,38 @@ def test_multiscale_roi_align_equals_per_roi_call_on_its_level():
         lvl = int(levels[i])
         ref = roi_align(feats[lvl], rois[i : i + 1], 7, 1.0 / strides[lvl], 2, aligned=True)
         torch.testing.assert_close(out[i : i + 1], ref)
+
+
+def test_multiscale_roi_align_one_level_and_no_rois():
+    # All RoIs under 112 px read P2: returned as roi_align gives them, no scatter; none: empty.
+    torch.manual_seed(2)
+    strides = (4, 8, 16, 32)
+    feats = [torch.randn(2, 5, 64 // s * 4, 64 // s * 4) for s in strides]
+    xy = torch.rand(12, 2) * 150
+    rois = torch.cat([torch.randint(0, 2, (12, 1)).float(), xy, xy + 4 + torch.rand(12, 2) * 90], 1)
+    assert (map_rois_to_levels(rois[:, 1:], 4) == 0).all()
+    out = multiscale_roi_align(feats, rois, strides, 7, sampling_ratio=0)
+    assert torch.equal(out, roi_align(feats[0], rois, 7, 0.25, 0, aligned=True))
+    empty = multiscale_roi_align(feats, rois[:0], strides, 7)
+    assert empty.shape == (0, 5, 7, 7) and empty.dtype == torch.float32
+
+
+def test_mask_head_label_channel():
+    # forward(x, labels) is forward(x)'s channel labels[r] of each RoI r, computed alone.
+    torch.manual_seed(3)
+    head = MaskHead(16, 32, 2, num_classes=5).eval()
+    x = torch.randn(9, 16, 14, 14)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3, 0, 4, 1])
+    with torch.no_grad():
+        every_class = head(x)  # [9, 5, 28, 28]
+        own = head(x, labels)  # [9, 28, 28]
+        # the channels-last deconvolution of this path gives the same bits as the NCHW one
+        up = head.upsample(head.convs(x))
+        up_cl = head.upsample(head.convs(x).contiguous(memory_format=torch.channels_last))
+    assert own.shape == (9, 28, 28)
+    torch.testing.assert_close(own, every_class[torch.arange(9), labels], rtol=1e-5, atol=1e-5)
+    assert torch.equal(up, up_cl)
+    assert head(x[:0], labels[:0]).shape == (0, 28, 28)
 
 
 def _random_blobs(gen, g, h, w):
@@ -540,6 +574,58 @@ def test_bf16_autocast_keeps_roi_coordinates_in_float32(model):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model.loss(model(batch.images), batch)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_trimmed_proposals_drop_only_padding_slots(model):
+    torch.manual_seed(11)
+    batch = make_batch(seed=11)
+    model.eval()
+    with torch.no_grad():
+        out = model(batch.images)
+    out = out._replace(rpn_logits=torch.randn_like(out.rpn_logits) * 3)
+    # NMS leaves fewer than max_per_img, and a different number in each image
+    cfg = ProposalConfig(nms_pre=100, max_per_img=400, nms=NMSConfig(0.5))
+    full = model.proposals(out, batch.image_sizes, cfg)
+    trimmed = model.proposals(out, batch.image_sizes, cfg, trim=True)
+    counts = full.valid.sum(1).tolist()
+    assert max(counts) < 400 and counts[0] != counts[1]
+    p = trimmed.boxes.shape[1]
+    # kept by NMS: the valid proposals and boxes too small to keep (zeros, invalid), in order
+    assert max(counts) <= p < 400
+    for name in ("boxes", "scores", "levels", "valid"):
+        assert torch.equal(getattr(trimmed, name), getattr(full, name)[:, :p]), name
+        assert not getattr(full, name)[:, p:].any(), name  # what was cut: zeros, invalid
+    for name in ("pre_nms_boxes", "pre_nms_scores", "pre_nms_levels", "pre_nms_valid"):
+        assert torch.equal(getattr(trimmed, name), getattr(full, name)), name
+
+
+def test_predict_on_trimmed_proposals_equals_predict_on_all_slots(model, monkeypatch):
+    batch = make_batch(seed=5)
+    model.eval()
+    # Up to 2000 proposals per image: NMS leaves fewer, so trimming drops padding slots.
+    lenient = replace(
+        model.cfg.test_cfg,
+        rpn=ProposalConfig(nms_pre=1000, max_per_img=2000),
+        rcnn=replace(model.cfg.test_cfg.rcnn, score_thr=0.0),
+    )
+    monkeypatch.setattr(model, "cfg", replace(model.cfg, test_cfg=lenient))
+    with torch.no_grad():
+        out = model(batch.images)
+        props = model.proposals(out, batch.image_sizes, lenient.rpn, trim=True)
+        assert props.boxes.shape[1] < 2000 and not props.valid.all()
+        trimmed = model.predict(out, batch.image_sizes)
+        untrimmed_proposals = model.proposals
+        monkeypatch.setattr(
+            model, "proposals", lambda o, sizes, cfg, trim: untrimmed_proposals(o, sizes, cfg)
+        )
+        every_slot = model.predict(out, batch.image_sizes)
+    assert [len(d) for d in trimmed] == [len(d) for d in every_slot]
+    assert all(len(d) > 0 for d in trimmed)
+    for got, ref in zip(trimmed, every_slot):
+        torch.testing.assert_close(got.boxes, ref.boxes)
+        torch.testing.assert_close(got.scores, ref.scores)
+        assert torch.equal(got.labels, ref.labels)
+        assert torch.equal(got.masks, ref.masks)
 
 
 # ---- box-only objects ----------------------------------------------------------------------------

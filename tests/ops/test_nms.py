@@ -5,6 +5,7 @@ import torch
 
 from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.ops.nms import (
+    PREFIX_FACTOR,
     class_aware_nms,
     fast_nms,
     fast_nms_batched,
@@ -207,3 +208,54 @@ def test_class_aware_nms_equals_torchvision_batched_nms(n, seed):
     for thr in (0.3, 0.5, 0.7):
         expected = batched_nms(boxes, scores, labels, thr)
         assert torch.equal(class_aware_nms(boxes, scores, labels, thr), expected)
+
+
+def _random_detections(n, seed, num_classes=7, levels=None):
+    gen = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=gen) * 200 - 20
+    boxes = torch.cat([xy, xy + 5 + torch.rand(n, 2, generator=gen) * 80], 1)
+    scores = torch.rand(n, generator=gen)
+    if levels is not None:  # few distinct values: many tied scores
+        scores = (scores * levels).floor() / levels
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    return boxes, scores, labels
+
+
+@pytest.mark.parametrize("n", [30, 400, 4000])
+@pytest.mark.parametrize("max_num", [1, 10, 100, 2000])
+@pytest.mark.parametrize("ties", [None, 20])
+def test_class_aware_nms_prefix_equals_the_full_run(n, max_num, ties):
+    # The first max_num kept boxes of NMS over a score prefix are those of the full run, also
+    # with tied scores; 2000 > what survives: the prefix grows until it holds every box. (Tied
+    # scores are visited in index order here; torchvision's per-class loop, above 4000
+    # coordinates, re-sorts its result unstably, so the tie order is only compared with ours.)
+    from torchvision.ops import batched_nms
+
+    boxes, scores, labels = _random_detections(n, seed=n + max_num, levels=ties)
+    for thr in (0.3, 0.5, 0.7):
+        full = class_aware_nms(boxes, scores, labels, thr)
+        if ties is None:
+            assert torch.equal(full, batched_nms(boxes, scores, labels, thr))
+        assert torch.equal(class_aware_nms(boxes, scores, labels, thr, max_num), full[:max_num])
+
+
+def test_class_aware_nms_prefix_grows_when_too_few_survive():
+    # 50 copies of one box per class, best first, then 100 distinct boxes: at max_num=10 the first
+    # prefix (40 boxes, all copies of class 0's box) keeps 1 box, so the prefix must double twice.
+    copies = torch.tensor([[0.0, 0, 10, 10]]).expand(50, 4)
+    spread = torch.arange(100.0)[:, None] * 20 + torch.tensor([100.0, 100, 110, 110])
+    boxes = torch.cat([copies, spread])
+    scores = torch.cat([torch.linspace(1.0, 0.9, 50), torch.linspace(0.8, 0.1, 100)])
+    labels = torch.zeros(150, dtype=torch.long)
+    assert PREFIX_FACTOR * 10 < 50 + 9  # the first prefix is too short
+    with count_host_syncs() as syncs:
+        kept = class_aware_nms(boxes, scores, labels, 0.5, max_num=10)
+    assert kept.tolist() == [0, *range(50, 59)]
+    assert syncs.count > 1  # one NMS per prefix tried
+
+
+def test_class_aware_nms_prefix_is_one_nms():
+    boxes, scores, labels = _random_detections(4000, seed=0)
+    with count_host_syncs() as syncs:
+        kept = class_aware_nms(boxes, scores, labels, 0.5, max_num=100)
+    assert len(kept) == 100 and syncs.count == 1, syncs.summary()
