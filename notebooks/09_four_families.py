@@ -97,8 +97,10 @@ from instseg_edu.viz.draw import draw_detections
 from instseg_edu.viz.report import compare_outcomes_plot
 
 NAMES = {"retinanet": "RetinaNet", "mask_rcnn": "Mask R-CNN", "solo": "SOLO", "yolact": "YOLACT"}
+NOTEBOOK = {"retinanet": "04", "mask_rcnn": "06", "solo": "07", "yolact": "08"}  # who saves it
 torch.manual_seed(SEED)
 device = resolve_device("auto")
+DEVICE_NAME = "GPU" if device.type == "cuda" else "CPU"
 
 # One validation split for all four: every recipe of a tier has the same image size and number
 # of validation images, and the shapes generator draws image i of a split from (seed, split, i),
@@ -146,7 +148,7 @@ for f, r in RECIPES.items():
 #
 # A family trained here uses `train` as its notebook does: the recipe's optimiser, warm-up,
 # schedule and clipping, over `planned_steps` steps. Should the machine slow down after
-# section 1's measurement, a callback stops it at 1.25 × the budget.
+# section 1's measurement, a callback stops it at 1.1 × the budget.
 
 
 # %%
@@ -192,13 +194,14 @@ def load_saved(family: str, r):
     model = getattr(importlib.import_module(module_name), builder)(cfg)
     model.load_state_dict(ckpt["model"])
     info = {
-        "source": "saved",
+        "source": f"notebook {NOTEBOOK[family]}",
+        "loaded": True,
         "preset": meta["preset"],
         "steps": len(ckpt["history"]["steps"]),
         "batch": saved["batch_size"],
         "seconds": training_seconds(ckpt["history"], saved["batch_size"]),
     }
-    print(f"{NAMES[family]}: loaded {path} — {meta['preset']}, {info['steps']} steps of "
+    print(f"{NAMES[family]}: loaded {path} — {meta['preset']}, {info['steps']} step(s) of "
           f"{saved['batch_size']} images ({saved['optimizer']}, lr {saved['lr']:g}), trained "
           f"{duration(info['seconds'])}")  # fmt: skip
     return (model, info), ""
@@ -226,7 +229,7 @@ def train_here(family: str, r):
     model = r.build_model(len(CLASSES))
     cfg = r.train_config(max_steps=planned_steps[family], seed=SEED, device=str(device),
                          log_every=1 if SMOKE else 20, progress=not SMOKE)  # fmt: skip
-    guard = [] if TRAIN_BUDGET_S is None else [StopAfter(1.25 * TRAIN_BUDGET_S)]
+    guard = [] if TRAIN_BUDGET_S is None else [StopAfter(1.1 * TRAIN_BUDGET_S)]
     start = time.perf_counter()
     history = train(model, loader, cfg, callbacks=guard)
     seconds = time.perf_counter() - start
@@ -234,7 +237,7 @@ def train_here(family: str, r):
     print(f"{NAMES[family]}: trained here — {r.model}, {len(history.steps)} steps of "
           f"{r.batch_size} images in {seconds:.0f} s{stopped}; last loss "
           f"{history.steps[-1]['loss']:.3f}")  # fmt: skip
-    info = {"source": "trained here", "preset": r.model, "steps": len(history.steps),
+    info = {"source": "trained here", "loaded": False, "preset": r.model, "steps": len(history.steps),
             "batch": r.batch_size, "seconds": seconds}  # fmt: skip
     return model, info
 
@@ -330,7 +333,7 @@ for f in FAMILIES:
         f"{t['train img/s']:.1f} | {t['latency ms']:.1f} ms |"
     )
 display(Markdown("\n".join(rows) + f"\n\n{len(val_set)} validation images of {IMAGE_SIZE}² on "
-                 f"{device}, tier `{TIER}`."))  # fmt: skip
+                 f"this {DEVICE_NAME} ({device}), tier `{TIER}`."))  # fmt: skip
 
 # %% [markdown]
 # ## 4 · Masks side by side
@@ -445,7 +448,7 @@ lines.append(f"**Masks:** {NAMES[f]} has the best mask AP, {table[f]['mask AP']:
 f, g = fast_infer[0], fast_infer[-1]
 ms = {k: table[k]["latency ms"] for k in FAMILIES}
 lines.append(f"**Speed of prediction:** {NAMES[f]} answers fastest, {ms[f]:.1f} ms for one "
-             f"image on {device.type}, {ms[g] / ms[f]:.1f}× faster than {NAMES[g]} "
+             f"image on this {DEVICE_NAME}, {ms[g] / ms[f]:.1f}× faster than {NAMES[g]} "
              f"({ms[g]:.1f} ms).")  # fmt: skip
 f, g = fast_train[0], fast_train[-1]
 img_s = {k: table[k]["train img/s"] for k in FAMILIES}
@@ -472,11 +475,11 @@ for f in FAMILIES:
                      f"{SCORE_THR}): *{kind}*, {count} of its {total}.")  # fmt: skip
 by_source = {}
 for f, info in trained.items():
-    by_source.setdefault(info["source"], []).append(NAMES[f])
+    by_source.setdefault(info["loaded"], []).append(NAMES[f])
 budget = "" if TRAIN_BUDGET_S is None else f" (at most {TRAIN_BUDGET_S:g} s each)"
-where = {"saved": "loaded from their notebooks", "trained here": f"trained here{budget}"}
+where = {True: "loaded from their notebooks", False: f"trained here{budget}"}
 lines.append("All of this holds for these models — "
              + "; ".join(f"{', '.join(n)} {where[s]}" for s, n in by_source.items())
-             + f" — on {IMAGE_SIZE}² shapes images and this {device.type}: train longer and the "
+             + f" — on {IMAGE_SIZE}² shapes images and this {DEVICE_NAME}: train longer and the "
              "accuracy columns change, move to another device and the speed columns do.")  # fmt: skip
 display(Markdown("\n\n".join(lines)))
