@@ -39,12 +39,13 @@
 # without (ResNet-18 models at 128 px), `smoke` with `INSTSEG_SMOKE=1` (two training steps each:
 # it proves the code runs). `INSTSEG_TIER` wins over both. The `cpu` tier is meant to finish in
 # under ten minutes on two cores even when it trains all four families itself, and the four
-# recipes together take longer than that (about 4 + 5 + 2 + 2 minutes). So in the `cpu` tier a
-# family trained here gets a **time budget** (`TRAIN_BUDGET_S`): section 2 measures its seconds per
-# training step on this machine and it trains `min(recipe steps, budget / seconds per step)` steps,
-# with the recipe's learning-rate schedule fitted to that length. The same budget for everyone is
-# also a fair race: which family learns most in the same minutes? Run notebooks 04–08 first (or set
-# `TRAIN_BUDGET_S = None`) to compare the fully trained models instead.
+# recipes together take longer than that (RetinaNet's and Mask R-CNN's alone about 4 and 5
+# minutes). So in the `cpu` tier a family trained here gets a **time budget** (`TRAIN_BUDGET_S`):
+# section 1 measures its seconds per training step on this machine and it trains
+# `min(recipe steps, budget / seconds per step)` steps, with the recipe's learning-rate schedule
+# fitted to that length. The same budget for everyone is also a fair race: which family learns
+# most in the same minutes? Run notebooks 04–08 first (or set `TRAIN_BUDGET_S = None`) to compare
+# the fully trained models instead.
 
 # %% tags=["parameters"]
 from instseg_edu.recipes import FAMILIES, describe_tier, notebook_recipe, select_tier
