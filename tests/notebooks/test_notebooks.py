@@ -60,6 +60,9 @@ def test_ipynb_is_paired_and_output_free(py: Path):
 # Notebooks that train, and the family whose recipe they take.
 TRAINING = {"04_retinanet": "retinanet", "06_mask_rcnn": "mask_rcnn", "07_solo": "solo",
             "08_yolact": "yolact"}  # fmt: skip
+# Notebooks that compare all four families (loading the training notebooks' models or training
+# the missing ones themselves).
+COMPARING = {"09_four_families"}
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)
@@ -80,6 +83,16 @@ def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, 
     assert namespace["TIER"] == "cpu" and namespace["SMOKE"] is False
     printed = capsys.readouterr().out
     assert printed.startswith("tier 'cpu' (no CUDA device)"), printed
+    if py.stem in COMPARING:
+        assert namespace["RECIPES"] == {f: recipes.recipe(f, "cpu") for f in recipes.FAMILIES}
+        lines = printed.splitlines()
+        for line, r in zip(lines, namespace["RECIPES"].values()):
+            assert line.startswith("tier 'cpu' (no CUDA device): " + r.model), line
+        # The cpu tier's promise (<= 10 min on two cores) needs a training budget per family.
+        budget = namespace["TRAIN_BUDGET_S"]
+        assert budget is not None and 4 * budget <= 7 * 60
+        assert f"at most {budget:g} s" in lines[len(recipes.FAMILIES)]
+        return
     family = TRAINING.get(py.stem)
     if family is None:
         assert "trains no model" in printed
@@ -92,6 +105,33 @@ def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, 
     assert f"about {r.max_steps * 0.25 / 60:.1f} min" in printed
 
 
+# The comparing notebook finds these families saved by their notebooks and trains the others, so
+# one smoke run goes through both paths.
+SAVED_BEFORE_COMPARING = ("mask_rcnn", "yolact")
+
+
+def _save_as_training_notebook(family: str, tier: str, cwd: Path) -> None:
+    """What notebook 04/06/07/08 saves after training (here after one step of its recipe)."""
+    from instseg_edu.data.shapes import CLASSES
+    from instseg_edu.engine.checkpoint import config_to_dict, save_checkpoint
+    from instseg_edu.engine.train import train
+    from instseg_edu.recipes import notebook_checkpoint, notebook_recipe, shapes_batch
+
+    r = notebook_recipe(family, tier)
+    cfg = r.model_config(len(CLASSES))
+    model = r.build_model(len(CLASSES))
+    batches = [shapes_batch(r.batch_size, r.image_size)]
+    history = train(model, batches, r.train_config(max_steps=1, device="cpu", progress=False))
+    save_checkpoint(cwd / notebook_checkpoint(family, tier), {
+        "model": model.state_dict(),
+        "recipe": r.as_dict(),
+        "history": history.to_dict(),
+        "meta": {"model": family, "preset": r.model, "model_config": config_to_dict(cfg),
+                 "classes": list(CLASSES), "label_to_cat_id": list(range(1, len(CLASSES) + 1)),
+                 "image_size": r.image_size},
+    })  # fmt: skip
+
+
 @pytest.mark.notebooks
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)
@@ -102,6 +142,9 @@ def test_notebook_runs_in_smoke_mode(py: Path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    if py.stem in COMPARING:
+        for family in SAVED_BEFORE_COMPARING:
+            _save_as_training_notebook(family, "smoke", tmp_path)
     nb = jupytext.read(py)
     client = NotebookClient(
         nb,
@@ -123,6 +166,21 @@ def test_notebook_runs_in_smoke_mode(py: Path, tmp_path, monkeypatch):
     assert elapsed < SMOKE_BUDGET_S, f"{py.name} took {elapsed:.1f} s in smoke mode"
     # Nothing is written next to the notebooks: datasets go to a temp dir or data/.
     assert not any(p.suffix in {".png", ".json"} for p in (ROOT / "notebooks").iterdir())
+    if py.stem in COMPARING:
+        from instseg_edu.recipes import FAMILIES
+
+        printed = "".join(
+            o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
+        )
+        names = {"retinanet": "RetinaNet", "mask_rcnn": "Mask R-CNN", "solo": "SOLO",
+                 "yolact": "YOLACT"}  # fmt: skip
+        for family in FAMILIES:
+            loaded = f"{names[family]}: loaded runs/notebooks/smoke/{family}.pt"
+            trained = f"{names[family]}: trained here"
+            if family in SAVED_BEFORE_COMPARING:
+                assert loaded in printed and trained not in printed, family
+            else:
+                assert trained in printed and loaded not in printed, family
     # A training notebook saves its model where a later notebook (or `instseg-edu evaluate`)
     # finds it, relative to the notebook's working directory.
     family = TRAINING.get(py.stem)

@@ -1,0 +1,486 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09 · The four families, side by side
+#
+# Notebooks 04–08 took the four families apart one at a time. Here they meet on the same
+# validation images:
+#
+# | family | stages | where a mask comes from |
+# |---|---|---|
+# | **RetinaNet** (Lin et al., 2017) | one: dense anchors, focal loss | none: boxes only |
+# | **Mask R-CNN** (He et al., 2017) | two: RPN proposals, then RoI heads | a small FCN on each box's RoIAlign features, pasted back |
+# | **SOLO** (Wang et al., 2020) | one, no boxes: an S×S grid of cells | one full mask per grid cell; the box is the mask's extent |
+# | **YOLACT** (Bolya et al., 2019) | one: RetinaNet's head plus coefficients | image-wide prototypes combined by each detection's coefficients, cropped to its box |
+#
+# We compare what a learner can measure on their own machine: box and mask AP (pycocotools), how
+# many images per second each trains on, how long one image takes to predict, the masks
+# themselves, and *where* each one fails (COCOeval's own matches, sorted into kinds of error).
+# The summary at the end is written from the numbers measured here, not from the papers.
+#
+# **Where the models come from.** Notebooks 04 (RetinaNet), 06 (Mask R-CNN), 07 (SOLO) and 08
+# (YOLACT) save the model they trained to `runs/notebooks/<tier>/<family>.pt`; when that file
+# exists (for this tier, run from the same folder) it is loaded, and its recipe and training time
+# are printed. A family without one is trained here, with its notebook's recipe for this tier, on
+# the same shapes data.
+#
+# **Tiers.** `gpu` with CUDA (ResNet-50-FPN models at 512 px, each family's full recipe), `cpu`
+# without (ResNet-18 models at 128 px), `smoke` with `INSTSEG_SMOKE=1` (two training steps each:
+# it proves the code runs). `INSTSEG_TIER` wins over both. The `cpu` tier is meant to finish in
+# under ten minutes on two cores even when it trains all four families itself, and the four
+# recipes together take longer than that (RetinaNet's and Mask R-CNN's alone about 4 and 5
+# minutes). So in the `cpu` tier a family trained here gets a **time budget** (`TRAIN_BUDGET_S`):
+# section 1 measures its seconds per training step on this machine and it trains
+# `min(recipe steps, budget / seconds per step)` steps, with the recipe's learning-rate schedule
+# fitted to that length. The same budget for everyone is also a fair race: which family learns
+# most in the same minutes? Run notebooks 04–08 first (or set `TRAIN_BUDGET_S = None`) to compare
+# the fully trained models instead.
+
+# %% tags=["parameters"]
+from instseg_edu.recipes import FAMILIES, describe_tier, notebook_recipe, select_tier
+
+TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
+SMOKE = TIER == "smoke"
+# Each family's notebook recipe (04, 06, 07, 08); INSTSEG_TRAIN_STEPS overrides their steps.
+RECIPES = {family: notebook_recipe(family, TIER) for family in FAMILIES}
+# Seconds of training for each family trained here (None: its whole recipe). 100 s each keeps the
+# cpu tier under ten minutes on two cores with all four trained here.
+TRAIN_BUDGET_S = {"smoke": None, "cpu": 100.0, "gpu": None}[TIER]
+USE_CHECKPOINTS = True  # load what notebooks 04-08 saved for this tier; False: train all four here
+CHECKPOINT_ROOT = "runs"  # they save to <CHECKPOINT_ROOT>/notebooks/<tier>/<family>.pt
+SCORE_THR = 0.3  # detections drawn and counted in the error analysis
+NUM_SHOWN = 4  # validation images in the side-by-side figure
+LATENCY_REPEATS = 1 if SMOKE else 10  # timed passes over the NUM_SHOWN images, batch of one
+DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
+SEED = 0
+for r in RECIPES.values():
+    print(describe_tier(TIER, r, measure=False))
+if TRAIN_BUDGET_S is None:
+    print("a family without a saved model trains its whole recipe here")
+else:
+    print(f"a family without a saved model trains here for at most {TRAIN_BUDGET_S:g} s "
+          f"(all four: about {len(RECIPES) * TRAIN_BUDGET_S / 60:.1f} min of training)")  # fmt: skip
+
+# %%
+# %matplotlib inline
+import importlib
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from IPython.display import Markdown, display
+from matplotlib.figure import Figure
+from torch.utils.data import Subset
+
+from instseg_edu.data.coco import CocoDataset
+from instseg_edu.data.memory import InMemoryDataset
+from instseg_edu.data.shapes import CLASSES, make_shapes_dataset
+from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.analysis import COUNT_NAMES, error_analysis, match_model
+from instseg_edu.engine.checkpoint import config_from_dict, load_checkpoint
+from instseg_edu.engine.train import make_loader, resolve_device, train
+from instseg_edu.recipes import MODEL_BUILDERS, measure_step_seconds, notebook_checkpoint
+from instseg_edu.viz.draw import draw_detections
+from instseg_edu.viz.report import compare_outcomes_plot
+
+NAMES = {"retinanet": "RetinaNet", "mask_rcnn": "Mask R-CNN", "solo": "SOLO", "yolact": "YOLACT"}
+NOTEBOOK = {"retinanet": "04", "mask_rcnn": "06", "solo": "07", "yolact": "08"}  # who saves it
+torch.manual_seed(SEED)
+device = resolve_device("auto")
+DEVICE_NAME = "GPU" if device.type == "cuda" else "CPU"
+
+# One validation split for all four: every recipe of a tier has the same image size and number
+# of validation images, and the shapes generator draws image i of a split from (seed, split, i),
+# so these are also the images notebooks 04-08 evaluated on.
+sizes = {(r.image_size, r.num_val, r.in_memory) for r in RECIPES.values()}
+if len(sizes) != 1:
+    raise ValueError(f"the {TIER} recipes differ in image size / validation images: {sizes}")
+IMAGE_SIZE, NUM_VAL, IN_MEMORY = sizes.pop()
+root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
+val_json = make_shapes_dataset(root, NUM_VAL, IMAGE_SIZE, seed=SEED, split="val")
+val_set = CocoDataset(val_json, root / "val", eval_transforms(IMAGE_SIZE))
+if IN_MEMORY:  # read and resize every image once (the cpu tier)
+    val_set = InMemoryDataset(val_set)
+val_loader = make_loader(val_set, 8, shuffle=False)
+print(f"device {device}; {len(val_set)} validation images of {IMAGE_SIZE}², classes {CLASSES}")
+
+# %% [markdown]
+# ## 1 · How fast does each family train here?
+#
+# `measure_step_seconds` builds a fresh model of the recipe and times real training steps
+# (forward, loss, backward, optimiser update) on a batch of the recipe's size, after one warm-up
+# step. Images per second divides the batch by that time: RetinaNet's cpu recipe takes 4 images
+# a step, the others 8. In the `cpu` tier these times also set how many steps a family trained
+# here gets from its budget.
+
+# %%
+step_s = {f: measure_step_seconds(r, steps=1 if SMOKE else 3) for f, r in RECIPES.items()}
+train_img_s = {f: RECIPES[f].batch_size / step_s[f] for f in FAMILIES}
+planned_steps = {}
+for f, r in RECIPES.items():
+    fit = r.max_steps if TRAIN_BUDGET_S is None else int(TRAIN_BUDGET_S // step_s[f])
+    planned_steps[f] = max(1, min(r.max_steps, fit))
+    cut = "" if planned_steps[f] == r.max_steps else f" (budget: recipe has {r.max_steps})"
+    print(f"{NAMES[f]:11s} {r.model:23s} {step_s[f]:.3f} s/step, batch {r.batch_size}: "
+          f"{train_img_s[f]:6.1f} img/s -> {planned_steps[f]} steps here{cut}")  # fmt: skip
+
+
+# %% [markdown]
+# ## 2 · Load the saved models, train the missing ones
+#
+# A saved model is rebuilt from the config stored with it (so a later change of a preset cannot
+# silently change it) and its weights loaded. Its training time is read back from its history:
+# every logged step carries the throughput of its logging window, so `batch / img_s` summed over
+# the steps is the wall-clock time the training loop ran.
+#
+# A family trained here uses `train` as its notebook does: the recipe's optimiser, warm-up,
+# schedule and clipping, over `planned_steps` steps. Should the machine slow down after
+# section 1's measurement, a callback stops it at 1.1 × the budget.
+
+
+# %%
+class StopAfter:
+    """Training-loop callback: request a stop once ``seconds`` have passed since the start."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    def on_start(self, state):
+        self.start = time.perf_counter()
+
+    def on_step(self, state):
+        if time.perf_counter() - self.start > self.seconds:
+            state.request_stop()
+
+
+def training_seconds(history: dict, batch_size: int) -> float:
+    """Wall-clock seconds of a training run, from its history's steps (``img_s`` per window)."""
+    return sum(batch_size / s["img_s"] for s in history["steps"] if s.get("img_s", 0) > 0)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def load_saved(family: str, r):
+    """The model notebook 04/06/07/08 saved for this tier, or ``None`` (with the reason)."""
+    path = notebook_checkpoint(family, TIER, CHECKPOINT_ROOT)
+    if not USE_CHECKPOINTS or not path.exists():
+        return None, f"no {path}" if USE_CHECKPOINTS else "USE_CHECKPOINTS is False"
+    ckpt = load_checkpoint(path)
+    saved, meta = ckpt["recipe"], ckpt["meta"]
+    if meta.get("classes") != list(CLASSES) or saved["image_size"] != r.image_size:
+        return (
+            None,
+            f"{path} was trained on other data ({saved['image_size']} px, {meta['classes']})",
+        )
+    module_name, builder = MODEL_BUILDERS[family]  # e.g. models.solo, build_solo
+    config_cls = type(r.model_config(len(CLASSES)))
+    cfg = config_from_dict(config_cls, meta["model_config"])
+    model = getattr(importlib.import_module(module_name), builder)(cfg)
+    model.load_state_dict(ckpt["model"])
+    info = {
+        "source": f"notebook {NOTEBOOK[family]}",
+        "loaded": True,
+        "preset": meta["preset"],
+        "steps": len(ckpt["history"]["steps"]),
+        "batch": saved["batch_size"],
+        "seconds": training_seconds(ckpt["history"], saved["batch_size"]),
+    }
+    print(f"{NAMES[family]}: loaded {path} — {meta['preset']}, {info['steps']} step(s) of "
+          f"{saved['batch_size']} images ({saved['optimizer']}, lr {saved['lr']:g}), trained "
+          f"{duration(info['seconds'])}")  # fmt: skip
+    return (model, info), ""
+
+
+train_sets = {}  # num_train -> the training split (one set of images serves every family)
+
+
+def train_here(family: str, r):
+    """Train ``family`` with its recipe for ``planned_steps[family]`` steps."""
+    largest = max(x.num_train for x in RECIPES.values())
+    if largest not in train_sets:
+        train_json = make_shapes_dataset(root, largest, IMAGE_SIZE, seed=SEED, split="train")
+        base = CocoDataset(train_json, root / "train", eval_transforms(IMAGE_SIZE))
+        augment = train_transforms(IMAGE_SIZE)
+        if IN_MEMORY:
+            train_sets[largest] = InMemoryDataset(base, augment)
+        else:
+            base.transforms = augment
+            train_sets[largest] = base
+    # Image i is the same whatever the split's size, so the first num_train images are exactly
+    # the family's own notebook's training set.
+    train_set = Subset(train_sets[largest], range(r.num_train))
+    loader = make_loader(train_set, r.batch_size, seed=SEED, workers=r.loader_workers)
+    model = r.build_model(len(CLASSES))
+    cfg = r.train_config(max_steps=planned_steps[family], seed=SEED, device=str(device),
+                         log_every=1 if SMOKE else 20, progress=not SMOKE)  # fmt: skip
+    guard = [] if TRAIN_BUDGET_S is None else [StopAfter(1.1 * TRAIN_BUDGET_S)]
+    start = time.perf_counter()
+    history = train(model, loader, cfg, callbacks=guard)
+    seconds = time.perf_counter() - start
+    stopped = " (stopped by the time guard)" if history.stopped_early else ""
+    print(f"{NAMES[family]}: trained here — {r.model}, {len(history.steps)} steps of "
+          f"{r.batch_size} images in {seconds:.0f} s{stopped}; last loss "
+          f"{history.steps[-1]['loss']:.3f}")  # fmt: skip
+    info = {"source": "trained here", "loaded": False, "preset": r.model, "steps": len(history.steps),
+            "batch": r.batch_size, "seconds": seconds}  # fmt: skip
+    return model, info
+
+
+models, trained = {}, {}
+for family, r in RECIPES.items():
+    loaded, why = load_saved(family, r)
+    if loaded is None:
+        print(f"{NAMES[family]}: {why}; training it here")
+        loaded = train_here(family, r)
+    models[family], trained[family] = loaded
+    models[family].to(device).eval()
+
+# %% [markdown]
+# ## 3 · Accuracy and speed on the same validation images
+#
+# `match_model` predicts over the validation loader once and runs pycocotools' `COCOeval` for
+# boxes and (where the model returns them) masks; its `stats` are COCO's twelve numbers, the same
+# as `evaluate_model`'s, and it keeps COCOeval's matches for section 5. RetinaNet has no masks.
+#
+# Latency is one image at a time (batch 1), `model(images)` then `model.predict` (thresholds, NMS,
+# mask assembly and pasting), the median over `LATENCY_REPEATS` passes over the first
+# `NUM_SHOWN` validation images after two warm-up passes (one in the smoke tier). The number of detections matters (each
+# one is a mask to paste), so it is measured on the trained models.
+
+# %%
+# RetinaNet makes boxes only; the other three make masks too (asked for explicitly: a model that
+# has learned nothing yet may return no detection at all, masks or not).
+IOU_TYPES = {f: ("bbox",) if f == "retinanet" else ("bbox", "segm") for f in FAMILIES}
+matches = {
+    f: match_model(models[f], val_loader, val_set.coco, val_set.label_to_cat_id, device,
+                   iou_types=IOU_TYPES[f])
+    for f in FAMILIES
+}  # fmt: skip
+shown = [collate([val_set[i]]).to(device) for i in range(min(NUM_SHOWN, len(val_set)))]
+
+
+def latency_ms(model) -> float:
+    """Median milliseconds of ``predict(model(image))`` on one image (batch of one)."""
+
+    def once(batch):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.predict(model(batch.images), batch.image_sizes)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        for batch in shown * (1 if SMOKE else 2):  # warm-up: allocations, kernel choices
+            once(batch)
+        times = [once(batch) for _ in range(LATENCY_REPEATS) for batch in shown]
+    return 1000 * statistics.median(times)
+
+
+latency = {f: latency_ms(models[f]) for f in FAMILIES}
+
+
+def ap(family: str, iou_type: str, key: str) -> float:
+    m = matches[family].get(iou_type)
+    return math.nan if m is None else m.stats[key]
+
+
+table = {
+    f: {
+        "box AP": ap(f, "bbox", "AP"),
+        "box AP50": ap(f, "bbox", "AP50"),
+        "mask AP": ap(f, "segm", "AP"),
+        "mask AP50": ap(f, "segm", "AP50"),
+        "train img/s": train_img_s[f],
+        "latency ms": latency[f],
+    }
+    for f in FAMILIES
+}
+
+
+def cell(v: float, digits: int) -> str:
+    return "—" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+rows = [
+    "| family | model | from | training | box AP | box AP50 | mask AP | mask AP50 | train img/s "
+    "| latency (batch 1) |",
+    "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+]
+for f in FAMILIES:
+    t, info = table[f], trained[f]
+    rows.append(
+        f"| {NAMES[f]} | `{info['preset']}` | {info['source']} | {info['steps']} × "
+        f"{info['batch']} images, {duration(info['seconds'])} | {cell(t['box AP'], 3)} | "
+        f"{cell(t['box AP50'], 3)} | {cell(t['mask AP'], 3)} | {cell(t['mask AP50'], 3)} | "
+        f"{t['train img/s']:.1f} | {t['latency ms']:.1f} ms |"
+    )
+display(Markdown("\n".join(rows) + f"\n\n{len(val_set)} validation images of {IMAGE_SIZE}² on "
+                 f"this {DEVICE_NAME} ({device}), tier `{TIER}`."))  # fmt: skip
+
+# %% [markdown]
+# ## 4 · Masks side by side
+#
+# The first validation images, ground truth on top, then one row per family: every detection
+# scoring at least `SCORE_THR`, with its mask where the family makes one. Look at the borders:
+# Mask R-CNN's come from a small `M × M` grid stretched over the box, SOLO's and YOLACT's from
+# image-wide maps at a quarter (or an eighth) of the resolution.
+
+# %%
+with torch.inference_mode():
+    predictions = {f: [models[f].predict(models[f](b.images), b.image_sizes)[0].to("cpu")
+                       for b in shown] for f in FAMILIES}  # fmt: skip
+fig = Figure(figsize=(2.2 * len(shown), 2.3 * (1 + len(FAMILIES))), layout="constrained")
+axes = fig.subplots(1 + len(FAMILIES), len(shown), squeeze=False)
+for j, b in enumerate(shown):
+    image, gt = b.images[0].cpu(), b.targets[0].to("cpu")
+    draw_detections(image, gt.boxes, gt.labels, gt.masks, class_names=CLASSES, ax=axes[0, j],
+                    image_size=b.image_sizes[0], title="ground truth" if j == 0 else None)  # fmt: skip
+    for i, f in enumerate(FAMILIES, start=1):
+        d = predictions[f][j]
+        draw_detections(image, d.boxes, d.labels, d.masks, d.scores, CLASSES, ax=axes[i, j],
+                        score_thr=SCORE_THR, image_size=b.image_sizes[0],
+                        title=NAMES[f] if j == 0 else None)  # fmt: skip
+display(fig)
+
+# %% [markdown]
+# ## 5 · Where each one fails
+#
+# `error_analysis` reads COCOeval's own matches at one IoU threshold and score threshold and puts
+# every kept detection into one bin — true positive, wrong class, duplicate, poor localisation,
+# background — and every object it did not find into *missed* (notebook 01 explains the kinds).
+# The counts add up to what COCO reports. Boxes first (all four), then masks (the three that make
+# them): a family whose boxes are right but whose masks are "poorly localised" has a mask problem,
+# not a detection problem.
+
+# %%
+IOU_THR = 0.5
+errors = {
+    iou_type: {NAMES[f]: error_analysis(m[iou_type], iou_thr=IOU_THR, score_thr=SCORE_THR)
+               for f, m in matches.items() if iou_type in m}
+    for iou_type in ("bbox", "segm")
+}  # fmt: skip
+for iou_type, what in (("bbox", "boxes"), ("segm", "masks")):
+    fig = compare_outcomes_plot(errors[iou_type])
+    fig.axes[0].set_title(f"{what}: {fig.axes[0].get_title()}")
+    display(fig)
+
+# %% [markdown]
+# The explorer holds all seven result sets (four families' boxes, three families' masks) as named
+# matches: switch between them with `results` and page through the images with the most errors;
+# click a detection to see the ground truth it was compared with and the IoU.
+
+# %%
+from instseg_edu.widgets import EvaluationExplorer
+
+named = {f"{NAMES[f]} {what}": m[iou_type] for f, m in matches.items()
+         for iou_type, what in (("bbox", "boxes"), ("segm", "masks")) if iou_type in m}  # fmt: skip
+explorer = EvaluationExplorer(named, images=val_set, iou_thr=IOU_THR, score_thr=SCORE_THR)
+explorer
+
+# %% [markdown]
+# ## 6 · Which one when
+#
+# Written from this run's table: rerun the notebook on another machine, tier or budget and the
+# sentences follow the numbers.
+
+
+# %%
+def best(column: str, *, lowest: bool = False) -> list[str]:
+    """Families ranked by ``column`` of the table (families without the number left out)."""
+    have = [f for f in FAMILIES if not math.isnan(table[f][column])]
+    return sorted(have, key=lambda f: table[f][column], reverse=not lowest)
+
+
+def listing(families: list[str], column: str) -> str:
+    """'A at 0.123, B at 0.045 and C at 0.000' for a ranked list of families."""
+    parts = [f"{NAMES[f]} at {table[f][column]:.3f}" for f in families]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def worst_kind(family: str) -> tuple[str, int, int]:
+    """The family's most frequent error at IOU_THR (of its masks where it makes them): the kind,
+    its count, and the count of all its errors."""
+    name = NAMES[family]
+    e = errors["segm"][name] if name in errors["segm"] else errors["bbox"][name]
+    totals = e.totals()
+    kinds = [k for k in COUNT_NAMES if k != "true positive"]
+    kind = max(kinds, key=lambda k: totals[k])
+    return kind, totals[kind], sum(totals[k] for k in kinds)
+
+
+lines = []
+box, mask = best("box AP"), best("mask AP")
+fast_train, fast_infer = best("train img/s"), best("latency ms", lowest=True)
+if SMOKE:
+    lines.append("In the smoke tier every family trained for a couple of steps: the accuracy "
+                 "columns are noise, only the speeds mean something.")  # fmt: skip
+elif table[box[0]]["box AP"] <= 0:
+    lines.append(f"No family has learned to find the shapes yet (box AP 0 for all four after "
+                 f"{max(i['steps'] for i in trained.values())} steps at most): the accuracy "
+                 "ranking below means nothing in this run; the speeds do.")  # fmt: skip
+f = box[0]
+lines.append(f"**Boxes:** {NAMES[f]} has the best box AP, {table[f]['box AP']:.3f} "
+             f"(AP50 {table[f]['box AP50']:.3f}), then {listing(box[1:], 'box AP')}.")  # fmt: skip
+f = mask[0]
+lines.append(f"**Masks:** {NAMES[f]} has the best mask AP, {table[f]['mask AP']:.3f} "
+             f"(AP50 {table[f]['mask AP50']:.3f}), then {listing(mask[1:], 'mask AP')}. "
+             "RetinaNet makes no masks: when boxes are all you need it is "
+             + ("the most accurate box detector here too." if box[0] == "retinanet" else
+                f"number {box.index('retinanet') + 1} of {len(box)} on box AP here."))  # fmt: skip
+f, g = fast_infer[0], fast_infer[-1]
+ms = {k: table[k]["latency ms"] for k in FAMILIES}
+lines.append(f"**Speed of prediction:** {NAMES[f]} answers fastest, {ms[f]:.1f} ms for one "
+             f"image on this {DEVICE_NAME}, {ms[g] / ms[f]:.1f}× faster than {NAMES[g]} "
+             f"({ms[g]:.1f} ms).")  # fmt: skip
+f, g = fast_train[0], fast_train[-1]
+img_s = {k: table[k]["train img/s"] for k in FAMILIES}
+lines.append(f"**Speed of training:** {NAMES[f]} trains on the most images per second "
+             f"({img_s[f]:.1f}), {NAMES[g]} on the fewest ({img_s[g]:.1f}): in the same minutes "
+             f"{NAMES[f]} sees {img_s[f] / img_s[g]:.1f}× as many images.")  # fmt: skip
+masks_fast = [f for f in fast_infer if f != "retinanet"]
+if masks_fast[0] != mask[0]:
+    f, g = mask[0], masks_fast[0]
+    lines.append(f"**The trade-off:** for the best masks take {NAMES[f]}; if each image must be "
+                 f"answered quickly take {NAMES[g]}, which gives up "
+                 f"{table[f]['mask AP'] - table[g]['mask AP']:.3f} mask AP for a "
+                 f"{ms[f] / ms[g]:.1f}× lower latency.")  # fmt: skip
+else:
+    lines.append(f"**No trade-off in this run:** {NAMES[mask[0]]} makes both the best masks and "
+                 "the fastest ones.")  # fmt: skip
+for f in FAMILIES:
+    kind, count, total = worst_kind(f)
+    what = "masks" if NAMES[f] in errors["segm"] else "boxes"
+    if total == 0:
+        lines.append(f"{NAMES[f]} makes no error at all ({what}, IoU {IOU_THR}).")
+    else:
+        lines.append(f"{NAMES[f]}'s most frequent error ({what}, IoU {IOU_THR}, score ≥ "
+                     f"{SCORE_THR}): *{kind}*, {count} of its {total}.")  # fmt: skip
+by_source = {}
+for f, info in trained.items():
+    by_source.setdefault(info["loaded"], []).append(NAMES[f])
+budget = "" if TRAIN_BUDGET_S is None else f" (at most {TRAIN_BUDGET_S:g} s each)"
+where = {True: "loaded from their notebooks", False: f"trained here{budget}"}
+lines.append("All of this holds for these models — "
+             + "; ".join(f"{', '.join(n)} {where[s]}" for s, n in by_source.items())
+             + f" — on {IMAGE_SIZE}² shapes images and this {DEVICE_NAME}: train longer and the "
+             "accuracy columns change, move to another device and the speed columns do.")  # fmt: skip
+display(Markdown("\n\n".join(lines)))
