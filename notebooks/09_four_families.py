@@ -54,9 +54,9 @@ TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOK
 SMOKE = TIER == "smoke"
 # Each family's notebook recipe (04, 06, 07, 08); INSTSEG_TRAIN_STEPS overrides their steps.
 RECIPES = {family: notebook_recipe(family, TIER) for family in FAMILIES}
-# Seconds of training for each family trained here (None: its whole recipe). 100 s each keeps the
+# Seconds of training for each family trained here (None: its whole recipe). 90 s each keeps the
 # cpu tier under ten minutes on two cores with all four trained here.
-TRAIN_BUDGET_S = {"smoke": None, "cpu": 100.0, "gpu": None}[TIER]
+TRAIN_BUDGET_S = {"smoke": None, "cpu": 90.0, "gpu": None}[TIER]
 USE_CHECKPOINTS = True  # load what notebooks 04-08 saved for this tier; False: train all four here
 CHECKPOINT_ROOT = "runs"  # they save to <CHECKPOINT_ROOT>/notebooks/<tier>/<family>.pt
 SCORE_THR = 0.3  # detections drawn and counted in the error analysis
