@@ -362,7 +362,11 @@ def test_training_dashboard_live_in_jupyterlab(page, lab, tmp_path):
         )
         page.evaluate("clearInterval(window.__dashboardTimer)")
         notes = page.evaluate("window.__dashboard")
-        steps = int(re.match(r"\s*(\d+) steps in ", summary.inner_text()).group(1))
+        # the summary may share its output area with other printed lines
+        text = summary.text_content()  # inner_text is empty while the cell is scrolled out of view
+        found = re.search(r"^\s*(\d+) steps in ", text, re.MULTILINE)
+        assert found, text
+        steps = int(found.group(1))
         assert steps == DASHBOARD_STEPS  # log_every=1 in smoke mode: one history row per step
 
         # Live: while the kernel was busy training, the browser drew >= 3 different states of
