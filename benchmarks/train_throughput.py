@@ -8,17 +8,19 @@ batched inference and batch-1 latency of one side, then of the other (which side
 alternates), so a change of load on a shared machine hits both. The ratios ours / torchvision are
 taken per repeat and their median is reported, with the range over the repeats.
 
-Equal work. Untrained models score every candidate near the classification prior (about 0.01),
-so at the usual score threshold 0.05 one side may return no detection (and skip its mask head)
-while the other returns a hundred. Here the score thresholds are 0 on both sides (``host_syncs``'
-lenient settings) and both keep the same ``max_per_img``, so both return ``max_per_img``
-detections per image. Mask R-CNN's second stage also does equal work: with random weights the
-RPN scores are noise and the two RPNs keep different numbers of proposals after their NMS, so both
-are capped at the fewest any image gets on either side (:func:`equalize_proposals`) and each box
-head sees the same number of RoIs. The detections of every timed inference call (and the RoIs its
-box head saw) are counted on both sides, printed, and must agree batch by batch: a difference
-stops the run with an error. BatchNorm statistics, which a training step updates, are restored
-after each timed training phase so that inference always does the work counted before the timing.
+Equal work. Untrained models score every candidate near the classification prior (about 0.01), so
+at the usual score threshold 0.05 one side may return no detection (and skip its mask head) while
+the other returns a hundred. Here the score thresholds are 0 on both sides (``host_syncs``' lenient
+settings) and both keep the same ``max_per_img``, so both return ``max_per_img`` detections per
+image. Mask R-CNN's second stage also does equal work: with random weights the RPN scores are noise
+and the two RPNs keep different numbers of proposals after their NMS, so both are capped at the
+fewest any image gets on either side (:func:`equalize_proposals`) and each box head sees the same
+number of RoIs. The detections of every timed inference call (and the RoIs its box head saw) are
+counted on both sides, printed, and must agree batch by batch: a difference stops the run with an
+error. In training, torchvision's RPN keeps as many proposals as ours
+(:func:`match_training_proposals`), and the RoIs each head trained on are printed. BatchNorm
+statistics, which a training step updates, are restored after each timed training phase so that
+inference always does the work counted before the timing.
 
 The optimizer is SGD with momentum at learning rate 0: the step does all of its arithmetic, but
 the weights stay at their initial values, so the detection counts cannot drift over the run (a
@@ -36,6 +38,7 @@ re-tunes convolutions over and over and makes torchvision's Mask R-CNN about ten
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -67,8 +70,9 @@ def build_ours(family: str, num_classes: int, smoke: bool):
 class Side:
     """How one model is stepped: ours takes a Batch, torchvision takes lists.
 
-    For Mask R-CNN a forward hook on the box head counts the RoIs it sees, the work of the
-    second stage (``box_head_rois``, summed over the calls since the last :meth:`infer`)."""
+    For Mask R-CNN forward hooks on the box and mask heads count the RoIs they see, the work
+    of the second stage (``rois["box"]``, ``rois["mask"]``, summed since the last
+    :meth:`reset_rois`; :meth:`infer` resets them)."""
 
     def __init__(self, name, model, family, device, channels_last):
         self.name, self.model, self.family, self.device = name, model.to(device), family, device
@@ -76,14 +80,22 @@ class Side:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.box_head_rois = 0
+        self.rois = {"box": 0, "mask": 0}
         if family == "mask_rcnn":
-            head = self.model.bbox_head if name == "ours" else self.model.roi_heads.box_head
-            head.register_forward_hook(self._count_rois)
+            ours = name == "ours"
+            heads = {
+                "box": self.model.bbox_head if ours else self.model.roi_heads.box_head,
+                "mask": self.model.mask_head if ours else self.model.roi_heads.mask_head,
+            }
+            for kind, head in heads.items():
+                head.register_forward_hook(functools.partial(self._count_rois, kind))
         self.initial_buffers = [b.detach().clone() for b in self.model.buffers()]
 
-    def _count_rois(self, module, inputs, output) -> None:
-        self.box_head_rois += inputs[0].shape[0]  # [R, F, S, S]: a size, no synchronisation
+    def _count_rois(self, kind: str, module, inputs, output) -> None:
+        self.rois[kind] += inputs[0].shape[0]  # [R, F, S, S]: a size, no synchronisation
+
+    def reset_rois(self) -> None:
+        self.rois = {"box": 0, "mask": 0}
 
     def restore_buffers(self) -> None:
         """BatchNorm statistics back to their initial values: a training step updates them
@@ -112,7 +124,7 @@ class Side:
     @torch.no_grad()
     def infer(self, batch, precision):
         self.model.eval()
-        self.box_head_rois = 0
+        self.reset_rois()
         with autocast(self.device, precision):
             if self.name == "ours":
                 return self.model.predict(self.model(batch.images), batch.image_sizes)
@@ -130,7 +142,7 @@ class Side:
         its box head saw."""
         done = {"detections": self.count(outputs)}
         if self.family == "mask_rcnn":
-            done["box_head_rois"] = self.box_head_rois
+            done["box_head_rois"] = self.rois["box"]
         return done
 
     @torch.no_grad()
@@ -175,6 +187,22 @@ def set_rpn_max_per_img(side: Side, keep: int) -> None:
         return
     test = model.cfg.test_cfg
     model.cfg = replace(model.cfg, test_cfg=replace(test, rpn=replace(test.rpn, max_per_img=keep)))
+
+
+def match_training_proposals(ours: Side, peer: Side) -> tuple[int, int]:
+    """Mask R-CNN: torchvision's RPN proposes as many boxes in training as ours.
+
+    torchvision's defaults keep 2000 proposals per image after the RPN's NMS in training,
+    MMDetection's (ours) 1000. Both sample 512 RoIs per image for the box head, at most a quarter
+    positive, but more proposals give more positives: at 256² torchvision's mask head trained on
+    78 RoIs where ours trained on 38. With ours' numbers on both sides (``nms_pre`` per level
+    before NMS, ``max_per_img`` after) the heads do comparable work; the RoIs each head saw are
+    counted and printed (not enforced: the sampling is random). Returns the two numbers."""
+    rpn = ours.model.cfg.train_cfg.rpn_proposal
+    model = peer.model.rpn
+    model._pre_nms_top_n = {**model._pre_nms_top_n, "training": rpn.nms_pre}
+    model._post_nms_top_n = {**model._post_nms_top_n, "training": rpn.max_per_img}
+    return rpn.nms_pre, rpn.max_per_img
 
 
 def equalize_proposals(sides: dict[str, Side], batches) -> int:
@@ -240,10 +268,12 @@ def _time_phases(side: Side, batches, batch1, precision, steps, device, start: i
     pick = [batches[(start + i) % len(batches)] for i in range(steps)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    side.reset_rois()
     timer.start()
     for batch in pick:
         side.train_step(batch, precision)
     train_s = timer.elapsed()
+    train_rois = dict(side.rois)  # sampled RoIs (box head) and positives (mask head), summed
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     side.restore_buffers()
     work = []
@@ -264,6 +294,7 @@ def _time_phases(side: Side, batches, batch1, precision, steps, device, start: i
         "infer_img_s": n_images / infer_s,
         "latency_ms": statistics.median(latencies),
         "peak_gib": peak,
+        "train_rois_per_step": {k: v / steps for k, v in train_rois.items()},
         "work": work,  # per inference batch, then the batch-1 call: detections per image (and
         # Mask R-CNN's box-head RoIs)
     }
@@ -405,7 +436,10 @@ def main() -> None:
             set_max_per_img(side, keep)
             for group in side.optimizer.param_groups:
                 group["lr"] = 0.0  # see the module docstring
-        proposals = equalize_proposals(sides, [*batches, batch1]) if family == "mask_rcnn" else None
+        proposals = training_proposals = None
+        if family == "mask_rcnn":
+            training_proposals = match_training_proposals(ours, sides["torchvision"])
+            proposals = equalize_proposals(sides, [*batches, batch1])
         runs = [
             measure_side_by_side(
                 sides, batches, batch1, p, args.warmup, args.repeats, args.steps, device
@@ -427,6 +461,20 @@ def main() -> None:
                 f"batches {[w['detections'] for w in work[:-1]]}, "
                 f"batch-1 {work[-1]['detections']}"
             )
+            if training_proposals is not None:
+                trained = {
+                    name: {
+                        kind: statistics.mean(r["train_rois_per_step"][kind] for r in repeats)
+                        for kind in ("box", "mask")
+                    }
+                    for name, repeats in run["repeats"].items()
+                }
+                print(
+                    f"{family:9s} RoIs per training step, box head / mask head: "
+                    + ", ".join(f"{n} {t['box']:.0f} / {t['mask']:.0f}" for n, t in trained.items())
+                    + f" (RPN on both sides: {training_proposals[0]} per level before NMS, "
+                    f"{training_proposals[1]} after)"
+                )
             if proposals is not None:
                 print(
                     f"{family:9s} box-head RoIs per call, both sides (RPN capped at {proposals} "
@@ -466,6 +514,7 @@ def main() -> None:
             "ratio_ranges": ranges,
             "max_per_img": keep,
             "rpn_max_per_img": proposals,
+            "rpn_training_proposals": training_proposals,
         }
         del sides, ours, peer_model
     results["settings"]["load_average_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -86,6 +86,14 @@ def test_train_throughput_mask_rcnn_box_heads_see_equal_rois(tmp_path):
     k = result["rpn_max_per_img"]
     assert 0 < k <= 150  # the small preset's test-time proposals, then the fewest of either RPN
     assert f"RPN capped at {k} proposals per image): batches [{2 * k}], batch-1 {k}" in out, out
+    # training: the same RPN proposals on both sides (the small preset's), RoIs per head printed
+    assert result["rpn_training_proposals"] == [300, 150]
+    line = r"RoIs per training step, box head / mask head: ours \d+ / \d+, torchvision \d+ / \d+"
+    assert re.search(line + r" \(RPN on both sides: 300 per level", out), out
+    for side in ("ours", "torchvision"):  # at most 64 sampled RoIs per image, some positive
+        for r in result["runs"][0]["repeats"][side]:
+            rois = r["train_rois_per_step"]
+            assert 0 < rois["mask"] <= rois["box"] <= 2 * 64, rois
     for side in ("ours", "torchvision"):
         for r in result["runs"][0]["repeats"][side]:
             assert r["work"] == [{"detections": [50, 50], "box_head_rois": 2 * k},
@@ -108,6 +116,9 @@ class _FakeSide:
 
     def restore_buffers(self):
         self.calls.append(("restore", None))
+
+    def reset_rois(self):
+        self.rois = {"box": 0, "mask": 0}
 
     def work(self, outputs):
         return {"detections": [self.counts] * len(outputs)}
