@@ -425,7 +425,14 @@ def run(args: argparse.Namespace, on_point=None, slices: list | None = None) -> 
         runs[name] = SideRun(name, model, args.family, args, loader(train_set, True), device)
 
     def point_done(run):
-        point = run.evaluate(val_loader, val_set)
+        if run.curve and run.curve[-1]["step"] == run.step:
+            # Not trained since its last evaluation (it stopped early): the same model gives the
+            # same AP, so the point is repeated instead of evaluated again. Every side thus has a
+            # point at every evaluation time, however the load split the machine between them.
+            point = {**run.curve[-1], "minutes": run.trained / 60}
+            run.curve.append(point)
+        else:
+            point = run.evaluate(val_loader, val_set)
         if on_point is not None:
             on_point(run.name, point)
 
@@ -445,8 +452,7 @@ def run(args: argparse.Namespace, on_point=None, slices: list | None = None) -> 
                     if r.trained < target and not r.stopped:
                         train_until(r, min(r.trained + args.slice_seconds, target))
             for r in runs.values():
-                if not r.curve or r.curve[-1]["step"] != r.step:
-                    point_done(r)
+                point_done(r)
     else:  # one side after the other (a GPU to itself)
         for r in runs.values():
             for target in points:
