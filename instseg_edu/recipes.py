@@ -312,6 +312,42 @@ def notebook_checkpoint(family: str, tier: str, root: str | os.PathLike = "runs"
     return Path(root) / "notebooks" / tier / f"{family}.pt"
 
 
+def save_notebook_model(
+    model: torch.nn.Module, r: Recipe, history, train_set, root: str | os.PathLike = "runs"
+) -> Path:
+    """Save the model a notebook trained to :func:`notebook_checkpoint` (atomically).
+
+    What is written is what ``instseg-edu evaluate --checkpoint`` and notebook 09 read: the model's
+    state dict, the recipe ``r`` (plain data), the training history (its ``config`` holds the
+    settings that actually ran) and ``meta``: family, preset name, the model's own config
+    (``model.cfg``, which may differ from the preset when a notebook changed a knob), the class
+    names, ``label_to_cat_id`` and the image size.
+
+    Args:
+        model: a trained model of ``r.family`` (it has a ``cfg``).
+        r: the notebook's :class:`Recipe` (``tier`` and ``family`` name the file).
+        history: the :class:`~instseg_edu.engine.train.History` ``train`` returned.
+        train_set: the training dataset (``classes``, ``label_to_cat_id``).
+        root: folder under which ``notebooks/<tier>/<family>.pt`` is written.
+
+    Returns:
+        The path written.
+    """
+    from instseg_edu.engine.checkpoint import config_to_dict, save_checkpoint
+
+    meta = {
+        "model": r.family,
+        "preset": r.model,
+        "model_config": config_to_dict(model.cfg),
+        "classes": list(train_set.classes),
+        "label_to_cat_id": list(train_set.label_to_cat_id),
+        "image_size": r.image_size,
+    }
+    state = {"model": model.state_dict(), "recipe": r.as_dict(), "history": history.to_dict(),
+             "meta": meta}  # fmt: skip
+    return save_checkpoint(notebook_checkpoint(r.family, r.tier, root), state)
+
+
 # --------------------------------------------------------------------------------------------------
 # How long will it take here?
 # --------------------------------------------------------------------------------------------------

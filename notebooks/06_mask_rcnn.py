@@ -66,7 +66,6 @@ from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import CLASSES, make_shapes_dataset
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
-from instseg_edu.engine.checkpoint import config_to_dict, save_checkpoint
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
 from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.models.mask_rcnn import (
@@ -76,7 +75,7 @@ from instseg_edu.models.mask_rcnn import (
     paste_masks,
 )
 from instseg_edu.models.roi_heads import mask_targets_reference, paste_masks_reference
-from instseg_edu.recipes import notebook_checkpoint
+from instseg_edu.recipes import save_notebook_model
 from instseg_edu.viz.draw import gallery
 
 torch.manual_seed(SEED)
@@ -327,14 +326,7 @@ train_cfg = RECIPE.train_config(
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 print(f"{len(history.steps)} steps; last loss {history.steps[-1]['loss']:.3f}")
 # Saved for later notebooks (runs/notebooks/<tier>/mask_rcnn.pt; `instseg-edu evaluate` reads it).
-checkpoint = save_checkpoint(notebook_checkpoint(RECIPE.family, TIER), {
-    "model": model.state_dict(),
-    "recipe": RECIPE.as_dict(),
-    "history": history.to_dict(),
-    "meta": {"model": RECIPE.family, "preset": MODEL, "model_config": config_to_dict(cfg),
-             "classes": list(train_set.classes), "label_to_cat_id": list(train_set.label_to_cat_id),
-             "image_size": IMAGE_SIZE},
-})  # fmt: skip
+checkpoint = save_notebook_model(model, RECIPE, history, train_set)
 print("saved", checkpoint)
 
 # %% [markdown]

@@ -24,6 +24,7 @@ from instseg_edu.recipes import (
     notebook_checkpoint,
     notebook_recipe,
     recipe,
+    save_notebook_model,
     select_tier,
     shapes_batch,
 )
@@ -155,6 +156,34 @@ def test_notebook_checkpoint_path():
     assert notebook_checkpoint("solo", "gpu", root="/tmp/x") == Path("/tmp/x/notebooks/gpu/solo.pt")
     with pytest.raises(ValueError, match="family"):
         notebook_checkpoint("detr", "cpu")
+
+
+def test_save_notebook_model_round_trips(tmp_path):
+    """What a notebook saves rebuilds the same model from its own config (a changed knob
+    included) and names the recipe, classes and history that notebook 09 reads."""
+    from types import SimpleNamespace
+
+    from instseg_edu.engine.checkpoint import config_from_dict, load_checkpoint
+    from instseg_edu.engine.train import History
+    from instseg_edu.models.mask_rcnn import build_mask_rcnn
+
+    r = recipe("mask_rcnn", "smoke")
+    cfg = r.model_config(7)
+    cfg = dataclasses.replace(cfg, roi_head=dataclasses.replace(cfg.roi_head, num_convs=2))
+    model = build_mask_rcnn(cfg)
+    data = SimpleNamespace(classes=("a",) * 7, label_to_cat_id=list(range(1, 8)))
+    path = save_notebook_model(model, r, History(config={"lr": 0.5}), data, root=tmp_path)
+    assert path == tmp_path / "notebooks" / "smoke" / "mask_rcnn.pt"
+    ckpt = load_checkpoint(path)
+    assert ckpt["recipe"] == r.as_dict() and ckpt["history"]["config"] == {"lr": 0.5}
+    meta = ckpt["meta"]
+    assert (meta["model"], meta["preset"], meta["image_size"]) == ("mask_rcnn", r.model, 64)
+    assert meta["classes"] == ["a"] * 7 and meta["label_to_cat_id"] == list(range(1, 8))
+    rebuilt = build_mask_rcnn(config_from_dict(type(cfg), meta["model_config"]))
+    assert rebuilt.cfg.roi_head.num_convs == 2
+    rebuilt.load_state_dict(ckpt["model"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
 
 
 def test_in_memory_recipe_opens_its_shapes_splits_once(tmp_path):
