@@ -184,7 +184,13 @@ def count_host_syncs() -> Iterator[HostSyncs]:
     Works on any device (it looks at which operators run, not at the device). Yields a
     :class:`HostSyncs` that fills in as the block runs. Not thread-safe: it patches
     ``Tensor.tolist/cpu/numpy`` and ``torch.tensor/as_tensor`` for the duration of the block.
+
+    It counts the GPU's code path: CPU-only fast paths, which may read sizes on the host because
+    that costs nothing on a CPU (the matrix-product RoIAlign,
+    :func:`~instseg_edu.ops.roi.roi_align_matmul`), are switched off inside the block.
     """
+    from instseg_edu.ops.roi import kernel_roi_align
+
     result = HostSyncs()
     depth = 0  # a host copy made inside another recorded op is not counted twice
 
@@ -217,7 +223,7 @@ def count_host_syncs() -> Iterator[HostSyncs]:
     for (owner, name, label, counts), (_, _, original) in zip(patches, originals):
         setattr(owner, name, wrap(label, original, counts))
     try:
-        with _SyncMode(record):
+        with kernel_roi_align(), _SyncMode(record):
             yield result
     finally:
         for owner, name, original in originals:

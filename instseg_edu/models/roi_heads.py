@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from instseg_edu.ops.roi import prefers_roi_align_matmul, roi_align_matmul
+
 __all__ = [
     "BoxHead",
     "MaskHead",
@@ -72,16 +74,18 @@ def multiscale_roi_align(
     aligned: bool = True,
     finest_scale: float = 56.0,
 ) -> Tensor:
-    """RoIAlign each RoI on the FPN level its size selects: one ``roi_align`` call per level.
+    """RoIAlign each RoI on the FPN level its size selects: one ``roi_align`` call per level
+    (torchvision's, or :func:`~instseg_edu.ops.roi.roi_align_matmul` where
+    :func:`~instseg_edu.ops.roi.prefers_roi_align_matmul` says it is faster: CPU training, small maps).
 
-    The RoIs are sorted by level and split by the per-level counts, read from the device once
-    (one ``nonzero`` per level would wait for the device once per level).
+        The RoIs are sorted by level and split by the per-level counts, read from the device once
+        (one ``nonzero`` per level would wait for the device once per level).
 
-    Args:
-        features: at least ``len(strides)`` maps ``[B, F, H_l, W_l]``.
-        rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` pixels.
-    Returns:
-        ``[R, F, output_size, output_size]``.
+        Args:
+            features: at least ``len(strides)`` maps ``[B, F, H_l, W_l]``.
+            rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` pixels.
+        Returns:
+            ``[R, F, output_size, output_size]``.
     """
     levels = map_rois_to_levels(rois[:, 1:], len(strides), finest_scale)  # [R]
     first = features[0]
@@ -93,7 +97,10 @@ def multiscale_roi_align(
     by_level = torch.argsort(levels, stable=True).split(counts)  # L tensors [R_l]
 
     def align(level: int, level_rois: Tensor) -> Tensor:  # [R_l, 5] -> [R_l, F, O, O]
-        return roi_align(
+        # Training on the CPU with small maps: the same op as two matrix products, whose
+        # backward pass is several times faster than torchvision's (ops.roi.roi_align_matmul).
+        op = roi_align_matmul if prefers_roi_align_matmul(features[level]) else roi_align
+        return op(
             features[level].float(),
             level_rois,
             output_size,

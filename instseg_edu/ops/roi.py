@@ -16,7 +16,10 @@ whatever the RoI's size. Both ops cut the RoI into ``output_size`` bins and summ
 ``torchvision.ops.roi_align`` (CPU kernels) for every RoI — inside, straddling or outside the map,
 tiny or huge, any ``spatial_scale`` — and are vectorized over RoIs, bins and sample points. The
 models use torchvision's compiled ops; these exist to be read, drawn and tested against.
-``roi_pool_cells`` and ``roi_align_sampling_points`` return the geometry both ops compute (the
+``roi_align_matmul`` is the same RoIAlign written as two small matrix products per RoI
+(bilinear interpolation is separable); it is the models' RoIAlign when they train on the CPU
+with small maps, where it is faster than torchvision's kernel. ``roi_pool_cells`` and
+``roi_align_sampling_points`` return the geometry both ops compute (the
 quantized cells, the sample points) for drawing, and ``roipool_misalignment`` measures, in image
 pixels, what RoIPool's roundings cost. Walkthrough: ``notebooks/05_roipool_vs_roialign.py``.
 
@@ -28,6 +31,8 @@ pixels to feature cells (``1 / stride``). For drawing, feature cell ``(i, j)`` c
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -37,7 +42,11 @@ __all__ = [
     "RoIAlignSamples",
     "RoIPoolCells",
     "RoIPoolMisalignment",
+    "kernel_roi_align",
+    "prefers_roi_align_matmul",
+    "roi_align_matmul",
     "roi_align_reference",
+    "roi_align_weights",
     "roi_align_sampling_points",
     "roi_pool_cells",
     "roi_pool_reference",
@@ -499,6 +508,141 @@ def roi_align_reference(
     count = (axes.grid_h * axes.grid_w).clamp(min=1).to(features.dtype)  # [K]
     pooled = samples.sum(dim=(2, 4)) / count[:, None, None, None]  # [K, PH, PW, C]
     return pooled.permute(0, 3, 1, 2).contiguous()  # [K, C, PH, PW]
+
+
+def roi_align_weights(
+    rois: Tensor,
+    output_size: int | tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+    featmap_size: tuple[int, int],
+) -> tuple[Tensor, Tensor]:
+    """RoIAlign as two small matrices per RoI: ``pooled[k] = Wy[k] @ feature @ Wx[k].T``.
+
+    Bilinear interpolation is separable: a sample's four corner weights are products of a
+    y-weight and an x-weight, and the bin's average over its ``GH x GW`` sample grid is the
+    product of an average over the ``GH`` y-samples and one over the ``GW`` x-samples. So row ``i``
+    of ``Wy[k]`` holds, for every map row ``h``, the summed (and ``1 / GH``-scaled) y-weights with
+    which bin row ``i`` of RoI ``k`` reads row ``h``; ``Wx`` likewise for columns. Samples off the
+    map (more than one cell outside) and the padding of adaptive grids get weight 0, exactly as in
+    :func:`roi_align_reference`.
+
+    Args:
+        rois: ``[K, 5]`` (batch_index, x1, y1, x2, y2) image pixels.
+        output_size, spatial_scale, sampling_ratio, aligned: as :func:`roi_align_reference`.
+        featmap_size: ``(H, W)`` of the map the RoIs are read from.
+
+    Returns:
+        ``(Wy, Wx)``: ``[K, PH, H]`` and ``[K, PW, W]``, in ``rois``' dtype.
+    """
+    height, width = featmap_size
+    axes = _roi_align_axes(rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+    def one_axis(coord: Tensor, real: Tensor, count: Tensor, size: int) -> Tensor:
+        low, high, w_low, w_high, inside = _linear_weights(coord, size)  # each [K, P, G]
+        keep = (real & inside).to(coord.dtype) / count.clamp(min=1).to(coord.dtype)[:, None, None]
+        weights = coord.new_zeros(coord.shape[0], coord.shape[1], size)  # [K, P, size]
+        weights.scatter_add_(2, low, w_low * keep)
+        weights.scatter_add_(2, high, w_high * keep)
+        return weights
+
+    wy = one_axis(axes.ys, axes.y_real, axes.grid_h, height)  # [K, PH, H]
+    wx = one_axis(axes.xs, axes.x_real, axes.grid_w, width)  # [K, PW, W]
+    return wy, wx
+
+
+ROI_ALIGN_MATMUL_MAX_CELLS = 2048
+"""Largest map (``H * W`` cells) :func:`prefers_roi_align_matmul` accepts: P2 of a 128 px image
+(32x32) and coarser. Measured on 2 CPU cores (``benchmarks/RESULTS.md``): forward + backward of 256
+RoIs on a 32x32 map, 3-4x faster than torchvision's kernel; on 64x64 maps with 256 channels the
+kernel is already ahead."""
+
+
+_matmul_allowed = True
+
+
+@contextlib.contextmanager
+def kernel_roi_align() -> Iterator[None]:
+    """Inside the block :func:`prefers_roi_align_matmul` says no: every RoIAlign is
+    torchvision's kernel, the code path a GPU runs (``count_host_syncs`` counts that path)."""
+    global _matmul_allowed
+    before, _matmul_allowed = _matmul_allowed, False
+    try:
+        yield
+    finally:
+        _matmul_allowed = before
+
+
+def prefers_roi_align_matmul(features: Tensor) -> bool:
+    """Whether :func:`roi_align_matmul` is the faster RoIAlign for ``features`` ``[B, C, H, W]``:
+    on the CPU, when a gradient will flow back into the map (training; torchvision's backward
+    scatters sample by sample on one thread) and the map has at most
+    :data:`ROI_ALIGN_MATMUL_MAX_CELLS` cells. Inference keeps torchvision's kernel, whose
+    forward pass is as fast. Always ``False`` inside :func:`kernel_roi_align`."""
+    return (
+        _matmul_allowed
+        and features.device.type == "cpu"
+        and features.requires_grad
+        and torch.is_grad_enabled()
+        and features.shape[-2] * features.shape[-1] <= ROI_ALIGN_MATMUL_MAX_CELLS
+    )
+
+
+def roi_align_matmul(
+    features: Tensor,
+    rois: Tensor,
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign by two batched matrix products per image (:func:`roi_align_weights`).
+
+    Equals ``torchvision.ops.roi_align`` (to float rounding) and is differentiable through
+    autograd. Its work grows with the map's area (``K·PH·H·W·C`` multiply-adds) rather than with
+    the sample count, but it runs as dense BLAS products: on the CPU, for the small maps of the
+    CPU tier (128 px images, P2 = 32x32), it is several times faster than torchvision's kernel,
+    whose backward pass scatters one sample at a time on one thread. :func:`roi_align` picks it
+    there; on a GPU or for large maps torchvision's kernel is used.
+
+    Args:
+        features: ``[B, C, H, W]`` float (computed in its dtype; autocast is off inside).
+        rois: ``[K, 5]`` (batch_index, x1, y1, x2, y2) image pixels.
+        output_size, spatial_scale, sampling_ratio, aligned: as ``torchvision.ops.roi_align``.
+
+    Returns:
+        ``[K, C, PH, PW]`` in the features' dtype.
+    """
+    with torch.autocast(features.device.type, enabled=False):  # in the features' own dtype
+        return _roi_align_matmul(
+            features, rois, output_size, spatial_scale, sampling_ratio, aligned
+        )
+
+
+def _roi_align_matmul(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    batch, channels, height, width = features.shape
+    rois = _as_rois(rois, features.dtype).to(features.device)
+    wy, wx = roi_align_weights(rois, output_size, spatial_scale, sampling_ratio, aligned,
+                               (height, width))  # fmt: skip
+    k, ph_count, pw_count = rois.shape[0], wy.shape[1], wx.shape[1]
+    image = rois[:, 0].long()
+    order = torch.argsort(image, stable=True)  # the RoIs of each image together
+    counts = torch.bincount(image, minlength=batch).tolist()  # B ints (a host read: CPU path)
+    # Rows then columns: [B, H, C*W] so that one product reads every row of an image's map.
+    rows_first = features.permute(0, 2, 1, 3).reshape(batch, height, channels * width)
+    pooled = []
+    for b, idx in enumerate(order.split(counts)):  # one pair of products per image, not per RoI
+        if idx.numel() == 0:
+            continue
+        n = idx.numel()
+        by_rows = wy[idx].reshape(n * ph_count, height) @ rows_first[b]  # [n*PH, C*W]
+        by_rows = by_rows.reshape(n, ph_count * channels, width)  # [n, PH*C, W]
+        pooled.append((by_rows @ wx[idx].transpose(1, 2)).reshape(n, ph_count, channels, pw_count))
+    out = features.new_empty(k, ph_count, channels, pw_count)
+    if pooled:
+        out[order] = torch.cat(pooled)  # back to the order of ``rois``
+    return out.permute(0, 2, 1, 3)  # [K, C, PH, PW]
 
 
 # ----------------------------------------------------------------------------------------------

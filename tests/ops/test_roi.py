@@ -7,6 +7,9 @@ import torch
 import torchvision.ops as tvo
 
 from instseg_edu.ops.roi import (
+    kernel_roi_align,
+    prefers_roi_align_matmul,
+    roi_align_matmul,
     roi_align_reference,
     roi_align_sampling_points,
     roi_pool_cells,
@@ -53,6 +56,69 @@ def test_roi_align_equals_torchvision_random(seed):
             ours = roi_align_reference(features, rois, out, scale, sampling_ratio, aligned)
             theirs = tvo.roi_align(features, rois, out, scale, sampling_ratio, aligned)
             torch.testing.assert_close(ours, theirs, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_roi_align_matmul_equals_torchvision_random(seed):
+    """Values and gradients, every sampling mode, RoIs inside, straddling and off the map."""
+    features, rois, out, scale = random_case(seed)
+    for sampling_ratio in (-1, 0, 2):
+        for aligned in (False, True):
+            ours_in = features.clone().requires_grad_(True)
+            theirs_in = features.clone().requires_grad_(True)
+            ours = roi_align_matmul(ours_in, rois, out, scale, sampling_ratio, aligned)
+            theirs = tvo.roi_align(theirs_in, rois, out, scale, sampling_ratio, aligned)
+            torch.testing.assert_close(ours, theirs, atol=TOL, rtol=0)
+            grad = torch.randn_like(theirs)
+            ours.backward(grad)
+            theirs.backward(grad)
+            # Sums of many terms in another order: relative float32 rounding.
+            torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=TOL, rtol=1e-5)
+
+
+def test_roi_align_matmul_golden_ramp():
+    """On the ramp 4y + x every bilinear read is exact: a RoI covering cells 1..2 x 1..2
+    (aligned=False, one sample per bin at its centre) pools the values at y, x = 1.5, 2.5."""
+    rois = torch.tensor([[0.0, 1.0, 1.0, 3.0, 3.0]])
+    pooled = roi_align_matmul(ramp(), rois, 2, 1.0, 1, False)
+    expected = torch.tensor([[4 * 1.5 + 1.5, 4 * 1.5 + 2.5], [4 * 2.5 + 1.5, 4 * 2.5 + 2.5]])
+    torch.testing.assert_close(pooled[0, 0], expected)
+    assert roi_align_matmul(ramp(), rois[:0], 2).shape == (0, 1, 2, 2)
+
+
+def test_prefers_roi_align_matmul_only_when_training_small_cpu_maps():
+    small = torch.randn(2, 8, 32, 32, requires_grad=True)
+    assert prefers_roi_align_matmul(small)
+    assert not prefers_roi_align_matmul(small.detach())  # inference: torchvision's kernel
+    with torch.no_grad():
+        assert not prefers_roi_align_matmul(small)
+    assert not prefers_roi_align_matmul(torch.randn(2, 8, 64, 64, requires_grad=True))
+    with kernel_roi_align():  # what count_host_syncs counts: the GPU's path
+        assert not prefers_roi_align_matmul(small)
+    assert prefers_roi_align_matmul(small)
+
+
+def test_multiscale_roi_align_takes_the_matmul_path_when_training_on_the_cpu(monkeypatch):
+    """The Mask R-CNN heads read RoIs through either op; both give the same features."""
+    from instseg_edu.models import roi_heads
+
+    calls = []
+    real = roi_heads.roi_align_matmul
+    monkeypatch.setattr(
+        roi_heads, "roi_align_matmul", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    torch.manual_seed(0)
+    features = [torch.randn(2, 4, 16, 16, requires_grad=True), torch.randn(2, 4, 8, 8)]
+    rois = torch.tensor(
+        [[0, 2.0, 2.0, 20.0, 30.0], [1, 0.0, 4.0, 60.0, 50.0], [1, 5.0, 5.0, 9.0, 9.0]]
+    )
+    fast = roi_heads.multiscale_roi_align(features, rois, (4, 8), 7, 2, True, finest_scale=28.0)
+    assert calls  # the level with a gradient took the matmul path
+    with kernel_roi_align():
+        plain = roi_heads.multiscale_roi_align(
+            features, rois, (4, 8), 7, 2, True, finest_scale=28.0
+        )
+    torch.testing.assert_close(fast, plain, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("seed", range(40))
