@@ -50,6 +50,7 @@ from instseg_edu.widgets.roi_explorer import RoIExplorer
 from instseg_edu.data.shapes import render_image
 from instseg_edu.models.roi_heads import paste_masks
 from instseg_edu.ops.roi import (
+    roi_align_matmul,
     roi_align_reference,
     roi_align_sampling_points,
     roi_pool_cells,
@@ -198,6 +199,11 @@ print("inline RoIPool == torchvision == instseg_edu on", NUM_RANDOM_ROIS, "RoIs 
 # off the map reads 0, one within a cell of the border is clamped onto it. So RoIAlign is
 # `A_y @ f @ A_xᵀ` for every RoI. We build it with `sampling_ratio=2`; the library also does the
 # adaptive `ceil(roi_size / output_size)`.
+#
+# This is not only a way to read the op. `instseg_edu.ops.roi.roi_align_matmul` computes it as two
+# batched products per image, and the Mask R-CNN heads train with it on the CPU when the maps are
+# small (the CPU tier's 32×32 P2): dense matrix products run its backward pass several times
+# faster than torchvision's kernel, which scatters one sample at a time (`benchmarks/roi.py`).
 
 
 # %%
@@ -248,7 +254,13 @@ for aligned in (False, True):
     torch.testing.assert_close(
         adaptive, tvo.roi_align(features, random_rois, 7, 1 / 32, 0, aligned), atol=1e-5, rtol=0
     )
-print("inline RoIAlign == torchvision == instseg_edu (fixed and adaptive sampling)")
+    torch.testing.assert_close(
+        roi_align_matmul(features, random_rois, 7, 1 / 32, 0, aligned),
+        adaptive,
+        atol=1e-5,
+        rtol=0,
+    )
+print("inline RoIAlign == torchvision == instseg_edu (fixed and adaptive sampling; matmul form)")
 
 # %% [markdown]
 # ## 4 · The RoIExplorer
@@ -367,5 +379,6 @@ plt.show()
 # * RoIAlign rounds nothing: real bins, `sampling_ratio²` bilinear samples per bin (adaptive:
 #   `ceil(bin size)`), averaged; `aligned=True` removes the last half-cell offset.
 # * Both are a few vectorized lines of PyTorch (`instseg_edu.ops.roi`), equal to torchvision's
-#   kernels; the models use the kernels (`benchmarks/roi.py` shows what they buy).
+#   kernels; the models use the kernels (`benchmarks/roi.py` shows what they buy), except that
+#   Mask R-CNN trains on the CPU with the matrix-product form, whose backward pass is faster.
 # * For masks the difference is not cosmetic: the IoU table above is the measured cost of RoIPool.

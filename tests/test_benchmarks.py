@@ -43,9 +43,11 @@ def test_assign_batched_equals_the_loop(tmp_path):
 
 def test_roi_reference_against_torchvision(tmp_path):
     out = run(tmp_path, "roi.py", "--rois", "8", "--channels", "4", "--size", "16",
-              "--repeats", "1")  # fmt: skip
-    for op in ("RoIAlign 7x7, sampling_ratio=2", "RoIAlign 7x7, adaptive", "RoIPool 7x7"):
-        assert re.search(re.escape(op) + r"\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out), out
+              "--repeats", "1", "--train-images", "2", "--train-rois", "6",
+              "--train-channels", "3", "--train-size", "8")  # fmt: skip
+    for op in ("RoIAlign 7x7, sampling_ratio=2", "RoIAlign 7x7, adaptive", "RoIPool 7x7",
+               "forward", "forward + backward"):  # fmt: skip
+        assert re.search("^" + re.escape(op) + r"\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
 
 
 def test_host_syncs_ours_against_torchvision(tmp_path):
