@@ -76,15 +76,23 @@ CPU_DEFAULTS = dict(
 # ----------------------------------------------------------------------- torchvision, small
 def _torchvision_resnet_fpn(backbone_cfg, neck_cfg, extra_blocks):
     """torchvision's ResNet (random init, trainable BatchNorm) with an FPN over the same stages and
-    of the same width as our ``backbone_cfg`` / ``neck_cfg``."""
+    of the same width as our ``backbone_cfg`` / ``neck_cfg`` (torchvision's ``BackboneWithFPN``;
+    a ResNet narrower than torchvision's, ``base_channels != 64``, is ours, built from
+    torchvision's blocks)."""
     import torchvision
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
 
     end = len(neck_cfg.in_channels) if neck_cfg.end_level == -1 else neck_cfg.end_level + 1
     used = range(neck_cfg.start_level, end)  # indices of the stages the FPN reads (0 = layer1)
-    body = getattr(torchvision.models, f"resnet{backbone_cfg.depth}")(
-        weights=None, zero_init_residual=backbone_cfg.zero_init_residual
-    )
+    if backbone_cfg.base_channels == 64:
+        body = getattr(torchvision.models, f"resnet{backbone_cfg.depth}")(
+            weights=None, zero_init_residual=backbone_cfg.zero_init_residual
+        )
+    else:  # torchvision's ResNet class has no width setting for BasicBlocks: the same network
+        # from our ResNet, which is made of torchvision's blocks under torchvision's names
+        from instseg_edu.models.backbone import ResNet
+
+        body = ResNet(backbone_cfg)
     return BackboneWithFPN(
         body,
         return_layers={f"layer{i + 1}": str(k) for k, i in enumerate(used)},

@@ -78,7 +78,7 @@ RESNET_STAGE_BLOCKS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]
     101: (Bottleneck, (3, 4, 23, 3)),
     152: (Bottleneck, (3, 8, 36, 3)),
 }
-_STAGE_WIDTHS = (64, 128, 256, 512)  # planes of each stage; a Bottleneck outputs 4× that
+_STAGE_WIDTHS = (1, 2, 4, 8)  # planes of each stage / base_channels; a Bottleneck outputs 4× that
 _EXTRA_CONVS = ("on_input", "on_lateral", "on_output")
 
 
@@ -98,6 +98,10 @@ class ResNetConfig:
         frozen_stages: ``-1`` nothing frozen, ``0`` the stem, ``k`` the stem and stages ``1..k``.
         norm_eval: keep every BatchNorm in eval mode (frozen running statistics) during training.
         style: ``"pytorch"`` (stride on the 3×3) or ``"caffe"`` (stride on the first 1×1).
+        base_channels: width of the stem and of the first stage; stage ``i`` has
+            ``base_channels · 2**i`` planes (MMDetection's ``base_channels``; 64 in every ImageNet
+            ResNet, which pretrained weights need). The CPU tier's Mask R-CNN uses 32: a quarter
+            of the convolution work for the small shapes images.
         zero_init_residual: start each residual branch's last BatchNorm at ``weight=0`` so every
             block begins as the identity (Goyal et al., 2017); MMDetection's default.
         pretrained: ``None``; a torchvision weights enum or its name such as
@@ -111,6 +115,7 @@ class ResNetConfig:
     frozen_stages: int = 1
     norm_eval: bool = True
     style: str = "pytorch"
+    base_channels: int = 64
     zero_init_residual: bool = True
     pretrained: Any = None
 
@@ -134,6 +139,8 @@ class ResNetConfig:
             )
         if self.style not in ("pytorch", "caffe"):
             raise ValueError(f"style={self.style!r} must be 'pytorch' or 'caffe'")
+        if not isinstance(self.base_channels, int) or self.base_channels < 1:
+            raise ValueError(f"base_channels={self.base_channels!r} must be a positive int")
         if self.pretrained is not None and not isinstance(self.pretrained, (str, os.PathLike)):
             from torchvision.models import WeightsEnum
 
@@ -224,7 +231,7 @@ def resnet_out_channels(cfg: ResNetConfig) -> tuple[int, ...]:
     """Channels of the maps ``ResNet(cfg)`` returns: ``(256, 512, 1024, 2048)`` for C2..C5 of a
     ResNet-50, ``(64, 128, 256, 512)`` for a ResNet-18."""
     block, _ = RESNET_STAGE_BLOCKS[cfg.depth]
-    return tuple(_STAGE_WIDTHS[i] * block.expansion for i in cfg.out_indices)
+    return tuple(cfg.base_channels * _STAGE_WIDTHS[i] * block.expansion for i in cfg.out_indices)
 
 
 def fpn_strides(resnet_cfg: ResNetConfig, fpn_cfg: FPNConfig) -> tuple[int, ...]:
@@ -310,16 +317,19 @@ class ResNet(nn.Module):
         block, stage_blocks = RESNET_STAGE_BLOCKS[cfg.depth]
         self.out_channels = resnet_out_channels(cfg)
 
-        # Stem: [B, 3, Hp, Wp] -> [B, 64, Hp/2, Wp/2] -> max-pool -> [B, 64, Hp/4, Wp/4]
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        # Stem (S = base_channels, 64 in ImageNet ResNets):
+        # [B, 3, Hp, Wp] -> [B, S, Hp/2, Wp/2] -> max-pool -> [B, S, Hp/4, Wp/4]
+        width = cfg.base_channels
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        self.inplanes = 64
+        self.inplanes = width
         for i in range(cfg.num_stages):
             stride = 1 if i == 0 else 2  # layer1 keeps stride 4; each later stage halves
-            layer = self._make_layer(block, _STAGE_WIDTHS[i], stage_blocks[i], stride)
+            planes = cfg.base_channels * _STAGE_WIDTHS[i]
+            layer = self._make_layer(block, planes, stage_blocks[i], stride)
             self.add_module(f"layer{i + 1}", layer)
 
         self._init_weights()

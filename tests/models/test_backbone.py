@@ -104,6 +104,26 @@ def test_resnet_stage_shapes_and_channels(depth):
         assert tuple(o.shape) == (2, c, math.ceil(65 / s), math.ceil(97 / s))
 
 
+@pytest.mark.parametrize("depth", [18, 50])
+def test_base_channels_scales_every_stage_and_the_stem(depth):
+    """MMDetection's ``base_channels``: stage i has base_channels * 2**i planes (x4 out of a
+    Bottleneck), the stem base_channels; 64 is the ImageNet ResNet (the default)."""
+    cfg = ResNetConfig(depth=depth, base_channels=32)
+    model = ResNet(cfg).eval()
+    expansion = 1 if depth < 50 else 4
+    assert model.out_channels == tuple(32 * 2**i * expansion for i in range(4))
+    assert model.conv1.out_channels == 32 and model.bn1.num_features == 32
+    with torch.no_grad():
+        outs = model(torch.rand(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == list(model.out_channels)
+    narrow = sum(p.numel() for p in model.parameters())
+    full = sum(p.numel() for p in ResNet(ResNetConfig(depth=depth)).parameters())
+    assert 0.24 < narrow / full < 0.26  # every conv has half the inputs and half the outputs
+    for bad in (0, -8, 16.0):
+        with pytest.raises(ValueError, match="base_channels"):
+            ResNetConfig(base_channels=bad)
+
+
 @pytest.mark.parametrize("depth", [18, 34, 50, 101])
 def test_state_dict_keys_match_torchvision(depth):
     ours = ResNet(ResNetConfig(depth=depth)).state_dict()
