@@ -74,18 +74,18 @@ def multiscale_roi_align(
     aligned: bool = True,
     finest_scale: float = 56.0,
 ) -> Tensor:
-    """RoIAlign each RoI on the FPN level its size selects: one ``roi_align`` call per level
-    (torchvision's, or :func:`~instseg_edu.ops.roi.roi_align_matmul` where
-    :func:`~instseg_edu.ops.roi.prefers_roi_align_matmul` says it is faster: CPU training, small maps).
+    """RoIAlign each RoI on the FPN level its size selects: one call per level, of torchvision's
+    ``roi_align`` or, where :func:`~instseg_edu.ops.roi.prefers_roi_align_matmul` says it is faster
+    (CPU training, small maps), of :func:`~instseg_edu.ops.roi.roi_align_matmul`.
 
-        The RoIs are sorted by level and split by the per-level counts, read from the device once
-        (one ``nonzero`` per level would wait for the device once per level).
+    The RoIs are sorted by level and split by the per-level counts, read from the device once
+    (one ``nonzero`` per level would wait for the device once per level).
 
-        Args:
-            features: at least ``len(strides)`` maps ``[B, F, H_l, W_l]``.
-            rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` pixels.
-        Returns:
-            ``[R, F, output_size, output_size]``.
+    Args:
+        features: at least ``len(strides)`` maps ``[B, F, H_l, W_l]``.
+        rois: ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` pixels.
+    Returns:
+        ``[R, F, output_size, output_size]``.
     """
     levels = map_rois_to_levels(rois[:, 1:], len(strides), finest_scale)  # [R]
     first = features[0]

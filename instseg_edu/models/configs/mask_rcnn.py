@@ -266,8 +266,8 @@ FPN and heads, fewer sampled anchors / RoIs and proposals."""
 
 MASK_RCNN_R18_CPU = MaskRCNNConfig(
     num_classes=80,
-    backbone=ResNetConfig(depth=18, frozen_stages=-1, norm_eval=False),
-    neck=fpn_p2_p6(in_channels=(64, 128, 256, 512), out_channels=64),
+    backbone=ResNetConfig(depth=18, frozen_stages=-1, norm_eval=False, base_channels=32),
+    neck=fpn_p2_p6(in_channels=(32, 64, 128, 256), out_channels=64),
     rpn_head=RPNHeadConfig(feat_channels=64),
     roi_head=RoIHeadConfig(
         fc_out_channels=1024, conv_out_channels=64, sampling_ratio=2, mask_roi_size=7
@@ -277,7 +277,7 @@ MASK_RCNN_R18_CPU = MaskRCNNConfig(
         rpn_proposal=ProposalConfig(nms_pre=300, max_per_img=150),
         rcnn=RCNNTrainConfig(
             MaxIoUAssignerConfig(0.5, 0.5, 0.5, match_low_quality=False),
-            SamplerConfig(32, 0.5, add_gt_as_proposals=True),
+            SamplerConfig(64, 0.5, add_gt_as_proposals=True),
             mask_size=14,
         ),
     ),
@@ -286,9 +286,17 @@ MASK_RCNN_R18_CPU = MaskRCNNConfig(
     ),
 )
 """The CPU tier's Mask R-CNN (``instseg-edu demo`` and notebook 06 without a GPU, 128 px images).
-ResNet-18 with a 64-channel FPN and heads, as :data:`MASK_RCNN_R18_SMALL`, changed where a few CPU
-minutes are spent: mask RoIs of 7x7 predicting 14x14 masks (a quarter of the mask head's work; a
-shape at 128 px is rarely larger than 60 px, so 14x14 still has about one mask pixel per 4 image
-pixels), 32 sampled RoIs per image with up to half positive (the shapes images hold a few objects,
-so 512 RoIs at a quarter positive would be mostly background), and 1024-wide box-head layers as in
-the full model (an fc layer is cheap next to the convolutions)."""
+Chosen by training variants for the same five minutes on two CPU cores and scoring them on the
+shapes validation split (``benchmarks/RESULTS.md``, "CPU recipe"):
+
+- a ResNet-18 of half width (``base_channels=32``: a quarter of the convolution work) with a
+  64-channel FPN and heads: more steps in the same minutes, and at least as good per step;
+- 64 sampled RoIs per image with up to half positive: from scratch, the classifier is what
+  learns slowest (class-agnostic box AP50 was twice the class-aware one), and more positive RoIs
+  per step teach it more — box AP50 0.19 -> 0.30 at equal time;
+- mask RoIs of 7x7 predicting 14x14 masks (a quarter of the mask head's work; a shape at 128 px
+  is rarely larger than 60 px, so 14x14 still has about one mask pixel per 4 image pixels), and
+  1024-wide box-head layers as in the full model.
+
+Tried and not kept (each no better at equal time): smaller RPN anchors (16 px at P2), FPN level
+mapping scaled to the image (``finest_scale=14``), three backbone stages, batches of 4."""
