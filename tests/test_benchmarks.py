@@ -50,6 +50,26 @@ def test_roi_reference_against_torchvision(tmp_path):
         assert re.search("^" + re.escape(op) + r"\s+[\d.]+\s+[\d.]+\s+[\d.]+x$", out, re.M), out
 
 
+def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import cpu_recipe
+
+    from instseg_edu.recipes import recipe
+
+    base = recipe("mask_rcnn", "cpu")
+    for change_cfg, change_recipe in cpu_recipe.VARIANTS.values():
+        change_recipe(base)
+        cpu_recipe.build_mask_rcnn(change_cfg(base.model_config(7)))  # each one is consistent
+    log = tmp_path / "runs.jsonl"
+    out = run(tmp_path, "cpu_recipe.py", "narrow_r128", "--seconds", "1", "--data",
+              str(tmp_path / "shapes"), "--num-train", "4", "--num-val", "2", "--image-size", "64",
+              "--json", str(log))  # fmt: skip
+    record = json.loads(log.read_text())
+    assert record["variant"] == "narrow_r128" and record["steps"] >= 1, out
+    assert 0 <= record["box_AP50"] <= 1 and 0 <= record["mask_AP50"] <= 1
+
+
 def test_host_syncs_ours_against_torchvision(tmp_path):
     out = run(tmp_path, "host_syncs.py", "--smoke", "--families", "retinanet", "yolact")
     rows = {

@@ -105,7 +105,7 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
         "adamw",
         2e-3,
     )
-    assert (mask_rcnn.max_steps, mask_rcnn.batch_size) == (450, 8)
+    assert (mask_rcnn.max_steps, mask_rcnn.batch_size) == (420, 8)
     retinanet = recipe("retinanet", "cpu")
     assert (retinanet.max_steps, retinanet.lr, retinanet.image_size) == (1000, 1e-3, 128)
 
