@@ -135,7 +135,13 @@ def _existing(path: str | None, what: str, flag: str, *, folder: bool = False) -
     return p
 
 
-def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int = 0):
+SHAPES_SEED = 0
+"""The shapes images of ``demo`` and ``train --data shapes``: always the standard split. ``--seed``
+changes the initial weights, the data order and the augmentation, never the images (a run with
+another seed is scored on the same validation images, and the folder is not redrawn)."""
+
+
+def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int = SHAPES_SEED):
     """Generate (or reuse) the shapes splits; each size/count gets its own folder."""
     from instseg_edu.data.shapes import make_shapes_splits
     from instseg_edu.engine.distributed import is_distributed, is_main_process
@@ -425,7 +431,7 @@ def cmd_demo(args) -> int:
     if args.workers is None:  # in memory: nothing left to decode in worker processes
         args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
     train_json, train_dir, val_json, val_dir = _shapes(
-        args.data, r.image_size, r.num_train, r.num_val, args.seed
+        args.data, r.image_size, r.num_train, r.num_val
     )
     train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, r.image_size,
                                    in_memory=r.in_memory)  # fmt: skip
@@ -495,7 +501,7 @@ def cmd_train(args) -> int:
         if args.train_json or args.train_images:
             raise CliError("give either --data shapes or --train-json/--train-images, not both")
         train_json, train_dir, val_json, val_dir = _shapes(
-            args.shapes_root, args.image_size, args.num_train, args.num_val, args.seed
+            args.shapes_root, args.image_size, args.num_train, args.num_val
         )
     else:
         train_json = _existing(args.train_json, "annotation file", "--train-json")
@@ -807,7 +813,8 @@ def _drawing_names(paths: list[Path]) -> list[Path]:
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the initial weights, data order and augmentation")  # fmt: skip
+                   help="seed of the initial weights, data order and augmentation (the shapes "
+                   "images are always the standard split)")  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true",

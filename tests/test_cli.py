@@ -140,6 +140,14 @@ def test_demo_smoke_of_every_family(family, tmp_path, capsys):
     recipe = RECIPES[(family, "smoke")]
     assert printed.startswith(f"tier 'smoke' (--smoke): {recipe.model} on 8 images of 64 px")
     assert (out / "predictions.png").is_file() and (out / "last.pt").is_file()
+    if family == "solo":  # --seed changes the training, never the standard split's images
+        val_json = tmp_path / "data" / "64px-8-4" / "val.json"
+        before = val_json.read_bytes()
+        rc = main(["demo", "--smoke", "--model", family, "--out", str(out), "--data",
+                   str(tmp_path / "data"), "--device", "cpu", "--no-progress",
+                   "--seed", "3"])  # fmt: skip
+        assert rc == 0 and val_json.read_bytes() == before
+        assert json.loads(before)["info"]["params"]["seed"] == 0
     metrics = json.loads((out / "ap.json").read_text())
     kinds = ["bbox"] if family == "retinanet" else ["bbox", "segm"]
     assert list(metrics) == kinds
