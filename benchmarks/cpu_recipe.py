@@ -105,7 +105,8 @@ def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **
     steps = max(1, int(seconds / step_s))
     torch.manual_seed(0)
     model = build_mask_rcnn(cfg)
-    loader = make_loader(train_set, r.batch_size, shuffle=True, seed=0, drop_last=True)
+    loader = make_loader(train_set, r.batch_size, shuffle=True, seed=0,
+                         drop_last=len(train_set) > r.batch_size)  # fmt: skip
     start = time.perf_counter()
     history = train(model, loader, r.train_config(max_steps=steps, device="cpu", progress=False))
     train_s = time.perf_counter() - start

@@ -236,7 +236,8 @@ def test_torchvision_like_mirrors_our_cpu_models():
         else:
             assert strides == list(cfg.rpn_head.anchor_generator.strides)
             heads = tv.roi_heads
-            assert heads.fg_bg_sampler.batch_size_per_image == 32
+            assert heads.fg_bg_sampler.batch_size_per_image == 64
+            assert tv.backbone.body.conv1.out_channels == 32  # the same half-width ResNet-18
             assert heads.fg_bg_sampler.positive_fraction == 0.5
             assert heads.mask_roi_pool.output_size == (7, 7)
             assert heads.box_head.fc6.out_features == 1024
