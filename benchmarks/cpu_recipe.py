@@ -24,7 +24,7 @@ import torch
 
 from instseg_edu.models.backbone import resnet_out_channels
 from instseg_edu.models.mask_rcnn import build_mask_rcnn
-from instseg_edu.recipes import Recipe, recipe, shapes_batch
+from instseg_edu.recipes import measure_step_seconds, recipe
 
 # ------------------------------------------------------------------------------- the variants
 
@@ -77,19 +77,6 @@ VARIANTS: dict[str, Variant] = {
 }
 
 
-def seconds_per_step(r: Recipe, cfg, steps: int = 5) -> float:
-    """Training seconds per step of ``cfg`` with recipe ``r`` (after one warm-up step)."""
-    from instseg_edu.engine.train import train
-
-    model = build_mask_rcnn(cfg)
-    batch = shapes_batch(r.batch_size, r.image_size)
-    train_cfg = r.train_config(max_steps=1, device="cpu", progress=False, warmup_steps=0)
-    train(model, [batch], train_cfg)
-    start = time.perf_counter()
-    train(model, [batch] * steps, dataclasses.replace(train_cfg, max_steps=steps))
-    return (time.perf_counter() - start) / steps
-
-
 def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **sizes) -> dict:
     """Train variant ``name`` for about ``seconds`` and score it; returns the JSON record.
     ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
@@ -101,7 +88,8 @@ def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **
     cfg = change_cfg(r.model_config(7))
     train_set, val_set = r.shapes_datasets(data)
     torch.manual_seed(1)
-    step_s = seconds_per_step(r, cfg) * loading_overhead  # + drawing and augmenting batches
+    # + drawing and augmenting batches
+    step_s = measure_step_seconds(r, 5, "cpu", cfg) * loading_overhead
     steps = max(1, int(seconds / step_s))
     torch.manual_seed(0)
     model = build_mask_rcnn(cfg)

@@ -381,8 +381,11 @@ def shapes_batch(batch_size: int, image_size: int, seed: int = 0):
     return collate(items)
 
 
-def measure_step_seconds(r: Recipe, steps: int = 2, device: str = "auto") -> float:
-    """Seconds per training step of recipe ``r`` on this machine.
+def measure_step_seconds(
+    r: Recipe, steps: int = 2, device: str = "auto", model_config=None
+) -> float:
+    """Seconds per training step of recipe ``r`` on this machine (of ``model_config`` instead of
+    the recipe's preset when given: a variant of it, as ``benchmarks/cpu_recipe.py`` times).
 
     Builds the recipe's model, runs one warm-up step, then times ``steps`` real training steps
     (forward, loss, backward, optimiser update: :func:`~instseg_edu.engine.train.train` itself)
@@ -398,7 +401,11 @@ def measure_step_seconds(r: Recipe, steps: int = 2, device: str = "auto") -> flo
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
         dev = resolve_device(device)
-        model = r.build_model(len(CLASSES))
+        if model_config is None:
+            model = r.build_model(len(CLASSES))
+        else:
+            module_name, builder = MODEL_BUILDERS[r.family]
+            model = getattr(importlib.import_module(module_name), builder)(model_config)
         batch = shapes_batch(r.batch_size, r.image_size)
         cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0)
         train(model, [batch], cfg)  # warm-up: allocations, kernel selection
