@@ -100,6 +100,8 @@ class Recipe:
         in_memory: decode the training and validation images once and keep them in memory
             (:class:`~instseg_edu.data.memory.InMemoryDataset`), loading in the main process.
         workers: DataLoader worker processes when not ``in_memory``.
+        color_jitter: colour jitter in the training augmentation
+            (:func:`~instseg_edu.data.transforms.train_transforms`); flips are always on.
         expected_minutes: training minutes on the machine the tier is for (two CPU cores for
             ``"cpu"``), ``None`` where not measured; :func:`describe_tier` measures this machine.
         note: one line on what to expect from the trained model.
@@ -121,6 +123,7 @@ class Recipe:
     grad_clip: float | None = 35.0
     in_memory: bool = False
     workers: int = 4
+    color_jitter: bool = True
     expected_minutes: float | None = None
     note: str = ""
 
@@ -172,8 +175,8 @@ class Recipe:
 
         Returns:
             ``(train_set, val_set)``: training with :func:`~instseg_edu.data.transforms.
-            train_transforms` (flip, colour jitter), validation with only the resize; both kept
-            in memory when ``in_memory``.
+            train_transforms` (flip, and colour jitter when ``color_jitter``), validation with
+            only the resize; both kept in memory when ``in_memory``.
         """
         from instseg_edu.data.coco import CocoDataset
         from instseg_edu.data.shapes import make_shapes_splits
@@ -182,15 +185,16 @@ class Recipe:
         root = Path(root)
         splits = make_shapes_splits(root, self.num_train, self.num_val, self.image_size, seed)
         size = self.image_size
+        augment = train_transforms(size, jitter=self.color_jitter)
         if not self.in_memory:
-            train_set = CocoDataset(splits["train"], root / "train", train_transforms(size))
+            train_set = CocoDataset(splits["train"], root / "train", augment)
             val_set = CocoDataset(splits["val"], root / "val", eval_transforms(size))
             return train_set, val_set
         from instseg_edu.data.memory import InMemoryDataset
 
         train_set = InMemoryDataset(
             CocoDataset(splits["train"], root / "train", eval_transforms(size)),
-            train_transforms(size),
+            augment,
         )
         val_set = InMemoryDataset(CocoDataset(splits["val"], root / "val", eval_transforms(size)))
         return train_set, val_set
