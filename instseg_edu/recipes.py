@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instseg_edu.models import BUILDERS
+
 TIERS = ("smoke", "cpu", "gpu")
 FAMILIES = ("retinanet", "mask_rcnn", "solo", "yolact")
 
@@ -47,13 +49,8 @@ STEPS_ENV = "INSTSEG_TRAIN_STEPS"
 NOTEBOOK_SMOKE_IMAGE_SIZE = 128
 """Smoke-tier image size of the notebooks: they draw their images, so 64 px would show nothing."""
 
-#: family -> (module, builder)
-MODEL_BUILDERS = {
-    "retinanet": ("instseg_edu.models.retinanet", "build_retinanet"),
-    "mask_rcnn": ("instseg_edu.models.mask_rcnn", "build_mask_rcnn"),
-    "solo": ("instseg_edu.models.solo", "build_solo"),
-    "yolact": ("instseg_edu.models.yolact", "build_yolact"),
-}
+#: family -> (module, builder), from :data:`instseg_edu.models.BUILDERS`
+MODEL_BUILDERS = {family: (module, builder) for family, (module, builder, _) in BUILDERS.items()}
 
 
 def select_tier() -> str:

@@ -160,10 +160,11 @@ def test_notebook_checkpoint_path():
 
 def test_save_notebook_model_round_trips(tmp_path):
     """What a notebook saves rebuilds the same model from its own config (a changed knob
-    included) and names the recipe, classes and history that notebook 09 reads."""
+    included) with ``load_model``, and names the recipe, classes and history that notebook 09
+    reads."""
     from types import SimpleNamespace
 
-    from instseg_edu.engine.checkpoint import config_from_dict, load_checkpoint
+    from instseg_edu.engine.checkpoint import load_checkpoint, load_model
     from instseg_edu.engine.train import History
     from instseg_edu.models.mask_rcnn import build_mask_rcnn
 
@@ -179,9 +180,8 @@ def test_save_notebook_model_round_trips(tmp_path):
     meta = ckpt["meta"]
     assert (meta["model"], meta["preset"], meta["image_size"]) == ("mask_rcnn", r.model, 64)
     assert meta["classes"] == ["a"] * 7 and meta["label_to_cat_id"] == list(range(1, 8))
-    rebuilt = build_mask_rcnn(config_from_dict(type(cfg), meta["model_config"]))
+    rebuilt, _ = load_model(path)
     assert rebuilt.cfg.roi_head.num_convs == 2
-    rebuilt.load_state_dict(ckpt["model"])
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
 

@@ -15,6 +15,7 @@ Every count comes from :func:`~instseg_edu.engine.analysis.error_analysis` and
 
     from instseg_edu.widgets import EvaluationExplorer
     EvaluationExplorer.from_model(model, val_set)            # a trained model and a CocoDataset
+    # a saved one: model, meta = instseg_edu.engine.checkpoint.load_model("runs/demo/last.pt")
     EvaluationExplorer.from_results(coco_gt, results, images=val_set)   # COCO result dicts
     EvaluationExplorer({"bbox": m_box, "segm": m_mask})      # CocoMatches you already have
 """
@@ -223,7 +224,9 @@ class EvaluationExplorer:
         **kwargs,
     ) -> EvaluationExplorer:
         """Run a trained model over a :class:`~instseg_edu.data.coco.CocoDataset` (with
-        ``eval_transforms``) and explore its detections on the dataset's images."""
+        ``eval_transforms``) and explore its detections on the dataset's images. A model saved by
+        ``instseg-edu train`` / ``demo`` or a notebook comes back with
+        :func:`~instseg_edu.engine.checkpoint.load_model`."""
         from instseg_edu.engine.train import make_loader
 
         loader = make_loader(dataset, batch_size, shuffle=False)
