@@ -388,8 +388,6 @@ def _demo_tier(args, device) -> tuple[str, str]:
 
 
 def cmd_demo(args) -> int:
-    import dataclasses
-
     from instseg_edu.engine.distributed import is_distributed
     from instseg_edu.recipes import describe_tier, recipe
 
@@ -400,7 +398,7 @@ def cmd_demo(args) -> int:
         raise CliError(str(e)) from None
     r = recipe(args.model, tier)
     given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
-    r = dataclasses.replace(r, **{k: v for k, v in given.items() if v is not None})
+    r = r.override(**{k: v for k, v in given.items() if v is not None})  # expected time follows
     print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
           flush=True)  # fmt: skip
     args.image_size, args.batch_size = r.image_size, r.batch_size
