@@ -12,7 +12,8 @@ Subcommands:
 - ``predict``: draw a checkpoint's detections on image files.
 
 A checkpoint written here stores the model family and its config as plain data (``meta``), so
-``evaluate`` and ``predict`` rebuild the model without being told which one it was. It also
+``evaluate`` and ``predict`` rebuild the model without being told which one it was
+(:func:`instseg_edu.engine.checkpoint.load_model`, which a program can call too). It also
 stores the model's category list (``classes`` and ``label_to_cat_id``): a validation file is
 matched to it by category id, and predictions are reported with those ids.
 
@@ -35,25 +36,18 @@ import sys
 import time
 from pathlib import Path
 
+from instseg_edu.models import BUILDERS
+
 #: family → (module, builder, config class, GPU preset, CPU preset)
 FAMILIES = {
-    "retinanet": (
-        "instseg_edu.models.retinanet", "build_retinanet", "RetinaNetConfig",
-        "RETINANET_R50_FPN_SCRATCH", "RETINANET_R18_SMALL",
-    ),
-    "mask_rcnn": (
-        "instseg_edu.models.mask_rcnn", "build_mask_rcnn", "MaskRCNNConfig",
-        "MASK_RCNN_R50_FPN", "MASK_RCNN_R18_SMALL",
-    ),
-    "solo": (
-        "instseg_edu.models.solo", "build_solo", "SOLOConfig",
-        "SOLO_R50_FPN_SCRATCH", "SOLO_R18_SMALL",
-    ),
-    "yolact": (
-        "instseg_edu.models.yolact", "build_yolact", "YOLACTConfig",
-        "YOLACT_R50_FPN", "YOLACT_R18_SMALL",
-    ),
-}  # fmt: skip
+    family: (*BUILDERS[family], gpu, cpu)
+    for family, (gpu, cpu) in {
+        "retinanet": ("RETINANET_R50_FPN_SCRATCH", "RETINANET_R18_SMALL"),
+        "mask_rcnn": ("MASK_RCNN_R50_FPN", "MASK_RCNN_R18_SMALL"),
+        "solo": ("SOLO_R50_FPN_SCRATCH", "SOLO_R18_SMALL"),
+        "yolact": ("YOLACT_R50_FPN", "YOLACT_R18_SMALL"),
+    }.items()
+}
 
 #: Families that learn masks: they refuse a training set without a single mask.
 MASK_FAMILIES = ("mask_rcnn", "solo", "yolact")
@@ -105,24 +99,6 @@ def _preset(family: str, name: str | None, device) -> tuple[str, object]:
 
 def _build(family: str, cfg):
     return getattr(_family_module(family), FAMILIES[family][1])(cfg)
-
-
-def _model_from_checkpoint(path: str, device):
-    """Rebuild the model a checkpoint was trained as, with its weights."""
-    from instseg_edu.engine.checkpoint import config_from_dict, load_checkpoint
-
-    ckpt = load_checkpoint(path, map_location="cpu")
-    meta = ckpt.get("meta") or {}
-    family = meta.get("model")
-    if family not in FAMILIES or "model_config" not in meta:
-        raise CliError(
-            f"{path} has no model description (meta.model / meta.model_config); "
-            "was it written by `instseg-edu train` or `demo`?"
-        )
-    config_cls = getattr(_family_module(family), FAMILIES[family][2])
-    model = _build(family, config_from_dict(config_cls, meta["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), meta
 
 
 def _existing(path: str | None, what: str, flag: str, *, folder: bool = False) -> Path:
@@ -412,8 +388,6 @@ def _demo_tier(args, device) -> tuple[str, str]:
 
 
 def cmd_demo(args) -> int:
-    import dataclasses
-
     from instseg_edu.engine.distributed import is_distributed
     from instseg_edu.recipes import describe_tier, recipe
 
@@ -424,7 +398,7 @@ def cmd_demo(args) -> int:
         raise CliError(str(e)) from None
     r = recipe(args.model, tier)
     given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
-    r = dataclasses.replace(r, **{k: v for k, v in given.items() if v is not None})
+    r = r.override(**{k: v for k, v in given.items() if v is not None})  # expected time follows
     print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
           flush=True)  # fmt: skip
     args.image_size, args.batch_size = r.image_size, r.batch_size
@@ -674,9 +648,11 @@ def _resumed_run(args, device, resume: dict, train_set):
 
 
 def cmd_evaluate(args) -> int:
+    from instseg_edu.engine.checkpoint import load_model
+
     device = _device(args.device)
     _existing(args.checkpoint, "checkpoint", "--checkpoint")
-    model, meta = _model_from_checkpoint(args.checkpoint, device)
+    model, meta = load_model(args.checkpoint, device)
     val_json = args.val_json or meta.get("val_json")
     val_images = args.val_images or meta.get("val_images")
     if val_json is None:
@@ -734,13 +710,14 @@ def cmd_predict(args) -> int:
 
     from instseg_edu.data.images import read_image
     from instseg_edu.data.transforms import collate, eval_transforms
+    from instseg_edu.engine.checkpoint import load_model
     from instseg_edu.engine.evaluate import detections_to_coco
     from instseg_edu.structures import Target
 
     device = _device(args.device)
     _existing(args.checkpoint, "checkpoint", "--checkpoint")
     paths = [_existing(p, "image", "IMAGE") for p in args.images]
-    model, meta = _model_from_checkpoint(args.checkpoint, device)
+    model, meta = load_model(args.checkpoint, device)
     classes = meta.get("classes")
     label_to_cat_id = meta.get("label_to_cat_id") or list(range(len(classes or [])))
     transform = eval_transforms(int(meta.get("image_size", 512)))

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instseg_edu.models import BUILDERS
+
 TIERS = ("smoke", "cpu", "gpu")
 FAMILIES = ("retinanet", "mask_rcnn", "solo", "yolact")
 
@@ -47,13 +49,8 @@ STEPS_ENV = "INSTSEG_TRAIN_STEPS"
 NOTEBOOK_SMOKE_IMAGE_SIZE = 128
 """Smoke-tier image size of the notebooks: they draw their images, so 64 px would show nothing."""
 
-#: family -> (module, builder)
-MODEL_BUILDERS = {
-    "retinanet": ("instseg_edu.models.retinanet", "build_retinanet"),
-    "mask_rcnn": ("instseg_edu.models.mask_rcnn", "build_mask_rcnn"),
-    "solo": ("instseg_edu.models.solo", "build_solo"),
-    "yolact": ("instseg_edu.models.yolact", "build_yolact"),
-}
+#: family -> (module, builder), from :data:`instseg_edu.models.BUILDERS`
+MODEL_BUILDERS = {family: (module, builder) for family, (module, builder, _) in BUILDERS.items()}
 
 
 def select_tier() -> str:
@@ -102,8 +99,9 @@ class Recipe:
         workers: DataLoader worker processes when not ``in_memory``.
         color_jitter: colour jitter in the training augmentation
             (:func:`~instseg_edu.data.transforms.train_transforms`); flips are always on.
-        expected_minutes: training minutes on the machine the tier is for (two CPU cores for
-            ``"cpu"``), ``None`` where not measured; :func:`describe_tier` measures this machine.
+        expected_minutes: training minutes of these ``max_steps`` on the machine the tier is
+            for (two CPU cores for ``"cpu"``), ``None`` where not measured; :func:`describe_tier`
+            measures this machine. Change a recipe with :meth:`override`, which keeps it true.
         note: one line on what to expect from the trained model.
     """
 
@@ -136,6 +134,22 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
+
+    def override(self, **changes) -> Recipe:
+        """A copy with ``changes`` (any fields) whose ``expected_minutes`` still describes it.
+
+        A new ``max_steps`` scales the expected time (120 steps of a 420-step recipe expected to
+        take 4.8 min: 4.8 x 120 / 420, about 1.4 min); a new model, image size, batch size or
+        data path makes it ``None``, since the time per step was measured for the recipe's own.
+        """
+        new = dataclasses.replace(self, **changes)
+        if "expected_minutes" in changes or self.expected_minutes is None:
+            return new
+        step_cost = ("model", "image_size", "batch_size", "in_memory", "workers")
+        if any(getattr(new, name) != getattr(self, name) for name in step_cost):
+            return dataclasses.replace(new, expected_minutes=None)
+        minutes = self.expected_minutes * new.max_steps / self.max_steps
+        return dataclasses.replace(new, expected_minutes=minutes)
 
     def model_config(self, num_classes: int):
         """The preset named by ``model``, for ``num_classes`` foreground classes."""
@@ -293,7 +307,7 @@ def notebook_recipe(family: str, tier: str) -> Recipe:
     """
     r = recipe(family, tier)
     if tier == "smoke":
-        r = dataclasses.replace(r, image_size=NOTEBOOK_SMOKE_IMAGE_SIZE)
+        r = r.override(image_size=NOTEBOOK_SMOKE_IMAGE_SIZE)
     steps = os.environ.get(STEPS_ENV)
     if steps is not None:
         try:
@@ -302,7 +316,7 @@ def notebook_recipe(family: str, tier: str) -> Recipe:
             value = 0
         if value < 1:
             raise ValueError(f"{STEPS_ENV}={steps!r} must be a positive integer")
-        r = dataclasses.replace(r, max_steps=value)
+        r = r.override(max_steps=value)
     return r
 
 
@@ -435,8 +449,10 @@ def describe_tier(
     """One line: which tier runs, why, and how long its training should take on this machine.
 
     With a recipe of the ``cpu`` or ``gpu`` tier and ``measure``, the time is ``max_steps`` x the
-    seconds per step measured now (:func:`measure_step_seconds`, a few seconds). ``reason`` says
-    why this tier was chosen (default: what :func:`select_tier` looked at).
+    seconds per step measured now (:func:`measure_step_seconds`, a few seconds); in parentheses
+    follows the recipe's ``expected_minutes`` for the machine the tier is for (scaled to the steps
+    run when the recipe was changed with :meth:`Recipe.override`). ``reason`` says why this tier
+    was chosen (default: what :func:`select_tier` looked at).
     """
     head = f"tier {tier!r} ({reason or _tier_reason()})"
     if r is None:
@@ -458,5 +474,10 @@ def describe_tier(
             line = f"{head}: {what}"
         if r.expected_minutes is not None:
             where = "two CPU cores" if tier == "cpu" else "one GPU"
-            line += f" (about {r.expected_minutes:g} min on {where})"
+            line += f" (about {_minutes(r.expected_minutes)} on {where})"
     return line
+
+
+def _minutes(minutes: float) -> str:
+    """``"4.8 min"``, or ``"40 s"`` under a minute."""
+    return f"{minutes:.1f} min" if minutes >= 1 else f"{minutes * 60:.0f} s"

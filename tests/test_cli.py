@@ -161,6 +161,25 @@ def test_demo_tier_variable_is_checked(monkeypatch, capsys):
     _fails_cleanly(["demo", "--device", "cpu"], capsys, "INSTSEG_TIER='laptop' must be one of")
 
 
+def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_path, capsys):
+    """``--steps 120`` of the 420-step cpu recipe (4.8 min on two cores): 120 steps' time, in the
+    measured part and in the parenthesis. Stopped before any data is made."""
+    from instseg_edu import cli, recipes
+
+    monkeypatch.setenv("INSTSEG_TIER", "cpu")
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.6)
+
+    def stop(*args, **kwargs):
+        raise cli.CliError("stopped before the data")
+
+    monkeypatch.setattr(cli, "_shapes", stop)
+    assert main(["demo", "--device", "cpu", "--steps", "120", "--data", str(tmp_path)]) == 2
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), line
+    assert "120 steps" in line and "training takes about 1.2 min" in line
+    assert line.endswith("(about 1.4 min on two CPU cores)"), line
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
 def test_evaluate_and_predict_from_the_demo_checkpoint(smoke_run, tmp_path, capsys):

@@ -144,11 +144,28 @@ def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(
     assert notebook_recipe("yolact", "cpu") == recipe("yolact", "cpu")
     monkeypatch.setenv(STEPS_ENV, "60")
     assert notebook_recipe("retinanet", "smoke").max_steps == 60
+    cpu = recipe("retinanet", "cpu")
+    assert notebook_recipe("retinanet", "cpu").expected_minutes == pytest.approx(
+        cpu.expected_minutes * 60 / cpu.max_steps
+    )
     assert notebook_recipe("retinanet", "gpu").max_steps == 60
     for bad in ("0", "-3", "ten", "2.5"):
         monkeypatch.setenv(STEPS_ENV, bad)
         with pytest.raises(ValueError, match=f"{STEPS_ENV}={bad!r} must be a positive integer"):
             notebook_recipe("retinanet", "cpu")
+
+
+def test_override_keeps_the_expected_time_true():
+    r = recipe("mask_rcnn", "cpu")
+    assert (r.max_steps, r.expected_minutes) == (420, 4.8)
+    shorter = r.override(max_steps=105, num_val=50)
+    assert (shorter.max_steps, shorter.num_val) == (105, 50)
+    assert shorter.expected_minutes == pytest.approx(1.2)  # a quarter of the steps
+    assert r.override(max_steps=840).expected_minutes == pytest.approx(9.6)
+    for change in ({"batch_size": 4}, {"image_size": 256}, {"model": "MASK_RCNN_R18_SMALL"}):
+        assert r.override(**change).expected_minutes is None, change
+    assert r.override(max_steps=10, expected_minutes=2.0).expected_minutes == 2.0  # given: kept
+    assert recipe("solo", "gpu").override(max_steps=10).expected_minutes is None  # not measured
 
 
 def test_notebook_checkpoint_path():
@@ -160,10 +177,11 @@ def test_notebook_checkpoint_path():
 
 def test_save_notebook_model_round_trips(tmp_path):
     """What a notebook saves rebuilds the same model from its own config (a changed knob
-    included) and names the recipe, classes and history that notebook 09 reads."""
+    included) with ``load_model``, and names the recipe, classes and history that notebook 09
+    reads."""
     from types import SimpleNamespace
 
-    from instseg_edu.engine.checkpoint import config_from_dict, load_checkpoint
+    from instseg_edu.engine.checkpoint import load_checkpoint, load_model
     from instseg_edu.engine.train import History
     from instseg_edu.models.mask_rcnn import build_mask_rcnn
 
@@ -179,9 +197,8 @@ def test_save_notebook_model_round_trips(tmp_path):
     meta = ckpt["meta"]
     assert (meta["model"], meta["preset"], meta["image_size"]) == ("mask_rcnn", r.model, 64)
     assert meta["classes"] == ["a"] * 7 and meta["label_to_cat_id"] == list(range(1, 8))
-    rebuilt = build_mask_rcnn(config_from_dict(type(cfg), meta["model_config"]))
+    rebuilt, _ = load_model(path)
     assert rebuilt.cfg.roi_head.num_convs == 2
-    rebuilt.load_state_dict(ckpt["model"])
     for key, value in model.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
 
@@ -228,6 +245,13 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert "0.60 s per step measured here" in line
     assert f"about {cpu.max_steps * 0.6 / 60:.1f} min" in line
     assert "(about 4.8 min on two CPU cores)" in line
+    # Fewer steps: both times are for the steps run (4.8 min x 120 / 420 steps = 1.37 min).
+    line = describe_tier("cpu", cpu.override(max_steps=120))
+    assert "120 steps" in line and f"about {120 * 0.6 / 60:.1f} min" in line
+    assert "(about 1.4 min on two CPU cores)" in line
+    assert "(about 10 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=15))
+    # Another batch size: the time measured for the recipe's own no longer applies.
+    assert "on two CPU cores" not in describe_tier("cpu", cpu.override(batch_size=2))
 
     monkeypatch.setenv(SMOKE_ENV, "1")
     line = describe_tier("smoke", notebook_recipe("solo", "smoke"))

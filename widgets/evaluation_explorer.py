@@ -15,6 +15,7 @@ Every count comes from :func:`~instseg_edu.engine.analysis.error_analysis` and
 
     from instseg_edu.widgets import EvaluationExplorer
     EvaluationExplorer.from_model(model, val_set)            # a trained model and a CocoDataset
+    # a saved one: model, meta = instseg_edu.engine.checkpoint.load_model("runs/demo/last.pt")
     EvaluationExplorer.from_results(coco_gt, results, images=val_set)   # COCO result dicts
     EvaluationExplorer({"bbox": m_box, "segm": m_mask})      # CocoMatches you already have
 """
@@ -74,11 +75,13 @@ class EvaluationExplorer:
 
     Controls (public ``ipywidgets``; set ``.value`` from code to drive them): ``results`` (which
     of several :class:`~instseg_edu.engine.analysis.CocoMatches`: boxes or masks, or one model or
-    another; hidden when there is one), ``iou_thr`` (0.50–0.95, COCO's thresholds), ``area``,
-    ``max_dets``, ``label`` (``-1``: every class), ``score_thr``, ``image`` (position in the
-    ranking, 0 = most errors; ``previous`` / ``next`` buttons), ``detection`` (a detection row of
-    the current image, ``-1``: none). ``figure`` is one ``go.FigureWidget`` with three panels (the
-    image, precision–recall, confusion; traces in
+    another; hidden when there is one), ``iou_thr`` (0.50–0.95, COCO's thresholds; a value in
+    between snaps to the nearest), ``area``, ``max_dets``, ``label`` (``-1``: every class),
+    ``score_thr``, ``image`` (position in the ranking, 0 = most errors; ``previous`` / ``next``
+    buttons), ``detection`` (a detection row of the current image, ``-1``: none). A change of
+    ``results``, ``iou_thr``, ``area``, ``max_dets`` or ``label`` goes to the first image of the
+    new ranking; a change of ``score_thr`` stays on the image shown. ``figure`` is one
+    ``go.FigureWidget`` with three panels (the image, precision–recall, confusion; traces in
     :func:`~instseg_edu.viz.evaluation.explorer_trace_names` order); ``info`` (the selected
     detection) and ``summary`` (the counts) are HTML; ``widget`` is the layout to display. The
     current analysis is in ``errors``, ``pr`` and ``ranking``.
@@ -163,8 +166,9 @@ class EvaluationExplorer:
         )
         self._write_text()
 
-        for control in (self.results, self.iou_thr, self.area, self.max_dets):
+        for control in (self.results, self.area, self.max_dets):
             control.observe(self._on_setting, names="value")
+        self.iou_thr.observe(self._on_iou, names="value")
         self.score_thr.observe(self._on_score, names="value")
         self.label.observe(self._on_label, names="value")
         self.image.observe(self._on_image, names="value")
@@ -223,7 +227,9 @@ class EvaluationExplorer:
         **kwargs,
     ) -> EvaluationExplorer:
         """Run a trained model over a :class:`~instseg_edu.data.coco.CocoDataset` (with
-        ``eval_transforms``) and explore its detections on the dataset's images."""
+        ``eval_transforms``) and explore its detections on the dataset's images. A model saved by
+        ``instseg-edu train`` / ``demo`` or a notebook comes back with
+        :func:`~instseg_edu.engine.checkpoint.load_model`."""
         from instseg_edu.engine.train import make_loader
 
         loader = make_loader(dataset, batch_size, shuffle=False)
@@ -250,7 +256,7 @@ class EvaluationExplorer:
 
     def _analyse(self) -> None:
         m = self.matches
-        iou = float(m.iou_thrs[m.iou_index(self.iou_thr.value)])  # the slider's float, snapped
+        iou = float(m.iou_thrs[m.iou_index(self.iou_thr.value)])  # COCO's own float
         self.errors = error_analysis(m, iou, self.area.value, self.max_dets.value,
                                      self.score_thr.value)  # fmt: skip
         self.pr = precision_recall(m, iou, self.area.value, self.max_dets.value)
@@ -263,10 +269,18 @@ class EvaluationExplorer:
                 self._cache.popitem(last=False)
         return self._cache[image_id]
 
-    def _rerank(self) -> None:
-        """Rank the images for the current analysis and class; keep showing the same image."""
+    def _rerank(self, *, keep_image: bool) -> None:
+        """Rank the images for the current analysis and class.
+
+        ``keep_image``: stay on the image shown, at its new rank (the score slider: watch its
+        detections come and go). Otherwise go to rank 1, the image with the most errors under the
+        new filter: after picking a class, the image at the old rank 29 may not even hold it.
+        """
         self.ranking = rank_images(self.errors, self._label())
-        position = int(np.flatnonzero(self.ranking == self._image_index)[0])
+        if keep_image:
+            position = int(np.flatnonzero(self.ranking == self._image_index)[0])
+        else:
+            position, self._image_index = 0, int(self.ranking[0])
         self._set_quietly(self.image, position)
 
     def _set_quietly(self, control, value) -> None:
@@ -295,11 +309,23 @@ class EvaluationExplorer:
 
     # -- updates ---------------------------------------------------------------------------------
 
+    def _on_iou(self, change) -> None:
+        """The slider moves in COCO's steps of 0.05; a value set from code between two of them
+        (``ex.iou_thr.value = 0.62``) is snapped to the nearest (0.60), which calls this again."""
+        if self._quiet:
+            return
+        thrs = self.matches.iou_thrs
+        nearest = round(float(thrs[np.abs(thrs - change["new"]).argmin()]), 2)
+        if abs(nearest - change["new"]) > 1e-6:
+            self.iou_thr.value = nearest
+            return
+        self._on_setting(change)
+
     def _on_setting(self, change) -> None:
         if self._quiet:
             return
         self._analyse()
-        self._rerank()
+        self._rerank(keep_image=False)
         self._refresh_detections()
         self._redraw()
 
@@ -310,14 +336,14 @@ class EvaluationExplorer:
         self.errors = error_analysis(
             m, self.errors.iou_thr, self.area.value, self.max_dets.value, self.score_thr.value
         )
-        self._rerank()
+        self._rerank(keep_image=True)
         self._refresh_detections()
         self._redraw()
 
     def _on_label(self, change) -> None:
         if self._quiet:
             return
-        self._rerank()
+        self._rerank(keep_image=False)
         self._refresh_detections()
         self._redraw()
 

@@ -7,12 +7,19 @@
   objects (a checkpoint from the internet cannot run code). So a checkpoint holds only tensors and
   plain containers of numbers and strings: configs are stored as dicts
   (:func:`dataclasses.asdict`) and rebuilt with :func:`config_from_dict`.
+- A checkpoint of a model (``last.pt`` of ``instseg-edu train`` / ``demo``, or what a notebook
+  saved with :func:`~instseg_edu.recipes.save_notebook_model`) names its family and config in
+  ``meta``, so :func:`load_model` rebuilds the model without being told which one it was::
+
+      model, meta = load_model("runs/demo/last.pt")
+      meta["classes"]  # the class names, label k is meta["label_to_cat_id"][k] in COCO ids
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import os
 import pickle
 import tempfile
@@ -75,6 +82,68 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{str(path)!r} holds a {type(state).__name__}, expected a dict")
     return state
+
+
+def model_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> torch.nn.Module:
+    """Rebuild the model a loaded checkpoint describes and load its weights.
+
+    ``ckpt["meta"]["model"]`` names the family (a key of
+    :data:`instseg_edu.models.BUILDERS`) and ``ckpt["meta"]["model_config"]`` holds its config as
+    plain data (:func:`config_to_dict`), so a later change of a preset cannot change the model.
+
+    Args:
+        ckpt: a dict from :func:`load_checkpoint`, with ``"model"`` (the state dict) and ``"meta"``.
+        source: how to name the checkpoint in an error (e.g. its path).
+
+    Returns:
+        The model in eval mode, on the device its weights were loaded to.
+
+    Raises:
+        CheckpointError: ``meta`` does not describe a model, its config does not rebuild (e.g. a
+            key from a newer version), or the weights do not fit the rebuilt model.
+    """
+    from instseg_edu.models import BUILDERS
+
+    meta = ckpt.get("meta") or {}
+    family = meta.get("model")
+    if family not in BUILDERS or "model_config" not in meta or "model" not in ckpt:
+        raise CheckpointError(
+            f"{source} has no model description (meta.model / meta.model_config); was it "
+            "written by `instseg-edu train`, `demo` or a notebook?"
+        )
+    module_name, builder, config_name = BUILDERS[family]
+    module = importlib.import_module(module_name)
+    try:
+        cfg = config_from_dict(getattr(module, config_name), meta["model_config"])
+        model = getattr(module, builder)(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{source}: cannot rebuild its {family} model ({first})") from e
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """Read a model checkpoint and rebuild its model: :func:`load_checkpoint`, then
+    :func:`model_from_checkpoint`.
+
+    Args:
+        path: a ``last.pt`` written by ``instseg-edu train`` or ``demo``, or a notebook's
+            ``runs/notebooks/<tier>/<family>.pt``.
+        device: where the model goes (a ``torch.device`` or its name).
+
+    Returns:
+        ``(model, meta)``: the model on ``device`` in eval mode, and the checkpoint's ``meta``
+        (``model``, ``preset``, ``model_config``, ``classes``, ``label_to_cat_id``,
+        ``image_size``; the CLI also stores the validation files and the recipe).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is not a readable checkpoint or describes no model.
+    """
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model = model_from_checkpoint(ckpt, source=str(path))
+    return model.to(device), dict(ckpt.get("meta") or {})
 
 
 def config_to_dict(cfg) -> dict:

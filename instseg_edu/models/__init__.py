@@ -20,6 +20,16 @@ presets, composed of the config pieces that live beside their ops; re-exported b
 modules). Target encodings and the shape letters are those of :mod:`instseg_edu.structures`.
 
 There is no registry: one ``build_<family>(cfg)`` per family (``build_retinanet``,
-``build_mask_rcnn``, ``build_solo``, ``build_yolact``); the command line maps a family name to its
-builder and presets with the plain table ``instseg_edu.cli.FAMILIES``.
+``build_mask_rcnn``, ``build_solo``, ``build_yolact``), and one plain table, :data:`BUILDERS`,
+from a family name to its module, builder and config class. A checkpoint stores that name and the
+config as plain data, so :func:`instseg_edu.engine.checkpoint.load_model` rebuilds the model from
+it; the command line adds each family's presets in ``instseg_edu.cli.FAMILIES``.
 """
+
+#: family name -> (module, builder, config class name); modules are imported only when used.
+BUILDERS = {
+    "retinanet": ("instseg_edu.models.retinanet", "build_retinanet", "RetinaNetConfig"),
+    "mask_rcnn": ("instseg_edu.models.mask_rcnn", "build_mask_rcnn", "MaskRCNNConfig"),
+    "solo": ("instseg_edu.models.solo", "build_solo", "SOLOConfig"),
+    "yolact": ("instseg_edu.models.yolact", "build_yolact", "YOLACTConfig"),
+}

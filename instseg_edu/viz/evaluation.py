@@ -16,6 +16,7 @@ Taught in ``notebooks/01_data_and_coco.py``; the static (matplotlib) versions ar
 from __future__ import annotations
 
 import html
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -44,9 +45,11 @@ from instseg_edu.engine.analysis import (
 from instseg_edu.viz.anchors import boxes_to_path, image_to_data_uri
 
 __all__ = [
+    "CONFUSION_NOTE",
     "CONFUSION_TRACES",
     "IMAGE_TRACES",
     "OUTCOME_COLORS",
+    "confusion_caption",
     "confusion_figure",
     "confusion_title",
     "confusion_traces",
@@ -63,6 +66,7 @@ __all__ = [
     "outcome_traces",
     "paint_masks",
     "pr_figure",
+    "pr_legend_width",
     "pr_traces",
     "summary_html",
 ]
@@ -99,6 +103,17 @@ IMAGE_TRACES = (
 _DETECTION_TRACE = {o: IMAGE_TRACES.index(DETECTION_OUTCOMES[o]) for o in range(BACKGROUND + 1)}
 
 CONFUSION_TRACES = ("confusion",)
+
+#: How to read a row of the confusion matrix (:attr:`ErrorAnalysis.confusion`), said wherever one
+#: is drawn: COCO evaluates each class on its own, so an object found only by a detection of
+#: another class is in its row twice, under that class and under "missed".
+CONFUSION_NOTE = (
+    "A row holds its class's objects, found (diagonal) or missed (last column), plus the "
+    "wrong-class detections on them: COCO matches each class separately, so an object under a "
+    "wrong-class detection is also counted as missed, and a row can add up to more than its "
+    "objects."
+)
+
 
 _GT_OUTCOME_NAMES = {FOUND: "found", MISSED: "missed", GT_IGNORED: "ignored"}
 
@@ -452,11 +467,27 @@ def pr_figure(
     fig.update_layout(
         title=dict(text=f"precision–recall at IoU {pr.iou_thr:.2f}", font=dict(size=13)),
         height=height,
-        margin=dict(l=50, r=10, t=35, b=40),
-        legend=dict(font=dict(size=9)),
+        margin=dict(l=50, r=pr_legend_width(class_names), t=35, b=40),
+        legend=_pr_legend(),
         uirevision="pr",
     )
     return fig
+
+
+def _pr_legend() -> dict:
+    """The precision–recall legend at the figure's right edge, in the margin
+    :func:`pr_legend_width` keeps free: a curve can pass anywhere in the axes, so a legend inside
+    them would cover one."""
+    return dict(xref="container", x=1.0, xanchor="right", yref="paper", y=1.0, yanchor="top",
+                font=dict(size=10))  # fmt: skip
+
+
+def pr_legend_width(class_names: Sequence[str]) -> int:
+    """Pixels the precision–recall legend needs (its right margin): the longest entry, e.g.
+    ``"rectangle: AP 0.123"``, at about 6 px a character in its 10 px font, plus the line
+    sample and padding (45 px)."""
+    entries = ["score threshold", *(f"{name}: AP 0.000" for name in class_names)]
+    return 6 * max(len(e) for e in entries) + 45
 
 
 def confusion_traces(errors: ErrorAnalysis, class_names: Sequence[str]) -> list[dict]:
@@ -495,17 +526,25 @@ def confusion_figure(
     errors: ErrorAnalysis, class_names: Sequence[str], height: int = 320
 ) -> go.Figure:
     """The confusion matrix with background (:attr:`ErrorAnalysis.confusion`): rows ground-truth
-    class then background, columns predicted class then missed."""
+    class then background, columns predicted class then missed; :data:`CONFUSION_NOTE` under the
+    title says why a row can add up to more than its objects."""
     fig = go.Figure(_confusion_objects(confusion_traces(errors, class_names)))
     fig.update_xaxes(title="predicted", side="bottom", tickangle=-30)
     fig.update_yaxes(title="ground truth", autorange="reversed")
     fig.update_layout(
-        title=dict(text=confusion_title(errors), font=dict(size=13)),
+        # The note under the title (the title's automargin makes room for its lines).
+        title=dict(text=confusion_title(errors), font=dict(size=13), automargin=True,
+                   subtitle=dict(text=confusion_caption(), font=dict(size=10))),
         height=height,
         margin=dict(l=80, r=10, t=35, b=60),
         uirevision="confusion",
-    )
+    )  # fmt: skip
     return fig
+
+
+def confusion_caption(width: int = 80) -> str:
+    """:data:`CONFUSION_NOTE` as plotly text, with a line break every ``width`` characters."""
+    return "<br>".join(textwrap.wrap(CONFUSION_NOTE, width))
 
 
 def explorer_trace_names(class_names: Sequence[str]) -> tuple[str, ...]:
@@ -584,10 +623,10 @@ def explorer_figure(
         annotation.font.size = 13
     fig.update_layout(
         height=height,
-        margin=dict(l=10, r=150, t=30, b=70),
+        margin=dict(l=10, r=pr_legend_width(names), t=30, b=70),
         # Below the confusion matrix's tick labels, which share the bottom edge with the image.
         legend=dict(orientation="h", x=0, y=-0.12, yanchor="top", font=dict(size=10)),
-        legend2=dict(x=1.01, y=1.0, xanchor="left", yanchor="top", font=dict(size=10)),
+        legend2=_pr_legend(),
         uirevision="explorer",
     )
     return fig
@@ -603,7 +642,8 @@ def summary_html(
 ) -> str:
     """A small HTML table of AP at this IoU, true positives, each false-positive kind and missed
     objects at this score threshold: for ``label`` only, or every class (``per_class``) and all
-    together; above it COCO's AP, AP50 and AP75 of the whole set."""
+    together; above it COCO's AP, AP50 and AP75 of the whole set, below it how to read a row of
+    the confusion matrix (:data:`CONFUSION_NOTE`)."""
     names = matches.class_names
     rows = [label] if label is not None else (range(len(names)) if per_class else [])
     head = "".join(
@@ -631,5 +671,6 @@ def summary_html(
         f"area {errors.area}, max_dets {errors.max_dets}, score ≥ {errors.score_thr:.2f}"
         f"<table><tr><th>class</th><th>AP@{errors.iou_thr:.2f}</th>{head}</tr>"
         + "".join(body)
-        + "</table></div>"
+        + f"</table><p style='margin:4px 0'><b>Confusion matrix:</b> {html.escape(CONFUSION_NOTE)}"
+        "</p></div>"
     )

@@ -10,6 +10,7 @@ functions), so they work in scripts, tests and notebooks alike.
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from instseg_edu.engine.analysis import (
 )
 from instseg_edu.engine.evaluate import format_ap_table
 from instseg_edu.viz.evaluation import (
+    CONFUSION_NOTE,
     OUTCOME_COLORS,
     image_canvas,
     image_source,
@@ -68,7 +70,7 @@ def pr_curves_plot(pr: PrecisionRecall, errors: ErrorAnalysis | None = None, cla
     num_c = len(pr.ap)
     names = class_names or [str(k) for k in range(num_c)]
     colors = _class_colors(num_c)
-    fig = Figure(figsize=(6.5, 4.5), layout="constrained")
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.add_subplot()
     point = errors.precision_recall_point() if errors is not None else None
     for k in range(num_c):
@@ -86,8 +88,8 @@ def pr_curves_plot(pr: PrecisionRecall, errors: ErrorAnalysis | None = None, cla
         title += f"\n◆ = score ≥ {errors.score_thr:.2f}"
     ax.set(xlim=(0, 1.01), ylim=(0, 1.03), xlabel="recall", ylabel="precision", title=title)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="lower left")
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: a curve can pass anywhere inside
+        fig.legend(fontsize=8, loc="outside right upper")
     return fig
 
 
@@ -107,6 +109,8 @@ def confusion_plot(errors: ErrorAnalysis, class_names: Sequence[str]):
     ax.set_yticks(range(n), [*class_names, "background"])
     ax.set(xlabel="predicted", ylabel="ground truth",
            title=f"IoU {errors.iou_thr:.2f}, score ≥ {errors.score_thr:.2f}")  # fmt: skip
+    # Under the figure, so no one adds a row and wonders why it exceeds the objects of the class.
+    fig.supxlabel(textwrap.fill(CONFUSION_NOTE, int(fig.get_figwidth() * 72 / 4)), fontsize=7)
     return fig
 
 
@@ -146,11 +150,11 @@ def compare_outcomes_plot(errors_by_name: dict[str, ErrorAnalysis], label: int |
     fig = Figure(figsize=(8, 1.2 + 0.45 * len(names)), layout="constrained")
     ax = fig.add_subplot()
     left = np.zeros(len(names))
+    containers = []
     for j, kind in enumerate(COUNT_NAMES):
         bars = ax.barh(names, totals[:, j], left=left, color=OUTCOME_COLORS[kind], label=kind,
                        edgecolor="black", linewidth=0.3)  # fmt: skip
-        ax.bar_label(bars, [str(v) if v else "" for v in totals[:, j]], label_type="center",
-                     fontsize=7)  # fmt: skip
+        containers.append((bars, totals[:, j]))
         left += totals[:, j]
     ax.invert_yaxis()
     settings = {(e.iou_thr, e.score_thr) for e in errors_by_name.values()}
@@ -160,7 +164,28 @@ def compare_outcomes_plot(errors_by_name: dict[str, ErrorAnalysis], label: int |
         title += f" at IoU {iou_thr:.2f}, score ≥ {score_thr:.2f}"
     ax.set(xlabel="count", title=title)
     fig.legend(fontsize=7, loc="outside right upper")
+    _label_bars_that_fit(fig, ax, containers, fontsize=7)
     return fig
+
+
+def _label_bars_that_fit(fig, ax, containers, fontsize: float, pad_px: float = 3.0) -> None:
+    """Write each bar's count in its middle, only where the count fits inside the bar.
+
+    In a stacked row a count wider than its bar spills onto its neighbour's: narrow bars of 24 and
+    43 beside each other would read "2443". The figure is laid out first, so bars and text have
+    their final sizes in pixels; a count that does not fit is left out (the axis still shows it).
+    """
+    labels = []
+    for bars, values in containers:
+        texts = ax.bar_label(bars, [str(v) if v else "" for v in values], label_type="center",
+                             fontsize=fontsize)  # fmt: skip
+        labels += zip(bars, texts)
+    fig.draw_without_rendering()  # runs the constrained layout: final axes size
+    for bar, text in labels:
+        if text.get_text() and text.get_window_extent().width + 2 * pad_px > (
+            bar.get_window_extent().width
+        ):
+            text.set_text("")
 
 
 def _draw_image(ax, matches: CocoMatches, errors: ErrorAnalysis, i: int, image) -> None:
@@ -306,6 +331,9 @@ def report_markdown(
         "higher score), **poor localisation** (best IoU with its class between "
         f"{LOCALISATION_MIN_IOU} and the threshold), **background** (the rest). False positives "
         "count under their predicted class, missed objects under their true class.",
+        "",
+        f"**Confusion matrix** (rows: ground-truth class, then background; columns: predicted "
+        f"class, then missed). {CONFUSION_NOTE}",
     ]
     for t, m in matches_by_type.items():
         errors = analysis[t]["errors"]

@@ -11,6 +11,7 @@ from instseg_edu.engine.checkpoint import (
     config_from_dict,
     config_to_dict,
     load_checkpoint,
+    load_model,
     save_checkpoint,
 )
 
@@ -111,3 +112,51 @@ def test_config_from_dict_reads_former_field_names():
     assert old == {"old_depth": 50, "label": "y", "inner": {"out_indices": [3]}}  # untouched
     with pytest.raises(ValueError, match="'label' and its new name 'name'"):
         config_from_dict(_Renamed, {"label": "y", "name": "z"})
+
+
+def _tiny_retinanet_checkpoint(tmp_path, **meta_changes):
+    """A RetinaNet of the smoke recipe for 3 classes, saved as ``instseg-edu train`` saves it."""
+    from instseg_edu.models.retinanet import build_retinanet
+    from instseg_edu.recipes import recipe
+
+    torch.manual_seed(0)
+    cfg = recipe("retinanet", "smoke").model_config(3)
+    model = build_retinanet(cfg)
+    meta = {"model": "retinanet", "preset": "RETINANET_R18_CPU_DEMO",
+            "model_config": config_to_dict(cfg), "classes": ["a", "b", "c"],
+            "label_to_cat_id": [1, 2, 5], "image_size": 64, **meta_changes}  # fmt: skip
+    path = save_checkpoint(tmp_path / "last.pt", {"model": model.state_dict(), "meta": meta})
+    return path, model
+
+
+def test_load_model_rebuilds_the_saved_model(tmp_path):
+    path, model = _tiny_retinanet_checkpoint(tmp_path)
+    rebuilt, meta = load_model(path)
+    assert type(rebuilt) is type(model) and rebuilt.cfg == model.cfg
+    assert not rebuilt.training  # ready to predict
+    assert meta["classes"] == ["a", "b", "c"] and meta["label_to_cat_id"] == [1, 2, 5]
+    for key, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    images = torch.rand(1, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images).cls_logits, model(images).cls_logits)
+
+
+def test_load_model_names_what_is_wrong(tmp_path):
+    save_checkpoint(tmp_path / "weights.pt", {"model": {}})
+    with pytest.raises(CheckpointError, match="weights.pt has no model description"):
+        load_model(tmp_path / "weights.pt")
+    path, _ = _tiny_retinanet_checkpoint(tmp_path, model="detr")
+    with pytest.raises(CheckpointError, match="no model description"):
+        load_model(path)
+    path, model = _tiny_retinanet_checkpoint(tmp_path)
+    meta = load_checkpoint(path)["meta"]
+    newer = {**meta, "model_config": {**meta["model_config"], "future_knob": 1}}
+    save_checkpoint(path, {"model": model.state_dict(), "meta": newer})
+    with pytest.raises(CheckpointError, match="cannot rebuild its retinanet model.*future_knob"):
+        load_model(path)
+    fewer_classes = {**meta, "model_config": {**meta["model_config"], "num_classes": 2}}
+    save_checkpoint(path, {"model": model.state_dict(), "meta": fewer_classes})
+    with pytest.raises(CheckpointError, match="cannot rebuild its retinanet model"):
+        load_model(path)

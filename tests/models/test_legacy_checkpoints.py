@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from instseg_edu import cli
-from instseg_edu.engine.checkpoint import config_from_dict, load_checkpoint
+from instseg_edu.engine.checkpoint import config_from_dict, load_checkpoint, load_model
 
 DATA = Path(__file__).with_name("data") / "legacy"
 FAMILIES = ("retinanet", "mask_rcnn", "solo", "yolact")
@@ -48,7 +48,7 @@ def _outputs(family: str, model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_old_checkpoint_rebuilds_the_same_model(family):
     path = DATA / f"legacy_{family}.pt"
-    model, meta = cli._model_from_checkpoint(str(path), "cpu")
+    model, meta = load_model(path)
     expected = load_checkpoint(path)["test_outputs"]
     got = _outputs(family, model)
     assert set(got) == set(expected)

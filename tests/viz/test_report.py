@@ -22,6 +22,7 @@ from instseg_edu.engine.analysis import (  # noqa: E402
     rank_images,
 )
 from instseg_edu.engine.evaluate import METRIC_NAMES, evaluate_coco  # noqa: E402
+from instseg_edu.viz.evaluation import CONFUSION_NOTE  # noqa: E402
 from instseg_edu.viz.report import (  # noqa: E402
     compare_outcomes_plot,
     confusion_plot,
@@ -125,6 +126,53 @@ def test_compare_outcomes_plot_stacks_each_models_totals(scene):
     assert "IoU 0.50, score ≥ 0.30" in ax.get_title()
 
 
+class _Totals:
+    """Stands in for an ErrorAnalysis in compare_outcomes_plot: hand-made totals."""
+
+    iou_thr, score_thr = 0.5, 0.3
+
+    def __init__(self, *counts):
+        self.counts = dict(zip(COUNT_NAMES, counts))
+
+    def totals(self, label=None):
+        return self.counts
+
+
+def test_compare_outcomes_plot_labels_only_the_bars_a_count_fits_in():
+    # A weak model's row, as in a trial run: narrow "24" and "43" side by side read "2443".
+    errors = {"RetinaNet": _Totals(300, 24, 43, 150, 400, 600),
+              "YOLACT": _Totals(0, 0, 0, 1, 2, 1000)}  # fmt: skip
+    fig = compare_outcomes_plot(errors)
+    ax = fig.axes[0]
+    fig.draw_without_rendering()
+    shown = [t for t in ax.texts if t.get_text()]
+    assert {t.get_text() for t in shown} == {"300", "150", "400", "600", "1000"}
+    boxes = [t.get_window_extent() for t in shown]
+    for n, a in enumerate(boxes):  # no two counts touch
+        assert not any(a.overlaps(b) for b in boxes[n + 1 :])
+    bars = [bar for container in ax.containers for bar in container]  # the order of ax.texts
+    for bar, text in zip(bars, ax.texts):  # every count shown lies inside its own bar
+        if text.get_text():
+            b, t = bar.get_window_extent(), text.get_window_extent()
+            assert b.x0 < t.x0 and t.x1 < b.x1, text.get_text()
+
+
+def test_pr_legend_and_confusion_note_leave_the_data_readable(scene):
+    _, _, matches = scene
+    m = matches["bbox"]
+    e = error_analysis(m, 0.5, score_thr=0.3)
+    fig = pr_curves_plot(precision_recall(m, 0.5), e, list(m.class_names))
+    fig.draw_without_rendering()
+    (legend,) = fig.legends
+    assert legend.get_window_extent().x0 >= fig.axes[0].get_window_extent().x1  # beside the axes
+    assert [t.get_text() for t in legend.get_texts()][0].startswith("disc: AP")
+    fig = confusion_plot(e, list(m.class_names))
+    assert " ".join(fig.get_supxlabel().split()) == CONFUSION_NOTE
+    # Row "star" holds one object; a wrong-class "disc" on it and its miss make the row add to 2.
+    star = list(m.class_names).index("star")
+    assert e.confusion[star].sum() == e.num_gt[star] + 1
+
+
 def test_write_report_repeats_cocos_numbers(scene, tmp_path):
     gt, results, matches = scene
     files = write_report(tmp_path, matches, iou_thr=0.5, score_thr=0.3, num_images=3)
@@ -158,6 +206,7 @@ def test_write_report_repeats_cocos_numbers(scene, tmp_path):
         )
         assert data["worst_images"][t] == [int(matches[t].image_ids[i]) for i in rank_images(e)]
         assert f"]({t}_gallery.png)" in summary
+    assert CONFUSION_NOTE in summary  # a row of the confusion matrix explained
 
 
 def test_write_report_rejects_nothing(tmp_path):

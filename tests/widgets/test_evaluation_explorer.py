@@ -4,6 +4,7 @@ against the library's analysis, and its per-class AP against pycocotools."""
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import statistics
 import time
@@ -267,3 +268,58 @@ def test_updates_are_interactive(explorer_args):
         times.append(time.perf_counter() - start)
     assert statistics.median(times) < 0.3  # target < 100 ms; room for a loaded machine
     assert "application/vnd.jupyter.widget-view+json" in ex._repr_mimebundle_()
+
+
+def test_iou_set_from_code_snaps_to_cocos_nearest_threshold(explorer_args):
+    ex = EvaluationExplorer(explorer_args["bbox"], score_thr=0.0)
+    ex.iou_thr.value = 0.62  # between 0.60 and 0.65
+    assert ex.iou_thr.value == 0.6 and ex.errors.iou_thr == pytest.approx(0.6)
+    assert "IoU 0.60" in ex.summary.value
+    ex.iou_thr.value = 0.93
+    assert ex.iou_thr.value == 0.95 and ex.pr.iou_thr == pytest.approx(0.95)
+    with pytest.raises(ValueError, match="must be one of COCO's thresholds"):
+        EvaluationExplorer(explorer_args["bbox"], iou_thr=0.62)  # an argument is not a slider
+
+
+def test_a_new_filter_starts_at_its_worst_image_and_the_score_keeps_the_image(explorer_args):
+    ex = EvaluationExplorer(explorer_args["bbox"], score_thr=0.3)
+    m = ex.matches
+    ex.image.value = 2  # the least wrong image of all classes
+    ex.label.value = 1  # class "b": its own ranking, from its worst image
+    expected = rank_images(error_analysis(m, 0.5, score_thr=0.3), 1)
+    assert ex.ranking.tolist() == expected.tolist()
+    assert ex.image.value == 0 and ex.image_id == m.image_ids[expected[0]]
+    assert ex.caption.value.startswith(f"rank 1 of {m.num_images} by errors")
+
+    ex.label.value = -1
+    ex.image.value = 2
+    ex.iou_thr.value = 0.9  # the duplicate becomes poor localisation, image 3's hit a miss
+    expected = rank_images(error_analysis(m, 0.9, score_thr=0.3))
+    assert ex.ranking.tolist() == expected.tolist()
+    assert ex.image.value == 0 and ex.image_id == m.image_ids[expected[0]]
+
+    ex.image.value = 2
+    shown = ex.image_id
+    ex.score_thr.value = 0.75  # watch this image's detections go: it stays
+    assert ex.image_id == shown and ex.ranking[ex.image.value] == m.image_index(shown)
+    assert ex.caption.value.startswith(f"rank {ex.image.value + 1} of")
+
+
+def test_pr_legend_sits_in_the_right_margin_and_the_confusion_note_is_shown(explorer_args):
+    from instseg_edu.viz.evaluation import CONFUSION_NOTE, pr_legend_width
+
+    ex = EvaluationExplorer(explorer_args["bbox"], score_thr=0.3)
+    legend, margin = ex.figure.layout.legend2, ex.figure.layout.margin
+    # At the figure's right edge, in a margin as wide as its longest entry: off the curves.
+    assert (legend.xref, legend.x, legend.xanchor) == ("container", 1, "right")
+    assert margin.r >= pr_legend_width(ex.matches.class_names) >= 6 * len("a: AP 0.000")
+    assert "Confusion matrix:" in ex.summary.value
+    assert html.escape(CONFUSION_NOTE) in ex.summary.value
+    # The stand-alone figures: the legend in a margin kept for it, the note under the title.
+    from instseg_edu.viz.evaluation import confusion_figure, pr_figure
+
+    fig = pr_figure(ex.pr, ex.errors, ex.matches.class_names)
+    assert fig.layout.legend.xref == "container"
+    assert fig.layout.margin.r >= pr_legend_width(ex.matches.class_names)
+    subtitle = confusion_figure(ex.errors, ex.matches.class_names).layout.title.subtitle.text
+    assert " ".join(subtitle.split("<br>")) == CONFUSION_NOTE
