@@ -95,6 +95,12 @@ VARIANTS: dict[str, Variant] = {
         lambda c: _heads(c, fc_out_channels=256, num_convs=2),
         lambda r: dataclasses.replace(r, color_jitter=False, lr=3e-3),
     ),
+    # MMDetection's step schedule (x0.1 at 8/12 and 11/12 of the run) keeps the full rate longer.
+    "step_schedule": (_same, lambda r: dataclasses.replace(r, schedule="step")),
+    "fc256_mask2_nojitter_b16_lr3e-3": (
+        lambda c: _heads(c, fc_out_channels=256, num_convs=2),
+        lambda r: dataclasses.replace(r, color_jitter=False, lr=3e-3, batch_size=16),
+    ),
 }
 
 

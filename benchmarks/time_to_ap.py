@@ -295,7 +295,8 @@ def datasets(args):
     size = args.image_size
     train = CocoDataset(paths["train"], paths["train"].parent / "train", eval_transforms(size))
     val = CocoDataset(paths["val"], paths["val"].parent / "val", eval_transforms(size))
-    return InMemoryDataset(train, train_transforms(size)), InMemoryDataset(val)
+    augment = train_transforms(size, jitter=getattr(args, "color_jitter", True))
+    return InMemoryDataset(train, augment), InMemoryDataset(val)
 
 
 def eval_points(minutes: float, eval_every: float) -> list[float]:
@@ -368,7 +369,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             image_size=r.image_size, num_train=r.num_train, num_val=r.num_val,
             batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer,
             weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, grad_clip=r.grad_clip,
-            in_memory=r.in_memory, model=r.model, **CPU_DEFAULTS,
+            in_memory=r.in_memory, color_jitter=r.color_jitter, model=r.model, **CPU_DEFAULTS,
         )  # fmt: skip
         args.precision = args.tv_precision = "fp32"
     else:

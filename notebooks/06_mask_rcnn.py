@@ -30,9 +30,10 @@
 # **Tiers.** The parameters cell picks one (`instseg_edu.recipes`): `gpu` with CUDA (ResNet-50-FPN
 # at 512 px), `cpu` without — `MASK_RCNN_R18_CPU`, a ResNet-18 Mask R-CNN on 128 px images kept in
 # memory, whose mask RoIs are 7×7 and masks 14×14 (instead of 14×14 and 28×28), trained with
-# AdamW for about five minutes on two cores: enough for the right class and a recognisable mask on
-# most shapes — and `smoke` with `INSTSEG_SMOKE=1` (seconds, the tests). `INSTSEG_TIER` wins over
-# both. The cell prints the tier and how long its training should take on this machine.
+# AdamW for about five minutes on two cores: enough to find most of the larger shapes and draw a
+# recognisable mask on them, though many get the wrong class — and `smoke` with `INSTSEG_SMOKE=1`
+# (seconds, the tests). `INSTSEG_TIER` wins over both. The cell prints the tier and how long its
+# training should take on this machine.
 
 # %% tags=["parameters"]
 from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
@@ -49,6 +50,7 @@ LR = RECIPE.lr
 MODEL = RECIPE.model
 IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tier)
 WORKERS = RECIPE.loader_workers
+COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
 SEED = 0
 print(describe_tier(TIER, RECIPE))
 
@@ -85,7 +87,7 @@ train_json = make_shapes_dataset(root, NUM_TRAIN, image_size=IMAGE_SIZE, seed=SE
 val_json = make_shapes_dataset(root, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED, split="val")
 train_set = CocoDataset(train_json, root / "train", transforms=eval_transforms(IMAGE_SIZE))
 val_set = CocoDataset(val_json, root / "val", transforms=eval_transforms(IMAGE_SIZE))
-augment = train_transforms(IMAGE_SIZE)  # random flip and colour jitter, drawn anew every step
+augment = train_transforms(IMAGE_SIZE, jitter=COLOR_JITTER)  # random flip (+ jitter), every step
 if IN_MEMORY:  # read and resize every image once; then only the augmentation runs per step
     train_set, val_set = InMemoryDataset(train_set, augment), InMemoryDataset(val_set)
 else:

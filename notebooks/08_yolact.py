@@ -49,6 +49,7 @@ LR = RECIPE.lr
 MODEL = RECIPE.model
 IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tier)
 WORKERS = RECIPE.loader_workers
+COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 SEED = 0
 print(describe_tier(TIER, RECIPE))
@@ -82,7 +83,7 @@ root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_sha
 splits = make_shapes_splits(root, NUM_TRAIN, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED)
 train_set = CocoDataset(splits["train"], root / "train", eval_transforms(IMAGE_SIZE))
 val_set = CocoDataset(splits["val"], root / "val", eval_transforms(IMAGE_SIZE))
-augment = train_transforms(IMAGE_SIZE)  # random flip and colour jitter, drawn anew every step
+augment = train_transforms(IMAGE_SIZE, jitter=COLOR_JITTER)  # random flip (+ jitter), every step
 if IN_MEMORY:  # read and resize every image once; then only the augmentation runs per step
     train_set, val_set = InMemoryDataset(train_set, augment), InMemoryDataset(val_set)
 else:
@@ -221,7 +222,7 @@ t = model.targets(outputs, batch)
 for i in range(len(batch)):
     print(
         f"image {i}: {int(t.num_pos[i])} positives, {int(t.ohem_neg[i].sum())} OHEM negatives "
-        f"of {int((t.labels[i] == model.num_classes).sum())}, "
+        f"kept of the {int((~t.pos[i]).sum())} other anchors (background or ignored), "
         f"{int(t.mask_valid[i].sum())} masks trained"
     )
 losses = model.loss(outputs, batch)

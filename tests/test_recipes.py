@@ -105,7 +105,7 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
         "adamw",
         2e-3,
     )
-    assert (mask_rcnn.max_steps, mask_rcnn.batch_size) == (420, 8)
+    assert (mask_rcnn.max_steps, mask_rcnn.batch_size, mask_rcnn.color_jitter) == (420, 8, True)
     retinanet = recipe("retinanet", "cpu")
     assert (retinanet.max_steps, retinanet.lr, retinanet.image_size) == (1000, 1e-3, 128)
 
@@ -245,10 +245,10 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert "0.60 s per step measured here" in line
     assert f"about {cpu.max_steps * 0.6 / 60:.1f} min" in line
     assert "(about 4.8 min on two CPU cores)" in line
-    # Fewer steps: both times are for the steps run (4.8 min x 120 / 420 steps = 1.37 min).
-    line = describe_tier("cpu", cpu.override(max_steps=120))
-    assert "120 steps" in line and f"about {120 * 0.6 / 60:.1f} min" in line
-    assert "(about 1.4 min on two CPU cores)" in line
+    # Fewer steps: both times are for the steps run (4.8 min x 105 / 420 steps = 1.2 min).
+    line = describe_tier("cpu", cpu.override(max_steps=105))
+    assert "105 steps" in line and f"about {105 * 0.6 / 60:.1f} min" in line
+    assert "(about 1.2 min on two CPU cores)" in line
     assert "(about 10 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=15))
     # Another batch size: the time measured for the recipe's own no longer applies.
     assert "on two CPU cores" not in describe_tier("cpu", cpu.override(batch_size=2))
