@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from instseg_edu.models import BUILDERS
+from instseg_edu.models import BUILDERS, build_model
 
 #: family → (module, builder, config class, GPU preset, CPU preset)
 FAMILIES = {
@@ -98,7 +98,7 @@ def _preset(family: str, name: str | None, device) -> tuple[str, object]:
 
 
 def _build(family: str, cfg):
-    return getattr(_family_module(family), FAMILIES[family][1])(cfg)
+    return build_model(family, cfg)
 
 
 def _existing(path: str | None, what: str, flag: str, *, folder: bool = False) -> Path:

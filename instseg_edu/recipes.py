@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instseg_edu.models import BUILDERS
+from instseg_edu.models import BUILDERS, build_model
 
 TIERS = ("smoke", "cpu", "gpu")
 FAMILIES = ("retinanet", "mask_rcnn", "solo", "yolact")
@@ -48,9 +48,6 @@ STEPS_ENV = "INSTSEG_TRAIN_STEPS"
 
 NOTEBOOK_SMOKE_IMAGE_SIZE = 128
 """Smoke-tier image size of the notebooks: they draw their images, so 64 px would show nothing."""
-
-#: family -> (module, builder), from :data:`instseg_edu.models.BUILDERS`
-MODEL_BUILDERS = {family: (module, builder) for family, (module, builder, _) in BUILDERS.items()}
 
 
 def select_tier() -> str:
@@ -153,7 +150,7 @@ class Recipe:
 
     def model_config(self, num_classes: int):
         """The preset named by ``model``, for ``num_classes`` foreground classes."""
-        module = importlib.import_module(MODEL_BUILDERS[self.family][0])
+        module = importlib.import_module(BUILDERS[self.family][0])
         cfg = getattr(module, self.model, None)
         if cfg is None:
             raise ValueError(f"model={self.model!r} is not a preset of {module.__name__}")
@@ -161,9 +158,7 @@ class Recipe:
 
     def build_model(self, num_classes: int) -> torch.nn.Module:
         """A freshly initialised model of this recipe."""
-        module_name, builder = MODEL_BUILDERS[self.family]
-        build = getattr(importlib.import_module(module_name), builder)
-        return build(self.model_config(num_classes))
+        return build_model(self.family, self.model_config(num_classes))
 
     def train_config(self, **overrides):
         """The :class:`~instseg_edu.engine.train.TrainConfig` of this recipe; ``overrides`` set
@@ -421,10 +416,8 @@ def measure_step_seconds(
     try:
         dev = resolve_device(device)
         if model_config is None:
-            model = r.build_model(len(CLASSES))
-        else:
-            module_name, builder = MODEL_BUILDERS[r.family]
-            model = getattr(importlib.import_module(module_name), builder)(model_config)
+            model_config = r.model_config(len(CLASSES))
+        model = build_model(r.family, model_config)
         batch = shapes_batch(r.batch_size, r.image_size)
         cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0)
         train(model, [batch], cfg)  # warm-up: allocations, kernel selection

@@ -102,7 +102,7 @@ def model_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> torch.n
         CheckpointError: ``meta`` does not describe a model, its config does not rebuild (e.g. a
             key from a newer version), or the weights do not fit the rebuilt model.
     """
-    from instseg_edu.models import BUILDERS
+    from instseg_edu.models import BUILDERS, build_model
 
     meta = ckpt.get("meta") or {}
     family = meta.get("model")
@@ -111,11 +111,11 @@ def model_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> torch.n
             f"{source} has no model description (meta.model / meta.model_config); was it "
             "written by `instseg-edu train`, `demo` or a notebook?"
         )
-    module_name, builder, config_name = BUILDERS[family]
-    module = importlib.import_module(module_name)
+    module_name, _, config_name = BUILDERS[family]
+    config_cls = getattr(importlib.import_module(module_name), config_name)
     try:
-        cfg = config_from_dict(getattr(module, config_name), meta["model_config"])
-        model = getattr(module, builder)(cfg)
+        cfg = config_from_dict(config_cls, meta["model_config"])
+        model = build_model(family, cfg)
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

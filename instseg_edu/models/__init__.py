@@ -33,3 +33,16 @@ BUILDERS = {
     "solo": ("instseg_edu.models.solo", "build_solo", "SOLOConfig"),
     "yolact": ("instseg_edu.models.yolact", "build_yolact", "YOLACTConfig"),
 }
+
+
+def build_model(family: str, cfg):
+    """``build_<family>(cfg)`` for a family name (a key of :data:`BUILDERS`), importing only that
+    family's module.
+
+    Raises:
+        KeyError: ``family`` is not one of :data:`BUILDERS`.
+    """
+    import importlib
+
+    module_name, builder, _ = BUILDERS[family]
+    return getattr(importlib.import_module(module_name), builder)(cfg)
