@@ -294,7 +294,7 @@ def explore(page, lab, case: ExplorerCase, tmp_path: Path) -> None:
         f"([sel, before]) => {{ const now = ({PLOT_DATA_JS})(sel); "
         "return now !== null && now !== before; }",
         arg=[case.selector, before],
-        timeout=60_000,
+        timeout=120_000,  # a kernel busy on a loaded 2-core machine took over 60 s once
     )
     after = _settled_plot_data(page, case.selector)
     assert after is not None and after != before
