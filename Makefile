@@ -17,7 +17,16 @@ endif
 
 setup: $(STAMP)
 
+# PyTorch's x86_64 wheels with their CUDA libraries take about 6 GB in the venv: say so up front
+# rather than let pip stop halfway with "No space left on device".
+MIN_FREE_GB ?= 8
+
 $(STAMP): pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$free" -lt $(MIN_FREE_GB) ]; then \
+		echo "make setup: only $$free GB free on this disk; the venv (torch included) needs about $(MIN_FREE_GB) GB" >&2; \
+		exit 1; \
+	fi
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIN) || $(PY) -m pip install -q torch torchvision
@@ -34,7 +43,7 @@ lab: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --dist loadgroup --timeout 600
+	$(PY) -m pytest -n 2 --dist loadgroup --timeout 600 --durations 15
 
 test-fast: setup
 	$(PY) -m pytest -x -q -m "not browser and not notebooks and not slow"

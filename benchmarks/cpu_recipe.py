@@ -5,7 +5,9 @@ Each run builds the variant, times a few training steps of it on this machine, s
 so that training fills ``--seconds`` (the cosine schedule then ends on time), trains on the
 recipe's in-memory 128 px shapes split and evaluates box and mask AP on its 200 validation images.
 One line of JSON per run is appended to ``--json``. Variants are named changes to
-``MASK_RCNN_R18_CPU`` and its recipe (see :data:`VARIANTS`); the table in ``benchmarks/RESULTS.md``
+``MASK_RCNN_R18_CPU``, its recipe or the built model (see :class:`Variant` and :data:`VARIANTS`;
+the model changes stand in for heads no preset describes, such as GroupNorm in the FPN); a variant
+with ``ema_decay`` is also scored with averaged weights. The tables in ``benchmarks/RESULTS.md``
 ("CPU recipe") lists what they gave. Run one at a time on a quiet machine: the budget is wall-clock
 time, so a busy machine trains fewer steps.
 
@@ -15,16 +17,20 @@ time, so a busy machine trains fewer steps.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from instseg_edu.models.backbone import resnet_out_channels
+from instseg_edu.models.backbone import FPN, resnet_out_channels
 from instseg_edu.models.mask_rcnn import build_mask_rcnn
-from instseg_edu.recipes import measure_step_seconds, recipe
+from instseg_edu.recipes import recipe, shapes_batch
 
 # ------------------------------------------------------------------------------- the variants
 
@@ -68,40 +74,185 @@ def _three_stages(cfg):
     return dataclasses.replace(cfg, backbone=backbone, neck=neck)
 
 
-Variant = tuple[Callable, Callable]  # (model config -> config, recipe -> recipe)
-_same: Callable = lambda x: x  # noqa: E731
+def _pos_fraction(cfg, fraction: float):
+    return _roi_sampler(cfg, cfg.train_cfg.rcnn.sampler.num, fraction)
 
-#: name -> (change to the model config, change to the recipe), applied to today's preset.
+
+# ---- changes to the built model, for heads the presets do not describe (third round)
+
+
+def _group_norm_after(convs: nn.Module, groups: int) -> nn.Sequential:
+    layers = []
+    for mod in convs if isinstance(convs, nn.Sequential) else [convs]:
+        layers.append(mod)
+        if isinstance(mod, nn.Conv2d):
+            layers.append(nn.GroupNorm(groups, mod.out_channels))
+    return nn.Sequential(*layers)
+
+
+def gn_fpn_and_mask_head(model, groups: int = 32):
+    """GroupNorm after every FPN conv (lateral and 3x3) and every mask-head conv, as in
+    MMDetection's ``gn-all`` configs (He et al., *Rethinking ImageNet Pre-training*, 2019)."""
+    fpn = next(m for m in model.modules() if isinstance(m, FPN))
+    for convs in (fpn.lateral_convs, fpn.fpn_convs):
+        for i, conv in enumerate(convs):
+            convs[i] = _group_norm_after(conv, groups)
+    model.mask_head.convs = _group_norm_after(model.mask_head.convs, groups)
+    return model
+
+
+class ConvFCBoxHead(nn.Module):
+    """MMDetection's ``ConvFCBBoxHead`` with ``num_shared_convs`` 3x3 convs (+ GroupNorm + ReLU)
+    before one shared fc (``Shared4Conv1FCBBoxHead`` for 4)."""
+
+    def __init__(self, channels, roi_size, num_convs, fc_out_channels, num_classes, groups=32):
+        super().__init__()
+        layers = []
+        for _ in range(num_convs):
+            conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            layers += [conv, nn.GroupNorm(groups, channels), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels * roi_size * roi_size, fc_out_channels)
+        self.fc_cls = nn.Linear(fc_out_channels, num_classes + 1)
+        self.fc_reg = nn.Linear(fc_out_channels, 4 * num_classes)
+        _init_box_fcs(self.fc, self.fc_cls, self.fc_reg)
+
+    def forward(self, x):
+        x = F.relu(self.fc(self.convs(x).flatten(1)))
+        return self.fc_cls(x), self.fc_reg(x)
+
+
+class PooledConvClsHead(nn.Module):
+    """Classification from convs and global average + max pooling (translation invariant, for
+    rotated shapes); box regression from the flattened RoI through one 256-wide fc."""
+
+    def __init__(self, channels, roi_size, num_convs, num_classes, reg_fc=256):
+        super().__init__()
+        layers = []
+        for _ in range(num_convs):
+            conv = nn.Conv2d(channels, channels, 3, padding=1)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels * roi_size * roi_size, reg_fc)
+        self.fc_cls = nn.Linear(2 * channels, num_classes + 1)
+        self.fc_reg = nn.Linear(reg_fc, 4 * num_classes)
+        _init_box_fcs(self.fc, self.fc_cls, self.fc_reg)
+
+    def forward(self, x):
+        c = self.convs(x)
+        pooled = torch.cat([c.mean((2, 3)), c.amax((2, 3))], 1)  # [R, 2F]
+        return self.fc_cls(pooled), self.fc_reg(F.relu(self.fc(x.flatten(1))))
+
+
+def _init_box_fcs(fc, fc_cls, fc_reg):  # as BoxHead: Xavier hidden fc, small-normal outputs
+    nn.init.xavier_uniform_(fc.weight)
+    nn.init.normal_(fc_cls.weight, std=0.01)
+    nn.init.normal_(fc_reg.weight, std=0.001)
+    for layer in (fc, fc_cls, fc_reg):
+        nn.init.zeros_(layer.bias)
+
+
+def _box_head(model, head_class, *args):
+    channels = model.cfg.neck.out_channels
+    roi = model.cfg.roi_head.bbox_roi_size
+    model.bbox_head = head_class(channels, roi, *args, model.num_classes)
+    return model
+
+
+class Variant(NamedTuple):
+    """Changes to today's preset and recipe: ``config`` (model config -> config), ``recipe``
+    (recipe -> recipe), ``model`` (built model -> model, for heads no preset describes) and
+    ``ema_decay`` (also score an exponential moving average of the weights)."""
+
+    config: Callable = lambda c: c
+    recipe: Callable = lambda r: r
+    model: Callable = lambda m: m
+    ema_decay: float | None = None
+
+
+#: name -> its changes, applied to today's preset.
 VARIANTS: dict[str, Variant] = {
-    "current": (_same, _same),
+    "current": Variant(),
     # Before this recipe: a full-width ResNet-18 and 32 RoIs per image.
-    "full_width_r32": (lambda c: _roi_sampler(_width(c, 64), 32, 0.5), _same),
-    "narrow_r32": (lambda c: _roi_sampler(c, 32, 0.5), _same),
-    "narrow_r128": (lambda c: _roi_sampler(c, 128, 0.5), _same),
-    "rpn_anchors_16px": (lambda c: _rpn_scale(c, 4.0), _same),
-    "finest_scale_14": (lambda c: _finest_scale(c, 14.0), _same),
-    "three_stages": (_three_stages, _same),
-    "batch_4": (_same, lambda r: dataclasses.replace(r, batch_size=4)),
-    "lr_4e-3": (_same, lambda r: dataclasses.replace(r, lr=4e-3)),
+    "full_width_r32": Variant(lambda c: _roi_sampler(_width(c, 64), 32, 0.5)),
+    "narrow_r32": Variant(lambda c: _roi_sampler(c, 32, 0.5)),
+    "narrow_r128": Variant(lambda c: _roi_sampler(c, 128, 0.5)),
+    "rpn_anchors_16px": Variant(lambda c: _rpn_scale(c, 4.0)),
+    "finest_scale_14": Variant(lambda c: _finest_scale(c, 14.0)),
+    "three_stages": Variant(_three_stages),
+    "batch_4": Variant(recipe=lambda r: dataclasses.replace(r, batch_size=4)),
+    "lr_4e-3": Variant(recipe=lambda r: dataclasses.replace(r, lr=4e-3)),
     # Cheaper heads: the box head's two 1024-wide fc layers were 40 % of a step's FLOPs and the
     # mask head's four convs 19 %.
-    "fc256": (lambda c: _heads(c, fc_out_channels=256), _same),
-    "fc256_mask2": (lambda c: _heads(c, fc_out_channels=256, num_convs=2), _same),
-    "fc256_mask2_nojitter": (
+    "fc256": Variant(lambda c: _heads(c, fc_out_channels=256)),
+    "fc256_mask2": Variant(lambda c: _heads(c, fc_out_channels=256, num_convs=2)),
+    "fc256_mask2_nojitter": Variant(
         lambda c: _heads(c, fc_out_channels=256, num_convs=2),
         lambda r: dataclasses.replace(r, color_jitter=False),
     ),
-    "fc256_mask2_nojitter_lr3e-3": (
+    "fc256_mask2_nojitter_lr3e-3": Variant(
         lambda c: _heads(c, fc_out_channels=256, num_convs=2),
         lambda r: dataclasses.replace(r, color_jitter=False, lr=3e-3),
     ),
     # MMDetection's step schedule (x0.1 at 8/12 and 11/12 of the run) keeps the full rate longer.
-    "step_schedule": (_same, lambda r: dataclasses.replace(r, schedule="step")),
-    "fc256_mask2_nojitter_b16_lr3e-3": (
+    "step_schedule": Variant(recipe=lambda r: dataclasses.replace(r, schedule="step")),
+    "fc256_mask2_nojitter_b16_lr3e-3": Variant(
         lambda c: _heads(c, fc_out_channels=256, num_convs=2),
         lambda r: dataclasses.replace(r, color_jitter=False, lr=3e-3, batch_size=16),
     ),
+    # Third round: learn more per step (normalisation, averaged weights, the classifier's input).
+    "gn_fpn_mask": Variant(model=gn_fpn_and_mask_head),
+    "gn_fpn_mask_2conv1fc": Variant(
+        model=lambda m: _box_head(gn_fpn_and_mask_head(m), ConvFCBoxHead, 2, 1024)
+    ),
+    "gn_fpn_mask_ema": Variant(model=gn_fpn_and_mask_head, ema_decay=0.99),
+    "lr_1e-3": Variant(recipe=lambda r: dataclasses.replace(r, lr=1e-3)),
+    "pooled_conv_cls": Variant(model=lambda m: _box_head(m, PooledConvClsHead, 2)),
+    "no_jitter": Variant(recipe=lambda r: dataclasses.replace(r, color_jitter=False)),
+    "pos_fraction_0.75": Variant(lambda c: _pos_fraction(c, 0.75)),
 }
+
+
+class EMA:
+    """A callback keeping ``ema`` = an exponential moving average of the model's weights and
+    buffers, with the usual warm-up ``decay_t = min(decay, (1 + t) / (10 + t))``."""
+
+    def __init__(self, model, decay: float):
+        self.decay, self.updates = decay, 0
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def on_step(self, state):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, now in zip(self.ema.state_dict().values(), state.model.state_dict().values()):
+            if avg.dtype.is_floating_point:
+                avg.mul_(d).add_(now.detach(), alpha=1 - d)
+            else:
+                avg.copy_(now)
+
+
+def build(variant: Variant, r, num_classes: int = 7):
+    """The variant's freshly initialised model."""
+    return variant.model(build_mask_rcnn(variant.config(r.model_config(num_classes))))
+
+
+def step_seconds(variant: Variant, r, steps: int = 5) -> float:
+    """Seconds per training step of the variant, as :func:`instseg_edu.recipes.
+    measure_step_seconds` times a recipe: one warm-up step, then ``steps`` on one batch."""
+    from instseg_edu.engine.train import train
+
+    torch.manual_seed(1)
+    model = build(variant, r)
+    batch = shapes_batch(r.batch_size, r.image_size)
+    cfg = r.train_config(max_steps=1, device="cpu", progress=False, warmup_steps=0)
+    train(model, [batch], cfg)
+    start = time.perf_counter()
+    train(model, [batch] * steps, dataclasses.replace(cfg, max_steps=steps))
+    return (time.perf_counter() - start) / steps
 
 
 def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **sizes) -> dict:
@@ -110,35 +261,36 @@ def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **
     from instseg_edu.engine.evaluate import evaluate_model
     from instseg_edu.engine.train import make_loader, train
 
-    change_cfg, change_recipe = VARIANTS[name]
-    r = change_recipe(dataclasses.replace(recipe("mask_rcnn", "cpu"), **sizes))
-    cfg = change_cfg(r.model_config(7))
+    variant = VARIANTS[name]
+    r = variant.recipe(dataclasses.replace(recipe("mask_rcnn", "cpu"), **sizes))
     train_set, val_set = r.shapes_datasets(data)
-    torch.manual_seed(1)
     # + drawing and augmenting batches
-    step_s = measure_step_seconds(r, 5, "cpu", cfg) * loading_overhead
+    step_s = step_seconds(variant, r) * loading_overhead
     steps = max(1, int(seconds / step_s))
     torch.manual_seed(0)
-    model = build_mask_rcnn(cfg)
+    model = build(variant, r)
+    ema = EMA(model, variant.ema_decay) if variant.ema_decay else None
     loader = make_loader(train_set, r.batch_size, shuffle=True, seed=0,
                          drop_last=len(train_set) > r.batch_size)  # fmt: skip
     start = time.perf_counter()
-    history = train(model, loader, r.train_config(max_steps=steps, device="cpu", progress=False))
+    history = train(
+        model,
+        loader,
+        r.train_config(max_steps=steps, device="cpu", progress=False),
+        callbacks=[ema] if ema else [],
+    )
     train_s = time.perf_counter() - start
     val_loader = make_loader(val_set, 8, shuffle=False)
-    metrics = evaluate_model(model, val_loader, val_set.coco, val_set.label_to_cat_id, "cpu")
-    return {
-        "variant": name,
-        "steps": steps,
-        "batch_size": r.batch_size,
-        "train_s": round(train_s, 1),
-        "box_AP50": round(metrics["bbox"]["AP50"], 3),
-        "mask_AP50": round(metrics["segm"]["AP50"], 3),
-        "box_AP": round(metrics["bbox"]["AP"], 3),
-        "mask_AP": round(metrics["segm"]["AP"], 3),
-        "last_loss": round(history.steps[-1]["loss"], 3),
-        "threads": torch.get_num_threads(),
-    }
+    record = {"variant": name, "steps": steps, "batch_size": r.batch_size,
+              "train_s": round(train_s, 1)}  # fmt: skip
+    for prefix, scored in [("", model)] + ([("ema_", ema.ema)] if ema else []):
+        metrics = evaluate_model(scored, val_loader, val_set.coco, val_set.label_to_cat_id, "cpu")
+        for kind, key in (("bbox", "box"), ("segm", "mask")):
+            for ap in ("AP50", "AP"):
+                record[f"{prefix}{key}_{ap}"] = round(metrics[kind][ap], 3)
+    record["last_loss"] = round(history.steps[-1]["loss"], 3)
+    record["threads"] = torch.get_num_threads()
+    return record
 
 
 def main(argv: list[str] | None = None) -> None:

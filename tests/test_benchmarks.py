@@ -58,9 +58,13 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
     from instseg_edu.recipes import recipe
 
     base = recipe("mask_rcnn", "cpu")
-    for change_cfg, change_recipe in cpu_recipe.VARIANTS.values():
-        change_recipe(base)
-        cpu_recipe.build_mask_rcnn(change_cfg(base.model_config(7)))  # each one is consistent
+    images = torch.rand(1, 3, 64, 64)
+    for name, variant in cpu_recipe.VARIANTS.items():
+        model = cpu_recipe.build(variant, variant.recipe(base))  # each one is consistent
+        outputs = model(images)
+        rois = torch.tensor([[0.0, 4.0, 4.0, 40.0, 30.0]])
+        cls, deltas = model.box_forward(outputs.features, rois)
+        assert cls.shape == (1, 8) and deltas.shape == (1, 28), name
     log = tmp_path / "runs.jsonl"
     out = run(tmp_path, "cpu_recipe.py", "narrow_r128", "--seconds", "1", "--data",
               str(tmp_path / "shapes"), "--num-train", "4", "--num-val", "2", "--image-size", "64",
@@ -68,6 +72,26 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
     record = json.loads(log.read_text())
     assert record["variant"] == "narrow_r128" and record["steps"] >= 1, out
     assert 0 <= record["box_AP50"] <= 1 and 0 <= record["mask_AP50"] <= 1
+    assert "ema_box_AP50" not in record
+
+
+def test_cpu_recipe_ema_averages_the_weights():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import cpu_recipe
+
+    model = torch.nn.Linear(2, 1)
+    start = model.weight.detach().clone()
+    ema = cpu_recipe.EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    state = type("State", (), {"model": model})()
+    ema.on_step(state)  # first update, in warm-up: decay min(0.5, 2 / 11)
+    torch.testing.assert_close(ema.ema.weight, start * 2 / 11 + 9 / 11)
+    after_one = ema.ema.weight.clone()
+    ema.on_step(state)  # second: min(0.5, 3 / 12) = 0.25
+    torch.testing.assert_close(ema.ema.weight, after_one * 0.25 + 0.75)
+    assert not ema.ema.weight.requires_grad
 
 
 def test_host_syncs_ours_against_torchvision(tmp_path):

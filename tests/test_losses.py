@@ -12,6 +12,7 @@ from instseg_edu.losses import (
     global_avg_factor,
     l1_loss,
     sigmoid_focal_loss,
+    sigmoid_focal_loss_reference,
     smooth_l1_loss,
     weight_reduce_loss,
 )
@@ -41,6 +42,26 @@ def test_focal_equals_torchvision(reduction, alpha, gamma):
     ours = sigmoid_focal_loss(logits, targets, alpha, gamma, reduction)
     ref = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha, gamma, reduction)
     torch.testing.assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (-1.0, 2.0), (0.5, 0.0), (0.25, 1.5)])
+def test_focal_sign_flip_equals_eq5_term_by_term_with_gradients(alpha, gamma):
+    # Logits up to +-60: both forms stay finite where sigmoid saturates in float32.
+    torch.manual_seed(2)
+    logits = torch.cat([torch.randn(200, 5) * 4, torch.tensor([[60.0, -60.0, 30.0, -30.0, 0.0]])])
+    targets = (torch.rand(201, 5) > 0.7).float()
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    fast = sigmoid_focal_loss(x1, targets, alpha, gamma, reduction="none")
+    ref = sigmoid_focal_loss_reference(x2, targets, alpha, gamma)
+    torch.testing.assert_close(fast, ref)
+    fast.sum().backward()
+    ref.sum().backward()
+    assert torch.isfinite(x1.grad).all()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    # int and bool one-hot targets give the same as float ones
+    for other in (targets.long(), targets.bool()):
+        torch.testing.assert_close(sigmoid_focal_loss(logits, other, alpha, gamma, "none"), ref)
 
 
 def test_focal_avg_factor_and_weight():
