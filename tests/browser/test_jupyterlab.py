@@ -287,7 +287,7 @@ def explore(page, lab, case: ExplorerCase, tmp_path: Path) -> None:
         """(sel) => { const d = document.querySelector(sel + ' .js-plotly-plot');
                       return d && d.data && d.data.length > 0; }""",
         arg=case.selector,
-        timeout=120_000,  # the kernel sends the figure's data; on a loaded machine that can be slow
+        timeout=60_000,
     )
     container = page.locator(case.selector).first
     container.scroll_into_view_if_needed()
