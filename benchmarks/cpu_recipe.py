@@ -30,7 +30,7 @@ from torch import nn
 
 from instseg_edu.models.backbone import FPN, resnet_out_channels
 from instseg_edu.models.mask_rcnn import build_mask_rcnn
-from instseg_edu.recipes import recipe, shapes_batch
+from instseg_edu.recipes import measure_step_seconds, recipe
 
 # ------------------------------------------------------------------------------- the variants
 
@@ -240,21 +240,6 @@ def build(variant: Variant, r, num_classes: int = 7):
     return variant.model(build_mask_rcnn(variant.config(r.model_config(num_classes))))
 
 
-def step_seconds(variant: Variant, r, steps: int = 5) -> float:
-    """Seconds per training step of the variant, as :func:`instseg_edu.recipes.
-    measure_step_seconds` times a recipe: one warm-up step, then ``steps`` on one batch."""
-    from instseg_edu.engine.train import train
-
-    torch.manual_seed(1)
-    model = build(variant, r)
-    batch = shapes_batch(r.batch_size, r.image_size)
-    cfg = r.train_config(max_steps=1, device="cpu", progress=False, warmup_steps=0)
-    train(model, [batch], cfg)
-    start = time.perf_counter()
-    train(model, [batch] * steps, dataclasses.replace(cfg, max_steps=steps))
-    return (time.perf_counter() - start) / steps
-
-
 def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **sizes) -> dict:
     """Train variant ``name`` for about ``seconds`` and score it; returns the JSON record.
     ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
@@ -265,7 +250,8 @@ def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **
     r = variant.recipe(dataclasses.replace(recipe("mask_rcnn", "cpu"), **sizes))
     train_set, val_set = r.shapes_datasets(data)
     # + drawing and augmenting batches
-    step_s = step_seconds(variant, r) * loading_overhead
+    torch.manual_seed(1)
+    step_s = measure_step_seconds(r, 5, "cpu", model=build(variant, r)) * loading_overhead
     steps = max(1, int(seconds / step_s))
     torch.manual_seed(0)
     model = build(variant, r)
