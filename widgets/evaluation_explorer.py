@@ -290,8 +290,13 @@ class EvaluationExplorer:
         finally:
             self._quiet = False
 
-    def _refresh_detections(self) -> None:
-        """Options of the detection dropdown: the image's drawn detections, best score first."""
+    def _refresh_detections(self, keep: bool = True) -> None:
+        """Options of the detection dropdown: the image's drawn detections, best score first.
+
+        ``keep``: the selected detection stays selected while it is still drawn. Pass ``False``
+        when the rows name other detections (another ``results``: row 62 of model B's matches is
+        not model A's detection 62).
+        """
         m, e, i = self.matches, self.errors, self._image_index
         rows = np.arange(m.dt_start[i], m.dt_start[i + 1])
         rows = rows[e.dt_outcome[rows] != DROPPED]
@@ -299,11 +304,13 @@ class EvaluationExplorer:
             rows = rows[m.dt_label[rows] == self._label()]
         rows = rows[np.argsort(-m.dt_score[rows], kind="stable")]
         options = [("none", -1)] + [(detection_label(m, e, int(r)), int(r)) for r in rows]
-        keep = self.detection.value if self.detection.value in {v for _, v in options} else -1
+        selected = self.detection.value
+        if not keep or selected not in {v for _, v in options}:
+            selected = -1
         self._quiet = True
         try:
             self.detection.options = options
-            self.detection.value = keep
+            self.detection.value = selected
         finally:
             self._quiet = False
 
@@ -326,7 +333,7 @@ class EvaluationExplorer:
             return
         self._analyse()
         self._rerank(keep_image=False)
-        self._refresh_detections()
+        self._refresh_detections(keep=change["owner"] is not self.results)
         self._redraw()
 
     def _on_score(self, change) -> None:

@@ -124,9 +124,10 @@ def image_source(images) -> Callable[[int], Tensor | None]:
     Args:
         images: ``None`` (no pixels: a grey canvas is drawn), a dataset with ``image_ids`` whose
             items are ``(image, target)`` (e.g. :class:`~instseg_edu.data.coco.CocoDataset`; give it
-            ``eval_transforms`` or none, not random augmentation), a mapping ``image_id -> image``,
-            or a callable ``image_id -> image``. An image may be smaller than the file (a resized
-            dataset item); it is stretched over the file's pixel grid.
+            ``eval_transforms`` or none, not random augmentation), a mapping ``image_id -> image``
+            (an id it lacks gets the grey canvas), or a callable ``image_id -> image``. An image
+            may be smaller than the file (a resized dataset item); it is stretched over the file's
+            pixel grid.
     """
     if images is None:
         return lambda image_id: None
@@ -134,7 +135,7 @@ def image_source(images) -> Callable[[int], Tensor | None]:
         index = {int(i): n for n, i in enumerate(images.image_ids)}
         return lambda image_id: images[index[int(image_id)]][0]
     if isinstance(images, Mapping):
-        return lambda image_id: images[image_id]
+        return lambda image_id: images.get(image_id)  # an image not given: a grey canvas
     if callable(images):
         return images
     raise TypeError(f"images must be None, a dataset, a mapping or a callable, not {type(images)}")
@@ -222,8 +223,10 @@ def detection_text(matches: CocoMatches, errors: ErrorAnalysis, d: int) -> str:
         why = f"best IoU {iou:.2f}, with {gt(g)}" if g >= 0 else "it overlaps no ground truth"
     elif outcome == IGNORED:
         t, a = matches.iou_index(thr), matches.area_index(errors.area)
-        if matches.dt_match[t, a, d] >= 0:
-            why = f"COCO ignores it: it matched {gt(g)}, a crowd or outside area '{errors.area}'"
+        m = int(matches.dt_match[t, a, d])
+        if m >= 0:  # matched an ignored ground truth: a crowd region, or outside the area range
+            outside = "" if matches.gt_crowd[m] else f", outside area '{errors.area}'"
+            why = f"COCO ignores it: it matched {gt(m)}{outside}"
         else:
             why = f"COCO ignores it: unmatched, and its area is outside '{errors.area}'"
     elif matches.dt_score[d] < errors.score_thr:

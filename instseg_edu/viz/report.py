@@ -237,7 +237,9 @@ def error_gallery(
 ):
     """The ``num_images`` images with the most errors (:func:`rank_images`), each with its true
     positives and false positives in their outcome's colour, missed objects cyan dashed, found
-    ones white. ``images`` as :func:`instseg_edu.viz.evaluation.image_source` takes them."""
+    ones white, ignored ones (crowd regions, other sizes) grey dotted; the legend names them.
+    ``images`` as :func:`instseg_edu.viz.evaluation.image_source` takes them."""
+    from matplotlib import patheffects
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -253,9 +255,16 @@ def error_gallery(
     for ax, i in zip(axes.flat, order):
         _draw_image(ax, matches, errors, int(i), source(int(matches.image_ids[i])))
         ax.set_title(outcome_title(matches, errors, int(i), label), fontsize=8)
+    # Detections by outcome, then ground truth drawn as in the panels: found (white, outlined
+    # here so that it shows on the white page), missed, ignored.
     handles = [Line2D([], [], color=OUTCOME_COLORS[name], linewidth=2, label=name)
-               for name in (*COUNT_NAMES[:5], "missed")]  # fmt: skip
-    fig.legend(handles=handles, loc="outside lower center", ncols=6, fontsize=7)
+               for name in COUNT_NAMES[:5]]  # fmt: skip
+    outline = [patheffects.withStroke(linewidth=3.5, foreground="#444444")]
+    for name, style in (("found", "-"), ("missed", "--"), ("ignored", ":")):
+        handles.append(Line2D([], [], color=OUTCOME_COLORS[name], linewidth=2, linestyle=style,
+                              label=f"{name} (ground truth)",
+                              path_effects=outline if name == "found" else None))  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=7)
     fig.suptitle(f"{matches.iou_type}: images with the most errors (IoU {errors.iou_thr:.2f}, "
                  f"score ≥ {errors.score_thr:.2f})", fontsize=10)  # fmt: skip
     return fig

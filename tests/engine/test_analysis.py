@@ -4,6 +4,7 @@ pycocotools (per-class AP at every threshold, area range and max_dets; COCOeval.
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 
 import numpy as np
@@ -165,6 +166,12 @@ def test_crowd_regions_and_area_ranges_are_ignored_as_coco_does():
     assert e.dt_outcome[d].tolist() == [IGNORED, TRUE_POSITIVE, IGNORED]
     assert e.num_gt.tolist() == [0, 1]
     assert e.totals()["missed"] == 0
+    # The explorer says which of COCO's two reasons applies.
+    from instseg_edu.viz.evaluation import detection_text
+
+    crowd, large = (html.unescape(detection_text(m, e, int(r))) for r in d[[0, 2]])
+    assert crowd.endswith("COCO ignores it: it matched ground truth 10 (a, a crowd region)")
+    assert large.endswith("COCO ignores it: it matched ground truth 12 (b), outside area 'small'")
 
 
 def test_rank_images_by_errors():

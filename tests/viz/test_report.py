@@ -107,6 +107,9 @@ def test_figures_show_the_analysis(scene):
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     worst = rank_images(e)[:2]
     assert [t.split(":")[0] for t in titles] == [f"image {m.image_ids[i]}" for i in worst]
+    (legend,) = fig.legends  # every colour and line style of the panels is named
+    assert [t.get_text() for t in legend.get_texts()] == [*COUNT_NAMES[:5], *(
+        f"{name} (ground truth)" for name in ("found", "missed", "ignored"))]  # fmt: skip
 
 
 def test_compare_outcomes_plot_stacks_each_models_totals(scene):

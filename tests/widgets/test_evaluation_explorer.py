@@ -230,6 +230,21 @@ def test_results_dropdown_switches_between_models(explorer_args):
         EvaluationExplorer({"a": better, "b": match_coco(_gt([], images=(1,)), [], "bbox")})
 
 
+def test_a_selected_detection_survives_a_threshold_but_not_another_model(explorer_args):
+    # Detection rows index one model's matches: row r of model B is another detection than row r
+    # of model A, so switching models must not carry the selection over (the IoU slider may).
+    better = explorer_args["bbox"]
+    worse = match_coco(GT, DT[1:], "bbox")
+    ex = EvaluationExplorer({"model A": better, "model B": worse}, score_thr=0.0)
+    row = min(v for _, v in ex.detection.options if v >= 0)
+    ex.detection.value = row
+    ex.iou_thr.value = 0.55
+    assert ex.detection.value == row and f"{better.dt_score[row]:.2f}" in ex.info.value
+    ex.results.value = "model B"
+    assert row in [v for _, v in ex.detection.options]  # still a row of the image shown...
+    assert ex.detection.value == -1  # ...but of another detection: nothing is selected
+
+
 def test_from_model_draws_the_dataset_images(tmp_path):
     from instseg_edu.data.coco import CocoDataset
     from instseg_edu.data.shapes import make_shapes_dataset
@@ -257,6 +272,16 @@ def test_from_model_draws_the_dataset_images(tmp_path):
     assert image.dx == pytest.approx(2.0)  # a 32 px dataset item over the 64 px file
     box = ex.matches.dt_box[0]
     np.testing.assert_allclose(box, [8, 8, 40, 40], atol=1e-3)  # in the file's pixels
+
+
+def test_images_missing_from_a_mapping_are_drawn_grey(explorer_args):
+    m = explorer_args["bbox"]
+    white = {int(m.image_ids[0]): torch.ones(3, H, W)}  # pixels for the first image only
+    ex, grey = EvaluationExplorer(m, images=white), EvaluationExplorer(m)
+    for position in range(m.num_images):
+        ex.image.value = grey.image.value = position
+        same = ex.figure.data[0].source == grey.figure.data[0].source
+        assert same == (ex.image_id not in white), ex.image_id
 
 
 def test_updates_are_interactive(explorer_args):
