@@ -23,10 +23,13 @@ A recipe's field names are :class:`~instseg_edu.engine.train.TrainConfig`'s (``m
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib
 import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +319,20 @@ def notebook_recipe(family: str, tier: str) -> Recipe:
     return r
 
 
+def notebook_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """Where a notebook draws its shapes images.
+
+    ``data_dir`` when given (kept between runs, e.g. ``"data/shapes"``: git-ignored); otherwise a
+    new temporary folder, deleted when this Python process, the notebook's kernel, exits (a
+    restart or shut-down), so runs do not pile up copies of the data in the temporary folder.
+    """
+    if data_dir:
+        return Path(data_dir)
+    root = Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
 def notebook_checkpoint(family: str, tier: str, root: str | os.PathLike = "runs") -> Path:
     """Where a notebook saves the model it trained: ``root/notebooks/<tier>/<family>.pt``.
 
@@ -397,7 +414,7 @@ def shapes_batch(batch_size: int, image_size: int, seed: int = 0):
 
 def measure_step_seconds(
     r: Recipe,
-    steps: int = 2,
+    steps: int = 3,
     device: str = "auto",
     model_config=None,
     model: torch.nn.Module | None = None,
@@ -408,8 +425,9 @@ def measure_step_seconds(
 
     Builds the recipe's model, runs one warm-up step, then times ``steps`` real training steps
     (forward, loss, backward, optimiser update: :func:`~instseg_edu.engine.train.train` itself)
-    on a batch of freshly drawn shapes images of the recipe's size. Data loading is not counted
-    (an in-memory recipe barely has any).
+    on a batch of freshly drawn shapes images of the recipe's size, and returns the median step:
+    one step slowed by another program (a browser starting, say) does not make a five-minute
+    training look like fifty. Data loading is not counted (an in-memory recipe barely has any).
     """
     from instseg_edu.data.shapes import CLASSES
     from instseg_edu.engine.train import resolve_device, train
@@ -428,19 +446,34 @@ def measure_step_seconds(
         cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0)
         train(model, [batch], cfg)  # warm-up: allocations, kernel selection
         cfg = dataclasses.replace(cfg, max_steps=steps)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        train(model, [batch] * steps, cfg)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return (time.perf_counter() - start) / steps
+        clock = _StepClock(dev)
+        train(model, [batch] * steps, cfg, callbacks=[clock])
+        return float(np.median(np.diff(clock.times)))
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])  # noqa: NPY002
         torch.set_rng_state(states[2])
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
+
+
+class _StepClock:
+    """A training callback noting the time at the start and at the end of every step (after the
+    device has finished it)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def _note(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+
+    def on_start(self, state) -> None:
+        self._note()
+
+    def on_step(self, state) -> None:
+        self._note()
 
 
 def describe_tier(

@@ -45,8 +45,6 @@ print(describe_tier(TIER))
 import contextlib
 import io
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -58,9 +56,10 @@ from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.shapes import make_shapes_dataset
 from instseg_edu.engine.evaluate import evaluate_coco, format_ap_table
 from instseg_edu.ops.boxes import box_iou
+from instseg_edu.recipes import notebook_data_dir
 from instseg_edu.viz.anchors import boxes_to_path, image_trace
 
-root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
+root = notebook_data_dir(DATA_DIR)  # DATA_DIR, or a temporary folder the kernel deletes on exit
 ann_file = make_shapes_dataset(root, NUM_IMAGES, image_size=IMAGE_SIZE, seed=SEED)
 print("annotations:", ann_file)
 print("images:", sorted(p.name for p in (root / "train").iterdir())[:4], "...")

@@ -52,11 +52,10 @@ IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tie
 WORKERS = RECIPE.loader_workers
 COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
 SEED = 0
+DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 print(describe_tier(TIER, RECIPE))
 
 # %%
-import tempfile
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
@@ -77,12 +76,12 @@ from instseg_edu.models.mask_rcnn import (
     paste_masks,
 )
 from instseg_edu.models.roi_heads import mask_targets_reference, paste_masks_reference
-from instseg_edu.recipes import save_notebook_model
+from instseg_edu.recipes import notebook_data_dir, save_notebook_model
 from instseg_edu.viz.draw import gallery
 
 torch.manual_seed(SEED)
 device = resolve_device("auto")
-root = Path(tempfile.mkdtemp()) / "shapes" if SMOKE else Path("data") / f"shapes{IMAGE_SIZE}"
+root = notebook_data_dir(DATA_DIR)  # DATA_DIR, or a temporary folder the kernel deletes on exit
 train_json = make_shapes_dataset(root, NUM_TRAIN, image_size=IMAGE_SIZE, seed=SEED, split="train")
 val_json = make_shapes_dataset(root, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED, split="val")
 train_set = CocoDataset(train_json, root / "train", transforms=eval_transforms(IMAGE_SIZE))

@@ -52,8 +52,6 @@ print(describe_tier(TIER, RECIPE))
 
 # %%
 import io
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,7 +69,7 @@ from instseg_edu.engine.evaluate import evaluate_model, format_ap_table, predict
 from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.losses import dice_loss
 from instseg_edu.ops.nms import matrix_nms, points_nms
-from instseg_edu.recipes import save_notebook_model
+from instseg_edu.recipes import notebook_data_dir, save_notebook_model
 from instseg_edu.viz.draw import draw_detections
 
 
@@ -84,7 +82,7 @@ def show(fig: Figure, dpi: int = 80) -> None:
 
 torch.manual_seed(SEED)
 device = resolve_device("auto")
-root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
+root = notebook_data_dir(DATA_DIR)  # DATA_DIR, or a temporary folder the kernel deletes on exit
 splits = make_shapes_splits(root, NUM_TRAIN, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED)
 train_set = CocoDataset(splits["train"], root / "train", eval_transforms(IMAGE_SIZE))
 val_set = CocoDataset(splits["val"], root / "val", eval_transforms(IMAGE_SIZE))

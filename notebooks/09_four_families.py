@@ -77,9 +77,7 @@ else:
 # %matplotlib inline
 import math
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from IPython.display import Markdown, display
@@ -94,7 +92,7 @@ from instseg_edu.engine.analysis import COUNT_NAMES, error_analysis, match_model
 from instseg_edu.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from instseg_edu.engine.compare import SPEED_NOISE_RATIO, Measured, recommend
 from instseg_edu.engine.train import make_loader, resolve_device, train
-from instseg_edu.recipes import measure_step_seconds, notebook_checkpoint
+from instseg_edu.recipes import measure_step_seconds, notebook_checkpoint, notebook_data_dir
 from instseg_edu.viz.draw import draw_detections
 from instseg_edu.viz.report import compare_outcomes_plot
 
@@ -111,7 +109,7 @@ sizes = {(r.image_size, r.num_val, r.in_memory) for r in RECIPES.values()}
 if len(sizes) != 1:
     raise ValueError(f"the {TIER} recipes differ in image size / validation images: {sizes}")
 IMAGE_SIZE, NUM_VAL, IN_MEMORY = sizes.pop()
-root = Path(DATA_DIR) if DATA_DIR else Path(tempfile.mkdtemp(prefix="instseg_shapes_"))
+root = notebook_data_dir(DATA_DIR)  # DATA_DIR, or a temporary folder the kernel deletes on exit
 val_json = make_shapes_dataset(root, NUM_VAL, IMAGE_SIZE, seed=SEED, split="val")
 val_set = CocoDataset(val_json, root / "val", eval_transforms(IMAGE_SIZE))
 if IN_MEMORY:  # read and resize every image once (the cpu tier)

@@ -4,7 +4,11 @@ the notebook variant and its step override, where notebooks save their models, t
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ from instseg_edu.recipes import (
     describe_tier,
     measure_step_seconds,
     notebook_checkpoint,
+    notebook_data_dir,
     notebook_recipe,
     recipe,
     save_notebook_model,
@@ -238,6 +243,13 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert 0 < seconds < 60
     assert torch.equal(torch.rand(3), torch.manual_seed(5) and torch.rand(3))  # seeds untouched
 
+    # The median step: one step slowed by another program (5 s here) does not count.
+    clock = iter([10.0, 10.5, 15.5, 16.0])  # the start, then the end of each of three steps
+    real_time = recipes.time
+    monkeypatch.setattr(recipes, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    assert measure_step_seconds(r, steps=3) == 0.5
+    monkeypatch.setattr(recipes, "time", real_time)
+
     monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.6)
     cpu = recipe("mask_rcnn", "cpu")
     line = describe_tier("cpu", cpu)
@@ -259,3 +271,21 @@ def test_measure_step_seconds_and_describe_tier(env):
     monkeypatch.setenv(TIER_ENV, "cpu")
     assert "trains no model" in describe_tier("cpu")
     assert f"({TIER_ENV}=cpu)" in describe_tier("cpu", cpu, measure=False)
+
+
+def test_notebook_data_dir_is_kept_when_named_and_removed_with_the_kernel_when_not(tmp_path):
+    assert notebook_data_dir(tmp_path / "shapes") == tmp_path / "shapes"
+    assert notebook_data_dir("data/shapes") == Path("data/shapes")
+    # A kernel's temporary folder: still there while it runs, gone once the process has exited.
+    code = (
+        "from instseg_edu.recipes import notebook_data_dir\n"
+        "root = notebook_data_dir(None)\n"
+        "(root / 'train').mkdir(); (root / 'train' / 'x.png').write_bytes(b'x')\n"
+        "assert root.name.startswith('instseg_shapes_') and root.is_dir()\n"
+        "print(root)\n"
+    )
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    root = Path(proc.stdout.strip())
+    assert root.parent == tmp_path and not root.exists()

@@ -142,6 +142,9 @@ def test_notebook_runs_in_smoke_mode(py: Path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    kernel_tmp = tmp_path / "kernel_tmp"  # the kernel's temporary folder (its data goes there)
+    kernel_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(kernel_tmp))
     if py.stem in COMPARING:
         for family in SAVED_BEFORE_COMPARING:
             _save_as_training_notebook(family, "smoke", tmp_path)
@@ -164,6 +167,8 @@ def test_notebook_runs_in_smoke_mode(py: Path, tmp_path, monkeypatch):
     ]
     assert not errors
     assert elapsed < SMOKE_BUDGET_S, f"{py.name} took {elapsed:.1f} s in smoke mode"
+    # The kernel has exited (nbclient shuts it down): its temporary data folder went with it.
+    assert not [p.name for p in kernel_tmp.glob("instseg_shapes_*")]
     # Nothing is written next to the notebooks: datasets go to a temp dir or data/.
     assert not any(p.suffix in {".png", ".json"} for p in (ROOT / "notebooks").iterdir())
     if py.stem in COMPARING:
