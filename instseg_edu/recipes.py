@@ -416,12 +416,11 @@ def measure_step_seconds(
     r: Recipe,
     steps: int = 3,
     device: str = "auto",
-    model_config=None,
     model: torch.nn.Module | None = None,
 ) -> float:
-    """Seconds per training step of recipe ``r`` on this machine (of ``model_config`` instead of
-    the recipe's preset when given, or of a built ``model``, which is trained in place: variants
-    of it, as ``benchmarks/cpu_recipe.py`` times).
+    """Seconds per training step of recipe ``r`` on this machine (of a built ``model`` instead of
+    the recipe's preset when given, which is trained in place: variants of it, as
+    ``benchmarks/cpu_recipe.py`` times).
 
     Builds the recipe's model, runs one warm-up step, then times ``steps`` real training steps
     (forward, loss, backward, optimiser update: :func:`~instseg_edu.engine.train.train` itself)
@@ -439,9 +438,7 @@ def measure_step_seconds(
     try:
         dev = resolve_device(device)
         if model is None:
-            if model_config is None:
-                model_config = r.model_config(len(CLASSES))
-            model = build_model(r.family, model_config)
+            model = build_model(r.family, r.model_config(len(CLASSES)))
         batch = shapes_batch(r.batch_size, r.image_size)
         cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0)
         train(model, [batch], cfg)  # warm-up: allocations, kernel selection
