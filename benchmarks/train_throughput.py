@@ -30,6 +30,7 @@ random-init R50 trained at a real learning rate can diverge within a few steps).
     python benchmarks/train_throughput.py --device cpu --threads 2 --warmup 1 --repeats 3 \\
         --image-size 256 --json runs/throughput_cpu.json                 # the CPU measurement
     python benchmarks/train_throughput.py --device cpu --smoke          # a seconds-long check
+                                                    # (at most 10 detections per image)
 
 ``torch.backends.cudnn.benchmark`` stays off: with a number of RoIs that changes every step it
 re-tunes convolutions over and over and makes torchvision's Mask R-CNN about ten times slower.
@@ -54,7 +55,7 @@ from _common import (
     shapes_data,
     torchvision_inputs,
 )
-from gpu_check import SMOKE_TORCHVISION
+from gpu_check import SMOKE_MAX_PER_IMG, SMOKE_TORCHVISION
 from host_syncs import LENIENT_TORCHVISION
 from host_syncs import build_ours as build_ours_lenient
 
@@ -432,6 +433,8 @@ def main() -> None:
             "torchvision": Side("torchvision", peer_model, family, device, False),
         }
         keep = max_per_img(ours.model, family)
+        if args.smoke:
+            keep = min(keep, SMOKE_MAX_PER_IMG)
         for side in sides.values():
             set_max_per_img(side, keep)
             for group in side.optimizer.param_groups:

@@ -114,14 +114,16 @@ def test_train_throughput_side_by_side(tmp_path):
     for side in ("ours", "torchvision"):
         assert re.search(rf"retinanet {side}\s+fp32 train\s+[\d.]+ img/s\s+infer\s+[\d.]+", out)
     assert re.search(r"ratio ours/torchvision: train [\d.]+x \([\d.]+-[\d.]+\)\s+infer", out), out
-    # Equal work: thresholds at 0, both sides return max_per_img detections per image.
-    assert "detections per image, both sides (equal work, max_per_img 100)" in out, out
+    # Equal work: thresholds at 0, both sides return max_per_img detections per image (the
+    # smoke run's cap on it; the preset keeps 100).
+    n = _gpu_check().SMOKE_MAX_PER_IMG
+    assert f"detections per image, both sides (equal work, max_per_img {n})" in out, out
     result = json.loads((tmp_path / "tp.json").read_text())["retinanet"]
     (run_,) = result["runs"]
     for side in ("ours", "torchvision"):
         assert len(run_["repeats"][side]) == 2  # --smoke: two alternations
         work = [[w["detections"] for w in r["work"]] for r in run_["repeats"][side]]
-        assert work == [[[100, 100], [100]]] * 2
+        assert work == [[[n, n], [n]]] * 2
     assert set(result["ratios"]) == {"train", "infer", "latency_speedup"}
 
 
@@ -142,8 +144,10 @@ def test_train_throughput_mask_rcnn_box_heads_see_equal_rois(tmp_path):
             assert 0 < rois["mask"] <= rois["box"] <= 2 * 64, rois
     for side in ("ours", "torchvision"):
         for r in result["runs"][0]["repeats"][side]:
-            assert r["work"] == [{"detections": [50, 50], "box_head_rois": 2 * k},
-                                 {"detections": [50], "box_head_rois": k}]  # fmt: skip
+            # the smoke run's cap on detections (the preset keeps 50)
+            n = _gpu_check().SMOKE_MAX_PER_IMG
+            assert r["work"] == [{"detections": [n, n], "box_head_rois": 2 * k},
+                                 {"detections": [n], "box_head_rois": k}]  # fmt: skip
 
 
 class _FakeSide:
