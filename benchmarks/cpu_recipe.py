@@ -162,6 +162,52 @@ def _box_head(model, head_class, *args):
     return model
 
 
+class ClassAgnosticDeltas(nn.Module):
+    """The box head's ``fc_reg`` with one set of deltas for every class (MMDetection's
+    ``reg_class_agnostic=True``): ``[R, fc] -> [R, 4C]``, the 4 columns repeated C times, so the
+    loss and decoding of class-specific deltas work unchanged and every positive trains them."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.fc, self.num_classes = nn.Linear(in_features, 4), num_classes
+        nn.init.normal_(self.fc.weight, std=0.001)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x):
+        return self.fc(x).repeat(1, self.num_classes)  # [R, 4C]
+
+
+class ClassAgnosticMaskLogits(nn.Module):
+    """The mask head's ``conv_logits`` with one mask for every class (MMDetection's
+    ``class_agnostic=True``): one 1x1 conv whose output and weight rows are seen C times."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.conv, self.num_classes = nn.Conv2d(in_channels, 1, 1), num_classes
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv.bias)
+
+    @property
+    def weight(self):  # [C, F', 1, 1]: MaskHead reads each RoI's class row
+        return self.conv.weight.expand(self.num_classes, -1, -1, -1)
+
+    @property
+    def bias(self):  # [C]
+        return self.conv.bias.expand(self.num_classes)
+
+    def forward(self, x):
+        return self.conv(x).expand(-1, self.num_classes, -1, -1)  # [R, C, T, T]
+
+
+def class_agnostic_heads(model):
+    """One box regressor and one mask for every class: each positive RoI trains them, not only
+    the 1/C that share its class."""
+    fc_reg, conv = model.bbox_head.fc_reg, model.mask_head.conv_logits
+    model.bbox_head.fc_reg = ClassAgnosticDeltas(fc_reg.in_features, model.num_classes)
+    model.mask_head.conv_logits = ClassAgnosticMaskLogits(conv.in_channels, model.num_classes)
+    return model
+
+
 class Variant(NamedTuple):
     """Changes to today's preset and recipe: ``config`` (model config -> config), ``recipe``
     (recipe -> recipe), ``model`` (built model -> model, for heads no preset describes) and
@@ -213,6 +259,9 @@ VARIANTS: dict[str, Variant] = {
     "pooled_conv_cls": Variant(model=lambda m: _box_head(m, PooledConvClsHead, 2)),
     "no_jitter": Variant(recipe=lambda r: dataclasses.replace(r, color_jitter=False)),
     "pos_fraction_0.75": Variant(lambda c: _pos_fraction(c, 0.75)),
+    # Fourth round: box deltas and masks shared by all classes (from scratch, the class-specific
+    # ones each learn from a seventh of the positives).
+    "class_agnostic": Variant(model=class_agnostic_heads),
 }
 
 
@@ -240,9 +289,12 @@ def build(variant: Variant, r, num_classes: int = 7):
     return variant.model(build_mask_rcnn(variant.config(r.model_config(num_classes))))
 
 
-def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **sizes) -> dict:
+def run(
+    name: str, seconds: float, data: str, loading_overhead: float = 1.08, seed: int = 0, **sizes
+) -> dict:
     """Train variant ``name`` for about ``seconds`` and score it; returns the JSON record.
-    ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
+    ``seed`` sets the initial weights and the data order; ``sizes`` (``num_train``, ``num_val``,
+    ``image_size``) shrink the data for a smoke run."""
     from instseg_edu.engine.evaluate import evaluate_model
     from instseg_edu.engine.train import make_loader, train
 
@@ -253,21 +305,21 @@ def run(name: str, seconds: float, data: str, loading_overhead: float = 1.08, **
     torch.manual_seed(1)
     step_s = measure_step_seconds(r, 5, "cpu", model=build(variant, r)) * loading_overhead
     steps = max(1, int(seconds / step_s))
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build(variant, r)
     ema = EMA(model, variant.ema_decay) if variant.ema_decay else None
-    loader = make_loader(train_set, r.batch_size, shuffle=True, seed=0,
+    loader = make_loader(train_set, r.batch_size, shuffle=True, seed=seed,
                          drop_last=len(train_set) > r.batch_size)  # fmt: skip
     start = time.perf_counter()
     history = train(
         model,
         loader,
-        r.train_config(max_steps=steps, device="cpu", progress=False),
+        r.train_config(max_steps=steps, device="cpu", progress=False, seed=seed),
         callbacks=[ema] if ema else [],
     )
     train_s = time.perf_counter() - start
     val_loader = make_loader(val_set, 8, shuffle=False)
-    record = {"variant": name, "steps": steps, "batch_size": r.batch_size,
+    record = {"variant": name, "seed": seed, "steps": steps, "batch_size": r.batch_size,
               "train_s": round(train_s, 1)}  # fmt: skip
     for prefix, scored in [("", model)] + ([("ema_", ema.ema)] if ema else []):
         metrics = evaluate_model(scored, val_loader, val_set.coco, val_set.label_to_cat_id, "cpu")
@@ -287,12 +339,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-train", type=int, default=None, help="(smoke runs) fewer images")
     parser.add_argument("--num-val", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     parser.add_argument("--json", default=None, help="append one JSON line per run here")
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in ("num_train", "num_val", "image_size")}
     sizes = {key: value for key, value in sizes.items() if value is not None}
     for name in args.variants:
-        record = run(name, args.seconds, args.data, **sizes)
+        record = run(name, args.seconds, args.data, seed=args.seed, **sizes)
         print(json.dumps(record), flush=True)
         if args.json:
             with open(args.json, "a") as f:

@@ -71,8 +71,35 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
               "--json", str(log))  # fmt: skip
     record = json.loads(log.read_text())
     assert record["variant"] == "narrow_r128" and record["steps"] >= 1, out
+    assert record["seed"] == 0
     assert 0 <= record["box_AP50"] <= 1 and 0 <= record["mask_AP50"] <= 1
     assert "ema_box_AP50" not in record
+
+
+def test_cpu_recipe_class_agnostic_heads_share_deltas_and_masks_across_classes():
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    import cpu_recipe
+
+    from instseg_edu.recipes import recipe
+
+    torch.manual_seed(0)
+    model = cpu_recipe.build(cpu_recipe.VARIANTS["class_agnostic"], recipe("mask_rcnn", "cpu"))
+    outputs = model(torch.rand(1, 3, 64, 64))
+    rois = torch.tensor([[0.0, 4.0, 4.0, 40.0, 30.0], [0.0, 10.0, 12.0, 60.0, 50.0]])
+    _, deltas = model.box_forward(outputs.features, rois)  # [2, 4C]
+    per_class = deltas.view(2, 7, 4)
+    torch.testing.assert_close(per_class, per_class[:, :1].expand(2, 7, 4))
+    masks = model.mask_forward(outputs.features, rois)  # [2, C, T, T]
+    torch.testing.assert_close(masks, masks[:, :1].expand_as(masks))
+    # the inference path (each RoI's own class row) gives the same mask as the training path
+    labels = torch.tensor([3, 6])
+    picked = model.mask_forward(outputs.features, rois, labels)  # [2, T, T]
+    torch.testing.assert_close(picked, masks[:, 0], rtol=1e-4, atol=1e-5)
+    # every class's loss term trains the one shared regressor and mask
+    (per_class[:, 5].sum() + masks[:, 2].sum()).backward()
+    assert model.bbox_head.fc_reg.fc.weight.grad.abs().sum() > 0
+    assert model.mask_head.conv_logits.conv.weight.grad.abs().sum() > 0
 
 
 def test_cpu_recipe_ema_averages_the_weights():

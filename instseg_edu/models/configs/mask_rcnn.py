@@ -302,4 +302,4 @@ Tried and not kept (each no better at equal time): smaller RPN anchors (16 px at
 mapping scaled to the image (``finest_scale=14``), three backbone stages, batches of 4, 256-wide
 fc layers, GroupNorm in the FPN and heads, an EMA of the weights, half the learning rate, a
 convolutional classifier with global pooling, no colour jitter, up to three quarters of the
-sampled RoIs positive."""
+sampled RoIs positive, box deltas and masks shared by all classes."""
