@@ -78,6 +78,11 @@ def _pos_fraction(cfg, fraction: float):
     return _roi_sampler(cfg, cfg.train_cfg.rcnn.sampler.num, fraction)
 
 
+def _loss_cls_weight(cfg, weight: float):
+    loss_cls = dataclasses.replace(cfg.roi_head.loss_cls, loss_weight=weight)
+    return dataclasses.replace(cfg, roi_head=dataclasses.replace(cfg.roi_head, loss_cls=loss_cls))
+
+
 # ---- changes to the built model, for heads the presets do not describe (third round)
 
 
@@ -262,6 +267,11 @@ VARIANTS: dict[str, Variant] = {
     # Fourth round: box deltas and masks shared by all classes (from scratch, the class-specific
     # ones each learn from a seventh of the positives).
     "class_agnostic": Variant(model=class_agnostic_heads),
+    # The classifier's loss weight (the preset's is 4 since this round; it was 1): under Adam the
+    # heads' own steps keep their size, but the shared backbone and FPN get a larger share of
+    # class-telling gradient.
+    "loss_cls_1": Variant(lambda c: _loss_cls_weight(c, 1.0)),
+    "loss_cls_8": Variant(lambda c: _loss_cls_weight(c, 8.0)),
 }
 
 

@@ -109,7 +109,9 @@ def torchvision_like(family: str, cfg, image_size: int) -> torch.nn.Module:
     the last stage the FPN reads, as our ``num_stages`` does), FPN width and levels, anchor sizes
     and ratios, RetinaNet's number of head convs (torchvision fixes 4; the towers are cut to
     ``stacked_convs``), Mask R-CNN's RPN and RoI sampling, proposal counts, RoIAlign sizes, the
-    box head's fc width, the mask head's convs and the detection limits. Different, because
+    box head's fc width, the mask head's convs and the detection limits, and the loss weights
+    (torchvision's constructors take none: the model gets a ``loss_weights`` dict, torchvision's
+    loss names to ours' ``loss_weight``, which the training step applies). Different, because
     torchvision's API has no setting for it: RetinaNet's extra levels take a ReLU between P6 and
     P7, and torchvision's anchors, box coder and sampler are its own implementations.
     ``image_size`` pins torchvision's internal resize to the benchmark's size.
@@ -138,11 +140,14 @@ def torchvision_like(family: str, cfg, image_size: int) -> torch.nn.Module:
         for tower in (head.classification_head, head.regression_head):
             tower.conv = tower.conv[: head_cfg.stacked_convs]
         test = cfg.test_cfg
-        return RetinaNet(
+        model = RetinaNet(
             backbone, head_cfg.num_classes, anchor_generator=generator, head=head,
             score_thresh=test.score_thr, nms_thresh=test.nms.iou_threshold,
             detections_per_img=test.max_per_img, topk_candidates=test.nms_pre, **common,
         )  # fmt: skip
+        model.loss_weights = {"classification": head_cfg.loss_cls.loss_weight,
+                              "bbox_regression": head_cfg.loss_bbox.loss_weight}  # fmt: skip
+        return model
     if family == "mask_rcnn":
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
         from torchvision.models.detection.mask_rcnn import (
@@ -160,7 +165,7 @@ def torchvision_like(family: str, cfg, image_size: int) -> torch.nn.Module:
         generator = AnchorGenerator(sizes, (tuple(anchors.ratios),) * len(sizes))
         names = [str(k) for k in range(len(roi.featmap_strides))]
         width, classes = neck.out_channels, cfg.num_classes + 1  # torchvision: 0 is background
-        return MaskRCNN(
+        model = MaskRCNN(
             backbone, num_classes=None, rpn_anchor_generator=generator,
             rpn_head=RPNHead(width, generator.num_anchors_per_location()[0]),
             rpn_pre_nms_top_n_train=train.rpn_proposal.nms_pre,
@@ -185,6 +190,15 @@ def torchvision_like(family: str, cfg, image_size: int) -> torch.nn.Module:
             mask_predictor=MaskRCNNPredictor(roi.conv_out_channels, roi.conv_out_channels, classes),
             **common,
         )  # fmt: skip
+        rpn = cfg.rpn_head
+        model.loss_weights = {
+            "loss_objectness": rpn.loss_cls.loss_weight,
+            "loss_rpn_box_reg": rpn.loss_bbox.loss_weight,
+            "loss_classifier": roi.loss_cls.loss_weight,
+            "loss_box_reg": roi.loss_bbox.loss_weight,
+            "loss_mask": roi.loss_mask.loss_weight,
+        }
+        return model
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -266,6 +280,8 @@ class SideRun:
                 else:
                     images, targets = torchvision_inputs(batch, self.family)
                     losses = self.model(images, targets)
+                    weights = getattr(self.model, "loss_weights", {})  # torchvision_like's
+                    losses = {k: v * weights.get(k, 1.0) for k, v in losses.items()}
                 total = loss_total(losses, ours=self.name == "ours")
             self.optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -298,6 +298,15 @@ def test_torchvision_like_mirrors_our_cpu_models():
             assert heads.box_head.fc6.out_features == 1024
             logits = heads.mask_predictor(torch.zeros(2, 64, 7, 7))
             assert logits.shape == (2, 8, 14, 14)  # 14x14 masks, as ours; class 0 is background
+            assert tv.loss_weights["loss_classifier"] == cfg.roi_head.loss_cls.loss_weight == 4.0
+        # the loss weights name every loss torchvision's training step returns
+        tv.train()
+        box = torch.tensor([[20.0, 30.0, 70.0, 90.0]])
+        target = {"boxes": box, "labels": torch.tensor([1]),
+                  "masks": torch.zeros(1, 128, 128, dtype=torch.uint8)}  # fmt: skip
+        target["masks"][0, 30:90, 20:70] = 1
+        losses = tv([torch.rand(3, 128, 128)], [target])
+        assert set(losses) == set(tv.loss_weights), family
 
 
 # ------------------------------------------------------------------------------- the GPU check

@@ -151,6 +151,7 @@ def test_cpu_preset_predicts_14x14_masks_and_trains():
     sampler = cfg.train_cfg.rcnn.sampler
     assert (sampler.num, sampler.pos_fraction, cfg.roi_head.fc_out_channels) == (64, 0.5, 1024)
     assert (cfg.backbone.depth, cfg.backbone.base_channels) == (18, 32)
+    assert cfg.roi_head.loss_cls.loss_weight == 4.0  # the classifier weighed up (RESULTS.md)
     torch.manual_seed(0)
     model = build_mask_rcnn(cfg)
     batch = make_batch(seed=6)
