@@ -8,8 +8,10 @@ One line of JSON per run is appended to ``--json``. Variants are named changes t
 ``MASK_RCNN_R18_CPU``, its recipe or the built model (see :class:`Variant` and :data:`VARIANTS`;
 the model changes stand in for heads no preset describes, such as GroupNorm in the FPN); a variant
 with ``ema_decay`` is also scored with averaged weights. The tables in ``benchmarks/RESULTS.md``
-("CPU recipe") lists what they gave. Run one at a time on a quiet machine: the budget is wall-clock
-time, so a busy machine trains fewer steps.
+("CPU recipe") list what they gave. The preset changed between rounds, so a variant today is a
+change to today's preset: the rows before the fifth round ran with the classification loss
+weighed 1 (``loss_cls_1`` gives that back). Run one at a time on a quiet machine: the budget is
+wall-clock time, so a busy machine trains fewer steps.
 
     python benchmarks/cpu_recipe.py current narrow_r32 --seconds 300 --json runs/cpu_recipe.jsonl
 """
