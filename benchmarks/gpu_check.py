@@ -101,9 +101,7 @@ THROUGHPUT = {"image_size": 512, "batch_size": 8, "warmup": 5, "steps": 20}
 # both sides, not ours' max_per_img (50-100), or Mask R-CNN's mask heads, torchvision's above all,
 # take most of the run's time on a CPU.
 SMOKE_MAX_PER_IMG = 10
-THROUGHPUT_SMOKE = {
-    "image_size": 128, "batch_size": 2, "warmup": 0, "steps": 1, "max_per_img": SMOKE_MAX_PER_IMG
-}  # fmt: skip
+THROUGHPUT_SMOKE = {"image_size": 128, "batch_size": 2, "warmup": 0, "steps": 1}
 TIME_TO_AP = {"minutes": 2.0, "eval_every": 0.5, "num_train": 1500, "num_val": 50}
 TIME_TO_AP_SMOKE = {"minutes": 0.04, "eval_every": 0.02, "num_train": 8, "num_val": 4}
 # Smoke run only: torchvision's Mask R-CNN samples and proposes as few boxes as ours' small preset
@@ -537,11 +535,11 @@ def measure_family(record, family, num_classes, batches, batch1, precisions, siz
 
     Inference does equal work: score thresholds at 0 on both sides (``host_syncs``' lenient
     settings) and the same number of detections kept per image, ours' ``max_per_img`` (in a
-    smoke run at most ``sizes["max_per_img"]``). Should one
-    side still return fewer on the first batch (a random-init box head can decode most boxes to
-    nothing), both keep that many fewer: the smallest count per image of either side. The
-    training steps run with a learning rate of 0 (the optimizer step still does all its work) so
-    that the weights, and with them these counts, stay as they were when the counts were set;
+    smoke run at most ``SMOKE_MAX_PER_IMG``). Should one side still return fewer on the first
+    batch (a random-init box head can decode most boxes to nothing), both keep that many fewer:
+    the smallest count per image of either side. The training steps run with a learning rate of 0
+    (the optimizer step still does all its work) so that the weights, and with them these counts,
+    stay as they were when the counts were set;
     the counts after the timing are recorded too."""
     import torch
     from _common import build_torchvision
@@ -556,7 +554,9 @@ def measure_family(record, family, num_classes, batches, batch1, precisions, siz
     side_precisions = {"ours": precisions[:1], "torchvision": precisions}
     entry = record["families"][family] = {}
     if family in LENIENT_TORCHVISION:
-        keep = min(max_per_img(sides["ours"].model, family), sizes.get("max_per_img", 10**9))
+        keep = max_per_img(sides["ours"].model, family)
+        if smoke:
+            keep = min(keep, SMOKE_MAX_PER_IMG)
         smaller = SMOKE_TORCHVISION.get(family, {}) if smoke else {}
         peer = build_torchvision(
             family, num_classes, size, **LENIENT_TORCHVISION[family], **smaller
