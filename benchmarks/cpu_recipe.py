@@ -10,8 +10,9 @@ the model changes stand in for heads no preset describes, such as GroupNorm in t
 with ``ema_decay`` is also scored with averaged weights. The tables in ``benchmarks/RESULTS.md``
 ("CPU recipe") list what they gave. The preset changed between rounds, so a variant today is a
 change to today's preset: the rows before the fifth round ran with the classification loss
-weighed 1 (``loss_cls_1`` gives that back). Run one at a time on a quiet machine: the budget is
-wall-clock time, so a busy machine trains fewer steps.
+weighed 1 (``loss_cls_1`` gives that back), and those before the sixth trained on the standard
+split, 3-10 shapes per image (``standard_train``). Run one at a time on a quiet machine: the
+budget is wall-clock time, so a busy machine trains fewer steps.
 
     python benchmarks/cpu_recipe.py current narrow_r32 --seconds 300 --json runs/cpu_recipe.jsonl
 """
@@ -78,6 +79,10 @@ def _three_stages(cfg):
 
 def _pos_fraction(cfg, fraction: float):
     return _roi_sampler(cfg, cfg.train_cfg.rcnn.sampler.num, fraction)
+
+
+def _train_shapes(r, shapes_per_image: tuple[int, int]):
+    return dataclasses.replace(r, train_shapes_per_image=shapes_per_image)
 
 
 def _loss_cls_weight(cfg, weight: float):
@@ -215,10 +220,34 @@ def class_agnostic_heads(model):
     return model
 
 
+class SharedConvBoxHead(nn.Module):
+    """The box head reading the mask head's convs: ``box_head(mask_head.convs(x))``. The mask
+    loss teaches those convs where a shape's pixels are from the first steps, whatever its
+    colour; the classifier then reads a silhouette instead of colours (both heads share one RoI
+    size, here 7x7)."""
+
+    def __init__(self, mask_convs: nn.Module, box_head: nn.Module):
+        super().__init__()
+        self.box_head = box_head
+        self.mask_convs = [mask_convs]  # a plain list: the module stays the mask head's own
+
+    def forward(self, x):
+        return self.box_head(self.mask_convs[0](x))
+
+
+def shared_mask_convs(model):
+    """The box head on the mask head's convs (see :class:`SharedConvBoxHead`)."""
+    r = model.cfg.roi_head
+    assert r.bbox_roi_size == r.mask_roi_size, "the two heads must read one RoI size"
+    assert r.conv_out_channels == model.cfg.neck.out_channels
+    model.bbox_head = SharedConvBoxHead(model.mask_head.convs, model.bbox_head)
+    return model
+
+
 class Variant(NamedTuple):
     """Changes to today's preset and recipe: ``config`` (model config -> config), ``recipe``
-    (recipe -> recipe), ``model`` (built model -> model, for heads no preset describes) and
-    ``ema_decay`` (also score an exponential moving average of the weights)."""
+    (recipe -> recipe), ``model`` (built model -> model, for heads no preset describes),
+    and ``ema_decay`` (also score an exponential moving average of the weights)."""
 
     config: Callable = lambda c: c
     recipe: Callable = lambda r: r
@@ -274,6 +303,13 @@ VARIANTS: dict[str, Variant] = {
     # class-telling gradient.
     "loss_cls_1": Variant(lambda c: _loss_cls_weight(c, 1.0)),
     "loss_cls_8": Variant(lambda c: _loss_cls_weight(c, 8.0)),
+    # Sixth round: the classifier reads the mask head's convs (the masks learn from the start,
+    # the classes only after ~400 steps).
+    "shared_mask_convs": Variant(model=shared_mask_convs),
+    # ... and more objects to look at per step: 10-20 shapes per training image instead of 3-10
+    # (the recipe's since this round; "standard_train" gives the standard split back).
+    "dense_train_10_20": Variant(recipe=lambda r: _train_shapes(r, (10, 20))),
+    "standard_train": Variant(recipe=lambda r: _train_shapes(r, (3, 10))),
 }
 
 
@@ -339,6 +375,12 @@ def run(
             for ap in ("AP50", "AP"):
                 record[f"{prefix}{key}_{ap}"] = round(metrics[kind][ap], 3)
     record["last_loss"] = round(history.steps[-1]["loss"], 3)
+    for key in ("loss_cls", "acc", "loss_mask"):  # the mean of each 100 steps
+        values = [s[key] for s in history.steps if key in s]
+        record[f"{key}_per_100"] = [
+            round(sum(values[i : i + 100]) / len(values[i : i + 100]), 3)
+            for i in range(0, len(values), 100)
+        ]
     record["threads"] = torch.get_num_threads()
     return record
 

@@ -56,7 +56,7 @@ from train_throughput import build_ours
 
 from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.memory import InMemoryDataset
-from instseg_edu.data.shapes import make_shapes_splits
+from instseg_edu.data.shapes import SHAPES_PER_IMAGE, make_shapes_dataset, split_name
 from instseg_edu.data.transforms import eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import detections_to_coco, evaluate_coco
 from instseg_edu.engine.train import make_loader
@@ -307,10 +307,16 @@ def datasets(args):
     """The shapes train and val splits; read once into memory when ``args.in_memory``."""
     if not args.in_memory:
         return shapes_data(args.data, args.image_size, args.num_train, args.num_val)
-    paths = make_shapes_splits(args.data, args.num_train, args.num_val, image_size=args.image_size)
+    # The CPU protocol trains both sides on the recipe's training split (for Mask R-CNN, images
+    # with 10-20 shapes); both are scored on the standard validation split.
+    shapes = getattr(args, "train_shapes_per_image", SHAPES_PER_IMAGE)
+    split = split_name("train", shapes)
     size = args.image_size
-    train = CocoDataset(paths["train"], paths["train"].parent / "train", eval_transforms(size))
-    val = CocoDataset(paths["val"], paths["val"].parent / "val", eval_transforms(size))
+    train_json = make_shapes_dataset(args.data, args.num_train, size, split=split,
+                                     shapes_per_image=shapes)  # fmt: skip
+    val_json = make_shapes_dataset(args.data, args.num_val, size, split="val")
+    train = CocoDataset(train_json, train_json.parent / split, eval_transforms(size))
+    val = CocoDataset(val_json, val_json.parent / "val", eval_transforms(size))
     augment = train_transforms(size, jitter=getattr(args, "color_jitter", True))
     return InMemoryDataset(train, augment), InMemoryDataset(val)
 
@@ -385,7 +391,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             image_size=r.image_size, num_train=r.num_train, num_val=r.num_val,
             batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer,
             weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, grad_clip=r.grad_clip,
-            in_memory=r.in_memory, color_jitter=r.color_jitter, model=r.model, **CPU_DEFAULTS,
+            in_memory=r.in_memory, color_jitter=r.color_jitter, model=r.model,
+            train_shapes_per_image=r.train_shapes_per_image, **CPU_DEFAULTS,
         )  # fmt: skip
         args.precision = args.tv_precision = "fp32"
     else:

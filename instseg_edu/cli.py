@@ -112,27 +112,40 @@ def _existing(path: str | None, what: str, flag: str, *, folder: bool = False) -
 
 
 SHAPES_SEED = 0
-"""The shapes images of ``demo`` and ``train --data shapes``: always the standard split. ``--seed``
-changes the initial weights, the data order and the augmentation, never the images (a run with
-another seed is scored on the same validation images, and the folder is not redrawn)."""
+"""The seed of the shapes images of ``demo`` and ``train --data shapes``: always the standard
+validation split (``demo`` trains on its recipe's training split, which for the CPU tier's Mask
+R-CNN has more shapes per image). ``--seed`` changes the initial weights, the data order and the
+augmentation, never the images (a run with another seed is scored on the same validation
+images, and the folder is not redrawn)."""
 
 
-def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int = SHAPES_SEED):
-    """Generate (or reuse) the shapes splits; each size/count gets its own folder."""
-    from instseg_edu.data.shapes import make_shapes_splits
+def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int = SHAPES_SEED,
+            train_shapes_per_image: tuple[int, int] | None = None):  # fmt: skip
+    """Generate (or reuse) the shapes splits; each size/count gets its own folder. The training
+    split has ``train_shapes_per_image`` shapes per image when given (a recipe's
+    :meth:`~instseg_edu.recipes.Recipe.make_train_split`), the standard number otherwise."""
+    from instseg_edu.data.shapes import SHAPES_PER_IMAGE, make_shapes_dataset, split_name
     from instseg_edu.engine.distributed import is_distributed, is_main_process
 
     folder = Path(root) / f"{image_size}px-{num_train}-{num_val}"
+    shapes = train_shapes_per_image or SHAPES_PER_IMAGE
+    train_split = split_name("train", shapes)
+
+    def make() -> tuple[Path, Path]:
+        train = make_shapes_dataset(folder, num_train, image_size, seed, train_split,
+                                    shapes_per_image=shapes)  # fmt: skip
+        return train, make_shapes_dataset(folder, num_val, image_size, seed, "val")
+
     start = time.perf_counter()
     if is_distributed():  # rank 0 writes the files, the other processes then reuse them
         if is_main_process():
-            make_shapes_splits(folder, num_train, num_val, image_size=image_size, seed=seed)
+            make()
         import torch.distributed
 
         torch.distributed.barrier()
-    paths = make_shapes_splits(folder, num_train, num_val, image_size=image_size, seed=seed)
+    train_json, val_json = make()
     print(f"data: {folder} ({time.perf_counter() - start:.1f} s)", flush=True)
-    return paths["train"], folder / "train", paths["val"], folder / "val"
+    return train_json, folder / train_split, val_json, folder / "val"
 
 
 def _datasets(train_json, train_images, val_json, val_images, image_size: int,
@@ -405,8 +418,9 @@ def cmd_demo(args) -> int:
     if args.workers is None:  # in memory: nothing left to decode in worker processes
         args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
     train_json, train_dir, val_json, val_dir = _shapes(
-        args.data, r.image_size, r.num_train, r.num_val
-    )
+        args.data, r.image_size, r.num_train, r.num_val,
+        train_shapes_per_image=r.train_shapes_per_image,
+    )  # fmt: skip
     train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, r.image_size,
                                    in_memory=r.in_memory)  # fmt: skip
     preset_name, model_cfg = _preset(args.model, r.model, device)

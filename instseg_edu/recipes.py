@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instseg_edu.data.shapes import SHAPES_PER_IMAGE
 from instseg_edu.models import BUILDERS, build_model
 
 TIERS = ("smoke", "cpu", "gpu")
@@ -99,6 +100,11 @@ class Recipe:
         workers: DataLoader worker processes when not ``in_memory``.
         color_jitter: colour jitter in the training augmentation
             (:func:`~instseg_edu.data.transforms.train_transforms`); flips are always on.
+        train_shapes_per_image: ``(low, high)``, how many shapes are painted on each training
+            image (:func:`~instseg_edu.data.shapes.make_shapes_dataset`'s ``shapes_per_image``).
+            The standard dataset's :data:`~instseg_edu.data.shapes.SHAPES_PER_IMAGE` = (3, 10),
+            or more: more objects to learn from in each step's images. Another range draws its own
+            training split (:attr:`train_split`); validation is always the standard split.
         expected_minutes: training minutes of these ``max_steps`` on the machine the tier is
             for (two CPU cores for ``"cpu"``), ``None`` where not measured; :func:`describe_tier`
             measures this machine. Change a recipe with :meth:`override`, which keeps it true.
@@ -122,6 +128,7 @@ class Recipe:
     in_memory: bool = False
     workers: int = 4
     color_jitter: bool = True
+    train_shapes_per_image: tuple[int, int] = SHAPES_PER_IMAGE
     expected_minutes: float | None = None
     note: str = ""
 
@@ -134,6 +141,12 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
+        shapes = tuple(self.train_shapes_per_image)  # a list when read back from a checkpoint
+        ints = len(shapes) == 2 and all(isinstance(n, int) for n in shapes)
+        if not (ints and 1 <= shapes[0] <= shapes[1]):
+            raise ValueError(f"train_shapes_per_image={self.train_shapes_per_image!r} must be "
+                             "(low, high) ints with 1 <= low <= high")  # fmt: skip
+        object.__setattr__(self, "train_shapes_per_image", shapes)
 
     def override(self, **changes) -> Recipe:
         """A copy with ``changes`` (any fields) whose ``expected_minutes`` still describes it.
@@ -145,7 +158,8 @@ class Recipe:
         new = dataclasses.replace(self, **changes)
         if "expected_minutes" in changes or self.expected_minutes is None:
             return new
-        step_cost = ("model", "image_size", "batch_size", "in_memory", "workers")
+        step_cost = ("model", "image_size", "batch_size", "in_memory", "workers",
+                     "train_shapes_per_image")  # fmt: skip
         if any(getattr(new, name) != getattr(self, name) for name in step_cost):
             return dataclasses.replace(new, expected_minutes=None)
         minutes = self.expected_minutes * new.max_steps / self.max_steps
@@ -182,8 +196,33 @@ class Recipe:
             settings["warmup_steps"] = min(self.warmup_steps, settings["max_steps"])
         return TrainConfig(**settings)
 
+    @property
+    def train_split(self) -> str:
+        """Name of the training split: ``"train"`` for the standard dataset, else
+        ``"train-<low>-<high>-shapes"`` (its own images, next to the standard splits)."""
+        from instseg_edu.data.shapes import split_name
+
+        return split_name("train", self.train_shapes_per_image)
+
+    def make_train_split(
+        self, root: str | os.PathLike, seed: int = 0, num_images: int | None = None
+    ) -> tuple[Path, Path]:
+        """Generate (or reuse) this recipe's training split under ``root``: ``num_images``
+        (default ``num_train``) images with ``train_shapes_per_image`` shapes each.
+
+        Returns:
+            ``(annotation JSON, image folder)``.
+        """
+        from instseg_edu.data.shapes import make_shapes_dataset
+
+        num = self.num_train if num_images is None else num_images
+        ann_file = make_shapes_dataset(root, num, self.image_size, seed, self.train_split,
+                                       shapes_per_image=self.train_shapes_per_image)  # fmt: skip
+        return ann_file, Path(root) / self.train_split
+
     def shapes_datasets(self, root: str | os.PathLike, seed: int = 0):
-        """Generate (or reuse) the shapes splits of this recipe under ``root`` and open them.
+        """Generate (or reuse) the shapes splits of this recipe under ``root`` and open them:
+        :meth:`make_train_split` and the standard ``val`` split.
 
         Returns:
             ``(train_set, val_set)``: training with :func:`~instseg_edu.data.transforms.
@@ -191,24 +230,24 @@ class Recipe:
             only the resize; both kept in memory when ``in_memory``.
         """
         from instseg_edu.data.coco import CocoDataset
-        from instseg_edu.data.shapes import make_shapes_splits
+        from instseg_edu.data.shapes import make_shapes_dataset
         from instseg_edu.data.transforms import eval_transforms, train_transforms
 
         root = Path(root)
-        splits = make_shapes_splits(root, self.num_train, self.num_val, self.image_size, seed)
+        train_json, train_dir = self.make_train_split(root, seed)
+        val_json = make_shapes_dataset(root, self.num_val, self.image_size, seed, "val")
         size = self.image_size
         augment = train_transforms(size, jitter=self.color_jitter)
         if not self.in_memory:
-            train_set = CocoDataset(splits["train"], root / "train", augment)
-            val_set = CocoDataset(splits["val"], root / "val", eval_transforms(size))
+            train_set = CocoDataset(train_json, train_dir, augment)
+            val_set = CocoDataset(val_json, root / "val", eval_transforms(size))
             return train_set, val_set
         from instseg_edu.data.memory import InMemoryDataset
 
         train_set = InMemoryDataset(
-            CocoDataset(splits["train"], root / "train", eval_transforms(size)),
-            augment,
+            CocoDataset(train_json, train_dir, eval_transforms(size)), augment
         )
-        val_set = InMemoryDataset(CocoDataset(splits["val"], root / "val", eval_transforms(size)))
+        val_set = InMemoryDataset(CocoDataset(val_json, root / "val", eval_transforms(size)))
         return train_set, val_set
 
     @property
@@ -257,10 +296,13 @@ RECIPES: dict[tuple[str, str], Recipe] = {
         warmup_steps=300, grad_clip=10.0,
     ),
     # Mask R-CNN: the CPU tier's best masks (MASK_RCNN_R18_CPU: a half-width ResNet-18, 64 RoIs
-    # per image, 7x7 mask RoIs, 14x14 masks); a step of 8 images takes about 0.68 s on two quiet
-    # cores (with loading), so 420 steps train in about 4.8 minutes.
+    # per image, 7x7 mask RoIs, 14x14 masks), trained on images with 10-20 shapes: from scratch
+    # the classifier learns from how many objects it has looked at, and a denser image shows
+    # twice as many. A step of 8 of them takes 0.75-0.88 s on two cores (with loading; the
+    # standard images' 0.63-0.76 s), so 350 steps train in 4.4-5.1 minutes.
     ("mask_rcnn", "cpu"): _cpu(
-        "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=420, lr=2e-3, expected_minutes=4.8,
+        "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=350, lr=2e-3, expected_minutes=4.6,
+        train_shapes_per_image=(10, 20),
         note="the larger shapes found with a recognisable mask; the class is often wrong",
     ),
     ("mask_rcnn", "gpu"): _gpu(
@@ -385,16 +427,22 @@ def save_notebook_model(
 # --------------------------------------------------------------------------------------------------
 
 
-def shapes_batch(batch_size: int, image_size: int, seed: int = 0):
+def shapes_batch(
+    batch_size: int,
+    image_size: int,
+    seed: int = 0,
+    shapes_per_image: tuple[int, int] = SHAPES_PER_IMAGE,
+):
     """A :class:`~instseg_edu.structures.Batch` of freshly drawn shapes images (nothing written
-    to disk): the same kind of images and objects the recipes train on, for timing."""
+    to disk): the same kind of images and objects the recipes train on (``shapes_per_image``
+    shapes painted on each), for timing."""
     from instseg_edu.data.shapes import CLASSES, render_image
     from instseg_edu.data.transforms import collate
     from instseg_edu.structures import Target
 
     items = []
     for index in range(batch_size):
-        scene, shapes = render_image(seed, "timing", index, image_size)
+        scene, shapes = render_image(seed, "timing", index, image_size, shapes_per_image)
         masks = torch.from_numpy(scene.masks.copy())  # [G, H, W] bool
         ys = masks.any(dim=2)  # [G, H]: rows each object touches
         xs = masks.any(dim=1)  # [G, W]
@@ -439,7 +487,7 @@ def measure_step_seconds(
         dev = resolve_device(device)
         if model is None:
             model = build_model(r.family, r.model_config(len(CLASSES)))
-        batch = shapes_batch(r.batch_size, r.image_size)
+        batch = shapes_batch(r.batch_size, r.image_size, shapes_per_image=r.train_shapes_per_image)
         cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0)
         train(model, [batch], cfg)  # warm-up: allocations, kernel selection
         cfg = dataclasses.replace(cfg, max_steps=steps)

@@ -34,15 +34,16 @@
 # (YOLACT) save the model they trained to `runs/notebooks/<tier>/<family>.pt`; when that file
 # exists (for this tier, run from the same folder) it is loaded, and its recipe and training time
 # are printed. A family without one is trained here, with its notebook's recipe for this tier, on
-# the same shapes data.
+# the same shapes data (in the `cpu` tier Mask R-CNN's recipe draws its training images with
+# 10–20 shapes instead of 3–10; every family is scored on the same validation images).
 #
 # **Tiers.** `gpu` with CUDA (ResNet-50-FPN models at 512 px, each family's full recipe), `cpu`
 # without (ResNet-18 models at 128 px), `smoke` with `INSTSEG_SMOKE=1` (two training steps each:
 # it proves the code runs). `INSTSEG_TIER` wins over both. The `cpu` tier is meant to finish in
-# under ten minutes on two cores even when it trains all four families itself, and the four
-# recipes together take longer than that (RetinaNet's and Mask R-CNN's alone about 4 and 5
-# minutes). So in the `cpu` tier a family trained here gets a **time budget** (`TRAIN_BUDGET_S`):
-# section 1 measures its seconds per training step on this machine and it trains
+# under six minutes on two cores even when it trains all four families itself, and the four
+# recipes together take far longer than that (each about 4–5 minutes). So in the `cpu` tier a
+# family trained here gets a **time budget** (`TRAIN_BUDGET_S`): section 1 measures its seconds
+# per training step on this machine and it trains
 # `min(recipe steps, budget / (PLAN_MARGIN × seconds per step))` steps, with the recipe's
 # learning-rate schedule fitted to that length. The same budget for everyone is also a fair race: which family learns
 # most in the same minutes? Run notebooks 04–08 first (or set `TRAIN_BUDGET_S = None`) to compare
@@ -55,9 +56,9 @@ TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOK
 SMOKE = TIER == "smoke"
 # Each family's notebook recipe (04, 06, 07, 08); INSTSEG_TRAIN_STEPS overrides their steps.
 RECIPES = {family: notebook_recipe(family, TIER) for family in FAMILIES}
-# Seconds of training for each family trained here (None: its whole recipe). 90 s each keeps the
-# cpu tier under ten minutes on two cores with all four trained here.
-TRAIN_BUDGET_S = {"smoke": None, "cpu": 90.0, "gpu": None}[TIER]
+# Seconds of training for each family trained here (None: its whole recipe). 60 s each keeps the
+# cpu tier under six minutes on two cores with all four trained here.
+TRAIN_BUDGET_S = {"smoke": None, "cpu": 60.0, "gpu": None}[TIER]
 USE_CHECKPOINTS = True  # load what notebooks 04-08 saved for this tier; False: train all four here
 CHECKPOINT_ROOT = "runs"  # they save to <CHECKPOINT_ROOT>/notebooks/<tier>/<family>.pt
 SCORE_THR = 0.3  # detections drawn and counted in the error analysis
@@ -86,7 +87,7 @@ from torch.utils.data import Subset
 
 from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.memory import InMemoryDataset
-from instseg_edu.data.shapes import CLASSES, make_shapes_dataset
+from instseg_edu.data.shapes import CLASSES, make_shapes_dataset, split_name
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
 from instseg_edu.engine.analysis import COUNT_NAMES, error_analysis, match_model
 from instseg_edu.engine.checkpoint import load_checkpoint, model_from_checkpoint
@@ -213,24 +214,29 @@ def load_saved(family: str, r):
     return (model, info), ""
 
 
-train_sets = {}  # num_train -> the training split (one set of images serves every family)
+# shapes per image -> that training split: one set of images serves every family that trains on
+# it (the cpu tier's Mask R-CNN trains on images with more shapes than the others)
+train_sets = {}
 
 
 def train_here(family: str, r):
     """Train ``family`` with its recipe for ``planned_steps[family]`` steps."""
-    largest = max(x.num_train for x in RECIPES.values())
-    if largest not in train_sets:
-        train_json = make_shapes_dataset(root, largest, IMAGE_SIZE, seed=SEED, split="train")
-        base = CocoDataset(train_json, root / "train", eval_transforms(IMAGE_SIZE))
+    shapes = r.train_shapes_per_image
+    if shapes not in train_sets:
+        largest = max(x.num_train for x in RECIPES.values() if x.train_shapes_per_image == shapes)
+        split = split_name("train", shapes)
+        train_json = make_shapes_dataset(root, largest, IMAGE_SIZE, seed=SEED, split=split,
+                                         shapes_per_image=shapes)  # fmt: skip
+        base = CocoDataset(train_json, root / split, eval_transforms(IMAGE_SIZE))
         augment = train_transforms(IMAGE_SIZE)
         if IN_MEMORY:
-            train_sets[largest] = InMemoryDataset(base, augment)
+            train_sets[shapes] = InMemoryDataset(base, augment)
         else:
             base.transforms = augment
-            train_sets[largest] = base
+            train_sets[shapes] = base
     # Image i is the same whatever the split's size, so the first num_train images are exactly
     # the family's own notebook's training set.
-    train_set = Subset(train_sets[largest], range(r.num_train))
+    train_set = Subset(train_sets[shapes], range(r.num_train))
     loader = make_loader(train_set, r.batch_size, seed=SEED, workers=r.loader_workers)
     model = r.build_model(len(CLASSES))
     cfg = r.train_config(max_steps=planned_steps[family], seed=SEED, device=str(device),

@@ -12,7 +12,7 @@ import torch
 
 from instseg_edu.cli import build_parser, main
 from instseg_edu.engine.checkpoint import load_checkpoint
-from instseg_edu.recipes import RECIPES
+from instseg_edu.recipes import RECIPES, recipe
 
 
 def test_help_lists_the_subcommands(capsys):
@@ -162,7 +162,7 @@ def test_demo_tier_variable_is_checked(monkeypatch, capsys):
 
 
 def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_path, capsys):
-    """``--steps 70`` of the 420-step cpu recipe (4.8 min on two cores): 70 steps' time, in the
+    """``--steps 70`` of the 350-step cpu recipe (4.6 min on two cores): 70 steps' time, in the
     measured part and in the parenthesis. Stopped before any data is made."""
     from instseg_edu import cli, recipes
 
@@ -177,7 +177,7 @@ def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), line
     assert "70 steps" in line and "training takes about 0.7 min" in line
-    assert line.endswith("(about 48 s on two CPU cores)"), line
+    assert line.endswith("(about 55 s on two CPU cores)"), line  # 4.6 min x 70 / 350
 
 
 @pytest.mark.slow
@@ -229,8 +229,9 @@ def test_resume_continues_the_run_exactly_with_the_checkpoints_settings(
     folder = next(data.iterdir())
     # A run whose settings all differ from the defaults: lr 0.02 x 2 / 16 = 0.0025 (not the
     # default 0.02), 4 steps of a cosine schedule, a validation set.
-    first = ["train", "--train-json", str(folder / "train.json"), "--train-images",
-             str(folder / "train"), "--val-json", str(folder / "val.json"), "--val-images",
+    train = recipe("mask_rcnn", "smoke").train_split  # the demo's training split
+    first = ["train", "--train-json", str(folder / f"{train}.json"), "--train-images",
+             str(folder / train), "--val-json", str(folder / "val.json"), "--val-images",
              str(folder / "val"), "--image-size", "64", "--batch-size", "2", "--device", "cpu",
              "--preset", "RETINANET_R18_SMALL", "--warmup-steps", "1", "--workers", "0",
              "--steps", "4", "--scale-lr", "16", "--checkpoint-every", "2", "--seed", "3",
@@ -287,8 +288,9 @@ def test_resume_extends_a_constant_schedule_run_exactly(smoke_run, tmp_path, cap
     # run is well defined: 2 steps then 2 more equal 4 steps straight.
     _, _, data = smoke_run
     folder = next(data.iterdir())
-    common = ["train", "--train-json", str(folder / "train.json"), "--train-images",
-              str(folder / "train"), "--image-size", "64", "--batch-size", "2", "--device",
+    train = recipe("mask_rcnn", "smoke").train_split  # the demo's training split
+    common = ["train", "--train-json", str(folder / f"{train}.json"), "--train-images",
+              str(folder / train), "--image-size", "64", "--batch-size", "2", "--device",
               "cpu", "--preset", "RETINANET_R18_SMALL", "--warmup-steps", "1", "--workers", "0",
               "--schedule", "constant", "--lr", "0.005", "--no-progress"]  # fmt: skip
     assert main([*common, "--steps", "4", "--out", str(tmp_path / "straight")]) == 0

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from instseg_edu import recipes
+from instseg_edu.data.shapes import SHAPES_PER_IMAGE
 from instseg_edu.engine.train import TrainConfig
 from instseg_edu.recipes import (
     FAMILIES,
@@ -23,6 +24,7 @@ from instseg_edu.recipes import (
     STEPS_ENV,
     TIER_ENV,
     TIERS,
+    Recipe,
     describe_tier,
     measure_step_seconds,
     notebook_checkpoint,
@@ -110,7 +112,8 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
         "adamw",
         2e-3,
     )
-    assert (mask_rcnn.max_steps, mask_rcnn.batch_size, mask_rcnn.color_jitter) == (420, 8, True)
+    assert (mask_rcnn.max_steps, mask_rcnn.batch_size, mask_rcnn.color_jitter) == (350, 8, True)
+    assert mask_rcnn.train_shapes_per_image == (10, 20)
     retinanet = recipe("retinanet", "cpu")
     assert (retinanet.max_steps, retinanet.lr, retinanet.image_size) == (1000, 1e-3, 128)
 
@@ -162,12 +165,13 @@ def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(
 
 def test_override_keeps_the_expected_time_true():
     r = recipe("mask_rcnn", "cpu")
-    assert (r.max_steps, r.expected_minutes) == (420, 4.8)
-    shorter = r.override(max_steps=105, num_val=50)
-    assert (shorter.max_steps, shorter.num_val) == (105, 50)
-    assert shorter.expected_minutes == pytest.approx(1.2)  # a quarter of the steps
-    assert r.override(max_steps=840).expected_minutes == pytest.approx(9.6)
-    for change in ({"batch_size": 4}, {"image_size": 256}, {"model": "MASK_RCNN_R18_SMALL"}):
+    assert (r.max_steps, r.expected_minutes) == (350, 4.6)
+    shorter = r.override(max_steps=70, num_val=50)
+    assert (shorter.max_steps, shorter.num_val) == (70, 50)
+    assert shorter.expected_minutes == pytest.approx(0.92)  # a fifth of the steps
+    assert r.override(max_steps=700).expected_minutes == pytest.approx(9.2)
+    for change in ({"batch_size": 4}, {"image_size": 256}, {"model": "MASK_RCNN_R18_SMALL"},
+                   {"train_shapes_per_image": (3, 10)}):  # fmt: skip
         assert r.override(**change).expected_minutes is None, change
     assert r.override(max_steps=10, expected_minutes=2.0).expected_minutes == 2.0  # given: kept
     assert recipe("solo", "gpu").override(max_steps=10).expected_minutes is None  # not measured
@@ -221,10 +225,43 @@ def test_in_memory_recipe_opens_its_shapes_splits_once(tmp_path):
     assert type(train_disk).__name__ == "CocoDataset"
 
 
+def test_the_cpu_mask_rcnn_trains_on_denser_images_and_scores_on_the_standard_split(tmp_path):
+    dense = recipe("mask_rcnn", "cpu")
+    assert dense.train_shapes_per_image == (10, 20) and dense.train_split == "train-10-20-shapes"
+    for family in FAMILIES:
+        for tier in ("cpu", "gpu"):
+            r = recipe(family, tier)
+            if (family, tier) != ("mask_rcnn", "cpu"):
+                assert r.train_shapes_per_image == SHAPES_PER_IMAGE and r.train_split == "train"
+    r = dataclasses.replace(recipe("mask_rcnn", "smoke"), num_train=4, num_val=3, image_size=128)
+    train_set, val_set = r.shapes_datasets(tmp_path / "shapes")
+    assert sorted(p.name for p in (tmp_path / "shapes").glob("*.json")) == [
+        "train-10-20-shapes.json", "val.json"]  # fmt: skip
+    assert train_set.coco.dataset["info"]["params"]["shapes_per_image"] == [10, 20]
+    assert "shapes_per_image" not in val_set.coco.dataset["info"]["params"]
+    per_image = len(train_set.coco.dataset["annotations"]) / len(train_set)
+    assert per_image >= 8, per_image  # 10-20 painted, a few hidden by those in front
+    assert len(train_set[0][1]) == len(train_set.coco.getAnnIds(imgIds=train_set.image_ids[0]))
+
+
+def test_train_shapes_per_image_is_checked_and_read_back_from_a_list():
+    r = recipe("mask_rcnn", "cpu")
+    again = Recipe(**{**r.as_dict(), "train_shapes_per_image": [10, 20]})  # as a checkpoint has it
+    assert again == r and again.train_shapes_per_image == (10, 20)
+    for bad in [(0, 4), (6, 5), (3,), (3.0, 10), "3-10"]:
+        with pytest.raises(ValueError, match="train_shapes_per_image"):
+            dataclasses.replace(r, train_shapes_per_image=bad)
+    # another density is another step: its time is no longer known
+    assert r.override(train_shapes_per_image=(3, 10)).expected_minutes is None
+
+
 # ---- timing --------------------------------------------------------------------------------------
 
 
 def test_shapes_batch_has_tight_boxes_around_its_masks():
+    dense = shapes_batch(2, 128, seed=1, shapes_per_image=(15, 15))
+    standard = shapes_batch(2, 128, seed=1)
+    assert sum(len(t) for t in dense.targets) > sum(len(t) for t in standard.targets)
     batch = shapes_batch(2, 64, seed=1)
     assert batch.images.shape == (2, 3, 64, 64)
     for t in batch.targets:
@@ -256,12 +293,13 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert line.startswith("tier 'cpu' (no CUDA device): MASK_RCNN_R18_CPU")
     assert "0.60 s per step measured here" in line
     assert f"about {cpu.max_steps * 0.6 / 60:.1f} min" in line
-    assert "(about 4.8 min on two CPU cores)" in line
-    # Fewer steps: both times are for the steps run (4.8 min x 105 / 420 steps = 1.2 min).
-    line = describe_tier("cpu", cpu.override(max_steps=105))
-    assert "105 steps" in line and f"about {105 * 0.6 / 60:.1f} min" in line
-    assert "(about 1.2 min on two CPU cores)" in line
-    assert "(about 10 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=15))
+    assert "(about 4.6 min on two CPU cores)" in line
+    # Fewer steps: both times are for the steps run (4.6 min x 175 / 350 steps = 2.3 min).
+    line = describe_tier("cpu", cpu.override(max_steps=175))
+    assert "175 steps" in line and f"about {175 * 0.6 / 60:.1f} min" in line
+    assert "(about 2.3 min on two CPU cores)" in line
+    # 4.6 min x 14 / 350 = 11 s
+    assert "(about 11 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=14))
     # Another batch size: the time measured for the recipe's own no longer applies.
     assert "on two CPU cores" not in describe_tier("cpu", cpu.override(batch_size=2))
 

@@ -64,6 +64,10 @@ MIN_SIZE = 8.0
 MAX_SIZE_FRACTION = 0.9
 """Largest shape diameter as a fraction of the image side."""
 
+SHAPES_PER_IMAGE = (3, 10)
+"""How many shapes are painted on an image: drawn uniformly from this inclusive range (fewer
+objects stay where later shapes hide earlier ones)."""
+
 GENERATOR_VERSION = 1
 """Bumped whenever the drawing code changes, so stale datasets on disk are regenerated."""
 
@@ -332,8 +336,15 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
 
 
-def render_image(seed: int, split: str, index: int, image_size: int) -> tuple[Scene, list[Shape]]:
-    """Draw one dataset image (without writing anything).
+def render_image(
+    seed: int,
+    split: str,
+    index: int,
+    image_size: int,
+    shapes_per_image: tuple[int, int] = SHAPES_PER_IMAGE,
+) -> tuple[Scene, list[Shape]]:
+    """Draw one dataset image (without writing anything); ``shapes_per_image`` is the inclusive
+    range the number of painted shapes is drawn from.
 
     Returns:
         ``(scene, shapes)``: the painted :class:`Scene` and every shape that was painted
@@ -341,17 +352,18 @@ def render_image(seed: int, split: str, index: int, image_size: int) -> tuple[Sc
     """
     rng = image_rng(seed, split, index)
     background = random_background(rng, image_size, image_size)
-    shapes = random_shapes(rng, background, int(rng.integers(3, 11)))
+    low, high = shapes_per_image
+    shapes = random_shapes(rng, background, int(rng.integers(low, high + 1)))
     return paint(background, shapes), shapes
 
 
-def _write_image(job: tuple[int, str, int, int, str]) -> tuple[dict, list[dict]]:
+def _write_image(job: tuple[int, str, int, int, str, tuple[int, int]]) -> tuple[dict, list[dict]]:
     """Worker: draw image ``index``, write its PNG and return its COCO image and annotations.
 
     Annotation ids are assigned by the caller, in image order, so they do not depend on workers.
     """
-    seed, split, index, image_size, out_dir = job
-    scene, shapes = render_image(seed, split, index, image_size)
+    seed, split, index, image_size, out_dir, shapes_per_image = job
+    scene, shapes = render_image(seed, split, index, image_size, shapes_per_image)
     file_name = f"{index:06d}.png"
     Image.fromarray(scene.image).save(
         Path(out_dir) / file_name, format="PNG", compress_level=_PNG_COMPRESS_LEVEL
@@ -400,6 +412,7 @@ def make_shapes_dataset(
     seed: int = 0,
     split: str = "train",
     workers: int | None = None,
+    shapes_per_image: tuple[int, int] = SHAPES_PER_IMAGE,
 ) -> Path:
     """Generate (or reuse) one split of the shapes dataset.
 
@@ -416,9 +429,17 @@ def make_shapes_dataset(
         split: split name, also part of each image's seed (train and val never share images).
         workers: processes drawing in parallel; ``None`` picks one per CPU (one for tiny jobs).
             The output does not depend on it.
+        shapes_per_image: ``(low, high)``, the inclusive range of shapes painted per image.
+            :data:`SHAPES_PER_IMAGE` is the standard dataset's; a denser split is another
+            dataset (the CPU tier's Mask R-CNN trains on ``(10, 20)``), best written under its
+            own :func:`split_name`.
 
     Returns:
         path of the COCO instances JSON; the images live in ``root/<split>``.
+
+    Raises:
+        ValueError: ``num_images < 0``, ``image_size < 16``, a split name that is empty or has a
+            path separator, or ``shapes_per_image`` not two ints with ``1 <= low <= high``.
     """
     if num_images < 0:
         raise ValueError(f"num_images={num_images} must be >= 0")
@@ -426,6 +447,11 @@ def make_shapes_dataset(
         raise ValueError(f"image_size={image_size} must be >= 16")
     if not split or "/" in split or "\\" in split:
         raise ValueError(f"split={split!r} must be a plain non-empty name")
+    pair = tuple(shapes_per_image) if isinstance(shapes_per_image, (tuple, list)) else ()
+    if not (len(pair) == 2 and all(isinstance(n, int) for n in pair) and 1 <= pair[0] <= pair[1]):
+        raise ValueError(f"shapes_per_image={shapes_per_image!r} must be (low, high) ints with "
+                         "1 <= low <= high")  # fmt: skip
+    low, high = pair
     root = Path(root)
     ann_file = root / f"{split}.json"
     image_dir = root / split
@@ -436,13 +462,15 @@ def make_shapes_dataset(
         "split": split,
         "generator_version": GENERATOR_VERSION,
     }
+    if (low, high) != SHAPES_PER_IMAGE:  # the standard files keep the parameters they had
+        params["shapes_per_image"] = [low, high]
     if _is_up_to_date(ann_file, image_dir, params):
         return ann_file
 
     # An old JSON must not outlive the images it describes if this run is interrupted.
     ann_file.unlink(missing_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, split, i, image_size, str(image_dir)) for i in range(num_images)]
+    jobs = [(seed, split, i, image_size, str(image_dir), (low, high)) for i in range(num_images)]
     workers = _default_workers(num_images) if workers is None else max(1, int(workers))
     if workers == 1:
         results = [_write_image(job) for job in jobs]
@@ -477,6 +505,15 @@ def make_shapes_dataset(
     tmp.write_text(json.dumps(coco, separators=(",", ":")))
     os.replace(tmp, ann_file)
     return ann_file
+
+
+def split_name(split: str, shapes_per_image: tuple[int, int] = SHAPES_PER_IMAGE) -> str:
+    """Where a split with ``shapes_per_image`` shapes per image lives: ``split`` itself for the
+    standard :data:`SHAPES_PER_IMAGE`, else ``"<split>-<low>-<high>-shapes"``, so that a denser
+    split never overwrites the standard one in the same folder (and, the split name being part
+    of each image's seed, it has images of its own)."""
+    low, high = shapes_per_image
+    return split if (low, high) == SHAPES_PER_IMAGE else f"{split}-{low}-{high}-shapes"
 
 
 def _is_up_to_date(ann_file: Path, image_dir: Path, params: dict) -> bool:

@@ -12,12 +12,14 @@ from pycocotools.coco import COCO
 from instseg_edu.data.shapes import (
     CLASSES,
     MIN_VISIBLE_PIXELS,
+    SHAPES_PER_IMAGE,
     Shape,
     make_shapes_dataset,
     make_shapes_splits,
     paint,
     render_image,
     shape_mask,
+    split_name,
 )
 
 
@@ -173,3 +175,30 @@ def test_splits_and_bad_arguments(tmp_path):
         make_shapes_dataset(tmp_path, -1)
     with pytest.raises(ValueError, match="image_size"):
         make_shapes_dataset(tmp_path, 1, image_size=8)
+
+
+def test_shapes_per_image_sets_how_many_are_painted_and_is_part_of_the_parameters(tmp_path):
+    # The default draws exactly what the standard dataset always drew: a count in 3..10.
+    counts = [len(render_image(0, "train", i, 64)[1]) for i in range(40)]
+    assert min(counts) >= 3 and max(counts) <= 10 and len(set(counts)) > 3
+    assert counts == [len(render_image(0, "train", i, 64, (3, 10))[1]) for i in range(40)]
+    assert {len(render_image(0, "train", i, 64, (12, 12))[1]) for i in range(5)} == {12}
+
+    standard = make_shapes_dataset(tmp_path / "a", 3, image_size=64)
+    assert "shapes_per_image" not in json.loads(standard.read_text())["info"]["params"]
+    dense = make_shapes_dataset(tmp_path / "b", 3, image_size=64, shapes_per_image=(12, 12))
+    dense_json = json.loads(dense.read_text())
+    assert dense_json["info"]["params"]["shapes_per_image"] == [12, 12]
+    # Occlusion drops some, but far more objects stay than the standard images' at most 10.
+    assert len(dense_json["annotations"]) > len(json.loads(standard.read_text())["annotations"])
+    # Another range is another dataset: the same folder is redrawn, not reused.
+    stamp = dense.stat().st_mtime_ns
+    make_shapes_dataset(tmp_path / "b", 3, image_size=64, shapes_per_image=(3, 10))
+    assert "shapes_per_image" not in json.loads(dense.read_text())["info"]["params"]
+    assert dense.stat().st_mtime_ns != stamp
+    # A denser split is written under its own name, next to the standard ones.
+    assert split_name("train") == split_name("train", SHAPES_PER_IMAGE) == "train"
+    assert split_name("train", (10, 20)) == "train-10-20-shapes"
+    for bad in [(0, 3), (5, 4), (2.0, 4), (3,), "3-10"]:
+        with pytest.raises(ValueError, match="shapes_per_image"):
+            make_shapes_dataset(tmp_path / "c", 1, image_size=64, shapes_per_image=bad)
