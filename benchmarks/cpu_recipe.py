@@ -310,6 +310,7 @@ VARIANTS: dict[str, Variant] = {
     # (the recipe's since this round; "standard_train" gives the standard split back).
     "dense_train_10_20": Variant(recipe=lambda r: _train_shapes(r, (10, 20))),
     "standard_train": Variant(recipe=lambda r: _train_shapes(r, (3, 10))),
+    "dense_train_15_30": Variant(recipe=lambda r: _train_shapes(r, (15, 30))),
 }
 
 
