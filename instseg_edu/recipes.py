@@ -37,7 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from instseg_edu.data.shapes import SHAPES_PER_IMAGE
+from instseg_edu.data.shapes import (
+    CLASSES,
+    SHAPES_PER_IMAGE,
+    check_shapes_per_image,
+    make_shapes_dataset,
+    render_image,
+    split_name,
+)
 from instseg_edu.models import BUILDERS, build_model
 
 TIERS = ("smoke", "cpu", "gpu")
@@ -141,11 +148,8 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
-        shapes = tuple(self.train_shapes_per_image)  # a list when read back from a checkpoint
-        ints = len(shapes) == 2 and all(isinstance(n, int) for n in shapes)
-        if not (ints and 1 <= shapes[0] <= shapes[1]):
-            raise ValueError(f"train_shapes_per_image={self.train_shapes_per_image!r} must be "
-                             "(low, high) ints with 1 <= low <= high")  # fmt: skip
+        # a list when read back from a checkpoint
+        shapes = check_shapes_per_image(self.train_shapes_per_image, "train_shapes_per_image")
         object.__setattr__(self, "train_shapes_per_image", shapes)
 
     def override(self, **changes) -> Recipe:
@@ -200,8 +204,6 @@ class Recipe:
     def train_split(self) -> str:
         """Name of the training split: ``"train"`` for the standard dataset, else
         ``"train-<low>-<high>-shapes"`` (its own images, next to the standard splits)."""
-        from instseg_edu.data.shapes import split_name
-
         return split_name("train", self.train_shapes_per_image)
 
     def make_train_split(
@@ -213,8 +215,6 @@ class Recipe:
         Returns:
             ``(annotation JSON, image folder)``.
         """
-        from instseg_edu.data.shapes import make_shapes_dataset
-
         num = self.num_train if num_images is None else num_images
         ann_file = make_shapes_dataset(root, num, self.image_size, seed, self.train_split,
                                        shapes_per_image=self.train_shapes_per_image)  # fmt: skip
@@ -230,7 +230,6 @@ class Recipe:
             only the resize; both kept in memory when ``in_memory``.
         """
         from instseg_edu.data.coco import CocoDataset
-        from instseg_edu.data.shapes import make_shapes_dataset
         from instseg_edu.data.transforms import eval_transforms, train_transforms
 
         root = Path(root)
@@ -436,7 +435,6 @@ def shapes_batch(
     """A :class:`~instseg_edu.structures.Batch` of freshly drawn shapes images (nothing written
     to disk): the same kind of images and objects the recipes train on (``shapes_per_image``
     shapes painted on each), for timing."""
-    from instseg_edu.data.shapes import CLASSES, render_image
     from instseg_edu.data.transforms import collate
     from instseg_edu.structures import Target
 
@@ -476,7 +474,6 @@ def measure_step_seconds(
     one step slowed by another program (a browser starting, say) does not make a five-minute
     training look like fifty. Data loading is not counted (an in-memory recipe barely has any).
     """
-    from instseg_edu.data.shapes import CLASSES
     from instseg_edu.engine.train import resolve_device, train
 
     # Building the model draws random numbers and train() seeds every generator: leave the

@@ -87,7 +87,7 @@ from torch.utils.data import Subset
 
 from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.memory import InMemoryDataset
-from instseg_edu.data.shapes import CLASSES, make_shapes_dataset, split_name
+from instseg_edu.data.shapes import CLASSES, make_shapes_dataset
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
 from instseg_edu.engine.analysis import COUNT_NAMES, error_analysis, match_model
 from instseg_edu.engine.checkpoint import load_checkpoint, model_from_checkpoint
@@ -224,10 +224,8 @@ def train_here(family: str, r):
     shapes = r.train_shapes_per_image
     if shapes not in train_sets:
         largest = max(x.num_train for x in RECIPES.values() if x.train_shapes_per_image == shapes)
-        split = split_name("train", shapes)
-        train_json = make_shapes_dataset(root, largest, IMAGE_SIZE, seed=SEED, split=split,
-                                         shapes_per_image=shapes)  # fmt: skip
-        base = CocoDataset(train_json, root / split, eval_transforms(IMAGE_SIZE))
+        train_json, train_dir = r.make_train_split(root, SEED, num_images=largest)
+        base = CocoDataset(train_json, train_dir, eval_transforms(IMAGE_SIZE))
         augment = train_transforms(IMAGE_SIZE)
         if IN_MEMORY:
             train_sets[shapes] = InMemoryDataset(base, augment)

@@ -447,11 +447,7 @@ def make_shapes_dataset(
         raise ValueError(f"image_size={image_size} must be >= 16")
     if not split or "/" in split or "\\" in split:
         raise ValueError(f"split={split!r} must be a plain non-empty name")
-    pair = tuple(shapes_per_image) if isinstance(shapes_per_image, (tuple, list)) else ()
-    if not (len(pair) == 2 and all(isinstance(n, int) for n in pair) and 1 <= pair[0] <= pair[1]):
-        raise ValueError(f"shapes_per_image={shapes_per_image!r} must be (low, high) ints with "
-                         "1 <= low <= high")  # fmt: skip
-    low, high = pair
+    low, high = check_shapes_per_image(shapes_per_image)
     root = Path(root)
     ann_file = root / f"{split}.json"
     image_dir = root / split
@@ -505,6 +501,19 @@ def make_shapes_dataset(
     tmp.write_text(json.dumps(coco, separators=(",", ":")))
     os.replace(tmp, ann_file)
     return ann_file
+
+
+def check_shapes_per_image(value, name: str = "shapes_per_image") -> tuple[int, int]:
+    """``value`` as a ``(low, high)`` tuple of shapes per image; a list (as a checkpoint or JSON
+    gives it back) is accepted.
+
+    Raises:
+        ValueError: naming ``name``, unless ``value`` is two ints with ``1 <= low <= high``.
+    """
+    pair = tuple(value) if isinstance(value, (tuple, list)) else ()
+    if not (len(pair) == 2 and all(isinstance(n, int) for n in pair) and 1 <= pair[0] <= pair[1]):
+        raise ValueError(f"{name}={value!r} must be (low, high) ints with 1 <= low <= high")
+    return pair
 
 
 def split_name(split: str, shapes_per_image: tuple[int, int] = SHAPES_PER_IMAGE) -> str:
