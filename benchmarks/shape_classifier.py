@@ -7,12 +7,14 @@ itself: it cuts every ground-truth object of at least ``--min-size`` px out of t
 128 px shapes images (a square around the object's box, 20 % larger, resampled to
 ``--crop`` x ``--crop`` pixels by RoIAlign), and trains a small CNN (three stride-2 stages of two
 3x3 convs with BatchNorm, then two fc layers) to name the shape, with the recipe's optimiser
-(AdamW, lr 2e-3, weight decay 0.05) and random flips. Every ``--eval-every`` steps it prints the
-accuracy on the crops of the validation split and how many crops the training has seen so far.
+(AdamW, lr 2e-3 unless ``--lr``, weight decay 0.05) and random flips, ``--batch`` crops a step
+(256 unless given). Every ``--eval-every`` steps it prints the accuracy on the crops of the
+validation split and how many crops the training has seen so far.
 Comparing that count with the objects a detector's training step sees (about 6.5 per image) says
 how many steps the detector needs at the same learning per look.
 
     python benchmarks/shape_classifier.py --crop 32 --steps 600 --json runs/shape_classifier.jsonl
+    python benchmarks/shape_classifier.py --crop 32 --batch 64 --steps 800 --eval-every 100
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def small_cnn(num_classes: int) -> nn.Sequential:
 
 
 def run(data: str, crop: int, steps: int, batch: int, min_size: float, eval_every: int,
-        seed: int = 0, **sizes) -> dict:  # fmt: skip
+        seed: int = 0, lr: float = 2e-3, **sizes) -> dict:  # fmt: skip
     """Train the crop classifier; returns the JSON record with its accuracy curve.
     ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
     # The standard training split (3-10 shapes per image), whatever the recipe trains on now.
@@ -78,7 +80,7 @@ def run(data: str, crop: int, steps: int, batch: int, min_size: float, eval_ever
     torch.manual_seed(seed)
     net = small_cnn(len(train_set.classes))
     net(train_x[:2])  # materialise the lazy fc
-    optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
     curve = []
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -100,7 +102,7 @@ def run(data: str, crop: int, steps: int, batch: int, min_size: float, eval_ever
                           "seconds": round(time.perf_counter() - start, 1)})  # fmt: skip
             print(json.dumps(curve[-1]), flush=True)
     return {
-        "crop": crop, "min_size": min_size, "batch": batch, "train_crops": len(train_x),
+        "crop": crop, "min_size": min_size, "batch": batch, "lr": lr, "train_crops": len(train_x),
         "val_crops": len(val_x), "threads": torch.get_num_threads(), "curve": curve,
     }  # fmt: skip
 
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--crop", type=int, default=32, help="crop side, pixels")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW's learning rate")
     parser.add_argument("--min-size", type=float, default=16.0, help="smallest box side, px")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--num-train", type=int, default=None, help="(smoke runs) fewer images")
@@ -120,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = {key: getattr(args, key) for key in ("num_train", "num_val")}
     sizes = {key: value for key, value in sizes.items() if value is not None}
     record = run(args.data, args.crop, args.steps, args.batch, args.min_size, args.eval_every,
-                 **sizes)  # fmt: skip
+                 lr=args.lr, **sizes)  # fmt: skip
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(record) + "\n")

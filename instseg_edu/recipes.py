@@ -310,15 +310,17 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # SOLO and YOLACT: their small presets, with step counts for about 4 minutes of pre-timed
     # steps (SOLO 0.62 s, YOLACT 0.56 s, RetinaNet 0.23 s for its 4 images). Their notebooks'
     # training loops, data included, took 4.6, 4.2 and 4.5 minutes on two quiet cores (the
-    # expected times). From scratch their masks learn slowly: expect a low mask AP.
+    # expected times). From scratch these minutes are not enough for SOLO's category grid or
+    # YOLACT's masks to start learning (benchmarks/RESULTS.md: mask AP50 0.001 and 0.010).
     ("solo", "cpu"): _cpu(
         "solo", "SOLO_R18_SMALL", max_steps=380, lr=1e-3, expected_minutes=4.6,
-        note="learns where the larger shapes are and rough masks of them; mask AP stays low",
+        note="the masks begin to form, but no grid cell is sure of a class yet: few detections, "
+        "mask AP near 0",
     ),
     ("solo", "gpu"): _gpu("solo", "SOLO_R50_FPN_SCRATCH"),
     ("yolact", "cpu"): _cpu(
         "yolact", "YOLACT_R18_SMALL", max_steps=420, lr=1e-3, expected_minutes=4.2,
-        note="boxes and classes of the larger shapes; blurry prototype masks; mask AP stays low",
+        note="boxes of some larger shapes; the masks have barely started to learn: mask AP near 0",
     ),
     ("yolact", "gpu"): _gpu("yolact", "YOLACT_R50_FPN"),
 }  # fmt: skip

@@ -25,8 +25,9 @@
 #
 # **Tiers.** The parameters cell picks one (`instseg_edu.recipes`): `gpu` with CUDA (ResNet-50-FPN
 # at 512 px), `cpu` without (the small ResNet-18 SOLO on 128 px images kept in memory, a few
-# minutes on two cores: the category grid and rough masks of the larger shapes appear, but from
-# scratch SOLO's masks learn slowly, so expect a low mask AP), `smoke` with `INSTSEG_SMOKE=1`
+# minutes on two cores: the mask loss falls and masks begin to form, but from scratch no grid
+# cell becomes sure of a class in so few steps, so expect few detections and a mask AP near 0;
+# the GPU tier is where SOLO learns), `smoke` with `INSTSEG_SMOKE=1`
 # (seconds, the tests). `INSTSEG_TIER` wins over both. The cell prints the tier and how long its
 # training should take on this machine.
 
@@ -315,7 +316,8 @@ for name, s0, s1 in zip("ABC", scores.tolist(), decayed.tolist()):
 # the level's stride), score × maskness, the best `nms_pre`, Matrix NMS, `update_thr`,
 # `max_per_img`, then the masks are upsampled to the input size and cropped to each image. In the
 # smoke tier the model has trained for two steps, so expect no or poor detections; in the cpu
-# tier, the larger shapes with rough masks.
+# tier, few and low-scored ones: after four minutes the category scores mostly stay under
+# `score_thr`.
 
 # %%
 batches = list(predict_loader(model, val_loader, device, max_batches=1))

@@ -30,8 +30,8 @@
 #
 # **Tiers.** The parameters cell picks one (`instseg_edu.recipes`): `gpu` with CUDA (ResNet-50-FPN
 # at 512 px), `cpu` without (the small ResNet-18 YOLACT on 128 px images kept in memory, a few
-# minutes on two cores: boxes and classes of the larger shapes, blurry prototype masks, a low mask
-# AP), `smoke` with `INSTSEG_SMOKE=1` (seconds, the tests). `INSTSEG_TIER` wins over both. The
+# minutes on two cores: boxes of some larger shapes, while the masks have barely started to learn,
+# so the prototypes are still rough and the mask AP near 0), `smoke` with `INSTSEG_SMOKE=1` (seconds, the tests). `INSTSEG_TIER` wins over both. The
 # cell prints the tier and how long its training should take on this machine.
 
 # %% tags=["parameters"]
@@ -231,8 +231,9 @@ print({k: round(float(v), 3) for k, v in losses.items()})
 #
 # The same loop as every model (`instseg_edu.engine.train`), the dashboard drawing `loss_cls`,
 # `loss_bbox` and `loss_mask` as they fall. In the smoke tier: two steps (the masks will be
-# noise); in the cpu tier, a few minutes give boxes and rough masks of the larger shapes; on a
-# GPU, a few thousand steps give recognisable masks.
+# noise); in the cpu tier, a few minutes give boxes of some larger shapes, and `loss_mask` has
+# barely left its starting value 6.125 × ln 2 ≈ 4.25 (every mask logit near 0); on a GPU, a few
+# thousand steps give recognisable masks.
 
 # %%
 from instseg_edu.widgets import TrainingDashboard

@@ -108,10 +108,11 @@ def test_cpu_recipe_shared_mask_convs_feed_the_box_head():
 def test_shape_classifier_learns_from_crops_and_records_its_curve(tmp_path):
     log = tmp_path / "shape_classifier.jsonl"
     out = run(tmp_path, "shape_classifier.py", "--data", str(tmp_path / "shapes"), "--num-train",
-              "6", "--num-val", "3", "--crop", "16", "--steps", "4", "--batch", "8",
-              "--min-size", "8", "--eval-every", "2", "--json", str(log))  # fmt: skip
+              "6", "--num-val", "3", "--crop", "16", "--steps", "4", "--batch", "8", "--lr",
+              "1e-3", "--min-size", "8", "--eval-every", "2", "--json", str(log))  # fmt: skip
     record = json.loads(log.read_text())
     assert record["train_crops"] >= 10 and record["val_crops"] >= 3, out
+    assert record["batch"] == 8 and record["lr"] == 1e-3
     assert [point["step"] for point in record["curve"]] == [2, 4]
     assert [point["crops_seen"] for point in record["curve"]] == [16, 32]
     assert all(0 <= point["val_acc"] <= 1 for point in record["curve"])
