@@ -10,11 +10,12 @@ the model changes stand in for heads no preset describes, such as GroupNorm in t
 with ``ema_decay`` is also scored with averaged weights. The tables in ``benchmarks/RESULTS.md``
 ("CPU recipe") list what they gave. The preset changed between rounds, so a variant today is a
 change to today's preset: the rows before the fifth round ran with the classification loss
-weighed 1 (``loss_cls_1`` gives that back), and those before the sixth trained on the standard
-split, 3-10 shapes per image (``standard_train``). Run one at a time on a quiet machine: the
+weighed 1 (``loss_cls_1`` gives that back), those before the sixth trained on the standard
+split, 3-10 shapes per image (``standard_train``), and those before the seventh sampled 64 RoIs
+per image (``rois_64``; ``narrow_r32`` is today's preset). Run one at a time on a quiet machine: the
 budget is wall-clock time, so a busy machine trains fewer steps.
 
-    python benchmarks/cpu_recipe.py current narrow_r32 --seconds 300 --json runs/cpu_recipe.jsonl
+    python benchmarks/cpu_recipe.py current rois_64 --seconds 300 --json runs/cpu_recipe.jsonl
 """
 
 from __future__ import annotations
@@ -316,6 +317,9 @@ VARIANTS: dict[str, Variant] = {
     # step of 8 images gives the box head 256 positive RoIs. Not kept: the detector follows the
     # images it has seen, not its steps.
     "batch_2": Variant(recipe=lambda r: dataclasses.replace(r, batch_size=2)),
+    # ... but fewer RoIs per image were (the preset's since this round): on the dense images 32
+    # still give every object about one positive RoI, and a step costs half as much.
+    "rois_64": Variant(lambda c: _roi_sampler(c, 64, 0.5)),
 }
 
 

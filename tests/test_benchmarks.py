@@ -333,7 +333,7 @@ def test_torchvision_like_mirrors_our_cpu_models():
         else:
             assert strides == list(cfg.rpn_head.anchor_generator.strides)
             heads = tv.roi_heads
-            assert heads.fg_bg_sampler.batch_size_per_image == 64
+            assert heads.fg_bg_sampler.batch_size_per_image == cfg.train_cfg.rcnn.sampler.num == 32
             assert tv.backbone.body.conv1.out_channels == 32  # the same half-width ResNet-18
             assert heads.fg_bg_sampler.positive_fraction == 0.5
             assert heads.mask_roi_pool.output_size == (7, 7)

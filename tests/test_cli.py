@@ -162,7 +162,7 @@ def test_demo_tier_variable_is_checked(monkeypatch, capsys):
 
 
 def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_path, capsys):
-    """``--steps 70`` of the 350-step cpu recipe (4.6 min on two cores): 70 steps' time, in the
+    """``--steps 180`` of the 720-step cpu recipe (4.4 min on two cores): 180 steps' time, in the
     measured part and in the parenthesis. Stopped before any data is made."""
     from instseg_edu import cli, recipes
 
@@ -173,11 +173,11 @@ def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_
         raise cli.CliError("stopped before the data")
 
     monkeypatch.setattr(cli, "_shapes", stop)
-    assert main(["demo", "--device", "cpu", "--steps", "70", "--data", str(tmp_path)]) == 2
+    assert main(["demo", "--device", "cpu", "--steps", "180", "--data", str(tmp_path)]) == 2
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), line
-    assert "70 steps" in line and "training takes about 0.7 min" in line
-    assert line.endswith("(about 55 s on two CPU cores)"), line  # 4.6 min x 70 / 350
+    assert "180 steps" in line and "training takes about 1.8 min" in line
+    assert line.endswith("(about 1.1 min on two CPU cores)"), line  # 4.4 min x 180 / 720
 
 
 @pytest.mark.slow

@@ -112,7 +112,7 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
         "adamw",
         2e-3,
     )
-    assert (mask_rcnn.max_steps, mask_rcnn.batch_size, mask_rcnn.color_jitter) == (350, 8, True)
+    assert (mask_rcnn.max_steps, mask_rcnn.batch_size, mask_rcnn.color_jitter) == (720, 8, True)
     assert mask_rcnn.train_shapes_per_image == (10, 20)
     retinanet = recipe("retinanet", "cpu")
     assert (retinanet.max_steps, retinanet.lr, retinanet.image_size) == (1000, 1e-3, 128)
@@ -165,11 +165,11 @@ def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(
 
 def test_override_keeps_the_expected_time_true():
     r = recipe("mask_rcnn", "cpu")
-    assert (r.max_steps, r.expected_minutes) == (350, 4.6)
-    shorter = r.override(max_steps=70, num_val=50)
-    assert (shorter.max_steps, shorter.num_val) == (70, 50)
-    assert shorter.expected_minutes == pytest.approx(0.92)  # a fifth of the steps
-    assert r.override(max_steps=700).expected_minutes == pytest.approx(9.2)
+    assert (r.max_steps, r.expected_minutes) == (720, 4.4)
+    shorter = r.override(max_steps=180, num_val=50)
+    assert (shorter.max_steps, shorter.num_val) == (180, 50)
+    assert shorter.expected_minutes == pytest.approx(1.1)  # a quarter of the steps
+    assert r.override(max_steps=1440).expected_minutes == pytest.approx(8.8)
     for change in ({"batch_size": 4}, {"image_size": 256}, {"model": "MASK_RCNN_R18_SMALL"},
                    {"train_shapes_per_image": (3, 10)}):  # fmt: skip
         assert r.override(**change).expected_minutes is None, change
@@ -293,13 +293,13 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert line.startswith("tier 'cpu' (no CUDA device): MASK_RCNN_R18_CPU")
     assert "0.60 s per step measured here" in line
     assert f"about {cpu.max_steps * 0.6 / 60:.1f} min" in line
-    assert "(about 4.6 min on two CPU cores)" in line
-    # Fewer steps: both times are for the steps run (4.6 min x 175 / 350 steps = 2.3 min).
-    line = describe_tier("cpu", cpu.override(max_steps=175))
-    assert "175 steps" in line and f"about {175 * 0.6 / 60:.1f} min" in line
-    assert "(about 2.3 min on two CPU cores)" in line
-    # 4.6 min x 14 / 350 = 11 s
-    assert "(about 11 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=14))
+    assert "(about 4.4 min on two CPU cores)" in line
+    # Fewer steps: both times are for the steps run (4.4 min x 360 / 720 steps = 2.2 min).
+    line = describe_tier("cpu", cpu.override(max_steps=360))
+    assert "360 steps" in line and f"about {360 * 0.6 / 60:.1f} min" in line
+    assert "(about 2.2 min on two CPU cores)" in line
+    # 4.4 min x 30 / 720 = 11 s
+    assert "(about 11 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=30))
     # Another batch size: the time measured for the recipe's own no longer applies.
     assert "on two CPU cores" not in describe_tier("cpu", cpu.override(batch_size=2))
 
