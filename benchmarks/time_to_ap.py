@@ -245,11 +245,13 @@ class SideRun:
         self.precision = args.precision if name == "ours" else args.tv_precision
         self.lr = args.lr if name == "ours" else args.tv_lr
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # Both sides update with PyTorch's fused kernel, as instseg_edu's training loop does
+        # (make_optimizer): the same update, so only the models differ.
         if args.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(self.params, lr=self.lr,
+            self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, fused=True,
                                                weight_decay=args.weight_decay)  # fmt: skip
         else:
-            self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=0.9,
+            self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=0.9, fused=True,
                                              weight_decay=args.weight_decay)  # fmt: skip
         self.timer = Timer(device)
         self.trained = self.wall = 0.0

@@ -281,7 +281,7 @@ def _evaluate_and_report(model, val_set, device, out: Path | None, batch_size: i
 
 
 def _run_training(args, family, preset_name, model_cfg, train_set, val_set, device, train_cfg,
-                  *, data_meta):  # fmt: skip
+                  *, data_meta, callbacks=()):  # fmt: skip
     """Shared by ``demo`` and ``train``: train, evaluate, write every output. Returns exit code."""
     import math
 
@@ -338,7 +338,7 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     start = time.perf_counter()
     try:
         history = train(model, loader, train_cfg, evaluate_fn=evaluate_fn, meta=meta,
-                        resume=getattr(args, "resume", None))  # fmt: skip
+                        resume=getattr(args, "resume", None), callbacks=callbacks)  # fmt: skip
     except NonFiniteLossError as e:  # raised by every process at the same step
         if claim_failure():
             print(f"instseg-edu: {e}", file=sys.stderr)
@@ -352,9 +352,11 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     print(
         f"trained {len(history.steps)} steps in {minutes:.1f} min"
         + (f", last loss {last['loss']:.4f}, {last['img_s']:.1f} img/s" if last else "")
-        + (" (interrupted)" if history.interrupted else ""),
+        + (" (interrupted)" if history.interrupted else "")
+        + (f" (stopped at the time limit, step {len(history.steps)} of {train_cfg.max_steps})"
+           if history.stopped_early else ""),
         flush=True,
-    )
+    )  # fmt: skip
     written = ["history.json"] + (["last.pt"] if history.checkpoint else [])
     if history.interrupted and world > 1:
         # The other processes were interrupted too, at their own step: no more collectives.
@@ -400,9 +402,29 @@ def _demo_tier(args, device) -> tuple[str, str]:
     return tier, f"training on {device}"
 
 
+def _check_minutes(args, tier: str, distributed: bool) -> None:
+    """``--minutes`` needs a step worth timing, and one step count shared by every process."""
+    if args.steps is not None:
+        raise CliError("give --steps or --minutes, not both")
+    if not args.minutes > 0:
+        raise CliError(f"--minutes={args.minutes} must be > 0")
+    if tier == "smoke":
+        raise CliError("--minutes has no meaning for the smoke tier (2 steps on tiny images)")
+    if distributed:
+        raise CliError("--minutes under torchrun would time each process on its own and could give "
+                       "them different step counts; give --steps")  # fmt: skip
+
+
 def cmd_demo(args) -> int:
     from instseg_edu.engine.distributed import is_distributed
-    from instseg_edu.recipes import describe_tier, recipe
+    from instseg_edu.engine.train import StopAfter
+    from instseg_edu.recipes import (
+        PLAN_MARGIN,
+        describe_tier,
+        fit_to_minutes,
+        measure_step_seconds,
+        recipe,
+    )
 
     device = _device(args.device)
     try:
@@ -412,8 +434,20 @@ def cmd_demo(args) -> int:
     r = recipe(args.model, tier)
     given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
     r = r.override(**{k: v for k, v in given.items() if v is not None})  # expected time follows
-    print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
-          flush=True)  # fmt: skip
+    callbacks = []
+    if args.minutes is None:
+        print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
+              flush=True)  # fmt: skip
+    else:
+        _check_minutes(args, tier, is_distributed())
+        seconds = measure_step_seconds(r, device=str(device))
+        r = fit_to_minutes(r, args.minutes, seconds)
+        callbacks.append(StopAfter(args.minutes * 60))  # a slower machine stops on time
+        print(describe_tier(tier, r, measure=False, reason=why), flush=True)
+        print(f"--minutes {args.minutes:g}: {r.max_steps} steps; {seconds:.2f} s per step timed "
+              f"here, planned at {PLAN_MARGIN:g} times that (loading, augmentation, a busy "
+              f"machine); training stops at {args.minutes:g} min in any case",
+              flush=True)  # fmt: skip
     args.image_size, args.batch_size = r.image_size, r.batch_size
     if args.workers is None:  # in memory: nothing left to decode in worker processes
         args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
@@ -432,7 +466,7 @@ def cmd_demo(args) -> int:
     )  # fmt: skip
     data_meta = {"val_json": str(val_json), "val_images": str(val_dir), "recipe": r.as_dict()}
     return _run_training(args, args.model, preset_name, model_cfg, train_set, val_set, device,
-                         train_cfg, data_meta=data_meta)  # fmt: skip
+                         train_cfg, data_meta=data_meta, callbacks=callbacks)  # fmt: skip
 
 
 def _lr(args) -> float:
@@ -838,6 +872,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default="data/shapes", help="shapes dataset root (default: data/shapes)"
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="train for about this many minutes instead: the steps that fit, from a "
+                   "few steps timed first on this machine (make demo: 4.5)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=None, help="longest image side in pixels")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-train", type=int, default=None, help="shapes training images")

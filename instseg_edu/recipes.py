@@ -297,10 +297,12 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # Mask R-CNN: the CPU tier's best masks (MASK_RCNN_R18_CPU: a half-width ResNet-18, 32 RoIs
     # per image, 7x7 mask RoIs, 14x14 masks), trained on images with 10-20 shapes: from scratch
     # the model learns from how many objects it has looked at, and a denser image shows twice as
-    # many. A step of 8 of them takes about 0.37 s on two cores (with loading), so 720 steps
-    # train in about 4.4 minutes.
+    # many. A step of 8 of them takes about 0.33 s on two quiet cores (with loading), so 720
+    # steps train in about 4 minutes, and notebook 06 fits in six on a slower hour too.
+    # `make demo` trains for at most five minutes instead (`instseg-edu demo --minutes 5`): the
+    # steps that fit on its machine.
     ("mask_rcnn", "cpu"): _cpu(
-        "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=720, lr=2e-3, expected_minutes=4.4,
+        "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=720, lr=2e-3, expected_minutes=4.0,
         train_shapes_per_image=(10, 20),
         note="most shapes that are not tiny found with a recognisable mask; most, not all, named "
         "right",
@@ -519,6 +521,37 @@ class _StepClock:
 
     def on_step(self, state) -> None:
         self._note()
+
+
+PLAN_MARGIN = 1.3
+"""How much longer a real training step takes than one timed by :func:`measure_step_seconds`:
+the real one also loads and augments its batch, its images hold other numbers of objects, and a
+shared machine has slower minutes. 1.1 to 1.45 on two CPU cores (notebook 09's four families;
+1.0 to 1.4 in six runs of the CPU demo's Mask R-CNN), so a plan allows 1.3."""
+
+
+def fit_to_minutes(
+    r: Recipe, minutes: float, seconds_per_step: float, margin: float = PLAN_MARGIN
+) -> Recipe:
+    """``r`` with as many steps as fit in ``minutes`` of training when a step takes ``margin`` x
+    ``seconds_per_step`` (a pre-timed step, :func:`measure_step_seconds`); at least one step.
+    Warm-up and schedule follow the new length (:meth:`Recipe.train_config`).
+
+    A step's time differs from machine to machine, and on a shared machine from hour to hour (the
+    CPU tier's Mask R-CNN step took 0.31 to 0.45 s on the same two cores in one morning), so a
+    fixed step count cannot promise a time: ``instseg-edu demo --minutes`` and notebook 09 time a
+    few steps of the recipe and train this many. Its ``expected_minutes`` becomes ``None``: the
+    time now belongs to this machine, not to the one the tier was timed on.
+
+    Raises:
+        ValueError: ``minutes``, ``seconds_per_step`` or ``margin`` not positive.
+    """
+    for name, value in (("minutes", minutes), ("seconds_per_step", seconds_per_step),
+                        ("margin", margin)):  # fmt: skip
+        if not value > 0:
+            raise ValueError(f"{name}={value!r} must be > 0")
+    steps = max(1, int(minutes * 60 / (margin * seconds_per_step)))
+    return r.override(max_steps=steps, expected_minutes=None)
 
 
 def describe_tier(

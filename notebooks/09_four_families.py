@@ -92,8 +92,14 @@ from instseg_edu.data.transforms import collate, eval_transforms, train_transfor
 from instseg_edu.engine.analysis import COUNT_NAMES, error_analysis, match_model
 from instseg_edu.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from instseg_edu.engine.compare import SPEED_NOISE_RATIO, Measured, recommend
-from instseg_edu.engine.train import make_loader, resolve_device, train
-from instseg_edu.recipes import measure_step_seconds, notebook_checkpoint, notebook_data_dir
+from instseg_edu.engine.train import StopAfter, make_loader, resolve_device, train
+from instseg_edu.recipes import (
+    PLAN_MARGIN,
+    fit_to_minutes,
+    measure_step_seconds,
+    notebook_checkpoint,
+    notebook_data_dir,
+)
 from instseg_edu.viz.draw import draw_detections
 from instseg_edu.viz.report import compare_outcomes_plot
 
@@ -128,18 +134,18 @@ print(f"device {device}; {len(val_set)} validation images of {IMAGE_SIZE}², cla
 #
 # They are a lower bound: the training itself also loads and augments every batch, on images
 # with other numbers of objects. On a two-core machine its steps took 1.1 to 1.45 times the
-# pre-timed ones, so the plan allows `PLAN_MARGIN` = 1.3 times the measured time per step, and
-# the cosine schedule has time to finish. The images per second in section 3's table are those
-# each training actually achieved, not these.
+# pre-timed ones, so the plan (`fit_to_minutes`, as `instseg-edu demo --minutes` plans) allows
+# `PLAN_MARGIN` = 1.3 times the measured time per step, and the cosine schedule has time to
+# finish. The images per second in section 3's table are those each training actually achieved,
+# not these.
 
 # %%
-PLAN_MARGIN = 1.3  # a real training step over a pre-timed one (data loading and all)
 step_s = {f: measure_step_seconds(r, steps=1 if SMOKE else 3) for f, r in RECIPES.items()}
 planned_steps = {}
 for f, r in RECIPES.items():
     fit = r.max_steps
-    if TRAIN_BUDGET_S is not None:
-        fit = int(TRAIN_BUDGET_S / (PLAN_MARGIN * step_s[f]))
+    if TRAIN_BUDGET_S is not None:  # budget / (PLAN_MARGIN x seconds per step)
+        fit = fit_to_minutes(r, TRAIN_BUDGET_S / 60, step_s[f], PLAN_MARGIN).max_steps
     planned_steps[f] = max(1, min(r.max_steps, fit))
     cut = "" if planned_steps[f] == r.max_steps else f" (budget: recipe has {r.max_steps})"
     print(f"{NAMES[f]:11s} {r.model:23s} {step_s[f]:.3f} s/step pre-timed, batch "
@@ -157,25 +163,10 @@ for f, r in RECIPES.items():
 #
 # A family trained here uses `train` as its notebook does: the recipe's optimiser, warm-up,
 # schedule and clipping, over `planned_steps` steps. Should its steps still be slower than
-# planned, a callback stops it at 1.1 × the budget (the table then says so).
+# planned, a callback (`StopAfter`) stops it at 1.1 × the budget (the table then says so).
 
 
 # %%
-class StopAfter:
-    """Training-loop callback: request a stop once ``seconds`` have passed since the start."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.start = time.perf_counter()
-
-    def on_start(self, state):
-        self.start = time.perf_counter()
-
-    def on_step(self, state):
-        if time.perf_counter() - self.start > self.seconds:
-            state.request_stop()
-
-
 def training_seconds(history: dict, batch_size: int) -> float:
     """Wall-clock seconds of a training run, from its history's steps (``img_s`` per window)."""
     return sum(batch_size / s["img_s"] for s in history["steps"] if s.get("img_s", 0) > 0)

@@ -162,7 +162,7 @@ def test_demo_tier_variable_is_checked(monkeypatch, capsys):
 
 
 def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_path, capsys):
-    """``--steps 180`` of the 720-step cpu recipe (4.4 min on two cores): 180 steps' time, in the
+    """``--steps 180`` of the 720-step cpu recipe (4.0 min on two cores): 180 steps' time, in the
     measured part and in the parenthesis. Stopped before any data is made."""
     from instseg_edu import cli, recipes
 
@@ -177,7 +177,40 @@ def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), line
     assert "180 steps" in line and "training takes about 1.8 min" in line
-    assert line.endswith("(about 1.1 min on two CPU cores)"), line  # 4.4 min x 180 / 720
+    assert line.endswith("(about 1.0 min on two CPU cores)"), line  # 4.0 min x 180 / 720
+
+
+def test_demo_minutes_trains_the_steps_that_fit_here(monkeypatch, tmp_path, capsys):
+    """``--minutes 3.9`` at 0.6 s per step timed here, planned at 1.3 x 0.6 = 0.78 s: 300 steps,
+    told in the first two lines, with no time for "two CPU cores" (the time now belongs to this
+    machine)."""
+    from instseg_edu import cli, recipes
+
+    monkeypatch.setenv("INSTSEG_TIER", "cpu")
+    timed = []
+
+    def measure(r, steps=2, device="auto"):
+        timed.append(r.max_steps)
+        return 0.6
+
+    monkeypatch.setattr(recipes, "measure_step_seconds", measure)
+
+    def stop(*args, **kwargs):
+        raise cli.CliError("stopped before the data")
+
+    monkeypatch.setattr(cli, "_shapes", stop)
+    assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path)]) == 2
+    first, second = capsys.readouterr().out.splitlines()[:2]
+    assert first.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), first
+    assert first.endswith("batch 8, 300 steps"), first  # nothing about two CPU cores
+    assert second == ("--minutes 3.9: 300 steps; 0.60 s per step timed here, planned at 1.3 "
+                      "times that (loading, augmentation, a busy machine); training stops at "
+                      "3.9 min in any case")  # fmt: skip
+    assert timed == [720]  # the recipe's step, timed once
+
+    _fails_cleanly(["demo", "--minutes", "3", "--steps", "10"], capsys, "--steps or --minutes")
+    _fails_cleanly(["demo", "--minutes", "0", "--data", str(tmp_path)], capsys, "--minutes=0.0")
+    _fails_cleanly(["demo", "--minutes", "3", "--smoke"], capsys, "smoke tier")
 
 
 @pytest.mark.slow

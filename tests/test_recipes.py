@@ -26,6 +26,7 @@ from instseg_edu.recipes import (
     TIERS,
     Recipe,
     describe_tier,
+    fit_to_minutes,
     measure_step_seconds,
     notebook_checkpoint,
     notebook_data_dir,
@@ -165,16 +166,31 @@ def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(
 
 def test_override_keeps_the_expected_time_true():
     r = recipe("mask_rcnn", "cpu")
-    assert (r.max_steps, r.expected_minutes) == (720, 4.4)
+    assert (r.max_steps, r.expected_minutes) == (720, 4.0)
     shorter = r.override(max_steps=180, num_val=50)
     assert (shorter.max_steps, shorter.num_val) == (180, 50)
-    assert shorter.expected_minutes == pytest.approx(1.1)  # a quarter of the steps
-    assert r.override(max_steps=1440).expected_minutes == pytest.approx(8.8)
+    assert shorter.expected_minutes == pytest.approx(1.0)  # a quarter of the steps
+    assert r.override(max_steps=1440).expected_minutes == pytest.approx(8.0)
     for change in ({"batch_size": 4}, {"image_size": 256}, {"model": "MASK_RCNN_R18_SMALL"},
                    {"train_shapes_per_image": (3, 10)}):  # fmt: skip
         assert r.override(**change).expected_minutes is None, change
     assert r.override(max_steps=10, expected_minutes=2.0).expected_minutes == 2.0  # given: kept
     assert recipe("solo", "gpu").override(max_steps=10).expected_minutes is None  # not measured
+
+
+def test_fit_to_minutes_trains_the_steps_that_fit():
+    r = recipe("mask_rcnn", "cpu")
+    fitted = fit_to_minutes(r, 4.5, 0.3)
+    assert fitted.max_steps == 692  # 270 s / (1.3 x 0.3 s) = 692.3
+    assert fitted.expected_minutes is None  # timed on this machine, not the tier's
+    assert dataclasses.replace(fitted, max_steps=r.max_steps, expected_minutes=4.0) == r
+    assert fitted.train_config().max_steps == 692
+    assert fit_to_minutes(r, 4.5, 0.3, margin=1.0).max_steps == 900
+    assert fit_to_minutes(r, 0.001, 0.37).max_steps == 1  # never zero steps
+    for args, name in (((0.0, 0.37), "minutes"), ((4.5, -1.0), "seconds_per_step"),
+                       ((4.5, 0.3, 0.0), "margin")):  # fmt: skip
+        with pytest.raises(ValueError, match=name):
+            fit_to_minutes(r, *args)
 
 
 def test_notebook_checkpoint_path():
@@ -293,13 +309,13 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert line.startswith("tier 'cpu' (no CUDA device): MASK_RCNN_R18_CPU")
     assert "0.60 s per step measured here" in line
     assert f"about {cpu.max_steps * 0.6 / 60:.1f} min" in line
-    assert "(about 4.4 min on two CPU cores)" in line
-    # Fewer steps: both times are for the steps run (4.4 min x 360 / 720 steps = 2.2 min).
+    assert "(about 4.0 min on two CPU cores)" in line
+    # Fewer steps: both times are for the steps run (4.0 min x 360 / 720 steps = 2.0 min).
     line = describe_tier("cpu", cpu.override(max_steps=360))
     assert "360 steps" in line and f"about {360 * 0.6 / 60:.1f} min" in line
-    assert "(about 2.2 min on two CPU cores)" in line
-    # 4.4 min x 30 / 720 = 11 s
-    assert "(about 11 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=30))
+    assert "(about 2.0 min on two CPU cores)" in line
+    # 4.0 min x 30 / 720 = 10 s
+    assert "(about 10 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=30))
     # Another batch size: the time measured for the recipe's own no longer applies.
     assert "on two CPU cores" not in describe_tier("cpu", cpu.override(batch_size=2))
 

@@ -195,13 +195,17 @@ def train_transforms(
 ) -> Callable[[Tensor, Target], tuple[Tensor, Target]]:
     """Training augmentation: resize (longest side ``size``), random horizontal flip, colour jitter.
 
-    The jitter (brightness, contrast, saturation +-20 %, hue +-0.02) touches only the image.
+    The jitter (brightness, contrast, saturation +-20 %) touches only the image. No hue shift:
+    MMDetection's Mask R-CNN and RetinaNet configs use no colour jitter at all, the shapes are
+    painted in random colours anyway, and converting to HSV and back was half of the augmentation's
+    time (1.5 of 3.0 ms per 128 px image with 15 masks, in the training step's own process when
+    the data is in memory).
     """
     steps: list[Step] = [ResizeKeepAspect(size)]
     if flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))
     if jitter:
-        steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02))
+        steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2))
     return ObjectTransform(steps)
 
 

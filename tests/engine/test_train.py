@@ -14,9 +14,11 @@ from instseg_edu.engine.checkpoint import load_checkpoint
 from instseg_edu.engine.train import (
     History,
     NonFiniteLossError,
+    StopAfter,
     TrainConfig,
     lr_at,
     make_loader,
+    make_optimizer,
     train,
 )
 
@@ -219,6 +221,50 @@ def test_grad_clip_and_epochs():
                                                 optimizer="adamw"))  # fmt: skip
     assert len(history.steps) == 4  # 2 epochs x 2 batches
     assert all("grad_norm" in s and s["grad_norm"] > 0 for s in history.steps)
+
+
+def test_stop_after_ends_training_at_its_time_limit(monkeypatch):
+    from types import SimpleNamespace
+
+    from instseg_edu.engine import train as train_module
+
+    ticks = iter(range(10_000))  # a clock that advances one second at every reading
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    stop = StopAfter(seconds=5)
+    history = train(_model(), _loader(40), _cfg(max_steps=50), callbacks=[stop])
+    assert history.stopped_early and 1 <= len(history.steps) < 50
+    assert stop.stopped_at == len(history.steps)  # the step that saw the limit was the last
+    # Without the limit the same run trains all of its steps.
+    monkeypatch.undo()
+    assert len(train(_model(), _loader(40), _cfg(max_steps=12)).steps) == 12
+    with pytest.raises(ValueError, match="seconds"):
+        StopAfter(0)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_equals_the_per_tensor_update(name):
+    # make_optimizer uses the fused kernel; PyTorch's per-tensor loop (foreach=False) is the
+    # readable reference. Five steps with decay and momentum agree to float rounding.
+    cfg = _cfg(optimizer=name, lr=0.05, weight_decay=0.05)
+    fast, slow = _model(1), _model(1)
+    before = [p.detach().clone() for p in fast.parameters()]
+    fused = make_optimizer(fast, cfg)
+    assert fused.defaults["fused"] is True
+    options = dict(lr=0.05, weight_decay=0.05, foreach=False)
+    if name == "sgd":
+        loop = torch.optim.SGD(slow.parameters(), momentum=cfg.momentum, **options)
+    else:
+        loop = torch.optim.AdamW(slow.parameters(), betas=cfg.betas, **options)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for a, b in zip(fast.parameters(), slow.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        fused.step()
+        loop.step()
+    for a, b, start in zip(fast.parameters(), slow.parameters(), before, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a, start)  # the steps did move it
 
 
 @pytest.mark.gpu

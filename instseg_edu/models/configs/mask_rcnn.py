@@ -304,7 +304,7 @@ shapes validation split (``benchmarks/RESULTS.md``, "CPU recipe"):
   AP50 went from 0.24-0.29 / 0.17-0.20 to 0.36-0.40 / 0.32-0.36 (seeds 0, 1, 2);
 - mask RoIs of 7x7 predicting 14x14 masks (a quarter of the mask head's work; a shape at 128 px
   is rarely larger than 60 px, so 14x14 still has about one mask pixel per 4 image pixels), and
-  1024-wide box-head layers as in the full model;
+  1024-wide box-head layers and four mask convs as in the full model;
 - the box head's classification loss weighed 4 (``loss_cls.loss_weight``, MMDetection's key):
   from scratch the classifier learns nothing for its first ~400 steps while the masks already
   improve; weighed up, the backbone and FPN, which AdamW steps by the sum of all five losses'
@@ -314,9 +314,10 @@ shapes validation split (``benchmarks/RESULTS.md``, "CPU recipe"):
 
 Tried and not kept (each no better at equal time): smaller RPN anchors (16 px at P2), FPN level
 mapping scaled to the image (``finest_scale=14``), three backbone stages, batches of 4 or 2,
-256-wide fc layers, GroupNorm in the FPN and heads, an EMA of the weights, half the learning
-rate, a convolutional classifier with global pooling, no colour jitter, up to three quarters of
-the sampled RoIs positive, box deltas and masks shared by all classes, a box head reading the
-mask head's convs. What did help, in the recipe rather than the model: training images with 10-20
-shapes instead of 3-10 (``Recipe.train_shapes_per_image``), more objects to learn from in each
-step."""
+256-wide fc layers, 512-wide fc layers with two mask convs (a fifth cheaper per step, as good per
+minute, worse masks per step), GroupNorm in the FPN and heads, an EMA of the weights, half the
+learning rate, a convolutional classifier with global pooling, no colour jitter, up to three
+quarters of the sampled RoIs positive, box deltas and masks shared by all classes, a box head
+reading the mask head's convs. What did help, in the recipe rather than the model: training
+images with 10-20 shapes instead of 3-10 (``Recipe.train_shapes_per_image``), more objects to
+learn from in each step."""
