@@ -873,8 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="train for about this many minutes instead: the steps that fit, from a "
-                   "few steps timed first on this machine (make demo: 4.5)")  # fmt: skip
+                   help="train for at most this many minutes instead: the steps that fit, planned "
+                   "from a few steps timed first on this machine, and a stop at the limit "
+                   "(make demo: 5)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=None, help="longest image side in pixels")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-train", type=int, default=None, help="shapes training images")

@@ -298,9 +298,9 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # per image, 7x7 mask RoIs, 14x14 masks), trained on images with 10-20 shapes: from scratch
     # the model learns from how many objects it has looked at, and a denser image shows twice as
     # many. A step of 8 of them takes about 0.33 s on two quiet cores (with loading), so 720
-    # steps train in about 4 minutes, and notebook 06 fits in six on a slower hour too.
-    # `make demo` trains for at most five minutes instead (`instseg-edu demo --minutes 5`): the
-    # steps that fit on its machine.
+    # steps train in about 4 minutes (on a busy hour, 0.5 s: docs/notebooks.md). `make demo`
+    # trains for at most five minutes instead (`instseg-edu demo --minutes 5`): the steps that
+    # fit on its machine.
     ("mask_rcnn", "cpu"): _cpu(
         "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=720, lr=2e-3, expected_minutes=4.0,
         train_shapes_per_image=(10, 20),
@@ -343,9 +343,15 @@ def recipe(family: str, tier: str) -> Recipe:
     return RECIPES[(family, tier)]
 
 
-def notebook_recipe(family: str, tier: str) -> Recipe:
+def notebook_recipe(family: str, tier: str, minutes: float | None = None) -> Recipe:
     """The recipe a notebook trains with: :func:`recipe`, with 128 px images in the smoke tier
     (notebooks draw them) and ``max_steps`` from ``INSTSEG_TRAIN_STEPS`` when set.
+
+    ``minutes`` (the training notebooks' ``TRAIN_MINUTES`` in the ``cpu`` tier): instead of the
+    recipe's steps, the steps that fit in that many minutes on this machine
+    (:func:`fit_to_minutes` of a few steps timed now); the notebook also stops training at the
+    limit (:class:`~instseg_edu.engine.train.StopAfter`). Ignored in the smoke tier and when
+    ``INSTSEG_TRAIN_STEPS`` is set.
 
     Raises:
         ValueError: ``INSTSEG_TRAIN_STEPS`` is not a positive integer.
@@ -362,6 +368,8 @@ def notebook_recipe(family: str, tier: str) -> Recipe:
         if value < 1:
             raise ValueError(f"{STEPS_ENV}={steps!r} must be a positive integer")
         r = r.override(max_steps=value)
+    elif minutes is not None and tier != "smoke":
+        r = fit_to_minutes(r, minutes, measure_step_seconds(r))
     return r
 
 
@@ -538,7 +546,7 @@ def fit_to_minutes(
     Warm-up and schedule follow the new length (:meth:`Recipe.train_config`).
 
     A step's time differs from machine to machine, and on a shared machine from hour to hour (the
-    CPU tier's Mask R-CNN step took 0.31 to 0.45 s on the same two cores in one morning), so a
+    CPU tier's Mask R-CNN step took 0.31 to 0.52 s on the same two cores in one morning), so a
     fixed step count cannot promise a time: ``instseg-edu demo --minutes`` and notebook 09 time a
     few steps of the recipe and train this many. Its ``expected_minutes`` becomes ``None``: the
     time now belongs to this machine, not to the one the tier was timed on.
@@ -560,10 +568,11 @@ def describe_tier(
     """One line: which tier runs, why, and how long its training should take on this machine.
 
     With a recipe of the ``cpu`` or ``gpu`` tier and ``measure``, the time is ``max_steps`` x the
-    seconds per step measured now (:func:`measure_step_seconds`, a few seconds); in parentheses
-    follows the recipe's ``expected_minutes`` for the machine the tier is for (scaled to the steps
-    run when the recipe was changed with :meth:`Recipe.override`). ``reason`` says why this tier
-    was chosen (default: what :func:`select_tier` looked at).
+    seconds per step measured now (:func:`measure_step_seconds`, a few seconds) x
+    :data:`PLAN_MARGIN` (a real step also loads its batch); in parentheses follows the recipe's
+    ``expected_minutes`` for the machine the tier is for (scaled to the steps run when the recipe
+    was changed with :meth:`Recipe.override`). ``reason`` says why this tier was chosen (default:
+    what :func:`select_tier` looked at).
     """
     head = f"tier {tier!r} ({reason or _tier_reason()})"
     if r is None:
@@ -579,8 +588,9 @@ def describe_tier(
                 f"{r.max_steps} steps")  # fmt: skip
         if measure:
             seconds = measure_step_seconds(r)
+            minutes = r.max_steps * seconds * PLAN_MARGIN / 60
             line = (f"{head}: {what}; {seconds:.2f} s per step measured here, so training "
-                    f"takes about {r.max_steps * seconds / 60:.1f} min")  # fmt: skip
+                    f"takes about {minutes:.1f} min")  # fmt: skip
         else:
             line = f"{head}: {what}"
         if r.expected_minutes is not None:

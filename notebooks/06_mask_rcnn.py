@@ -43,7 +43,11 @@ from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
 
 TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
 SMOKE = TIER == "smoke"
-RECIPE = notebook_recipe("mask_rcnn", TIER)  # INSTSEG_TRAIN_STEPS overrides its steps
+# cpu tier: the steps that fit in TRAIN_MINUTES on this machine (timed now), and a stop at
+# the limit should they still be slower; smoke and gpu tiers: the recipe's steps.
+TRAIN_MINUTES = 4.5 if TIER == "cpu" else None
+# INSTSEG_TRAIN_STEPS overrides the steps in every tier.
+RECIPE = notebook_recipe("mask_rcnn", TIER, minutes=TRAIN_MINUTES)
 IMAGE_SIZE = RECIPE.image_size
 NUM_TRAIN = RECIPE.num_train
 NUM_VAL = RECIPE.num_val
@@ -72,7 +76,7 @@ from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import CLASSES, make_shapes_dataset, split_name
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
-from instseg_edu.engine.train import make_loader, resolve_device, train
+from instseg_edu.engine.train import StopAfter, make_loader, resolve_device, train
 from instseg_edu.models.mask_rcnn import (
     build_mask_rcnn,
     map_rois_to_levels,
@@ -330,7 +334,8 @@ train_cfg = RECIPE.train_config(
     max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 20, progress=not SMOKE, seed=SEED,
     device=str(device),
 )  # fmt: skip
-history = train(model, train_loader, train_cfg, callbacks=[dashboard])
+time_limit = [StopAfter(60 * TRAIN_MINUTES)] if TRAIN_MINUTES else []
+history = train(model, train_loader, train_cfg, callbacks=[dashboard, *time_limit])
 print(f"{len(history.steps)} steps; last loss {history.steps[-1]['loss']:.3f}")
 # Saved for later notebooks (runs/notebooks/<tier>/mask_rcnn.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)

@@ -36,7 +36,11 @@ from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
 
 TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
 SMOKE = TIER == "smoke"
-RECIPE = notebook_recipe("solo", TIER)  # INSTSEG_TRAIN_STEPS overrides its steps
+# cpu tier: the steps that fit in TRAIN_MINUTES on this machine (timed now), and a stop at
+# the limit should they still be slower; smoke and gpu tiers: the recipe's steps.
+TRAIN_MINUTES = 4.5 if TIER == "cpu" else None
+# INSTSEG_TRAIN_STEPS overrides the steps in every tier.
+RECIPE = notebook_recipe("solo", TIER, minutes=TRAIN_MINUTES)
 IMAGE_SIZE = RECIPE.image_size
 NUM_TRAIN = RECIPE.num_train
 NUM_VAL = RECIPE.num_val
@@ -67,7 +71,7 @@ from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table, predict_loader
-from instseg_edu.engine.train import make_loader, resolve_device, train
+from instseg_edu.engine.train import StopAfter, make_loader, resolve_device, train
 from instseg_edu.losses import dice_loss
 from instseg_edu.ops.nms import matrix_nms, points_nms
 from instseg_edu.recipes import notebook_data_dir, save_notebook_model
@@ -273,7 +277,8 @@ display(dashboard)
 train_cfg = RECIPE.train_config(
     max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 20, progress=not SMOKE, seed=SEED
 )
-history = train(model, train_loader, train_cfg, callbacks=[dashboard])
+time_limit = [StopAfter(60 * TRAIN_MINUTES)] if TRAIN_MINUTES else []
+history = train(model, train_loader, train_cfg, callbacks=[dashboard, *time_limit])
 last = history.steps[-1]
 print(f"{len(history.steps)} steps; last loss_ins {last['loss_ins']:.3f}, loss_cate "
       f"{last['loss_cate']:.3f}, positives per image {last['num_pos']:.1f}")  # fmt: skip

@@ -39,7 +39,11 @@ from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
 
 TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
 SMOKE = TIER == "smoke"
-RECIPE = notebook_recipe("yolact", TIER)  # INSTSEG_TRAIN_STEPS overrides its steps
+# cpu tier: the steps that fit in TRAIN_MINUTES on this machine (timed now), and a stop at
+# the limit should they still be slower; smoke and gpu tiers: the recipe's steps.
+TRAIN_MINUTES = 4.5 if TIER == "cpu" else None
+# INSTSEG_TRAIN_STEPS overrides the steps in every tier.
+RECIPE = notebook_recipe("yolact", TIER, minutes=TRAIN_MINUTES)
 IMAGE_SIZE = RECIPE.image_size
 NUM_TRAIN = RECIPE.num_train
 NUM_VAL = RECIPE.num_val
@@ -70,7 +74,7 @@ from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
-from instseg_edu.engine.train import make_loader, resolve_device, train
+from instseg_edu.engine.train import StopAfter, make_loader, resolve_device, train
 from instseg_edu.ops.nms import fast_nms
 from instseg_edu.recipes import notebook_data_dir, save_notebook_model
 from instseg_edu.viz.draw import gallery
@@ -245,7 +249,8 @@ display(dashboard)
 train_cfg = RECIPE.train_config(
     max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 50, progress=not SMOKE, seed=SEED
 )
-history = train(model, train_loader, train_cfg, callbacks=[dashboard])
+time_limit = [StopAfter(60 * TRAIN_MINUTES)] if TRAIN_MINUTES else []
+history = train(model, train_loader, train_cfg, callbacks=[dashboard, *time_limit])
 for key in ("loss_cls", "loss_bbox", "loss_mask"):
     print(key, [round(s[key], 3) for s in history.steps[:: max(1, len(history.steps) // 5)]])
 # Saved for later notebooks (runs/notebooks/<tier>/yolact.pt; `instseg-edu evaluate` reads it).

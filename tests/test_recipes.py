@@ -158,6 +158,7 @@ def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(
         cpu.expected_minutes * 60 / cpu.max_steps
     )
     assert notebook_recipe("retinanet", "gpu").max_steps == 60
+    assert notebook_recipe("retinanet", "cpu", minutes=4.5).max_steps == 60  # the variable wins
     for bad in ("0", "-3", "ten", "2.5"):
         monkeypatch.setenv(STEPS_ENV, bad)
         with pytest.raises(ValueError, match=f"{STEPS_ENV}={bad!r} must be a positive integer"):
@@ -176,6 +177,15 @@ def test_override_keeps_the_expected_time_true():
         assert r.override(**change).expected_minutes is None, change
     assert r.override(max_steps=10, expected_minutes=2.0).expected_minutes == 2.0  # given: kept
     assert recipe("solo", "gpu").override(max_steps=10).expected_minutes is None  # not measured
+
+
+def test_notebook_recipe_with_minutes_fits_the_steps_to_this_machine(env, monkeypatch):
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
+    cpu = recipe("mask_rcnn", "cpu")
+    fitted = notebook_recipe("mask_rcnn", "cpu", minutes=4.5)
+    assert fitted == fit_to_minutes(cpu, 4.5, 0.25) and fitted.max_steps == 830  # 270 / 0.325
+    smoke = notebook_recipe("mask_rcnn", "smoke", minutes=4.5)  # seconds anyway: not fitted
+    assert smoke.max_steps == recipe("mask_rcnn", "smoke").max_steps
 
 
 def test_fit_to_minutes_trains_the_steps_that_fit():
@@ -308,11 +318,11 @@ def test_measure_step_seconds_and_describe_tier(env):
     line = describe_tier("cpu", cpu)
     assert line.startswith("tier 'cpu' (no CUDA device): MASK_RCNN_R18_CPU")
     assert "0.60 s per step measured here" in line
-    assert f"about {cpu.max_steps * 0.6 / 60:.1f} min" in line
+    assert f"about {cpu.max_steps * 0.6 * 1.3 / 60:.1f} min" in line  # with PLAN_MARGIN
     assert "(about 4.0 min on two CPU cores)" in line
     # Fewer steps: both times are for the steps run (4.0 min x 360 / 720 steps = 2.0 min).
     line = describe_tier("cpu", cpu.override(max_steps=360))
-    assert "360 steps" in line and f"about {360 * 0.6 / 60:.1f} min" in line
+    assert "360 steps" in line and f"about {360 * 0.6 * 1.3 / 60:.1f} min" in line
     assert "(about 2.0 min on two CPU cores)" in line
     # 4.0 min x 30 / 720 = 10 s
     assert "(about 10 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=30))

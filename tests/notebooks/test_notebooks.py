@@ -97,12 +97,13 @@ def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, 
     if family is None:
         assert "trains no model" in printed
         return
-    r = namespace["RECIPE"]
-    assert r == recipes.recipe(family, "cpu")
+    # The cpu tier trains the steps that fit in TRAIN_MINUTES here (and stops at the limit).
+    r, minutes = namespace["RECIPE"], namespace["TRAIN_MINUTES"]
+    assert minutes == 4.5 and r == recipes.fit_to_minutes(recipes.recipe(family, "cpu"), 4.5, 0.25)
     assert (namespace["IMAGE_SIZE"], namespace["TRAIN_STEPS"], namespace["MODEL"]) == (
         r.image_size, r.max_steps, r.model,
     )  # fmt: skip
-    assert f"about {r.max_steps * 0.25 / 60:.1f} min" in printed
+    assert f"about {r.max_steps * 0.25 * recipes.PLAN_MARGIN / 60:.1f} min" in printed
 
 
 # The comparing notebook finds these families saved by their notebooks and trains the others, so
