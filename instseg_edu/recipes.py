@@ -563,7 +563,12 @@ def fit_to_minutes(
 
 
 def describe_tier(
-    tier: str, r: Recipe | None = None, *, measure: bool = True, reason: str | None = None
+    tier: str,
+    r: Recipe | None = None,
+    *,
+    measure: bool = True,
+    reason: str | None = None,
+    minutes: float | None = None,
 ) -> str:
     """One line: which tier runs, why, and how long its training should take on this machine.
 
@@ -572,7 +577,9 @@ def describe_tier(
     :data:`PLAN_MARGIN` (a real step also loads its batch); in parentheses follows the recipe's
     ``expected_minutes`` for the machine the tier is for (scaled to the steps run when the recipe
     was changed with :meth:`Recipe.override`). ``reason`` says why this tier was chosen (default:
-    what :func:`select_tier` looked at).
+    what :func:`select_tier` looked at). ``minutes``: ``r``'s steps were planned to fit in that
+    many minutes (:func:`notebook_recipe`, :func:`fit_to_minutes`); the line says so instead of
+    timing the steps again (a second timing on a busy machine can disagree with the first).
     """
     head = f"tier {tier!r} ({reason or _tier_reason()})"
     if r is None:
@@ -586,7 +593,11 @@ def describe_tier(
     else:
         what = (f"{r.model}, {r.num_train} images of {r.image_size} px, batch {r.batch_size}, "
                 f"{r.max_steps} steps")  # fmt: skip
-        if measure:
+        if minutes is not None:
+            line = (f"{head}: {what}: the steps that fit in {minutes:g} min on this machine "
+                    f"(timed just now), and training stops at {minutes:g} min should they be "
+                    "slower")  # fmt: skip
+        elif measure:
             seconds = measure_step_seconds(r)
             minutes = r.max_steps * seconds * PLAN_MARGIN / 60
             line = (f"{head}: {what}; {seconds:.2f} s per step measured here, so training "

@@ -61,7 +61,7 @@ COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
 TRAIN_SHAPES = RECIPE.train_shapes_per_image  # shapes per training image; standard: (3, 10)
 SEED = 0
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
-print(describe_tier(TIER, RECIPE))
+print(describe_tier(TIER, RECIPE, minutes=TRAIN_MINUTES))
 
 # %%
 

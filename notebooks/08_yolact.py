@@ -56,7 +56,7 @@ WORKERS = RECIPE.loader_workers
 COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 SEED = 0
-print(describe_tier(TIER, RECIPE))
+print(describe_tier(TIER, RECIPE, minutes=TRAIN_MINUTES))
 
 # %%
 # %matplotlib inline

@@ -326,6 +326,11 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert "(about 2.0 min on two CPU cores)" in line
     # 4.0 min x 30 / 720 = 10 s
     assert "(about 10 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=30))
+    # Steps planned for a time limit: said so, not timed again.
+    line = describe_tier("cpu", fit_to_minutes(cpu, 4.5, 0.6), minutes=4.5)
+    planned = ("346 steps: the steps that fit in 4.5 min on this machine (timed just now), and "
+               "training stops at 4.5 min should they be slower")  # fmt: skip
+    assert line.endswith(planned), line
     # Another batch size: the time measured for the recipe's own no longer applies.
     assert "on two CPU cores" not in describe_tier("cpu", cpu.override(batch_size=2))
 
