@@ -343,12 +343,25 @@ def recipe(family: str, tier: str) -> Recipe:
     return RECIPES[(family, tier)]
 
 
+NOTEBOOK_TRAIN_MINUTES = 4.5
+"""The training notebooks' time limit in the ``cpu`` tier (:func:`notebook_train_minutes`)."""
+
+
+def notebook_train_minutes(tier: str) -> float | None:
+    """A training notebook's ``TRAIN_MINUTES``: :data:`NOTEBOOK_TRAIN_MINUTES` in the ``cpu``
+    tier, where the steps are planned to fit it and training stops at it; ``None`` (the recipe's
+    steps, no limit) in the other tiers and whenever ``INSTSEG_TRAIN_STEPS`` sets the steps."""
+    if tier != "cpu" or os.environ.get(STEPS_ENV) is not None:
+        return None
+    return NOTEBOOK_TRAIN_MINUTES
+
+
 def notebook_recipe(family: str, tier: str, minutes: float | None = None) -> Recipe:
     """The recipe a notebook trains with: :func:`recipe`, with 128 px images in the smoke tier
     (notebooks draw them) and ``max_steps`` from ``INSTSEG_TRAIN_STEPS`` when set.
 
-    ``minutes`` (the training notebooks' ``TRAIN_MINUTES`` in the ``cpu`` tier): instead of the
-    recipe's steps, the steps that fit in that many minutes on this machine
+    ``minutes`` (the training notebooks' ``TRAIN_MINUTES``, :func:`notebook_train_minutes`):
+    instead of the recipe's steps, the steps that fit in that many minutes on this machine
     (:func:`fit_to_minutes` of a few steps timed now); the notebook also stops training at the
     limit (:class:`~instseg_edu.engine.train.StopAfter`). Ignored in the smoke tier and when
     ``INSTSEG_TRAIN_STEPS`` is set.
@@ -599,9 +612,9 @@ def describe_tier(
                     "slower")  # fmt: skip
         elif measure:
             seconds = measure_step_seconds(r)
-            minutes = r.max_steps * seconds * PLAN_MARGIN / 60
+            estimate = r.max_steps * seconds * PLAN_MARGIN / 60
             line = (f"{head}: {what}; {seconds:.2f} s per step measured here, so training "
-                    f"takes about {minutes:.1f} min")  # fmt: skip
+                    f"takes about {estimate:.1f} min")  # fmt: skip
         else:
             line = f"{head}: {what}"
         if r.expected_minutes is not None:

@@ -33,15 +33,20 @@
 # over both. The cell prints the tier and how long its training should take on this machine.
 
 # %% tags=["parameters"]
-from instseg_edu.recipes import describe_tier, notebook_recipe, select_tier
+from instseg_edu.recipes import (
+    describe_tier,
+    notebook_recipe,
+    notebook_train_minutes,
+    select_tier,
+)
 
 TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
 SMOKE = TIER == "smoke"
 # The tier's recipe; INSTSEG_TRAIN_STEPS overrides its steps (the browser test trains a few more
 # steps to watch the dashboard).
-# cpu tier: the steps that fit in TRAIN_MINUTES on this machine (timed now), and a stop at
-# the limit should they still be slower; smoke and gpu tiers: the recipe's steps.
-TRAIN_MINUTES = 4.5 if TIER == "cpu" else None
+# cpu tier: the steps that fit in TRAIN_MINUTES (4.5) on this machine (timed now), and a stop
+# at the limit should they still be slower; other tiers, or INSTSEG_TRAIN_STEPS: None, no limit.
+TRAIN_MINUTES = notebook_train_minutes(TIER)
 RECIPE = notebook_recipe("retinanet", TIER, minutes=TRAIN_MINUTES)
 IMAGE_SIZE = RECIPE.image_size
 NUM_TRAIN = RECIPE.num_train

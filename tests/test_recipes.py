@@ -188,6 +188,13 @@ def test_notebook_recipe_with_minutes_fits_the_steps_to_this_machine(env, monkey
     assert smoke.max_steps == recipe("mask_rcnn", "smoke").max_steps
 
 
+def test_notebook_train_minutes_limit_only_the_cpu_tier_s_own_steps(env):
+    monkeypatch, _ = env
+    assert [recipes.notebook_train_minutes(t) for t in TIERS] == [None, 4.5, None]
+    monkeypatch.setenv(STEPS_ENV, "60")  # steps given: trained as given, without a limit
+    assert recipes.notebook_train_minutes("cpu") is None
+
+
 def test_fit_to_minutes_trains_the_steps_that_fit():
     r = recipe("mask_rcnn", "cpu")
     fitted = fit_to_minutes(r, 4.5, 0.3)
