@@ -281,7 +281,7 @@ def _evaluate_and_report(model, val_set, device, out: Path | None, batch_size: i
 
 
 def _run_training(args, family, preset_name, model_cfg, train_set, val_set, device, train_cfg,
-                  *, data_meta, callbacks=()):  # fmt: skip
+                  *, data_meta):  # fmt: skip
     """Shared by ``demo`` and ``train``: train, evaluate, write every output. Returns exit code."""
     import math
 
@@ -338,7 +338,7 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     start = time.perf_counter()
     try:
         history = train(model, loader, train_cfg, evaluate_fn=evaluate_fn, meta=meta,
-                        resume=getattr(args, "resume", None), callbacks=callbacks)  # fmt: skip
+                        resume=getattr(args, "resume", None))  # fmt: skip
     except NonFiniteLossError as e:  # raised by every process at the same step
         if claim_failure():
             print(f"instseg-edu: {e}", file=sys.stderr)
@@ -353,8 +353,9 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         f"trained {len(history.steps)} steps in {minutes:.1f} min"
         + (f", last loss {last['loss']:.4f}, {last['img_s']:.1f} img/s" if last else "")
         + (" (interrupted)" if history.interrupted else "")
-        + (f" (stopped at the time limit, step {len(history.steps)} of {train_cfg.max_steps})"
-           if history.stopped_early else ""),
+        + (" (stopped early)" if history.stopped_early else "")
+        + (f" (the time budget, {train_cfg.max_seconds / 60:g} min, ended it: at most "
+           f"{train_cfg.max_steps} steps were allowed)" if history.out_of_time else ""),
         flush=True,
     )  # fmt: skip
     written = ["history.json"] + (["last.pt"] if history.checkpoint else [])
@@ -403,7 +404,8 @@ def _demo_tier(args, device) -> tuple[str, str]:
 
 
 def _check_minutes(args, tier: str, distributed: bool) -> None:
-    """``--minutes`` needs a step worth timing, and one step count shared by every process."""
+    """``--minutes`` needs a step worth timing, and one process (each would follow its own
+    clock)."""
     if args.steps is not None:
         raise CliError("give --steps or --minutes, not both")
     if not args.minutes > 0:
@@ -411,13 +413,12 @@ def _check_minutes(args, tier: str, distributed: bool) -> None:
     if tier == "smoke":
         raise CliError("--minutes has no meaning for the smoke tier (2 steps on tiny images)")
     if distributed:
-        raise CliError("--minutes under torchrun would time each process on its own and could give "
-                       "them different step counts; give --steps")  # fmt: skip
+        raise CliError("--minutes under torchrun: each process would follow its own clock and "
+                       "take other learning rates; give --steps")  # fmt: skip
 
 
 def cmd_demo(args) -> int:
     from instseg_edu.engine.distributed import is_distributed
-    from instseg_edu.engine.train import StopAfter
     from instseg_edu.recipes import (
         PLAN_MARGIN,
         describe_tier,
@@ -434,7 +435,6 @@ def cmd_demo(args) -> int:
     r = recipe(args.model, tier)
     given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
     r = r.override(**{k: v for k, v in given.items() if v is not None})  # expected time follows
-    callbacks = []
     if args.minutes is None:
         print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
               flush=True)  # fmt: skip
@@ -442,11 +442,11 @@ def cmd_demo(args) -> int:
         _check_minutes(args, tier, is_distributed())
         seconds = measure_step_seconds(r, device=str(device))
         r = fit_to_minutes(r, args.minutes, seconds)
-        callbacks.append(StopAfter(args.minutes * 60))  # a slower machine stops on time
         print(describe_tier(tier, r, measure=False, reason=why), flush=True)
-        print(f"--minutes {args.minutes:g}: {r.max_steps} steps; {seconds:.2f} s per step timed "
-              f"here, planned at {PLAN_MARGIN:g} times that (loading, augmentation, a busy "
-              f"machine); training stops at {args.minutes:g} min in any case",
+        likely = args.minutes * 60 / (PLAN_MARGIN * seconds)
+        print(f"--minutes {args.minutes:g}: {seconds:.2f} s per step timed here, so about "
+              f"{likely:.0f} steps (a real step also loads its batch; at most {r.max_steps}); the "
+              f"cosine schedule follows the clock and ends at {args.minutes:g} min",
               flush=True)  # fmt: skip
     args.image_size, args.batch_size = r.image_size, r.batch_size
     if args.workers is None:  # in memory: nothing left to decode in worker processes
@@ -463,10 +463,11 @@ def cmd_demo(args) -> int:
         args, device, max_steps=r.max_steps, lr=r.lr, optimizer=r.optimizer,
         weight_decay=r.weight_decay, warmup_steps=min(r.warmup_steps, r.max_steps),
         schedule=r.schedule, grad_clip=r.grad_clip, log_every=10,
+        max_seconds=None if r.max_minutes is None else 60 * r.max_minutes,
     )  # fmt: skip
     data_meta = {"val_json": str(val_json), "val_images": str(val_dir), "recipe": r.as_dict()}
     return _run_training(args, args.model, preset_name, model_cfg, train_set, val_set, device,
-                         train_cfg, data_meta=data_meta, callbacks=callbacks)  # fmt: skip
+                         train_cfg, data_meta=data_meta)  # fmt: skip
 
 
 def _lr(args) -> float:
@@ -873,8 +874,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="train for at most this many minutes instead: the steps that fit, planned "
-                   "from a few steps timed first on this machine, and a stop at the limit "
+                   help="train for this many minutes instead: the learning rate's schedule "
+                   "follows the clock and ends at the limit, whatever a step takes today "
                    "(make demo: 5)")  # fmt: skip
     p.add_argument("--image-size", type=int, default=None, help="longest image side in pixels")
     p.add_argument("--batch-size", type=int, default=None)

@@ -112,6 +112,10 @@ class Recipe:
             The standard dataset's :data:`~instseg_edu.data.shapes.SHAPES_PER_IMAGE` = (3, 10),
             or more: more objects to learn from in each step's images. Another range draws its own
             training split (:attr:`train_split`); validation is always the standard split.
+        max_minutes: a time budget, or ``None``: training ends after this many minutes, its
+            schedule following the clock (:class:`~instseg_edu.engine.train.TrainConfig`'s
+            ``max_seconds``); ``max_steps`` is then an upper bound. :func:`fit_to_minutes` sets
+            both.
         expected_minutes: training minutes of these ``max_steps`` on the machine the tier is
             for (two CPU cores for ``"cpu"``), ``None`` where not measured; :func:`describe_tier`
             measures this machine. Change a recipe with :meth:`override`, which keeps it true.
@@ -136,6 +140,7 @@ class Recipe:
     workers: int = 4
     color_jitter: bool = True
     train_shapes_per_image: tuple[int, int] = SHAPES_PER_IMAGE
+    max_minutes: float | None = None
     expected_minutes: float | None = None
     note: str = ""
 
@@ -148,6 +153,8 @@ class Recipe:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes={self.max_minutes!r} must be > 0 or None")
         # a list when read back from a checkpoint
         shapes = check_shapes_per_image(self.train_shapes_per_image, "train_shapes_per_image")
         object.__setattr__(self, "train_shapes_per_image", shapes)
@@ -194,6 +201,7 @@ class Recipe:
             warmup_steps=self.warmup_steps,
             schedule=self.schedule,
             grad_clip=self.grad_clip,
+            max_seconds=None if self.max_minutes is None else 60 * self.max_minutes,
         )
         settings.update(overrides)
         if "warmup_steps" not in overrides:  # a shortened run warms up for at most its length
@@ -349,7 +357,7 @@ NOTEBOOK_TRAIN_MINUTES = 4.5
 
 def notebook_train_minutes(tier: str) -> float | None:
     """A training notebook's ``TRAIN_MINUTES``: :data:`NOTEBOOK_TRAIN_MINUTES` in the ``cpu``
-    tier, where the steps are planned to fit it and training stops at it; ``None`` (the recipe's
+    tier, where training ends at it, its schedule following the clock; ``None`` (the recipe's
     steps, no limit) in the other tiers and whenever ``INSTSEG_TRAIN_STEPS`` sets the steps."""
     if tier != "cpu" or os.environ.get(STEPS_ENV) is not None:
         return None
@@ -362,9 +370,8 @@ def notebook_recipe(family: str, tier: str, minutes: float | None = None) -> Rec
 
     ``minutes`` (the training notebooks' ``TRAIN_MINUTES``, :func:`notebook_train_minutes`):
     instead of the recipe's steps, the steps that fit in that many minutes on this machine
-    (:func:`fit_to_minutes` of a few steps timed now); the notebook also stops training at the
-    limit (:class:`~instseg_edu.engine.train.StopAfter`). Ignored in the smoke tier and when
-    ``INSTSEG_TRAIN_STEPS`` is set.
+    (:func:`fit_to_minutes` of a few steps timed now): training ends at that limit, its schedule
+    following the clock. Ignored in the smoke tier and when ``INSTSEG_TRAIN_STEPS`` is set.
 
     Raises:
         ValueError: ``INSTSEG_TRAIN_STEPS`` is not a positive integer.
@@ -552,17 +559,23 @@ shared machine has slower minutes. 1.1 to 1.45 on two CPU cores (notebook 09's f
 
 
 def fit_to_minutes(
-    r: Recipe, minutes: float, seconds_per_step: float, margin: float = PLAN_MARGIN
+    r: Recipe, minutes: float, seconds_per_step: float, margin: float = 1.0
 ) -> Recipe:
-    """``r`` with as many steps as fit in ``minutes`` of training when a step takes ``margin`` x
-    ``seconds_per_step`` (a pre-timed step, :func:`measure_step_seconds`); at least one step.
-    Warm-up and schedule follow the new length (:meth:`Recipe.train_config`).
+    """``r`` trained for ``minutes``: a time budget (``max_minutes``) whose schedule follows the
+    clock, with as many steps as fit when a step takes ``margin`` x ``seconds_per_step`` (a
+    pre-timed step, :func:`measure_step_seconds`) as the upper bound; at least one step.
 
     A step's time differs from machine to machine, and on a shared machine from hour to hour (the
-    CPU tier's Mask R-CNN step took 0.31 to 0.52 s on the same two cores in one morning), so a
-    fixed step count cannot promise a time: ``instseg-edu demo --minutes`` and notebook 09 time a
-    few steps of the recipe and train this many. Its ``expected_minutes`` becomes ``None``: the
-    time now belongs to this machine, not to the one the tier was timed on.
+    CPU tier's Mask R-CNN step took 0.31 to 0.56 s on the same two cores), so a fixed step count
+    cannot promise a time, and a plan that allows for a slow hour leaves a fast hour's minutes
+    unused. With the budget, the learning rate's schedule is at the larger of the fraction of
+    steps done and the fraction of minutes used (:func:`~instseg_edu.engine.train.lr_at`), and
+    training ends at ``minutes`` with the rate decayed, however long the steps take today. A real
+    step takes 1.0 to 1.45 times a timed one (:data:`PLAN_MARGIN`), so at the default
+    ``margin=1`` the clock, not the step count, almost always ends the run: ``instseg-edu demo
+    --minutes`` and the training notebooks' cpu tier use it so. Warm-up follows the new length
+    (:meth:`Recipe.train_config`). ``expected_minutes`` becomes ``None``: the time now belongs to
+    this machine, not to the one the tier was timed on.
 
     Raises:
         ValueError: ``minutes``, ``seconds_per_step`` or ``margin`` not positive.
@@ -572,7 +585,7 @@ def fit_to_minutes(
         if not value > 0:
             raise ValueError(f"{name}={value!r} must be > 0")
     steps = max(1, int(minutes * 60 / (margin * seconds_per_step)))
-    return r.override(max_steps=steps, expected_minutes=None)
+    return r.override(max_steps=steps, max_minutes=minutes, expected_minutes=None)
 
 
 def describe_tier(
@@ -581,7 +594,6 @@ def describe_tier(
     *,
     measure: bool = True,
     reason: str | None = None,
-    minutes: float | None = None,
 ) -> str:
     """One line: which tier runs, why, and how long its training should take on this machine.
 
@@ -590,9 +602,8 @@ def describe_tier(
     :data:`PLAN_MARGIN` (a real step also loads its batch); in parentheses follows the recipe's
     ``expected_minutes`` for the machine the tier is for (scaled to the steps run when the recipe
     was changed with :meth:`Recipe.override`). ``reason`` says why this tier was chosen (default:
-    what :func:`select_tier` looked at). ``minutes``: ``r``'s steps were planned to fit in that
-    many minutes (:func:`notebook_recipe`, :func:`fit_to_minutes`); the line says so instead of
-    timing the steps again (a second timing on a busy machine can disagree with the first).
+    what :func:`select_tier` looked at). A recipe with a time budget (``max_minutes``, from
+    :func:`fit_to_minutes`) is not timed again: the line gives the budget.
     """
     head = f"tier {tier!r} ({reason or _tier_reason()})"
     if r is None:
@@ -606,10 +617,9 @@ def describe_tier(
     else:
         what = (f"{r.model}, {r.num_train} images of {r.image_size} px, batch {r.batch_size}, "
                 f"{r.max_steps} steps")  # fmt: skip
-        if minutes is not None:
-            line = (f"{head}: {what}: the steps that fit in {minutes:g} min on this machine "
-                    f"(timed just now), and training stops at {minutes:g} min should they be "
-                    "slower")  # fmt: skip
+        if r.max_minutes is not None:
+            line = (f"{head}: {what} at most: training ends at {r.max_minutes:g} min, its "
+                    "learning rate following the clock")  # fmt: skip
         elif measure:
             seconds = measure_step_seconds(r)
             estimate = r.max_steps * seconds * PLAN_MARGIN / 60

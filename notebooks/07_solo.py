@@ -41,8 +41,8 @@ from instseg_edu.recipes import (
 
 TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
 SMOKE = TIER == "smoke"
-# cpu tier: the steps that fit in TRAIN_MINUTES (4.5) on this machine (timed now), and a stop
-# at the limit should they still be slower; other tiers, or INSTSEG_TRAIN_STEPS: None, no limit.
+# cpu tier: training ends at TRAIN_MINUTES (4.5), its learning rate following the clock (at
+# most the steps that fit at the speed timed now); other tiers, or INSTSEG_TRAIN_STEPS: None.
 TRAIN_MINUTES = notebook_train_minutes(TIER)
 # INSTSEG_TRAIN_STEPS overrides the steps in every tier.
 RECIPE = notebook_recipe("solo", TIER, minutes=TRAIN_MINUTES)
@@ -58,7 +58,7 @@ WORKERS = RECIPE.loader_workers
 COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 SEED = 0
-print(describe_tier(TIER, RECIPE, minutes=TRAIN_MINUTES))
+print(describe_tier(TIER, RECIPE))
 
 # %%
 import io
@@ -76,7 +76,7 @@ from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table, predict_loader
-from instseg_edu.engine.train import StopAfter, make_loader, resolve_device, train
+from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.losses import dice_loss
 from instseg_edu.ops.nms import matrix_nms, points_nms
 from instseg_edu.recipes import notebook_data_dir, save_notebook_model
@@ -282,8 +282,7 @@ display(dashboard)
 train_cfg = RECIPE.train_config(
     max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 20, progress=not SMOKE, seed=SEED
 )
-time_limit = [StopAfter(60 * TRAIN_MINUTES)] if TRAIN_MINUTES else []
-history = train(model, train_loader, train_cfg, callbacks=[dashboard, *time_limit])
+history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 last = history.steps[-1]
 print(f"{len(history.steps)} steps; last loss_ins {last['loss_ins']:.3f}, loss_cate "
       f"{last['loss_cate']:.3f}, positives per image {last['num_pos']:.1f}")  # fmt: skip

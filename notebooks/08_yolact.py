@@ -44,8 +44,8 @@ from instseg_edu.recipes import (
 
 TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOKE=1, else the device
 SMOKE = TIER == "smoke"
-# cpu tier: the steps that fit in TRAIN_MINUTES (4.5) on this machine (timed now), and a stop
-# at the limit should they still be slower; other tiers, or INSTSEG_TRAIN_STEPS: None, no limit.
+# cpu tier: training ends at TRAIN_MINUTES (4.5), its learning rate following the clock (at
+# most the steps that fit at the speed timed now); other tiers, or INSTSEG_TRAIN_STEPS: None.
 TRAIN_MINUTES = notebook_train_minutes(TIER)
 # INSTSEG_TRAIN_STEPS overrides the steps in every tier.
 RECIPE = notebook_recipe("yolact", TIER, minutes=TRAIN_MINUTES)
@@ -61,7 +61,7 @@ WORKERS = RECIPE.loader_workers
 COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 SEED = 0
-print(describe_tier(TIER, RECIPE, minutes=TRAIN_MINUTES))
+print(describe_tier(TIER, RECIPE))
 
 # %%
 # %matplotlib inline
@@ -79,7 +79,7 @@ from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
-from instseg_edu.engine.train import StopAfter, make_loader, resolve_device, train
+from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.ops.nms import fast_nms
 from instseg_edu.recipes import notebook_data_dir, save_notebook_model
 from instseg_edu.viz.draw import gallery
@@ -254,8 +254,7 @@ display(dashboard)
 train_cfg = RECIPE.train_config(
     max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 50, progress=not SMOKE, seed=SEED
 )
-time_limit = [StopAfter(60 * TRAIN_MINUTES)] if TRAIN_MINUTES else []
-history = train(model, train_loader, train_cfg, callbacks=[dashboard, *time_limit])
+history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 for key in ("loss_cls", "loss_bbox", "loss_mask"):
     print(key, [round(s[key], 3) for s in history.steps[:: max(1, len(history.steps) // 5)]])
 # Saved for later notebooks (runs/notebooks/<tier>/yolact.pt; `instseg-edu evaluate` reads it).

@@ -14,7 +14,10 @@ needs, each piece small enough to read:
   cores); the CPU otherwise, in float32.
 - **optimiser and schedule**: SGD or AdamW; linear warm-up from ``lr * warmup_ratio`` (as in
   MMDetection's ``LinearLR``), then step decay or cosine. The learning rate is a pure function of
-  the step (:func:`lr_at`), so resuming needs nothing but the step number.
+  the step (:func:`lr_at`), so resuming needs nothing but the step number. With a time budget
+  (``max_seconds``) the schedule follows the clock instead when the clock is ahead: the training
+  ends on time with its learning rate decayed, however fast this machine is today; checkpoints
+  keep the time used.
 - **logging without stalls**: loss values stay on the GPU and are copied to the host every
   ``log_every`` steps in one transfer (a ``.item()`` per step would make the CPU wait for the GPU
   every step). :class:`History` keeps every step's loss terms, total, learning rate, img/s and
@@ -43,6 +46,7 @@ Notebook: ``notebooks/`` (training a RetinaNet on shapes) walks through this loo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -93,7 +97,8 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of :func:`train`. Length: ``max_steps`` and/or ``epochs`` (whichever ends first).
+    """Settings of :func:`train`. Length: ``max_steps`` and/or ``epochs`` (whichever ends first),
+    and optionally a time budget, ``max_seconds``.
 
     Attributes:
         epochs: passes over the training loader.
@@ -112,6 +117,14 @@ class TrainConfig:
         eval_every: steps between evaluations (``None``: only at the end, if an evaluator exists).
         checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
         checkpoint_every: steps between checkpoints (one is always written at the end).
+        max_seconds: a time budget, or ``None``. Training ends once this many seconds of
+            training (steps with their loading and logging; evaluations and checkpoints not
+            counted) have passed, and the schedule follows the clock: its position is the larger
+            of the fraction of steps done and the fraction of the budget used (:func:`lr_at`), so
+            a machine slower than planned still decays the learning rate to its end on time, and
+            one faster than planned ends at ``max_steps``. Runs with it are not repeatable to the
+            bit (the clock decides the rates). One process only: under ``torchrun`` each process
+            would follow its own clock.
         seed: seeds torch, numpy, Python's ``random`` and the data order.
         device: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...; under
             ``torchrun``, ``"auto"`` and ``"cuda"`` mean this process's GPU (``cuda:LOCAL_RANK``).
@@ -140,6 +153,7 @@ class TrainConfig:
     eval_every: int | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int | None = None
+    max_seconds: float | None = None
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -152,6 +166,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name}={v!r} must be a positive int or None")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ValueError(f"max_seconds={self.max_seconds!r} must be > 0 or None")
         if not self.lr > 0:
             raise ValueError(f"lr={self.lr} must be > 0")
         if self.optimizer not in OPTIMIZERS:
@@ -214,19 +230,25 @@ def total_steps(cfg: TrainConfig, loader) -> int:
     return min(candidates)
 
 
-def lr_at(step: int, cfg: TrainConfig, num_steps: int) -> float:
-    """Learning rate for the update that follows ``step`` completed steps.
+def lr_at(step: int, cfg: TrainConfig, num_steps: int, seconds: float = 0.0) -> float:
+    """Learning rate for the update that follows ``step`` completed steps (and ``seconds`` of
+    training, which count only with ``cfg.max_seconds``).
 
     Warm-up (Goyal et al. 2017, "Accurate, Large Minibatch SGD", Sec. 2.2) ramps linearly from
     ``lr * warmup_ratio`` at step 0 to ``lr`` at ``warmup_steps``; e.g. lr=0.01, ratio=0.001,
     500 warm-up steps: step 0 → 1e-5, step 250 → 0.005005, step 500 → 0.01. The schedule factor is
-    applied on top (as MMDetection does when warm-up and decay overlap).
+    applied on top (as MMDetection does when warm-up and decay overlap), at the run's position
+    ``t = step / num_steps``, or, with a time budget, ``max(step / num_steps, seconds /
+    max_seconds)``: cosine with 1000 steps planned in 300 s is at ``t = 0.5`` after 500 steps,
+    or after 150 s should those come first. The warm-up always counts steps.
     """
+    t = min(step / max(num_steps, 1), 1.0)
+    time_t = 0.0 if cfg.max_seconds is None else min(seconds / cfg.max_seconds, 1.0)
+    t = max(t, time_t)
     if cfg.schedule == "step":
-        passed = sum(step >= m * num_steps for m in cfg.milestones)
+        passed = sum(step >= m * num_steps or time_t >= m for m in cfg.milestones)
         factor = cfg.gamma**passed
     elif cfg.schedule == "cosine":
-        t = min(step / max(num_steps, 1), 1.0)
         factor = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     else:
         factor = 1.0
@@ -270,6 +292,9 @@ class History:
             ``metrics`` (as ``evaluate_fn`` returned them, e.g. ``{"bbox": {"AP": ..}}``).
         interrupted: training was stopped by ``KeyboardInterrupt``.
         stopped_early: a callback requested the stop.
+        out_of_time: training ended at ``max_seconds``, before ``max_steps``.
+        train_seconds: seconds of training so far (steps with their loading and logging, not
+            evaluations or checkpoints), carried across a resume; what ``max_seconds`` counts.
         checkpoint: path of the last checkpoint written, if any.
     """
 
@@ -277,6 +302,8 @@ class History:
     evals: list[dict] = field(default_factory=list)
     interrupted: bool = False
     stopped_early: bool = False
+    out_of_time: bool = False
+    train_seconds: float = 0.0
     checkpoint: str | None = None
     config: dict = field(default_factory=dict)
 
@@ -286,6 +313,8 @@ class History:
             "evals": [_plain(e) for e in self.evals],
             "interrupted": self.interrupted,
             "stopped_early": self.stopped_early,
+            "out_of_time": self.out_of_time,
+            "train_seconds": self.train_seconds,
             "checkpoint": self.checkpoint,
             "config": _plain(self.config),
         }
@@ -297,6 +326,8 @@ class History:
             evals=[_plain(e) for e in d.get("evals", [])],
             interrupted=bool(d.get("interrupted", False)),
             stopped_early=bool(d.get("stopped_early", False)),
+            out_of_time=bool(d.get("out_of_time", False)),
+            train_seconds=float(d.get("train_seconds", 0.0)),
             checkpoint=d.get("checkpoint"),
             config=_plain(d.get("config", {})),
         )
@@ -469,6 +500,24 @@ class StopAfter:
         if self.stopped_at is None and time.perf_counter() - self.start > self.seconds:
             self.stopped_at = state.step
             state.request_stop()
+
+
+class _Clock:
+    """Seconds of training: wall clock from ``seconds`` on, less what runs under ``paused()``."""
+
+    def __init__(self, seconds: float = 0.0):
+        self._offset = seconds - time.perf_counter()
+
+    def seconds(self) -> float:
+        return self._offset + time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._offset -= time.perf_counter() - start
 
 
 def _call(callbacks, hook: str, state: TrainState):
@@ -719,7 +768,8 @@ def train(
     Raises:
         NonFiniteLossError: a loss term became NaN/inf (``.history`` has the steps before it).
         ValueError: ``sync_bn=True`` under a process group on the CPU (SyncBatchNorm needs CUDA),
-            or a loader that gives every process the whole dataset.
+            ``max_seconds`` under a process group (each process would follow its own clock), or
+            a loader that gives every process the whole dataset.
     """
     device = resolve_device(cfg.device)
     on_cuda = device.type == "cuda"
@@ -735,6 +785,11 @@ def train(
             raise ValueError(
                 "sync_bn=True needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); on "
                 "the CPU keep BatchNorm frozen (the backbone's norm_eval=True) instead"
+            )
+        if cfg.max_seconds is not None:
+            raise ValueError(
+                f"max_seconds={cfg.max_seconds} under torchrun: each process would follow its own "
+                "clock and take other learning rates; set max_steps instead"
             )
     if evaluate_fn is None and val_loader is not None:
         evaluate_fn = _default_evaluate_fn(val_loader, device, train_loader)
@@ -761,7 +816,7 @@ def train(
         step, epoch, skip = int(ckpt["step"]), int(ckpt["epoch"]), int(ckpt["batch_in_epoch"])
         history = History.from_dict(ckpt["history"])
         history.config = config_to_dict(cfg)
-        history.interrupted = history.stopped_early = False
+        history.interrupted = history.stopped_early = history.out_of_time = False
         rng = _resume_rng(ckpt, rank, world_size)
         logger.info("resuming from step %d (epoch %d)", step, epoch)
     if rng is None:
@@ -799,8 +854,13 @@ def train(
     sync_every = cfg.log_every if on_cuda else 1
 
     def save(batch_in_epoch: int):
+        with clock.paused():
+            _save(batch_in_epoch)
+
+    def _save(batch_in_epoch: int):
         step_log.flush()  # never save unverified steps
         history.checkpoint = str(ckpt_path)
+        history.train_seconds = clock.seconds()
         rng_ranks = all_gather_object(_rng_state()) if ddp else None  # every process's RNGs
         if main:
             save_checkpoint(ckpt_path, {
@@ -821,6 +881,10 @@ def train(
         step_log.reset_window()
 
     def evaluate():
+        with clock.paused():
+            _evaluate()
+
+    def _evaluate():
         step_log.flush()
         broadcast_buffers(model)  # every process evaluates rank 0's model
         model.eval()
@@ -856,8 +920,14 @@ def train(
     batch_in_epoch = skip
     last_eval_step = history.evals[-1]["step"] if history.evals else -1
     stopping = False
+    clock = _Clock(history.train_seconds)  # a resumed run goes on from its checkpoint's time
+
+    def time_is_up() -> bool:
+        return cfg.max_seconds is not None and clock.seconds() >= cfg.max_seconds
+
+    out_of_time = time_is_up()
     try:
-        while step < num_steps and not stopping:
+        while step < num_steps and not stopping and not out_of_time:
             _seed_loader(train_loader, cfg.seed, epoch, rank)
             batches = iter(train_loader)
             if skip:
@@ -871,7 +941,7 @@ def train(
             seen = 0
             for batch in batches:
                 seen += 1
-                lr = lr_at(step, cfg, num_steps)
+                lr = lr_at(step, cfg, num_steps, clock.seconds())
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = batch.to(device, non_blocking=True)
@@ -915,7 +985,8 @@ def train(
                     save(batch_in_epoch)
                 if synced or not ddp:
                     stopping = agreed_stop()
-                if step >= num_steps or stopping:
+                out_of_time = time_is_up()
+                if step >= num_steps or stopping or out_of_time:
                     if batch_in_epoch == epoch_len:  # that was also the epoch's last batch
                         end_epoch()
                     break
@@ -926,12 +997,15 @@ def train(
         step_log.flush()
         broadcast_buffers(model)  # every process returns rank 0's model (the checkpoint's)
         history.stopped_early = stopping and step < num_steps
+        history.out_of_time = out_of_time and not stopping and step < num_steps
+        history.train_seconds = clock.seconds()
         if evaluate_fn is not None and last_eval_step != step:
             evaluate()
         if ckpt_path:
             save(batch_in_epoch)
     except KeyboardInterrupt:
         history.interrupted = True
+        history.train_seconds = clock.seconds()
         try:
             step_log.flush()
         except NonFiniteLossError:

@@ -106,6 +106,12 @@ def test_sync_bn_on_the_cpu_is_refused_clearly(worker_run):
     assert error is not None and "SyncBatchNorm" in error and "CUDA" in error
 
 
+def test_a_time_budget_under_torchrun_is_refused_clearly(worker_run):
+    _, out = worker_run
+    error = torch.load(out / "equality.pt", weights_only=True)["max_seconds_error"]
+    assert error is not None and "max_seconds=60.0 under torchrun" in error and "clock" in error
+
+
 def test_sync_bn_on_cpu_processes_is_one_line_from_the_command(tmp_path):
     # Refused before any data is read (the training file does not even exist), once, in one line.
     done = torchrun(

@@ -241,6 +241,88 @@ def test_stop_after_ends_training_at_its_time_limit(monkeypatch):
         StopAfter(0)
 
 
+class _FakeClock:
+    """``time`` for the training loop: it stands still but for ``advance``."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float):
+        self.now += seconds
+
+
+def test_max_seconds_ends_on_time_with_the_schedule_following_the_clock(monkeypatch, tmp_path):
+    from instseg_edu.engine import train as train_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(train_module, "time", clock)
+    every_step_takes_10_s = lambda state: clock.advance(10.0)  # noqa: E731
+
+    def evaluate_for_100_s(model):  # evaluations do not count against the budget
+        clock.advance(100.0)
+        return {"bbox": {"AP": 0.0}}
+
+    # Planned 50 steps in 60 s, but a step takes 10 s: the clock ends the run after 6 steps, and
+    # the cosine is at t = 10 k / 60 for step k (the steps alone would say k / 50).
+    cfg = _cfg(max_steps=50, max_seconds=60.0, schedule="cosine", warmup_steps=0, lr=0.1,
+               eval_every=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)  # fmt: skip
+    history = train(_model(), _loader(40), cfg, callbacks=[every_step_takes_10_s],
+                    evaluate_fn=evaluate_for_100_s)  # fmt: skip
+    assert len(history.steps) == 6 and history.out_of_time and not history.stopped_early
+    assert history.train_seconds == 60.0 and len(history.evals) == 3
+    expected = [0.05 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]
+    assert [s["lr"] for s in history.steps] == pytest.approx(expected)
+    assert [lr_at(k, cfg, 50, 10.0 * k) for k in range(6)] == pytest.approx(expected)
+    assert load_checkpoint(tmp_path / "last.pt")["history"]["train_seconds"] == 60.0
+
+    # A machine faster than planned: the steps end it, the schedule at the larger fraction.
+    fast = _cfg(max_steps=4, max_seconds=60.0, schedule="cosine", warmup_steps=0, lr=0.1)
+    history = train(_model(), _loader(40), fast, callbacks=[every_step_takes_10_s])
+    assert len(history.steps) == 4 and not history.out_of_time
+    expected = [0.05 * (1 + math.cos(math.pi * max(k / 4, k / 6))) for k in range(4)]
+    assert [s["lr"] for s in history.steps] == pytest.approx(expected)
+    assert history.train_seconds == 40.0
+    # Step decay: a milestone passes at the step fraction or the time fraction, whichever first.
+    steps = _cfg(max_steps=100, max_seconds=60.0, warmup_steps=0, lr=1.0, milestones=(0.5,))
+    assert lr_at(49, steps, 100, 29.0) == 1.0 and lr_at(50, steps, 100, 0.0) == 0.1
+    assert lr_at(10, steps, 100, 30.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="max_seconds"):
+        _cfg(max_seconds=0.0)
+
+
+def test_resume_keeps_the_time_used(monkeypatch, tmp_path):
+    """Stopped at step 3 of a 60 s budget after 30 s, a resumed run has 30 s left, and its rates
+    are those of the run that was not stopped."""
+    from instseg_edu.engine import train as train_module
+
+    clock = _FakeClock()
+    monkeypatch.setattr(train_module, "time", clock)
+    tick = lambda state: clock.advance(10.0)  # noqa: E731
+    cfg = _cfg(max_steps=50, max_seconds=60.0, schedule="cosine", warmup_steps=0,
+               checkpoint_dir=str(tmp_path))  # fmt: skip
+    straight = train(_model(), _loader(40), cfg, callbacks=[tick])
+
+    def stop_at_3(state):
+        tick(state)
+        if state.step == 3:
+            state.request_stop()
+
+    clock.now = 1000.0  # the clock's origin does not matter
+    part = train(_model(), _loader(40), cfg, callbacks=[stop_at_3])
+    assert part.stopped_early and not part.out_of_time and part.train_seconds == 30.0
+    clock.advance(5000.0)  # time between the two runs does not count
+    resumed = train(_model(seed=7), _loader(40), cfg, callbacks=[tick],
+                    resume=tmp_path / "last.pt")  # fmt: skip
+    assert len(resumed.steps) == 6 and resumed.out_of_time and resumed.train_seconds == 60.0
+    assert [s["lr"] for s in resumed.steps] == [s["lr"] for s in straight.steps]
+    # A budget already used up trains no more steps.
+    again = train(_model(), _loader(40), cfg, resume=tmp_path / "last.pt")
+    assert len(again.steps) == 6
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_fused_optimizer_equals_the_per_tensor_update(name):
     # make_optimizer uses the fused kernel; PyTorch's per-tensor loop (foreach=False) is the

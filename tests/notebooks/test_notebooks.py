@@ -103,7 +103,8 @@ def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, 
     assert (namespace["IMAGE_SIZE"], namespace["TRAIN_STEPS"], namespace["MODEL"]) == (
         r.image_size, r.max_steps, r.model,
     )  # fmt: skip
-    assert f"{r.max_steps} steps: the steps that fit in 4.5 min on this machine" in printed
+    assert f"{r.max_steps} steps at most: training ends at 4.5 min" in printed
+    assert r.max_minutes == 4.5 and r.train_config().max_seconds == 270
 
 
 # The comparing notebook finds these families saved by their notebooks and trains the others, so
