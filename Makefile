@@ -34,10 +34,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The demo trains the family with the best masks on a CPU (Mask R-CNN) with the recipe of this
-# machine's tier (instseg_edu/recipes.py) for at most DEMO_MINUTES of training: the steps that
-# fit, planned from a few steps timed on this machine first (a step's time varies between
-# machines and, on a shared one, between hours), and a stop at the limit should they still be
-# slower. `instseg-edu demo --model solo` for another family.
+# machine's tier (instseg_edu/recipes.py) for DEMO_MINUTES of training: its learning-rate
+# schedule follows the clock and ends at the limit, however long a step takes on this machine
+# this hour (it varies between machines and, on a shared one, between hours).
+# `instseg-edu demo --model solo` for another family.
 DEMO_MINUTES ?= 5
 demo: setup
 	$(VENV)/bin/instseg-edu demo --minutes $(DEMO_MINUTES)

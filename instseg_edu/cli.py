@@ -420,7 +420,6 @@ def _check_minutes(args, tier: str, distributed: bool) -> None:
 def cmd_demo(args) -> int:
     from instseg_edu.engine.distributed import is_distributed
     from instseg_edu.recipes import (
-        PLAN_MARGIN,
         describe_tier,
         fit_to_minutes,
         measure_step_seconds,
@@ -443,11 +442,11 @@ def cmd_demo(args) -> int:
         seconds = measure_step_seconds(r, device=str(device))
         r = fit_to_minutes(r, args.minutes, seconds)
         print(describe_tier(tier, r, measure=False, reason=why), flush=True)
-        likely = args.minutes * 60 / (PLAN_MARGIN * seconds)
+        at_this_speed = round(args.minutes * 60 / seconds)
         print(f"--minutes {args.minutes:g}: {seconds:.2f} s per step timed here, so about "
-              f"{likely:.0f} steps (a real step also loads its batch; at most {r.max_steps}); the "
-              f"cosine schedule follows the clock and ends at {args.minutes:g} min",
-              flush=True)  # fmt: skip
+              f"{at_this_speed} steps at that speed (a real step also loads its batch, and one "
+              f"hour's steps differ from another's; at most {r.max_steps}); the cosine schedule "
+              f"follows the clock and ends at {args.minutes:g} min", flush=True)  # fmt: skip
     args.image_size, args.batch_size = r.image_size, r.batch_size
     if args.workers is None:  # in memory: nothing left to decode in worker processes
         args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)

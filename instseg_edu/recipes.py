@@ -307,8 +307,8 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # the model learns from how many objects it has looked at, and a denser image shows twice as
     # many. A step of 8 of them takes about 0.33 s on two quiet cores (with loading), so 720
     # steps train in about 4 minutes (on a busy hour, 0.5 s: docs/notebooks.md). `make demo`
-    # trains for at most five minutes instead (`instseg-edu demo --minutes 5`): the steps that
-    # fit on its machine.
+    # trains for five minutes instead (`instseg-edu demo --minutes 5`), its schedule following
+    # the clock: as many steps as its machine gives it.
     ("mask_rcnn", "cpu"): _cpu(
         "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=720, lr=2e-3, expected_minutes=4.0,
         train_shapes_per_image=(10, 20),
@@ -369,9 +369,9 @@ def notebook_recipe(family: str, tier: str, minutes: float | None = None) -> Rec
     (notebooks draw them) and ``max_steps`` from ``INSTSEG_TRAIN_STEPS`` when set.
 
     ``minutes`` (the training notebooks' ``TRAIN_MINUTES``, :func:`notebook_train_minutes`):
-    instead of the recipe's steps, the steps that fit in that many minutes on this machine
-    (:func:`fit_to_minutes` of a few steps timed now): training ends at that limit, its schedule
-    following the clock. Ignored in the smoke tier and when ``INSTSEG_TRAIN_STEPS`` is set.
+    instead of the recipe's steps, a time budget of that many minutes with its schedule following
+    the clock, the steps that fit at the speed of a few steps timed now as a bound
+    (:func:`fit_to_minutes`). Ignored in the smoke tier and when ``INSTSEG_TRAIN_STEPS`` is set.
 
     Raises:
         ValueError: ``INSTSEG_TRAIN_STEPS`` is not a positive integer.
@@ -518,7 +518,8 @@ def measure_step_seconds(
         if model is None:
             model = build_model(r.family, r.model_config(len(CLASSES)))
         batch = shapes_batch(r.batch_size, r.image_size, shapes_per_image=r.train_shapes_per_image)
-        cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0)
+        cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0,
+                             max_seconds=None)  # fmt: skip
         train(model, [batch], cfg)  # warm-up: allocations, kernel selection
         cfg = dataclasses.replace(cfg, max_steps=steps)
         clock = _StepClock(dev)
@@ -555,11 +556,12 @@ PLAN_MARGIN = 1.3
 """How much longer a real training step takes than one timed by :func:`measure_step_seconds`:
 the real one also loads and augments its batch, its images hold other numbers of objects, and a
 shared machine has slower minutes. 1.1 to 1.45 on two CPU cores (notebook 09's four families;
-1.0 to 1.4 in six runs of the CPU demo's Mask R-CNN), so a plan allows 1.3."""
+0.95 to 1.4 in nine runs of the CPU demo's Mask R-CNN), so an estimate allows 1.3
+(:func:`describe_tier`)."""
 
 
 def fit_to_minutes(
-    r: Recipe, minutes: float, seconds_per_step: float, margin: float = 1.0
+    r: Recipe, minutes: float, seconds_per_step: float, margin: float = 0.8
 ) -> Recipe:
     """``r`` trained for ``minutes``: a time budget (``max_minutes``) whose schedule follows the
     clock, with as many steps as fit when a step takes ``margin`` x ``seconds_per_step`` (a
@@ -571,9 +573,9 @@ def fit_to_minutes(
     unused. With the budget, the learning rate's schedule is at the larger of the fraction of
     steps done and the fraction of minutes used (:func:`~instseg_edu.engine.train.lr_at`), and
     training ends at ``minutes`` with the rate decayed, however long the steps take today. A real
-    step takes 1.0 to 1.45 times a timed one (:data:`PLAN_MARGIN`), so at the default
-    ``margin=1`` the clock, not the step count, almost always ends the run: ``instseg-edu demo
-    --minutes`` and the training notebooks' cpu tier use it so. Warm-up follows the new length
+    step takes 0.95 to 1.45 times a timed one (:data:`PLAN_MARGIN`), so at the default
+    ``margin=0.8`` the clock, not the step count, ends the run: ``instseg-edu demo --minutes``
+    and the training notebooks' cpu tier use it so. Warm-up follows the new length
     (:meth:`Recipe.train_config`). ``expected_minutes`` becomes ``None``: the time now belongs to
     this machine, not to the one the tier was timed on.
 

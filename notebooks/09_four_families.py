@@ -42,10 +42,10 @@
 # it proves the code runs). `INSTSEG_TIER` wins over both. The `cpu` tier is meant to finish in
 # under six minutes on two cores even when it trains all four families itself, and the four
 # recipes together take far longer than that (each about 4–5 minutes). So in the `cpu` tier a
-# family trained here gets a **time budget** (`TRAIN_BUDGET_S`): section 1 measures its seconds
-# per training step on this machine and it trains
-# `min(recipe steps, budget / (PLAN_MARGIN × seconds per step))` steps, with the recipe's
-# learning-rate schedule fitted to that length. The same budget for everyone is also a fair race: which family learns
+# family trained here gets a **time budget** (`TRAIN_BUDGET_S`): it trains for that many seconds,
+# its learning-rate schedule following the clock (`fit_to_minutes`, as `instseg-edu demo
+# --minutes` trains), with at most the steps that fit at the speed section 1 measures on this
+# machine (and at most its recipe's). The same budget for everyone is also a fair race: which family learns
 # most in the same minutes? Run notebooks 04–08 first (or set `TRAIN_BUDGET_S = None`) to compare
 # the fully trained models instead.
 
@@ -56,9 +56,9 @@ TIER = select_tier()  # "smoke", "cpu" or "gpu": INSTSEG_TIER, else INSTSEG_SMOK
 SMOKE = TIER == "smoke"
 # Each family's notebook recipe (04, 06, 07, 08); INSTSEG_TRAIN_STEPS overrides their steps.
 RECIPES = {family: notebook_recipe(family, TIER) for family in FAMILIES}
-# Seconds of training for each family trained here (None: its whole recipe). 60 s each keeps the
-# cpu tier under six minutes on two cores with all four trained here.
-TRAIN_BUDGET_S = {"smoke": None, "cpu": 60.0, "gpu": None}[TIER]
+# Seconds of training for each family trained here (None: its whole recipe). 50 s each keeps the
+# cpu tier under six minutes on two cores with all four trained here, even on a slow hour.
+TRAIN_BUDGET_S = {"smoke": None, "cpu": 50.0, "gpu": None}[TIER]
 USE_CHECKPOINTS = True  # load what notebooks 04-08 saved for this tier; False: train all four here
 CHECKPOINT_ROOT = "runs"  # they save to <CHECKPOINT_ROOT>/notebooks/<tier>/<family>.pt
 SCORE_THR = 0.3  # detections drawn and counted in the error analysis
@@ -71,7 +71,7 @@ for r in RECIPES.values():
 if TRAIN_BUDGET_S is None:
     print("a family without a saved model trains its whole recipe here")
 else:
-    print(f"a family without a saved model trains here for at most {TRAIN_BUDGET_S:g} s "
+    print(f"a family without a saved model trains here for {TRAIN_BUDGET_S:g} s "
           f"(all four: about {len(RECIPES) * TRAIN_BUDGET_S / 60:.1f} min of training)")  # fmt: skip
 
 # %%
@@ -92,9 +92,8 @@ from instseg_edu.data.transforms import collate, eval_transforms, train_transfor
 from instseg_edu.engine.analysis import COUNT_NAMES, error_analysis, match_model
 from instseg_edu.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from instseg_edu.engine.compare import SPEED_NOISE_RATIO, Measured, recommend
-from instseg_edu.engine.train import StopAfter, make_loader, resolve_device, train
+from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.recipes import (
-    PLAN_MARGIN,
     fit_to_minutes,
     measure_step_seconds,
     notebook_checkpoint,
@@ -133,23 +132,23 @@ print(f"device {device}; {len(val_set)} validation images of {IMAGE_SIZE}², cla
 # times set how many steps a family trained here gets from its budget.
 #
 # They are a lower bound: the training itself also loads and augments every batch, on images
-# with other numbers of objects. On a two-core machine its steps took 1.1 to 1.45 times the
-# pre-timed ones, so the plan (`fit_to_minutes`, as `instseg-edu demo --minutes` plans) allows
-# `PLAN_MARGIN` = 1.3 times the measured time per step, and the cosine schedule has time to
-# finish. The images per second in section 3's table are those each training actually achieved,
-# not these.
+# with other numbers of objects (on a two-core machine its steps took 1.1 to 1.45 times the
+# pre-timed ones). So the steps that fit at this speed are only the most a family can train in its
+# budget (`fit_to_minutes`); the clock ends the training, and the cosine schedule follows the
+# clock, so it decays to its end on time whatever the steps take. The images per second in
+# section 3's table are those each training actually achieved, not these.
 
 # %%
 step_s = {f: measure_step_seconds(r, steps=1 if SMOKE else 3) for f, r in RECIPES.items()}
-planned_steps = {}
+budgeted = {}  # the recipe a family trained here trains with
 for f, r in RECIPES.items():
-    fit = r.max_steps
-    if TRAIN_BUDGET_S is not None:  # budget / (PLAN_MARGIN x seconds per step)
-        fit = fit_to_minutes(r, TRAIN_BUDGET_S / 60, step_s[f], PLAN_MARGIN).max_steps
-    planned_steps[f] = max(1, min(r.max_steps, fit))
-    cut = "" if planned_steps[f] == r.max_steps else f" (budget: recipe has {r.max_steps})"
+    if TRAIN_BUDGET_S is not None:  # the budget, with at most the steps that fit at this speed
+        fitted = fit_to_minutes(r, TRAIN_BUDGET_S / 60, step_s[f])
+        r = fitted.override(max_steps=min(r.max_steps, fitted.max_steps))
+    budgeted[f] = r
+    budget = "" if r.max_minutes is None else f" at most, for {60 * r.max_minutes:g} s"
     print(f"{NAMES[f]:11s} {r.model:23s} {step_s[f]:.3f} s/step pre-timed, batch "
-          f"{r.batch_size} -> {planned_steps[f]} steps here{cut}")  # fmt: skip
+          f"{r.batch_size} -> {r.max_steps} steps{budget}")  # fmt: skip
 
 
 # %% [markdown]
@@ -162,8 +161,7 @@ for f, r in RECIPES.items():
 # wall-clock time the training loop ran.
 #
 # A family trained here uses `train` as its notebook does: the recipe's optimiser, warm-up,
-# schedule and clipping, over `planned_steps` steps. Should its steps still be slower than
-# planned, a callback (`StopAfter`) stops it at 1.1 × the budget (the table then says so).
+# schedule and clipping, for its budget (`budgeted`, from section 1).
 
 
 # %%
@@ -194,8 +192,6 @@ def load_saved(family: str, r):
         "loaded": True,
         "preset": meta["preset"],
         "steps": len(ckpt["history"]["steps"]),
-        "planned": saved["max_steps"],
-        "stopped": ckpt["history"].get("stopped_early", False),
         "batch": saved["batch_size"],
         "seconds": training_seconds(ckpt["history"], saved["batch_size"]),
     }
@@ -211,7 +207,7 @@ train_sets = {}
 
 
 def train_here(family: str, r):
-    """Train ``family`` with its recipe for ``planned_steps[family]`` steps."""
+    """Train ``family`` with its recipe, for its budget: ``budgeted[family]``."""
     shapes = r.train_shapes_per_image
     if shapes not in train_sets:
         largest = max(x.num_train for x in RECIPES.values() if x.train_shapes_per_image == shapes)
@@ -228,18 +224,15 @@ def train_here(family: str, r):
     train_set = Subset(train_sets[shapes], range(r.num_train))
     loader = make_loader(train_set, r.batch_size, seed=SEED, workers=r.loader_workers)
     model = r.build_model(len(CLASSES))
-    cfg = r.train_config(max_steps=planned_steps[family], seed=SEED, device=str(device),
-                         log_every=1 if SMOKE else 20, progress=not SMOKE)  # fmt: skip
-    guard = [] if TRAIN_BUDGET_S is None else [StopAfter(1.1 * TRAIN_BUDGET_S)]
+    cfg = budgeted[family].train_config(seed=SEED, device=str(device),
+                                        log_every=1 if SMOKE else 20, progress=not SMOKE)  # fmt: skip
     start = time.perf_counter()
-    history = train(model, loader, cfg, callbacks=guard)
+    history = train(model, loader, cfg)
     seconds = time.perf_counter() - start
-    stopped = " (stopped by the time guard)" if history.stopped_early else ""
     print(f"{NAMES[family]}: trained here — {r.model}, {len(history.steps)} steps of "
-          f"{r.batch_size} images in {seconds:.0f} s{stopped}; last loss "
+          f"{r.batch_size} images in {seconds:.0f} s; last loss "
           f"{history.steps[-1]['loss']:.3f}")  # fmt: skip
     info = {"source": "trained here", "loaded": False, "preset": r.model, "steps": len(history.steps),
-            "planned": planned_steps[family], "stopped": history.stopped_early,
             "batch": r.batch_size, "seconds": seconds}  # fmt: skip
     return model, info
 
@@ -261,8 +254,7 @@ for family, r in RECIPES.items():
 # as `evaluate_model`'s, and it keeps COCOeval's matches for section 5. RetinaNet has no masks.
 #
 # Train img/s is what each training achieved: its steps × batch over the seconds it ran (data
-# loading included), from the run itself, not section 1's pre-timed steps. A run the time guard
-# stopped says so in the training column, with the steps it had planned.
+# loading included), from the run itself, not section 1's pre-timed steps.
 #
 # Latency is one image at a time (batch 1), `model(images)` then `model.predict` (thresholds, NMS,
 # mask assembly and pasting), the median over `LATENCY_REPEATS` passes over the first
@@ -332,10 +324,9 @@ rows = [
 ]
 for f in FAMILIES:
     t, info = table[f], trained[f]
-    guard = f" (stopped by the time guard, {info['planned']} planned)" if info["stopped"] else ""
     rows.append(
         f"| {NAMES[f]} | `{info['preset']}` | {info['source']} | {info['steps']} × "
-        f"{info['batch']} images, {duration(info['seconds'])}{guard} | {cell(t['box AP'], 3)} | "
+        f"{info['batch']} images, {duration(info['seconds'])} | {cell(t['box AP'], 3)} | "
         f"{cell(t['box AP50'], 3)} | {cell(t['mask AP'], 3)} | {cell(t['mask AP50'], 3)} | "
         f"{t['train img/s']:.1f} | {t['latency ms']:.1f} ms |"
     )
@@ -515,7 +506,7 @@ for f in FAMILIES:
 by_source = {}
 for f, info in trained.items():
     by_source.setdefault(info["loaded"], []).append(NAMES[f])
-budget = "" if TRAIN_BUDGET_S is None else f" (at most {TRAIN_BUDGET_S:g} s each)"
+budget = "" if TRAIN_BUDGET_S is None else f" ({TRAIN_BUDGET_S:g} s each)"
 where = {True: "loaded from their notebooks", False: f"trained here{budget}"}
 lines.append("All of this holds for these models — "
              + "; ".join(f"{', '.join(n)} {where[s]}" for s, n in by_source.items())

@@ -181,9 +181,9 @@ def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_
 
 
 def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_path, capsys):
-    """``--minutes 3.9`` at 0.6 s per step timed here: at most 234 / 0.6 = 390 steps, about
-    234 / (1.3 x 0.6) = 300 of them likely, told in the first two lines, with no time for "two CPU
-    cores" (the time now belongs to this machine)."""
+    """``--minutes 3.9`` at 0.6 s per step timed here: about 234 / 0.6 = 390 steps, at most
+    234 / (0.8 x 0.6) = 487, told in the first two lines, with no time for "two CPU cores" (the
+    time now belongs to this machine)."""
     from instseg_edu import cli, recipes
 
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
@@ -202,13 +202,14 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path)]) == 2
     first, second = capsys.readouterr().out.splitlines()[:2]
     assert first.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), first
-    budget = "batch 8, 390 steps at most: training ends at 3.9 min, its learning rate following"
+    budget = "batch 8, 487 steps at most: training ends at 3.9 min, its learning rate following"
     assert first.endswith(budget + " the clock"), first  # nothing about two CPU cores
-    assert second == ("--minutes 3.9: 0.60 s per step timed here, so about 300 steps (a real "
-                      "step also loads its batch; at most 390); the cosine schedule follows the "
-                      "clock and ends at 3.9 min")  # fmt: skip
+    assert second == ("--minutes 3.9: 0.60 s per step timed here, so about 390 steps at that "
+                      "speed (a real step also loads its batch, and one hour's steps differ from "
+                      "another's; at most 487); the cosine schedule follows the clock and ends at "
+                      "3.9 min")  # fmt: skip
     assert timed == [720]  # the recipe's step, timed once
-    # The training it starts has the budget: 3.9 min, and the 390 steps as a bound.
+    # The training it starts has the budget: 3.9 min, and the 487 steps as a bound.
     monkeypatch.undo()
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
     monkeypatch.setattr(recipes, "measure_step_seconds", measure)
@@ -217,7 +218,7 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path),
                  "--num-train", "2", "--num-val", "2", "--image-size", "32"]) == 0  # fmt: skip
     (cfg,) = started
-    assert (cfg.max_steps, cfg.max_seconds, cfg.schedule) == (390, 234.0, "cosine")
+    assert (cfg.max_steps, cfg.max_seconds, cfg.schedule) == (487, 234.0, "cosine")
 
     _fails_cleanly(["demo", "--minutes", "3", "--steps", "10"], capsys, "--steps or --minutes")
     _fails_cleanly(["demo", "--minutes", "0", "--data", str(tmp_path)], capsys, "--minutes=0.0")

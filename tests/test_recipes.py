@@ -183,7 +183,7 @@ def test_notebook_recipe_with_minutes_fits_the_steps_to_this_machine(env, monkey
     monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
     cpu = recipe("mask_rcnn", "cpu")
     fitted = notebook_recipe("mask_rcnn", "cpu", minutes=4.5)
-    assert fitted == fit_to_minutes(cpu, 4.5, 0.25) and fitted.max_steps == 1080  # 270 / 0.25
+    assert fitted == fit_to_minutes(cpu, 4.5, 0.25) and fitted.max_steps == 1350  # 270 / 0.2
     assert fitted.max_minutes == 4.5 and fitted.train_config().max_seconds == 270
     smoke = notebook_recipe("mask_rcnn", "smoke", minutes=4.5)  # seconds anyway: not fitted
     assert smoke.max_steps == recipe("mask_rcnn", "smoke").max_steps
@@ -199,12 +199,12 @@ def test_notebook_train_minutes_limit_only_the_cpu_tier_s_own_steps(env):
 def test_fit_to_minutes_trains_for_the_minutes_with_the_steps_that_fit_as_a_bound():
     r = recipe("mask_rcnn", "cpu")
     fitted = fit_to_minutes(r, 4.5, 0.3)
-    assert fitted.max_steps == 900  # 270 s / 0.3 s: the most that fit; the clock ends it first
+    assert fitted.max_steps == 1125  # 270 s / (0.8 x 0.3 s): more than fit; the clock ends it
     assert fitted.max_minutes == 4.5 and fitted.expected_minutes is None  # this machine's time
     changed = ("max_steps", "max_minutes", "expected_minutes")
     assert dataclasses.replace(fitted, **{k: getattr(r, k) for k in changed}) == r
     cfg = fitted.train_config()
-    assert (cfg.max_steps, cfg.max_seconds, cfg.warmup_steps) == (900, 270.0, r.warmup_steps)
+    assert (cfg.max_steps, cfg.max_seconds, cfg.warmup_steps) == (1125, 270.0, r.warmup_steps)
     assert r.train_config().max_seconds is None  # the recipe itself trains its steps
     assert fit_to_minutes(r, 4.5, 0.3, margin=1.3).max_steps == 692  # 270 / (1.3 x 0.3) = 692.3
     assert fit_to_minutes(r, 0.001, 0.37).max_steps == 1  # never zero steps
@@ -339,7 +339,7 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert "(about 10 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=30))
     # A time budget: said so, not timed again.
     line = describe_tier("cpu", fit_to_minutes(cpu, 4.5, 0.6))
-    planned = ("450 steps at most: training ends at 4.5 min, its learning rate following the "
+    planned = ("562 steps at most: training ends at 4.5 min, its learning rate following the "
                "clock")  # fmt: skip
     assert line.endswith(planned), line
     # Another batch size: the time measured for the recipe's own no longer applies.
