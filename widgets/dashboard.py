@@ -149,7 +149,12 @@ class TrainingDashboard:
 
     def _status_html(self, state) -> str:
         parts = [f"step <b>{state.step}</b>"]
-        if self._total_steps:
+        budget = self._budget_s(state)
+        if budget:  # a time budget: the clock ends the run, the steps are only its bound
+            seconds = getattr(state, "train_seconds", 0.0)
+            parts[0] += f" (at most {self._total_steps})" if self._total_steps else ""
+            parts.append(f"{seconds / 60:.1f} / {budget / 60:g} min")
+        elif self._total_steps:
             parts[0] += f" / {self._total_steps}"
         parts.append(f"epoch {state.epoch}")
         for key in ("loss", "img_s", "num_pos", "lr"):
@@ -166,6 +171,11 @@ class TrainingDashboard:
             }
             parts += [f"{k} {v:.3f}" for k, v in flat.items()]
         return " · ".join(parts)
+
+    @staticmethod
+    def _budget_s(state) -> float | None:
+        """The run's time budget in seconds (``TrainConfig.max_seconds``), or ``None``."""
+        return getattr(getattr(state, "config", None), "max_seconds", None)
 
     def _refresh(self, state) -> None:
         self._ingest(state.history.steps)
@@ -215,7 +225,9 @@ class TrainingDashboard:
         start = time.perf_counter()
         self.reset()
         self._total_steps = getattr(state, "total_steps", None)
-        self.status.value = f"training: step 0 / {self._total_steps}"
+        budget = self._budget_s(state)
+        self.status.value = (f"training: step 0, for {budget / 60:g} min" if budget
+                             else f"training: step 0 / {self._total_steps}")  # fmt: skip
         self.overhead_s += time.perf_counter() - start
 
     def on_step(self, state) -> None:

@@ -439,13 +439,16 @@ class _StepLog:
 
 class TrainState:
     """What callbacks receive. Attributes: ``step`` (completed steps), ``epoch`` (0-based),
-    ``total_steps``, ``lr``, ``model``, ``optimizer``, ``batch`` and ``outputs`` of the latest step
+    ``total_steps`` (with ``config.max_seconds``, a bound: the clock may end the run first),
+    ``train_seconds`` (seconds of training so far, what ``config.max_seconds`` counts), ``lr``,
+    ``model``, ``optimizer``, ``batch`` and ``outputs`` of the latest step
     (only during ``on_step``), ``metrics`` of the latest evaluation, ``config``. Properties
     ``losses``, ``img_s`` and ``history`` first sync pending values from the device."""
 
     def __init__(self, model, optimizer, cfg, total, history, step_log):
         self.model, self.optimizer, self.config = model, optimizer, cfg
         self.total_steps = total
+        self.train_seconds = history.train_seconds
         self.step = 0
         self.epoch = 0
         self.lr = cfg.lr
@@ -970,7 +973,7 @@ def train(
                 optimizer.step()
                 step += 1
                 batch_in_epoch += 1
-                state.step, state.lr = step, lr
+                state.step, state.lr, state.train_seconds = step, lr, clock.seconds()
                 synced = step % sync_every == 0 or step == num_steps
                 if synced:
                     step_log.flush()

@@ -269,8 +269,11 @@ def test_max_seconds_ends_on_time_with_the_schedule_following_the_clock(monkeypa
     # the cosine is at t = 10 k / 60 for step k (the steps alone would say k / 50).
     cfg = _cfg(max_steps=50, max_seconds=60.0, schedule="cosine", warmup_steps=0, lr=0.1,
                eval_every=2, checkpoint_dir=str(tmp_path), checkpoint_every=2)  # fmt: skip
-    history = train(_model(), _loader(40), cfg, callbacks=[every_step_takes_10_s],
+    seen = []  # what callbacks read: the training time when the step's callbacks start
+    record = lambda state: seen.append(state.train_seconds)  # noqa: E731
+    history = train(_model(), _loader(40), cfg, callbacks=[record, every_step_takes_10_s],
                     evaluate_fn=evaluate_for_100_s)  # fmt: skip
+    assert seen == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
     assert len(history.steps) == 6 and history.out_of_time and not history.stopped_early
     assert history.train_seconds == 60.0 and len(history.evals) == 3
     expected = [0.05 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]

@@ -145,6 +145,22 @@ class _FakeState:
         return self._rows
 
 
+def test_status_of_a_time_budget_gives_minutes_and_the_steps_as_a_bound():
+    from types import SimpleNamespace
+
+    dash = TrainingDashboard(thumbnails_every=0)
+    state = _FakeState()
+    dash.on_start(state)  # no budget: steps out of the total
+    assert dash.status.value == "training: step 0 / 100"
+    state.config = SimpleNamespace(max_seconds=270.0)
+    dash.on_start(state)
+    assert dash.status.value == "training: step 0, for 4.5 min"
+    state.step, state.train_seconds = 40, 135.0
+    state._rows.append({"step": 40, "loss": 0.5, "lr": 0.01})
+    dash.on_end(state)
+    assert dash.status.value.startswith("step <b>40</b> (at most 100) · 2.2 / 4.5 min · epoch 0")
+
+
 def test_redraws_are_throttled():
     dash = TrainingDashboard(redraw_every=60.0, thumbnails_every=0)
     state = _FakeState()
