@@ -372,11 +372,14 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     return 0
 
 
-def _train_config(args, device, **overrides):
+def _train_config(args, device, recipe=None, **overrides):
+    """The command's ``TrainConfig``: ``recipe.train_config`` when a recipe is given, and the
+    device, seed, output folder and progress bar from ``args``."""
     from instseg_edu.engine.train import TrainConfig
 
+    make = TrainConfig if recipe is None else recipe.train_config
     try:
-        return TrainConfig(**{
+        return make(**{
             "device": str(device), "seed": args.seed, "checkpoint_dir": str(args.out),
             "progress": not args.no_progress, **overrides,
         })  # fmt: skip
@@ -458,12 +461,7 @@ def cmd_demo(args) -> int:
                                    in_memory=r.in_memory)  # fmt: skip
     preset_name, model_cfg = _preset(args.model, r.model, device)
     model_cfg = model_cfg.with_num_classes(len(train_set.classes))
-    train_cfg = _train_config(
-        args, device, max_steps=r.max_steps, lr=r.lr, optimizer=r.optimizer,
-        weight_decay=r.weight_decay, warmup_steps=min(r.warmup_steps, r.max_steps),
-        schedule=r.schedule, grad_clip=r.grad_clip, log_every=10,
-        max_seconds=None if r.max_minutes is None else 60 * r.max_minutes,
-    )  # fmt: skip
+    train_cfg = _train_config(args, device, recipe=r, log_every=10)
     data_meta = {"val_json": str(val_json), "val_images": str(val_dir), "recipe": r.as_dict()}
     return _run_training(args, args.model, preset_name, model_cfg, train_set, val_set, device,
                          train_cfg, data_meta=data_meta)  # fmt: skip

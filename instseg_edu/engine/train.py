@@ -480,31 +480,6 @@ class TrainState:
         return self._history
 
 
-class StopAfter:
-    """A callback that stops training once ``seconds`` of wall clock have passed since its start
-    (``on_start``): the step running then is the last. ``stopped_at`` is that step (``None`` while
-    it has not stopped anything).
-
-    For a time limit on one process (``instseg-edu demo --minutes``, notebook 09's budgets); under
-    ``torchrun`` each process would stop at its own step, so use ``max_steps`` there.
-    """
-
-    def __init__(self, seconds: float):
-        if not seconds > 0:
-            raise ValueError(f"seconds={seconds!r} must be > 0")
-        self.seconds = seconds
-        self.start = time.perf_counter()
-        self.stopped_at: int | None = None
-
-    def on_start(self, state: TrainState) -> None:
-        self.start = time.perf_counter()
-
-    def on_step(self, state: TrainState) -> None:
-        if self.stopped_at is None and time.perf_counter() - self.start > self.seconds:
-            self.stopped_at = state.step
-            state.request_stop()
-
-
 class _Clock:
     """Seconds of training: wall clock from ``seconds`` on, less what runs under ``paused()``."""
 
@@ -857,46 +832,40 @@ def train(
     sync_every = cfg.log_every if on_cuda else 1
 
     def save(batch_in_epoch: int):
-        with clock.paused():
-            _save(batch_in_epoch)
-
-    def _save(batch_in_epoch: int):
-        step_log.flush()  # never save unverified steps
-        history.checkpoint = str(ckpt_path)
-        history.train_seconds = clock.seconds()
-        rng_ranks = all_gather_object(_rng_state()) if ddp else None  # every process's RNGs
-        if main:
-            save_checkpoint(ckpt_path, {
-                "format": 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": {"schedule": cfg.schedule, "step": step},
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "history": history.to_dict(),
-                "rng": rng_ranks[0] if ddp else _rng_state(),
-                **({"rng_ranks": rng_ranks, "world_size": world_size} if ddp else {}),
-                "config": config_to_dict(cfg),
-                "meta": _plain(meta or {}),
-            })  # fmt: skip
-        step_log.checkpoint = str(ckpt_path)
-        step_log.reset_window()
+        with clock.paused():  # checkpoints do not count against a time budget
+            step_log.flush()  # never save unverified steps
+            history.checkpoint = str(ckpt_path)
+            history.train_seconds = clock.seconds()
+            rng_ranks = all_gather_object(_rng_state()) if ddp else None  # every process's RNGs
+            if main:
+                save_checkpoint(ckpt_path, {
+                    "format": 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": {"schedule": cfg.schedule, "step": step},
+                    "step": step,
+                    "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "history": history.to_dict(),
+                    "rng": rng_ranks[0] if ddp else _rng_state(),
+                    **({"rng_ranks": rng_ranks, "world_size": world_size} if ddp else {}),
+                    "config": config_to_dict(cfg),
+                    "meta": _plain(meta or {}),
+                })  # fmt: skip
+            step_log.checkpoint = str(ckpt_path)
+            step_log.reset_window()
 
     def evaluate():
-        with clock.paused():
-            _evaluate()
-
-    def _evaluate():
-        step_log.flush()
-        broadcast_buffers(model)  # every process evaluates rank 0's model
-        model.eval()
-        metrics = _plain(evaluate_fn(model))
-        model.train()
-        history.evals.append({"step": step, "epoch": epoch, "metrics": metrics})
-        state.metrics = metrics
-        call("on_eval")
-        step_log.reset_window()
+        with clock.paused():  # nor do evaluations
+            step_log.flush()
+            broadcast_buffers(model)  # every process evaluates rank 0's model
+            model.eval()
+            metrics = _plain(evaluate_fn(model))
+            model.train()
+            history.evals.append({"step": step, "epoch": epoch, "metrics": metrics})
+            state.metrics = metrics
+            call("on_eval")
+            step_log.reset_window()
 
     def agreed_stop() -> bool:
         """Rank 0's callbacks decide; every process must stop at the same step."""

@@ -14,7 +14,6 @@ from instseg_edu.engine.checkpoint import load_checkpoint
 from instseg_edu.engine.train import (
     History,
     NonFiniteLossError,
-    StopAfter,
     TrainConfig,
     lr_at,
     make_loader,
@@ -221,24 +220,6 @@ def test_grad_clip_and_epochs():
                                                 optimizer="adamw"))  # fmt: skip
     assert len(history.steps) == 4  # 2 epochs x 2 batches
     assert all("grad_norm" in s and s["grad_norm"] > 0 for s in history.steps)
-
-
-def test_stop_after_ends_training_at_its_time_limit(monkeypatch):
-    from types import SimpleNamespace
-
-    from instseg_edu.engine import train as train_module
-
-    ticks = iter(range(10_000))  # a clock that advances one second at every reading
-    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
-    stop = StopAfter(seconds=5)
-    history = train(_model(), _loader(40), _cfg(max_steps=50), callbacks=[stop])
-    assert history.stopped_early and 1 <= len(history.steps) < 50
-    assert stop.stopped_at == len(history.steps)  # the step that saw the limit was the last
-    # Without the limit the same run trains all of its steps.
-    monkeypatch.undo()
-    assert len(train(_model(), _loader(40), _cfg(max_steps=12)).steps) == 12
-    with pytest.raises(ValueError, match="seconds"):
-        StopAfter(0)
 
 
 class _FakeClock:
