@@ -355,7 +355,9 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         + (" (interrupted)" if history.interrupted else "")
         + (" (stopped early)" if history.stopped_early else "")
         + (f" (the time budget, {train_cfg.max_seconds / 60:g} min, ended it: at most "
-           f"{train_cfg.max_steps} steps were allowed)" if history.out_of_time else ""),
+           + (f"{train_cfg.max_steps} steps" if train_cfg.max_steps else
+              f"{train_cfg.epochs} epochs")
+           + " were allowed)" if history.out_of_time else ""),
         flush=True,
     )  # fmt: skip
     written = ["history.json"] + (["last.pt"] if history.checkpoint else [])
@@ -512,6 +514,7 @@ BOX_ONLY_TRAINING = {
 
 def cmd_train(args) -> int:
     device = _device(args.device)
+    max_seconds = _train_seconds(args)
     resume = _resume_settings(args) if args.resume is not None else None
     for key, value in TRAIN_DEFAULTS.items():
         if getattr(args, key) is None and not (resume and key == "lr"):  # see _resumed_run
@@ -540,7 +543,8 @@ def cmd_train(args) -> int:
         train_cfg = _train_config(
             args, device, lr=_lr(args), optimizer=args.optimizer, warmup_steps=args.warmup_steps,
             schedule=args.schedule, grad_clip=args.grad_clip, eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every, sync_bn=args.sync_bn, **length,
+            checkpoint_every=args.checkpoint_every, sync_bn=args.sync_bn,
+            max_seconds=max_seconds, **length,
         )  # fmt: skip
     else:
         preset_name, model_cfg, train_cfg = _resumed_run(args, device, resume, train_set)
@@ -553,6 +557,20 @@ def cmd_train(args) -> int:
     }
     return _run_training(args, args.model, preset_name, model_cfg, train_set, val_set, device,
                          train_cfg, data_meta=data_meta)  # fmt: skip
+
+
+def _train_seconds(args) -> float | None:
+    """``train --minutes``: the time budget in seconds (``TrainConfig.max_seconds``), or None."""
+    from instseg_edu.engine.distributed import is_distributed
+
+    if args.minutes is None:
+        return None
+    if not args.minutes > 0:
+        raise CliError(f"--minutes={args.minutes} must be > 0")
+    if is_distributed():
+        raise CliError("--minutes under torchrun: each process would follow its own clock and "
+                       "take other learning rates; give --steps or --epochs")  # fmt: skip
+    return args.minutes * 60
 
 
 def _check_sync_bn(args, device, *, from_checkpoint: bool) -> None:
@@ -610,6 +628,16 @@ def _resume_settings(args) -> dict:
     if args.sync_bn and not stored_sync_bn:
         raise CliError("--sync-bn: the checkpoint was trained without it; --resume continues the "
                        "run exactly as it was started; leave --sync-bn out")  # fmt: skip
+    stored_seconds = cfg.get("max_seconds")
+    if args.minutes is not None and (
+        stored_seconds is None or abs(args.minutes * 60 - stored_seconds) > 1e-6
+    ):
+        stored = "none" if stored_seconds is None else f"--minutes {stored_seconds / 60:g}"
+        raise CliError(
+            f"--minutes {args.minutes:g} differs from the checkpoint's time budget ({stored}): "
+            "--resume continues the run exactly as it was started, with the rest of its budget; "
+            "leave --minutes out"
+        )
     sync_bn_stored = stored_sync_bn and args.sync_bn is None
     args.sync_bn = stored_sync_bn
     # Options that do not change the numbers: given or the checkpoint's.
@@ -908,6 +936,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest side after resizing (default: 512)")  # fmt: skip
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 12 unless --steps)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="a time budget: training ends after this many minutes (evaluations and "
+                   "checkpoints not counted) or at --steps / --epochs, whichever comes first, "
+                   "and the learning rate's schedule follows whichever is further along; a "
+                   "resumed run keeps the rest of its budget (not under torchrun)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per process and step (default: 8); under torchrun the global "
                    "batch is N processes x this")  # fmt: skip

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from instseg_edu.cli import build_parser, main
-from instseg_edu.engine.checkpoint import load_checkpoint
+from instseg_edu.data.shapes import make_shapes_dataset
+from instseg_edu.engine.checkpoint import config_to_dict, load_checkpoint
+from instseg_edu.models.retinanet import RETINANET_R18_SMALL
 from instseg_edu.recipes import RECIPES, recipe
 
 
@@ -223,6 +225,36 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     _fails_cleanly(["demo", "--minutes", "3", "--steps", "10"], capsys, "--steps or --minutes")
     _fails_cleanly(["demo", "--minutes", "0", "--data", str(tmp_path)], capsys, "--minutes=0.0")
     _fails_cleanly(["demo", "--minutes", "3", "--smoke"], capsys, "smoke tier")
+
+
+def test_train_minutes_is_a_time_budget_with_the_length_as_a_bound(monkeypatch, tmp_path, capsys):
+    """``train --minutes 2``: ``max_seconds`` 120 with the default 12 epochs (or ``--steps``) as
+    the bound; refused at 0, under torchrun, and on resume with another budget."""
+    from instseg_edu import cli
+    from instseg_edu.engine import distributed
+
+    make_shapes_dataset(tmp_path, 4, 64, split="train")
+    data = ["--train-json", str(tmp_path / "train.json"), "--train-images", str(tmp_path / "train"),
+            "--device", "cpu", "--workers", "0", "--image-size", "64"]  # fmt: skip
+    started = []
+    monkeypatch.setattr(cli, "_run_training", lambda *args, **kw: started.append(args[7]) or 0)
+    assert main(["train", *data, "--minutes", "2"]) == 0
+    assert main(["train", *data, "--minutes", "0.5", "--steps", "40"]) == 0
+    assert main(["train", *data]) == 0
+    budgets = [(c.max_seconds, c.epochs, c.max_steps) for c in started]
+    assert budgets == [(120.0, 12, None), (30.0, None, 40), (None, 12, None)]
+
+    _fails_cleanly(["train", *data, "--minutes", "0"], capsys, "--minutes=0.0 must be > 0")
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    _fails_cleanly(["train", *data, "--minutes", "2"], capsys, "--minutes under torchrun")
+    monkeypatch.undo()
+    # A checkpoint trained with a 2-minute budget goes on with the rest of it, or is refused.
+    model_cfg = config_to_dict(RETINANET_R18_SMALL.with_num_classes(7))
+    torch.save({"meta": {"model": "retinanet", "model_config": model_cfg},
+                "config": {"max_seconds": 120.0, "lr": 0.01}}, tmp_path / "last.pt")  # fmt: skip
+    resume = ["train", "--resume", str(tmp_path / "last.pt"), "--minutes", "3"]
+    _fails_cleanly(resume, capsys, "--minutes 3 differs from the checkpoint's time budget (--mi")
+    _fails_cleanly(resume[:3], capsys, "--train-json is required")  # no --minutes: past it
 
 
 @pytest.mark.slow
