@@ -59,7 +59,7 @@ from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import SHAPES_PER_IMAGE, make_shapes_dataset, split_name
 from instseg_edu.data.transforms import eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import detections_to_coco, evaluate_coco
-from instseg_edu.engine.train import make_loader
+from instseg_edu.engine.train import lr_mult_groups, make_loader
 from instseg_edu.recipes import recipe
 
 # Settings of each protocol that the command line does not set (None there means "from here").
@@ -68,6 +68,12 @@ GPU_DEFAULTS = dict(
     minutes=10.0, eval_every=2.0, lr=0.02, optimizer="sgd", weight_decay=1e-4, warmup_steps=300,
     grad_clip=10.0, slice_seconds=0.0, in_memory=False,
 )  # fmt: skip
+#: The parameters of torchvision's detectors that a recipe's ``lr_mult`` key names in ours.
+TORCHVISION_KEYS = {
+    "bbox_head": ("roi_heads.box_head", "roi_heads.box_predictor"),
+    "mask_head": ("roi_heads.mask_head", "roi_heads.mask_predictor"),
+    "rpn_head": ("rpn.head",),
+}
 CPU_DEFAULTS = dict(
     data="data/shapes128", workers=0, minutes=4.0, eval_every=1.0, slice_seconds=15.0
 )  # the rest comes from the family's CPU recipe
@@ -244,14 +250,20 @@ class SideRun:
         self.loader, self.batches = train_loader, None  # started at the first step
         self.precision = args.precision if name == "ours" else args.tv_precision
         self.lr = args.lr if name == "ours" else args.tv_lr
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         # Both sides update with PyTorch's fused kernel, as instseg_edu's training loop does
-        # (make_optimizer): the same update, so only the models differ.
+        # (make_optimizer), with the recipe's lr_mult on the same heads: the same update, so only
+        # the models differ.
+        lr_mult = getattr(args, "lr_mult", None)
+        if lr_mult and name != "ours":
+            lr_mult = {tv: m for key, m in lr_mult.items() for tv in TORCHVISION_KEYS[key]}
+        groups = lr_mult_groups(named, lr_mult) if lr_mult else self.params
         if args.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(self.params, lr=self.lr, fused=True,
+            self.optimizer = torch.optim.AdamW(groups, lr=self.lr, fused=True,
                                                weight_decay=args.weight_decay)  # fmt: skip
         else:
-            self.optimizer = torch.optim.SGD(self.params, lr=self.lr, momentum=0.9, fused=True,
+            self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=0.9, fused=True,
                                              weight_decay=args.weight_decay)  # fmt: skip
         self.timer = Timer(device)
         self.trained = self.wall = 0.0
@@ -275,7 +287,7 @@ class SideRun:
             self.timer.start()
             warm = min(1.0, (self.step + 1) / max(1, self.args.warmup_steps))
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * warm
+                group["lr"] = self.lr * warm * group.get("lr_mult", 1.0)
             with autocast(self.device, self.precision):
                 if self.name == "ours":
                     losses = self.model.loss(self.model(batch.images), batch)
@@ -393,6 +405,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             image_size=r.image_size, num_train=r.num_train, num_val=r.num_val,
             batch_size=r.batch_size, lr=r.lr, optimizer=r.optimizer,
             weight_decay=r.weight_decay, warmup_steps=r.warmup_steps, grad_clip=r.grad_clip,
+            lr_mult=r.lr_mult,
             in_memory=r.in_memory, color_jitter=r.color_jitter, model=r.model,
             train_shapes_per_image=r.train_shapes_per_image, **CPU_DEFAULTS,
         )  # fmt: skip

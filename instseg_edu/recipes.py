@@ -100,7 +100,7 @@ class Recipe:
         num_train, num_val: shapes images in the training and validation splits.
         batch_size: images per optimiser step.
         max_steps: optimiser steps.
-        lr, optimizer, weight_decay, warmup_steps, schedule, grad_clip: as in
+        lr, optimizer, weight_decay, warmup_steps, schedule, grad_clip, lr_mult: as in
             :class:`~instseg_edu.engine.train.TrainConfig`.
         in_memory: decode the training and validation images once and keep them in memory
             (:class:`~instseg_edu.data.memory.InMemoryDataset`), loading in the main process.
@@ -136,6 +136,7 @@ class Recipe:
     warmup_steps: int = 500
     schedule: str = "cosine"
     grad_clip: float | None = 35.0
+    lr_mult: dict[str, float] | None = None
     in_memory: bool = False
     workers: int = 4
     color_jitter: bool = True
@@ -201,6 +202,7 @@ class Recipe:
             warmup_steps=self.warmup_steps,
             schedule=self.schedule,
             grad_clip=self.grad_clip,
+            lr_mult=self.lr_mult,
             max_seconds=None if self.max_minutes is None else 60 * self.max_minutes,
         )
         settings.update(overrides)
@@ -308,10 +310,13 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # many. A step of 8 of them takes about 0.33 s on two quiet cores (with loading), so 720
     # steps train in about 4 minutes (on a busy hour, 0.5 s: docs/notebooks.md). `make demo`
     # trains for five minutes instead (`instseg-edu demo --minutes 5`), its schedule following
-    # the clock: as many steps as its machine gives it.
+    # the clock: as many steps as its machine gives it. The box head learns at a fifth of the
+    # rate: AdamW moves every weight by about lr per step, and the box head's first fc layer sums
+    # 3136 inputs (64 channels x 7 x 7) where a 3x3 conv of the FPN sums 576, so at one rate its
+    # outputs would move about five times as far per step (benchmarks/RESULTS.md, tenth round).
     ("mask_rcnn", "cpu"): _cpu(
         "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=720, lr=2e-3, expected_minutes=4.0,
-        train_shapes_per_image=(10, 20),
+        train_shapes_per_image=(10, 20), lr_mult={"bbox_head": 0.2},
         note="most shapes that are not tiny found with a recognisable mask; most, not all, named "
         "right",
     ),

@@ -341,6 +341,13 @@ def test_torchvision_like_mirrors_our_cpu_models():
             logits = heads.mask_predictor(torch.zeros(2, 64, 7, 7))
             assert logits.shape == (2, 8, 14, 14)  # 14x14 masks, as ours; class 0 is background
             assert tv.loss_weights["loss_classifier"] == cfg.roi_head.loss_cls.loss_weight == 4.0
+            # Each lr_mult key names the same heads on both sides, so both train one recipe.
+            ours = recipe(family, "cpu").build_model(7)
+            for key, tv_keys in time_to_ap.TORCHVISION_KEYS.items():
+                mine = {n.split(".")[0] for n, _ in ours.named_parameters() if key in n}
+                assert mine == {key}
+                for tv_key in tv_keys:
+                    assert any(n.startswith(tv_key + ".") for n, _ in tv.named_parameters())
         # the loss weights name every loss torchvision's training step returns
         tv.train()
         box = torch.tensor([[20.0, 30.0, 70.0, 90.0]])

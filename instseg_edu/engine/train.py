@@ -131,6 +131,11 @@ class TrainConfig:
         progress: show a tqdm progress bar (rank 0 only under ``torchrun``).
         sync_bn: under ``torchrun``, convert every BatchNorm to ``SyncBatchNorm`` (statistics over
             the global batch instead of each process's share; CUDA only). Ignored in one process.
+        lr_mult: ``{key: m}``: a parameter whose name contains ``key`` learns at ``m`` times the
+            schedule's rate (the longest matching key wins), as MMDetection's
+            ``paramwise_cfg=dict(custom_keys={key: dict(lr_mult=m)})``. ``None``: every
+            parameter at the schedule's rate. The CPU tier's Mask R-CNN gives its box head 0.2
+            (:mod:`instseg_edu.recipes`).
     """
 
     epochs: int | None = None
@@ -158,6 +163,7 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     sync_bn: bool = False
+    lr_mult: dict[str, float] | None = None
 
     def __post_init__(self):
         if self.epochs is None and self.max_steps is None:
@@ -198,6 +204,10 @@ class TrainConfig:
             raise ValueError(f"grad_clip={self.grad_clip} must be > 0 or None")
         if not isinstance(self.log_every, int) or self.log_every < 1:
             raise ValueError(f"log_every={self.log_every!r} must be a positive int")
+        for key, mult in (self.lr_mult or {}).items():
+            if not (isinstance(key, str) and key) or not mult > 0:
+                raise ValueError(f"lr_mult={self.lr_mult}: keys must be non-empty parameter name "
+                                 "parts and multipliers > 0")  # fmt: skip
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -602,20 +612,49 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     On the CPU and CUDA the update runs as PyTorch's fused kernel (``fused=True``): one pass over
     all parameters instead of a few small ops per parameter tensor. The same update up to float
     rounding; on two CPU cores the AdamW step of the CPU tier's Mask R-CNN (7.5 M parameters in
-    102 tensors) takes 7 ms instead of 58 (benchmarks/RESULTS.md).
+    102 tensors) takes 7 ms instead of 58 (benchmarks/RESULTS.md). With ``cfg.lr_mult`` the
+    parameters fall into one group per multiplier, each group carrying its ``"lr_mult"``, which
+    :func:`train` applies to the schedule's rate at every step.
 
     Raises:
         ValueError: the model has no trainable parameters.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ValueError("the model has no trainable parameters")
+    params = [p for _, p in named]
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    groups = lr_mult_groups(named, cfg.lr_mult) if cfg.lr_mult else params
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, fused=fused)  # fmt: skip
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                              fused=fused)  # fmt: skip
+
+
+def lr_mult_groups(named: list, lr_mult: dict[str, float]) -> list[dict]:
+    """Optimiser parameter groups ``{"params", "lr_mult"}`` for ``TrainConfig.lr_mult``.
+
+    Args:
+        named: ``(name, parameter)`` pairs, as ``model.named_parameters()`` gives them.
+        lr_mult: ``{key: multiplier}``; the longest key contained in a parameter's name decides
+            its multiplier, 1 where none is (MMDetection's ``custom_keys``).
+
+    Raises:
+        ValueError: a key is in no parameter's name (a misspelt key would otherwise change
+            nothing).
+    """
+    keys = sorted(lr_mult, key=len, reverse=True)
+    groups: dict[float, list] = {}
+    used = set()
+    for name, p in named:
+        key = next((k for k in keys if k in name), None)
+        used.add(key)
+        groups.setdefault(1.0 if key is None else lr_mult[key], []).append(p)
+    unused = [k for k in lr_mult if k not in used]
+    if unused:
+        raise ValueError(f"lr_mult: no trainable parameter name contains {unused}")
+    return [{"params": ps, "lr_mult": mult} for mult, ps in groups.items()]
 
 
 def make_loader(
@@ -914,8 +953,8 @@ def train(
             for batch in batches:
                 seen += 1
                 lr = lr_at(step, cfg, num_steps, clock.seconds())
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for group in optimizer.param_groups:  # lr_mult: see lr_mult_groups
+                    group["lr"] = lr * group.get("lr_mult", 1.0)
                 batch = batch.to(device, non_blocking=True)
                 if channels_last:
                     images = batch.images.contiguous(memory_format=torch.channels_last)

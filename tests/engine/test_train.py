@@ -333,6 +333,35 @@ def test_fused_optimizer_equals_the_per_tensor_update(name):
         assert not torch.equal(a, start)  # the steps did move it
 
 
+def test_lr_mult_scales_the_rate_of_the_parameters_it_names(tmp_path):
+    """MMDetection's ``custom_keys`` ``lr_mult``: the longest key in a parameter's name decides;
+    SGD without momentum or decay moves each parameter by exactly ``rate x mult x gradient``."""
+    cfg = _cfg(lr_mult={"head": 0.2, "head.1.bias": 3.0}, optimizer="sgd", momentum=0.0,
+               weight_decay=0.0, max_steps=1, warmup_steps=0)  # fmt: skip
+    model = _model(dropout=0.0)
+    groups = make_optimizer(model, cfg).param_groups
+    sizes = sorted((g["lr_mult"], len(g["params"])) for g in groups)
+    assert sizes == [(0.2, 1), (1.0, 4), (3.0, 1)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {}
+    for n, p in model.named_parameters():
+        p.register_hook(lambda g, n=n: grads.__setitem__(n, g.clone()))
+    history = train(model, _loader(4), cfg)
+    rate = history.steps[0]["lr"]
+    assert rate == pytest.approx(0.05)  # the schedule's rate is what the history logs
+    for n, p in model.named_parameters():
+        mult = {"head.1.weight": 0.2, "head.1.bias": 3.0}.get(n, 1.0)
+        torch.testing.assert_close(before[n] - p.detach(), rate * mult * grads[n])
+    with pytest.raises(ValueError, match=r"no trainable parameter name contains \['bbox_head'\]"):
+        make_optimizer(model, _cfg(lr_mult={"bbox_head": 0.2}))
+    with pytest.raises(ValueError, match="multipliers > 0"):
+        _cfg(lr_mult={"head": 0.0})
+    # It travels with the checkpoint's config, and a resumed run keeps its groups.
+    cfg = _cfg(lr_mult={"head": 0.2}, checkpoint_dir=str(tmp_path), max_steps=2)
+    train(_model(), _loader(8), cfg)
+    assert load_checkpoint(tmp_path / "last.pt")["config"]["lr_mult"] == {"head": 0.2}
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last_and_deferred_sync():
     model = _model()
