@@ -327,6 +327,12 @@ print(syncs.summary())
 # `model.loss(outputs, batch)`: RPN BCE + L1, box-head cross-entropy + L1, mask BCE on the
 # ground-truth class's channel. On a GPU it uses bf16 autocast and channels-last. The dashboard
 # draws every loss term as it falls, and every few hundred steps the current predictions.
+#
+# The cpu tier's AdamW trains the box head at a fifth of the rate of the rest (`RECIPE.lr_mult`,
+# MMDetection's `lr_mult`). AdamW moves every weight by about the learning rate in each step,
+# whatever its gradient; the box head's first fc layer sums 3136 inputs (64 channels × 7 × 7)
+# where a 3×3 conv of the FPN sums 576, so at one rate its outputs would swing about five times as
+# far per step. At a fifth, five minutes gave 0.03–0.05 more box AP50 (benchmarks/RESULTS.md).
 
 # %%
 from instseg_edu.widgets import TrainingDashboard
@@ -334,7 +340,7 @@ from instseg_edu.widgets import TrainingDashboard
 train_loader = make_loader(train_set, BATCH_SIZE, seed=SEED, workers=WORKERS)
 dashboard = TrainingDashboard(thumbnails_every=1 if SMOKE else 200, class_names=train_set.classes)
 display(dashboard)
-# The recipe's optimiser (AdamW on the CPU, SGD on the GPU), warm-up, schedule and clipping.
+# The recipe's optimiser (AdamW on the CPU, SGD on the GPU), rates, warm-up, schedule, clipping.
 train_cfg = RECIPE.train_config(
     max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 20, progress=not SMOKE, seed=SEED,
     device=str(device),
