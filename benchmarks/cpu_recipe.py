@@ -392,6 +392,10 @@ VARIANTS: dict[str, Variant] = {
         f"box_head_lr_{m:g}": Variant(recipe=lambda r, m=m: _box_head_lr(r, m))
         for m in (0.05, 0.2, 0.5, 1.0, 5.0)
     },
+    # The same reasoning for the backbone's widest convs (layer4: 1152 and 2304 inputs).
+    "layer4_lr_0.3": Variant(
+        recipe=lambda r: dataclasses.replace(r, lr_mult={**r.lr_mult, "resnet.layer4": 0.3})
+    ),
     "lr_3e-3": Variant(recipe=lambda r: dataclasses.replace(r, lr=3e-3)),  # all of it: worse
     "fc512_mask_convs_2": Variant(lambda c: _heads(c, fc_out_channels=512, num_convs=2)),
 }

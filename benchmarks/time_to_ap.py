@@ -533,8 +533,9 @@ def main() -> None:
         f"({torch.get_num_threads()} threads), torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}; {args.protocol} protocol: {args.family}"
         + (f" {args.model} against torchvision's on the same ResNet-18" if args.model else "")
-        + f", {args.image_size} px, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}, "
-        f"{args.minutes:g} min per side, evaluated every {args.eval_every:g} min"
+        + f", {args.image_size} px, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}"
+        + "".join(f" ({key} x {m:g})" for key, m in (getattr(args, "lr_mult", None) or {}).items())
+        + f", {args.minutes:g} min per side, evaluated every {args.eval_every:g} min"
         + (f", interleaved every {args.slice_seconds:g} s" if args.slice_seconds > 0 else "")
     )
     slices: list[dict] = []
