@@ -398,6 +398,17 @@ VARIANTS: dict[str, Variant] = {
     ),
     "lr_3e-3": Variant(recipe=lambda r: dataclasses.replace(r, lr=3e-3)),  # all of it: worse
     "fc512_mask_convs_2": Variant(lambda c: _heads(c, fc_out_channels=512, num_convs=2)),
+    # Eleventh round: the same 128 px images resized up, for training and scoring alike (not
+    # kept: a larger step costs more than it gives), or for scoring only (test_{size}).
+    **{
+        f"{kind}_{size}": Variant(
+            recipe=lambda r, kind=kind, size=size: dataclasses.replace(
+                r, train_size=size if kind == "input" else None, test_size=size
+            )
+        )
+        for kind in ("input", "test")
+        for size in (128, 160, 192)
+    },
 }
 
 

@@ -322,7 +322,8 @@ def datasets(args):
     if not args.in_memory:
         return shapes_data(args.data, args.image_size, args.num_train, args.num_val)
     # The CPU protocol trains both sides on the recipe's training split (for Mask R-CNN, images
-    # with 10-20 shapes); both are scored on the standard validation split.
+    # with 10-20 shapes); both are scored on the standard validation split, at the training
+    # size (the recipe's test_size is left out: torchvision's model resizes its input itself).
     shapes = getattr(args, "train_shapes_per_image", SHAPES_PER_IMAGE)
     split = split_name("train", shapes)
     size = args.image_size

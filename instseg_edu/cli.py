@@ -149,8 +149,10 @@ def _shapes(root: str, image_size: int, num_train: int, num_val: int, seed: int 
 
 
 def _datasets(train_json, train_images, val_json, val_images, image_size: int,
-              categories: list[dict] | None = None, in_memory: bool = False):  # fmt: skip
-    """Training and validation sets. The validation set's labels are the model's: those of the
+              categories: list[dict] | None = None, in_memory: bool = False,
+              val_image_size: int | None = None):  # fmt: skip
+    """Training and validation sets, resized to ``image_size`` (the validation set to
+    ``val_image_size`` when given). The validation set's labels are the model's: those of the
     training set, or ``categories`` (a checkpoint's list), matched to its file by category id.
     ``in_memory``: read every image once, resized, and keep it (only the random augmentation
     then runs per step; see :class:`~instseg_edu.data.memory.InMemoryDataset`)."""
@@ -171,8 +173,8 @@ def _datasets(train_json, train_images, val_json, val_images, image_size: int,
                 train_set = CocoDataset(train_json, train_images, train_transforms(image_size))
             categories = train_set.categories
         if val_json is not None:
-            val_set = CocoDataset(val_json, val_images, eval_transforms(image_size),
-                                  categories=categories)  # fmt: skip
+            resize = eval_transforms(val_image_size or image_size)
+            val_set = CocoDataset(val_json, val_images, resize, categories=categories)
             if in_memory:
                 val_set = InMemoryDataset(val_set)
         if in_memory:
@@ -438,7 +440,10 @@ def cmd_demo(args) -> int:
         raise CliError(str(e)) from None
     r = recipe(args.model, tier)
     given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
-    r = r.override(**{k: v for k, v in given.items() if v is not None})  # expected time follows
+    changes = {k: v for k, v in given.items() if v is not None}
+    if "image_size" in changes:  # drawn at the size asked for, and not resized after
+        changes.update(train_size=None, test_size=None)
+    r = r.override(**changes)  # expected time follows
     if args.minutes is None:
         print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
               flush=True)  # fmt: skip
@@ -452,15 +457,16 @@ def cmd_demo(args) -> int:
               f"{at_this_speed} steps at that speed (a real step also loads its batch, and one "
               f"hour's steps differ from another's; at most {r.max_steps}); the cosine schedule "
               f"follows the clock and ends at {args.minutes:g} min", flush=True)  # fmt: skip
-    args.image_size, args.batch_size = r.image_size, r.batch_size
+    # args.image_size: the checkpoint's size, which evaluate and predict resize images to
+    args.image_size, args.batch_size = r.test_side, r.batch_size
     if args.workers is None:  # in memory: nothing left to decode in worker processes
         args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
     train_json, train_dir, val_json, val_dir = _shapes(
         args.data, r.image_size, r.num_train, r.num_val,
         train_shapes_per_image=r.train_shapes_per_image,
     )  # fmt: skip
-    train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, r.image_size,
-                                   in_memory=r.in_memory)  # fmt: skip
+    train_set, val_set = _datasets(train_json, train_dir, val_json, val_dir, r.train_side,
+                                   in_memory=r.in_memory, val_image_size=r.test_side)  # fmt: skip
     preset_name, model_cfg = _preset(args.model, r.model, device)
     model_cfg = model_cfg.with_num_classes(len(train_set.classes))
     train_cfg = _train_config(args, device, recipe=r, log_every=10)
@@ -902,7 +908,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train for this many minutes instead: the learning rate's schedule "
                    "follows the clock and ends at the limit, whatever a step takes today "
                    "(make demo: 5)")  # fmt: skip
-    p.add_argument("--image-size", type=int, default=None, help="longest image side in pixels")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="side of the shapes images in pixels, drawn at it and trained at it "
+                   "and scored at it (default: the recipe's; the CPU recipe of Mask R-CNN "
+                   "trains on 128 px images and scores them resized to 192)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-train", type=int, default=None, help="shapes training images")
     p.add_argument("--num-val", type=int, default=None, help="shapes validation images")

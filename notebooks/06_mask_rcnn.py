@@ -53,7 +53,8 @@ SMOKE = TIER == "smoke"
 TRAIN_MINUTES = notebook_train_minutes(TIER)
 # INSTSEG_TRAIN_STEPS overrides the steps in every tier.
 RECIPE = notebook_recipe("mask_rcnn", TIER, minutes=TRAIN_MINUTES)
-IMAGE_SIZE = RECIPE.image_size
+IMAGE_SIZE = RECIPE.image_size  # images drawn and trained at this side
+TEST_SIZE = RECIPE.test_side  # validation images resized to this side (cpu tier: 192)
 NUM_TRAIN = RECIPE.num_train
 NUM_VAL = RECIPE.num_val
 BATCH_SIZE = RECIPE.batch_size
@@ -100,7 +101,7 @@ train_json = make_shapes_dataset(root, NUM_TRAIN, image_size=IMAGE_SIZE, seed=SE
                                  split=train_split, shapes_per_image=TRAIN_SHAPES)  # fmt: skip
 val_json = make_shapes_dataset(root, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED, split="val")
 train_set = CocoDataset(train_json, root / train_split, transforms=eval_transforms(IMAGE_SIZE))
-val_set = CocoDataset(val_json, root / "val", transforms=eval_transforms(IMAGE_SIZE))
+val_set = CocoDataset(val_json, root / "val", transforms=eval_transforms(TEST_SIZE))
 augment = train_transforms(IMAGE_SIZE, jitter=COLOR_JITTER)  # random flip (+ jitter), every step
 if IN_MEMORY:  # read and resize every image once; then only the augmentation runs per step
     train_set, val_set = InMemoryDataset(train_set, augment), InMemoryDataset(val_set)

@@ -110,7 +110,8 @@ DEVICE_NAME = "GPU" if device.type == "cuda" else "CPU"
 
 # One validation split for all four: every recipe of a tier has the same image size and number
 # of validation images, and the shapes generator draws image i of a split from (seed, split, i),
-# so these are also the images notebooks 04-08 evaluated on.
+# so these are also the images notebooks 04-08 evaluated on. All four are scored at the recipes'
+# image size (notebook 06 scores Mask R-CNN at its recipe's test_size, 192 px in the cpu tier).
 sizes = {(r.image_size, r.num_val, r.in_memory) for r in RECIPES.values()}
 if len(sizes) != 1:
     raise ValueError(f"the {TIER} recipes differ in image size / validation images: {sizes}")

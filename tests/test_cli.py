@@ -216,11 +216,21 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
     monkeypatch.setattr(recipes, "measure_step_seconds", measure)
     started = []
-    monkeypatch.setattr(cli, "_run_training", lambda *args, **kw: started.append(args[7]) or 0)
-    assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path),
-                 "--num-train", "2", "--num-val", "2", "--image-size", "32"]) == 0  # fmt: skip
-    (cfg,) = started
+    monkeypatch.setattr(cli, "_run_training", lambda *args, **kw: started.append(args) or 0)
+    small = ["--num-train", "2", "--num-val", "2"]
+    assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path), *small,
+                 "--image-size", "32"]) == 0  # fmt: skip
+    cfg = started[0][7]
     assert (cfg.max_steps, cfg.max_seconds, cfg.schedule) == (487, 234.0, "cosine")
+    # The recipe trains on 128 px images and scores them at 192; --image-size N does both at N.
+    assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path / "r"),
+                 *small]) == 0  # fmt: skip
+    for args, train_side, test_side in zip(started, (32, 128), (32, 192)):
+        train_set, val_set = args[4], args[5]
+        assert train_set[0][0].shape[-2:] == (train_side, train_side)
+        assert val_set[0][0].shape[-2:] == (test_side, test_side)
+        assert args[0].image_size == test_side  # the checkpoint's resize for evaluate / predict
+    assert (tmp_path / "r" / "128px-2-2" / "val.json").exists()
 
     _fails_cleanly(["demo", "--minutes", "3", "--steps", "10"], capsys, "--steps or --minutes")
     _fails_cleanly(["demo", "--minutes", "0", "--data", str(tmp_path)], capsys, "--minutes=0.0")

@@ -262,6 +262,32 @@ def test_in_memory_recipe_opens_its_shapes_splits_once(tmp_path):
     assert type(train_disk).__name__ == "CocoDataset"
 
 
+def test_train_and_test_sizes_resize_the_drawn_images_for_the_network(tmp_path):
+    """``train_size`` / ``test_size`` are the pipelines' resize: the splits are drawn at
+    ``image_size`` (the same files) and reach the network at those sides; unset, at
+    ``image_size``. The cpu Mask R-CNN is scored at 192 px; no smoke recipe resizes."""
+    r = dataclasses.replace(recipe("mask_rcnn", "smoke"), num_train=2, num_val=2, train_size=96,
+                            test_size=128)  # fmt: skip
+    assert (r.image_size, r.train_side, r.test_side) == (64, 96, 128)
+    plain = dataclasses.replace(r, train_size=None, test_size=None)
+    assert plain.train_side == plain.test_side == 64
+    train_set, val_set = r.shapes_datasets(tmp_path / "shapes")
+    assert train_set.coco.dataset["images"][0]["width"] == 64  # drawn at 64 px
+    for (image, target), size in ((train_set[0], 96), (val_set[1], 128)):
+        assert image.shape == (3, size, size) and target.masks.shape[-2:] == (size, size)
+    assert shapes_batch(2, 64, resize_to=96).images.shape[-2:] == (96, 96)
+    for name in ("train_size", "test_size"):
+        for bad in (0, 96.0, "96"):
+            with pytest.raises(ValueError, match=name):
+                dataclasses.replace(r, **{name: bad})
+    cpu = recipe("mask_rcnn", "cpu")
+    assert (cpu.train_side, cpu.test_side) == (128, 192)
+    assert cpu.override(train_size=160).expected_minutes is None  # another step's cost
+    assert cpu.override(test_size=160).expected_minutes == cpu.expected_minutes
+    for family in FAMILIES:
+        assert recipe(family, "smoke").train_size is recipe(family, "smoke").test_size is None
+
+
 def test_the_cpu_mask_rcnn_trains_on_denser_images_and_scores_on_the_standard_split(tmp_path):
     dense = recipe("mask_rcnn", "cpu")
     assert dense.train_shapes_per_image == (10, 20) and dense.train_split == "train-10-20-shapes"
