@@ -258,8 +258,9 @@ class Recipe:
 
         Returns:
             ``(train_set, val_set)``: training with :func:`~instseg_edu.data.transforms.
-            train_transforms` (flip, and colour jitter when ``color_jitter``), validation with
-            only the resize; both kept in memory when ``in_memory``.
+            train_transforms` (resize to :attr:`train_side`, flip, and colour jitter when
+            ``color_jitter``), validation with only the resize to :attr:`test_side`; both kept
+            in memory when ``in_memory``.
         """
         from instseg_edu.data.coco import CocoDataset
         from instseg_edu.data.transforms import eval_transforms, train_transforms
@@ -275,7 +276,6 @@ class Recipe:
 
         train_set = CocoDataset(train_json, train_dir, eval_transforms(self.train_side))
         return InMemoryDataset(train_set, augment), InMemoryDataset(val_set)
-        return train_set, val_set
 
     @property
     def loader_workers(self) -> int:
@@ -307,9 +307,8 @@ def _gpu(family: str, model: str, **kw) -> Recipe:
 
 def _smoke(cpu: Recipe) -> Recipe:
     # Seconds on any machine: the CPU tier's model, optimiser and data path on a few 64 px images.
-    return dataclasses.replace(cpu, tier="smoke", image_size=64, train_size=None, num_train=8,
-                               test_size=None, num_val=4, batch_size=2, max_steps=2,
-                               warmup_steps=1,
+    return dataclasses.replace(cpu, tier="smoke", image_size=64, train_size=None, test_size=None,
+                               num_train=8, num_val=4, batch_size=2, max_steps=2, warmup_steps=1,
                                expected_minutes=None, note="")  # fmt: skip
 
 
