@@ -380,6 +380,12 @@ assert torch.allclose(
 # %% [markdown]
 # The trained model on validation images it has never seen: class, score and mask of every
 # detection above 0.3. (In the smoke tier it has trained for two steps: expect nothing useful.)
+#
+# In the cpu tier these images reach the model at `TEST_SIZE` = 192 px, half as large again as
+# the 128 px it trained on (`RECIPE.test_size`, the test pipeline's resize). A third of the shapes
+# are 8–16 px across, two to four cells of P2; enlarged, more of them are found and named right:
+# the same weights scored about 0.05 higher box and mask AP50 at 192 px than at 128 px
+# (benchmarks/RESULTS.md, eleventh round). Try `eval_transforms(IMAGE_SIZE)` instead to see it.
 
 # %%
 model.eval()
