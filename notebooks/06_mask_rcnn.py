@@ -53,7 +53,8 @@ SMOKE = TIER == "smoke"
 TRAIN_MINUTES = notebook_train_minutes(TIER)
 # INSTSEG_TRAIN_STEPS overrides the steps in every tier.
 RECIPE = notebook_recipe("mask_rcnn", TIER, minutes=TRAIN_MINUTES)
-IMAGE_SIZE = RECIPE.image_size  # images drawn and trained at this side
+IMAGE_SIZE = RECIPE.image_size  # the shapes images are drawn at this side
+TRAIN_SIZE = RECIPE.train_side  # training images resized to this side (every tier: IMAGE_SIZE)
 TEST_SIZE = RECIPE.test_side  # validation images resized to this side (cpu tier: 192)
 NUM_TRAIN = RECIPE.num_train
 NUM_VAL = RECIPE.num_val
@@ -100,9 +101,9 @@ train_split = split_name("train", TRAIN_SHAPES)  # "train", or "train-10-20-shap
 train_json = make_shapes_dataset(root, NUM_TRAIN, image_size=IMAGE_SIZE, seed=SEED,
                                  split=train_split, shapes_per_image=TRAIN_SHAPES)  # fmt: skip
 val_json = make_shapes_dataset(root, NUM_VAL, image_size=IMAGE_SIZE, seed=SEED, split="val")
-train_set = CocoDataset(train_json, root / train_split, transforms=eval_transforms(IMAGE_SIZE))
+train_set = CocoDataset(train_json, root / train_split, transforms=eval_transforms(TRAIN_SIZE))
 val_set = CocoDataset(val_json, root / "val", transforms=eval_transforms(TEST_SIZE))
-augment = train_transforms(IMAGE_SIZE, jitter=COLOR_JITTER)  # random flip (+ jitter), every step
+augment = train_transforms(TRAIN_SIZE, jitter=COLOR_JITTER)  # random flip (+ jitter), every step
 if IN_MEMORY:  # read and resize every image once; then only the augmentation runs per step
     train_set, val_set = InMemoryDataset(train_set, augment), InMemoryDataset(val_set)
 else:
@@ -385,7 +386,7 @@ assert torch.allclose(
 # the 128 px it trained on (`RECIPE.test_size`, the test pipeline's resize). A third of the shapes
 # are 8–16 px across, two to four cells of P2; enlarged, more of them are found and named right:
 # the same weights scored about 0.05 higher box and mask AP50 at 192 px than at 128 px
-# (benchmarks/RESULTS.md, eleventh round). Try `eval_transforms(IMAGE_SIZE)` instead to see it.
+# (benchmarks/RESULTS.md, eleventh round). To see it, set `TEST_SIZE = IMAGE_SIZE` and run again.
 
 # %%
 model.eval()
