@@ -61,6 +61,7 @@ FORMER_NAMES = {
         "instseg_edu.models.retinanet",
         "RETINANET_R18_CPU_DEMO",
     ): "instseg_edu.models.configs.retinanet",
+    ("instseg_edu.models.retinanet", "RETINANET_R18_CPU"): "instseg_edu.models.configs.retinanet",
     ("instseg_edu.models.mask_rcnn", "SamplerConfig"): "instseg_edu.ops.sampling",
     ("instseg_edu.models.mask_rcnn", "ProposalConfig"): "instseg_edu.models.configs.mask_rcnn",
     ("instseg_edu.models.mask_rcnn", "RPNHead"): "instseg_edu.models.rpn",

@@ -58,6 +58,7 @@ from instseg_edu.losses import (
 from instseg_edu.models import dense_heads
 from instseg_edu.models.backbone import ImageNormalize, build_backbone
 from instseg_edu.models.configs.retinanet import (
+    RETINANET_R18_CPU,
     RETINANET_R18_CPU_DEMO,
     RETINANET_R18_SMALL,
     RETINANET_R50_FPN,
@@ -97,6 +98,7 @@ __all__ = [
     "RETINANET_R50_FPN",
     "RETINANET_R50_FPN_SCRATCH",
     "RETINANET_R18_SMALL",
+    "RETINANET_R18_CPU",
     "RETINANET_R18_CPU_DEMO",
     "RetinaHead",
     "RetinaNet",
@@ -170,9 +172,14 @@ class RetinaHead(nn.Module):
 
         def branch() -> nn.Sequential:
             layers: list[nn.Module] = []
+            groups = cfg.norm_num_groups
             for i in range(cfg.stacked_convs):
                 in_ch = cfg.in_channels if i == 0 else cfg.feat_channels
-                layers += [nn.Conv2d(in_ch, cfg.feat_channels, 3, padding=1), nn.ReLU(inplace=True)]
+                # With GroupNorm after it the conv needs no bias (MMDetection's bias="auto").
+                layers.append(nn.Conv2d(in_ch, cfg.feat_channels, 3, padding=1, bias=not groups))
+                if groups:
+                    layers.append(nn.GroupNorm(groups, cfg.feat_channels))
+                layers.append(nn.ReLU(inplace=True))
             return nn.Sequential(*layers)
 
         # Two branches with their own weights: what makes an object and where its edges are differ.
@@ -185,7 +192,8 @@ class RetinaHead(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
         # sigmoid(b) = π: every anchor starts as "background with probability 1 - π" (Sec. 3.3).
         nn.init.constant_(self.retina_cls.bias, -math.log((1 - cfg.prior_prob) / cfg.prior_prob))
 

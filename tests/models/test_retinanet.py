@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.models.backbone import FPNConfig, ResNetConfig
@@ -20,6 +21,7 @@ from instseg_edu.models.retinanet import (
     BBoxCoderConfig,
     FocalLossConfig,
     MaxIoUAssignerConfig,
+    RetinaHead,
     RetinaHeadConfig,
     RetinaNetConfig,
     RetinaNetOutputs,
@@ -110,6 +112,24 @@ def test_head_initialisation(tiny_model):
     # Every anchor starts near "1 % foreground": the focal-loss prior (Sec. 3.3).
     p = out.cls_logits.sigmoid()
     assert 0.005 < p.mean().item() < 0.02
+
+
+def test_group_norm_in_the_head_follows_every_stacked_conv():
+    plain = RetinaHead(replace(TINY.bbox_head, stacked_convs=2))
+    assert [type(m).__name__ for m in plain.cls_convs] == ["Conv2d", "ReLU"] * 2
+    cfg = replace(TINY.bbox_head, stacked_convs=2, norm_num_groups=8)
+    head = RetinaHead(cfg)
+    for branch in (head.cls_convs, head.reg_convs):
+        assert [type(m).__name__ for m in branch] == ["Conv2d", "GroupNorm", "ReLU"] * 2
+        assert all(m.bias is None for m in branch if isinstance(m, nn.Conv2d))  # GN's beta instead
+        assert all(m.num_groups == 8 for m in branch if isinstance(m, nn.GroupNorm))
+    # The outputs keep the prior and the shapes of the plain head.
+    assert torch.allclose(head.retina_cls.bias, plain.retina_cls.bias)
+    features = tuple(torch.randn(2, cfg.in_channels, s, s) for s in (8, 4, 2, 1, 1))
+    cls, reg = head(features)
+    a = cfg.anchor_generator.num_base_anchors
+    assert [c.shape for c in cls] == [(2, a * cfg.num_classes, s, s) for s in (8, 4, 2, 1, 1)]
+    assert [r.shape for r in reg] == [(2, a * 4, s, s) for s in (8, 4, 2, 1, 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +385,8 @@ def test_model_train_keeps_backbone_frozen():
         (lambda: RetinaHeadConfig(num_classes=0), "num_classes"),
         (lambda: RetinaHeadConfig(stacked_convs=-1), "stacked_convs"),
         (lambda: RetinaHeadConfig(prior_prob=0.0), "prior_prob"),
+        (lambda: RetinaHeadConfig(feat_channels=64, norm_num_groups=24), "norm_num_groups"),
+        (lambda: RetinaHeadConfig(norm_num_groups=0), "norm_num_groups"),
         (lambda: MaxIoUAssignerConfig(neg_iou_thr=0.6), "neg_iou_thr"),
         (lambda: MaxIoUAssignerConfig(neg_iou_thr=(0.1, 0.7)), "neg_iou_thr"),
         (lambda: MaxIoUAssignerConfig(pos_iou_thr=1.5), "pos_iou_thr"),
