@@ -312,9 +312,12 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         if world == 1
         else f"batch {world} processes x {args.batch_size} = {world * args.batch_size}"
     )
+    # args.image_size is the checkpoint's (scoring) size; the demo may train at another.
+    train_size = getattr(args, "train_image_size", args.image_size)
+    scored = "" if train_size == args.image_size else f" (scored at {args.image_size} px)"
     print(
         f"model: {family} {preset_name} ({n_params:.1f} M parameters) on {device}, "
-        f"{len(train_set)} training images at {args.image_size} px, {batch}",
+        f"{len(train_set)} training images at {train_size} px{scored}, {batch}",
         flush=True,
     )
     per_process = math.ceil(len(train_set) / world)  # each process's share of an epoch
@@ -459,6 +462,7 @@ def cmd_demo(args) -> int:
               f"follows the clock and ends at {args.minutes:g} min", flush=True)  # fmt: skip
     # args.image_size: the checkpoint's size, which evaluate and predict resize images to
     args.image_size, args.batch_size = r.test_side, r.batch_size
+    args.train_image_size = r.train_side
     if args.workers is None:  # in memory: nothing left to decode in worker processes
         args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
     train_json, train_dir, val_json, val_dir = _shapes(

@@ -230,6 +230,7 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
         assert train_set[0][0].shape[-2:] == (train_side, train_side)
         assert val_set[0][0].shape[-2:] == (test_side, test_side)
         assert args[0].image_size == test_side  # the checkpoint's resize for evaluate / predict
+        assert args[0].train_image_size == train_side  # what the "model:" line reports
     assert (tmp_path / "r" / "128px-2-2" / "val.json").exists()
 
     _fails_cleanly(["demo", "--minutes", "3", "--steps", "10"], capsys, "--steps or --minutes")
