@@ -1,5 +1,5 @@
-"""How the CPU tier's Mask R-CNN recipe was chosen: train a variant for a fixed wall-clock budget,
-score it on the shapes validation split.
+"""How the CPU tier's Mask R-CNN and RetinaNet recipes were chosen: train a variant for a fixed
+wall-clock budget, score it on the shapes validation split.
 
 Each run builds the variant, times a few training steps of it on this machine, sets ``max_steps``
 so that training fills ``--seconds`` (the cosine schedule then ends on time), trains on the
@@ -15,9 +15,11 @@ split, 3-10 shapes per image (``standard_train``), and those before the seventh 
 per image (``rois_64``; ``narrow_r32`` is today's preset), and those before the tenth trained the
 box head at the full learning rate (``box_head_lr_1``). Run one at a time on a quiet machine:
 the budget is wall-clock time, so a busy machine trains fewer steps (``--steps`` fixes the steps
-instead).
+instead). The ``retinanet_*`` variants change RetinaNet's CPU recipe (``RETINANET_R18_CPU``)
+the same way, and score boxes only.
 
     python benchmarks/cpu_recipe.py current rois_64 --seconds 300 --json runs/cpu_recipe.jsonl
+    python benchmarks/cpu_recipe.py retinanet_current retinanet_no_group_norm --seconds 270
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instseg_edu.models import build_model
 from instseg_edu.models.backbone import FPN, resnet_out_channels
-from instseg_edu.models.mask_rcnn import build_mask_rcnn
 from instseg_edu.recipes import measure_step_seconds, recipe
 
 # ------------------------------------------------------------------------------- the variants
@@ -306,12 +308,25 @@ def with_semantic_branch(weight: float):
 class Variant(NamedTuple):
     """Changes to today's preset and recipe: ``config`` (model config -> config), ``recipe``
     (recipe -> recipe), ``model`` (built model -> model, for heads no preset describes),
-    and ``ema_decay`` (also score an exponential moving average of the weights)."""
+    and ``ema_decay`` (also score an exponential moving average of the weights); ``family``: whose
+    CPU recipe they change (Mask R-CNN's, or RetinaNet's for the ``retinanet_*`` variants)."""
 
     config: Callable = lambda c: c
     recipe: Callable = lambda r: r
     model: Callable = lambda m: m
     ema_decay: float | None = None
+    family: str = "mask_rcnn"
+
+
+def _retina_head(cfg, **changes):
+    return dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head, **changes))
+
+
+def _retina_three_full_width_stages(cfg):  # the backbone of RETINANET_R18_CPU_DEMO
+    backbone = dataclasses.replace(cfg.backbone, base_channels=64, num_stages=3,
+                                   out_indices=(0, 1, 2))  # fmt: skip
+    neck = dataclasses.replace(cfg.neck, in_channels=resnet_out_channels(backbone))
+    return dataclasses.replace(cfg, backbone=backbone, neck=neck)
 
 
 #: name -> its changes, applied to today's preset.
@@ -409,6 +424,27 @@ VARIANTS: dict[str, Variant] = {
         for kind in ("input", "test")
         for size in (128, 160, 192)
     },
+    # RetinaNet's CPU recipe (twelfth round): each variant undoes one of today's choices
+    # (RETINANET_R18_CPU, trained on 10-20 shapes per image, lr 2e-3, scored at 192 px).
+    "retinanet_current": Variant(family="retinanet"),
+    "retinanet_no_group_norm": Variant(
+        lambda c: _retina_head(c, norm_num_groups=None), family="retinanet"
+    ),
+    "retinanet_standard_train": Variant(
+        recipe=lambda r: _train_shapes(r, (3, 10)), family="retinanet"
+    ),
+    "retinanet_three_full_width_stages": Variant(
+        _retina_three_full_width_stages, family="retinanet"
+    ),
+    "retinanet_stacked_convs_4": Variant(
+        lambda c: _retina_head(c, stacked_convs=4), family="retinanet"
+    ),
+    "retinanet_lr_1e-3": Variant(
+        recipe=lambda r: dataclasses.replace(r, lr=1e-3), family="retinanet"
+    ),
+    "retinanet_test_128": Variant(
+        recipe=lambda r: dataclasses.replace(r, test_size=None), family="retinanet"
+    ),
 }
 
 
@@ -433,7 +469,7 @@ class EMA:
 
 def build(variant: Variant, r, num_classes: int = 7):
     """The variant's freshly initialised model."""
-    return variant.model(build_mask_rcnn(variant.config(r.model_config(num_classes))))
+    return variant.model(build_model(r.family, variant.config(r.model_config(num_classes))))
 
 
 def run(
@@ -452,7 +488,7 @@ def run(
     from instseg_edu.engine.train import make_loader, train
 
     variant = VARIANTS[name]
-    r = variant.recipe(dataclasses.replace(recipe("mask_rcnn", "cpu"), **sizes))
+    r = variant.recipe(dataclasses.replace(recipe(variant.family, "cpu"), **sizes))
     train_set, val_set = r.shapes_datasets(data)
     # + drawing and augmenting batches
     if steps is None:
@@ -473,11 +509,13 @@ def run(
     )
     train_s = time.perf_counter() - start
     val_loader = make_loader(val_set, 8, shuffle=False)
-    record = {"variant": name, "seed": seed, "steps": steps, "batch_size": r.batch_size,
-              "train_s": round(train_s, 1)}  # fmt: skip
+    record = {"variant": name, "family": r.family, "seed": seed, "steps": steps,
+              "batch_size": r.batch_size, "train_s": round(train_s, 1)}  # fmt: skip
     for prefix, scored in [("", model)] + ([("ema_", ema.ema)] if ema else []):
         metrics = evaluate_model(scored, val_loader, val_set.coco, val_set.label_to_cat_id, "cpu")
         for kind, key in (("bbox", "box"), ("segm", "mask")):
+            if kind not in metrics:  # RetinaNet: boxes only
+                continue
             for ap in ("AP50", "AP"):
                 record[f"{prefix}{key}_{ap}"] = round(metrics[kind][ap], 3)
     record["last_loss"] = round(history.steps[-1]["loss"], 3)

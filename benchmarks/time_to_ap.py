@@ -14,7 +14,7 @@ Two protocols, chosen by the device:
 - **GPU** (``--device cuda``): ResNet-50-FPN on both sides, random init, 512², SGD, one side after
   the other (the GPU is not shared with anything else).
 - **CPU** (``--device cpu``): the CPU recipe of the family (``instseg_edu.recipes``: RetinaNet
-  ``RETINANET_R18_CPU_DEMO``, Mask R-CNN ``MASK_RCNN_R18_CPU``; 128 px images kept in memory, its
+  ``RETINANET_R18_CPU``, Mask R-CNN ``MASK_RCNN_R18_CPU``; 128 px images kept in memory, its
   optimiser, learning rate, warm-up and gradient clipping) against torchvision's model of the same
   family built on the **same small backbone**: torchvision's own ResNet-18 with the same stages,
   an FPN of the same width and levels, the same anchors, RoI sizes, sampled RoIs and detection
@@ -39,6 +39,7 @@ ends short of ``--minutes``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -52,6 +53,7 @@ from _common import (
     torchvision_detections,
     torchvision_inputs,
 )
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 from train_throughput import build_ours
 
 from instseg_edu.data.coco import CocoDataset
@@ -108,14 +110,29 @@ def _torchvision_resnet_fpn(backbone_cfg, neck_cfg, extra_blocks):
     )
 
 
+class _OnlyP6(ExtraFPNBlock):
+    """torchvision's ``LastLevelP6P7`` without its P7: one extra level, P6 = a stride-2 conv on C5
+    (or P5), as our FPN's one extra ``on_input`` level."""
+
+    def __init__(self, p6p7) -> None:
+        super().__init__()
+        self.p6, self.use_P5 = p6p7.p6, p6p7.use_P5
+
+    def forward(self, p, c, names):
+        p.append(self.p6(p[-1] if self.use_P5 else c[-1]))
+        names.append("p6")
+        return p, names
+
+
 def torchvision_like(family: str, cfg, image_size: int) -> torch.nn.Module:
     """torchvision's RetinaNet / Mask R-CNN built to mirror our config ``cfg`` (random init).
 
     Same: ResNet depth and the stages used (torchvision's ``IntermediateLayerGetter`` stops after
     the last stage the FPN reads, as our ``num_stages`` does), FPN width and levels, anchor sizes
     and ratios, RetinaNet's number of head convs (torchvision fixes 4; the towers are cut to
-    ``stacked_convs``), Mask R-CNN's RPN and RoI sampling, proposal counts, RoIAlign sizes, the
-    box head's fc width, the mask head's convs and the detection limits, and the loss weights
+    ``stacked_convs``) and their GroupNorm (``norm_num_groups``: torchvision's ``norm_layer``),
+    Mask R-CNN's RPN and RoI sampling, proposal counts, RoIAlign sizes, the box head's fc width,
+    the mask head's convs and the detection limits, and the loss weights
     (torchvision's constructors take none: the model gets a ``loss_weights`` dict, torchvision's
     loss names to ours' ``loss_weight``, which the training step applies). Different, because
     torchvision's API has no setting for it: RetinaNet's extra levels take a ReLU between P6 and
@@ -133,16 +150,21 @@ def torchvision_like(family: str, cfg, image_size: int) -> torch.nn.Module:
         if neck.add_extra_convs != "on_input":
             raise ValueError("torchvision_like: RetinaNet's extra levels must be 'on_input'")
         end = len(neck.in_channels) if neck.end_level == -1 else neck.end_level + 1
-        if neck.num_outs - (end - neck.start_level) != 2:
-            raise ValueError("torchvision_like: RetinaNet needs exactly two extra FPN levels")
+        num_extra = neck.num_outs - (end - neck.start_level)
+        if num_extra not in (1, 2):
+            raise ValueError("torchvision_like: RetinaNet needs one or two extra FPN levels")
         extra = LastLevelP6P7(neck.in_channels[end - 1], neck.out_channels)
+        if num_extra == 1:  # P6 only (RETINANET_R18_CPU: P3-P5 from C3-C5, then P6)
+            extra = _OnlyP6(extra)
         backbone = _torchvision_resnet_fpn(cfg.backbone, neck, extra)
         octave = [anchors.octave_base_scale * 2 ** (k / anchors.scales_per_octave)
                   for k in range(anchors.scales_per_octave)]  # fmt: skip
         sizes = tuple(tuple(s * o for o in octave) for s in anchors.strides)
         generator = AnchorGenerator(sizes, (tuple(anchors.ratios),) * len(sizes))
+        groups = head_cfg.norm_num_groups  # GroupNorm in the towers, as torchvision's v2 head
+        norm = None if groups is None else functools.partial(torch.nn.GroupNorm, groups)
         head = RetinaNetHead(neck.out_channels, generator.num_anchors_per_location()[0],
-                             head_cfg.num_classes)  # fmt: skip
+                             head_cfg.num_classes, norm_layer=norm)  # fmt: skip
         for tower in (head.classification_head, head.regression_head):
             tower.conv = tower.conv[: head_cfg.stacked_convs]
         test = cfg.test_cfg

@@ -57,14 +57,20 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
 
     from instseg_edu.recipes import recipe
 
-    base = recipe("mask_rcnn", "cpu")
     images = torch.rand(1, 3, 64, 64)
     for name, variant in cpu_recipe.VARIANTS.items():
-        model = cpu_recipe.build(variant, variant.recipe(base))  # each one is consistent
+        r = variant.recipe(recipe(variant.family, "cpu"))
+        model = cpu_recipe.build(variant, r)  # each one is consistent
         outputs = model(images)
+        if variant.family == "retinanet":
+            assert name.startswith("retinanet_") and outputs.cls_logits.shape[-1] == 7, name
+            continue
         rois = torch.tensor([[0.0, 4.0, 4.0, 40.0, 30.0]])
         cls, deltas = model.box_forward(outputs.features, rois)
         assert cls.shape == (1, 8) and deltas.shape == (1, 28), name
+    no_gn = cpu_recipe.VARIANTS["retinanet_no_group_norm"]
+    head = no_gn.config(recipe("retinanet", "cpu").model_config(7)).bbox_head
+    assert head.norm_num_groups is None
     log = tmp_path / "runs.jsonl"
     # The standard-split variant trains on 3-10 shapes per image (the recipe's own split has
     # 10-20); both score on the standard validation split.
@@ -79,6 +85,14 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
     assert len(record["loss_cls_per_100"]) == len(record["acc_per_100"]) >= 1
     names = sorted(p.name for p in (tmp_path / "shapes").glob("*.json"))
     assert names == ["train.json", "val.json"], names
+    # A RetinaNet variant: the same run, boxes only.
+    out = run(tmp_path, "cpu_recipe.py", "retinanet_test_128", "--steps", "1", "--data",
+              str(tmp_path / "shapes"), "--num-train", "4", "--num-val", "2", "--image-size", "64",
+              "--json", str(log))  # fmt: skip
+    record = json.loads(log.read_text().splitlines()[-1])
+    assert (record["variant"], record["family"], record["steps"]) == (
+        "retinanet_test_128", "retinanet", 1)  # fmt: skip
+    assert 0 <= record["box_AP50"] <= 1 and "mask_AP50" not in record, out
 
 
 def test_cpu_recipe_shared_mask_convs_feed_the_box_head():
@@ -294,7 +308,7 @@ def test_time_to_ap_evaluates_both_sides_with_pycocotools(tmp_path):
 def test_time_to_ap_cpu_protocol_interleaves_the_same_small_models(tmp_path):
     out = run(tmp_path, "time_to_ap.py", "--device", "cpu", "--smoke", "--family", "retinanet",
               "--json", "tta.json")  # fmt: skip
-    assert "cpu protocol: retinanet RETINANET_R18_CPU_DEMO against torchvision's" in out
+    assert "cpu protocol: retinanet RETINANET_R18_CPU against torchvision's" in out
     assert re.search(r"final bbox AP: ours [\d.]+\s+torchvision [\d.]+\s+ratio ", out), out
     assert re.search(r"ours above torchvision at every evaluation point \(bbox AP\): (yes|no)", out)
     report = json.loads((tmp_path / "tta.json").read_text())
@@ -325,9 +339,12 @@ def test_torchvision_like_mirrors_our_cpu_models():
         assert len(feats) == cfg.neck.num_outs
         strides = [128 // f.shape[-1] for f in feats.values()]
         if family == "retinanet":
-            assert "layer4" not in dict(tv.backbone.body.named_children())
+            assert tv.backbone.body.conv1.out_channels == 32  # the same half-width ResNet-18
             assert strides == list(cfg.bbox_head.anchor_generator.strides)
-            assert len(tv.head.classification_head.conv) == cfg.bbox_head.stacked_convs
+            for tower in (tv.head.classification_head.conv, tv.head.regression_head.conv):
+                assert len(tower) == cfg.bbox_head.stacked_convs
+                norms = [m for m in tower.modules() if isinstance(m, torch.nn.GroupNorm)]
+                assert [m.num_groups for m in norms] == [16] * cfg.bbox_head.stacked_convs
             sizes = tv.anchor_generator.sizes
             assert sizes[0][0] == cfg.bbox_head.anchor_generator.octave_base_scale * 8
         else:

@@ -116,7 +116,12 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
     assert (mask_rcnn.max_steps, mask_rcnn.batch_size, mask_rcnn.color_jitter) == (720, 8, True)
     assert mask_rcnn.train_shapes_per_image == (10, 20)
     retinanet = recipe("retinanet", "cpu")
-    assert (retinanet.max_steps, retinanet.lr, retinanet.image_size) == (1000, 1e-3, 128)
+    assert (retinanet.model, retinanet.max_steps, retinanet.lr) == ("RETINANET_R18_CPU", 2400, 2e-3)
+    assert (retinanet.image_size, retinanet.test_side, retinanet.train_shapes_per_image) == (
+        128,
+        192,
+        (10, 20),
+    )
 
 
 def test_unknown_family_or_tier_names_the_choices():
@@ -289,12 +294,14 @@ def test_train_and_test_sizes_resize_the_drawn_images_for_the_network(tmp_path):
 
 
 def test_the_cpu_mask_rcnn_trains_on_denser_images_and_scores_on_the_standard_split(tmp_path):
-    dense = recipe("mask_rcnn", "cpu")
-    assert dense.train_shapes_per_image == (10, 20) and dense.train_split == "train-10-20-shapes"
+    for family in ("mask_rcnn", "retinanet"):  # the CPU tier's two-stage and one-stage detectors
+        dense = recipe(family, "cpu")
+        assert dense.train_shapes_per_image == (10, 20)
+        assert dense.train_split == "train-10-20-shapes"
     for family in FAMILIES:
         for tier in ("cpu", "gpu"):
             r = recipe(family, tier)
-            if (family, tier) != ("mask_rcnn", "cpu"):
+            if (family, tier) not in (("mask_rcnn", "cpu"), ("retinanet", "cpu")):
                 assert r.train_shapes_per_image == SHAPES_PER_IMAGE and r.train_split == "train"
     r = dataclasses.replace(recipe("mask_rcnn", "smoke"), num_train=4, num_val=3, image_size=128)
     train_set, val_set = r.shapes_datasets(tmp_path / "shapes")
