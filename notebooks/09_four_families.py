@@ -203,7 +203,7 @@ def load_saved(family: str, r):
 
 
 # shapes per image -> that training split: one set of images serves every family that trains on
-# it (the cpu tier's Mask R-CNN trains on images with more shapes than the others)
+# it (the cpu tier's Mask R-CNN and RetinaNet train on images with more shapes than the others)
 train_sets = {}
 
 
