@@ -416,6 +416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tv-precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sides", nargs="+", default=["torchvision", "ours"])
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights (the same on both sides) and data order")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, small models, CPU-fast")
     parser.add_argument("--json", help="also write both curves here")
     args = parser.parse_args(argv)
@@ -484,13 +486,13 @@ def run(args: argparse.Namespace, on_point=None, slices: list | None = None) -> 
 
     def loader(dataset, shuffle):
         return make_loader(dataset, args.batch_size, shuffle=shuffle, workers=args.workers,
-                           seed=0, persistent_workers=persistent)  # fmt: skip
+                           seed=args.seed, persistent_workers=persistent)  # fmt: skip
 
     val_loader = loader(val_set, False)
     num_classes = len(train_set.classes)
     runs = {}
     for name in args.sides:
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = build_side(name, args, num_classes)
         runs[name] = SideRun(name, model, args.family, args, loader(train_set, True), device)
 
