@@ -136,7 +136,10 @@ def torchvision_like(family: str, cfg, image_size: int) -> torch.nn.Module:
     (torchvision's constructors take none: the model gets a ``loss_weights`` dict, torchvision's
     loss names to ours' ``loss_weight``, which the training step applies). Different, because
     torchvision's API has no setting for it: RetinaNet's extra levels take a ReLU between P6 and
-    P7, and torchvision's anchors, box coder and sampler are its own implementations.
+    P7, torchvision's FPN starts from Kaiming-uniform weights (ours: Xavier-uniform), its
+    ``Matcher`` gives a low-quality match to the ground truth the anchor overlaps most, its
+    RetinaNet loss is normalised per image, and its anchors, box coder and sampler are its own
+    implementations.
     ``image_size`` pins torchvision's internal resize to the benchmark's size.
     """
     from torchvision.models.detection.anchor_utils import AnchorGenerator
