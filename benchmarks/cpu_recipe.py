@@ -322,13 +322,6 @@ def _retina_head(cfg, **changes):
     return dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head, **changes))
 
 
-def _retina_three_full_width_stages(cfg):  # the backbone of RETINANET_R18_CPU_DEMO
-    backbone = dataclasses.replace(cfg.backbone, base_channels=64, num_stages=3,
-                                   out_indices=(0, 1, 2))  # fmt: skip
-    neck = dataclasses.replace(cfg.neck, in_channels=resnet_out_channels(backbone))
-    return dataclasses.replace(cfg, backbone=backbone, neck=neck)
-
-
 #: name -> its changes, applied to today's preset.
 VARIANTS: dict[str, Variant] = {
     "current": Variant(),
@@ -433,8 +426,8 @@ VARIANTS: dict[str, Variant] = {
     "retinanet_standard_train": Variant(
         recipe=lambda r: _train_shapes(r, (3, 10)), family="retinanet"
     ),
-    "retinanet_three_full_width_stages": Variant(
-        _retina_three_full_width_stages, family="retinanet"
+    "retinanet_three_full_width_stages": Variant(  # the backbone of RETINANET_R18_CPU_DEMO
+        lambda c: _three_stages(_width(c, 64)), family="retinanet"
     ),
     "retinanet_stacked_convs_4": Variant(
         lambda c: _retina_head(c, stacked_convs=4), family="retinanet"

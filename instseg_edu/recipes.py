@@ -319,9 +319,9 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # then come closer to its smallest anchors, 16 px). Box AP50 at equal minutes, one change
     # after another: 0.23 -> 0.31 (GroupNorm) -> 0.35 (denser images) -> 0.39 (the half-width
     # backbone and lr 2e-3: more steps) -> 0.44 (scored at 192 px); benchmarks/RESULTS.md,
-    # "RetinaNet's CPU recipe". A step of 4 images took 0.10 s on the two
-    # cores it was tuned on, so 2400 steps train in about 4 minutes there; notebook 04 and the
-    # demo train by the clock instead.
+    # "RetinaNet's CPU recipe". A step of 4 images took 0.10 s on the two cores it was tuned on,
+    # so 2400 steps train in about 4 minutes there; notebook 04 and the demo train by the clock
+    # instead.
     ("retinanet", "cpu"): _cpu(
         "retinanet", "RETINANET_R18_CPU", batch_size=4, max_steps=2400, lr=2e-3,
         train_shapes_per_image=(10, 20), test_size=192, expected_minutes=4.0,
