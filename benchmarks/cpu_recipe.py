@@ -1,4 +1,4 @@
-"""How the CPU tier's Mask R-CNN and RetinaNet recipes were chosen: train a variant for a fixed
+"""How the CPU tier's recipes were chosen: train a variant for a fixed
 wall-clock budget, score it on the shapes validation split.
 
 Each run builds the variant, times a few training steps of it on this machine, sets ``max_steps``
@@ -16,10 +16,14 @@ per image (``rois_64``; ``narrow_r32`` is today's preset), and those before the 
 box head at the full learning rate (``box_head_lr_1``). Run one at a time on a quiet machine:
 the budget is wall-clock time, so a busy machine trains fewer steps (``--steps`` fixes the steps
 instead). The ``retinanet_*`` variants change RetinaNet's CPU recipe (``RETINANET_R18_CPU``)
-the same way, and score boxes only.
+the same way, and score boxes only; the ``solo_*`` and ``yolact_*`` variants change SOLO's and
+YOLACT's (``SOLO_R18_CPU``, ``YOLACT_R18_CPU``), with ``--backbone-from`` a trained Mask R-CNN's
+checkpoint to start their backbone from, as notebooks 07 and 08 do.
 
     python benchmarks/cpu_recipe.py current rois_64 --seconds 300 --json runs/cpu_recipe.jsonl
     python benchmarks/cpu_recipe.py retinanet_current retinanet_no_group_norm --seconds 270
+    python benchmarks/cpu_recipe.py yolact_current yolact_full_width --seconds 270 \
+        --backbone-from runs/demo/last.pt
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instseg_edu.engine.checkpoint import describe_backbone_load, load_backbone
 from instseg_edu.models import build_model
 from instseg_edu.models.backbone import FPN, resnet_out_channels
 from instseg_edu.recipes import measure_step_seconds, recipe
@@ -309,7 +314,7 @@ class Variant(NamedTuple):
     """Changes to today's preset and recipe: ``config`` (model config -> config), ``recipe``
     (recipe -> recipe), ``model`` (built model -> model, for heads no preset describes),
     and ``ema_decay`` (also score an exponential moving average of the weights); ``family``: whose
-    CPU recipe they change (Mask R-CNN's, or RetinaNet's for the ``retinanet_*`` variants)."""
+    CPU recipe they change (Mask R-CNN's, or the family their name starts with)."""
 
     config: Callable = lambda c: c
     recipe: Callable = lambda r: r
@@ -438,6 +443,22 @@ VARIANTS: dict[str, Variant] = {
     "retinanet_test_128": Variant(
         recipe=lambda r: dataclasses.replace(r, test_size=None), family="retinanet"
     ),
+    # SOLO's and YOLACT's CPU recipes (thirteenth round; notebooks 07 and 08 run them with
+    # --backbone-from notebook 06's Mask R-CNN): each variant undoes one of today's choices
+    # (SOLO_R18_CPU / YOLACT_R18_CPU: Mask R-CNN's half-width ResNet-18, lr 2e-3; YOLACT scored
+    # at 192 px). The "_dense_train" ones try Mask R-CNN's images with 10-20 shapes (not kept).
+    **{
+        f"{family}_{name}": Variant(config, recipe_change, family=family)
+        for family in ("solo", "yolact")
+        for name, config, recipe_change in (
+            ("current", lambda c: c, lambda r: r),
+            ("full_width", lambda c: _width(c, 64), lambda r: r),  # the R18_SMALL presets
+            ("lr_1e-3", lambda c: c, lambda r: dataclasses.replace(r, lr=1e-3)),
+            ("dense_train", lambda c: c, lambda r: _train_shapes(r, (10, 20))),
+            ("test_size_128", lambda c: c, lambda r: dataclasses.replace(r, test_size=None)),
+            ("test_size_192", lambda c: c, lambda r: dataclasses.replace(r, test_size=192)),
+        )
+    },
 }
 
 
@@ -472,11 +493,14 @@ def run(
     loading_overhead: float = 1.08,
     seed: int = 0,
     steps: int | None = None,
+    backbone_from: str | None = None,
     **sizes,
 ) -> dict:
     """Train variant ``name`` for about ``seconds`` (or exactly ``steps`` steps) and score it;
-    returns the JSON record. ``seed`` sets the initial weights and the data order; ``sizes``
-    (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
+    returns the JSON record. ``seed`` sets the initial weights and the data order;
+    ``backbone_from``: a checkpoint whose backbone the model starts from
+    (:func:`~instseg_edu.engine.checkpoint.load_backbone`); ``sizes`` (``num_train``,
+    ``num_val``, ``image_size``) shrink the data for a smoke run."""
     from instseg_edu.engine.evaluate import evaluate_model
     from instseg_edu.engine.train import make_loader, train
 
@@ -490,6 +514,8 @@ def run(
         steps = max(1, int(seconds / step_s))
     torch.manual_seed(seed)
     model = build(variant, r)
+    if backbone_from is not None:  # transfer learning: the donor's ResNet (and same-neck FPN)
+        print(describe_backbone_load(load_backbone(model, backbone_from), backbone_from))
     ema = EMA(model, variant.ema_decay) if variant.ema_decay else None
     loader = make_loader(train_set, r.batch_size, shuffle=True, seed=seed,
                          drop_last=len(train_set) > r.batch_size)  # fmt: skip
@@ -503,7 +529,8 @@ def run(
     train_s = time.perf_counter() - start
     val_loader = make_loader(val_set, 8, shuffle=False)
     record = {"variant": name, "family": r.family, "seed": seed, "steps": steps,
-              "batch_size": r.batch_size, "train_s": round(train_s, 1)}  # fmt: skip
+              "batch_size": r.batch_size, "train_s": round(train_s, 1),
+              "backbone_from": backbone_from}  # fmt: skip
     for prefix, scored in [("", model)] + ([("ema_", ema.ema)] if ema else []):
         metrics = evaluate_model(scored, val_loader, val_set.coco, val_set.label_to_cat_id, "cpu")
         for kind, key in (("bbox", "box"), ("segm", "mask")):
@@ -536,11 +563,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     parser.add_argument("--json", default=None, help="append one JSON line per run here")
+    parser.add_argument("--backbone-from", default=None, metavar="CHECKPOINT",
+                        help="start each model's backbone from this checkpoint's (e.g. the Mask "
+                        "R-CNN demo's last.pt, as notebooks 07 and 08 start from notebook "
+                        "06's)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in ("num_train", "num_val", "image_size")}
     sizes = {key: value for key, value in sizes.items() if value is not None}
     for name in args.variants:
-        record = run(name, args.seconds, args.data, seed=args.seed, steps=args.steps, **sizes)
+        record = run(name, args.seconds, args.data, seed=args.seed, steps=args.steps,
+                     backbone_from=args.backbone_from, **sizes)  # fmt: skip
         print(json.dumps(record), flush=True)
         if args.json:
             with open(args.json, "a") as f:

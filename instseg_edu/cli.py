@@ -306,6 +306,18 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
 
     torch.manual_seed(args.seed)  # initial weights from --seed, whatever ran before in the process
     model = _build(family, model_cfg)
+    if getattr(args, "backbone_from", None):
+        from instseg_edu.engine.checkpoint import (
+            CheckpointError,
+            describe_backbone_load,
+            load_backbone,
+        )
+
+        try:
+            loaded = load_backbone(model, args.backbone_from)
+        except (FileNotFoundError, CheckpointError) as e:
+            raise CliError(f"--backbone-from: {e}") from None
+        print(describe_backbone_load(loaded, args.backbone_from), flush=True)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     batch = (
         f"batch {args.batch_size}"
@@ -525,6 +537,9 @@ BOX_ONLY_TRAINING = {
 def cmd_train(args) -> int:
     device = _device(args.device)
     max_seconds = _train_seconds(args)
+    if args.resume is not None and args.backbone_from is not None:
+        raise CliError("--backbone-from with --resume: a resumed run continues from its "
+                       "checkpoint's weights; give one of them")  # fmt: skip
     resume = _resume_settings(args) if args.resume is not None else None
     for key, value in TRAIN_DEFAULTS.items():
         if getattr(args, key) is None and not (resume and key == "lr"):  # see _resumed_run
@@ -877,6 +892,10 @@ def _common(p: argparse.ArgumentParser):
                    help="seed of the initial weights, data order and augmentation (the shapes "
                    "images are always the standard split)")  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes")
+    p.add_argument("--backbone-from", default=None, metavar="CHECKPOINT",
+                   help="start the ResNet (and the FPN, when it is the same neck) from another "
+                   "trained model's last.pt, e.g. the Mask R-CNN demo's for SOLO or YOLACT; "
+                   "the heads start from random weights")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error instead of one line")  # fmt: skip

@@ -356,20 +356,27 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("mask_rcnn", "gpu"): _gpu(
         "mask_rcnn", "MASK_RCNN_R50_FPN", batch_size=8, lr=0.02, schedule="step",
     ),
-    # SOLO and YOLACT: their small presets, with step counts for about 4 minutes of pre-timed
-    # steps (SOLO 0.62 s, YOLACT 0.56 s, RetinaNet 0.23 s for its 4 images). Their notebooks'
-    # training loops, data included, took 4.6, 4.2 and 4.5 minutes on two quiet cores (the
-    # expected times). From scratch these minutes are not enough for SOLO's category grid or
-    # YOLACT's masks to start learning (benchmarks/RESULTS.md: mask AP50 0.001 and 0.010).
+    # SOLO and YOLACT: their small presets on Mask R-CNN's half-width ResNet-18 (SOLO_R18_CPU,
+    # YOLACT_R18_CPU): a step costs about half as much, so the same minutes hold about twice the
+    # steps, at lr 2e-3 as the other two. From random weights that is still not enough for
+    # SOLO's category grid (mask AP50 0.06 after 4.5 minutes) and gives YOLACT's masks a start
+    # (0.12). Their notebooks therefore start the backbone from notebook 06's trained Mask R-CNN
+    # when it was saved (load_notebook_backbone: transfer learning, as the papers start from
+    # ImageNet weights): in the same minutes mask AP50 0.15 (SOLO) and 0.33 (YOLACT), box AP50
+    # 0.19 and 0.43 (benchmarks/RESULTS.md, thirteenth round). YOLACT is scored at 192 px as Mask
+    # R-CNN (+0.05-0.09 mask AP50); SOLO at 128 px, where its grids were fitted (192 px halved
+    # its AP).
     ("solo", "cpu"): _cpu(
-        "solo", "SOLO_R18_SMALL", max_steps=380, lr=1e-3, expected_minutes=4.6,
-        note="the masks begin to form, but no grid cell is sure of a class yet: few detections, "
-        "mask AP near 0",
+        "solo", "SOLO_R18_CPU", max_steps=1200, lr=2e-3, expected_minutes=4.5,
+        note="from notebook 06's backbone: larger shapes found with their mask, many small ones "
+        "missed; from random weights: few detections, mask AP near 0",
     ),
     ("solo", "gpu"): _gpu("solo", "SOLO_R50_FPN_SCRATCH"),
     ("yolact", "cpu"): _cpu(
-        "yolact", "YOLACT_R18_SMALL", max_steps=420, lr=1e-3, expected_minutes=4.2,
-        note="boxes of some larger shapes; the masks have barely started to learn: mask AP near 0",
+        "yolact", "YOLACT_R18_CPU", max_steps=1500, lr=2e-3, expected_minutes=4.5,
+        test_size=192,
+        note="from notebook 06's backbone: most shapes found, with rough masks; from random "
+        "weights: boxes of the larger shapes, masks just starting",
     ),
     ("yolact", "gpu"): _gpu("yolact", "YOLACT_R50_FPN"),
 }  # fmt: skip
@@ -490,6 +497,42 @@ def save_notebook_model(
     state = {"model": model.state_dict(), "recipe": r.as_dict(), "history": history.to_dict(),
              "meta": meta}  # fmt: skip
     return save_checkpoint(notebook_checkpoint(r.family, r.tier, root), state)
+
+
+def load_notebook_backbone(
+    model: torch.nn.Module, donor: str, tier: str, root: str | os.PathLike = "runs"
+) -> str:
+    """Start ``model``'s backbone from the model an earlier notebook trained, if it was saved.
+
+    SOLO and YOLACT from random weights learn too slowly for a few CPU minutes; their papers start
+    the ResNet from ImageNet weights. Notebooks 07 and 08 start it instead from notebook 06's
+    Mask R-CNN (``donor="mask_rcnn"``) of the same ``tier``, read from
+    :func:`notebook_checkpoint` by :func:`~instseg_edu.engine.checkpoint.load_backbone` (the
+    ResNet, and the FPN when it is the same neck; never the heads).
+
+    Returns:
+        One line for the notebook to print: what was loaded from where, or why the backbone keeps
+        its random weights (no such checkpoint yet: run the donor's notebook first; or a
+        checkpoint whose ResNet differs).
+
+    Raises:
+        ValueError: ``donor`` or ``tier`` is not a known family / tier.
+    """
+    from instseg_edu.engine.checkpoint import (
+        CheckpointError,
+        describe_backbone_load,
+        load_backbone,
+    )
+
+    path = notebook_checkpoint(donor, tier, root)
+    if not path.is_file():
+        return (f"backbone: random weights ({path} not found: run the {donor} notebook in this "
+                f"tier first to start from its trained backbone)")  # fmt: skip
+    try:
+        loaded = load_backbone(model, path)
+    except CheckpointError as e:
+        return f"backbone: random weights ({e})"
+    return describe_backbone_load(loaded, path)
 
 
 # --------------------------------------------------------------------------------------------------

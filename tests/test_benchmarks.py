@@ -62,8 +62,9 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
         r = variant.recipe(recipe(variant.family, "cpu"))
         model = cpu_recipe.build(variant, r)  # each one is consistent
         outputs = model(images)
-        if variant.family == "retinanet":
-            assert name.startswith("retinanet_") and outputs.cls_logits.shape[-1] == 7, name
+        if variant.family != "mask_rcnn":
+            assert name.startswith(variant.family + "_"), name
+            assert type(model).__name__.lower() == variant.family, name  # RetinaNet, SOLO, YOLACT
             continue
         rois = torch.tensor([[0.0, 4.0, 4.0, 40.0, 30.0]])
         cls, deltas = model.box_forward(outputs.features, rois)
@@ -93,6 +94,18 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
     assert (record["variant"], record["family"], record["steps"]) == (
         "retinanet_test_128", "retinanet", 1)  # fmt: skip
     assert 0 <= record["box_AP50"] <= 1 and "mask_AP50" not in record, out
+    # A YOLACT variant started from a Mask R-CNN's backbone (as notebook 08 does): its ResNet.
+    from instseg_edu.engine.checkpoint import save_checkpoint
+
+    donor = recipe("mask_rcnn", "cpu").build_model(7)
+    save_checkpoint(tmp_path / "donor.pt", {"model": donor.state_dict()})
+    out = run(tmp_path, "cpu_recipe.py", "yolact_current", "--steps", "1", "--data",
+              str(tmp_path / "shapes"), "--num-train", "4", "--num-val", "2", "--image-size", "64",
+              "--json", str(log), "--backbone-from", str(tmp_path / "donor.pt"))  # fmt: skip
+    record = json.loads(log.read_text().splitlines()[-1])
+    assert record["variant"] == "yolact_current", out
+    assert record["backbone_from"] == str(tmp_path / "donor.pt")
+    assert "backbone: ResNet (" in out and 0 <= record["mask_AP50"] <= 1, out
 
 
 def test_cpu_recipe_shared_mask_convs_feed_the_box_head():

@@ -132,6 +132,33 @@ def test_demo_trains_mask_rcnn_by_default_and_reports_mask_ap(smoke_run):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
+def test_demo_backbone_from_starts_solo_from_the_mask_rcnn_demo(smoke_run, tmp_path, capsys):
+    """``--backbone-from``: SOLO's ResNet and (the same P2-P6) FPN from the Mask R-CNN demo's
+    ``last.pt``; a file that is missing or holds another ResNet is one clean error."""
+    rc, out, data = smoke_run
+    assert rc == 0
+    capsys.readouterr()
+    args = ["demo", "--smoke", "--model", "solo", "--out", str(tmp_path / "solo"), "--data",
+            str(data), "--device", "cpu", "--no-progress"]  # fmt: skip
+    assert main([*args, "--backbone-from", str(out / "last.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "backbone: ResNet (" in printed
+    assert " and FPN (" in printed and f"from {out / 'last.pt'}; the heads start" in printed
+    _fails_cleanly([*args, "--backbone-from", str(tmp_path / "none.pt")], capsys,
+                   "--backbone-from", "does not exist")  # fmt: skip
+    full_width = tmp_path / "full_width.pt"
+    from instseg_edu.engine.checkpoint import save_checkpoint
+    from instseg_edu.models.solo import SOLO_R18_SMALL, build_solo
+
+    save_checkpoint(full_width, {"model": build_solo(SOLO_R18_SMALL).state_dict()})
+    _fails_cleanly([*args, "--backbone-from", str(full_width)], capsys,
+                   "--backbone-from", "its ResNet is not this model's")  # fmt: skip
+    _fails_cleanly(["train", "--resume", str(out / "last.pt"), "--backbone-from",
+                    str(out / "last.pt")], capsys, "--backbone-from with --resume")  # fmt: skip
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["retinanet", "solo", "yolact"])
 def test_demo_smoke_of_every_family(family, tmp_path, capsys):
     out = tmp_path / "out"

@@ -62,6 +62,8 @@ FORMER_NAMES = {
         "RETINANET_R18_CPU_DEMO",
     ): "instseg_edu.models.configs.retinanet",
     ("instseg_edu.models.retinanet", "RETINANET_R18_CPU"): "instseg_edu.models.configs.retinanet",
+    ("instseg_edu.models.solo", "SOLO_R18_CPU"): "instseg_edu.models.configs.solo",
+    ("instseg_edu.models.yolact", "YOLACT_R18_CPU"): "instseg_edu.models.configs.yolact",
     ("instseg_edu.models.mask_rcnn", "SamplerConfig"): "instseg_edu.ops.sampling",
     ("instseg_edu.models.mask_rcnn", "ProposalConfig"): "instseg_edu.models.configs.mask_rcnn",
     ("instseg_edu.models.mask_rcnn", "RPNHead"): "instseg_edu.models.rpn",

@@ -122,6 +122,47 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
         192,
         (10, 20),
     )
+    solo, yolact = recipe("solo", "cpu"), recipe("yolact", "cpu")
+    assert (solo.model, solo.max_steps, solo.lr) == ("SOLO_R18_CPU", 1200, 2e-3)
+    assert solo.test_side == 128  # its grids were fitted at 128 px
+    assert (yolact.model, yolact.max_steps, yolact.lr) == ("YOLACT_R18_CPU", 1500, 2e-3)
+    assert yolact.test_side == 192
+
+
+def test_solo_and_yolact_cpu_presets_share_the_mask_rcnn_cpu_resnet():
+    """Notebooks 07 and 08 start their backbone from notebook 06's Mask R-CNN: the ResNets must
+    be one network (and SOLO's FPN, P2-P6, Mask R-CNN's)."""
+    mask_rcnn = recipe("mask_rcnn", "cpu").model_config(7)
+    solo, yolact = (recipe(f, "cpu").model_config(7) for f in ("solo", "yolact"))
+    assert solo.backbone == yolact.backbone == mask_rcnn.backbone
+    assert solo.neck == mask_rcnn.neck and yolact.neck != mask_rcnn.neck
+
+
+def test_load_notebook_backbone_says_what_it_loaded_or_why_not(tmp_path):
+    from instseg_edu.engine.checkpoint import save_checkpoint
+
+    solo = recipe("solo", "smoke").build_model(7)
+    line = recipes.load_notebook_backbone(solo, "mask_rcnn", "smoke", root=tmp_path)
+    donor_path = tmp_path / "notebooks" / "smoke" / "mask_rcnn.pt"
+    assert line == (f"backbone: random weights ({donor_path} not found: run the mask_rcnn "
+                    "notebook in this tier first to start from its trained backbone)")  # fmt: skip
+    torch.manual_seed(3)
+    donor = recipe("mask_rcnn", "smoke").build_model(7)
+    save_checkpoint(donor_path, {"model": donor.state_dict()})
+    line = recipes.load_notebook_backbone(solo, "mask_rcnn", "smoke", root=tmp_path)
+    assert line.startswith("backbone: ResNet (") and " and FPN (" in line
+    assert line.endswith(f"from {donor_path}; the heads start from random weights")
+    assert torch.equal(solo.backbone.resnet.conv1.weight, donor.backbone.resnet.conv1.weight)
+    yolact = recipe("yolact", "smoke").build_model(7)
+    line = recipes.load_notebook_backbone(yolact, "mask_rcnn", "smoke", root=tmp_path)
+    assert line.endswith("; the FPN (built over other levels) and the heads start from random "
+                         "weights")  # fmt: skip
+    retinanet = recipe("retinanet", "smoke").build_model(7)  # four stages, but no P2: same ResNet
+    assert "ResNet (" in recipes.load_notebook_backbone(retinanet, "mask_rcnn", "smoke", tmp_path)
+    other = recipe("solo", "smoke").override(model="SOLO_R18_SMALL").build_model(7)
+    line = recipes.load_notebook_backbone(other, "mask_rcnn", "smoke", root=tmp_path)
+    assert line.startswith("backbone: random weights (")
+    assert "its ResNet is not this model's" in line
 
 
 def test_unknown_family_or_tier_names_the_choices():

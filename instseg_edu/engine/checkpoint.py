@@ -146,6 +146,70 @@ def load_model(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Module, 
     return model.to(device), dict(ckpt.get("meta") or {})
 
 
+def load_backbone(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
+    """Start ``model``'s backbone from another trained model's: transfer learning.
+
+    Detectors are almost never trained from random weights: the papers start their ResNet from
+    ImageNet classification weights (:attr:`~instseg_edu.models.backbone.ResNetConfig.pretrained`)
+    and learn only the heads from scratch. Without a download, the nearest thing is a backbone
+    another model has already trained, e.g. the Mask R-CNN of notebook 06 for SOLO and YOLACT
+    (notebooks 07 and 08 in their cpu tier).
+
+    What is copied: the whole ResNet (``backbone.resnet.*``, BatchNorm statistics included), which
+    must be the same network on both sides; and the FPN (``backbone.fpn.*``) only when all of its
+    tensors have the same names and shapes on both sides, that is the same neck (Mask R-CNN's
+    P2–P6 FPN into SOLO's). A neck built over other levels (YOLACT's P3–P7) keeps its own random
+    weights: a conv that smooths P2 in one model would smooth P3 in the other. The heads are
+    never touched.
+
+    Args:
+        model: a model with a ``backbone`` (:class:`~instseg_edu.models.backbone.BackboneWithFPN`).
+        path: a checkpoint of :func:`save_checkpoint` holding ``"model"`` (``instseg-edu train`` /
+            ``demo``'s ``last.pt``, a notebook's ``runs/notebooks/<tier>/<family>.pt``).
+
+    Returns:
+        The names of the tensors loaded (``backbone.resnet.*``, then ``backbone.fpn.*`` if any).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: the file is not a readable checkpoint, holds no ``"model"``, or its ResNet
+            is not the same network as ``model``'s (naming the first tensor that differs).
+    """
+    ckpt = load_checkpoint(path)
+    theirs = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(theirs, dict):
+        raise CheckpointError(f"{str(path)!r} holds no model weights (no 'model' entry)")
+    own = model.state_dict()
+    loaded = []
+    for part in ("backbone.resnet.", "backbone.fpn."):
+        names = [k for k in own if k.startswith(part)]
+        differ = next(
+            (k for k in names if k not in theirs or theirs[k].shape != own[k].shape), None
+        )
+        extra = [k for k in theirs if k.startswith(part) and k not in own]
+        if differ is None and not extra:
+            loaded += names
+        elif part == "backbone.resnet.":
+            name = differ or extra[0]
+            found = tuple(theirs[name].shape) if name in theirs else "nothing"
+            wanted = tuple(own[name].shape) if name in own else "nothing"
+            raise CheckpointError(
+                f"{str(path)!r}: its ResNet is not this model's ({name}: {found} in the "
+                f"checkpoint, {wanted} here); use a checkpoint with the same backbone config"
+            )
+    model.load_state_dict({k: theirs[k] for k in loaded}, strict=False)
+    return loaded
+
+
+def describe_backbone_load(loaded: list[str], path: str | os.PathLike) -> str:
+    """One line on what :func:`load_backbone` returned ``loaded`` from ``path``: ResNet and FPN
+    tensors counted, and what still starts from random weights."""
+    fpn = sum(name.startswith("backbone.fpn.") for name in loaded)
+    parts = f"ResNet ({len(loaded) - fpn} tensors)" + (f" and FPN ({fpn})" if fpn else "")
+    rest = "the heads start" if fpn else "the FPN (built over other levels) and the heads start"
+    return f"backbone: {parts} from {path}; {rest} from random weights"
+
+
 def config_to_dict(cfg) -> dict:
     """A (nested) dataclass config → plain dict; tuples become lists so it is also JSON-ready."""
     return _lists(dataclasses.asdict(cfg))

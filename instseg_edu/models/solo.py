@@ -76,6 +76,7 @@ from instseg_edu.losses import (
 )
 from instseg_edu.models.backbone import ImageNormalize, build_backbone
 from instseg_edu.models.configs.solo import (
+    SOLO_R18_CPU,
     SOLO_R18_SMALL,
     SOLO_R50_FPN,
     SOLO_R50_FPN_SCRATCH,
@@ -106,6 +107,7 @@ __all__ = [
     "SOLO_R50_FPN",
     "SOLO_R50_FPN_SCRATCH",
     "SOLO_R18_SMALL",
+    "SOLO_R18_CPU",
     "SOLOOutputs",
     "SOLOImageTargets",
     "SOLOTargets",

@@ -71,6 +71,7 @@ from instseg_edu.losses import global_avg_factor
 from instseg_edu.models import dense_heads
 from instseg_edu.models.backbone import ImageNormalize, build_backbone
 from instseg_edu.models.configs.yolact import (
+    YOLACT_R18_CPU,
     YOLACT_R18_SMALL,
     YOLACT_R50_FPN,
     YOLACTConfig,
@@ -95,6 +96,7 @@ __all__ = [
     "YOLACTConfig",
     "YOLACT_R50_FPN",
     "YOLACT_R18_SMALL",
+    "YOLACT_R18_CPU",
     "YOLACTHead",
     "Protonet",
     "YOLACT",

@@ -160,3 +160,58 @@ def test_load_model_names_what_is_wrong(tmp_path):
     save_checkpoint(path, {"model": model.state_dict(), "meta": fewer_classes})
     with pytest.raises(CheckpointError, match="cannot rebuild its retinanet model"):
         load_model(path)
+
+
+def _backbone_donor(tmp_path):
+    from instseg_edu.models import build_model
+    from instseg_edu.models.mask_rcnn import MASK_RCNN_R18_CPU
+
+    torch.manual_seed(0)
+    donor = build_model("mask_rcnn", MASK_RCNN_R18_CPU.with_num_classes(3))
+    path = save_checkpoint(tmp_path / "mask_rcnn.pt", {"model": donor.state_dict()})
+    return path, donor.state_dict()
+
+
+def test_load_backbone_copies_the_resnet_and_the_same_fpn_but_no_head(tmp_path):
+    from instseg_edu.engine.checkpoint import load_backbone
+    from instseg_edu.models import build_model
+    from instseg_edu.models.solo import SOLO_R18_CPU
+    from instseg_edu.models.yolact import YOLACT_R18_CPU
+
+    path, donor = _backbone_donor(tmp_path)
+    torch.manual_seed(1)
+    solo = build_model("solo", SOLO_R18_CPU.with_num_classes(3))  # the same P2-P6 FPN
+    before = {k: v.clone() for k, v in solo.state_dict().items()}
+    loaded = load_backbone(solo, path)
+    assert loaded == [k for k in before if k.startswith("backbone.")]
+    assert any(k.startswith("backbone.fpn.") for k in loaded)
+    for key, value in solo.state_dict().items():
+        expected = donor[key] if key.startswith("backbone.") else before[key]
+        assert torch.equal(value, expected), key
+    yolact = build_model("yolact", YOLACT_R18_CPU.with_num_classes(3))  # P3-P7: another neck
+    before = {k: v.clone() for k, v in yolact.state_dict().items()}
+    loaded = load_backbone(yolact, path)
+    assert loaded == [k for k in before if k.startswith("backbone.resnet.")]
+    for key, value in yolact.state_dict().items():
+        expected = donor[key] if key.startswith("backbone.resnet.") else before[key]
+        assert torch.equal(value, expected), key
+
+
+def test_load_backbone_names_what_does_not_fit(tmp_path):
+    from instseg_edu.engine.checkpoint import load_backbone
+    from instseg_edu.models import build_model
+    from instseg_edu.models.solo import SOLO_R18_SMALL
+
+    path, _ = _backbone_donor(tmp_path)
+    full_width = build_model("solo", SOLO_R18_SMALL.with_num_classes(3))  # 64 stem channels
+    before = {k: v.clone() for k, v in full_width.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"mask_rcnn.pt'.*its ResNet is not this model's "
+                       r"\(backbone\.resnet\.conv1\.weight: \(32, 3, 7, 7\) in the checkpoint, "
+                       r"\(64, 3, 7, 7\) here\)"):  # fmt: skip
+        load_backbone(full_width, path)
+    assert all(torch.equal(v, before[k]) for k, v in full_width.state_dict().items())
+    save_checkpoint(tmp_path / "meta_only.pt", {"meta": {}})
+    with pytest.raises(CheckpointError, match="meta_only.pt' holds no model weights"):
+        load_backbone(full_width, tmp_path / "meta_only.pt")
+    with pytest.raises(FileNotFoundError):
+        load_backbone(full_width, tmp_path / "missing.pt")

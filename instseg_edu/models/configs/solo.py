@@ -195,3 +195,16 @@ SOLO_R18_SMALL = SOLOConfig(
         in_channels=64, feat_channels=64, stacked_convs=3, num_grids=(12, 10, 8, 6, 4)
     ),
 )
+
+#: The CPU tier's SOLO (notebook 07 and ``instseg-edu demo --model solo`` without a GPU):
+#: :data:`SOLO_R18_SMALL` on the half-width ResNet-18 of
+#: :data:`~instseg_edu.models.configs.mask_rcnn.MASK_RCNN_R18_CPU` (``base_channels=32``) with
+#: the same P2–P6 FPN, so that its whole backbone can start from the Mask R-CNN that notebook 06
+#: trained (:func:`~instseg_edu.engine.checkpoint.load_backbone`). From random weights, 4.5
+#: minutes on two CPU cores: 1172 steps instead of 698, mask AP50 0.057 instead of 0.042; from
+#: a trained Mask R-CNN's backbone: 0.14-0.21 (``benchmarks/RESULTS.md``, thirteenth round).
+SOLO_R18_CPU = SOLOConfig(
+    backbone=ResNetConfig(depth=18, frozen_stages=-1, norm_eval=False, base_channels=32),
+    neck=fpn_p2_p6(in_channels=(32, 64, 128, 256), out_channels=64),
+    bbox_head=SOLO_R18_SMALL.bbox_head,
+)

@@ -229,3 +229,19 @@ YOLACT_R18_SMALL = YOLACTConfig(
         num_protos=16,
     ),
 )
+
+#: The CPU tier's YOLACT (notebook 08 and ``instseg-edu demo --model yolact`` without a GPU):
+#: :data:`YOLACT_R18_SMALL` on the half-width ResNet-18 of
+#: :data:`~instseg_edu.models.configs.mask_rcnn.MASK_RCNN_R18_CPU` (``base_channels=32``), so
+#: that its ResNet can start from the Mask R-CNN that notebook 06 trained
+#: (:func:`~instseg_edu.engine.checkpoint.load_backbone`; its P3–P7 FPN keeps random weights).
+#: A step costs about half as much; in 4.5 minutes on two CPU cores from random weights, 1631
+#: steps instead of 790, and the prototypes stayed alive: mask AP50 0.121 instead of 0.048; from
+#: a trained Mask R-CNN's ResNet, scored at 192 px: 0.33-0.36 (``benchmarks/RESULTS.md``,
+#: thirteenth round).
+YOLACT_R18_CPU = YOLACTConfig(
+    backbone=ResNetConfig(depth=18, frozen_stages=-1, norm_eval=False, base_channels=32),
+    neck=FPNConfig(in_channels=(32, 64, 128, 256), out_channels=64, start_level=1, num_outs=5),
+    bbox_head=YOLACT_R18_SMALL.bbox_head,
+    mask_head=YOLACT_R18_SMALL.mask_head,
+)
