@@ -31,13 +31,13 @@
 # **Tiers.** The parameters cell picks one (`instseg_edu.recipes`): `gpu` with CUDA (ResNet-50-FPN
 # at 512 px), `cpu` without (a small YOLACT on the half-width ResNet-18 of notebook 06, 128 px
 # images kept in memory, 4.5 minutes on two cores), `smoke` with `INSTSEG_SMOKE=1` (seconds, the
-# tests). `INSTSEG_TIER` wins over both. The
-# cell prints the tier and how long its training should take on this machine.
+# tests). `INSTSEG_TIER` wins over both. The cell prints the tier and how long its training should
+# take on this machine.
 #
 # **Transfer learning.** The paper trains YOLACT from a ResNet pretrained on ImageNet; from random
 # weights its prototypes learn too slowly for a few CPU minutes (mask AP50 about 0.1). So the
-# ResNet starts here from the one notebook 06's Mask R-CNN trained on these shapes, when that
-# notebook has saved it (`BACKBONE_FROM`; `None` to train from scratch and compare). Only the
+# ResNet starts here from the one that notebook 06's Mask R-CNN learned on these shapes, when
+# that notebook has saved it (`BACKBONE_FROM`; `None` to train from scratch and compare). Only the
 # ResNet is copied: YOLACT's FPN makes other levels (P3–P7) than Mask R-CNN's (P2–P6), and every
 # head starts from random weights. Measured on two CPU cores: box / mask AP50 0.43 / 0.33 after
 # 4.5 minutes from notebook 06's backbone, against 0.04 / 0.01 for the earlier from-scratch
