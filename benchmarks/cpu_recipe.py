@@ -1,5 +1,5 @@
-"""How the CPU tier's recipes were chosen: train a variant for a fixed
-wall-clock budget, score it on the shapes validation split.
+"""How the CPU tier's recipes were chosen: train a variant for a fixed wall-clock budget, score
+it on the shapes validation split.
 
 Each run builds the variant, times a few training steps of it on this machine, sets ``max_steps``
 so that training fills ``--seconds`` (the cosine schedule then ends on time), trains on the

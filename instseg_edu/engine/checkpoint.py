@@ -180,25 +180,28 @@ def load_backbone(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
     if not isinstance(theirs, dict):
         raise CheckpointError(f"{str(path)!r} holds no model weights (no 'model' entry)")
     own = model.state_dict()
-    loaded = []
-    for part in ("backbone.resnet.", "backbone.fpn."):
-        names = [k for k in own if k.startswith(part)]
-        differ = next(
-            (k for k in names if k not in theirs or theirs[k].shape != own[k].shape), None
+    differ = _first_difference(own, theirs, "backbone.resnet.")
+    if differ is not None:
+        found = tuple(theirs[differ].shape) if differ in theirs else "nothing"
+        wanted = tuple(own[differ].shape) if differ in own else "nothing"
+        raise CheckpointError(
+            f"{str(path)!r}: its ResNet is not this model's ({differ}: {found} in the "
+            f"checkpoint, {wanted} here); use a checkpoint with the same backbone config"
         )
-        extra = [k for k in theirs if k.startswith(part) and k not in own]
-        if differ is None and not extra:
-            loaded += names
-        elif part == "backbone.resnet.":
-            name = differ or extra[0]
-            found = tuple(theirs[name].shape) if name in theirs else "nothing"
-            wanted = tuple(own[name].shape) if name in own else "nothing"
-            raise CheckpointError(
-                f"{str(path)!r}: its ResNet is not this model's ({name}: {found} in the "
-                f"checkpoint, {wanted} here); use a checkpoint with the same backbone config"
-            )
+    parts = ["backbone.resnet."]
+    if _first_difference(own, theirs, "backbone.fpn.") is None:  # the same neck
+        parts.append("backbone.fpn.")
+    loaded = [k for part in parts for k in own if k.startswith(part)]
     model.load_state_dict({k: theirs[k] for k in loaded}, strict=False)
     return loaded
+
+
+def _first_difference(own: dict, theirs: dict, prefix: str) -> str | None:
+    """The first tensor under ``prefix`` that only one state dict has or whose shapes differ."""
+    for k in own:
+        if k.startswith(prefix) and (k not in theirs or theirs[k].shape != own[k].shape):
+            return k
+    return next((k for k in theirs if k.startswith(prefix) and k not in own), None)
 
 
 def describe_backbone_load(loaded: list[str], path: str | os.PathLike) -> str:

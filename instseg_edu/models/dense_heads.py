@@ -15,6 +15,9 @@ the three heads do the same few steps, each written once here:
 4. **Prediction**: the best ``k`` candidates of each level, levels side by side
    (:func:`topk_per_level`, MMDetection's ``nms_pre``), then decoding and NMS.
 
+Their towers of 3×3 convs are built from one block, :func:`conv3x3_norm_relu` (RetinaNet's and
+SOLO's: a GroupNorm between conv and ReLU when the config asks for one).
+
 No base class: a head calls the functions it needs.
 
 Shape legend: ``B`` images, ``N`` anchors of all levels, ``A`` anchors per cell, ``K`` values per
@@ -26,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from instseg_edu.ops.anchors import AnchorGenerator
 from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
@@ -37,6 +40,7 @@ __all__ = [
     "anchor_levels",
     "anchor_valid",
     "cached",
+    "conv3x3_norm_relu",
     "encode_matched",
     "level_sizes",
     "to_B_HWA_K",
@@ -45,6 +49,20 @@ __all__ = [
 
 #: Entries a model's anchor cache keeps (anchor sets and valid flags per size and device).
 CACHE_SIZE = 16
+
+
+def conv3x3_norm_relu(in_ch: int, out_ch: int, norm_num_groups: int | None) -> list[nn.Module]:
+    """One layer of a head's tower: a 3×3 conv (padding 1), GroupNorm with ``norm_num_groups``
+    groups when given, and a ReLU (MMDetection's ``ConvModule`` with ``norm_cfg=dict(type='GN')``).
+
+    With GroupNorm after it the conv has no bias (``bias="auto"``): the norm's shift replaces it.
+    Returns the layers as a list, to be put into the caller's ``nn.Sequential``; the caller
+    initialises the conv's weight.
+    """
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=norm_num_groups is None)
+    if norm_num_groups is None:
+        return [conv, nn.ReLU(inplace=True)]
+    return [conv, nn.GroupNorm(norm_num_groups, out_ch), nn.ReLU(inplace=True)]
 
 
 def to_B_HWA_K(x: Tensor, k: int) -> Tensor:

@@ -172,14 +172,11 @@ class RetinaHead(nn.Module):
 
         def branch() -> nn.Sequential:
             layers: list[nn.Module] = []
-            groups = cfg.norm_num_groups
             for i in range(cfg.stacked_convs):
                 in_ch = cfg.in_channels if i == 0 else cfg.feat_channels
-                # With GroupNorm after it the conv needs no bias (MMDetection's bias="auto").
-                layers.append(nn.Conv2d(in_ch, cfg.feat_channels, 3, padding=1, bias=not groups))
-                if groups:
-                    layers.append(nn.GroupNorm(groups, cfg.feat_channels))
-                layers.append(nn.ReLU(inplace=True))
+                layers += dense_heads.conv3x3_norm_relu(
+                    in_ch, cfg.feat_channels, cfg.norm_num_groups
+                )
             return nn.Sequential(*layers)
 
         # Two branches with their own weights: what makes an object and where its edges are differ.

@@ -85,6 +85,7 @@ from instseg_edu.models.configs.solo import (
     SOLOTestConfig,
     split_strides,
 )
+from instseg_edu.models.dense_heads import conv3x3_norm_relu
 from instseg_edu.ops.grid_assign import (
     MIN_MASK_AREA,
     SOLOImageTargets,
@@ -229,9 +230,9 @@ def coord_features(x: Tensor) -> Tensor:
 
 
 def _conv_gn_relu(in_ch: int, out_ch: int, groups: int) -> nn.Sequential:
-    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=False)  # GN follows: no bias needed
-    nn.init.normal_(conv.weight, std=0.01)
-    return nn.Sequential(conv, nn.GroupNorm(groups, out_ch), nn.ReLU(inplace=True))
+    block = nn.Sequential(*conv3x3_norm_relu(in_ch, out_ch, groups))  # GN follows: no conv bias
+    nn.init.normal_(block[0].weight, std=0.01)
+    return block
 
 
 class SOLOHead(nn.Module):
