@@ -18,7 +18,10 @@ the budget is wall-clock time, so a busy machine trains fewer steps (``--steps``
 instead). The ``retinanet_*`` variants change RetinaNet's CPU recipe (``RETINANET_R18_CPU``)
 the same way, and score boxes only; the ``solo_*`` and ``yolact_*`` variants change SOLO's and
 YOLACT's (``SOLO_R18_CPU``, ``YOLACT_R18_CPU``), with ``--backbone-from`` a trained Mask R-CNN's
-checkpoint to start their backbone from, as notebooks 07 and 08 do.
+checkpoint to start their backbone from, as notebooks 07 and 08 do. A recipe with
+``pretrain_seconds`` (RetinaNet's and Mask R-CNN's) first pretrains the ResNet on object crops
+for that long, inside ``--seconds`` (``--pretrain-seconds`` sets another time, 0 none; the
+``*no_pretrain`` and ``*_pretrain`` variants take it away or add it).
 
     python benchmarks/cpu_recipe.py current rois_64 --seconds 300 --json runs/cpu_recipe.jsonl
     python benchmarks/cpu_recipe.py retinanet_current retinanet_no_group_norm --seconds 270
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from instseg_edu.engine.checkpoint import describe_backbone_load, load_backbone
+from instseg_edu.engine.pretrain import pretrain_backbone
 from instseg_edu.models import build_model
 from instseg_edu.models.backbone import FPN, resnet_out_channels
 from instseg_edu.recipes import measure_step_seconds, recipe
@@ -459,6 +463,19 @@ VARIANTS: dict[str, Variant] = {
             ("test_size_192", lambda c: c, lambda r: dataclasses.replace(r, test_size=192)),
         )
     },
+    # Fourteenth round: a minute of pretraining the ResNet on object crops, inside the same
+    # minutes. Kept for Mask R-CNN and RetinaNet (their recipes' pretrain_seconds): these undo
+    # it. SOLO gained nothing from it; YOLACT starts from notebook 06's backbone instead.
+    "no_pretrain": Variant(recipe=lambda r: dataclasses.replace(r, pretrain_seconds=None)),
+    "retinanet_no_pretrain": Variant(
+        recipe=lambda r: dataclasses.replace(r, pretrain_seconds=None), family="retinanet"
+    ),
+    **{
+        f"{family}_pretrain": Variant(
+            recipe=lambda r: dataclasses.replace(r, pretrain_seconds=60.0), family=family
+        )
+        for family in ("solo", "yolact")
+    },
 }
 
 
@@ -494,28 +511,37 @@ def run(
     seed: int = 0,
     steps: int | None = None,
     backbone_from: str | None = None,
+    pretrain_seconds: float | None = None,
     **sizes,
 ) -> dict:
     """Train variant ``name`` for about ``seconds`` (or exactly ``steps`` steps) and score it;
     returns the JSON record. ``seed`` sets the initial weights and the data order;
     ``backbone_from``: a checkpoint whose backbone the model starts from
-    (:func:`~instseg_edu.engine.checkpoint.load_backbone`); ``sizes`` (``num_train``,
-    ``num_val``, ``image_size``) shrink the data for a smoke run."""
+    (:func:`~instseg_edu.engine.checkpoint.load_backbone`); ``pretrain_seconds``: the
+    pretraining on object crops instead of the recipe's (0: none; it counts in ``seconds``);
+    ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
     from instseg_edu.engine.evaluate import evaluate_model
     from instseg_edu.engine.train import make_loader, train
 
     variant = VARIANTS[name]
     r = variant.recipe(dataclasses.replace(recipe(variant.family, "cpu"), **sizes))
+    if pretrain_seconds is not None:
+        r = dataclasses.replace(r, pretrain_seconds=pretrain_seconds or None)
     train_set, val_set = r.shapes_datasets(data)
     # + drawing and augmenting batches
     if steps is None:
         torch.manual_seed(1)
         step_s = measure_step_seconds(r, 5, "cpu", model=build(variant, r)) * loading_overhead
-        steps = max(1, int(seconds / step_s))
+        steps = max(1, int((seconds - (r.pretrain_seconds or 0)) / step_s))
     torch.manual_seed(seed)
     model = build(variant, r)
     if backbone_from is not None:  # transfer learning: the donor's ResNet (and same-neck FPN)
         print(describe_backbone_load(load_backbone(model, backbone_from), backbone_from))
+    pretraining = None
+    if r.pretrain_seconds:  # the ResNet as a classifier of object crops first
+        pretraining = pretrain_backbone(model, train_set, r.pretrain_seconds, val_set,
+                                        device="cpu", seed=seed)  # fmt: skip
+        print(pretraining.describe())
     ema = EMA(model, variant.ema_decay) if variant.ema_decay else None
     loader = make_loader(train_set, r.batch_size, shuffle=True, seed=seed,
                          drop_last=len(train_set) > r.batch_size)  # fmt: skip
@@ -530,7 +556,8 @@ def run(
     val_loader = make_loader(val_set, 8, shuffle=False)
     record = {"variant": name, "family": r.family, "seed": seed, "steps": steps,
               "batch_size": r.batch_size, "train_s": round(train_s, 1),
-              "backbone_from": backbone_from}  # fmt: skip
+              "backbone_from": backbone_from, "pretrain_s": r.pretrain_seconds,
+              "crop_accuracy": pretraining and round(pretraining.accuracy, 3)}  # fmt: skip
     for prefix, scored in [("", model)] + ([("ema_", ema.ema)] if ema else []):
         metrics = evaluate_model(scored, val_loader, val_set.coco, val_set.label_to_cat_id, "cpu")
         for kind, key in (("bbox", "box"), ("segm", "mask")):
@@ -567,12 +594,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="start each model's backbone from this checkpoint's (e.g. the Mask "
                         "R-CNN demo's last.pt, as notebooks 07 and 08 start from notebook "
                         "06's)")  # fmt: skip
+    parser.add_argument("--pretrain-seconds", type=float, default=None,
+                        help="pretrain the ResNet on object crops this long (default: the "
+                        "recipe's; 0: none)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in ("num_train", "num_val", "image_size")}
     sizes = {key: value for key, value in sizes.items() if value is not None}
     for name in args.variants:
         record = run(name, args.seconds, args.data, seed=args.seed, steps=args.steps,
-                     backbone_from=args.backbone_from, **sizes)  # fmt: skip
+                     backbone_from=args.backbone_from, pretrain_seconds=args.pretrain_seconds,
+                     **sizes)  # fmt: skip
         print(json.dumps(record), flush=True)
         if args.json:
             with open(args.json, "a") as f:

@@ -318,6 +318,22 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         except (FileNotFoundError, CheckpointError) as e:
             raise CliError(f"--backbone-from: {e}") from None
         print(describe_backbone_load(loaded, args.backbone_from), flush=True)
+    pretrain_seconds = getattr(args, "pretrain_seconds", None)
+    if pretrain_seconds:
+        if world > 1:  # it follows one clock; every process would take other steps
+            print(f"note: no pretraining under torchrun ({world} processes): the ResNet starts "
+                  "from its initial weights", flush=True)  # fmt: skip
+        else:
+            from instseg_edu.engine.pretrain import pretrain_backbone
+
+            print(
+                f"pretraining the ResNet for {pretrain_seconds:g} s as a classifier of the "
+                "training objects' crops (the stand-in for ImageNet weights)",
+                flush=True,
+            )
+            done = pretrain_backbone(model, train_set, pretrain_seconds, val_set,
+                                     device=str(device), seed=args.seed)  # fmt: skip
+            print(done.describe(), flush=True)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     batch = (
         f"batch {args.batch_size}"
@@ -439,6 +455,11 @@ def _check_minutes(args, tier: str, distributed: bool) -> None:
                        "take other learning rates; give --steps")  # fmt: skip
 
 
+def _check_pretrain_seconds(args) -> None:
+    if args.pretrain_seconds < 0:
+        raise CliError(f"--pretrain-seconds={args.pretrain_seconds:g} must be >= 0")
+
+
 def cmd_demo(args) -> int:
     from instseg_edu.engine.distributed import is_distributed
     from instseg_edu.recipes import (
@@ -458,6 +479,9 @@ def cmd_demo(args) -> int:
     changes = {k: v for k, v in given.items() if v is not None}
     if "image_size" in changes:  # drawn at the size asked for, and not resized after
         changes.update(train_size=None, test_size=None)
+    if args.pretrain_seconds is not None:
+        _check_pretrain_seconds(args)
+        changes["pretrain_seconds"] = args.pretrain_seconds or None  # 0: none
     r = r.override(**changes)  # expected time follows
     if args.minutes is None:
         print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
@@ -465,13 +489,19 @@ def cmd_demo(args) -> int:
     else:
         _check_minutes(args, tier, is_distributed())
         seconds = measure_step_seconds(r, device=str(device))
-        r = fit_to_minutes(r, args.minutes, seconds)
+        try:
+            r = fit_to_minutes(r, args.minutes, seconds)
+        except ValueError as e:
+            raise CliError(f"--minutes: {e}") from None
         print(describe_tier(tier, r, measure=False, reason=why), flush=True)
-        at_this_speed = round(args.minutes * 60 / seconds)
-        print(f"--minutes {args.minutes:g}: {seconds:.2f} s per step timed here, so about "
+        at_this_speed = round(r.max_minutes * 60 / seconds)
+        first = ("" if r.pretrain_seconds is None else
+                 f"the first {r.pretrain_seconds:g} s pretrain the ResNet, then ")  # fmt: skip
+        print(f"--minutes {args.minutes:g}: {first}{seconds:.2f} s per step timed here, so about "
               f"{at_this_speed} steps at that speed (a real step also loads its batch, and one "
               f"hour's steps differ from another's; at most {r.max_steps}); the cosine schedule "
               f"follows the clock and ends at {args.minutes:g} min", flush=True)  # fmt: skip
+    args.pretrain_seconds = r.pretrain_seconds
     # args.image_size: the checkpoint's size, which evaluate and predict resize images to
     args.image_size, args.batch_size = r.test_side, r.batch_size
     args.train_image_size = r.train_side
@@ -537,6 +567,11 @@ BOX_ONLY_TRAINING = {
 def cmd_train(args) -> int:
     device = _device(args.device)
     max_seconds = _train_seconds(args)
+    if args.pretrain_seconds is not None:
+        _check_pretrain_seconds(args)
+        if args.resume is not None and args.pretrain_seconds > 0:
+            raise CliError("--pretrain-seconds with --resume: a resumed run continues from its "
+                           "checkpoint's weights, pretrained already if they were")  # fmt: skip
     if args.resume is not None and args.backbone_from is not None:
         raise CliError("--backbone-from with --resume: a resumed run continues from its "
                        "checkpoint's weights; give one of them")  # fmt: skip
@@ -896,6 +931,11 @@ def _common(p: argparse.ArgumentParser):
                    help="start the ResNet (and the FPN, when it is the same neck) from another "
                    "trained model's last.pt, e.g. the Mask R-CNN demo's for SOLO or YOLACT; "
                    "the heads start from random weights")  # fmt: skip
+    p.add_argument("--pretrain-seconds", type=float, default=None, metavar="SECONDS",
+                   help="first train the ResNet for SECONDS as a classifier of the training "
+                   "objects' crops, the stand-in for ImageNet weights (demo: the recipe's, 60 s "
+                   "for RetinaNet and Mask R-CNN on a CPU, part of --minutes; 0: none; train: "
+                   "none unless given, not counted in --minutes)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error instead of one line")  # fmt: skip

@@ -7,7 +7,10 @@ therefore run in one of three **tiers**:
   sets ``INSTSEG_SMOKE=1``); the model learns nothing.
 - ``"cpu"``: a real training of a few minutes on a laptop-class CPU (two cores): small ResNet-18
   models on 128 px images, kept in memory (:class:`~instseg_edu.data.memory.InMemoryDataset`),
-  trained with AdamW. The loss falls visibly and the larger objects come out right.
+  trained with AdamW, RetinaNet's and Mask R-CNN's ResNet first pretrained for a minute as a
+  classifier of the training objects' crops (``pretrain_seconds``,
+  :mod:`instseg_edu.engine.pretrain`). The loss falls visibly and the larger objects come out
+  right.
 - ``"gpu"``: the full ResNet-50-FPN models on 512 px images, thousands of steps.
 
 :func:`select_tier` picks one (``INSTSEG_TIER`` wins, then ``INSTSEG_SMOKE=1``, then the device),
@@ -119,10 +122,14 @@ class Recipe:
         max_minutes: a time budget, or ``None``: training ends after this many minutes, its
             schedule following the clock (:class:`~instseg_edu.engine.train.TrainConfig`'s
             ``max_seconds``); ``max_steps`` is then an upper bound. :func:`fit_to_minutes` sets
-            both.
+            both. The pretraining's seconds come before it, outside it.
         expected_minutes: training minutes of these ``max_steps`` on the machine the tier is
             for (two CPU cores for ``"cpu"``), ``None`` where not measured; :func:`describe_tier`
             measures this machine. Change a recipe with :meth:`override`, which keeps it true.
+        pretrain_seconds: seconds of classification pretraining of the ResNet on the training
+            set's object crops before the detector trains
+            (:func:`~instseg_edu.engine.pretrain.pretrain_backbone`: the stand-in for ImageNet
+            weights), or ``None``: none.
         note: one line on what to expect from the trained model.
     """
 
@@ -150,6 +157,7 @@ class Recipe:
     note: str = ""
     train_size: int | None = None
     test_size: int | None = None
+    pretrain_seconds: float | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -164,8 +172,10 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}={value!r} must be a positive int or None")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes={self.max_minutes!r} must be > 0 or None")
+        for name in ("max_minutes", "pretrain_seconds"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name}={value!r} must be > 0 or None")
         # a list when read back from a checkpoint
         shapes = check_shapes_per_image(self.train_shapes_per_image, "train_shapes_per_image")
         object.__setattr__(self, "train_shapes_per_image", shapes)
@@ -174,8 +184,9 @@ class Recipe:
         """A copy with ``changes`` (any fields) whose ``expected_minutes`` still describes it.
 
         A new ``max_steps`` scales the expected time (105 steps of a 420-step recipe expected to
-        take 4.8 min: 4.8 x 105 / 420 = 1.2 min); a new model, image size, batch size or
-        data path makes it ``None``, since the time per step was measured for the recipe's own.
+        take 4.8 min: 4.8 x 105 / 420 = 1.2 min), the pretraining's seconds apart (they do not
+        scale); a new model, image size, batch size or data path makes it ``None``, since the
+        time per step was measured for the recipe's own.
         """
         new = dataclasses.replace(self, **changes)
         if "expected_minutes" in changes or self.expected_minutes is None:
@@ -184,8 +195,9 @@ class Recipe:
                      "train_shapes_per_image")  # fmt: skip
         if any(getattr(new, name) != getattr(self, name) for name in step_cost):
             return dataclasses.replace(new, expected_minutes=None)
-        minutes = self.expected_minutes * new.max_steps / self.max_steps
-        return dataclasses.replace(new, expected_minutes=minutes)
+        old_pretrain, new_pretrain = ((r.pretrain_seconds or 0) / 60 for r in (self, new))
+        training = (self.expected_minutes - old_pretrain) * new.max_steps / self.max_steps
+        return dataclasses.replace(new, expected_minutes=new_pretrain + training)
 
     def model_config(self, num_classes: int):
         """The preset named by ``model``, for ``num_classes`` foreground classes."""
@@ -309,7 +321,8 @@ def _smoke(cpu: Recipe) -> Recipe:
     # Seconds on any machine: the CPU tier's model, optimiser and data path on a few 64 px images.
     return dataclasses.replace(cpu, tier="smoke", image_size=64, train_size=None, test_size=None,
                                num_train=8, num_val=4, batch_size=2, max_steps=2, warmup_steps=1,
-                               expected_minutes=None, note="")  # fmt: skip
+                               expected_minutes=None, note="",
+                               pretrain_seconds=cpu.pretrain_seconds and 0.5)  # fmt: skip
 
 
 RECIPES: dict[tuple[str, str], Recipe] = {
@@ -319,12 +332,16 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # then come closer to its smallest anchors, 16 px). Box AP50 at equal minutes, one change
     # after another: 0.23 -> 0.31 (GroupNorm) -> 0.35 (denser images) -> 0.39 (the half-width
     # backbone and lr 2e-3: more steps) -> 0.44 (scored at 192 px); benchmarks/RESULTS.md,
-    # "RetinaNet's CPU recipe". A step of 4 images took 0.10 s on the two cores it was tuned on,
-    # so 2400 steps train in about 4 minutes there; notebook 04 and the demo train by the clock
-    # instead.
+    # "RetinaNet's CPU recipe". Then the ResNet starts from a minute of classification
+    # pretraining on the training set's object crops (pretrain_seconds; engine.pretrain, the
+    # stand-in for ImageNet weights): 0.44 -> 0.47 in the same minutes (benchmarks/RESULTS.md,
+    # "Pretraining the backbone on object crops"). A step of 4 images took 0.10 s on the two cores
+    # it was tuned on, so the pretraining and 1800 steps take about 4 minutes there; notebook 04
+    # and the demo train by the clock instead.
     ("retinanet", "cpu"): _cpu(
-        "retinanet", "RETINANET_R18_CPU", batch_size=4, max_steps=2400, lr=2e-3,
+        "retinanet", "RETINANET_R18_CPU", batch_size=4, max_steps=1800, lr=2e-3,
         train_shapes_per_image=(10, 20), test_size=192, expected_minutes=4.0,
+        pretrain_seconds=60.0,
         note="boxes only; most shapes found, at scores of 0.3-0.5, often beside a second box "
         "naming another class",
     ),
@@ -335,8 +352,11 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # Mask R-CNN: the CPU tier's best masks (MASK_RCNN_R18_CPU: a half-width ResNet-18, 32 RoIs
     # per image, 7x7 mask RoIs, 14x14 masks), trained on images with 10-20 shapes: from scratch
     # the model learns from how many objects it has looked at, and a denser image shows twice as
-    # many. A step of 8 of them takes about 0.33 s on two quiet cores (with loading), so 720
-    # steps train in about 4 minutes (on a busy hour, 0.5 s: docs/notebooks.md). `make demo`
+    # many. Its ResNet starts from a minute of classification pretraining on the training set's
+    # object crops (pretrain_seconds): 0.51 -> 0.57 box AP50 and 0.50 -> 0.55 mask AP50 in the
+    # same 4.5 minutes (benchmarks/RESULTS.md, "Pretraining the backbone on object crops"). A step
+    # of 8 images takes about 0.33 s on two quiet cores (with loading), so the pretraining and
+    # 540 steps take about 4 minutes (on a busy hour, 0.5 s a step: docs/notebooks.md). `make demo`
     # trains for five minutes instead (`instseg-edu demo --minutes 5`), its schedule following
     # the clock: as many steps as its machine gives it. The box head learns at a fifth of the
     # rate: AdamW moves every weight by about lr per step, and the box head's first fc layer sums
@@ -348,8 +368,9 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # larger size instead costs more per step than it gives: benchmarks/RESULTS.md, eleventh
     # round).
     ("mask_rcnn", "cpu"): _cpu(
-        "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=720, lr=2e-3, expected_minutes=4.0,
+        "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=540, lr=2e-3, expected_minutes=4.0,
         train_shapes_per_image=(10, 20), lr_mult={"bbox_head": 0.2}, test_size=192,
+        pretrain_seconds=60.0,
         note="most shapes that are not tiny found with a recognisable mask; most, not all, named "
         "right",
     ),
@@ -409,9 +430,14 @@ def notebook_train_minutes(tier: str) -> float | None:
     return NOTEBOOK_TRAIN_MINUTES
 
 
-def notebook_recipe(family: str, tier: str, minutes: float | None = None) -> Recipe:
+def notebook_recipe(
+    family: str, tier: str, minutes: float | None = None, pretrain: bool = True
+) -> Recipe:
     """The recipe a notebook trains with: :func:`recipe`, with 128 px images in the smoke tier
     (notebooks draw them) and ``max_steps`` from ``INSTSEG_TRAIN_STEPS`` when set.
+
+    ``pretrain=False`` (a notebook's ``PRETRAIN``): no pretraining on object crops
+    (``pretrain_seconds=None``), its time going to the detector's training.
 
     ``minutes`` (the training notebooks' ``TRAIN_MINUTES``, :func:`notebook_train_minutes`):
     instead of the recipe's steps, a time budget of that many minutes with its schedule following
@@ -424,6 +450,8 @@ def notebook_recipe(family: str, tier: str, minutes: float | None = None) -> Rec
     r = recipe(family, tier)
     if tier == "smoke":
         r = r.override(image_size=NOTEBOOK_SMOKE_IMAGE_SIZE)
+    if not pretrain:
+        r = r.override(pretrain_seconds=None)
     steps = os.environ.get(STEPS_ENV)
     if steps is not None:
         try:
@@ -651,6 +679,8 @@ def fit_to_minutes(
     """``r`` trained for ``minutes``: a time budget (``max_minutes``) whose schedule follows the
     clock, with as many steps as fit when a step takes ``margin`` x ``seconds_per_step`` (a
     pre-timed step, :func:`measure_step_seconds`) as the upper bound; at least one step.
+    ``minutes`` covers the whole run: the recipe's ``pretrain_seconds`` first, then the
+    detector's training in the minutes left (``max_minutes``).
 
     A step's time differs from machine to machine, and on a shared machine from hour to hour (the
     CPU tier's Mask R-CNN step took 0.31 to 0.56 s on the same two cores), so a fixed step count
@@ -665,14 +695,19 @@ def fit_to_minutes(
     this machine, not to the one the tier was timed on.
 
     Raises:
-        ValueError: ``minutes``, ``seconds_per_step`` or ``margin`` not positive.
+        ValueError: ``minutes``, ``seconds_per_step`` or ``margin`` not positive; ``minutes`` no
+            longer than the pretraining.
     """
     for name, value in (("minutes", minutes), ("seconds_per_step", seconds_per_step),
                         ("margin", margin)):  # fmt: skip
         if not value > 0:
             raise ValueError(f"{name}={value!r} must be > 0")
-    steps = max(1, int(minutes * 60 / (margin * seconds_per_step)))
-    return r.override(max_steps=steps, max_minutes=minutes, expected_minutes=None)
+    training = minutes - (r.pretrain_seconds or 0) / 60
+    if not training > 0:
+        raise ValueError(f"minutes={minutes!r} leaves no time to train after the "
+                         f"pretraining's {r.pretrain_seconds:g} s (pretrain_seconds)")  # fmt: skip
+    steps = max(1, int(training * 60 / (margin * seconds_per_step)))
+    return r.override(max_steps=steps, max_minutes=training, expected_minutes=None)
 
 
 def describe_tier(
@@ -707,16 +742,19 @@ def describe_tier(
             + ("" if r.test_side == r.train_side else f" (scored at {r.test_side} px)")
             + f", batch {r.batch_size}, {r.max_steps} steps"
         )
+        pre = ""
+        if r.pretrain_seconds is not None:
+            pre = f", after {r.pretrain_seconds:g} s of pretraining its ResNet on object crops"
         if r.max_minutes is not None:
-            line = (f"{head}: {what} at most: training ends at {r.max_minutes:g} min, its "
+            line = (f"{head}: {what} at most{pre}: training ends at {r.max_minutes:g} min, its "
                     "learning rate following the clock")  # fmt: skip
         elif measure:
             seconds = measure_step_seconds(r)
-            estimate = r.max_steps * seconds * PLAN_MARGIN / 60
-            line = (f"{head}: {what}; {seconds:.2f} s per step measured here, so training "
+            estimate = r.max_steps * seconds * PLAN_MARGIN / 60 + (r.pretrain_seconds or 0) / 60
+            line = (f"{head}: {what}{pre}; {seconds:.2f} s per step measured here, so training "
                     f"takes about {estimate:.1f} min")  # fmt: skip
         else:
-            line = f"{head}: {what}"
+            line = f"{head}: {what}{pre}"
         if r.expected_minutes is not None:
             where = "two CPU cores" if tier == "cpu" else "one GPU"
             line += f" (about {_minutes(r.expected_minutes)} on {where})"

@@ -34,7 +34,7 @@
 # a cell becomes sure of a class). So the backbone starts here from the one that notebook 06's
 # Mask R-CNN learned on these shapes, when that notebook has saved it (`BACKBONE_FROM`; `None` to
 # train from scratch and compare): its ResNet and its FPN, the same P2–P6 neck. The heads start from
-# random weights. Measured on two CPU cores after 4.5 minutes: box / mask AP50 0.19 / 0.15 from
+# random weights. Measured on two CPU cores after 4.5 minutes: box / mask AP50 0.25 / 0.21 from
 # notebook 06's backbone (the larger shapes found with their mask, most small ones missed),
 # against 0.01 / 0.001 for the earlier from-scratch recipe. SOLO is still the slowest learner of
 # the four here; the GPU tier is where it learns well.

@@ -75,11 +75,14 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
     log = tmp_path / "runs.jsonl"
     # The standard-split variant trains on 3-10 shapes per image (the recipe's own split has
     # 10-20); both score on the standard validation split.
+    # Mask R-CNN's recipe pretrains the ResNet on object crops first: here for half a second.
     out = run(tmp_path, "cpu_recipe.py", "standard_train", "--seconds", "1", "--data",
               str(tmp_path / "shapes"), "--num-train", "4", "--num-val", "2", "--image-size", "64",
-              "--json", str(log))  # fmt: skip
+              "--json", str(log), "--pretrain-seconds", "0.5")  # fmt: skip
     record = json.loads(log.read_text())
     assert record["variant"] == "standard_train" and record["steps"] >= 1, out
+    assert record["pretrain_s"] == 0.5 and 0 <= record["crop_accuracy"] <= 1
+    assert "pretrained the ResNet as a classifier of" in out
     assert record["seed"] == 0
     assert 0 <= record["box_AP50"] <= 1 and 0 <= record["mask_AP50"] <= 1
     assert "ema_box_AP50" not in record
@@ -89,10 +92,11 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
     # A RetinaNet variant: the same run, boxes only.
     out = run(tmp_path, "cpu_recipe.py", "retinanet_test_128", "--steps", "1", "--data",
               str(tmp_path / "shapes"), "--num-train", "4", "--num-val", "2", "--image-size", "64",
-              "--json", str(log))  # fmt: skip
+              "--json", str(log), "--pretrain-seconds", "0")  # fmt: skip
     record = json.loads(log.read_text().splitlines()[-1])
     assert (record["variant"], record["family"], record["steps"]) == (
         "retinanet_test_128", "retinanet", 1)  # fmt: skip
+    assert record["pretrain_s"] is None and record["crop_accuracy"] is None
     assert 0 <= record["box_AP50"] <= 1 and "mask_AP50" not in record, out
     # A YOLACT variant started from a Mask R-CNN's backbone (as notebook 08 does): its ResNet.
     from instseg_edu.engine.checkpoint import save_checkpoint

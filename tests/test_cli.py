@@ -156,6 +156,8 @@ def test_demo_backbone_from_starts_solo_from_the_mask_rcnn_demo(smoke_run, tmp_p
                    "--backbone-from", "its ResNet is not this model's")  # fmt: skip
     _fails_cleanly(["train", "--resume", str(out / "last.pt"), "--backbone-from",
                     str(out / "last.pt")], capsys, "--backbone-from with --resume")  # fmt: skip
+    _fails_cleanly(["train", "--resume", str(out / "last.pt"), "--pretrain-seconds", "5"],
+                   capsys, "--pretrain-seconds with --resume")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -169,6 +171,9 @@ def test_demo_smoke_of_every_family(family, tmp_path, capsys):
     recipe = RECIPES[(family, "smoke")]
     assert printed.startswith(f"tier 'smoke' (--smoke): {recipe.model} on 8 images of 64 px")
     assert (out / "predictions.png").is_file() and (out / "last.pt").is_file()
+    # RetinaNet's recipe pretrains its ResNet on object crops first (half a second here)
+    pretrained = "pretrained the ResNet as a classifier of " in printed
+    assert pretrained == (family == "retinanet"), printed
     if family == "solo":  # --seed changes the training, never the standard split's images
         val_json = tmp_path / "data" / "64px-8-4" / "val.json"
         before = val_json.read_bytes()
@@ -191,8 +196,9 @@ def test_demo_tier_variable_is_checked(monkeypatch, capsys):
 
 
 def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_path, capsys):
-    """``--steps 180`` of the 720-step cpu recipe (4.0 min on two cores): 180 steps' time, in the
-    measured part and in the parenthesis. Stopped before any data is made."""
+    """``--steps 180`` of the 540-step cpu recipe (4.0 min on two cores, its first minute the
+    pretraining): 180 steps' time and the minute, in the measured part and in the parenthesis.
+    Stopped before any data is made."""
     from instseg_edu import cli, recipes
 
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
@@ -205,14 +211,15 @@ def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_
     assert main(["demo", "--device", "cpu", "--steps", "180", "--data", str(tmp_path)]) == 2
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), line
-    assert "180 steps" in line and "training takes about 2.3 min" in line  # 180 x 0.6 s x 1.3
-    assert line.endswith("(about 1.0 min on two CPU cores)"), line  # 4.0 min x 180 / 720
+    assert "180 steps, after 60 s of pretraining its ResNet on object crops" in line
+    assert "training takes about 3.3 min" in line  # 180 x 0.6 s x 1.3 + 1 min
+    assert line.endswith("(about 2.0 min on two CPU cores)"), line  # 1 + 3.0 min x 180 / 540
 
 
 def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_path, capsys):
-    """``--minutes 3.9`` at 0.6 s per step timed here: about 234 / 0.6 = 390 steps, at most
-    234 / (0.8 x 0.6) = 487, told in the first two lines, with no time for "two CPU cores" (the
-    time now belongs to this machine)."""
+    """``--minutes 3.9`` at 0.6 s per step timed here: the recipe's 60 s of pretraining, then
+    174 s of training, about 174 / 0.6 = 290 steps, at most 174 / (0.8 x 0.6) = 362, told in the
+    first two lines, with no time for "two CPU cores" (the time now belongs to this machine)."""
     from instseg_edu import cli, recipes
 
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
@@ -231,14 +238,15 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path)]) == 2
     first, second = capsys.readouterr().out.splitlines()[:2]
     assert first.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), first
-    budget = "batch 8, 487 steps at most: training ends at 3.9 min, its learning rate following"
+    budget = ("batch 8, 362 steps at most, after 60 s of pretraining its ResNet on object crops: "
+              "training ends at 2.9 min, its learning rate following")  # fmt: skip
     assert first.endswith(budget + " the clock"), first  # nothing about two CPU cores
-    assert second == ("--minutes 3.9: 0.60 s per step timed here, so about 390 steps at that "
-                      "speed (a real step also loads its batch, and one hour's steps differ from "
-                      "another's; at most 487); the cosine schedule follows the clock and ends at "
-                      "3.9 min")  # fmt: skip
-    assert timed == [720]  # the recipe's step, timed once
-    # The training it starts has the budget: 3.9 min, and the 487 steps as a bound.
+    assert second == ("--minutes 3.9: the first 60 s pretrain the ResNet, then 0.60 s per step "
+                      "timed here, so about 290 steps at that speed (a real step also loads its "
+                      "batch, and one hour's steps differ from another's; at most 362); the "
+                      "cosine schedule follows the clock and ends at 3.9 min")  # fmt: skip
+    assert timed == [540]  # the recipe's step, timed once
+    # The training it starts has the budget: 2.9 min after the pretraining, 362 steps as a bound.
     monkeypatch.undo()
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
     monkeypatch.setattr(recipes, "measure_step_seconds", measure)
@@ -248,7 +256,13 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path), *small,
                  "--image-size", "32"]) == 0  # fmt: skip
     cfg = started[0][7]
-    assert (cfg.max_steps, cfg.max_seconds, cfg.schedule) == (487, 234.0, "cosine")
+    assert (cfg.max_steps, cfg.schedule) == (362, "cosine")
+    assert cfg.max_seconds == pytest.approx(174.0) and started[0][0].pretrain_seconds == 60.0
+    assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path), *small,
+                 "--image-size", "32", "--pretrain-seconds", "0"]) == 0  # fmt: skip
+    cfg = started[1][7]  # no pretraining: the whole 3.9 min train the detector
+    assert cfg.max_seconds == pytest.approx(234.0) and started[1][0].pretrain_seconds is None
+    del started[1]
     # The recipe trains on 128 px images and scores them at 192; --image-size N does both at N.
     assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path / "r"),
                  *small]) == 0  # fmt: skip
@@ -263,6 +277,13 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     _fails_cleanly(["demo", "--minutes", "3", "--steps", "10"], capsys, "--steps or --minutes")
     _fails_cleanly(["demo", "--minutes", "0", "--data", str(tmp_path)], capsys, "--minutes=0.0")
     _fails_cleanly(["demo", "--minutes", "3", "--smoke"], capsys, "smoke tier")
+    _fails_cleanly(
+        ["demo", "--minutes", "0.9", "--data", str(tmp_path)],
+        capsys,
+        "--minutes: minutes=0.9 leaves no time to train after the pretraining's 60 s",
+    )
+    _fails_cleanly(["demo", "--pretrain-seconds", "-1", "--smoke"], capsys,
+                   "--pretrain-seconds=-1 must be >= 0")  # fmt: skip
 
 
 def test_train_minutes_is_a_time_budget_with_the_length_as_a_bound(monkeypatch, tmp_path, capsys):

@@ -113,10 +113,16 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
         "adamw",
         2e-3,
     )
-    assert (mask_rcnn.max_steps, mask_rcnn.batch_size, mask_rcnn.color_jitter) == (720, 8, True)
+    assert (mask_rcnn.max_steps, mask_rcnn.batch_size, mask_rcnn.color_jitter) == (540, 8, True)
     assert mask_rcnn.train_shapes_per_image == (10, 20)
     retinanet = recipe("retinanet", "cpu")
-    assert (retinanet.model, retinanet.max_steps, retinanet.lr) == ("RETINANET_R18_CPU", 2400, 2e-3)
+    assert (retinanet.model, retinanet.max_steps, retinanet.lr) == ("RETINANET_R18_CPU", 1800, 2e-3)
+    # a minute of pretraining on object crops first: RetinaNet and Mask R-CNN (SOLO and YOLACT
+    # start from notebook 06's backbone); half a second in the smoke tier, to run the code
+    pretrain = {f: (recipe(f, "cpu").pretrain_seconds, recipe(f, "smoke").pretrain_seconds,
+                    recipe(f, "gpu").pretrain_seconds) for f in FAMILIES}  # fmt: skip
+    assert pretrain == {"retinanet": (60.0, 0.5, None), "mask_rcnn": (60.0, 0.5, None),
+                        "solo": (None, None, None), "yolact": (None, None, None)}  # fmt: skip
     assert (retinanet.image_size, retinanet.test_side, retinanet.train_shapes_per_image) == (
         128,
         192,
@@ -201,7 +207,7 @@ def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(
     assert notebook_recipe("retinanet", "smoke").max_steps == 60
     cpu = recipe("retinanet", "cpu")
     assert notebook_recipe("retinanet", "cpu").expected_minutes == pytest.approx(
-        cpu.expected_minutes * 60 / cpu.max_steps
+        1.0 + (cpu.expected_minutes - 1.0) * 60 / cpu.max_steps  # the pretraining's minute stays
     )
     assert notebook_recipe("retinanet", "gpu").max_steps == 60
     assert notebook_recipe("retinanet", "cpu", minutes=4.5).max_steps == 60  # the variable wins
@@ -213,11 +219,14 @@ def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(
 
 def test_override_keeps_the_expected_time_true():
     r = recipe("mask_rcnn", "cpu")
-    assert (r.max_steps, r.expected_minutes) == (720, 4.0)
-    shorter = r.override(max_steps=180, num_val=50)
-    assert (shorter.max_steps, shorter.num_val) == (180, 50)
-    assert shorter.expected_minutes == pytest.approx(1.0)  # a quarter of the steps
-    assert r.override(max_steps=1440).expected_minutes == pytest.approx(8.0)
+    assert (r.max_steps, r.expected_minutes, r.pretrain_seconds) == (540, 4.0, 60.0)
+    shorter = r.override(max_steps=135, num_val=50)
+    assert (shorter.max_steps, shorter.num_val) == (135, 50)
+    # 1 min of pretraining + 3 min of steps: a quarter of the steps takes 1 + 0.75 min
+    assert shorter.expected_minutes == pytest.approx(1.75)
+    assert r.override(max_steps=1080).expected_minutes == pytest.approx(7.0)  # 1 + 2 x 3
+    assert r.override(pretrain_seconds=None).expected_minutes == pytest.approx(3.0)
+    assert r.override(pretrain_seconds=30.0).expected_minutes == pytest.approx(3.5)
     for change in ({"batch_size": 4}, {"image_size": 256}, {"model": "MASK_RCNN_R18_SMALL"},
                    {"train_shapes_per_image": (3, 10)}):  # fmt: skip
         assert r.override(**change).expected_minutes is None, change
@@ -229,8 +238,9 @@ def test_notebook_recipe_with_minutes_fits_the_steps_to_this_machine(env, monkey
     monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
     cpu = recipe("mask_rcnn", "cpu")
     fitted = notebook_recipe("mask_rcnn", "cpu", minutes=4.5)
-    assert fitted == fit_to_minutes(cpu, 4.5, 0.25) and fitted.max_steps == 1350  # 270 / 0.2
-    assert fitted.max_minutes == 4.5 and fitted.train_config().max_seconds == 270
+    # 4.5 min: 60 s of pretraining, then 210 s of training: at most 210 / (0.8 x 0.25) steps
+    assert fitted == fit_to_minutes(cpu, 4.5, 0.25) and fitted.max_steps == 1050
+    assert fitted.max_minutes == 3.5 and fitted.train_config().max_seconds == 210
     smoke = notebook_recipe("mask_rcnn", "smoke", minutes=4.5)  # seconds anyway: not fitted
     assert smoke.max_steps == recipe("mask_rcnn", "smoke").max_steps
 
@@ -243,7 +253,7 @@ def test_notebook_train_minutes_limit_only_the_cpu_tier_s_own_steps(env):
 
 
 def test_fit_to_minutes_trains_for_the_minutes_with_the_steps_that_fit_as_a_bound():
-    r = recipe("mask_rcnn", "cpu")
+    r = recipe("mask_rcnn", "cpu").override(pretrain_seconds=None)
     fitted = fit_to_minutes(r, 4.5, 0.3)
     assert fitted.max_steps == 1125  # 270 s / (0.8 x 0.3 s): more than fit; the clock ends it
     assert fitted.max_minutes == 4.5 and fitted.expected_minutes is None  # this machine's time
@@ -258,6 +268,16 @@ def test_fit_to_minutes_trains_for_the_minutes_with_the_steps_that_fit_as_a_boun
                        ((4.5, 0.3, 0.0), "margin")):  # fmt: skip
         with pytest.raises(ValueError, match=name):
             fit_to_minutes(r, *args)
+
+
+def test_fit_to_minutes_counts_the_pretraining_in_the_minutes():
+    r = recipe("mask_rcnn", "cpu")  # 60 s of pretraining
+    fitted = fit_to_minutes(r, 4.5, 0.3)
+    assert fitted.max_minutes == 3.5 and fitted.pretrain_seconds == 60.0
+    assert fitted.max_steps == 875  # 210 s / (0.8 x 0.3 s)
+    with pytest.raises(ValueError, match=r"minutes=1.0 leaves no time to train after the "
+                       r"pretraining's 60 s \(pretrain_seconds\)"):  # fmt: skip
+        fit_to_minutes(r, 1.0, 0.3)
 
 
 def test_notebook_checkpoint_path():
@@ -403,18 +423,21 @@ def test_measure_step_seconds_and_describe_tier(env):
     line = describe_tier("cpu", cpu)
     assert line.startswith("tier 'cpu' (no CUDA device): MASK_RCNN_R18_CPU")
     assert "0.60 s per step measured here" in line
-    assert f"about {cpu.max_steps * 0.6 * 1.3 / 60:.1f} min" in line  # with PLAN_MARGIN
+    # with PLAN_MARGIN, and the pretraining's minute
+    assert f"about {cpu.max_steps * 0.6 * 1.3 / 60 + 1:.1f} min" in line
+    assert "540 steps, after 60 s of pretraining its ResNet on object crops;" in line
     assert "(about 4.0 min on two CPU cores)" in line
-    # Fewer steps: both times are for the steps run (4.0 min x 360 / 720 steps = 2.0 min).
-    line = describe_tier("cpu", cpu.override(max_steps=360))
-    assert "360 steps" in line and f"about {360 * 0.6 * 1.3 / 60:.1f} min" in line
-    assert "(about 2.0 min on two CPU cores)" in line
-    # 4.0 min x 30 / 720 = 10 s
-    assert "(about 10 s on two CPU cores)" in describe_tier("cpu", cpu.override(max_steps=30))
+    # Fewer steps: both times are for the steps run (1 min + 3.0 min x 270 / 540 steps).
+    line = describe_tier("cpu", cpu.override(max_steps=270))
+    assert "270 steps" in line and f"about {270 * 0.6 * 1.3 / 60 + 1:.1f} min" in line
+    assert "(about 2.5 min on two CPU cores)" in line
+    # Without the pretraining: 3.0 min x 30 / 540 = 10 s
+    no_pretraining = cpu.override(pretrain_seconds=None, max_steps=30)
+    assert "(about 10 s on two CPU cores)" in describe_tier("cpu", no_pretraining)
     # A time budget: said so, not timed again.
     line = describe_tier("cpu", fit_to_minutes(cpu, 4.5, 0.6))
-    planned = ("562 steps at most: training ends at 4.5 min, its learning rate following the "
-               "clock")  # fmt: skip
+    planned = ("437 steps at most, after 60 s of pretraining its ResNet on object crops: "
+               "training ends at 3.5 min, its learning rate following the clock")  # fmt: skip
     assert line.endswith(planned), line
     # Another batch size: the time measured for the recipe's own no longer applies.
     assert "on two CPU cores" not in describe_tier("cpu", cpu.override(batch_size=2))

@@ -1,5 +1,5 @@
-"""Figures of a training run: loss terms, learning rate, throughput, positives per image, and
-prediction thumbnails.
+"""Figures of a training run: loss terms, learning rate, throughput, positives per image,
+prediction thumbnails, and the object crops the backbone is pretrained on.
 
 Plain functions of the :class:`instseg_edu.engine.train.History` rows (one dict per step with
 ``step``, ``lr``, ``img_s``, ``loss``, every ``loss_*`` term and statistics such as ``num_pos``),
@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "PANELS",
+    "crops_figure",
     "detection_thumbnail",
     "ema",
     "history_columns",
@@ -162,3 +163,45 @@ def detection_thumbnail(
     buf = io.BytesIO()
     pil.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def crops_figure(
+    crops: Tensor, labels: Tensor, class_names: Sequence[str], columns: int = 8, scale: int = 3
+) -> go.Figure:
+    """A grid of object crops, each with its class name under it.
+
+    Args:
+        crops: ``float [N, 3, S, S]`` in ``[0, 1]`` or ``uint8`` in ``[0, 255]``, e.g. the first
+            ``N`` of :class:`~instseg_edu.engine.pretrain.ObjectCrops`' ``crops``.
+        labels: ``int64 [N]`` their classes (indices into ``class_names``).
+        class_names: one name per class.
+        columns: crops per row.
+        scale: screen pixels per crop pixel.
+
+    Raises:
+        ValueError: ``crops`` is not ``[N, 3, S, S]`` with ``N >= 1`` and as many ``labels``.
+    """
+    if crops.ndim != 4 or crops.shape[1] != 3 or len(crops) == 0 or len(labels) != len(crops):
+        raise ValueError(f"crops must be [N>=1, 3, S, S] with N labels, got "
+                         f"{tuple(crops.shape)} and {len(labels)} labels")  # fmt: skip
+    if crops.dtype == torch.uint8:
+        crops = crops.float() / 255
+    n, size = len(crops), crops.shape[-1]
+    rows = -(-n // columns)
+    gap, text = 4, max(10, size // 2)  # between crops; below each, room for its name
+    cell_w, cell_h = size + gap, size + text
+    canvas = torch.ones(3, rows * cell_h + gap, columns * cell_w + gap)  # white
+    for i in range(n):  # a figure of a few crops, not a hot path
+        top, left = gap + (i // columns) * cell_h, gap + (i % columns) * cell_w
+        canvas[:, top : top + size, left : left + size] = crops[i].float().clamp(0, 1)
+    pixels = (canvas.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    fig = go.Figure(go.Image(z=pixels, hoverinfo="skip"))
+    for i in range(n):
+        top, left = gap + (i // columns) * cell_h, gap + (i % columns) * cell_w
+        fig.add_annotation(x=left + size / 2, y=top + size + 1, text=class_names[int(labels[i])],
+                           showarrow=False, yanchor="top", font={"size": 11})  # fmt: skip
+    height, width = pixels.shape[0] * scale, pixels.shape[1] * scale
+    fig.update_layout(width=width, height=height + 20, margin={"l": 0, "r": 0, "t": 20, "b": 0})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
