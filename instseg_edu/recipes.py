@@ -334,7 +334,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # backbone and lr 2e-3: more steps) -> 0.44 (scored at 192 px); benchmarks/RESULTS.md,
     # "RetinaNet's CPU recipe". Then the ResNet starts from a minute of classification
     # pretraining on the training set's object crops (pretrain_seconds; engine.pretrain, the
-    # stand-in for ImageNet weights): 0.44 -> 0.47 in the same minutes (benchmarks/RESULTS.md,
+    # stand-in for ImageNet weights): 0.41 -> 0.47 in the same 4.5 minutes (benchmarks/RESULTS.md,
     # "Pretraining the backbone on object crops"). A step of 4 images took 0.10 s on the two cores
     # it was tuned on, so the pretraining and 1800 steps take about 4 minutes there; notebook 04
     # and the demo train by the clock instead.
