@@ -322,7 +322,7 @@ def _smoke(cpu: Recipe) -> Recipe:
     return dataclasses.replace(cpu, tier="smoke", image_size=64, train_size=None, test_size=None,
                                num_train=8, num_val=4, batch_size=2, max_steps=2, warmup_steps=1,
                                expected_minutes=None, note="",
-                               pretrain_seconds=cpu.pretrain_seconds and 0.5)  # fmt: skip
+                               pretrain_seconds=0.5 if cpu.pretrain_seconds else None)  # fmt: skip
 
 
 RECIPES: dict[tuple[str, str], Recipe] = {

@@ -91,7 +91,6 @@ class ObjectCrops(Dataset):
         if context < 1 or margin < 0:
             raise ValueError(f"context={context} must be >= 1 and margin={margin} >= 0")
         self.classes = tuple(getattr(dataset, "classes", ()))
-        self.crop_size = crop_size
         crops, labels = [], []
         for index in range(len(dataset)):
             image, target = dataset[index]
@@ -221,7 +220,8 @@ def pretrain_backbone(
         val_set: when given, the accuracy on its objects' crops is measured at the end.
         device, seed, callbacks, progress: as in
             :class:`~instseg_edu.engine.train.TrainConfig` / :func:`~instseg_edu.engine.train.train`
-            (a :class:`~instseg_edu.viz.dashboard.TrainingDashboard` shows ``loss_cls`` falling).
+            (``widgets.TrainingDashboard(thumbnails_every=0)`` shows ``loss_cls`` falling; its
+            prediction thumbnails are a detector's).
         **settings: overrides of :data:`PRETRAIN_DEFAULTS`.
 
     Returns:
