@@ -19,9 +19,10 @@ instead). The ``retinanet_*`` variants change RetinaNet's CPU recipe (``RETINANE
 the same way, and score boxes only; the ``solo_*`` and ``yolact_*`` variants change SOLO's and
 YOLACT's (``SOLO_R18_CPU``, ``YOLACT_R18_CPU``), with ``--backbone-from`` a trained Mask R-CNN's
 checkpoint to start their backbone from, as notebooks 07 and 08 do. A recipe with
-``pretrain_seconds`` (RetinaNet's and Mask R-CNN's) first pretrains the ResNet on object crops
-for that long, inside ``--seconds`` (``--pretrain-seconds`` sets another time, 0 none; the
-``*no_pretrain`` and ``*_pretrain`` variants take it away or add it).
+``pretrain_seconds`` (RetinaNet's, Mask R-CNN's and YOLACT's) first pretrains the ResNet on
+object crops for that long, inside ``--seconds``, unless ``--backbone-from`` gives it a trained
+one (``--pretrain-seconds`` sets another time, 0 none; the ``*no_pretrain`` and ``*_pretrain``
+variants take it away or add it).
 
     python benchmarks/cpu_recipe.py current rois_64 --seconds 300 --json runs/cpu_recipe.jsonl
     python benchmarks/cpu_recipe.py retinanet_current retinanet_no_group_norm --seconds 270
@@ -464,18 +465,19 @@ VARIANTS: dict[str, Variant] = {
         )
     },
     # Fourteenth round: a minute of pretraining the ResNet on object crops, inside the same
-    # minutes. Kept for Mask R-CNN and RetinaNet (their recipes' pretrain_seconds): these undo
-    # it. SOLO gained nothing from it; YOLACT starts from notebook 06's backbone instead.
+    # minutes. Kept for Mask R-CNN, RetinaNet and YOLACT (their recipes' pretrain_seconds; YOLACT
+    # skips it when it starts from a trained backbone): these undo it. SOLO gained nothing from
+    # it: solo_pretrain adds it.
     "no_pretrain": Variant(recipe=lambda r: dataclasses.replace(r, pretrain_seconds=None)),
     "retinanet_no_pretrain": Variant(
         recipe=lambda r: dataclasses.replace(r, pretrain_seconds=None), family="retinanet"
     ),
-    **{
-        f"{family}_pretrain": Variant(
-            recipe=lambda r: dataclasses.replace(r, pretrain_seconds=60.0), family=family
-        )
-        for family in ("solo", "yolact")
-    },
+    "yolact_no_pretrain": Variant(
+        recipe=lambda r: dataclasses.replace(r, pretrain_seconds=None), family="yolact"
+    ),
+    "solo_pretrain": Variant(
+        recipe=lambda r: dataclasses.replace(r, pretrain_seconds=60.0), family="solo"
+    ),
 }
 
 
@@ -517,8 +519,9 @@ def run(
     """Train variant ``name`` for about ``seconds`` (or exactly ``steps`` steps) and score it;
     returns the JSON record. ``seed`` sets the initial weights and the data order;
     ``backbone_from``: a checkpoint whose backbone the model starts from
-    (:func:`~instseg_edu.engine.checkpoint.load_backbone`); ``pretrain_seconds``: the
-    pretraining on object crops instead of the recipe's (0: none; it counts in ``seconds``);
+    (:func:`~instseg_edu.engine.checkpoint.load_backbone`), which replaces the recipe's
+    pretraining; ``pretrain_seconds``: the pretraining on object crops instead of the recipe's
+    (0: none; it counts in ``seconds``);
     ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
     from instseg_edu.engine.evaluate import evaluate_model
     from instseg_edu.engine.train import make_loader, train
@@ -527,6 +530,8 @@ def run(
     r = variant.recipe(dataclasses.replace(recipe(variant.family, "cpu"), **sizes))
     if pretrain_seconds is not None:
         r = dataclasses.replace(r, pretrain_seconds=pretrain_seconds or None)
+    elif backbone_from is not None:  # a trained backbone replaces the pretraining, as in the demo
+        r = dataclasses.replace(r, pretrain_seconds=None)
     train_set, val_set = r.shapes_datasets(data)
     # + drawing and augmenting batches
     if steps is None:

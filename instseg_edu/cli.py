@@ -479,9 +479,13 @@ def cmd_demo(args) -> int:
     changes = {k: v for k, v in given.items() if v is not None}
     if "image_size" in changes:  # drawn at the size asked for, and not resized after
         changes.update(train_size=None, test_size=None)
+    dropped_pretraining = False
     if args.pretrain_seconds is not None:
         _check_pretrain_seconds(args)
         changes["pretrain_seconds"] = args.pretrain_seconds or None  # 0: none
+    elif args.backbone_from is not None and r.pretrain_seconds is not None:
+        # The stand-in for ImageNet weights is not needed: the given backbone has learned more.
+        changes["pretrain_seconds"], dropped_pretraining = None, True
     r = r.override(**changes)  # expected time follows
     if args.minutes is None:
         print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
@@ -501,6 +505,10 @@ def cmd_demo(args) -> int:
               f"{at_this_speed} steps at that speed (a real step also loads its batch, and one "
               f"hour's steps differ from another's; at most {r.max_steps}); the cosine schedule "
               f"follows the clock and ends at {args.minutes:g} min", flush=True)  # fmt: skip
+    if dropped_pretraining:
+        print("--backbone-from: no pretraining on object crops; the ResNet starts from the "
+              "given model's, which has learned more (--pretrain-seconds S pretrains it all the "
+              "same)", flush=True)  # fmt: skip
     args.pretrain_seconds = r.pretrain_seconds
     # args.image_size: the checkpoint's size, which evaluate and predict resize images to
     args.image_size, args.batch_size = r.test_side, r.batch_size
@@ -934,8 +942,9 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--pretrain-seconds", type=float, default=None, metavar="SECONDS",
                    help="first train the ResNet for SECONDS as a classifier of the training "
                    "objects' crops, the stand-in for ImageNet weights (demo: the recipe's, 60 s "
-                   "for RetinaNet and Mask R-CNN on a CPU, part of --minutes; 0: none; train: "
-                   "none unless given, not counted in --minutes)")  # fmt: skip
+                   "for RetinaNet, Mask R-CNN and YOLACT on a CPU, part of --minutes, none with "
+                   "--backbone-from; 0: none; train: none unless given, not counted in "
+                   "--minutes)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error instead of one line")  # fmt: skip

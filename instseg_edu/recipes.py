@@ -7,9 +7,10 @@ therefore run in one of three **tiers**:
   sets ``INSTSEG_SMOKE=1``); the model learns nothing.
 - ``"cpu"``: a real training of a few minutes on a laptop-class CPU (two cores): small ResNet-18
   models on 128 px images, kept in memory (:class:`~instseg_edu.data.memory.InMemoryDataset`),
-  trained with AdamW, RetinaNet's and Mask R-CNN's ResNet first pretrained for a minute as a
-  classifier of the training objects' crops (``pretrain_seconds``,
-  :mod:`instseg_edu.engine.pretrain`). The loss falls visibly and the larger objects come out
+  trained with AdamW, the ResNet of RetinaNet, Mask R-CNN and YOLACT first pretrained for a
+  minute as a classifier of the training objects' crops (``pretrain_seconds``,
+  :mod:`instseg_edu.engine.pretrain`; YOLACT's only when it does not start from a trained
+  backbone). The loss falls visibly and the larger objects come out
   right.
 - ``"gpu"``: the full ResNet-50-FPN models on 512 px images, thousands of steps.
 
@@ -384,9 +385,21 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # (0.12). Their notebooks therefore start the backbone from notebook 06's trained Mask R-CNN
     # when it was saved (load_notebook_backbone: transfer learning, as the papers start from
     # ImageNet weights): in the same minutes mask AP50 0.15 (SOLO) and 0.33 (YOLACT), box AP50
-    # 0.19 and 0.43 (benchmarks/RESULTS.md, thirteenth round). YOLACT is scored at 192 px as Mask
-    # R-CNN (+0.05-0.09 mask AP50); SOLO at 128 px, where its grids were fitted (192 px halved
-    # its AP).
+    # 0.19 and 0.43 (benchmarks/RESULTS.md, thirteenth round). Without such a backbone (notebook
+    # 06 not run in this tier; `instseg-edu demo --model yolact` without --backbone-from) YOLACT's
+    # ResNet is first pretrained for a minute on object crops (pretrain_seconds), as RetinaNet's
+    # and Mask R-CNN's: box / mask AP50 0.27 / 0.18 -> 0.38 / 0.28 in the same 4.5 minutes
+    # (benchmarks/RESULTS.md, "Pretraining the backbone on object crops"); so 1170 steps, not
+    # 1500, fill the same minutes. A backbone that has learned already replaces the pretraining
+    # (notebook 08 and the demo then skip it). SOLO gained nothing from it (mask AP50 0.057 ->
+    # 0.060) and keeps its minutes for training. YOLACT's protonet learns at a fifth of the rate
+    # (lr_mult): AdamW moves every weight by about lr per step, and at the full rate its last
+    # conv's outputs could fall below zero everywhere within the first hundred steps; the final
+    # ReLU then gives zero prototypes, no gradient reaches them, and the masks never learn (mask
+    # AP 0 in two of five runs after the pretraining). At a fifth no run lost them; where they
+    # had lived at the full rate, the fifth cost up to 0.02 mask AP50 (benchmarks/RESULTS.md,
+    # "YOLACT's prototypes"). YOLACT is scored at 192 px as Mask R-CNN (+0.05-0.09 mask AP50);
+    # SOLO at 128 px, where its grids were fitted (192 px halved its AP).
     ("solo", "cpu"): _cpu(
         "solo", "SOLO_R18_CPU", max_steps=1200, lr=2e-3, expected_minutes=4.5,
         note="from notebook 06's backbone: larger shapes found with their mask, many small ones "
@@ -394,10 +407,10 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ),
     ("solo", "gpu"): _gpu("solo", "SOLO_R50_FPN_SCRATCH"),
     ("yolact", "cpu"): _cpu(
-        "yolact", "YOLACT_R18_CPU", max_steps=1500, lr=2e-3, expected_minutes=4.5,
-        test_size=192,
-        note="from notebook 06's backbone: most shapes found, with rough masks; from random "
-        "weights: boxes of the larger shapes, masks just starting",
+        "yolact", "YOLACT_R18_CPU", max_steps=1170, lr=2e-3, expected_minutes=4.5,
+        test_size=192, pretrain_seconds=60.0, lr_mult={"mask_head": 0.2},
+        note="from notebook 06's backbone: most shapes found, with rough masks; after the "
+        "pretraining alone: the larger shapes found, masks rougher",
     ),
     ("yolact", "gpu"): _gpu("yolact", "YOLACT_R50_FPN"),
 }  # fmt: skip
@@ -431,13 +444,22 @@ def notebook_train_minutes(tier: str) -> float | None:
 
 
 def notebook_recipe(
-    family: str, tier: str, minutes: float | None = None, pretrain: bool = True
+    family: str,
+    tier: str,
+    minutes: float | None = None,
+    pretrain: bool = True,
+    backbone_from: str | None = None,
+    root: str | os.PathLike = "runs",
 ) -> Recipe:
     """The recipe a notebook trains with: :func:`recipe`, with 128 px images in the smoke tier
     (notebooks draw them) and ``max_steps`` from ``INSTSEG_TRAIN_STEPS`` when set.
 
     ``pretrain=False`` (a notebook's ``PRETRAIN``): no pretraining on object crops
-    (``pretrain_seconds=None``), its time going to the detector's training.
+    (``pretrain_seconds=None``), its time going to the detector's training. The same when
+    ``backbone_from`` names a family whose notebook saved its model in this tier under ``root``
+    (:func:`notebook_checkpoint`; notebook 08's ``BACKBONE_FROM``): the backbone will start from
+    that trained model (:func:`load_notebook_backbone`), which has learned more than a minute of
+    pretraining would teach it.
 
     ``minutes`` (the training notebooks' ``TRAIN_MINUTES``, :func:`notebook_train_minutes`):
     instead of the recipe's steps, a time budget of that many minutes with its schedule following
@@ -445,11 +467,14 @@ def notebook_recipe(
     (:func:`fit_to_minutes`). Ignored in the smoke tier and when ``INSTSEG_TRAIN_STEPS`` is set.
 
     Raises:
-        ValueError: ``INSTSEG_TRAIN_STEPS`` is not a positive integer.
+        ValueError: ``INSTSEG_TRAIN_STEPS`` is not a positive integer; ``family``, ``tier`` or
+            ``backbone_from`` unknown.
     """
     r = recipe(family, tier)
     if tier == "smoke":
         r = r.override(image_size=NOTEBOOK_SMOKE_IMAGE_SIZE)
+    if backbone_from is not None and notebook_checkpoint(backbone_from, tier, root).is_file():
+        pretrain = False
     if not pretrain:
         r = r.override(pretrain_seconds=None)
     steps = os.environ.get(STEPS_ENV)

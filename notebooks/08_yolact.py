@@ -35,13 +35,15 @@
 # take on this machine.
 #
 # **Transfer learning.** The paper trains YOLACT from a ResNet pretrained on ImageNet; from random
-# weights its prototypes learn too slowly for a few CPU minutes (mask AP50 about 0.1). So the
+# weights its prototypes learn too slowly for a few CPU minutes (mask AP50 0.18). So the
 # ResNet starts here from the one that notebook 06's Mask R-CNN learned on these shapes, when
-# that notebook has saved it (`BACKBONE_FROM`; `None` to train from scratch and compare). Only the
-# ResNet is copied: YOLACT's FPN makes other levels (P3–P7) than Mask R-CNN's (P2–P6), and every
-# head starts from random weights. Measured on two CPU cores: box / mask AP50 0.50 / 0.42 after
-# 4.5 minutes from notebook 06's backbone, against 0.04 / 0.01 for the earlier from-scratch
-# recipe.
+# that notebook has saved it (`BACKBONE_FROM`; `None` to do without). Only the ResNet is copied:
+# YOLACT's FPN makes other levels (P3–P7) than Mask R-CNN's (P2–P6), and every head starts from
+# random weights. Without notebook 06's backbone the cpu tier spends its first minute pretraining
+# the ResNet as a classifier of the training objects' crops, as notebooks 04 and 06 do
+# (`PRETRAIN`; section 6). Measured on two CPU cores after 4.5 minutes, box / mask AP50: 0.50 /
+# 0.40 from notebook 06's backbone, 0.37 / 0.26 after the minute of pretraining, 0.27 / 0.18 from
+# random weights.
 
 # %% tags=["parameters"]
 from instseg_edu.recipes import (
@@ -56,8 +58,15 @@ SMOKE = TIER == "smoke"
 # cpu tier: training ends at TRAIN_MINUTES (4.5), its learning rate following the clock (at
 # most the steps that fit at the speed timed now); other tiers, or INSTSEG_TRAIN_STEPS: None.
 TRAIN_MINUTES = notebook_train_minutes(TIER)
+# The backbone starts from the Mask R-CNN notebook 06 trained in this tier, if it was saved
+# (transfer learning: the paper starts from ImageNet weights); None: without it.
+BACKBONE_FROM = "mask_rcnn"
+# Without that backbone, the cpu tier's first minute pretrains the ResNet on object crops
+# (section 6); False: from random weights.
+PRETRAIN = True
 # INSTSEG_TRAIN_STEPS overrides the steps in every tier.
-RECIPE = notebook_recipe("yolact", TIER, minutes=TRAIN_MINUTES)
+RECIPE = notebook_recipe("yolact", TIER, minutes=TRAIN_MINUTES, pretrain=PRETRAIN,
+                         backbone_from=BACKBONE_FROM)  # fmt: skip
 IMAGE_SIZE = RECIPE.image_size  # the shapes images are drawn at this side
 TRAIN_SIZE = RECIPE.train_side  # training images resized to this side (every tier: IMAGE_SIZE)
 TEST_SIZE = RECIPE.test_side  # validation images resized to this side (cpu tier: 192)
@@ -70,9 +79,6 @@ MODEL = RECIPE.model
 IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tier)
 WORKERS = RECIPE.loader_workers
 COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
-# The backbone starts from the Mask R-CNN notebook 06 trained in this tier, if it was saved
-# (transfer learning: the paper starts from ImageNet weights); None: from random weights.
-BACKBONE_FROM = "mask_rcnn"
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
 SEED = 0
 print(describe_tier(TIER, RECIPE))
@@ -263,8 +269,29 @@ print({k: round(float(v), 3) for k, v in losses.items()})
 # mask logit near 0). In the smoke tier: two steps (the masks will be noise); in the cpu tier,
 # from notebook 06's backbone, it falls to about 2 and most shapes get a rough mask; from random
 # weights it stays near its start for the first few hundred steps, and may stay there for good
-# when the prototypes' last ReLU dies (zero everywhere: no gradient reaches them); on a GPU, a
-# few thousand steps give clean masks.
+# when the prototypes' last ReLU dies (zero everywhere: no gradient reaches them). AdamW moves
+# every weight by about the learning rate per step, which could push the protonet's last conv
+# below zero everywhere within a hundred steps; so in the cpu tier the protonet learns at a fifth
+# of the rate (`RECIPE.lr_mult`), and no run has lost its prototypes since. On a GPU, a few
+# thousand steps give clean masks.
+#
+# First, in the cpu tier when notebook 06's backbone was not found, the ResNet spends a minute
+# learning to classify the training set's objects, cut out as 32 × 32 crops (notebook 04, section
+# 4, shows them): the stand-in for ImageNet weights. In the same 4.5 minutes it took box / mask
+# AP50 from 0.27 / 0.18 to 0.37 / 0.26 (benchmarks/RESULTS.md, "YOLACT's prototypes"); a backbone
+# that has learned to detect these shapes does better still, and makes it unnecessary.
+
+# %%
+from instseg_edu.engine.pretrain import pretrain_backbone
+
+if RECIPE.pretrain_seconds:
+    pretraining = pretrain_backbone(model, train_set, RECIPE.pretrain_seconds, val_set,
+                                    device=str(device), seed=SEED)  # fmt: skip
+    print(pretraining.describe())
+elif PRETRAIN and TIER != "gpu":  # the recipe's minute, given up for notebook 06's backbone
+    print("no pretraining: the ResNet starts from notebook 06's Mask R-CNN (section 1)")
+else:
+    print(f"no pretraining (tier {TIER!r}, PRETRAIN={PRETRAIN})")
 
 # %%
 from instseg_edu.widgets import TrainingDashboard

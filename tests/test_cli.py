@@ -145,6 +145,16 @@ def test_demo_backbone_from_starts_solo_from_the_mask_rcnn_demo(smoke_run, tmp_p
     printed = capsys.readouterr().out
     assert "backbone: ResNet (" in printed
     assert " and FPN (" in printed and f"from {out / 'last.pt'}; the heads start" in printed
+    # YOLACT's recipe pretrains its ResNet on object crops, unless it starts from a trained one
+    yolact = [*args[:3], "yolact", "--out", str(tmp_path / "yolact"), *args[6:]]
+    assert main([*yolact, "--backbone-from", str(out / "last.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "--backbone-from: no pretraining on object crops" in printed
+    assert "backbone: ResNet (" in printed and "pretrained the ResNet" not in printed
+    given = ["--backbone-from", str(out / "last.pt"), "--pretrain-seconds", "0.5"]
+    assert main([*yolact, *given]) == 0
+    printed = capsys.readouterr().out
+    assert "no pretraining" not in printed and "pretrained the ResNet" in printed
     _fails_cleanly([*args, "--backbone-from", str(tmp_path / "none.pt")], capsys,
                    "--backbone-from", "does not exist")  # fmt: skip
     full_width = tmp_path / "full_width.pt"
@@ -171,9 +181,10 @@ def test_demo_smoke_of_every_family(family, tmp_path, capsys):
     recipe = RECIPES[(family, "smoke")]
     assert printed.startswith(f"tier 'smoke' (--smoke): {recipe.model} on 8 images of 64 px")
     assert (out / "predictions.png").is_file() and (out / "last.pt").is_file()
-    # RetinaNet's recipe pretrains its ResNet on object crops first (half a second here)
+    # RetinaNet's and YOLACT's recipes pretrain the ResNet on object crops first (half a second
+    # here); SOLO's does not
     pretrained = "pretrained the ResNet as a classifier of " in printed
-    assert pretrained == (family == "retinanet"), printed
+    assert pretrained == (family != "solo"), printed
     if family == "solo":  # --seed changes the training, never the standard split's images
         val_json = tmp_path / "data" / "64px-8-4" / "val.json"
         before = val_json.read_bytes()

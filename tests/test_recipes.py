@@ -117,12 +117,13 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
     assert mask_rcnn.train_shapes_per_image == (10, 20)
     retinanet = recipe("retinanet", "cpu")
     assert (retinanet.model, retinanet.max_steps, retinanet.lr) == ("RETINANET_R18_CPU", 1800, 2e-3)
-    # a minute of pretraining on object crops first: RetinaNet and Mask R-CNN (SOLO and YOLACT
-    # start from notebook 06's backbone); half a second in the smoke tier, to run the code
+    # a minute of pretraining on object crops first: RetinaNet, Mask R-CNN and YOLACT (which
+    # skips it when it starts from notebook 06's backbone; SOLO gained nothing from it); half a
+    # second in the smoke tier, to run the code
     pretrain = {f: (recipe(f, "cpu").pretrain_seconds, recipe(f, "smoke").pretrain_seconds,
                     recipe(f, "gpu").pretrain_seconds) for f in FAMILIES}  # fmt: skip
     assert pretrain == {"retinanet": (60.0, 0.5, None), "mask_rcnn": (60.0, 0.5, None),
-                        "solo": (None, None, None), "yolact": (None, None, None)}  # fmt: skip
+                        "solo": (None, None, None), "yolact": (60.0, 0.5, None)}  # fmt: skip
     assert (retinanet.image_size, retinanet.test_side, retinanet.train_shapes_per_image) == (
         128,
         192,
@@ -131,7 +132,13 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
     solo, yolact = recipe("solo", "cpu"), recipe("yolact", "cpu")
     assert (solo.model, solo.max_steps, solo.lr) == ("SOLO_R18_CPU", 1200, 2e-3)
     assert solo.test_side == 128  # its grids were fitted at 128 px
-    assert (yolact.model, yolact.max_steps, yolact.lr) == ("YOLACT_R18_CPU", 1500, 2e-3)
+    assert (yolact.model, yolact.max_steps, yolact.lr) == ("YOLACT_R18_CPU", 1170, 2e-3)
+    # the protonet at a fifth of the rate (its last ReLU died at the full one): the key names
+    # the protonet's parameters and nothing else
+    assert yolact.lr_mult == {"mask_head": 0.2}
+    model = yolact.build_model(7)
+    named = {n for n, _ in model.named_parameters() if "mask_head" in n}
+    assert named == {f"mask_head.{n}" for n, _ in model.mask_head.named_parameters()} != set()
     assert yolact.test_side == 192
 
 
@@ -215,6 +222,26 @@ def test_notebook_recipe_draws_bigger_smoke_images_and_reads_the_steps_variable(
         monkeypatch.setenv(STEPS_ENV, bad)
         with pytest.raises(ValueError, match=f"{STEPS_ENV}={bad!r} must be a positive integer"):
             notebook_recipe("retinanet", "cpu")
+
+
+def test_notebook_recipe_gives_the_pretraining_up_for_a_saved_backbone(env, tmp_path):
+    """Notebook 08's ``BACKBONE_FROM="mask_rcnn"``: once notebook 06 has saved its model in this
+    tier, YOLACT's backbone starts from it and the recipe's minute of pretraining goes; before,
+    or in another tier, or with ``backbone_from=None``, the recipe is unchanged."""
+    cpu = recipe("yolact", "cpu")
+    assert notebook_recipe("yolact", "cpu", backbone_from="mask_rcnn", root=tmp_path) == cpu
+    saved = tmp_path / "notebooks" / "cpu" / "mask_rcnn.pt"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"")  # only its presence is read here; load_notebook_backbone reads it
+    given_up = notebook_recipe("yolact", "cpu", backbone_from="mask_rcnn", root=tmp_path)
+    assert given_up == cpu.override(pretrain_seconds=None)
+    assert given_up.expected_minutes == pytest.approx(3.5)  # the same steps, without the minute
+    assert notebook_recipe("yolact", "cpu", root=tmp_path) == cpu
+    # the smoke tier's half second goes only for a smoke-tier checkpoint
+    smoke = notebook_recipe("yolact", "smoke", backbone_from="mask_rcnn", root=tmp_path)
+    assert smoke.pretrain_seconds == 0.5
+    with pytest.raises(ValueError, match="family='maskrcnn' must be one of"):
+        notebook_recipe("yolact", "cpu", backbone_from="maskrcnn", root=tmp_path)
 
 
 def test_override_keeps_the_expected_time_true():

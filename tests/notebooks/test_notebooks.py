@@ -66,14 +66,16 @@ COMPARING = {"09_four_families"}
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=IDS)
-def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, capsys):
-    """A laptop: no CUDA, no INSTSEG_SMOKE, no INSTSEG_TIER. Runs only the parameters cell."""
+def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, capsys, tmp_path):
+    """A laptop: no CUDA, no INSTSEG_SMOKE, no INSTSEG_TIER, no notebook run before (nothing in
+    ``runs/``). Runs only the parameters cell."""
     import torch
 
     from instseg_edu import recipes
 
     for name in (recipes.TIER_ENV, recipes.SMOKE_ENV, recipes.STEPS_ENV):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # The cell times two training steps for its line; a fixed time keeps this test fast.
     monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
@@ -106,12 +108,40 @@ def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, 
     assert (namespace["IMAGE_SIZE"], namespace["TRAIN_STEPS"], namespace["MODEL"]) == (
         r.image_size, r.max_steps, r.model,
     )  # fmt: skip
-    # RetinaNet and Mask R-CNN: the first minute pretrains the ResNet on object crops
+    # RetinaNet, Mask R-CNN and YOLACT: the first minute pretrains the ResNet on object crops
     pretrain = recipes.recipe(family, "cpu").pretrain_seconds or 0.0
+    assert (pretrain > 0) == (family != "solo")
     assert f"{r.max_steps} steps at most" in printed
     assert f"training ends at {4.5 - pretrain / 60:g} min" in printed
     assert r.max_minutes == 4.5 - pretrain / 60
     assert r.train_config().max_seconds == pytest.approx(270 - pretrain)
+
+
+def test_yolact_notebook_gives_its_pretraining_up_for_notebook_06s_backbone(monkeypatch, capsys,
+                                                                           tmp_path):  # fmt: skip
+    """Notebook 08 after notebook 06 ran in the cpu tier (its model saved under ``runs/``): the
+    ResNet will start from it, so the whole 4.5 minutes train YOLACT."""
+    import torch
+
+    from instseg_edu import recipes
+
+    for name in (recipes.TIER_ENV, recipes.SMOKE_ENV, recipes.STEPS_ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
+    saved = recipes.notebook_checkpoint("mask_rcnn", "cpu")
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"")  # the parameters cell only looks for it
+    py = ROOT / "notebooks" / "08_yolact.py"
+    first_code = next(c for c in jupytext.read(py).cells if c.cell_type == "code")
+    namespace: dict = {}
+    exec(compile(first_code.source, f"{py.name}[parameters]", "exec"), namespace)
+    r = namespace["RECIPE"]
+    assert r.pretrain_seconds is None and r.max_minutes == 4.5
+    no_pretraining = recipes.recipe("yolact", "cpu").override(pretrain_seconds=None)
+    assert r == recipes.fit_to_minutes(no_pretraining, 4.5, 0.25)
+    assert "pretraining" not in capsys.readouterr().out
 
 
 # The comparing notebook finds these families saved by their notebooks and trains the others, so
