@@ -10,8 +10,7 @@ therefore run in one of three **tiers**:
   trained with AdamW, the ResNet of RetinaNet, Mask R-CNN and YOLACT first pretrained for a
   minute as a classifier of the training objects' crops (``pretrain_seconds``,
   :mod:`instseg_edu.engine.pretrain`; YOLACT's only when it does not start from a trained
-  backbone). The loss falls visibly and the larger objects come out
-  right.
+  backbone). The loss falls visibly and the larger objects come out right.
 - ``"gpu"``: the full ResNet-50-FPN models on 512 px images, thousands of steps.
 
 :func:`select_tier` picks one (``INSTSEG_TIER`` wins, then ``INSTSEG_SMOKE=1``, then the device),
@@ -385,21 +384,21 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # (0.12). Their notebooks therefore start the backbone from notebook 06's trained Mask R-CNN
     # when it was saved (load_notebook_backbone: transfer learning, as the papers start from
     # ImageNet weights): in the same minutes mask AP50 0.15 (SOLO) and 0.33 (YOLACT), box AP50
-    # 0.19 and 0.43 (benchmarks/RESULTS.md, thirteenth round). Without such a backbone (notebook
-    # 06 not run in this tier; `instseg-edu demo --model yolact` without --backbone-from) YOLACT's
-    # ResNet is first pretrained for a minute on object crops (pretrain_seconds), as RetinaNet's
-    # and Mask R-CNN's: box / mask AP50 0.27 / 0.18 -> 0.38 / 0.28 in the same 4.5 minutes
-    # (benchmarks/RESULTS.md, "Pretraining the backbone on object crops"); so 1170 steps, not
-    # 1500, fill the same minutes. A backbone that has learned already replaces the pretraining
+    # 0.19 and 0.43 (benchmarks/RESULTS.md, thirteenth round). Without such a backbone (notebook 06
+    # not run in this tier; `instseg-edu demo --model yolact` without --backbone-from) YOLACT's
+    # ResNet is first pretrained for a minute on object crops (pretrain_seconds), as RetinaNet's and
+    # Mask R-CNN's: box / mask AP50 0.27 / 0.18 -> 0.37 / 0.25-0.26 in the same 4.5 minutes
+    # (notebook 08 alone and the demo; benchmarks/RESULTS.md, "YOLACT's prototypes"); so 1170 steps,
+    # not 1500, fill the same minutes. A backbone that has learned already replaces the pretraining
     # (notebook 08 and the demo then skip it). SOLO gained nothing from it (mask AP50 0.057 ->
     # 0.060) and keeps its minutes for training. YOLACT's protonet learns at a fifth of the rate
-    # (lr_mult): AdamW moves every weight by about lr per step, and at the full rate its last
-    # conv's outputs could fall below zero everywhere within the first hundred steps; the final
-    # ReLU then gives zero prototypes, no gradient reaches them, and the masks never learn (mask
-    # AP 0 in two of five runs after the pretraining). At a fifth no run lost them; where they
-    # had lived at the full rate, the fifth cost up to 0.02 mask AP50 (benchmarks/RESULTS.md,
-    # "YOLACT's prototypes"). YOLACT is scored at 192 px as Mask R-CNN (+0.05-0.09 mask AP50);
-    # SOLO at 128 px, where its grids were fitted (192 px halved its AP).
+    # (lr_mult): AdamW moves every weight by about lr per step, and at the full rate its last conv's
+    # outputs could fall below zero everywhere within the first hundred steps; the final ReLU then
+    # gives zero prototypes, no gradient reaches them, and the masks never learn (mask AP 0 in two
+    # of five runs after the pretraining). At a fifth no run lost them; where they had lived at the
+    # full rate, the fifth cost up to 0.02 mask AP50 (benchmarks/RESULTS.md, "YOLACT's prototypes").
+    # YOLACT is scored at 192 px as Mask R-CNN (+0.05-0.09 mask AP50); SOLO at 128 px, where its
+    # grids were fitted (192 px halved its AP).
     ("solo", "cpu"): _cpu(
         "solo", "SOLO_R18_CPU", max_steps=1200, lr=2e-3, expected_minutes=4.5,
         note="from notebook 06's backbone: larger shapes found with their mask, many small ones "
