@@ -31,12 +31,12 @@
 # at 512 px), `cpu` without — `MASK_RCNN_R18_CPU`, a ResNet-18 Mask R-CNN on 128 px images kept in
 # memory, whose mask RoIs are 7×7 and masks 14×14 (instead of 14×14 and 28×28), with 32 sampled
 # RoIs per image (instead of 512), its ResNet first pretrained for a minute on object crops, then
-# trained with AdamW for about four minutes on two cores on images with 10–20 shapes each (more objects to learn from in every step than the standard
-# 3–10; it is still scored on the standard validation split): enough to find most shapes that
-# are not tiny and draw a recognisable mask on them, with most, not all, of them named right —
-# and `smoke` with `INSTSEG_SMOKE=1`
-# (seconds, the tests). `INSTSEG_TIER` wins over both. The cell prints the tier and how long its
-# training should take on this machine.
+# trained with AdamW for about four minutes on two cores on images with 10–20 shapes each (more
+# objects to learn from in every step than the standard 3–10; it is still scored on the standard
+# validation split): enough to find most shapes that are not tiny and draw a recognisable mask on
+# them, with most, not all, of them named right — and `smoke` with `INSTSEG_SMOKE=1` (seconds,
+# the tests). `INSTSEG_TIER` wins over both. The cell prints the tier and how long its training
+# should take on this machine.
 
 # %% tags=["parameters"]
 from instseg_edu.recipes import (

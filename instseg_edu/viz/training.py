@@ -191,15 +191,16 @@ def crops_figure(
     gap, text = 4, max(10, size // 2)  # between crops; below each, room for its name
     cell_w, cell_h = size + gap, size + text
     canvas = torch.ones(3, rows * cell_h + gap, columns * cell_w + gap)  # white
+    names = []  # (x, y, text) under each crop
     for i in range(n):  # a figure of a few crops, not a hot path
         top, left = gap + (i // columns) * cell_h, gap + (i % columns) * cell_w
         canvas[:, top : top + size, left : left + size] = crops[i].float().clamp(0, 1)
+        names.append((left + size / 2, top + size + 1, class_names[int(labels[i])]))
     pixels = (canvas.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     fig = go.Figure(go.Image(z=pixels, hoverinfo="skip"))
-    for i in range(n):
-        top, left = gap + (i // columns) * cell_h, gap + (i % columns) * cell_w
-        fig.add_annotation(x=left + size / 2, y=top + size + 1, text=class_names[int(labels[i])],
-                           showarrow=False, yanchor="top", font={"size": 11})  # fmt: skip
+    for x, y, name in names:
+        fig.add_annotation(x=x, y=y, text=name, showarrow=False, yanchor="top",
+                           font={"size": 11})  # fmt: skip
     height, width = pixels.shape[0] * scale, pixels.shape[1] * scale
     fig.update_layout(width=width, height=height + 20, margin={"l": 0, "r": 0, "t": 20, "b": 0})
     fig.update_xaxes(visible=False)
