@@ -130,6 +130,11 @@ class Recipe:
             set's object crops before the detector trains
             (:func:`~instseg_edu.engine.pretrain.pretrain_backbone`: the stand-in for ImageNet
             weights), or ``None``: none.
+        ratio_range: ``(low, high)``, scale jitter in the training augmentation: each image's
+            longest side becomes ``train_side`` times a ratio drawn from this range, and a window
+            of at most ``train_side`` is kept (:class:`~instseg_edu.data.transforms.
+            RandomResizeCrop`; MMDetection's ``RandomResize`` ``ratio_range`` with
+            ``RandomCrop``), or ``None``: none.
         note: one line on what to expect from the trained model.
     """
 
@@ -158,6 +163,7 @@ class Recipe:
     train_size: int | None = None
     test_size: int | None = None
     pretrain_seconds: float | None = None
+    ratio_range: tuple[float, float] | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -179,6 +185,14 @@ class Recipe:
         # a list when read back from a checkpoint
         shapes = check_shapes_per_image(self.train_shapes_per_image, "train_shapes_per_image")
         object.__setattr__(self, "train_shapes_per_image", shapes)
+        if self.ratio_range is not None:
+            if len(self.ratio_range) != 2:
+                raise ValueError(f"ratio_range={self.ratio_range!r} must be (low, high) or None")
+            low, high = (float(v) for v in self.ratio_range)
+            if not 0 < low <= high:
+                raise ValueError(f"ratio_range={self.ratio_range!r} must be (low, high), "
+                                 "0 < low <= high, or None")  # fmt: skip
+            object.__setattr__(self, "ratio_range", (low, high))
 
     def override(self, **changes) -> Recipe:
         """A copy with ``changes`` (any fields) whose ``expected_minutes`` still describes it.
@@ -280,7 +294,9 @@ class Recipe:
         root = Path(root)
         train_json, train_dir = self.make_train_split(root, seed)
         val_json = make_shapes_dataset(root, self.num_val, self.image_size, seed, "val")
-        augment = train_transforms(self.train_side, jitter=self.color_jitter)
+        augment = train_transforms(
+            self.train_side, jitter=self.color_jitter, ratio_range=self.ratio_range
+        )
         val_set = CocoDataset(val_json, root / "val", eval_transforms(self.test_side))
         if not self.in_memory:
             return CocoDataset(train_json, train_dir, augment), val_set

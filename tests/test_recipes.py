@@ -413,6 +413,23 @@ def test_train_shapes_per_image_is_checked_and_read_back_from_a_list():
     assert r.override(train_shapes_per_image=(3, 10)).expected_minutes is None
 
 
+def test_ratio_range_adds_the_scale_jitter_to_the_training_images_only(tmp_path):
+    """``ratio_range`` puts :class:`RandomResizeCrop` into the training pipeline (not into
+    validation), is read back from a checkpoint's list, and is checked; no recipe uses it."""
+    r = dataclasses.replace(recipe("retinanet", "smoke"), num_train=2, num_val=2,
+                            ratio_range=[2.0, 2.0])  # fmt: skip
+    assert r.ratio_range == (2.0, 2.0)
+    train_set, val_set = r.shapes_datasets(tmp_path / "shapes")
+    assert "RandomResizeCrop(size=64, ratio_range=(2.0, 2.0))" in repr(train_set.transforms)
+    assert "RandomResizeCrop" not in repr(val_set.dataset.transforms)
+    image, target = train_set[0]
+    assert image.shape == (3, 64, 64) and target.masks.shape[-2:] == (64, 64)
+    for bad in [(0.0, 1.0), (2.0, 1.0), (1.0,)]:
+        with pytest.raises(ValueError, match="ratio_range"):
+            dataclasses.replace(r, ratio_range=bad)
+    assert all(recipe(f, t).ratio_range is None for f in FAMILIES for t in ("smoke", "cpu", "gpu"))
+
+
 # ---- timing --------------------------------------------------------------------------------------
 
 

@@ -101,6 +101,66 @@ class ResizeKeepAspect:
         return f"ResizeKeepAspect(size={self.size})"
 
 
+class RandomResizeCrop:
+    """Scale jitter: resize by a random ratio of ``size``, then crop to at most ``size`` square.
+
+    A step for :class:`ObjectTransform` (MMDetection's ``RandomResize(scale, ratio_range)``
+    followed by ``RandomCrop(crop_size)``; torchvision's ``ScaleJitter``, the "large scale jitter"
+    of Ghiasi et al., *Simple Copy-Paste*, 2021, Sec. 3). The longest side becomes
+    ``round(size * r)`` with ``r`` uniform in ``ratio_range``; where a side then exceeds ``size``,
+    a random ``size`` window of it is kept (boxes shifted and clipped, masks cut), so a step costs
+    at most what an image of ``size`` does. Objects come out larger or smaller than drawn: the
+    model sees every object at several scales.
+    """
+
+    def __init__(self, size: int, ratio_range: tuple[float, float]):
+        low, high = ratio_range
+        if not 0 < low <= high:
+            raise ValueError(f"ratio_range={ratio_range} must be 0 < low <= high")
+        self.size = int(size)
+        self.ratio_range = (float(low), float(high))
+
+    def __call__(self, image: tv_tensors.Image, parts: Parts) -> tuple[tv_tensors.Image, Parts]:
+        low, high = self.ratio_range
+        ratio = low + (high - low) * float(torch.rand(()))
+        image, parts = ResizeKeepAspect(max(1, round(self.size * ratio)))(image, parts)
+        height, width = image.shape[-2:]
+        crop_h, crop_w = min(height, self.size), min(width, self.size)
+        if (crop_h, crop_w) == (height, width):
+            return image, parts
+        top = int(torch.randint(height - crop_h + 1, ()))
+        left = int(torch.randint(width - crop_w + 1, ()))
+        image = F.crop(image, top, left, crop_h, crop_w)
+        parts = {key: F.crop(value, top, left, crop_h, crop_w) for key, value in parts.items()}
+        return image, {**parts, "boxes": _visible_boxes(parts["boxes"], parts["masks"])}
+
+    def __repr__(self) -> str:
+        return f"RandomResizeCrop(size={self.size}, ratio_range={self.ratio_range})"
+
+
+def _visible_boxes(boxes: tv_tensors.BoundingBoxes, masks: tv_tensors.Mask):
+    """Boxes of the objects with a mask recomputed as their mask's tight box (``x2 = last + 1``).
+
+    After a crop, clipping a box keeps the box of the whole object's extent inside the window,
+    which can be much larger than the part left visible (MMDetection's ``RandomCrop`` with
+    ``recompute_bbox=True`` does the same). Objects without mask pixels keep their clipped box.
+    """
+    mask = masks.as_subclass(Tensor).bool()  # [G, h, w]
+    cols, rows = mask.any(dim=1), mask.any(dim=2)  # [G, w], [G, h]
+    has_pixels = cols.any(dim=1)  # [G]
+    xs = torch.arange(mask.shape[-1], device=mask.device)
+    ys = torch.arange(mask.shape[-2], device=mask.device)
+    big = mask.shape[-1] + mask.shape[-2]
+    x1 = torch.where(cols, xs, big).amin(dim=1)
+    x2 = torch.where(cols, xs, -1).amax(dim=1) + 1
+    y1 = torch.where(rows, ys, big).amin(dim=1)
+    y2 = torch.where(rows, ys, -1).amax(dim=1) + 1
+    tight = torch.stack([x1, y1, x2, y2], dim=1).to(boxes.dtype)  # [G, 4]
+    plain = boxes.as_subclass(Tensor)
+    new = torch.where(has_pixels[:, None], tight, plain)
+    return tv_tensors.wrap(new, like=boxes)
+
+
 def _resize_masks(masks: tv_tensors.Mask, size: list[int]) -> tv_tensors.Mask:
     """``[G, H, W]`` masks to ``[G, h, w]``, sampling each output pixel at its centre.
 
@@ -191,7 +251,10 @@ def _unwrap(image: tv_tensors.Image, parts: Parts, target: Target) -> tuple[Tens
 
 
 def train_transforms(
-    size: int, flip_prob: float = 0.5, jitter: bool = True
+    size: int,
+    flip_prob: float = 0.5,
+    jitter: bool = True,
+    ratio_range: tuple[float, float] | None = None,
 ) -> Callable[[Tensor, Target], tuple[Tensor, Target]]:
     """Training augmentation: resize (longest side ``size``), random horizontal flip, colour jitter.
 
@@ -202,6 +265,8 @@ def train_transforms(
     the data is in memory).
     """
     steps: list[Step] = [ResizeKeepAspect(size)]
+    if ratio_range is not None:
+        steps.append(RandomResizeCrop(size, ratio_range))
     if flip_prob > 0:
         steps.append(v2.RandomHorizontalFlip(p=flip_prob))
     if jitter:

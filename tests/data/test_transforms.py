@@ -10,6 +10,7 @@ from instseg_edu.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ObjectTransform,
+    RandomResizeCrop,
     ResizeKeepAspect,
     collate,
     eval_transforms,
@@ -189,6 +190,66 @@ def test_train_transforms_jitter_only_touches_the_image():
         train_transforms(48, jitter=False)(image, target)[1].boxes[0, 0].item() for _ in range(40)
     ]
     assert set(flips) == {6.0, 48.0 - 30.0}  # flip_prob=0.5: both outcomes happen
+
+
+def test_random_resize_crop_golden():
+    """Ratio 2: the image doubles to 40 px and a 20 px window of it is kept, masks and boxes cut
+    the same way; the cut-off object's box is its visible part's, the box-only object's clipped."""
+    image = torch.rand(3, 20, 20)
+    masks = torch.zeros(3, 20, 20, dtype=torch.bool)
+    masks[0, 2:6, 2:6] = True  # (2, 2)-(6, 6), at 40 px (4, 4)-(12, 12)
+    masks[1, 4:16, 8:18] = True  # (8, 4)-(18, 16), at 40 px (16, 8)-(36, 32)
+    boxes = torch.tensor([[2.0, 2.0, 6.0, 6.0], [8.0, 4.0, 18.0, 16.0], [0.0, 0.0, 20.0, 20.0]])
+    has_mask = torch.tensor([True, True, False])
+    target = Target(boxes, torch.arange(3), masks, has_mask=has_mask, orig_size=(20, 20))
+    step = RandomResizeCrop(20, (2.0, 2.0))
+    torch.manual_seed(3)
+    out_image, out = ObjectTransform([step])(image, target)
+    torch.manual_seed(3)
+    torch.rand(())  # the ratio
+    top, left = (int(torch.randint(21, ())) for _ in range(2))
+    big_image, big = eval_transforms(40)(image, target)
+    window = (slice(top, top + 20), slice(left, left + 20))
+    assert out_image.shape == (3, 20, 20)
+    assert torch.equal(out_image, big_image[:, window[0], window[1]])
+    kept = big.masks[:, window[0], window[1]].flatten(1).any(1) | ~big.has_mask
+    assert torch.equal(out.masks, big.masks[kept][:, window[0], window[1]])
+    assert out.labels.tolist() == torch.arange(3)[kept].tolist()
+    for box, mask, with_mask in zip(out.boxes, out.masks, out.has_mask):
+        if with_mask:
+            assert box.tolist() == _tight_boxes(mask[None])[0].tolist()
+        else:  # the whole 40 px image's box, shifted and clipped: the window
+            assert box.tolist() == [0.0, 0.0, 20.0, 20.0]
+
+
+def test_random_resize_crop_at_ratio_one_is_the_resize_and_checks_its_range():
+    image = torch.rand(3, 30, 40)
+    masks = torch.zeros(1, 30, 40, dtype=torch.bool)
+    masks[0, 3:20, 5:33] = True
+    target = _target(masks)
+    got_image, got = ObjectTransform([RandomResizeCrop(32, (1.0, 1.0))])(image, target)
+    ref_image, ref = eval_transforms(32)(image, target)
+    assert torch.equal(got_image, ref_image) and torch.equal(got.boxes, ref.boxes)
+    assert torch.equal(got.masks, ref.masks)
+    for bad in ((0.0, 1.0), (2.0, 1.0)):
+        with pytest.raises(ValueError, match="ratio_range"):
+            RandomResizeCrop(32, bad)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_scenes(), st.floats(0.5, 2.0))
+def test_random_resize_crop_keeps_boxes_tight_and_images_at_most_size(scene, ratio):
+    masks, size, _ = scene
+    image = torch.rand(3, *masks.shape[-2:])
+    transform = train_transforms(size, jitter=False, ratio_range=(ratio, ratio))
+    out_image, out = transform(image, _target(masks))
+    assert max(out_image.shape[-2:]) <= size and out_image.shape[-2:] == out.masks.shape[-2:]
+    assert out.masks.flatten(1).any(1).all()  # objects left without pixels are dropped
+    if len(out) == 0:
+        return
+    assert (out.boxes - _tight_boxes(out.masks)).abs().max() <= 1.0
+    if max(resized_size(*masks.shape[-2:], round(size * ratio))) > size:  # cropped: exact
+        assert torch.equal(out.boxes, _tight_boxes(out.masks))
 
 
 def test_collate_pads_images_and_masks_to_a_multiple_of_32():
