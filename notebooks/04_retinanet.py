@@ -16,7 +16,8 @@
 #
 # RetinaNet (Lin et al., "Focal Loss for Dense Object Detection", 2017) is a one-stage detector:
 #
-# 1. a **ResNet** backbone and a **feature pyramid** (FPN) give five maps P3–P7 (strides 8–128);
+# 1. a **ResNet** backbone and a **feature pyramid** (FPN) give five maps P3–P7 (strides 8–128;
+#    the cpu tier's small model stops at P6, stride 64);
 # 2. a small **head**, shared by all levels, predicts for each of the `A = 9` anchors of every cell
 #    `C` class logits and 4 box deltas;
 # 3. **training**: MaxIoU assignment and the delta coder (notebook 03) give targets; the **focal
@@ -29,8 +30,8 @@
 # **Tiers.** The parameters cell picks one of three (`instseg_edu.recipes`): `gpu` when CUDA is
 # present (ResNet-50-FPN at 512 px, thousands of steps), `cpu` without (a half-width ResNet-18
 # RetinaNet with GroupNorm in its head, trained on 128 px images with 10–20 shapes each, kept in
-# memory, for about four minutes on two cores, the first of them pretraining its ResNet on object
-# crops, and scored on the validation images at 192 px),
+# memory, for 4.5 minutes on two cores, the first of them pretraining its ResNet on object crops,
+# and scored on the validation images at 192 px),
 # `smoke` with `INSTSEG_SMOKE=1` (seconds, the tests). `INSTSEG_TIER=cpu` (or `gpu`, `smoke`) wins
 # over both. The cell prints the tier and how long its training should take on this machine.
 
@@ -113,7 +114,8 @@ print(
 #
 # The ResNet gives C2–C5 (strides 4–32). The FPN uses C3–C5 (`start_level=1`), adds a top-down
 # path with lateral 1×1 convs, and two extra stride-2 convs on C5 (`add_extra_convs="on_input"`)
-# for P6 and P7: five maps of the same width.
+# for P6 and P7: five maps of the same width. The cpu tier's model (`num_outs=4`) has one extra
+# level, P6: its 128 px images are too small for a stride of 128.
 
 # %%
 cfg = getattr(retinanet, MODEL).with_num_classes(len(train_set.classes))
@@ -141,7 +143,8 @@ for i, x in enumerate(p):
 # The cpu tier's head (`RETINANET_R18_CPU`) puts a GroupNorm after each tower conv
 # (`norm_num_groups=16`, MMDetection's `norm_cfg=dict(type='GN')`). The paper's head has none: its
 # backbone starts from ImageNet weights. From random weights the normalised towers learn faster:
-# in the same four minutes box AP50 went from 0.23 to 0.31 (benchmarks/RESULTS.md).
+# when the cpu recipe was tuned, the same 4.5 minutes gave box AP50 0.31 with them against 0.23
+# without (before its other changes; benchmarks/RESULTS.md, "RetinaNet's CPU recipe").
 
 # %%
 with torch.no_grad():
@@ -364,8 +367,11 @@ W.HBox(thumbs)
 # %% [markdown]
 # Sorting the mistakes: at IoU 0.5, each detection above 0.3 is a **hit**, a **wrong class**
 # (right place, other class), a **duplicate** (its object was already taken by a higher score) or a
-# **background** false positive; each ground truth not hit is a **miss**, which we split by size —
-# RetinaNet's typical weak spot is the smallest objects, whose best anchors have low IoU (notebook 03).
+# **background** false positive; each ground truth not hit is a **miss**, which we split by size
+# (the sides of the boxes as the model saw them). Look at both ends: the smallest objects, whose
+# best anchors have low IoU (notebook 03), and, in the cpu tier, the largest ones: shown at 192 px
+# they are larger than most shapes of the 128 px training images, and the shapes are painted from
+# the largest to the smallest, so the smaller ones in front hide parts of their outline.
 
 # %%
 counts = {"hit": 0, "wrong class": 0, "duplicate": 0, "background": 0}
@@ -394,5 +400,6 @@ print(counts)
 bins = [0, 16, 32, 64, 128, 1e9]
 hist_hit = np.histogram(hit_sizes, bins)[0]
 hist_miss = np.histogram(missed_sizes, bins)[0]
-for lo, hi, h_, m_ in zip(bins[:-1], bins[1:], hist_hit, hist_miss):
-    print(f"objects {lo:4.0f}–{hi:<6.0f}px: found {h_:4d}, missed {m_:4d}")
+names = [f"{lo:.0f}–{hi:.0f} px" for lo, hi in zip(bins[:-2], bins[1:-1])] + [f"≥ {bins[-2]} px"]
+for name, h_, m_ in zip(names, hist_hit, hist_miss):
+    print(f"objects {name:>10}: found {h_:4d}, missed {m_:4d}")

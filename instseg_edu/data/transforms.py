@@ -138,7 +138,9 @@ class RandomResizeCrop:
         return f"RandomResizeCrop(size={self.size}, ratio_range={self.ratio_range})"
 
 
-def _visible_boxes(boxes: tv_tensors.BoundingBoxes, masks: tv_tensors.Mask):
+def _visible_boxes(
+    boxes: tv_tensors.BoundingBoxes, masks: tv_tensors.Mask
+) -> tv_tensors.BoundingBoxes:
     """Boxes of the objects with a mask recomputed as their mask's tight box (``x2 = last + 1``).
 
     After a crop, clipping a box keeps the box of the whole object's extent inside the window,
@@ -263,6 +265,9 @@ def train_transforms(
     painted in random colours anyway, and converting to HSV and back was half of the augmentation's
     time (1.5 of 3.0 ms per 128 px image with 15 masks, in the training step's own process when
     the data is in memory).
+
+    ``ratio_range=(low, high)`` adds scale jitter after the resize (:class:`RandomResizeCrop`:
+    about 1.5 ms more per 128 px image); ``None``, the default, none.
     """
     steps: list[Step] = [ResizeKeepAspect(size)]
     if ratio_range is not None:

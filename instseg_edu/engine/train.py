@@ -1010,6 +1010,9 @@ def train(
         history.stopped_early = stopping and step < num_steps
         history.out_of_time = out_of_time and not stopping and step < num_steps
         history.train_seconds = clock.seconds()
+        if history.out_of_time:  # the clock ended it: the steps were only an upper bound
+            bar.total = bar.n
+            bar.set_description("train (time limit reached)", refresh=True)
         if evaluate_fn is not None and last_eval_step != step:
             evaluate()
         if ckpt_path:

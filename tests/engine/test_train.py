@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -261,6 +262,21 @@ def test_max_seconds_ends_on_time_with_the_schedule_following_the_clock(monkeypa
     assert [s["lr"] for s in history.steps] == pytest.approx(expected)
     assert [lr_at(k, cfg, 50, 10.0 * k) for k in range(6)] == pytest.approx(expected)
     assert load_checkpoint(tmp_path / "last.pt")["history"]["train_seconds"] == 60.0
+
+    # The progress bar of a run the clock ended ends full, saying why (not at 6 of 50 steps).
+    import tqdm.auto
+
+    bars = []
+
+    class RecordedBar(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", RecordedBar)
+    with_bar = dataclasses.replace(cfg, checkpoint_dir=None, eval_every=None, progress=True)
+    train(_model(), _loader(40), with_bar, callbacks=[every_step_takes_10_s])
+    assert (bars[0].n, bars[0].total) == (6, 6) and "time limit" in bars[0].desc
 
     # A machine faster than planned: the steps end it, the schedule at the larger fraction.
     fast = _cfg(max_steps=4, max_seconds=60.0, schedule="cosine", warmup_steps=0, lr=0.1)
