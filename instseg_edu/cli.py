@@ -226,8 +226,9 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
         detections = [d.to("cpu") for d in detections]
         titles = [f"image {t.image_id}" for t in batch.targets]
         fig = gallery(batch.images, detections, class_names, image_sizes=batch.image_sizes,
-                      titles=titles, score_thr=score_thr)  # fmt: skip
-        fig.suptitle(f"predictions with score >= {score_thr:g}")
+                      titles=titles, score_thr=score_thr, ground_truth=batch.targets,
+                      panel_size=4.5)  # fmt: skip
+        fig.suptitle(f"predictions with score >= {score_thr:g}; ground truth dashed white")
         fig.savefig(out / "predictions.png", dpi=100)
         written.append("predictions.png")
     return written
@@ -382,9 +383,11 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     if main:
         history.save_json(out / "history.json")
     last = history.steps[-1] if history.steps else {}
+    means = history.loss_means()
     print(
         f"trained {len(history.steps)} steps in {minutes:.1f} min"
-        + (f", last loss {last['loss']:.4f}, {last['img_s']:.1f} img/s" if last else "")
+        + (f", loss {means[1]:.3g} -> {means[2]:.3g} (means of the first and the last {means[0]} "
+           f"steps), {last['img_s']:.1f} img/s" if last and means else "")
         + (" (interrupted)" if history.interrupted else "")
         + (" (stopped early)" if history.stopped_early else "")
         + (f" (the time budget, {train_cfg.max_seconds / 60:g} min, ended it: at most "

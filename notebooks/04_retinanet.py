@@ -285,8 +285,9 @@ train_cfg = RECIPE.train_config(
 start = time.perf_counter()
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 train_s = time.perf_counter() - start
+print(history.summary())
 print(
-    f"{len(history.steps)} steps in {train_s:.1f} s; dashboard time {dashboard.overhead_s:.2f} s, {dashboard.redraws} redraws"
+    f"dashboard time {dashboard.overhead_s:.2f} s of {train_s:.1f} s, {dashboard.redraws} redraws"
 )
 # Saved for later notebooks (runs/notebooks/<tier>/retinanet.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)

@@ -368,7 +368,7 @@ train_cfg = RECIPE.train_config(
     device=str(device),
 )  # fmt: skip
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
-print(f"{len(history.steps)} steps; last loss {history.steps[-1]['loss']:.3f}")
+print(history.summary())
 # Saved for later notebooks (runs/notebooks/<tier>/mask_rcnn.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)
 print("saved", checkpoint)

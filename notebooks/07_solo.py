@@ -297,7 +297,8 @@ train_cfg = RECIPE.train_config(
 )
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 last = history.steps[-1]
-print(f"{len(history.steps)} steps; last loss_ins {last['loss_ins']:.3f}, loss_cate "
+print(history.summary())
+print(f"last step: loss_ins {last['loss_ins']:.3f}, loss_cate "
       f"{last['loss_cate']:.3f}, positives per image {last['num_pos']:.1f}")  # fmt: skip
 # Saved for later notebooks (runs/notebooks/<tier>/solo.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)

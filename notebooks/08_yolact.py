@@ -304,7 +304,8 @@ train_cfg = RECIPE.train_config(
     max_steps=TRAIN_STEPS, lr=LR, log_every=1 if SMOKE else 50, progress=not SMOKE, seed=SEED
 )
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
-print(f"{len(history.steps)} steps; every fifth of them:")
+print(history.summary())
+print("the loss terms at every fifth of the steps:")
 for key in ("loss_cls", "loss_bbox", "loss_mask"):
     print(key, [round(s[key], 3) for s in history.steps[:: max(1, len(history.steps) // 5)]])
 # Saved for later notebooks (runs/notebooks/<tier>/yolact.pt; `instseg-edu evaluate` reads it).

@@ -329,6 +329,35 @@ class History:
             "config": _plain(self.config),
         }
 
+    def loss_means(self, window: int = 50) -> tuple[int, float, float] | None:
+        """``(k, first, last)``: the total loss averaged over the first and the last ``k`` logged
+        steps, ``k = window`` or half the steps if fewer (so the two share no step); ``None``
+        before any step."""
+        losses = [s["loss"] for s in self.steps if "loss" in s]
+        if not losses:
+            return None
+        k = max(1, min(window, len(losses) // 2))
+        return k, sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+    def summary(self, window: int = 50) -> str:
+        """One line for a log or a notebook: the steps, the total loss averaged over the first
+        and the last ``window`` steps (single steps are noisy), and what ended the training.
+
+        Example: ``"2022 steps in 210 s; loss 1.43 (mean of the first 50 steps) -> 0.57 (the
+        last 50); ended by the time limit (max_seconds)"``.
+        """
+        line = f"{len(self.steps)} steps in {self.train_seconds:.0f} s"
+        if (means := self.loss_means(window)) is not None:
+            k, first, last = means
+            line += f"; loss {first:.3g} (mean of the first {k} steps) -> {last:.3g} (the last {k})"
+        if self.interrupted:
+            line += "; interrupted"
+        elif self.stopped_early:
+            line += "; stopped early by a callback"
+        elif self.out_of_time:
+            line += "; ended by the time limit (max_seconds)"
+        return line
+
     @classmethod
     def from_dict(cls, d: dict) -> History:
         return cls(

@@ -49,8 +49,9 @@ def draw_detections(
     mask_alpha: float = 0.45,
     title: str | None = None,
     image_size: tuple[int, int] | None = None,
+    gt_boxes: Tensor | None = None,
 ):
-    """Draw boxes, translucent masks and ``label score`` tags on an image.
+    """Draw boxes, translucent masks with their outlines, and ``label score`` tags on an image.
 
     Args:
         image: ``float [3, H, W]`` in ``[0, 1]`` (a ``Batch`` image; may include padding).
@@ -62,6 +63,8 @@ def draw_detections(
         class_names: names indexed by label.
         ax: draw into this matplotlib ``Axes`` instead of a new figure.
         image_size: ``(h, w)`` to crop the image to (``Batch.image_sizes[i]``), hiding padding.
+        gt_boxes: optional ``float [G, 4]`` xyxy ground-truth boxes, drawn first as dashed white
+            outlines, so a missed object shows as a dashed box with no prediction on it.
 
     Returns:
         The ``matplotlib.figure.Figure`` drawn on.
@@ -89,6 +92,10 @@ def draw_detections(
     else:
         fig = ax.figure
     ax.imshow(img, extent=(0, w, h, 0))
+    if gt_boxes is not None:
+        for x1, y1, x2, y2 in _numpy(gt_boxes).reshape(-1, 4):
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white",
+                                   linestyle=(0, (3, 2)), linewidth=1.0))  # fmt: skip
     if masks is not None and len(masks):
         m = _numpy(masks).astype(bool)[:, :h, :w]  # [K, h', w']
         overlay = np.zeros((h, w, 4))  # RGBA
@@ -99,6 +106,12 @@ def draw_detections(
             overlay[region, :3] = colors[labels[k] % len(colors)]
             overlay[region, 3] = mask_alpha
         ax.imshow(overlay, extent=(0, w, h, 0))
+        # Each mask's outline in its class colour: where masks overlap, the fills blend.
+        for k in np.flatnonzero(keep):
+            if m[k].any():
+                ys, xs = np.arange(m.shape[1]) + 0.5, np.arange(m.shape[2]) + 0.5  # pixel centres
+                ax.contour(xs, ys, m[k].astype(float), levels=[0.5], linewidths=1.0,
+                           colors=[colors[labels[k] % len(colors)]])  # fmt: skip
     for k in np.flatnonzero(keep):
         x1, y1, x2, y2 = boxes[k]
         color = colors[labels[k] % len(colors)]
@@ -128,6 +141,7 @@ def gallery(
     image_sizes: Sequence[tuple[int, int]] | None = None,
     titles: Sequence[str] | None = None,
     panel_size: float = 3.0,
+    ground_truth: Sequence | None = None,
 ):
     """A grid of :func:`draw_detections` panels.
 
@@ -137,12 +151,17 @@ def gallery(
             ``scores`` — :class:`~instseg_edu.structures.Detections` or a ground-truth
             :class:`~instseg_edu.structures.Target`.
         image_sizes: true sizes to crop padding away (``Batch.image_sizes``).
+        ground_truth: per image, anything with ``boxes`` (a ``Target``): drawn as dashed white
+            outlines under the detections.
+        panel_size: inches per panel (a saved figure's pixels: ``panel_size`` x its dpi).
     """
     from matplotlib.figure import Figure
 
     n = len(detections)
     if len(images) != n:
         raise ValueError(f"{len(images)} images but {n} detections")
+    if ground_truth is not None and len(ground_truth) != n:
+        raise ValueError(f"{len(ground_truth)} ground truths but {n} detections")
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
     fig = Figure(figsize=(panel_size * ncols, panel_size * nrows), layout="constrained")
@@ -157,6 +176,7 @@ def gallery(
             getattr(det, "scores", None), class_names, ax=ax, score_thr=score_thr,
             title=None if titles is None else titles[i],
             image_size=None if image_sizes is None else image_sizes[i],
+            gt_boxes=None if ground_truth is None else ground_truth[i].boxes,
         )  # fmt: skip
     return fig
 

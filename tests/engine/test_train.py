@@ -236,6 +236,19 @@ class _FakeClock:
         self.now += seconds
 
 
+def test_history_summary_golden():
+    steps = [{"step": i + 1, "loss": float(v)} for i, v in enumerate([4, 2, 3, 1, 1, 0.5])]
+    history = History(steps=steps, train_seconds=12.4, out_of_time=True)
+    assert history.summary(window=2) == ("6 steps in 12 s; loss 3 (mean of the first 2 steps) "
+                                         "-> 0.75 (the last 2); ended by the time limit "
+                                         "(max_seconds)")  # fmt: skip
+    # the window is at most half the steps, so the two means never share a step
+    assert "mean of the first 3 steps) -> 0.833 (the last 3)" in history.summary()
+    assert History().summary() == "0 steps in 0 s"
+    assert History(steps=steps[:1], interrupted=True).summary().endswith("; interrupted")
+    assert History(steps=steps, stopped_early=True).summary().endswith("early by a callback")
+
+
 def test_max_seconds_ends_on_time_with_the_schedule_following_the_clock(monkeypatch, tmp_path):
     from instseg_edu.engine import train as train_module
 

@@ -38,6 +38,26 @@ def test_draw_detections_is_a_figure_with_masks_boxes_and_labels():
     assert pixels[..., :3].max() > 0  # something was drawn on the black image
 
 
+def test_ground_truth_is_dashed_and_every_mask_has_its_outline():
+    from matplotlib.patches import Rectangle
+
+    masks = torch.zeros(2, 40, 40, dtype=torch.bool)
+    masks[0, 5:15, 5:20] = True
+    masks[1, 20:35, 22:38] = True
+    fig = draw_detections(
+        torch.zeros(3, 40, 40), torch.tensor([[5.0, 5, 20, 15], [22, 20, 38, 35]]),
+        torch.tensor([0, 1]), masks=masks, scores=torch.tensor([0.9, 0.8]),
+        gt_boxes=torch.tensor([[5.0, 5, 20, 15], [30, 0, 40, 4], [0, 30, 6, 40]]),
+    )  # fmt: skip
+    ax = fig.axes[0]
+    rects = [p for p in ax.patches if isinstance(p, Rectangle)]
+    dashed = [p for p in rects if p.get_linestyle() != "solid"]
+    assert len(rects) == 5 and len(dashed) == 3  # 3 ground truths first, then 2 detections
+    assert [tuple(p.get_xy()) for p in dashed] == [(5.0, 5.0), (30.0, 0.0), (0.0, 30.0)]
+    outlines = [c for c in ax.collections if hasattr(c, "levels")]  # one ContourSet per mask
+    assert len(outlines) == 2 and all(list(c.levels) == [0.5] for c in outlines)
+
+
 def test_draw_into_existing_axes_and_crop_padding():
     from matplotlib.figure import Figure
 
@@ -63,6 +83,10 @@ def test_gallery_accepts_detections_and_targets():
     assert [ax.get_title() for ax in fig.axes[:3]] == ["p", "gt", "none"]
     with pytest.raises(ValueError, match="images"):
         gallery(images[:1], [det, tgt])
+    fig = gallery(images[:2], [det, det], ground_truth=[tgt, tgt])
+    assert sum(p.get_linestyle() != "solid" for p in fig.axes[0].patches) == 1  # tgt's one box
+    with pytest.raises(ValueError, match="ground truths"):
+        gallery(images[:2], [det, det], ground_truth=[tgt])
 
 
 def test_loss_curve_figure_from_history_dict():
