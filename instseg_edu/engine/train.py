@@ -52,6 +52,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -883,8 +884,11 @@ def train(
 
     from tqdm.auto import tqdm
 
+    # Redrawn ten times a second in a terminal or a notebook; written to a log file (make demo >
+    # log), every 30 s, so the log keeps a line per half-minute instead of thousands.
+    on_screen = sys.stderr.isatty() or tqdm.__module__ == "tqdm.notebook"
     bar = tqdm(total=num_steps, initial=step, disable=not (cfg.progress and main), desc="train",
-               dynamic_ncols=True)  # fmt: skip
+               dynamic_ncols=True, mininterval=0.1 if on_screen else 30.0)  # fmt: skip
 
     def show(record):
         bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_s']:.1f}", refresh=False)

@@ -290,6 +290,7 @@ def test_max_seconds_ends_on_time_with_the_schedule_following_the_clock(monkeypa
     with_bar = dataclasses.replace(cfg, checkpoint_dir=None, eval_every=None, progress=True)
     train(_model(), _loader(40), with_bar, callbacks=[every_step_takes_10_s])
     assert (bars[0].n, bars[0].total) == (6, 6) and "time limit" in bars[0].desc
+    assert bars[0].mininterval == 30.0  # stderr is no terminal here: a line per half-minute
 
     # A machine faster than planned: the steps end it, the schedule at the larger fraction.
     fast = _cfg(max_steps=4, max_seconds=60.0, schedule="cosine", warmup_steps=0, lr=0.1)
