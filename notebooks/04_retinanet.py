@@ -369,7 +369,7 @@ W.HBox(thumbs)
 # Sorting the mistakes: at IoU 0.5, each detection above 0.3 is a **hit**, a **wrong class**
 # (right place, other class), a **duplicate** (its object was already taken by a higher score) or a
 # **background** false positive; each ground truth not hit is a **miss**, which we split by size
-# (the sides of the boxes as the model saw them). Look at both ends: the smallest objects, whose
+# (√(w·h) of each box, in the pixels the model saw). Look at both ends: the smallest objects, whose
 # best anchors have low IoU (notebook 03), and, in the cpu tier, the largest ones: shown at 192 px
 # they are larger than most shapes of the 128 px training images, and the shapes are painted from
 # the largest to the smallest, so the smaller ones in front hide parts of their outline.
