@@ -48,6 +48,12 @@ from instseg_edu.data.shapes import (
     render_image,
     split_name,
 )
+from instseg_edu.data.transforms import (
+    check_ratio_range,
+    collate,
+    eval_transforms,
+    train_transforms,
+)
 from instseg_edu.models import BUILDERS, build_model
 
 TIERS = ("smoke", "cpu", "gpu")
@@ -186,13 +192,7 @@ class Recipe:
         shapes = check_shapes_per_image(self.train_shapes_per_image, "train_shapes_per_image")
         object.__setattr__(self, "train_shapes_per_image", shapes)
         if self.ratio_range is not None:
-            if len(self.ratio_range) != 2:
-                raise ValueError(f"ratio_range={self.ratio_range!r} must be (low, high) or None")
-            low, high = (float(v) for v in self.ratio_range)
-            if not 0 < low <= high:
-                raise ValueError(f"ratio_range={self.ratio_range!r} must be (low, high), "
-                                 "0 < low <= high, or None")  # fmt: skip
-            object.__setattr__(self, "ratio_range", (low, high))
+            object.__setattr__(self, "ratio_range", check_ratio_range(self.ratio_range))
 
     def override(self, **changes) -> Recipe:
         """A copy with ``changes`` (any fields) whose ``expected_minutes`` still describes it.
@@ -289,7 +289,6 @@ class Recipe:
             in memory when ``in_memory``.
         """
         from instseg_edu.data.coco import CocoDataset
-        from instseg_edu.data.transforms import eval_transforms, train_transforms
 
         root = Path(root)
         train_json, train_dir = self.make_train_split(root, seed)
@@ -618,7 +617,6 @@ def shapes_batch(
     """A :class:`~instseg_edu.structures.Batch` of freshly drawn shapes images (nothing written
     to disk): the same kind of images and objects the recipes train on (``shapes_per_image``
     shapes painted on each, resized to ``resize_to`` when given), for timing."""
-    from instseg_edu.data.transforms import collate, eval_transforms
     from instseg_edu.structures import Target
 
     items = []

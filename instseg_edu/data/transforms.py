@@ -36,6 +36,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as F
 
+from instseg_edu.ops.masks import masks_to_boxes
 from instseg_edu.structures import Batch, Target
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -114,11 +115,8 @@ class RandomResizeCrop:
     """
 
     def __init__(self, size: int, ratio_range: tuple[float, float]):
-        low, high = ratio_range
-        if not 0 < low <= high:
-            raise ValueError(f"ratio_range={ratio_range} must be 0 < low <= high")
         self.size = int(size)
-        self.ratio_range = (float(low), float(high))
+        self.ratio_range = check_ratio_range(ratio_range)
 
     def __call__(self, image: tv_tensors.Image, parts: Parts) -> tuple[tv_tensors.Image, Parts]:
         low, high = self.ratio_range
@@ -138,6 +136,17 @@ class RandomResizeCrop:
         return f"RandomResizeCrop(size={self.size}, ratio_range={self.ratio_range})"
 
 
+def check_ratio_range(value, name: str = "ratio_range") -> tuple[float, float]:
+    """``value`` as ``(low, high)`` floats (a checkpoint's list too), ``0 < low <= high``.
+
+    Raises:
+        ValueError: anything else, naming ``name``.
+    """
+    if len(value) != 2 or not 0 < float(value[0]) <= float(value[1]):
+        raise ValueError(f"{name}={value!r} must be (low, high) with 0 < low <= high")
+    return float(value[0]), float(value[1])
+
+
 def _visible_boxes(
     boxes: tv_tensors.BoundingBoxes, masks: tv_tensors.Mask
 ) -> tv_tensors.BoundingBoxes:
@@ -148,18 +157,9 @@ def _visible_boxes(
     ``recompute_bbox=True`` does the same). Objects without mask pixels keep their clipped box.
     """
     mask = masks.as_subclass(Tensor).bool()  # [G, h, w]
-    cols, rows = mask.any(dim=1), mask.any(dim=2)  # [G, w], [G, h]
-    has_pixels = cols.any(dim=1)  # [G]
-    xs = torch.arange(mask.shape[-1], device=mask.device)
-    ys = torch.arange(mask.shape[-2], device=mask.device)
-    big = mask.shape[-1] + mask.shape[-2]
-    x1 = torch.where(cols, xs, big).amin(dim=1)
-    x2 = torch.where(cols, xs, -1).amax(dim=1) + 1
-    y1 = torch.where(rows, ys, big).amin(dim=1)
-    y2 = torch.where(rows, ys, -1).amax(dim=1) + 1
-    tight = torch.stack([x1, y1, x2, y2], dim=1).to(boxes.dtype)  # [G, 4]
-    plain = boxes.as_subclass(Tensor)
-    new = torch.where(has_pixels[:, None], tight, plain)
+    tight = masks_to_boxes(mask).to(boxes.dtype)  # [G, 4]
+    has_pixels = mask.flatten(1).any(dim=1)  # [G]
+    new = torch.where(has_pixels[:, None], tight, boxes.as_subclass(Tensor))
     return tv_tensors.wrap(new, like=boxes)
 
 
