@@ -200,10 +200,32 @@ def _default_workers(device) -> int:
     return min(8, cpus) if device.type == "cuda" else min(2, max(0, cpus - 1))
 
 
+def _gallery_threshold(model, val_set, device, batch_size: int) -> tuple[float, str]:
+    """``(score threshold, why)``: where the box F1 at IoU 0.5 is highest on the validation split
+    (:func:`~instseg_edu.engine.analysis.best_f1_threshold`), else 0.3."""
+    from instseg_edu.engine.analysis import best_f1_threshold
+    from instseg_edu.engine.train import make_loader
+
+    # The whole split in this process, also under torchrun (only the main process draws).
+    loader = make_loader(val_set, batch_size, shuffle=False, distributed=False)
+    thr, sweep = best_f1_threshold(model, loader, val_set.coco, val_set.label_to_cat_id, device)
+    return _threshold_and_why(thr, sweep)
+
+
+def _threshold_and_why(thr, sweep) -> tuple[float, str]:
+    if thr is None:
+        return 0.3, "score >= 0.30: no box was right at IoU 0.5 on the validation split"
+    line = f"{sweep.describe(thr)} at IoU 0.5 on the validation split, its best F1"
+    if f"{thr:.2f}" != "0.30":
+        line += f" (at {sweep.describe(0.3)})"
+    return thr, line
+
+
 def _write_figures(out: Path, history, model, val_set, class_names, device,
-                   score_thr: float = 0.3) -> list[str]:  # fmt: skip
+                   score_thr: float | None = 0.3, batch_size: int = 8) -> list[str]:  # fmt: skip
     """Loss curve and a gallery of the predictions scoring ``>= score_thr`` on the first validation
-    images (the threshold is in the gallery's title)."""
+    images (the threshold is in the gallery's title); ``score_thr=None``: the threshold of the best
+    box F1 on the validation split (:func:`_gallery_threshold`)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -219,6 +241,11 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
         loss_curve_figure(history).savefig(out / "loss_curve.png", dpi=100)
         written.append("loss_curve.png")
     if val_set is not None and len(val_set):
+        chosen = ""
+        if score_thr is None:
+            score_thr, why = _gallery_threshold(model, val_set, device, batch_size)
+            chosen = " (the best F1 on the validation split)" if "best F1" in why else ""
+            print(f"gallery: {why}", flush=True)
         batch = collate([val_set[i] for i in range(min(GALLERY_IMAGES, len(val_set)))])
         model.eval()
         with torch.inference_mode():
@@ -228,7 +255,8 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
         fig = gallery(batch.images, detections, class_names, image_sizes=batch.image_sizes,
                       titles=titles, score_thr=score_thr, ground_truth=batch.targets,
                       panel_size=4.5)  # fmt: skip
-        fig.suptitle(f"predictions with score >= {score_thr:g}; ground truth dashed white")
+        fig.suptitle(f"predictions with score >= {score_thr:.2f}{chosen}; ground truth dashed "
+                     "white")  # fmt: skip
         fig.savefig(out / "predictions.png", dpi=100)
         written.append("predictions.png")
     return written
@@ -405,7 +433,9 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         _evaluate_and_report(model, val_set, device, out, args.batch_size, args.workers)
         written += ["ap.md", "ap.json"]
     if main:
-        written += _write_figures(out, history, model, val_set, train_set.classes, device)
+        written += _write_figures(out, history, model, val_set, train_set.classes, device,
+                                  score_thr=getattr(args, "score_thr", 0.3),
+                                  batch_size=args.batch_size)  # fmt: skip
     print(f"wrote {out}/{{{', '.join(written)}}}")
     return 0
 
@@ -990,6 +1020,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--num-train", type=int, default=None, help="shapes training images")
     p.add_argument("--num-val", type=int, default=None, help="shapes validation images")
+    p.add_argument("--score-thr", type=float, default=None,
+                   help="draw predictions.png's boxes scoring at least this (default: where the "
+                   "box F1 at IoU 0.5 is highest on the validation split)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="a seconds-long run on tiny images (tests)")
     _common(p)
     p.set_defaults(func=cmd_demo)

@@ -25,7 +25,8 @@
 # 4. **inference**: top scores per level → decode → NMS.
 #
 # We look at the shapes of every stage, plot the focal loss, train with a live
-# **TrainingDashboard**, evaluate with COCO's 12 numbers and look at the mistakes.
+# **TrainingDashboard**, evaluate with COCO's 12 numbers, look at the mistakes and choose the
+# score to draw at.
 #
 # **Tiers.** The parameters cell picks one of three (`instseg_edu.recipes`): `gpu` when CUDA is
 # present (ResNet-50-FPN at 512 px, thousands of steps), `cpu` without (a half-width ResNet-18
@@ -404,3 +405,61 @@ hist_miss = np.histogram(missed_sizes, bins)[0]
 names = [f"{lo:.0f}–{hi:.0f} px" for lo, hi in zip(bins[:-2], bins[1:-1])] + [f"≥ {bins[-2]} px"]
 for name, h_, m_ in zip(names, hist_hit, hist_miss):
     print(f"objects {name:>10}: found {h_:4d}, missed {m_:4d}")
+
+# %% [markdown]
+# ## 8. Which score to draw at
+#
+# Everything above was drawn and counted at score 0.3, a common default for pictures. It is a
+# choice, not a property of the model: each threshold keeps another set of boxes, with its own
+# **precision** (the share of the boxes drawn that are right) and **recall** (the share of the
+# objects found). `score_sweep` gives both for every threshold at once, from pycocotools' own
+# matches at IoU 0.5, the matching behind AP50: sort all detections by score, count the hits as
+# the threshold comes down. AP averages over all thresholds; a picture, or an application, must
+# pick one. A common pick is where **F1**, the harmonic mean of the two, is highest.
+
+# %%
+from instseg_edu.engine.analysis import match_model, score_sweep
+
+matches = match_model(model, val_loader, val_set.coco, val_set.label_to_cat_id, device)["bbox"]
+sweep = score_sweep(matches, iou_thr=0.5)
+best_thr, best_p, best_r, best_f1 = sweep.best_f1()
+fig = go.Figure(
+    [go.Scatter(x=sweep.score, y=getattr(sweep, k), name=k) for k in ("precision", "recall", "f1")]
+)
+fig.update_layout(
+    title="all classes, IoU 0.5: keep the boxes scoring ≥ the threshold",
+    xaxis_title="score threshold",
+    yaxis_range=[0, 1.02],
+    width=640,
+    height=340,
+)
+if np.isfinite(best_thr):
+    fig.add_vline(x=best_thr, line_dash="dash", annotation_text=f"best F1 at {best_thr:.2f}")
+display(fig)
+p_03, r_03 = sweep.at(0.3)
+print(f"at 0.3: {p_03:.0%} of the boxes drawn are right, {r_03:.0%} of the objects found")
+if np.isfinite(best_thr):
+    print(f"best F1 {best_f1:.2f} at {best_thr:.2f}: {best_p:.0%} right, {best_r:.0%} found")
+
+# %% [markdown]
+# The same validation images, drawn at the threshold of the best F1. Fewer boxes, and more of them
+# right; the shapes the model was unsure of lose their box. (The threshold was chosen on these
+# very images, which is fine for a picture; to report a precision, choose it on other images.)
+
+# %%
+thumbs = []
+for b, dets in batches:
+    for i, d in enumerate(dets):
+        h, w = b.image_sizes[i]
+        png = detection_thumbnail(
+            b.images[i, :, :h, :w],
+            d.boxes,
+            d.scores,
+            d.labels,
+            b.targets[i].boxes,
+            size=256,
+            score_thr=best_thr,
+            class_names=val_set.classes,
+        )
+        thumbs.append(W.Image(value=png, format="png"))
+W.HBox(thumbs)

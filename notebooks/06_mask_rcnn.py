@@ -85,6 +85,7 @@ from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import CLASSES, make_shapes_dataset, split_name
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.analysis import best_f1_threshold
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
 from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.models.mask_rcnn import (
@@ -400,7 +401,8 @@ assert torch.allclose(
 
 # %% [markdown]
 # The trained model on validation images it has never seen: class, score and mask of every
-# detection above 0.3. (In the smoke tier it has trained for two steps: expect nothing useful.)
+# detection above the score of the best F1 (notebook 04, section 8), the ground truth dashed. (In
+# the smoke tier it has trained for two steps: expect nothing useful.)
 #
 # In the cpu tier these images reach the model at `TEST_SIZE` = 192 px, half as large again as
 # the 128 px it trained on (`RECIPE.test_size`, the test pipeline's resize). A third of the shapes
@@ -409,22 +411,23 @@ assert torch.allclose(
 # (benchmarks/RESULTS.md, eleventh round). To see it, set `TEST_SIZE = IMAGE_SIZE` and run again.
 
 # %%
+val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False)
+gallery_thr, sweep = best_f1_threshold(
+    model, val_loader, val_set.coco, val_set.label_to_cat_id, device
+)
+gallery_thr = 0.3 if gallery_thr is None else gallery_thr  # None: no box right yet (smoke)
+print(sweep.describe(gallery_thr, against=0.3))
 model.eval()
 shown = collate([val_set[i] for i in range(min(8, len(val_set)))]).to(device)
 with torch.no_grad():
     detections = model.predict(model(shown.images), shown.image_sizes)
 display(gallery(shown.images.cpu(), [d.to("cpu") for d in detections], CLASSES,
-                image_sizes=shown.image_sizes, score_thr=0.3))  # fmt: skip
+                image_sizes=shown.image_sizes, score_thr=gallery_thr,
+                ground_truth=[t.to("cpu") for t in shown.targets]))  # fmt: skip
 
 # %% [markdown]
 # ## 10 · Evaluation (pycocotools box and mask AP)
 
 # %%
-metrics = evaluate_model(
-    model,
-    make_loader(val_set, BATCH_SIZE, shuffle=False),
-    val_json,
-    val_set.label_to_cat_id,
-    device,
-)
+metrics = evaluate_model(model, val_loader, val_json, val_set.label_to_cat_id, device)
 print(format_ap_table(metrics))

@@ -86,6 +86,7 @@ from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.analysis import best_f1_threshold
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table, predict_loader
 from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.losses import dice_loss
@@ -282,7 +283,10 @@ for name, probs in candidates.items():
 #
 # The same `train` loop as every other model: `loss_ins` (dice × 3 over positive channels) and
 # `loss_cate` (focal over all cells / (positives + 1)). The dashboard draws both as they fall, and
-# `num_pos`, the positive cells per image.
+# `num_pos`, the positive cells per image. The cpu tier's `SOLO_R18_CPU` takes the focal loss at
+# γ = 1, α = 0.5 instead of the paper's 2 and 0.25: in a few minutes its category branch is the part
+# that learns slowest, and it learns faster with more of the gradient on its positive cells (mask
+# AP50 +0.03 at equal steps, `benchmarks/RESULTS.md`, seventeenth round).
 
 # %%
 from instseg_edu.widgets import TrainingDashboard
@@ -341,9 +345,15 @@ for name, s0, s1 in zip("ABC", scores.tolist(), decayed.tolist()):
 # smoke tier the model has trained for two steps, so expect no or poor detections; in the cpu
 # tier, from notebook 06's backbone, the larger shapes with their masks at scores of 0.3–0.5 and
 # few of the small ones (from random weights, hardly any detection above 0.3: the category
-# scores mostly stay under `score_thr`).
+# scores mostly stay under `score_thr`). The figure draws the detections above the score where
+# their F1 on the validation split is highest (notebook 04, section 8), the ground truth dashed.
 
 # %%
+gallery_thr, sweep = best_f1_threshold(
+    model, val_loader, val_set.coco, val_set.label_to_cat_id, device
+)
+gallery_thr = 0.3 if gallery_thr is None else gallery_thr  # None: no box right yet (smoke)
+print(sweep.describe(gallery_thr, against=0.3))
 batches = list(predict_loader(model, val_loader, device, max_batches=1))
 vb, dets = batches[0]
 ncols = min(4, len(dets))
@@ -351,10 +361,12 @@ nrows = -(-len(dets) // ncols)
 fig = Figure(figsize=(3.5 * ncols, 3.5 * nrows), layout="constrained")
 for ax, i in zip(np.atleast_1d(fig.subplots(nrows, ncols)).flat, range(len(dets))):
     d = dets[i]
-    kept = int((d.scores > 0.3).sum())
+    kept = int((d.scores >= gallery_thr).sum())
+    t = vb.targets[i].to("cpu")
     draw_detections(vb.images[i].cpu(), d.boxes, d.labels, masks=d.masks, scores=d.scores,
-                    class_names=val_set.classes, ax=ax, score_thr=0.3,
-                    image_size=vb.image_sizes[i], title=f"{kept} detections > 0.3")  # fmt: skip
+                    class_names=val_set.classes, ax=ax, score_thr=gallery_thr,
+                    image_size=vb.image_sizes[i], gt_boxes=t.boxes,
+                    title=f"{kept} detections ≥ {gallery_thr:.2f}")  # fmt: skip
 show(fig)
 
 # %% [markdown]

@@ -98,6 +98,7 @@ from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import collate, eval_transforms, train_transforms
+from instseg_edu.engine.analysis import best_f1_threshold
 from instseg_edu.engine.evaluate import evaluate_model, format_ap_table
 from instseg_edu.engine.train import make_loader, resolve_device, train
 from instseg_edu.ops.nms import fast_nms
@@ -320,6 +321,14 @@ print("saved", checkpoint)
 # to the input, thresholded at 0.5 and cut to the true image size.
 
 # %%
+# The gallery draws the boxes above the score where their F1 on the validation split is highest
+# (notebook 04, section 8), and says what share of them is right.
+val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False, workers=WORKERS)
+gallery_thr, sweep = best_f1_threshold(
+    model, val_loader, val_set.coco, val_set.label_to_cat_id, device
+)
+gallery_thr = 0.3 if gallery_thr is None else gallery_thr  # None: no box right yet (smoke)
+print(sweep.describe(gallery_thr, against=0.3))
 model.eval()
 batch = collate([val_set[i] for i in range(min(4, len(val_set)))]).to(device)
 with torch.no_grad():
@@ -336,7 +345,7 @@ display(
     )
 )
 gallery(batch.images.cpu(), [d.to("cpu") for d in dets], val_set.classes,
-        image_sizes=batch.image_sizes, score_thr=0.3)  # fmt: skip
+        image_sizes=batch.image_sizes, score_thr=gallery_thr)  # fmt: skip
 
 # %% [markdown]
 # `predict` runs Fast NMS for every image at once and reads the number of detections once for
@@ -370,7 +379,6 @@ print("predict == yolact_predict_reference ✓ ", [len(d) for d in dets], "detec
 # COCO's box and mask AP over the whole validation split:
 
 # %%
-val_loader = make_loader(val_set, BATCH_SIZE, shuffle=False, workers=WORKERS)
 metrics = evaluate_model(model, val_loader, val_set.coco, val_set.label_to_cat_id, device)
 print(format_ap_table(metrics))
 

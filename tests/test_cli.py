@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -170,6 +171,41 @@ def test_demo_backbone_from_starts_solo_from_the_mask_rcnn_demo(smoke_run, tmp_p
                    capsys, "--pretrain-seconds with --resume")  # fmt: skip
 
 
+def test_gallery_threshold_is_the_best_f1():
+    from instseg_edu.cli import _threshold_and_why
+    from instseg_edu.engine.analysis import match_coco, score_sweep
+
+    gt = {
+        "images": [{"id": 1, "width": 64, "height": 64, "file_name": "1.png"}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "area": 400,
+             "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 30, 20, 20], "area": 400,
+             "iscrowd": 0},
+        ],
+    }  # fmt: skip
+    dets = [  # right at 0.9, the wrong class at 0.8, the second object only at 0.2
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "score": 0.9},
+        {"image_id": 1, "category_id": 2, "bbox": [30, 30, 20, 20], "score": 0.8},
+        {"image_id": 1, "category_id": 1, "bbox": [30, 30, 20, 20], "score": 0.2},
+    ]
+    # F1 at 0.9: 2/3 (precision 1, recall 1/2); at 0.8: 1/2; at 0.2: 4/5 (2/3 and 1)
+    sweep = score_sweep(match_coco(gt, dets))
+    thr = sweep.best_f1()[0]
+    assert thr == pytest.approx(0.2)
+    assert _threshold_and_why(thr, sweep) == (thr, (
+        "score >= 0.20: 67% of the boxes right, 100% of the objects found at IoU 0.5 on the "
+        "validation split, its best F1 (at score >= 0.30: 50% of the boxes right, 50% of the "
+        "objects found)"))  # fmt: skip
+    assert sweep.describe(0.95) == "score >= 0.95: no box"
+    assert sweep.describe(0.2, against=0.3).endswith(" (at score >= 0.30: 50% of the boxes right, "
+                                                     "50% of the objects found)")  # fmt: skip
+    assert sweep.describe(0.2, against=0.201) == sweep.describe(0.2)  # both read 0.20
+    assert _threshold_and_why(0.2999, sweep)[1].endswith("its best F1")
+    assert _threshold_and_why(None, sweep)[0] == 0.3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["retinanet", "solo", "yolact"])
 def test_demo_smoke_of_every_family(family, tmp_path, capsys):
@@ -181,6 +217,7 @@ def test_demo_smoke_of_every_family(family, tmp_path, capsys):
     recipe = RECIPES[(family, "smoke")]
     assert printed.startswith(f"tier 'smoke' (--smoke): {recipe.model} on 8 images of 64 px")
     assert (out / "predictions.png").is_file() and (out / "last.pt").is_file()
+    assert re.search(r"^gallery: score >= \d\.\d\d: ", printed, re.M), printed
     # RetinaNet's and YOLACT's recipes pretrain the ResNet on object crops first (half a second
     # here); SOLO's does not
     pretrained = "pretrained the ResNet as a classifier of " in printed

@@ -87,6 +87,8 @@ __all__ = [
     "CocoMatches",
     "ErrorAnalysis",
     "PrecisionRecall",
+    "ScoreSweep",
+    "best_f1_threshold",
     "error_analysis",
     "match_coco",
     "match_model",
@@ -94,6 +96,7 @@ __all__ = [
     "precision_recall",
     "predict_results",
     "rank_images",
+    "score_sweep",
 ]
 
 # Outcome of a detection at one setting (ErrorAnalysis.dt_outcome).
@@ -767,6 +770,127 @@ def precision_recall(
         curves=tuple(curves),
         num_gt=num_gt.astype(np.int64),
     )
+
+
+class ScoreSweep(NamedTuple):
+    """Precision, recall and F1 of every class's detections together, as the score threshold
+    rises (:func:`score_sweep`).
+
+    Attributes:
+        iou_thr, area, max_dets: the setting.
+        score: ``float64 [n]`` the distinct scores of the detections COCO counts, descending:
+            each a threshold (keep the detections scoring ``>= score``).
+        precision, recall, f1: ``float64 [n]`` of the detections kept at each threshold, all
+            classes pooled: ``TP / kept``, ``TP / ground truth``, their harmonic mean.
+        num_gt: ground truth COCO does not ignore, all classes.
+    """
+
+    iou_thr: float
+    area: str
+    max_dets: int
+    score: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+    num_gt: int
+
+    def best_f1(self) -> tuple[float, float, float, float]:
+        """``(score threshold, precision, recall, F1)`` where F1 is highest (the highest such
+        threshold on a tie); ``(inf, nan, 0, 0)`` without a detection."""
+        if len(self.score) == 0:
+            return float("inf"), float("nan"), 0.0, 0.0
+        k = int(np.argmax(self.f1))  # the first maximum: the highest threshold
+        return (float(self.score[k]), float(self.precision[k]), float(self.recall[k]),
+                float(self.f1[k]))  # fmt: skip
+
+    def at(self, score_thr: float) -> tuple[float, float]:
+        """``(precision, recall)`` of the detections scoring ``>= score_thr`` (precision ``nan``
+        when none is kept)."""
+        k = np.searchsorted(-self.score, -score_thr, side="right") - 1  # last score >= score_thr
+        if k < 0:
+            return float("nan"), 0.0
+        return float(self.precision[k]), float(self.recall[k])
+
+    def describe(self, score_thr: float, against: float | None = None) -> str:
+        """What drawing the boxes scoring ``>= score_thr`` gives, e.g. ``"score >= 0.64: 66% of
+        the boxes right, 56% of the objects found"`` (right: at ``iou_thr``); with ``against``,
+        followed by the same for that threshold in brackets, unless the two read the same."""
+        precision, recall = self.at(score_thr)
+        if precision != precision:  # nan: nothing kept
+            line = f"score >= {score_thr:.2f}: no box"
+        else:
+            line = (f"score >= {score_thr:.2f}: {precision:.0%} of the boxes right, {recall:.0%} "
+                    "of the objects found")  # fmt: skip
+        if against is not None and f"{against:.2f}" != f"{score_thr:.2f}":
+            line += f" (at {self.describe(against)})"
+        return line
+
+
+def score_sweep(
+    matches: CocoMatches, iou_thr: float = 0.5, area: str = "all", max_dets: int = 100
+) -> ScoreSweep:
+    """Precision and recall of the kept detections at every score threshold, classes pooled.
+
+    A gallery or an application draws the detections above one score; this answers which one:
+    at a threshold ``s`` the kept detections are those scoring ``>= s`` among the ``max_dets``
+    best of their image and class, and they are counted as :func:`error_analysis` counts them
+    at ``score_thr=s`` (true positives against every false-positive kind, COCO's ignored ones
+    left out), for every ``s`` at once: sort by score, accumulate, and read the totals at the
+    last detection of each distinct score. The threshold of the best F1 is a common choice of
+    operating point (e.g. the F1-optimal confidence of Ultralytics' validation reports); COCO's
+    AP averages over all of them instead.
+
+    Args:
+        matches: from :func:`match_coco`.
+        iou_thr, area, max_dets: as :func:`error_analysis`.
+
+    Returns:
+        A :class:`ScoreSweep`.
+    """
+    t = matches.iou_index(iou_thr)
+    a = matches.area_index(area)
+    if not 1 <= max_dets <= matches.max_dets[-1]:
+        raise ValueError(f"max_dets={max_dets} must be between 1 and {matches.max_dets[-1]}")
+    counted = (matches.dt_rank < max_dets) & ~matches.dt_ignore[t, a]  # [D]
+    rows = np.flatnonzero(counted)
+    rows = rows[np.argsort(-matches.dt_score[rows], kind="mergesort")]  # [n] best first
+    score = matches.dt_score[rows]
+    tp = np.cumsum(matches.dt_match[t, a, rows] >= 0).astype(np.float64)  # [n]
+    kept = np.arange(1, len(rows) + 1, dtype=np.float64)
+    last = np.flatnonzero(np.append(score[1:] != score[:-1], len(score) > 0))  # a score's last
+    num_gt = int((~matches.gt_ignore[a]).sum())
+    precision = tp[last] / kept[last]
+    recall = tp[last] / max(num_gt, 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))
+    return ScoreSweep(
+        iou_thr=float(matches.iou_thrs[t]),
+        area=area,
+        max_dets=int(max_dets),
+        score=score[last].astype(np.float64),
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        num_gt=num_gt,
+    )
+
+
+def best_f1_threshold(
+    model, loader, coco_gt, label_to_cat_id: Sequence[int], device=None, *, iou_thr: float = 0.5
+) -> tuple[float | None, ScoreSweep]:
+    """The score threshold at which a model's boxes have their best F1 on ``loader``'s images.
+
+    Predicts over the loader (:func:`match_model`, boxes only) and sweeps the threshold
+    (:func:`score_sweep`). Used to choose the threshold of a gallery: the notebooks' and
+    ``instseg-edu demo``'s pictures draw the boxes scoring at least it.
+
+    Returns:
+        ``(threshold, sweep)``; the threshold is ``None`` when no box is right at ``iou_thr``.
+    """
+    matches = match_model(model, loader, coco_gt, label_to_cat_id, device, iou_types=("bbox",))
+    sweep = score_sweep(matches["bbox"], iou_thr)
+    thr, _, _, f1 = sweep.best_f1()
+    return (thr if f1 > 0 else None), sweep
 
 
 def per_class_ap(matches: CocoMatches, area: str = "all", max_dets: int = 100) -> np.ndarray:

@@ -30,6 +30,7 @@ from instseg_edu.engine.analysis import (
     POOR_LOCALISATION,
     TRUE_POSITIVE,
     WRONG_CLASS,
+    best_f1_threshold,
     error_analysis,
     match_coco,
     match_model,
@@ -37,6 +38,7 @@ from instseg_edu.engine.analysis import (
     precision_recall,
     predict_results,
     rank_images,
+    score_sweep,
 )
 from instseg_edu.engine.evaluate import evaluate_coco, evaluate_model
 from instseg_edu.structures import Detections
@@ -135,6 +137,25 @@ def test_golden_outcomes_move_with_iou_and_score_thresholds():
     # max_dets=1 keeps only the best detection of each class in the image.
     e = error_analysis(m, 0.5, max_dets=1, score_thr=0.0)
     assert e.dt_outcome[d].tolist() == [TRUE_POSITIVE] + [DROPPED] * 3 + [BACKGROUND, DROPPED]
+
+
+def test_golden_score_sweep():
+    m = match_coco(GOLDEN_GT, GOLDEN_DT, "bbox")
+    sweep = score_sweep(m, 0.5)
+    # In score order: a hit, then a duplicate, a wrong class, a poor box, two on background; three
+    # objects to find (a0, b0, a1).
+    assert sweep.num_gt == 3
+    np.testing.assert_allclose(sweep.score, np.sort(m.dt_score)[::-1])
+    np.testing.assert_allclose(sweep.precision, [1, 1 / 2, 1 / 3, 1 / 4, 1 / 5, 1 / 6])
+    np.testing.assert_allclose(sweep.recall, [1 / 3] * 6)
+    np.testing.assert_allclose(sweep.f1[0], 0.5)  # 2 * 1 * (1/3) / (1 + 1/3)
+    thr, precision, recall, f1 = sweep.best_f1()
+    assert thr == sweep.score[0] and (precision, recall, f1) == pytest.approx((1, 1 / 3, 0.5))
+    assert sweep.at(sweep.score[1]) == pytest.approx((0.5, 1 / 3))
+    precision, recall = sweep.at(2.0)  # above every score: nothing kept
+    assert np.isnan(precision) and recall == 0
+    empty = score_sweep(match_coco(GOLDEN_GT, [], "bbox"))
+    assert len(empty.score) == 0 and empty.best_f1()[0] == float("inf")
 
 
 def test_wrong_class_takes_precedence_over_poor_localisation():
@@ -295,6 +316,20 @@ def test_per_class_ap_and_counts_equal_pycocotools(iou_type, scene):
                 dup = np.flatnonzero(e.dt_outcome == DUPLICATE)
                 assert (m.dt_match[t, a, e.dt_suppressor[dup]] == e.dt_gt[dup]).all()
                 assert (m.dt_score[e.dt_suppressor[dup]] >= m.dt_score[dup]).all()
+    # The score sweep reads error_analysis's totals at every threshold (ties kept together).
+    for area in AREA_NAMES:
+        sweep = score_sweep(m, 0.5, area)
+        assert (np.diff(sweep.score) < 0).all()
+        for thr in [*sweep.score.tolist(), 0.4, 0.95]:
+            totals = error_analysis(m, 0.5, area, score_thr=thr).totals()
+            tp = totals["true positive"]
+            kept = tp + sum(totals[COUNT_NAMES[o]] for o in FALSE_POSITIVE_KINDS)
+            precision, recall = sweep.at(thr)
+            assert recall == pytest.approx(tp / max(sweep.num_gt, 1))
+            if kept:
+                assert precision == pytest.approx(tp / kept)
+            else:
+                assert np.isnan(precision)
     # COCO's summary numbers, from the rebuilt curves and from the run itself.
     assert m.stats == evaluate_coco(gt, results, (iou_type,))[iou_type]
     valid = per_class_ap(m)[per_class_ap(m) > -1]
@@ -392,3 +427,9 @@ def test_match_model_equals_evaluate_model(tmp_path):
     # Boxes are in the file's pixels (64), not the network input's (32).
     assert np.allclose(matches["bbox"].dt_box[matches["bbox"].dt_score > 0.5][0],
                        [12.8, 12.8, 51.2, 51.2], atol=1e-3)  # fmt: skip
+    # The gallery's threshold: the sweep of the same matches, at its best F1 (or None).
+    thr, sweep = best_f1_threshold(model, loader, dataset.coco, dataset.label_to_cat_id, "cpu")
+    reference = score_sweep(matches["bbox"])
+    np.testing.assert_array_equal(sweep.f1, reference.f1)
+    best = reference.best_f1()
+    assert thr == (best[0] if best[3] > 0 else None)
