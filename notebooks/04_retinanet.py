@@ -350,21 +350,29 @@ print(format_ap_table(metrics))
 import ipywidgets as W
 
 batches = list(predict_loader(model, val_loader, device, max_batches=1))
-thumbs = []
-for b, dets in batches:
-    for i, d in enumerate(dets):
-        h, w = b.image_sizes[i]
-        png = detection_thumbnail(
-            b.images[i, :, :h, :w],
-            d.boxes,
-            d.scores,
-            d.labels,
-            b.targets[i].boxes,
-            size=256,
-            class_names=val_set.classes,
-        )
-        thumbs.append(W.Image(value=png, format="png"))
-W.HBox(thumbs)
+
+
+def thumbnails(score_thr):
+    """The first validation batch: ground truth in green, predictions scoring >= score_thr."""
+    thumbs = []
+    for b, dets in batches:
+        for i, d in enumerate(dets):
+            h, w = b.image_sizes[i]
+            png = detection_thumbnail(
+                b.images[i, :, :h, :w],
+                d.boxes,
+                d.scores,
+                d.labels,
+                b.targets[i].boxes,
+                size=256,
+                score_thr=score_thr,
+                class_names=val_set.classes,
+            )
+            thumbs.append(W.Image(value=png, format="png"))
+    return W.HBox(thumbs)
+
+
+thumbnails(0.3)
 
 # %% [markdown]
 # Sorting the mistakes: at IoU 0.5, each detection above 0.3 is a **hit**, a **wrong class**
@@ -447,19 +455,4 @@ if np.isfinite(best_thr):
 # very images, which is fine for a picture; to report a precision, choose it on other images.)
 
 # %%
-thumbs = []
-for b, dets in batches:
-    for i, d in enumerate(dets):
-        h, w = b.image_sizes[i]
-        png = detection_thumbnail(
-            b.images[i, :, :h, :w],
-            d.boxes,
-            d.scores,
-            d.labels,
-            b.targets[i].boxes,
-            size=256,
-            score_thr=best_thr,
-            class_names=val_set.classes,
-        )
-        thumbs.append(W.Image(value=png, format="png"))
-W.HBox(thumbs)
+thumbnails(best_thr)

@@ -272,6 +272,14 @@ class CocoMatches:
             raise ValueError(f"area={area!r} must be one of {AREA_NAMES}")
         return AREA_NAMES.index(area)
 
+    def setting_index(self, iou_thr: float, area: str, max_dets: int) -> tuple[int, int]:
+        """``(t, a)``: the indices of ``iou_thr`` and ``area``; checks all three (``ValueError``
+        naming the argument that is out of range)."""
+        t, a = self.iou_index(iou_thr), self.area_index(area)
+        if not 1 <= max_dets <= self.max_dets[-1]:
+            raise ValueError(f"max_dets={max_dets} must be between 1 and {self.max_dets[-1]}")
+        return t, a
+
 
 def _check_results(gt, results: Sequence[dict], iou_type: str) -> None:
     """One clear line for results COCOeval would reject with an assertion or skip silently."""
@@ -577,10 +585,7 @@ def error_analysis(
     Returns:
         An :class:`ErrorAnalysis`.
     """
-    t = matches.iou_index(iou_thr)
-    a = matches.area_index(area)
-    if not 1 <= max_dets <= matches.max_dets[-1]:
-        raise ValueError(f"max_dets={max_dets} must be between 1 and {matches.max_dets[-1]}")
+    t, a = matches.setting_index(iou_thr, area, max_dets)
     num_i, num_c = matches.num_images, matches.num_classes
     thr = float(matches.iou_thrs[t])
 
@@ -730,10 +735,7 @@ def precision_recall(
     0. The mean of those 101 values is the class's AP at this threshold; averaged over the ten
     thresholds and the classes it is COCO's AP.
     """
-    t = matches.iou_index(iou_thr)
-    a = matches.area_index(area)
-    if not 1 <= max_dets <= matches.max_dets[-1]:
-        raise ValueError(f"max_dets={max_dets} must be between 1 and {matches.max_dets[-1]}")
+    t, a = matches.setting_index(iou_thr, area, max_dets)
     rec_thrs = matches.rec_thrs
     num_c = matches.num_classes
     num_gt = np.bincount(matches.gt_label[~matches.gt_ignore[a]], minlength=num_c)
@@ -847,10 +849,7 @@ def score_sweep(
     Returns:
         A :class:`ScoreSweep`.
     """
-    t = matches.iou_index(iou_thr)
-    a = matches.area_index(area)
-    if not 1 <= max_dets <= matches.max_dets[-1]:
-        raise ValueError(f"max_dets={max_dets} must be between 1 and {matches.max_dets[-1]}")
+    t, a = matches.setting_index(iou_thr, area, max_dets)
     counted = (matches.dt_rank < max_dets) & ~matches.dt_ignore[t, a]  # [D]
     rows = np.flatnonzero(counted)
     rows = rows[np.argsort(-matches.dt_score[rows], kind="mergesort")]  # [n] best first
