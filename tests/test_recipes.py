@@ -132,6 +132,13 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
     solo, yolact = recipe("solo", "cpu"), recipe("yolact", "cpu")
     assert (solo.model, solo.max_steps, solo.lr) == ("SOLO_R18_CPU", 1200, 2e-3)
     assert solo.test_side == 128  # its grids were fitted at 128 px
+    # its category branch's focal loss at gamma 1, alpha 0.5 (RESULTS.md, seventeenth round); the
+    # full model keeps the paper's
+    from instseg_edu.losses import FocalLossConfig
+    from instseg_edu.models.solo import SOLO_R50_FPN
+
+    assert solo.model_config(7).bbox_head.loss_cate == FocalLossConfig(alpha=0.5, gamma=1.0)
+    assert SOLO_R50_FPN.bbox_head.loss_cate == FocalLossConfig(alpha=0.25, gamma=2.0)
     assert (yolact.model, yolact.max_steps, yolact.lr) == ("YOLACT_R18_CPU", 1170, 2e-3)
     # the protonet at a fifth of the rate (its last ReLU died at the full one): the key names
     # the protonet's parameters and nothing else
