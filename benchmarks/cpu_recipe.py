@@ -328,7 +328,7 @@ class Variant(NamedTuple):
     family: str = "mask_rcnn"
 
 
-def _retina_head(cfg, **changes):
+def _bbox_head(cfg, **changes):
     return dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head, **changes))
 
 
@@ -431,7 +431,7 @@ VARIANTS: dict[str, Variant] = {
     # (RETINANET_R18_CPU, trained on 10-20 shapes per image, lr 2e-3, scored at 192 px).
     "retinanet_current": Variant(family="retinanet"),
     "retinanet_no_group_norm": Variant(
-        lambda c: _retina_head(c, norm_num_groups=None), family="retinanet"
+        lambda c: _bbox_head(c, norm_num_groups=None), family="retinanet"
     ),
     "retinanet_standard_train": Variant(
         recipe=lambda r: _train_shapes(r, (3, 10)), family="retinanet"
@@ -440,7 +440,7 @@ VARIANTS: dict[str, Variant] = {
         lambda c: _three_stages(_width(c, 64)), family="retinanet"
     ),
     "retinanet_stacked_convs_4": Variant(
-        lambda c: _retina_head(c, stacked_convs=4), family="retinanet"
+        lambda c: _bbox_head(c, stacked_convs=4), family="retinanet"
     ),
     "retinanet_lr_1e-3": Variant(
         recipe=lambda r: dataclasses.replace(r, lr=1e-3), family="retinanet"
@@ -492,13 +492,13 @@ VARIANTS: dict[str, Variant] = {
     # AP50 over two seeds, each run as many steps as its minutes held). The seventeenth round ran
     # gamma 1 for the same 2400 steps as the recipe (--steps): 0.521 against 0.513, no gain.
     "retinanet_focal_weight_2": Variant(
-        lambda c: _retina_head(
+        lambda c: _bbox_head(
             c, loss_cls=dataclasses.replace(c.bbox_head.loss_cls, loss_weight=2.0)
         ),
         family="retinanet",
     ),
     "retinanet_focal_gamma_1": Variant(
-        lambda c: _retina_head(
+        lambda c: _bbox_head(
             c, loss_cls=dataclasses.replace(c.bbox_head.loss_cls, gamma=1.0, alpha=0.5)
         ),
         family="retinanet",
@@ -514,7 +514,7 @@ VARIANTS: dict[str, Variant] = {
     # thirteenth round): since this round SOLO_R18_CPU's focal loss is at gamma 1 / alpha 0.5
     # (mask AP50 +0.03 over two seeds at 1200 steps); this variant gives it the paper's back.
     "solo_cate_focal_paper": Variant(
-        lambda c: _retina_head(
+        lambda c: _bbox_head(
             c, loss_cate=dataclasses.replace(c.bbox_head.loss_cate, gamma=2.0, alpha=0.25)
         ),
         family="solo",

@@ -200,19 +200,19 @@ def _default_workers(device) -> int:
     return min(8, cpus) if device.type == "cuda" else min(2, max(0, cpus - 1))
 
 
-def _gallery_threshold(model, val_set, device, batch_size: int) -> tuple[float, str]:
-    """``(score threshold, why)``: where the box F1 at IoU 0.5 is highest on the validation split
-    (:func:`~instseg_edu.engine.analysis.best_f1_threshold`), else 0.3."""
+def _best_f1_on(model, val_set, device, batch_size: int):
+    """:func:`~instseg_edu.engine.analysis.best_f1_threshold` over the whole validation split, in
+    this process also under torchrun (only the main process draws): ``(threshold or None,
+    sweep)``."""
     from instseg_edu.engine.analysis import best_f1_threshold
     from instseg_edu.engine.train import make_loader
 
-    # The whole split in this process, also under torchrun (only the main process draws).
     loader = make_loader(val_set, batch_size, shuffle=False, distributed=False)
-    thr, sweep = best_f1_threshold(model, loader, val_set.coco, val_set.label_to_cat_id, device)
-    return _threshold_and_why(thr, sweep)
+    return best_f1_threshold(model, loader, val_set.coco, val_set.label_to_cat_id, device)
 
 
 def _threshold_and_why(thr, sweep) -> tuple[float, str]:
+    """``(the gallery's threshold, the line that says what it gives)``: ``thr``, else 0.3."""
     if thr is None:
         return 0.3, "score >= 0.30: no box was right at IoU 0.5 on the validation split"
     line = f"{sweep.describe(thr)} at IoU 0.5 on the validation split, its best F1"
@@ -225,7 +225,7 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
                    score_thr: float | None = 0.3, batch_size: int = 8) -> list[str]:  # fmt: skip
     """Loss curve and a gallery of the predictions scoring ``>= score_thr`` on the first validation
     images (the threshold is in the gallery's title); ``score_thr=None``: the threshold of the best
-    box F1 on the validation split (:func:`_gallery_threshold`)."""
+    box F1 on the validation split (:func:`_best_f1_on`), else 0.3."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -243,8 +243,9 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
     if val_set is not None and len(val_set):
         chosen = ""
         if score_thr is None:
-            score_thr, why = _gallery_threshold(model, val_set, device, batch_size)
-            chosen = " (the best F1 on the validation split)" if "best F1" in why else ""
+            best, sweep = _best_f1_on(model, val_set, device, batch_size)
+            score_thr, why = _threshold_and_why(best, sweep)
+            chosen = "" if best is None else " (the best F1 on the validation split)"
             print(f"gallery: {why}", flush=True)
         batch = collate([val_set[i] for i in range(min(GALLERY_IMAGES, len(val_set)))])
         model.eval()
