@@ -837,45 +837,79 @@ def cmd_evaluate(args) -> int:
     val_images = _existing(val_images, "image folder", "--val-images", folder=True)
     if args.report and not any(abs(args.iou_thr - t / 100) < 1e-6 for t in range(50, 100, 5)):
         raise CliError(f"--iou-thr {args.iou_thr} must be one of COCO's 0.5, 0.55, ..., 0.95")
-    _, val_set = _datasets(None, None, val_json, val_images, int(meta.get("image_size", 512)),
-                           categories=_checkpoint_categories(meta))  # fmt: skip
+    sizes = args.test_sizes or [int(meta.get("image_size", 512))]
+    if len(args.size_cuts) != len(sizes) - 1:
+        listed = " ".join(map(str, sizes))
+        raise CliError(f"--size-cuts needs {len(sizes) - 1} value(s) for --test-sizes {listed}: "
+                       "the box sizes between their ranges")  # fmt: skip
+    cuts = args.size_cuts
+    if any(c <= 0 for c in cuts) or any(b <= a for a, b in zip(cuts, cuts[1:])):
+        raise CliError(f"--size-cuts {args.size_cuts} must be positive and increasing")
+    if len(sizes) > 1:
+        from instseg_edu.engine.distributed import get_world_size
+
+        if get_world_size() > 1:
+            raise CliError("--test-sizes runs in one process; start it without torchrun")
+    categories = _checkpoint_categories(meta)
+    val_sets = [_datasets(None, None, val_json, val_images, size, categories=categories)[1]
+                for size in sizes]  # fmt: skip
     out = None
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-    _report_dropped(out, val_set)
+    _report_dropped(out, val_sets[0])
     workers = _default_workers(device) if args.workers is None else args.workers
-    if args.report:
-        _analysis_report(model, val_set, device, out, args, workers)
+    if args.report or len(sizes) > 1:
+        _analysis_report(model, val_sets, device, out, args, workers)
     else:
-        _evaluate_and_report(model, val_set, device, out, args.batch_size, workers)
+        _evaluate_and_report(model, val_sets[0], device, out, args.batch_size, workers)
     return 0
 
 
-def _analysis_report(model, val_set, device, out: Path | None, args, workers: int) -> None:
-    """``evaluate --report DIR``: one prediction pass, COCOeval's matches read back, the AP table
-    printed (and saved to ``--out``) as without ``--report``, the analysis written to DIR."""
-    try:
-        from instseg_edu.viz.report import write_report
-    except ImportError as e:
-        raise CliError(f"--report needs matplotlib and plotly ({e}): pip install matplotlib "
-                       "plotly") from None  # fmt: skip
-    from instseg_edu.engine.analysis import match_model
-    from instseg_edu.engine.evaluate import format_ap_table
+def _analysis_report(model, val_sets, device, out: Path | None, args, workers: int) -> None:
+    """``evaluate --report DIR`` or ``--test-sizes``: one prediction pass per test size (merged
+    by :func:`~instseg_edu.engine.evaluate.merge_scales` when there are several), COCOeval's
+    matches read back, the AP table printed (and saved to ``--out``) as without them, the
+    analysis written to ``--report``'s DIR."""
+    write_report = None
+    if args.report:
+        try:
+            from instseg_edu.viz.report import write_report
+        except ImportError as e:
+            raise CliError(f"--report needs matplotlib and plotly ({e}): pip install "
+                           "matplotlib plotly") from None  # fmt: skip
+    from instseg_edu.engine.analysis import match_coco, predict_results
+    from instseg_edu.engine.evaluate import format_ap_table, merge_scales
     from instseg_edu.engine.train import make_loader
 
-    loader = make_loader(val_set, args.batch_size, shuffle=False, workers=workers)
     start = time.perf_counter()
-    matches = match_model(model, loader, val_set.coco, val_set.label_to_cat_id, device)
+    per_size = []
+    for val_set in val_sets:
+        loader = make_loader(val_set, args.batch_size, shuffle=False, workers=workers)
+        results, image_ids = predict_results(model, loader, val_set.label_to_cat_id, device)
+        per_size.append(results)
+    how = ""
+    if len(val_sets) > 1:
+        bounds = [0.0, *args.size_cuts, float("inf")]
+        ranges = list(zip(bounds[:-1], bounds[1:]))
+        results = merge_scales(per_size, ranges)
+        how = ", each test size for its boxes: " + ", ".join(
+            f"{size} px {low:g}-{high:g} px" for size, (low, high) in zip(args.test_sizes, ranges)
+        )
+    iou_types = ("bbox", "segm") if any("segmentation" in r for r in results) else ("bbox",)
+    matches = {t: match_coco(val_set.coco, results, t, image_ids=image_ids) for t in iou_types}
     metrics = {t: m.stats for t, m in matches.items()}
     table = format_ap_table(metrics)
-    print(f"\nCOCO evaluation on {len(val_set)} images ({time.perf_counter() - start:.1f} s):")
+    print(f"\nCOCO evaluation on {len(val_set)} images{how} "
+          f"({time.perf_counter() - start:.1f} s):")  # fmt: skip
     print(table, flush=True)
     if out is not None:
         (out / "ap.json").write_text(json.dumps(metrics, indent=1))
         (out / "ap.md").write_text(table + "\n")
+    if write_report is None:
+        return
     report = Path(args.report)
-    written = write_report(report, matches, images=val_set, iou_thr=args.iou_thr,
+    written = write_report(report, matches, images=val_sets[0], iou_thr=args.iou_thr,
                            score_thr=args.score_thr,
                            title=f"Evaluation of {Path(args.checkpoint).name}")  # fmt: skip
     print(f"wrote {report}/{{{', '.join(written)}}}")
@@ -1114,6 +1148,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the error analysis to DIR: summary.md (COCO's 12 numbers, "
         "per-class AP, true/false positives by kind, missed), analysis.json, "
         "precision-recall curves, confusion matrix and a gallery of the worst images",
+    )
+    p.add_argument(
+        "--test-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PX",
+        help="predict at each of these sizes (longest side at the network's input; default: the "
+        "checkpoint's) and keep from each only its own boxes, split by --size-cuts (SNIP's valid "
+        "ranges), e.g. --test-sizes 192 128 --size-cuts 32: boxes under 32 px (original image) "
+        "from the 192 px pass, the others from the 128 px pass",
+    )
+    p.add_argument(
+        "--size-cuts",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="PX",
+        help="box sizes (longest side, original pixels) between the --test-sizes' ranges",
     )
     p.add_argument(
         "--iou-thr",

@@ -112,6 +112,24 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
     assert "backbone: ResNet (" in out and 0 <= record["mask_AP50"] <= 1, out
 
 
+def test_eval_sizes_prints_each_size_and_the_merge(tmp_path):
+    from instseg_edu.engine.checkpoint import config_to_dict, save_checkpoint
+    from instseg_edu.recipes import recipe
+
+    cfg = recipe("mask_rcnn", "cpu").model_config(7)
+    torch.manual_seed(0)
+    model = recipe("mask_rcnn", "cpu").build_model(7)
+    meta = {"model": "mask_rcnn", "model_config": config_to_dict(cfg)}
+    save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "meta": meta})
+    out = run(tmp_path, "eval_sizes.py", "m.pt", "--smoke", "--sizes", "96", "64", "--cuts",
+              "16", "--json", "scales.json")  # fmt: skip
+    assert "predicted 4 images at 96 px" in out and "predicted 4 images at 64 px" in out
+    assert "96:0-16+64:16-inf segm" in out
+    records = json.loads((tmp_path / "scales.json").read_text())["records"]
+    assert [r["name"] for r in records] == ["at 96 px", "at 64 px", "96:0-16+64:16-inf"]
+    assert set(records[2]["bbox"]["medium"]) == {"precision", "recall"}
+
+
 def test_cpu_recipe_shared_mask_convs_feed_the_box_head():
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))

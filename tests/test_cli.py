@@ -386,6 +386,34 @@ def test_evaluate_and_predict_from_the_demo_checkpoint(smoke_run, tmp_path, caps
     assert all({"bbox", "score", "category_id", "file_name"} <= set(r) for r in results)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
+def test_evaluate_at_several_test_sizes_merges_each_for_its_boxes(smoke_run, tmp_path, capsys):
+    from instseg_edu.engine.checkpoint import load_checkpoint
+
+    rc, out, _ = smoke_run
+    assert rc == 0
+    checkpoint = str(out / "last.pt")
+    size = int(load_checkpoint(checkpoint)["meta"]["image_size"])
+    common = ["evaluate", "--checkpoint", checkpoint, "--device", "cpu", "--workers", "0"]
+    _fails_cleanly([*common, "--test-sizes", str(size), "48"], capsys,
+                   f"--size-cuts needs 1 value(s) for --test-sizes {size} 48")  # fmt: skip
+    _fails_cleanly([*common, "--test-sizes", "96", "64", "48", "--size-cuts", "20", "10"], capsys,
+                   "--size-cuts [20.0, 10.0] must be positive and increasing")  # fmt: skip
+    # The same size twice, split at 16 px: every box comes from one of two identical passes, so
+    # the merge is the single pass and the numbers are the demo's, to the last bit.
+    assert main([*common, "--test-sizes", str(size), str(size), "--size-cuts", "16", "--out",
+                 str(tmp_path / "same")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"each test size for its boxes: {size} px 0-16 px, {size} px 16-inf px" in printed
+    demo = json.loads((out / "ap.json").read_text())
+    assert json.loads((tmp_path / "same" / "ap.json").read_text()) == demo
+    # Two sizes: runs, and reports both kinds of AP for the demo's Mask R-CNN
+    assert main([*common, "--test-sizes", str(size + 32), str(size), "--size-cuts", "16",
+                 "--out", str(tmp_path / "two")]) == 0  # fmt: skip
+    assert list(json.loads((tmp_path / "two" / "ap.json").read_text())) == ["bbox", "segm"]
+
+
 def _keep_checkpoint_of_step(monkeypatch, step: int, copy: Path):
     """Copy the checkpoint that training writes at ``step`` to ``copy`` (later ones overwrite
     last.pt): a run interrupted there, to resume from."""

@@ -348,6 +348,57 @@ def predict_coco(
     return per_image, has_masks
 
 
+def merge_scales(
+    results_per_scale: Sequence[Sequence[dict]],
+    size_ranges: Sequence[tuple[float, float]],
+    max_per_img: int = 100,
+) -> list[dict]:
+    """Merge predictions of the same images at several input sizes, each scale for its own sizes.
+
+    A detector sees objects best at the sizes it trained on. Shown an image enlarged, it finds
+    the small objects it missed but loses the large ones it found; shown it as drawn, the reverse.
+    SNIP's test (Singh & Davis, *An Analysis of Scale Invariance in Object Detection — SNIP*,
+    CVPR 2018, Sec. 5) keeps from each scale only the detections whose size falls in that scale's
+    *valid range*, then merges them. Here a detection's size is the longest side of its box, in
+    pixels of the original image, and scale ``k`` contributes the detections with
+    ``size_ranges[k][0] <= size < size_ranges[k][1]``. The ranges should not overlap (no NMS
+    runs across scales). Each image then keeps its ``max_per_img`` best-scored detections, as a
+    model's ``test_cfg.max_per_img`` does.
+
+    Args:
+        results_per_scale: for each scale, COCO result dicts (``image_id``, ``bbox`` xywh in
+            original pixels, ``score``, optionally ``segmentation``), e.g. from
+            :func:`predict_coco` over one loader per input size.
+        size_ranges: ``[(low, high)]`` per scale, in original pixels; ``high`` may be ``inf``.
+        max_per_img: detections kept per image after the merge.
+
+    Returns:
+        The kept result dicts (the same objects), by image id in order of first appearance, best
+        score first within an image.
+
+    Raises:
+        ValueError: the two sequences differ in length, or a range has ``low > high`` or
+        ``low < 0``, or ``max_per_img < 1``.
+    """
+    if len(results_per_scale) != len(size_ranges):
+        raise ValueError(f"merge_scales: {len(results_per_scale)} result lists but "
+                         f"{len(size_ranges)} size_ranges")  # fmt: skip
+    for low, high in size_ranges:
+        if not 0 <= low <= high:
+            raise ValueError(f"merge_scales: size range ({low}, {high}) needs 0 <= low <= high")
+    if max_per_img < 1:
+        raise ValueError(f"merge_scales: max_per_img={max_per_img} must be at least 1")
+    per_image: dict[int, list[dict]] = {}
+    for results, (low, high) in zip(results_per_scale, size_ranges):
+        for r in results:
+            if low <= max(r["bbox"][2], r["bbox"][3]) < high:
+                per_image.setdefault(int(r["image_id"]), []).append(r)
+    merged = []
+    for kept in per_image.values():
+        merged += sorted(kept, key=lambda r: -r["score"])[:max_per_img]
+    return merged
+
+
 def evaluate_model(
     model,
     loader,

@@ -12,6 +12,7 @@ from instseg_edu.engine.evaluate import (
     detections_to_coco,
     evaluate_coco,
     format_ap_table,
+    merge_scales,
 )
 from instseg_edu.structures import Detections, Target
 
@@ -387,3 +388,33 @@ def test_dropped_ground_truth_is_reported_once_and_left_out():
                       r"segmentation has no valid polygon"):  # fmt: skip
         metrics = evaluate_coco(gt, [_result(*o) for o in OBJECTS])
     assert metrics["segm"]["AP"] == pytest.approx(1.0)  # nothing left to miss
+
+
+def test_merge_scales_keeps_each_scale_for_its_own_sizes():
+    # Scale "enlarged" places the small object right and the large one wrong; scale "as drawn"
+    # the reverse. Each alone finds two of the three objects; each for its own sizes finds all.
+    enlarged = [_result(1, 3, 10, 10, 20, 20, 0.9), _result(1, 7, 100, 0, 50, 50, 0.8),
+                _result(2, 3, 0, 0, 120, 120, 0.7)]  # fmt: skip
+    as_drawn = [_result(1, 3, 150, 150, 20, 20, 0.6), _result(1, 7, 60, 60, 50, 50, 0.5),
+                _result(2, 3, 40, 40, 120, 120, 0.4)]  # fmt: skip
+    ranges = [(0, 32), (32, float("inf"))]
+    merged = merge_scales([enlarged, as_drawn], ranges)
+    assert merged == [enlarged[0], as_drawn[1], as_drawn[2]]  # image 1 best first, then image 2
+    assert evaluate_coco(_gt(OBJECTS), merged)["bbox"]["AP"] == pytest.approx(1.0)
+    for alone in (enlarged, as_drawn):
+        assert evaluate_coco(_gt(OBJECTS), alone)["bbox"]["AP"] < 0.7
+    # the cut counts a box's longest side: 31.9 x 40 is 40 wide, so the second scale's
+    low_but_long = _result(1, 3, 0, 0, 31.9, 40, 0.3, with_mask=False)
+    assert merge_scales([[low_but_long], [low_but_long]], ranges) == [low_but_long]
+    assert merge_scales([[low_but_long], []], ranges) == []
+    # max_per_img keeps the best-scored of each image
+    assert merge_scales([enlarged, as_drawn], ranges, max_per_img=1) == [enlarged[0], as_drawn[2]]
+
+
+def test_merge_scales_refuses_mismatched_or_bad_ranges():
+    with pytest.raises(ValueError, match="2 result lists but 1 size_ranges"):
+        merge_scales([[], []], [(0, 32)])
+    with pytest.raises(ValueError, match=r"size range \(40, 32\)"):
+        merge_scales([[]], [(40, 32)])
+    with pytest.raises(ValueError, match="max_per_img=0"):
+        merge_scales([[]], [(0, 32)], max_per_img=0)
