@@ -221,11 +221,71 @@ def _threshold_and_why(thr, sweep) -> tuple[float, str]:
     return thr, line
 
 
+def _predict_at_sizes(model, val_sets, sizes, size_cuts, device, batch_size: int, workers: int):
+    """Predict the validation split once per test size (``val_sets``: the same images resized
+    to each of ``sizes``, the first for the smallest boxes) and merge the passes, each size for
+    its boxes
+    (:func:`~instseg_edu.engine.evaluate.merge_scales`; one set: its pass as it is).
+
+    Returns:
+        ``(per_size results, merged results, image ids, how)``; ``how`` describes the merge for a
+        printed title (``""`` for one size).
+    """
+    from instseg_edu.engine.analysis import predict_results
+    from instseg_edu.engine.evaluate import merge_scales
+    from instseg_edu.engine.train import make_loader
+
+    per_size = []
+    for val_set in val_sets:
+        loader = make_loader(val_set, batch_size, shuffle=False, workers=workers)
+        results, image_ids = predict_results(model, loader, val_set.label_to_cat_id, device)
+        per_size.append(results)
+    if len(val_sets) == 1:
+        return per_size, per_size[0], image_ids, ""
+    bounds = [0.0, *size_cuts, float("inf")]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    how = ", each test size for its boxes: " + ", ".join(
+        f"{size} px {low:g}-{high:g} px" for size, (low, high) in zip(sizes, ranges)
+    )
+    return per_size, merge_scales(per_size, ranges), image_ids, how
+
+
+def _report_at_sizes(model, val_sets, sizes, size_cuts, device, out: Path | None,
+                     batch_size: int, workers: int):  # fmt: skip
+    """The demo's evaluation at several test sizes (``Recipe.merge_test_sizes``): the AP of the
+    first size alone in one line, then the merged AP table, printed and written to ``out``
+    (``ap.md``, ``ap.json``: the merge). Returns ``(merged results, {iou_type: CocoMatches})``
+    for the gallery."""
+    from instseg_edu.engine.analysis import match_coco
+    from instseg_edu.engine.evaluate import format_ap_table
+
+    start = time.perf_counter()
+    per_size, results, image_ids, how = _predict_at_sizes(model, val_sets, sizes, size_cuts,
+                                                          device, batch_size, workers)  # fmt: skip
+    coco = val_sets[0].coco
+    iou_types = ("bbox", "segm") if any("segmentation" in r for r in results) else ("bbox",)
+    first = {t: match_coco(coco, per_size[0], t, image_ids=image_ids).stats for t in iou_types}
+    matches = {t: match_coco(coco, results, t, image_ids=image_ids) for t in iou_types}
+    metrics = {t: m.stats for t, m in matches.items()}
+    alone = f"at {sizes[0]} px alone: " + ", ".join(
+        f"{t} AP50 {first[t]['AP50']:.3f}, AP {first[t]['AP']:.3f}" for t in iou_types
+    )
+    table = format_ap_table(metrics)
+    print(f"\n{alone}\nCOCO evaluation on {len(val_sets[0])} images{how} "
+          f"({time.perf_counter() - start:.1f} s):\n{table}", flush=True)  # fmt: skip
+    if out is not None:
+        (out / "ap.json").write_text(json.dumps(metrics, indent=1))
+        (out / "ap.md").write_text(f"COCO evaluation{how}\n\n{table}\n\n({alone})\n")
+    return results, matches
+
+
 def _write_figures(out: Path, history, model, val_set, class_names, device,
-                   score_thr: float | None = 0.3, batch_size: int = 8) -> list[str]:  # fmt: skip
+                   score_thr: float | None = 0.3, batch_size: int = 8,
+                   merged=None) -> list[str]:  # fmt: skip
     """Loss curve and a gallery of the predictions scoring ``>= score_thr`` on the first validation
     images (the threshold is in the gallery's title); ``score_thr=None``: the threshold of the best
-    box F1 on the validation split (:func:`_best_f1_on`), else 0.3."""
+    box F1 on the validation split (:func:`_best_f1_on`), else 0.3. ``merged``: the
+    ``(results, matches)`` of :func:`_report_at_sizes`, drawn (and swept) instead of a new pass."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -243,15 +303,35 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
     if val_set is not None and len(val_set):
         chosen = ""
         if score_thr is None:
-            best, sweep = _best_f1_on(model, val_set, device, batch_size)
+            if merged is None:
+                best, sweep = _best_f1_on(model, val_set, device, batch_size)
+            else:
+                from instseg_edu.engine.analysis import score_sweep
+
+                sweep = score_sweep(merged[1]["bbox"])
+                thr, _, _, f1 = sweep.best_f1()
+                best = thr if f1 > 0 else None
             score_thr, why = _threshold_and_why(best, sweep)
             chosen = "" if best is None else " (the best F1 on the validation split)"
             print(f"gallery: {why}", flush=True)
         batch = collate([val_set[i] for i in range(min(GALLERY_IMAGES, len(val_set)))])
-        model.eval()
-        with torch.inference_mode():
-            detections = model.predict(model(batch.images.to(device)), batch.image_sizes)
-        detections = [d.to("cpu") for d in detections]
+        if merged is None:
+            model.eval()
+            with torch.inference_mode():
+                detections = model.predict(model(batch.images.to(device)), batch.image_sizes)
+            detections = [d.to("cpu") for d in detections]
+        else:  # the merged results, back in each image's input frame
+            from instseg_edu.engine.evaluate import coco_to_detections
+
+            by_image: dict[int, list[dict]] = {}
+            for r in merged[0]:
+                by_image.setdefault(int(r["image_id"]), []).append(r)
+            detections = [
+                coco_to_detections(
+                    by_image.get(int(t.image_id), []), t, size, val_set.label_to_cat_id
+                )  # fmt: skip
+                for t, size in zip(batch.targets, batch.image_sizes)
+            ]
         titles = [f"image {t.image_id}" for t in batch.targets]
         fig = gallery(batch.images, detections, class_names, image_sizes=batch.image_sizes,
                       titles=titles, score_thr=score_thr, ground_truth=batch.targets,
@@ -430,13 +510,25 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         # The other processes were interrupted too, at their own step: no more collectives.
         print(f"wrote {out}/{{{', '.join(written)}}}")
         return 130
-    if val_set is not None:
+    sizes, merged = getattr(args, "test_sizes", ()), None
+    if val_set is not None and len(sizes) > 1 and world > 1:
+        print(f"note: scored at {sizes[0]} px only: the merge of test sizes "
+              f"{', '.join(map(str, sizes))} runs in one process", flush=True)  # fmt: skip
+    if val_set is not None and len(sizes) > 1 and world == 1:
+        val_json, val_images = data_meta["val_json"], data_meta["val_images"]
+        others = [_datasets(None, None, val_json, val_images, size, train_set.categories)[1]
+                  for size in sizes[1:]]  # fmt: skip
+        val_sets = [val_set, *others]
+        merged = _report_at_sizes(model, val_sets, sizes, args.size_cuts, device, out,
+                                  args.batch_size, args.workers)  # fmt: skip
+        written += ["ap.md", "ap.json"]
+    elif val_set is not None:
         _evaluate_and_report(model, val_set, device, out, args.batch_size, args.workers)
         written += ["ap.md", "ap.json"]
     if main:
         written += _write_figures(out, history, model, val_set, train_set.classes, device,
                                   score_thr=getattr(args, "score_thr", 0.3),
-                                  batch_size=args.batch_size)  # fmt: skip
+                                  batch_size=args.batch_size, merged=merged)  # fmt: skip
     print(f"wrote {out}/{{{', '.join(written)}}}")
     return 0
 
@@ -512,7 +604,7 @@ def cmd_demo(args) -> int:
     given = {key: getattr(args, "steps" if key == "max_steps" else key) for key in DEMO_OVERRIDES}
     changes = {k: v for k, v in given.items() if v is not None}
     if "image_size" in changes:  # drawn at the size asked for, and not resized after
-        changes.update(train_size=None, test_size=None)
+        changes.update(train_size=None, test_size=None, merge_test_sizes=(), size_cuts=())
     dropped_pretraining = False
     if args.pretrain_seconds is not None:
         _check_pretrain_seconds(args)
@@ -546,6 +638,7 @@ def cmd_demo(args) -> int:
     args.pretrain_seconds = r.pretrain_seconds
     # args.image_size: the checkpoint's size, which evaluate and predict resize images to
     args.image_size, args.batch_size = r.test_side, r.batch_size
+    args.test_sizes, args.size_cuts = r.test_sizes, r.size_cuts  # scored and drawn at them
     args.train_image_size = r.train_side
     if args.workers is None:  # in memory: nothing left to decode in worker processes
         args.workers = 0 if args.smoke or r.in_memory else _default_workers(device)
@@ -837,6 +930,10 @@ def cmd_evaluate(args) -> int:
     val_images = _existing(val_images, "image folder", "--val-images", folder=True)
     if args.report and not any(abs(args.iou_thr - t / 100) < 1e-6 for t in range(50, 100, 5)):
         raise CliError(f"--iou-thr {args.iou_thr} must be one of COCO's 0.5, 0.55, ..., 0.95")
+    stored = meta.get("recipe") or {}
+    if args.test_sizes is None and stored.get("merge_test_sizes"):  # as the demo scored it
+        args.test_sizes = [int(meta.get("image_size", 512)), *stored["merge_test_sizes"]]
+        args.size_cuts = args.size_cuts or list(stored["size_cuts"])
     sizes = args.test_sizes or [int(meta.get("image_size", 512))]
     if len(args.size_cuts) != len(sizes) - 1:
         listed = " ".join(map(str, sizes))
@@ -860,13 +957,14 @@ def cmd_evaluate(args) -> int:
     _report_dropped(out, val_sets[0])
     workers = _default_workers(device) if args.workers is None else args.workers
     if args.report or len(sizes) > 1:
-        _analysis_report(model, val_sets, device, out, args, workers)
+        _analysis_report(model, val_sets, sizes, device, out, args, workers)
     else:
         _evaluate_and_report(model, val_sets[0], device, out, args.batch_size, workers)
     return 0
 
 
-def _analysis_report(model, val_sets, device, out: Path | None, args, workers: int) -> None:
+def _analysis_report(model, val_sets, sizes, device, out: Path | None, args,
+                     workers: int) -> None:  # fmt: skip
     """``evaluate --report DIR`` or ``--test-sizes``: one prediction pass per test size (merged
     by :func:`~instseg_edu.engine.evaluate.merge_scales` when there are several), COCOeval's
     matches read back, the AP table printed (and saved to ``--out``) as without them, the
@@ -878,24 +976,13 @@ def _analysis_report(model, val_sets, device, out: Path | None, args, workers: i
         except ImportError as e:
             raise CliError(f"--report needs matplotlib and plotly ({e}): pip install "
                            "matplotlib plotly") from None  # fmt: skip
-    from instseg_edu.engine.analysis import match_coco, predict_results
-    from instseg_edu.engine.evaluate import format_ap_table, merge_scales
-    from instseg_edu.engine.train import make_loader
+    from instseg_edu.engine.analysis import match_coco
+    from instseg_edu.engine.evaluate import format_ap_table
 
     start = time.perf_counter()
-    per_size = []
-    for val_set in val_sets:
-        loader = make_loader(val_set, args.batch_size, shuffle=False, workers=workers)
-        results, image_ids = predict_results(model, loader, val_set.label_to_cat_id, device)
-        per_size.append(results)
-    how = ""
-    if len(val_sets) > 1:
-        bounds = [0.0, *args.size_cuts, float("inf")]
-        ranges = list(zip(bounds[:-1], bounds[1:]))
-        results = merge_scales(per_size, ranges)
-        how = ", each test size for its boxes: " + ", ".join(
-            f"{size} px {low:g}-{high:g} px" for size, (low, high) in zip(args.test_sizes, ranges)
-        )
+    _, results, image_ids, how = _predict_at_sizes(model, val_sets, sizes, args.size_cuts,
+                                                   device, args.batch_size, workers)  # fmt: skip
+    val_set = val_sets[0]
     iou_types = ("bbox", "segm") if any("segmentation" in r for r in results) else ("bbox",)
     matches = {t: match_coco(val_set.coco, results, t, image_ids=image_ids) for t in iou_types}
     metrics = {t: m.stats for t, m in matches.items()}

@@ -110,6 +110,12 @@ class Recipe:
             pixels (MMDetection's ``Resize`` scale in ``train_pipeline`` / ``test_pipeline``);
             ``None``: ``image_size`` (:attr:`train_side`, :attr:`test_side`). A test size above
             the training size shows every shape larger than the model saw it in training.
+        merge_test_sizes, size_cuts: further test sizes, and the box sizes (longest side,
+            pixels of the original image, increasing) between the sizes' ranges: the validation
+            images are predicted at :attr:`test_sizes` (``test_side`` first) and each size keeps
+            the boxes of its range, the first size the smallest boxes
+            (:func:`~instseg_edu.engine.evaluate.merge_scales`, SNIP's valid ranges). ``()``:
+            one size. ``instseg-edu demo`` reports and draws the merge (one process only).
         num_train, num_val: shapes images in the training and validation splits.
         batch_size: images per optimiser step.
         max_steps: optimiser steps.
@@ -170,6 +176,8 @@ class Recipe:
     test_size: int | None = None
     pretrain_seconds: float | None = None
     ratio_range: tuple[float, float] | None = None
+    merge_test_sizes: tuple[int, ...] = ()
+    size_cuts: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -193,6 +201,14 @@ class Recipe:
         object.__setattr__(self, "train_shapes_per_image", shapes)
         if self.ratio_range is not None:
             object.__setattr__(self, "ratio_range", check_ratio_range(self.ratio_range))
+        sizes, cuts = tuple(self.merge_test_sizes), tuple(float(c) for c in self.size_cuts)
+        if any(not isinstance(v, int) or v < 1 for v in sizes):
+            raise ValueError(f"merge_test_sizes={sizes!r} must be positive ints")
+        if len(cuts) != len(sizes) or any(c <= 0 for c in cuts) or cuts != tuple(sorted(set(cuts))):
+            raise ValueError(f"size_cuts={cuts!r} must be one positive size per merge_test_sizes "
+                             f"entry ({len(sizes)}), increasing")  # fmt: skip
+        object.__setattr__(self, "merge_test_sizes", sizes)  # tuples, also from a checkpoint
+        object.__setattr__(self, "size_cuts", cuts)
 
     def override(self, **changes) -> Recipe:
         """A copy with ``changes`` (any fields) whose ``expected_minutes`` still describes it.
@@ -257,6 +273,12 @@ class Recipe:
         """Longest side of a validation image at the network's input: ``test_size`` or
         ``image_size``."""
         return self.image_size if self.test_size is None else self.test_size
+
+    @property
+    def test_sizes(self) -> tuple[int, ...]:
+        """Every size the validation images are predicted at: :attr:`test_side`, then
+        ``merge_test_sizes``."""
+        return (self.test_side, *self.merge_test_sizes)
 
     @property
     def train_split(self) -> str:
@@ -335,6 +357,7 @@ def _gpu(family: str, model: str, **kw) -> Recipe:
 def _smoke(cpu: Recipe) -> Recipe:
     # Seconds on any machine: the CPU tier's model, optimiser and data path on a few 64 px images.
     return dataclasses.replace(cpu, tier="smoke", image_size=64, train_size=None, test_size=None,
+                               merge_test_sizes=(), size_cuts=(),
                                num_train=8, num_val=4, batch_size=2, max_steps=2, warmup_steps=1,
                                expected_minutes=None, note="",
                                pretrain_seconds=0.5 if cpu.pretrain_seconds else None)  # fmt: skip
@@ -381,11 +404,15 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # a third of the validation shapes are 8-16 px across, and shown half as large again the
     # model finds and names more of them (box AP50 +0.05 for the same weights; training at a
     # larger size instead costs more per step than it gives: benchmarks/RESULTS.md, eleventh
-    # round).
+    # round). Enlarged, though, its medium shapes look larger than any it trained on, and it finds
+    # them half as often as at 128 px; so the demo keeps from the 192 px pass the boxes under
+    # 32 px and takes the others from a second pass at 128 px (merge_test_sizes, size_cuts):
+    # box / mask AP50 +0.04 for the same weights, the medium shapes' boxes 45 % -> 60 % right
+    # (benchmarks/RESULTS.md, eighteenth round).
     ("mask_rcnn", "cpu"): _cpu(
         "mask_rcnn", "MASK_RCNN_R18_CPU", max_steps=540, lr=2e-3, expected_minutes=4.0,
         train_shapes_per_image=(10, 20), lr_mult={"bbox_head": 0.2}, test_size=192,
-        pretrain_seconds=60.0,
+        merge_test_sizes=(128,), size_cuts=(32.0,), pretrain_seconds=60.0,
         note="most shapes that are not tiny found with a recognisable mask; most, not all, named "
         "right",
     ),

@@ -414,6 +414,35 @@ def test_evaluate_at_several_test_sizes_merges_each_for_its_boxes(smoke_run, tmp
     assert list(json.loads((tmp_path / "two" / "ap.json").read_text())) == ["bbox", "segm"]
 
 
+@pytest.mark.slow
+def test_demo_scores_and_draws_the_merge_of_its_test_sizes(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    from instseg_edu import recipes
+
+    key = ("mask_rcnn", "smoke")
+    merged = dataclasses.replace(recipes.RECIPES[key], test_size=96, merge_test_sizes=(64,),
+                                 size_cuts=(16.0,))  # fmt: skip
+    monkeypatch.setitem(recipes.RECIPES, key, merged)
+    out = tmp_path / "out"
+    assert main(["demo", "--smoke", "--out", str(out), "--data", str(tmp_path / "data"),
+                 "--device", "cpu", "--no-progress", "--score-thr", "0"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "at 96 px alone: bbox AP50" in printed
+    assert "each test size for its boxes: 96 px 0-16 px, 64 px 16-inf px" in printed
+    for name in ("ap.md", "ap.json", "predictions.png", "last.pt"):
+        assert (out / name).is_file(), name
+    assert "each test size for its boxes" in (out / "ap.md").read_text()
+    demo = json.loads((out / "ap.json").read_text())
+    # evaluate scores a checkpoint as its recipe did: the same merge, the same numbers
+    common = ["evaluate", "--checkpoint", str(out / "last.pt"), "--device", "cpu", "--workers", "0"]
+    assert main([*common, "--out", str(tmp_path / "again")]) == 0
+    assert "each test size for its boxes: 96 px" in capsys.readouterr().out
+    assert json.loads((tmp_path / "again" / "ap.json").read_text()) == demo
+    assert main([*common, "--test-sizes", "96", "--out", str(tmp_path / "one")]) == 0
+    assert "each test size" not in capsys.readouterr().out
+
+
 def _keep_checkpoint_of_step(monkeypatch, step: int, copy: Path):
     """Copy the checkpoint that training writes at ``step`` to ``copy`` (later ones overwrite
     last.pt): a run interrupted there, to resume from."""

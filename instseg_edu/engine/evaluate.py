@@ -274,6 +274,64 @@ def detections_to_coco(
     return results
 
 
+def coco_to_detections(
+    results: Sequence[dict],
+    target: Target,
+    image_size: tuple[int, int],
+    label_to_cat_id: Sequence[int],
+) -> Detections:
+    """One image's COCO result dicts back to :class:`Detections` in the network input's frame.
+
+    The inverse of :func:`detections_to_coco` (for drawing results that no single forward pass
+    made, e.g. :func:`merge_scales`'): boxes xywh in original pixels are scaled by
+    ``(w / W0, h / H0)`` and converted to xyxy; RLE masks are decoded at ``(H0, W0)``, resized to
+    ``(h, w)`` bilinearly and thresholded at 0.5. Detections are sorted by score, best first.
+
+    Args:
+        results: the image's result dicts (``image_id`` equal to ``target.image_id``).
+        target: gives ``orig_size`` ``(H0, W0)`` (``None``: no rescaling).
+        image_size: the image's ``(h, w)`` in the network input.
+        label_to_cat_id: contiguous label → COCO ``category_id``.
+
+    Returns:
+        :class:`Detections` with ``masks`` when every result has a ``segmentation``.
+
+    Raises:
+        ValueError: a result of another image, or a ``category_id`` not in ``label_to_cat_id``.
+    """
+    h, w = image_size
+    h0, w0 = target.orig_size if target.orig_size is not None else (h, w)
+    label_of = {int(c): k for k, c in enumerate(label_to_cat_id)}
+    results = sorted(results, key=lambda r: -r["score"])
+    for r in results:
+        if int(r["image_id"]) != int(target.image_id):
+            raise ValueError(f"coco_to_detections: a result of image {r['image_id']} given for "
+                             f"image {int(target.image_id)}")  # fmt: skip
+        if int(r["category_id"]) not in label_of:
+            raise ValueError(f"coco_to_detections: category_id {r['category_id']} is not in "
+                             f"label_to_cat_id {list(label_to_cat_id)}")  # fmt: skip
+    xywh = torch.tensor([r["bbox"] for r in results], dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)  # [K, 4] original pixels
+    boxes = boxes * torch.tensor([w / w0, h / h0, w / w0, h / h0])
+    scores = torch.tensor([float(r["score"]) for r in results], dtype=torch.float32)
+    labels = torch.tensor([label_of[int(r["category_id"])] for r in results], dtype=torch.int64)
+    masks = None
+    if results and all("segmentation" in r for r in results):
+        from pycocotools import mask as mask_util
+
+        decoded = mask_util.decode([r["segmentation"] for r in results])  # [H0, W0, K] uint8
+        masks = torch.from_numpy(np.ascontiguousarray(decoded)).permute(2, 0, 1)  # [K, H0, W0]
+        if (h, w) != (h0, w0):
+            masks = (
+                F.interpolate(
+                    masks[:, None].float(), size=(h, w), mode="bilinear", align_corners=False
+                )[:, 0]
+                >= 0.5
+            )
+        masks = masks.bool()
+    return Detections(boxes, scores, labels, masks)
+
+
 def _outputs_to_float(obj):
     """Cast floating tensors in (nested) outputs to float32, so post-processing runs in full
     precision even when the forward pass ran under bf16 autocast."""

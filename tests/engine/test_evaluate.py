@@ -9,6 +9,7 @@ from pycocotools import mask as mask_util
 
 from instseg_edu.engine.evaluate import (
     METRIC_NAMES,
+    coco_to_detections,
     detections_to_coco,
     evaluate_coco,
     format_ap_table,
@@ -418,3 +419,39 @@ def test_merge_scales_refuses_mismatched_or_bad_ranges():
         merge_scales([[]], [(40, 32)])
     with pytest.raises(ValueError, match="max_per_img=0"):
         merge_scales([[]], [(0, 32)], max_per_img=0)
+
+
+def _no_objects(**fields):
+    empty = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, 1).bool()
+    return Target(*empty, **fields)
+
+
+def test_coco_to_detections_inverts_detections_to_coco():
+    masks = torch.zeros(2, 50, 40, dtype=torch.bool)
+    masks[0, 10:30, 4:20] = True
+    masks[1, 0:8, 30:40] = True
+    det = Detections(
+        boxes=torch.tensor([[4.0, 10.0, 20.0, 30.0], [30.0, 0.0, 40.0, 8.0]]),
+        scores=torch.tensor([0.9, 0.4]),
+        labels=torch.tensor([1, 0]),
+        masks=masks,
+    )
+    same = _no_objects(image_id=5, orig_size=(50, 40))
+    results = detections_to_coco([det], [same], [(50, 40)], [3, 7])
+    back = coco_to_detections(results[::-1], same, (50, 40), [3, 7])  # any order: sorted again
+    assert torch.equal(back.boxes, det.boxes) and torch.equal(back.labels, det.labels)
+    assert torch.equal(back.scores, det.scores) and torch.equal(back.masks, det.masks)
+    # A file twice the input's size: boxes scale back exactly, masks to the same pixels here
+    # (edges on even pixels)
+    twice = _no_objects(image_id=5, orig_size=(100, 80))
+    results = detections_to_coco([det], [twice], [(50, 40)], [3, 7])
+    assert results[0]["bbox"] == [8.0, 20.0, 32.0, 40.0]
+    back = coco_to_detections(results, twice, (50, 40), [3, 7])
+    assert torch.allclose(back.boxes, det.boxes) and torch.equal(back.masks, det.masks)
+    no_masks = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+    assert coco_to_detections(no_masks, twice, (50, 40), [3, 7]).masks is None
+    assert len(coco_to_detections([], twice, (50, 40), [3, 7])) == 0
+    with pytest.raises(ValueError, match="a result of image 5 given for image 6"):
+        coco_to_detections(results, _no_objects(image_id=6), (50, 40), [3, 7])
+    with pytest.raises(ValueError, match="category_id 7 is not in label_to_cat_id"):
+        coco_to_detections(results, twice, (50, 40), [3, 9])
