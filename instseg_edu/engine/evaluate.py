@@ -283,7 +283,7 @@ def coco_to_detections(
     """One image's COCO result dicts back to :class:`Detections` in the network input's frame.
 
     The inverse of :func:`detections_to_coco` (for drawing results that no single forward pass
-    made, e.g. :func:`merge_scales`'): boxes xywh in original pixels are scaled by
+    made, e.g. the output of :func:`merge_scales`): boxes xywh in original pixels are scaled by
     ``(w / W0, h / H0)`` and converted to xyxy; RLE masks are decoded at ``(H0, W0)``, resized to
     ``(h, w)`` bilinearly and thresholded at 0.5. Detections are sorted by score, best first.
 
