@@ -252,10 +252,11 @@ def _predict_at_sizes(model, val_sets, sizes, size_cuts, device, batch_size: int
 
 def _report_at_sizes(model, val_sets, sizes, size_cuts, device, out: Path | None,
                      batch_size: int, workers: int):  # fmt: skip
-    """The demo's evaluation at several test sizes (``Recipe.merge_test_sizes``): the AP of the
-    first size alone in one line, then the merged AP table, printed and written to ``out``
-    (``ap.md``, ``ap.json``: the merge). Returns ``(merged results, {iou_type: CocoMatches})``
-    for the gallery."""
+    """COCO evaluation of one pass per test size (:func:`_predict_at_sizes`), read back as
+    COCOeval's matches: the AP table printed and written to ``out`` (``ap.md``, ``ap.json``);
+    with several sizes the table is the merge's, after one line with the first size's AP alone
+    (``demo`` with ``Recipe.merge_test_sizes``, ``evaluate --test-sizes``). Returns
+    ``(results, {iou_type: CocoMatches})`` for a gallery or ``--report``."""
     from instseg_edu.engine.analysis import match_coco
     from instseg_edu.engine.evaluate import format_ap_table
 
@@ -264,18 +265,22 @@ def _report_at_sizes(model, val_sets, sizes, size_cuts, device, out: Path | None
                                                           device, batch_size, workers)  # fmt: skip
     coco = val_sets[0].coco
     iou_types = ("bbox", "segm") if any("segmentation" in r for r in results) else ("bbox",)
-    first = {t: match_coco(coco, per_size[0], t, image_ids=image_ids).stats for t in iou_types}
     matches = {t: match_coco(coco, results, t, image_ids=image_ids) for t in iou_types}
     metrics = {t: m.stats for t, m in matches.items()}
-    alone = f"at {sizes[0]} px alone: " + ", ".join(
-        f"{t} AP50 {first[t]['AP50']:.3f}, AP {first[t]['AP']:.3f}" for t in iou_types
-    )
     table = format_ap_table(metrics)
-    print(f"\n{alone}\nCOCO evaluation on {len(val_sets[0])} images{how} "
+    alone = ""
+    if len(val_sets) > 1:
+        first = {t: match_coco(coco, per_size[0], t, image_ids=image_ids).stats for t in iou_types}
+        alone = f"at {sizes[0]} px alone: " + ", ".join(
+            f"{t} AP50 {first[t]['AP50']:.3f}, AP {first[t]['AP']:.3f}" for t in iou_types
+        )
+        print(f"\n{alone}", end="")
+    print(f"\nCOCO evaluation on {len(val_sets[0])} images{how} "
           f"({time.perf_counter() - start:.1f} s):\n{table}", flush=True)  # fmt: skip
     if out is not None:
         (out / "ap.json").write_text(json.dumps(metrics, indent=1))
-        (out / "ap.md").write_text(f"COCO evaluation{how}\n\n{table}\n\n({alone})\n")
+        text = f"COCO evaluation{how}\n\n{table}\n\n({alone})\n" if alone else table + "\n"
+        (out / "ap.md").write_text(text)
     return results, matches
 
 
@@ -309,8 +314,7 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
                 from instseg_edu.engine.analysis import score_sweep
 
                 sweep = score_sweep(merged[1]["bbox"])
-                thr, _, _, f1 = sweep.best_f1()
-                best = thr if f1 > 0 else None
+                best = sweep.best_threshold()
             score_thr, why = _threshold_and_why(best, sweep)
             chosen = "" if best is None else " (the best F1 on the validation split)"
             print(f"gallery: {why}", flush=True)
@@ -965,10 +969,8 @@ def cmd_evaluate(args) -> int:
 
 def _analysis_report(model, val_sets, sizes, device, out: Path | None, args,
                      workers: int) -> None:  # fmt: skip
-    """``evaluate --report DIR`` or ``--test-sizes``: one prediction pass per test size (merged
-    by :func:`~instseg_edu.engine.evaluate.merge_scales` when there are several), COCOeval's
-    matches read back, the AP table printed (and saved to ``--out``) as without them, the
-    analysis written to ``--report``'s DIR."""
+    """``evaluate --report DIR`` or ``--test-sizes``: :func:`_report_at_sizes`, then the analysis
+    of its matches written to ``--report``'s DIR."""
     write_report = None
     if args.report:
         try:
@@ -976,23 +978,8 @@ def _analysis_report(model, val_sets, sizes, device, out: Path | None, args,
         except ImportError as e:
             raise CliError(f"--report needs matplotlib and plotly ({e}): pip install "
                            "matplotlib plotly") from None  # fmt: skip
-    from instseg_edu.engine.analysis import match_coco
-    from instseg_edu.engine.evaluate import format_ap_table
-
-    start = time.perf_counter()
-    _, results, image_ids, how = _predict_at_sizes(model, val_sets, sizes, args.size_cuts,
-                                                   device, args.batch_size, workers)  # fmt: skip
-    val_set = val_sets[0]
-    iou_types = ("bbox", "segm") if any("segmentation" in r for r in results) else ("bbox",)
-    matches = {t: match_coco(val_set.coco, results, t, image_ids=image_ids) for t in iou_types}
-    metrics = {t: m.stats for t, m in matches.items()}
-    table = format_ap_table(metrics)
-    print(f"\nCOCO evaluation on {len(val_set)} images{how} "
-          f"({time.perf_counter() - start:.1f} s):")  # fmt: skip
-    print(table, flush=True)
-    if out is not None:
-        (out / "ap.json").write_text(json.dumps(metrics, indent=1))
-        (out / "ap.md").write_text(table + "\n")
+    _, matches = _report_at_sizes(model, val_sets, sizes, args.size_cuts, device, out,
+                                  args.batch_size, workers)  # fmt: skip
     if write_report is None:
         return
     report = Path(args.report)

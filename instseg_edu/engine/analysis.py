@@ -805,6 +805,11 @@ class ScoreSweep(NamedTuple):
         return (float(self.score[k]), float(self.precision[k]), float(self.recall[k]),
                 float(self.f1[k]))  # fmt: skip
 
+    def best_threshold(self) -> float | None:
+        """The score threshold of :meth:`best_f1`, or ``None`` when no detection is right."""
+        thr, _, _, f1 = self.best_f1()
+        return thr if f1 > 0 else None
+
     def at(self, score_thr: float) -> tuple[float, float]:
         """``(precision, recall)`` of the detections scoring ``>= score_thr`` (precision ``nan``
         when none is kept)."""
@@ -888,8 +893,7 @@ def best_f1_threshold(
     """
     matches = match_model(model, loader, coco_gt, label_to_cat_id, device, iou_types=("bbox",))
     sweep = score_sweep(matches["bbox"], iou_thr)
-    thr, _, _, f1 = sweep.best_f1()
-    return (thr if f1 > 0 else None), sweep
+    return sweep.best_threshold(), sweep
 
 
 def per_class_ap(matches: CocoMatches, area: str = "all", max_dets: int = 100) -> np.ndarray:
