@@ -421,6 +421,7 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     torch.manual_seed(args.seed)  # initial weights from --seed, whatever ran before in the process
     model = _build(family, model_cfg)
     if getattr(args, "backbone_from", None):
+        frozen = getattr(args, "freeze_backbone", False)  # the demo's recipe decides; train: no
         from instseg_edu.engine.checkpoint import (
             CheckpointError,
             describe_backbone_load,
@@ -428,10 +429,10 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         )
 
         try:
-            loaded = load_backbone(model, args.backbone_from)
+            loaded = load_backbone(model, args.backbone_from, freeze=frozen)
         except (FileNotFoundError, CheckpointError) as e:
             raise CliError(f"--backbone-from: {e}") from None
-        print(describe_backbone_load(loaded, args.backbone_from), flush=True)
+        print(describe_backbone_load(loaded, args.backbone_from, frozen), flush=True)
     pretrain_seconds = getattr(args, "pretrain_seconds", None)
     if pretrain_seconds:
         if world > 1:  # it follows one clock; every process would take other steps
@@ -617,12 +618,14 @@ def cmd_demo(args) -> int:
         # The stand-in for ImageNet weights is not needed: the given backbone has learned more.
         changes["pretrain_seconds"], dropped_pretraining = None, True
     r = r.override(**changes)  # expected time follows
+    # SOLO's recipe keeps a given backbone frozen (Recipe.freeze_backbone), and times it so.
+    args.freeze_backbone = r.freeze_backbone and args.backbone_from is not None
     if args.minutes is None:
-        print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why),
-              flush=True)  # fmt: skip
+        print(describe_tier(tier, r, measure=tier != "smoke" and not is_distributed(), reason=why,
+                            frozen_backbone=args.freeze_backbone), flush=True)  # fmt: skip
     else:
         _check_minutes(args, tier, is_distributed())
-        seconds = measure_step_seconds(r, device=str(device))
+        seconds = measure_step_seconds(r, device=str(device), frozen_backbone=args.freeze_backbone)
         try:
             r = fit_to_minutes(r, args.minutes, seconds)
         except ValueError as e:

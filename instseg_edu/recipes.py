@@ -147,6 +147,11 @@ class Recipe:
             of at most ``train_side`` is kept (:class:`~instseg_edu.data.transforms.
             RandomResizeCrop`; MMDetection's ``RandomResize`` ``ratio_range`` with
             ``RandomCrop``), or ``None``: none.
+        freeze_backbone: when the backbone starts from another trained model (a notebook's
+            ``BACKBONE_FROM``, ``instseg-edu demo --backbone-from``), keep what was loaded frozen
+            (:func:`~instseg_edu.engine.checkpoint.load_backbone`'s ``freeze``): only the heads
+            learn, and each step skips the backbone's backward pass. From random weights it does
+            nothing.
         note: one line on what to expect from the trained model.
     """
 
@@ -178,6 +183,7 @@ class Recipe:
     ratio_range: tuple[float, float] | None = None
     merge_test_sizes: tuple[int, ...] = ()
     size_cuts: tuple[float, ...] = ()
+    freeze_backbone: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -222,7 +228,7 @@ class Recipe:
         if "expected_minutes" in changes or self.expected_minutes is None:
             return new
         step_cost = ("model", "image_size", "train_size", "batch_size", "in_memory", "workers",
-                     "train_shapes_per_image")  # fmt: skip
+                     "train_shapes_per_image", "freeze_backbone")  # fmt: skip
         if any(getattr(new, name) != getattr(self, name) for name in step_cost):
             return dataclasses.replace(new, expected_minutes=None)
         old_pretrain, new_pretrain = ((r.pretrain_seconds or 0) / 60 for r in (self, new))
@@ -441,9 +447,15 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # full rate, the fifth cost up to 0.02 mask AP50 (benchmarks/RESULTS.md, "YOLACT's prototypes").
     # YOLACT is scored at 192 px as Mask R-CNN (+0.05-0.09 mask AP50); SOLO at 128 px, where its
     # grids were fitted (192 px halved its AP). SOLO's category branch takes the focal loss at
-    # gamma 1, alpha 0.5 (SOLO_R18_CPU): mask AP50 +0.03 at equal steps, two seeds.
+    # gamma 1, alpha 0.5 (SOLO_R18_CPU): mask AP50 +0.03 at equal steps, two seeds. From notebook
+    # 06's backbone SOLO keeps that ResNet and FPN frozen (freeze_backbone): only its heads learn,
+    # a step skips the backbone's backward pass (0.11 s instead of 0.18), and the same minutes hold
+    # 1.7 times the steps: box / mask AP50 0.29 / 0.25 -> 0.32-0.33 / 0.28 over two seeds
+    # (benchmarks/RESULTS.md, nineteenth round). YOLACT's ResNet, under its own new FPN, lost 0.1
+    # mask AP50 frozen, and keeps learning. max_steps: the frozen steps of 4.5 minutes.
     ("solo", "cpu"): _cpu(
-        "solo", "SOLO_R18_CPU", max_steps=1200, lr=2e-3, expected_minutes=4.5,
+        "solo", "SOLO_R18_CPU", max_steps=2100, lr=2e-3, expected_minutes=4.5,
+        freeze_backbone=True,
         note="from notebook 06's backbone: larger shapes found with their mask, many small ones "
         "missed; from random weights: few detections, mask AP near 0",
     ),
@@ -499,9 +511,10 @@ def notebook_recipe(
     ``pretrain=False`` (a notebook's ``PRETRAIN``): no pretraining on object crops
     (``pretrain_seconds=None``), its time going to the detector's training. The same when
     ``backbone_from`` names a family whose notebook saved its model in this tier under ``root``
-    (:func:`notebook_checkpoint`; notebook 08's ``BACKBONE_FROM``): the backbone will start from
-    that trained model (:func:`load_notebook_backbone`), which has learned more than a minute of
-    pretraining would teach it.
+    (:func:`notebook_checkpoint`; notebooks 07's and 08's ``BACKBONE_FROM``): the backbone will
+    start from that trained model (:func:`load_notebook_backbone`), which has learned more than a
+    minute of pretraining would teach it; with :attr:`Recipe.freeze_backbone` its steps are timed
+    with the backbone frozen, as they will run.
 
     ``minutes`` (the training notebooks' ``TRAIN_MINUTES``, :func:`notebook_train_minutes`):
     instead of the recipe's steps, a time budget of that many minutes with its schedule following
@@ -515,7 +528,8 @@ def notebook_recipe(
     r = recipe(family, tier)
     if tier == "smoke":
         r = r.override(image_size=NOTEBOOK_SMOKE_IMAGE_SIZE)
-    if backbone_from is not None and notebook_checkpoint(backbone_from, tier, root).is_file():
+    loads = backbone_from is not None and notebook_checkpoint(backbone_from, tier, root).is_file()
+    if loads:
         pretrain = False
     if not pretrain:
         r = r.override(pretrain_seconds=None)
@@ -529,7 +543,8 @@ def notebook_recipe(
             raise ValueError(f"{STEPS_ENV}={steps!r} must be a positive integer")
         r = r.override(max_steps=value)
     elif minutes is not None and tier != "smoke":
-        r = fit_to_minutes(r, minutes, measure_step_seconds(r))
+        frozen = loads and r.freeze_backbone  # the steps load_notebook_backbone will leave
+        r = fit_to_minutes(r, minutes, measure_step_seconds(r, frozen_backbone=frozen))
     return r
 
 
@@ -595,7 +610,11 @@ def save_notebook_model(
 
 
 def load_notebook_backbone(
-    model: torch.nn.Module, donor: str, tier: str, root: str | os.PathLike = "runs"
+    model: torch.nn.Module,
+    donor: str,
+    tier: str,
+    root: str | os.PathLike = "runs",
+    freeze: bool = False,
 ) -> str:
     """Start ``model``'s backbone from the model an earlier notebook trained, if it was saved.
 
@@ -603,7 +622,8 @@ def load_notebook_backbone(
     the ResNet from ImageNet weights. Notebooks 07 and 08 start it instead from notebook 06's
     Mask R-CNN (``donor="mask_rcnn"``) of the same ``tier``, read from
     :func:`notebook_checkpoint` by :func:`~instseg_edu.engine.checkpoint.load_backbone` (the
-    ResNet, and the FPN when it is the same neck; never the heads).
+    ResNet, and the FPN when it is the same neck; never the heads), and with ``freeze`` (the
+    recipe's :attr:`Recipe.freeze_backbone`) keeps what it loaded frozen.
 
     Returns:
         One line for the notebook to print: what was loaded from where, or why the backbone keeps
@@ -624,10 +644,10 @@ def load_notebook_backbone(
         return (f"backbone: random weights ({path} not found: run the {donor} notebook in this "
                 f"tier first to start from its trained backbone)")  # fmt: skip
     try:
-        loaded = load_backbone(model, path)
+        loaded = load_backbone(model, path, freeze=freeze)
     except CheckpointError as e:
         return f"backbone: random weights ({e})"
-    return describe_backbone_load(loaded, path)
+    return describe_backbone_load(loaded, path, frozen=freeze)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -674,10 +694,13 @@ def measure_step_seconds(
     steps: int = 3,
     device: str = "auto",
     model: torch.nn.Module | None = None,
+    frozen_backbone: bool = False,
 ) -> float:
     """Seconds per training step of recipe ``r`` on this machine (of a built ``model`` instead of
     the recipe's preset when given, which is trained in place: variants of it, as
-    ``benchmarks/cpu_recipe.py`` times).
+    ``benchmarks/cpu_recipe.py`` times). ``frozen_backbone``: the preset with its whole backbone
+    frozen (:meth:`~instseg_edu.models.backbone.BackboneWithFPN.freeze`), as a recipe with
+    :attr:`Recipe.freeze_backbone` trains from a loaded ResNet and FPN.
 
     Builds the recipe's model, runs one warm-up step, then times ``steps`` real training steps
     (forward, loss, backward, optimiser update: :func:`~instseg_edu.engine.train.train` itself)
@@ -695,6 +718,8 @@ def measure_step_seconds(
         dev = resolve_device(device)
         if model is None:
             model = build_model(r.family, r.model_config(len(CLASSES)))
+            if frozen_backbone:
+                model.backbone.freeze()
         batch = shapes_batch(r.batch_size, r.image_size, shapes_per_image=r.train_shapes_per_image,
                              resize_to=r.train_size)  # fmt: skip
         cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0,
@@ -782,6 +807,7 @@ def describe_tier(
     *,
     measure: bool = True,
     reason: str | None = None,
+    frozen_backbone: bool = False,
 ) -> str:
     """One line: which tier runs, why, and how long its training should take on this machine.
 
@@ -791,7 +817,8 @@ def describe_tier(
     ``expected_minutes`` for the machine the tier is for (scaled to the steps run when the recipe
     was changed with :meth:`Recipe.override`). ``reason`` says why this tier was chosen (default:
     what :func:`select_tier` looked at). A recipe with a time budget (``max_minutes``, from
-    :func:`fit_to_minutes`) is not timed again: the line gives the budget.
+    :func:`fit_to_minutes`) is not timed again: the line gives the budget. ``frozen_backbone``:
+    time the steps with the backbone frozen (:func:`measure_step_seconds`), as they will run.
     """
     head = f"tier {tier!r} ({reason or _tier_reason()})"
     if r is None:
@@ -815,7 +842,7 @@ def describe_tier(
             line = (f"{head}: {what} at most{pre}: training ends at {r.max_minutes:g} min, its "
                     "learning rate following the clock")  # fmt: skip
         elif measure:
-            seconds = measure_step_seconds(r)
+            seconds = measure_step_seconds(r, frozen_backbone=frozen_backbone)
             estimate = r.max_steps * seconds * PLAN_MARGIN / 60 + (r.pretrain_seconds or 0) / 60
             line = (f"{head}: {what}{pre}; {seconds:.2f} s per step measured here, so training "
                     f"takes about {estimate:.1f} min")  # fmt: skip

@@ -145,13 +145,15 @@ def test_demo_backbone_from_starts_solo_from_the_mask_rcnn_demo(smoke_run, tmp_p
     assert main([*args, "--backbone-from", str(out / "last.pt")]) == 0
     printed = capsys.readouterr().out
     assert "backbone: ResNet (" in printed
-    assert " and FPN (" in printed and f"from {out / 'last.pt'}; the heads start" in printed
+    assert " and FPN (" in printed  # frozen, as SOLO's recipe keeps a loaded backbone
+    assert f"from {out / 'last.pt'}, frozen (only the heads learn); the heads start" in printed
     # YOLACT's recipe pretrains its ResNet on object crops, unless it starts from a trained one
     yolact = [*args[:3], "yolact", "--out", str(tmp_path / "yolact"), *args[6:]]
     assert main([*yolact, "--backbone-from", str(out / "last.pt")]) == 0
     printed = capsys.readouterr().out
     assert "--backbone-from: no pretraining on object crops" in printed
     assert "backbone: ResNet (" in printed and "pretrained the ResNet" not in printed
+    assert "frozen" not in printed  # YOLACT's ResNet keeps learning under its new FPN
     given = ["--backbone-from", str(out / "last.pt"), "--pretrain-seconds", "0.5"]
     assert main([*yolact, *given]) == 0
     printed = capsys.readouterr().out
@@ -250,7 +252,7 @@ def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_
     from instseg_edu import cli, recipes
 
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
-    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.6)
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, *args, **kwargs: 0.6)
 
     def stop(*args, **kwargs):
         raise cli.CliError("stopped before the data")
@@ -273,7 +275,7 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
     timed = []
 
-    def measure(r, steps=2, device="auto"):
+    def measure(r, steps=2, device="auto", frozen_backbone=False):
         timed.append(r.max_steps)
         return 0.6
 

@@ -130,7 +130,8 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
         (10, 20),
     )
     solo, yolact = recipe("solo", "cpu"), recipe("yolact", "cpu")
-    assert (solo.model, solo.max_steps, solo.lr) == ("SOLO_R18_CPU", 1200, 2e-3)
+    assert (solo.model, solo.max_steps, solo.lr) == ("SOLO_R18_CPU", 2100, 2e-3)
+    assert solo.freeze_backbone and not yolact.freeze_backbone
     assert solo.test_side == 128  # its grids were fitted at 128 px
     # its category branch's focal loss at gamma 1, alpha 0.5 (RESULTS.md, seventeenth round); the
     # full model keeps the paper's
@@ -251,6 +252,31 @@ def test_notebook_recipe_gives_the_pretraining_up_for_a_saved_backbone(env, tmp_
         notebook_recipe("yolact", "cpu", backbone_from="maskrcnn", root=tmp_path)
 
 
+def test_notebook_recipe_times_a_frozen_backbone_as_it_will_train(env, tmp_path, monkeypatch):
+    """SOLO's cpu recipe keeps a loaded backbone frozen (``freeze_backbone``): notebook 07's
+    steps are timed frozen once notebook 06 has saved its model, unfrozen before; a recipe that
+    does not freeze (YOLACT's) is timed unfrozen either way."""
+    timed = []
+
+    def measure(r, *args, frozen_backbone=False, **kwargs):
+        timed.append((r.family, frozen_backbone))
+        return 0.1
+
+    monkeypatch.setattr(recipes, "measure_step_seconds", measure)
+    assert recipe("solo", "cpu").freeze_backbone and not recipe("yolact", "cpu").freeze_backbone
+    assert not recipe("solo", "gpu").freeze_backbone
+    notebook_recipe("solo", "cpu", minutes=4.5, backbone_from="mask_rcnn", root=tmp_path)
+    saved = tmp_path / "notebooks" / "cpu" / "mask_rcnn.pt"
+    saved.parent.mkdir(parents=True)
+    saved.write_bytes(b"")
+    for family in ("solo", "yolact"):
+        notebook_recipe(family, "cpu", minutes=4.5, backbone_from="mask_rcnn", root=tmp_path)
+    notebook_recipe("solo", "cpu", minutes=4.5, root=tmp_path)  # BACKBONE_FROM = None
+    assert timed == [("solo", False), ("solo", True), ("yolact", False), ("solo", False)]
+    fast = recipe("solo", "cpu").override(freeze_backbone=False)
+    assert fast.expected_minutes is None  # the time per step was measured frozen
+
+
 def test_override_keeps_the_expected_time_true():
     r = recipe("mask_rcnn", "cpu")
     assert (r.max_steps, r.expected_minutes, r.pretrain_seconds) == (540, 4.0, 60.0)
@@ -269,7 +295,7 @@ def test_override_keeps_the_expected_time_true():
 
 
 def test_notebook_recipe_with_minutes_fits_the_steps_to_this_machine(env, monkeypatch):
-    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, *args, **kwargs: 0.25)
     cpu = recipe("mask_rcnn", "cpu")
     fitted = notebook_recipe("mask_rcnn", "cpu", minutes=4.5)
     # 4.5 min: 60 s of pretraining, then 210 s of training: at most 210 / (0.8 x 0.25) steps
@@ -469,7 +495,7 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert measure_step_seconds(r, steps=3) == 0.5
     monkeypatch.setattr(recipes, "time", real_time)
 
-    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.6)
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, *args, **kwargs: 0.6)
     cpu = recipe("mask_rcnn", "cpu")
     line = describe_tier("cpu", cpu)
     assert line.startswith("tier 'cpu' (no CUDA device): MASK_RCNN_R18_CPU")

@@ -146,7 +146,9 @@ def load_model(path: str | os.PathLike, device="cpu") -> tuple[torch.nn.Module, 
     return model.to(device), dict(ckpt.get("meta") or {})
 
 
-def load_backbone(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
+def load_backbone(
+    model: torch.nn.Module, path: str | os.PathLike, freeze: bool = False
+) -> list[str]:
     """Start ``model``'s backbone from another trained model's: transfer learning.
 
     Detectors are almost never trained from random weights: the papers start their ResNet from
@@ -162,10 +164,20 @@ def load_backbone(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
     weights: a conv that smooths P2 in one model would smooth P3 in the other. The heads are
     never touched.
 
+    ``freeze=True`` keeps what was loaded as it is (:meth:`BackboneWithFPN.freeze
+    <instseg_edu.models.backbone.BackboneWithFPN.freeze>`: the ResNet with its BatchNorm
+    statistics, and the FPN when it was loaded): only the heads learn, and a training step skips
+    the backbone's backward pass. SOLO's CPU recipe trains so from notebook 06's backbone
+    (:attr:`~instseg_edu.recipes.Recipe.freeze_backbone`): about 1.7 times the steps in the same
+    minutes, and more AP than fine-tuning everything (``benchmarks/RESULTS.md``, nineteenth
+    round). A ResNet under a new FPN (YOLACT's) must still learn to feed it: it lost 0.1 mask
+    AP50 frozen.
+
     Args:
         model: a model with a ``backbone`` (:class:`~instseg_edu.models.backbone.BackboneWithFPN`).
         path: a checkpoint of :func:`save_checkpoint` holding ``"model"`` (``instseg-edu train`` /
             ``demo``'s ``last.pt``, a notebook's ``runs/notebooks/<tier>/<family>.pt``).
+        freeze: freeze the loaded parts after loading them.
 
     Returns:
         The names of the tensors loaded (``backbone.resnet.*``, then ``backbone.fpn.*`` if any).
@@ -193,6 +205,8 @@ def load_backbone(model: torch.nn.Module, path: str | os.PathLike) -> list[str]:
         parts.append("backbone.fpn.")
     loaded = [k for part in parts for k in own if k.startswith(part)]
     model.load_state_dict({k: theirs[k] for k in loaded}, strict=False)
+    if freeze:
+        model.backbone.freeze(fpn="backbone.fpn." in parts)
     return loaded
 
 
@@ -204,13 +218,14 @@ def _first_difference(own: dict, theirs: dict, prefix: str) -> str | None:
     return next((k for k in theirs if k.startswith(prefix) and k not in own), None)
 
 
-def describe_backbone_load(loaded: list[str], path: str | os.PathLike) -> str:
+def describe_backbone_load(loaded: list[str], path: str | os.PathLike, frozen: bool = False) -> str:
     """One line on what :func:`load_backbone` returned ``loaded`` from ``path``: ResNet and FPN
-    tensors counted, and what still starts from random weights."""
+    tensors counted, whether they stay ``frozen``, and what still starts from random weights."""
     fpn = sum(name.startswith("backbone.fpn.") for name in loaded)
     parts = f"ResNet ({len(loaded) - fpn} tensors)" + (f" and FPN ({fpn})" if fpn else "")
     rest = "the heads start" if fpn else "the FPN (built over other levels) and the heads start"
-    return f"backbone: {parts} from {path}; {rest} from random weights"
+    kept = ", frozen (only the heads learn)" if frozen else ""
+    return f"backbone: {parts} from {path}{kept}; {rest} from random weights"
 
 
 def config_to_dict(cfg) -> dict:

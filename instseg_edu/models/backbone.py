@@ -45,7 +45,7 @@ Used by every model family; its walkthroughs are in ``notebooks/``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -408,6 +408,16 @@ class ResNet(nn.Module):
             for p in m.parameters():
                 p.requires_grad_(False)
 
+    def freeze(self) -> ResNet:
+        """Freeze every stage and keep every BatchNorm's statistics, from now on and after any
+        later ``train()``: ``frozen_stages=num_stages, norm_eval=True``. For a ResNet loaded from
+        a model that has already learned (:func:`~instseg_edu.engine.checkpoint.load_backbone`'s
+        ``freeze``): no backward pass runs through it and nothing in it changes."""
+        self.cfg = replace(self.cfg, frozen_stages=self.cfg.num_stages, norm_eval=True)
+        self._freeze_stages()
+        self.train(self.training)
+        return self
+
     def train(self, mode: bool = True) -> ResNet:
         """Switch to train mode, then put frozen stages (and, with ``norm_eval``, every BatchNorm)
         back into eval mode — ``nn.Module.train`` alone would silently unfreeze their statistics."""
@@ -540,6 +550,15 @@ class BackboneWithFPN(nn.Module):
         self.fpn = FPN(fpn_cfg)
         self.strides = fpn_strides(resnet_cfg, fpn_cfg)
         self.out_channels = fpn_cfg.out_channels
+
+    def freeze(self, fpn: bool = True) -> BackboneWithFPN:
+        """Freeze the ResNet (:meth:`ResNet.freeze`) and, with ``fpn``, the FPN's convolutions
+        (``requires_grad=False``; the FPN has no BatchNorm): only the heads then learn, and a
+        training step skips the backbone's backward pass."""
+        self.resnet.freeze()
+        if fpn:
+            self.fpn.requires_grad_(False)
+        return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         return self.fpn(self.resnet(x))

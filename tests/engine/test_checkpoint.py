@@ -215,3 +215,40 @@ def test_load_backbone_names_what_does_not_fit(tmp_path):
         load_backbone(full_width, tmp_path / "meta_only.pt")
     with pytest.raises(FileNotFoundError):
         load_backbone(full_width, tmp_path / "missing.pt")
+
+
+def test_load_backbone_freeze_keeps_what_it_loaded_and_trains_only_the_rest(tmp_path):
+    """``freeze=True``: the loaded ResNet (BatchNorm statistics too) and the loaded FPN do not
+    change in a training step, even after ``model.train()``; the heads do. YOLACT's FPN, not
+    loaded, still learns."""
+    from instseg_edu.engine.checkpoint import describe_backbone_load, load_backbone
+    from instseg_edu.engine.train import TrainConfig, train
+    from instseg_edu.models import build_model
+    from instseg_edu.models.solo import SOLO_R18_CPU
+    from instseg_edu.models.yolact import YOLACT_R18_CPU
+    from instseg_edu.recipes import shapes_batch
+
+    path, donor = _backbone_donor(tmp_path)
+    solo = build_model("solo", SOLO_R18_CPU.with_num_classes(7))  # the shapes' seven classes
+    loaded = load_backbone(solo, path, freeze=True)
+    assert {n for n, p in solo.named_parameters() if not p.requires_grad} == {
+        n for n, _ in solo.named_parameters() if n.startswith("backbone.")
+    }
+    heads = {k: v.clone() for k, v in solo.state_dict().items() if not k.startswith("backbone.")}
+    batch = shapes_batch(2, 64)
+    cfg = TrainConfig(max_steps=2, lr=1e-2, optimizer="adamw", warmup_steps=0, device="cpu",
+                      progress=False)  # fmt: skip
+    train(solo.train(), [batch, batch], cfg)
+    for key, value in solo.state_dict().items():
+        if key.startswith("backbone."):  # weights and running statistics as loaded
+            assert torch.equal(value, donor[key]), key
+    assert any(not torch.equal(solo.state_dict()[k], v) for k, v in heads.items())
+    assert not any(m.training for m in solo.backbone.resnet.modules())
+    line = describe_backbone_load(loaded, path, frozen=True)
+    assert line.endswith(f"from {path}, frozen (only the heads learn); the heads start from "
+                         "random weights")  # fmt: skip
+
+    yolact = build_model("yolact", YOLACT_R18_CPU.with_num_classes(3))
+    load_backbone(yolact, path, freeze=True)
+    assert not any(p.requires_grad for p in yolact.backbone.resnet.parameters())
+    assert all(p.requires_grad for p in yolact.backbone.fpn.parameters())

@@ -78,7 +78,7 @@ def test_parameters_cell_picks_the_cpu_tier_without_cuda(py: Path, monkeypatch, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     # The cell times two training steps for its line; a fixed time keeps this test fast.
-    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, *args, **kwargs: 0.25)
     first_code = next(c for c in jupytext.read(py).cells if c.cell_type == "code")
     namespace: dict = {}
     exec(compile(first_code.source, f"{py.name}[parameters]", "exec"), namespace)
@@ -129,7 +129,7 @@ def test_yolact_notebook_gives_its_pretraining_up_for_notebook_06s_backbone(monk
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, steps=2, device="auto": 0.25)
+    monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, *args, **kwargs: 0.25)
     saved = recipes.notebook_checkpoint("mask_rcnn", "cpu")
     saved.parent.mkdir(parents=True)
     saved.write_bytes(b"")  # the parameters cell only looks for it
