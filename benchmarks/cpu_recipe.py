@@ -544,6 +544,18 @@ VARIANTS: dict[str, Variant] = {
         recipe=lambda r: dataclasses.replace(r, freeze_backbone=False),
         family="solo",
     ),
+    # YOLACT's first stages only (the stem and stage 1, or stages 1-2: the costly high-resolution
+    # ones), BatchNorm statistics kept (MMDetection's frozen_stages with norm_eval). Stages 1-2:
+    # 0.462 / 0.370 box / mask AP50 against 0.515 / 0.410 in 1.2 times the steps; not kept.
+    **{
+        f"yolact_frozen_stages_{k}": Variant(
+            lambda c, k=k: dataclasses.replace(
+                c, backbone=dataclasses.replace(c.backbone, frozen_stages=k, norm_eval=True)
+            ),
+            family="yolact",
+        )
+        for k in (1, 2)
+    },
     "yolact_freeze_backbone": Variant(
         recipe=lambda r: dataclasses.replace(r, freeze_backbone=True), family="yolact"
     ),

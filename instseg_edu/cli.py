@@ -222,32 +222,26 @@ def _threshold_and_why(thr, sweep) -> tuple[float, str]:
 
 
 def _predict_at_sizes(model, val_sets, sizes, size_cuts, device, batch_size: int, workers: int):
-    """Predict the validation split once per test size (``val_sets``: the same images resized
-    to each of ``sizes``, the first for the smallest boxes) and merge the passes, each size for
-    its boxes
-    (:func:`~instseg_edu.engine.evaluate.merge_scales`; one set: its pass as it is).
+    """:func:`~instseg_edu.engine.evaluate.predict_at_sizes` (``val_sets``: the same images
+    resized to each of ``sizes``, the first for the smallest boxes).
 
     Returns:
         ``(per_size results, merged results, image ids, how)``; ``how`` describes the merge for a
         printed title (``""`` for one size).
     """
-    from instseg_edu.engine.analysis import predict_results
-    from instseg_edu.engine.evaluate import merge_scales
-    from instseg_edu.engine.train import make_loader
+    from instseg_edu.engine.evaluate import predict_at_sizes
 
-    per_size = []
-    for val_set in val_sets:
-        loader = make_loader(val_set, batch_size, shuffle=False, workers=workers)
-        results, image_ids = predict_results(model, loader, val_set.label_to_cat_id, device)
-        per_size.append(results)
+    merged, image_ids, per_size = predict_at_sizes(
+        model, val_sets, size_cuts, val_sets[0].label_to_cat_id, device,
+        batch_size=batch_size, workers=workers,
+    )  # fmt: skip
     if len(val_sets) == 1:
-        return per_size, per_size[0], image_ids, ""
+        return per_size, merged, image_ids, ""
     bounds = [0.0, *size_cuts, float("inf")]
-    ranges = list(zip(bounds[:-1], bounds[1:]))
     how = ", each test size for its boxes: " + ", ".join(
-        f"{size} px {low:g}-{high:g} px" for size, (low, high) in zip(sizes, ranges)
+        f"{size} px {low:g}-{high:g} px" for size, low, high in zip(sizes, bounds, bounds[1:])
     )
-    return per_size, merge_scales(per_size, ranges), image_ids, how
+    return per_size, merged, image_ids, how
 
 
 def _report_at_sizes(model, val_sets, sizes, size_cuts, device, out: Path | None,

@@ -445,8 +445,11 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # gives zero prototypes, no gradient reaches them, and the masks never learn (mask AP 0 in two
     # of five runs after the pretraining). At a fifth no run lost them; where they had lived at the
     # full rate, the fifth cost up to 0.02 mask AP50 (benchmarks/RESULTS.md, "YOLACT's prototypes").
-    # YOLACT is scored at 192 px as Mask R-CNN (+0.05-0.09 mask AP50); SOLO at 128 px, where its
-    # grids were fitted (192 px halved its AP). SOLO's category branch takes the focal loss at
+    # YOLACT is scored at 192 px as Mask R-CNN (+0.05-0.09 mask AP50), its boxes of 32 px or more
+    # from a second pass at 128 px, as Mask R-CNN's (box / mask AP50 0.516 / 0.417 -> 0.535 / 0.434
+    # for notebook 08's weights, the medium shapes' boxes 27 % -> 44 % right; benchmarks/
+    # RESULTS.md, nineteenth round); SOLO at 128 px, where its grids were fitted (192 px halved
+    # its AP). SOLO's category branch takes the focal loss at
     # gamma 1, alpha 0.5 (SOLO_R18_CPU): mask AP50 +0.03 at equal steps, two seeds. From notebook
     # 06's backbone SOLO keeps that ResNet and FPN frozen (freeze_backbone): only its heads learn,
     # a step skips the backbone's backward pass (0.11 s instead of 0.18), and the same minutes hold
@@ -462,7 +465,8 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("solo", "gpu"): _gpu("solo", "SOLO_R50_FPN_SCRATCH"),
     ("yolact", "cpu"): _cpu(
         "yolact", "YOLACT_R18_CPU", max_steps=1170, lr=2e-3, expected_minutes=4.5,
-        test_size=192, pretrain_seconds=60.0, lr_mult={"mask_head": 0.2},
+        test_size=192, merge_test_sizes=(128,), size_cuts=(32.0,), pretrain_seconds=60.0,
+        lr_mult={"mask_head": 0.2},
         note="from notebook 06's backbone: most shapes found, with rough masks; after the "
         "pretraining alone: the larger shapes found, masks rougher",
     ),

@@ -383,6 +383,47 @@ metrics = evaluate_model(model, val_loader, val_set.coco, val_set.label_to_cat_i
 print(format_ap_table(metrics))
 
 # %% [markdown]
+# **Each test size for its own shapes.** The cpu tier scores the 128 px images enlarged to
+# `TEST_SIZE` = 192 px: YOLACT then finds more of the small shapes, but a medium one (32² to 96² px
+# of area) becomes larger than almost any shape it trained on, and is found less often. As in
+# notebook 06, section 11, the recipe also predicts at the size the images were drawn
+# (`RECIPE.test_sizes`) and keeps each pass for its own boxes: those under `RECIPE.size_cuts`
+# (longest side, original pixels) from the enlarged pass, the others from the second
+# (`predict_at_sizes`, SNIP's valid ranges; `instseg-edu demo --model yolact` scores the same
+# merge). Below: the merged AP, how many boxes drawn at the merge's best F1 are right and how many
+# shapes are found, by size, and the merged detections on the images of the gallery above. (The
+# smoke and gpu tiers predict at one size: the merge is that pass.)
+
+# %%
+from instseg_edu.engine.analysis import match_coco, score_sweep
+from instseg_edu.engine.evaluate import coco_to_detections, predict_at_sizes
+
+at_sizes = [val_set] + [
+    CocoDataset(splits["val"], root / "val", eval_transforms(size))
+    for size in RECIPE.merge_test_sizes
+]  # the same images at each of RECIPE.test_sizes
+merged, image_ids, _ = predict_at_sizes(
+    model, at_sizes, RECIPE.size_cuts, val_set.label_to_cat_id, device, batch_size=BATCH_SIZE
+)
+merged_matches = {t: match_coco(val_set.coco, merged, t, image_ids=image_ids) for t in metrics}
+print(f"test sizes {RECIPE.test_sizes}, cuts {RECIPE.size_cuts} px")
+print(format_ap_table({t: m.stats for t, m in merged_matches.items()}))
+merged_thr, _, _, f1 = score_sweep(merged_matches["bbox"]).best_f1()
+merged_thr = merged_thr if f1 > 0 else 0.3  # nothing right yet (smoke)
+for area in ("all", "small", "medium"):
+    right, found = score_sweep(merged_matches["bbox"], area=area).at(merged_thr)
+    print(f"boxes at score >= {merged_thr:.2f}, {area:>6s} shapes: {right:.0%} right, "
+          f"{found:.0%} found")  # fmt: skip
+by_image = {}
+for r in merged:
+    by_image.setdefault(r["image_id"], []).append(r)
+shown = batch.to("cpu")
+gallery(shown.images, [coco_to_detections(by_image.get(int(t.image_id), []), t, size,
+                                          val_set.label_to_cat_id)
+                       for t, size in zip(shown.targets, shown.image_sizes)],
+        val_set.classes, image_sizes=shown.image_sizes, score_thr=merged_thr)  # fmt: skip
+
+# %% [markdown]
 # ## 8. Explore: edit a detection's coefficients
 #
 # `PrototypeExplorer` lists the model's best detections, exactly as `predict` makes them (its

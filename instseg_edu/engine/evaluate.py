@@ -457,6 +457,60 @@ def merge_scales(
     return merged
 
 
+def predict_at_sizes(
+    model,
+    datasets: Sequence,
+    size_cuts: Sequence[float],
+    label_to_cat_id: Sequence[int],
+    device=None,
+    *,
+    batch_size: int = 8,
+    workers: int = 0,
+    max_per_img: int = 100,
+) -> tuple[list[dict], list[int], list[list[dict]]]:
+    """Predict the same images once per test size and keep each size for its own boxes.
+
+    ``datasets[k]`` holds the validation images resized to the ``k``-th test size, the size for
+    the smallest boxes first (a :class:`~instseg_edu.recipes.Recipe`'s ``test_sizes``). Size
+    ``k`` keeps the detections whose box's longest side, in original pixels, lies between
+    ``size_cuts[k - 1]`` and ``size_cuts[k]`` (``0`` and ``inf`` at the ends):
+    :func:`merge_scales`, SNIP's valid ranges. One dataset and no cuts: its pass as it is.
+
+    Args:
+        model: a detector in any mode (prediction runs it in eval mode).
+        datasets: the same images, one dataset per test size.
+        size_cuts: ``len(datasets) - 1`` increasing box sizes, pixels.
+        label_to_cat_id: the model's category ids (label ``k`` -> ``label_to_cat_id[k]``).
+        batch_size, workers: of each pass's loader.
+        max_per_img: detections kept per image after the merge.
+
+    Returns:
+        ``(merged, image_ids, per_size)``: the merged COCO result dicts (boxes xywh and masks in
+        original pixels), the image ids predicted, and each size's own results.
+
+    Raises:
+        ValueError: ``size_cuts`` is not ``len(datasets) - 1`` increasing positive sizes.
+    """
+    from instseg_edu.engine.train import make_loader
+
+    cuts = [float(c) for c in size_cuts]
+    if len(cuts) != len(datasets) - 1 or any(c <= 0 for c in cuts) or cuts != sorted(set(cuts)):
+        raise ValueError(f"size_cuts={list(size_cuts)} must be {len(datasets) - 1} increasing "
+                         f"positive sizes, one between each two of the {len(datasets)} "
+                         "datasets")  # fmt: skip
+    per_size = []
+    for dataset in datasets:
+        loader = make_loader(dataset, batch_size, shuffle=False, workers=workers)
+        per_image, _ = predict_coco(model, loader, label_to_cat_id, device)
+        per_size.append([r for results in per_image.values() for r in results])
+    image_ids = list(per_image)
+    if len(datasets) == 1:
+        return per_size[0], image_ids, per_size
+    bounds = [0.0, *cuts, float("inf")]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    return merge_scales(per_size, ranges, max_per_img), image_ids, per_size
+
+
 def evaluate_model(
     model,
     loader,

@@ -421,6 +421,31 @@ def test_merge_scales_refuses_mismatched_or_bad_ranges():
         merge_scales([[]], [(0, 32)], max_per_img=0)
 
 
+def test_predict_at_sizes_keeps_each_pass_for_its_own_boxes():
+    """Two passes over the same two images: the first (the enlarged one, in a recipe) is kept for
+    boxes under the cut, the second for the others; one pass is returned as it is."""
+    from _engine_toy import ToyDataset
+
+    from instseg_edu.engine.evaluate import predict_at_sizes
+
+    items = [ToyDataset(2, flip=False)[i] for i in range(2)]
+    small, large = torch.tensor([2.0, 2.0, 12.0, 12.0]), torch.tensor([0.0, 0.0, 30.0, 30.0])
+    # pass 1 predicts [small, large] on images 0 and 1, pass 2 [small, large] again
+    oracle = _Oracle([small, large, small + 1, large])
+    merged, image_ids, per_size = predict_at_sizes(oracle, [items, items], [16], [9], "cpu",
+                                                   batch_size=1)  # fmt: skip
+    assert image_ids == [t.image_id for _, t in items]
+    assert [len(p) for p in per_size] == [2, 2]
+    # image 0: pass 1's small box (10 px < 16); image 1: pass 2's large one (30 px >= 16)
+    assert merged == [per_size[0][0], per_size[1][1]]
+    oracle.queue = [small, large]
+    alone, _, (only,) = predict_at_sizes(oracle, [items], [], [9], "cpu")
+    assert alone == only and len(alone) == 2
+    for cuts in ([], [16, 8], [0]):
+        with pytest.raises(ValueError, match=r"size_cuts=.* must be 1 increasing positive"):
+            predict_at_sizes(oracle, [items, items], cuts, [9], "cpu")
+
+
 def _no_objects(**fields):
     empty = torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 1, 1).bool()
     return Target(*empty, **fields)
