@@ -449,13 +449,13 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # from a second pass at 128 px, as Mask R-CNN's (box / mask AP50 0.516 / 0.417 -> 0.535 / 0.434
     # for notebook 08's weights, the medium shapes' boxes 27 % -> 44 % right; benchmarks/
     # RESULTS.md, nineteenth round); SOLO at 128 px, where its grids were fitted (192 px halved
-    # its AP). SOLO's category branch takes the focal loss at
-    # gamma 1, alpha 0.5 (SOLO_R18_CPU): mask AP50 +0.03 at equal steps, two seeds. From notebook
-    # 06's backbone SOLO keeps that ResNet and FPN frozen (freeze_backbone): only its heads learn,
-    # a step skips the backbone's backward pass (0.11 s instead of 0.18), and the same minutes hold
-    # 1.7 times the steps: box / mask AP50 0.29 / 0.25 -> 0.32-0.33 / 0.28 over two seeds
-    # (benchmarks/RESULTS.md, nineteenth round). YOLACT's ResNet, under its own new FPN, lost 0.1
-    # mask AP50 frozen, and keeps learning. max_steps: the frozen steps of 4.5 minutes.
+    # its AP). SOLO's category branch takes the focal loss at gamma 1, alpha 0.5 (SOLO_R18_CPU):
+    # mask AP50 +0.03 at equal steps, two seeds. From notebook 06's backbone SOLO keeps that
+    # ResNet and FPN frozen (freeze_backbone): only its heads learn, a step skips the backbone's
+    # backward pass (0.11 s instead of 0.18), and the same minutes hold 1.7 times the steps: box /
+    # mask AP50 0.28-0.29 / 0.24-0.25 -> 0.32-0.33 / 0.28 over two seeds (benchmarks/RESULTS.md,
+    # nineteenth round). YOLACT's ResNet, under its own new FPN, lost 0.1 mask AP50 frozen, and
+    # keeps learning. max_steps: the frozen steps of 4.5 minutes.
     ("solo", "cpu"): _cpu(
         "solo", "SOLO_R18_CPU", max_steps=2100, lr=2e-3, expected_minutes=4.5,
         freeze_backbone=True,
