@@ -414,8 +414,13 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
 
     torch.manual_seed(args.seed)  # initial weights from --seed, whatever ran before in the process
     model = _build(family, model_cfg)
+    # The parts of the backbone kept frozen (train --freeze-backbone, the demo's recipe), stored
+    # in the checkpoint so that --resume freezes them again.
+    frozen_parts = getattr(args, "frozen_parts", None)
+    if frozen_parts:  # --resume of a frozen run
+        model.backbone.freeze(fpn="fpn" in frozen_parts)
     if getattr(args, "backbone_from", None):
-        frozen = getattr(args, "freeze_backbone", False)  # the demo's recipe decides; train: no
+        frozen = bool(getattr(args, "freeze_backbone", False))
         from instseg_edu.engine.checkpoint import (
             CheckpointError,
             describe_backbone_load,
@@ -427,6 +432,9 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         except (FileNotFoundError, CheckpointError) as e:
             raise CliError(f"--backbone-from: {e}") from None
         print(describe_backbone_load(loaded, args.backbone_from, frozen), flush=True)
+        if frozen:
+            fpn = any(name.startswith("backbone.fpn.") for name in loaded)
+            frozen_parts = ["resnet"] + (["fpn"] if fpn else [])
     pretrain_seconds = getattr(args, "pretrain_seconds", None)
     if pretrain_seconds:
         if world > 1:  # it follows one clock; every process would take other steps
@@ -444,6 +452,7 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
                                      device=str(device), seed=args.seed)  # fmt: skip
             print(done.describe(), flush=True)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     batch = (
         f"batch {args.batch_size}"
         if world == 1
@@ -453,7 +462,9 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
     train_size = getattr(args, "train_image_size", args.image_size)
     scored = "" if train_size == args.image_size else f" (scored at {args.image_size} px)"
     print(
-        f"model: {family} {preset_name} ({n_params:.1f} M parameters) on {device}, "
+        f"model: {family} {preset_name} ({n_params:.1f} M parameters"
+        + (f", {n_trained:.1f} M of them trained" if n_trained < n_params else "")
+        + f") on {device}, "
         f"{len(train_set)} training images at {train_size} px{scored}, {batch}",
         flush=True,
     )
@@ -467,6 +478,7 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
         "classes": list(train_set.classes),
         "label_to_cat_id": list(train_set.label_to_cat_id),
         "image_size": args.image_size,
+        "frozen_backbone": frozen_parts or None,
         **data_meta,
     }
     evaluate_fn = None
@@ -711,6 +723,10 @@ def cmd_train(args) -> int:
     if args.resume is not None and args.backbone_from is not None:
         raise CliError("--backbone-from with --resume: a resumed run continues from its "
                        "checkpoint's weights; give one of them")  # fmt: skip
+    if args.freeze_backbone and args.resume is None and args.backbone_from is None:
+        raise CliError("--freeze-backbone needs --backbone-from: it freezes the backbone loaded "
+                       "from another trained model (from random weights nothing would learn "
+                       "in it)")  # fmt: skip
     resume = _resume_settings(args) if args.resume is not None else None
     for key, value in TRAIN_DEFAULTS.items():
         if getattr(args, key) is None and not (resume and key == "lr"):  # see _resumed_run
@@ -836,6 +852,12 @@ def _resume_settings(args) -> dict:
         )
     sync_bn_stored = stored_sync_bn and args.sync_bn is None
     args.sync_bn = stored_sync_bn
+    # a frozen backbone stays frozen: the optimiser state holds only the trainable parameters
+    args.frozen_parts = meta.get("frozen_backbone")
+    if args.freeze_backbone and not args.frozen_parts:
+        raise CliError("--freeze-backbone: the checkpoint's run trained its whole backbone; "
+                       "--resume continues the run exactly as it was started; leave "
+                       "--freeze-backbone out")  # fmt: skip
     # Options that do not change the numbers: given or the checkpoint's.
     for attr in ("eval_every", "checkpoint_every"):
         if getattr(args, attr) is None:
@@ -1192,6 +1214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder (default: runs/train; with --resume, the checkpoint's "
                    "folder)")  # fmt: skip
+    p.add_argument("--freeze-backbone", action="store_true", default=None,
+                   help="with --backbone-from: keep the loaded ResNet (and FPN) frozen, only the "
+                   "heads learn and a step skips the backbone's backward pass (a --resume of "
+                   "such a run keeps it frozen)")  # fmt: skip
     p.add_argument("--resume", default=None,
                    help="checkpoint to continue from (e.g. OUT/last.pt). The run continues "
                    "exactly: options not given are the checkpoint's, and one given with "

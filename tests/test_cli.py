@@ -526,6 +526,54 @@ def test_resume_continues_the_run_exactly_with_the_checkpoints_settings(
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
+def test_train_freeze_backbone_keeps_it_frozen_and_resume_too(
+    smoke_run, tmp_path, capsys, monkeypatch
+):
+    """``train --backbone-from --freeze-backbone``: SOLO's ResNet and FPN stay the Mask R-CNN
+    demo's, the checkpoint says so, and ``--resume`` freezes them again (its optimiser state holds
+    only the heads), continuing the run exactly."""
+    _, out, data = smoke_run
+    folder = next(data.iterdir())
+    train = recipe("mask_rcnn", "smoke").train_split
+    first = ["train", "--model", "solo", "--preset", "SOLO_R18_CPU", "--train-json",
+             str(folder / f"{train}.json"), "--train-images", str(folder / train),
+             "--image-size", "64", "--batch-size", "2", "--device", "cpu", "--workers", "0",
+             "--optimizer", "adamw", "--lr", "0.001", "--warmup-steps", "1", "--steps", "4",
+             "--checkpoint-every", "2", "--no-progress"]  # fmt: skip
+    _fails_cleanly([*first, "--freeze-backbone", "--out", str(tmp_path / "x")], capsys,
+                   "--freeze-backbone needs --backbone-from")  # fmt: skip
+    straight = tmp_path / "straight"
+    _keep_checkpoint_of_step(monkeypatch, 2, tmp_path / "step2.pt")
+    given = ["--backbone-from", str(out / "last.pt"), "--freeze-backbone"]
+    assert main([*first, *given, "--out", str(straight)]) == 0
+    monkeypatch.undo()
+    printed = capsys.readouterr().out
+    assert ", frozen (only the heads learn)" in printed and "M of them trained)" in printed
+    donor, a = load_checkpoint(out / "last.pt")["model"], load_checkpoint(straight / "last.pt")
+    assert a["meta"]["frozen_backbone"] == ["resnet", "fpn"]
+    for name, value in a["model"].items():
+        if name.startswith("backbone."):
+            assert torch.equal(value, donor[name]), name
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (tmp_path / "step2.pt").rename(resumed / "last.pt")
+    assert main(["train", "--resume", str(resumed / "last.pt"), "--device", "cpu",
+                 "--workers", "0", "--no-progress"]) == 0  # fmt: skip
+    b = load_checkpoint(resumed / "last.pt")
+    assert b["meta"]["frozen_backbone"] == ["resnet", "fpn"]
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    # a run that trained its whole backbone is not frozen on resume
+    whole = tmp_path / "whole"
+    assert main([*first, "--backbone-from", str(out / "last.pt"), "--out", str(whole)]) == 0
+    assert load_checkpoint(whole / "last.pt")["meta"]["frozen_backbone"] is None
+    refused = "--freeze-backbone: the checkpoint's run trained its whole backbone"
+    _fails_cleanly(["train", "--resume", str(whole / "last.pt"), "--freeze-backbone",
+                    "--device", "cpu", "--workers", "0"], capsys, refused)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cli_smoke")  # share the module-scoped demo run on one worker
 def test_resume_extends_a_constant_schedule_run_exactly(smoke_run, tmp_path, capsys):
     # With --schedule constant the lr of a step does not depend on the run's length, so a longer
     # run is well defined: 2 steps then 2 more equal 4 steps straight.

@@ -130,7 +130,7 @@ def test_cpu_tier_is_small_and_in_memory_and_gpu_tier_is_full_size():
         (10, 20),
     )
     solo, yolact = recipe("solo", "cpu"), recipe("yolact", "cpu")
-    assert (solo.model, solo.max_steps, solo.lr) == ("SOLO_R18_CPU", 2100, 2e-3)
+    assert (solo.model, solo.max_steps, solo.lr) == ("SOLO_R18_CPU", 2100, 4e-3)
     assert solo.freeze_backbone and not yolact.freeze_backbone
     assert solo.test_side == 128  # its grids were fitted at 128 px
     # its category branch's focal loss at gamma 1, alpha 0.5 (RESULTS.md, seventeenth round); the
