@@ -39,8 +39,8 @@
 # about 0.11 s instead of 0.18 s, and the 4.5 minutes hold 1.7 times the steps. Measured on two
 # CPU cores: box / mask AP50 about 0.29 / 0.25 fine-tuning everything, 0.32 / 0.28 frozen, and
 # 0.34–0.37 / 0.30–0.32 frozen with the heads at twice the learning rate (the recipe's 4e-3),
-# against 0.01 / 0.001 for the earlier from-scratch recipe. SOLO is still the slowest learner of the four
-# here; the GPU tier, which trains everything, is where it learns well.
+# against 0.01 / 0.001 for the earlier from-scratch recipe. SOLO is still the slowest learner of
+# the four here; the GPU tier, which trains everything, is where it learns well.
 
 # %% tags=["parameters"]
 from instseg_edu.recipes import (
