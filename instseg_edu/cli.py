@@ -319,17 +319,10 @@ def _write_figures(out: Path, history, model, val_set, class_names, device,
                 detections = model.predict(model(batch.images.to(device)), batch.image_sizes)
             detections = [d.to("cpu") for d in detections]
         else:  # the merged results, back in each image's input frame
-            from instseg_edu.engine.evaluate import coco_to_detections
+            from instseg_edu.engine.evaluate import coco_to_batch_detections
 
-            by_image: dict[int, list[dict]] = {}
-            for r in merged[0]:
-                by_image.setdefault(int(r["image_id"]), []).append(r)
-            detections = [
-                coco_to_detections(
-                    by_image.get(int(t.image_id), []), t, size, val_set.label_to_cat_id
-                )  # fmt: skip
-                for t, size in zip(batch.targets, batch.image_sizes)
-            ]
+            detections = coco_to_batch_detections(merged[0], batch.targets, batch.image_sizes,
+                                                  val_set.label_to_cat_id)  # fmt: skip
         titles = [f"image {t.image_id}" for t in batch.targets]
         fig = gallery(batch.images, detections, class_names, image_sizes=batch.image_sizes,
                       titles=titles, score_thr=score_thr, ground_truth=batch.targets,

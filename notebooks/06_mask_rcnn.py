@@ -447,7 +447,7 @@ print(format_ap_table(metrics))
 
 # %%
 from instseg_edu.engine.analysis import match_coco, predict_results, score_sweep
-from instseg_edu.engine.evaluate import coco_to_detections, merge_scales
+from instseg_edu.engine.evaluate import coco_to_batch_detections, merge_scales
 
 SIZE_CUT = 32  # px
 per_size = {}
@@ -476,13 +476,8 @@ for name, results in rows.items():
 merged_matches = match_coco(val_set.coco, merged, "bbox", image_ids=image_ids)
 merged_thr, _, _, f1 = score_sweep(merged_matches).best_f1()
 merged_thr = merged_thr if f1 > 0 else 0.3
-by_image = {}
-for r in merged:
-    by_image.setdefault(r["image_id"], []).append(r)
 shown_cpu = shown.to("cpu")
-merged_detections = [
-    coco_to_detections(by_image.get(int(t.image_id), []), t, size, val_set.label_to_cat_id)
-    for t, size in zip(shown_cpu.targets, shown_cpu.image_sizes)
-]
+merged_detections = coco_to_batch_detections(merged, shown_cpu.targets, shown_cpu.image_sizes,
+                                             val_set.label_to_cat_id)  # fmt: skip
 display(gallery(shown_cpu.images, merged_detections, CLASSES, image_sizes=shown_cpu.image_sizes,
                 score_thr=merged_thr, ground_truth=shown_cpu.targets))  # fmt: skip

@@ -396,7 +396,7 @@ print(format_ap_table(metrics))
 
 # %%
 from instseg_edu.engine.analysis import match_coco, score_sweep
-from instseg_edu.engine.evaluate import coco_to_detections, predict_at_sizes
+from instseg_edu.engine.evaluate import coco_to_batch_detections, predict_at_sizes
 
 at_sizes = [val_set] + [
     CocoDataset(splits["val"], root / "val", eval_transforms(size))
@@ -414,14 +414,11 @@ for area in ("all", "small", "medium"):
     right, found = score_sweep(merged_matches["bbox"], area=area).at(merged_thr)
     print(f"boxes at score >= {merged_thr:.2f}, {area:>6s} shapes: {right:.0%} right, "
           f"{found:.0%} found")  # fmt: skip
-by_image = {}
-for r in merged:
-    by_image.setdefault(r["image_id"], []).append(r)
 shown = batch.to("cpu")
-gallery(shown.images, [coco_to_detections(by_image.get(int(t.image_id), []), t, size,
-                                          val_set.label_to_cat_id)
-                       for t, size in zip(shown.targets, shown.image_sizes)],
-        val_set.classes, image_sizes=shown.image_sizes, score_thr=merged_thr)  # fmt: skip
+merged_detections = coco_to_batch_detections(merged, shown.targets, shown.image_sizes,
+                                             val_set.label_to_cat_id)  # fmt: skip
+gallery(shown.images, merged_detections, val_set.classes, image_sizes=shown.image_sizes,
+        score_thr=merged_thr)  # fmt: skip
 
 # %% [markdown]
 # ## 8. Explore: edit a detection's coefficients

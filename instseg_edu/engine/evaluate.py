@@ -332,6 +332,31 @@ def coco_to_detections(
     return Detections(boxes, scores, labels, masks)
 
 
+def coco_to_batch_detections(
+    results: Sequence[dict],
+    targets: Sequence[Target],
+    image_sizes: Sequence[tuple[int, int]],
+    label_to_cat_id: Sequence[int],
+) -> list[Detections]:
+    """:func:`coco_to_detections` for each image of a batch: ``results`` of any images (e.g.
+    :func:`merge_scales`' output over a whole split) are grouped by ``image_id``, and each
+    target's image gets its own (none: empty :class:`Detections`).
+
+    Returns:
+        One :class:`Detections` per target, in the batch's input frame.
+
+    Raises:
+        ValueError: as :func:`coco_to_detections`.
+    """
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        by_image.setdefault(int(r["image_id"]), []).append(r)
+    return [
+        coco_to_detections(by_image.get(int(t.image_id), []), t, size, label_to_cat_id)
+        for t, size in zip(targets, image_sizes)
+    ]
+
+
 def _outputs_to_float(obj):
     """Cast floating tensors in (nested) outputs to float32, so post-processing runs in full
     precision even when the forward pass ran under bf16 autocast."""

@@ -9,6 +9,7 @@ from pycocotools import mask as mask_util
 
 from instseg_edu.engine.evaluate import (
     METRIC_NAMES,
+    coco_to_batch_detections,
     coco_to_detections,
     detections_to_coco,
     evaluate_coco,
@@ -480,3 +481,11 @@ def test_coco_to_detections_inverts_detections_to_coco():
         coco_to_detections(results, _no_objects(image_id=6), (50, 40), [3, 7])
     with pytest.raises(ValueError, match="category_id 7 is not in label_to_cat_id"):
         coco_to_detections(results, twice, (50, 40), [3, 9])
+    # a batch: results of several images go each to its own; an image without any gets none
+    other = _no_objects(image_id=6, orig_size=(50, 40))
+    mixed = results + detections_to_coco([det], [other], [(50, 40)], [3, 7])[:1]
+    per_image = coco_to_batch_detections(
+        mixed[::-1], [other, twice, _no_objects(image_id=8)], [(50, 40)] * 3, [3, 7]
+    )
+    assert [len(d) for d in per_image] == [1, 2, 0]
+    assert torch.equal(per_image[1].boxes, back.boxes)
