@@ -16,7 +16,7 @@ import torch
 from instseg_edu.data.coco import CocoDataset
 from instseg_edu.data.shapes import make_shapes_splits
 from instseg_edu.data.transforms import eval_transforms, train_transforms
-from instseg_edu.engine.train import make_loader
+from instseg_edu.engine.train import cpu_has_native_bf16, make_loader
 from instseg_edu.structures import Batch, Detections
 
 
@@ -107,5 +107,8 @@ class Timer:
 
 
 def autocast(device: torch.device, precision: str):
-    enabled = precision == "bf16" and device.type == "cuda"
+    """bf16 autocast when ``precision`` is ``"bf16"``, on CUDA or on a CPU with bf16
+    instructions (elsewhere bf16 would be emulated, slower than fp32: fp32 there)."""
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    enabled = precision == "bf16" and native
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)

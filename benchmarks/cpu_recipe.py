@@ -599,6 +599,7 @@ def run(
     steps: int | None = None,
     backbone_from: str | None = None,
     pretrain_seconds: float | None = None,
+    bf16: bool = False,
     **sizes,
 ) -> dict:
     """Train variant ``name`` for about ``seconds`` (or exactly ``steps`` steps) and score it;
@@ -607,6 +608,8 @@ def run(
     (:func:`~instseg_edu.engine.checkpoint.load_backbone`), which replaces the recipe's
     pretraining; ``pretrain_seconds``: the pretraining on object crops instead of the recipe's
     (0: none; it counts in ``seconds``);
+    ``bf16``: train under bf16 autocast on a CPU with bf16 instructions
+    (:attr:`~instseg_edu.engine.train.TrainConfig.cpu_amp`; float32 elsewhere);
     ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
     from instseg_edu.engine.evaluate import evaluate_model
     from instseg_edu.engine.train import make_loader, train
@@ -617,6 +620,7 @@ def run(
         r = dataclasses.replace(r, pretrain_seconds=pretrain_seconds or None)
     elif backbone_from is not None:  # a trained backbone replaces the pretraining, as in the demo
         r = dataclasses.replace(r, pretrain_seconds=None)
+    precision = {"cpu_amp": True} if bf16 else {}
     train_set, val_set = r.shapes_datasets(data)
     # + drawing and augmenting batches
     if steps is None:
@@ -624,7 +628,7 @@ def run(
         timed = build(variant, r)
         if backbone_from is not None:  # as it will train: frozen with a freeze_backbone recipe
             load_backbone(timed, backbone_from, freeze=r.freeze_backbone)
-        step_s = measure_step_seconds(r, 5, "cpu", model=timed) * loading_overhead
+        step_s = measure_step_seconds(r, 5, "cpu", model=timed, **precision) * loading_overhead
         steps = max(1, int((seconds - (r.pretrain_seconds or 0)) / step_s))
     torch.manual_seed(seed)
     model = build(variant, r)
@@ -643,12 +647,12 @@ def run(
     history = train(
         model,
         loader,
-        r.train_config(max_steps=steps, device="cpu", progress=False, seed=seed),
+        r.train_config(max_steps=steps, device="cpu", progress=False, seed=seed, **precision),
         callbacks=[ema] if ema else [],
     )
     train_s = time.perf_counter() - start
     val_loader = make_loader(val_set, 8, shuffle=False)
-    record = {"variant": name, "family": r.family, "seed": seed, "steps": steps,
+    record = {"variant": name, "family": r.family, "seed": seed, "steps": steps, "bf16": bf16,
               "batch_size": r.batch_size, "train_s": round(train_s, 1),
               "backbone_from": backbone_from, "pretrain_s": r.pretrain_seconds,
               "crop_accuracy": pretraining and round(pretraining.accuracy, 3)}  # fmt: skip
@@ -691,13 +695,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-seconds", type=float, default=None,
                         help="pretrain the ResNet on object crops this long (default: the "
                         "recipe's; 0: none)")  # fmt: skip
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast on a CPU with bf16 instructions"
+    )
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in ("num_train", "num_val", "image_size")}
     sizes = {key: value for key, value in sizes.items() if value is not None}
     for name in args.variants:
         record = run(name, args.seconds, args.data, seed=args.seed, steps=args.steps,
                      backbone_from=args.backbone_from, pretrain_seconds=args.pretrain_seconds,
-                     **sizes)  # fmt: skip
+                     bf16=args.bf16, **sizes)  # fmt: skip
         print(json.dumps(record), flush=True)
         if args.json:
             with open(args.json, "a") as f:

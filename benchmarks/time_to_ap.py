@@ -27,11 +27,13 @@ Two protocols, chosen by the device:
     python benchmarks/time_to_ap.py --family mask_rcnn --device cpu --minutes 4 --evals 4
     python benchmarks/time_to_ap.py --family retinanet --device cpu --smoke   # seconds-long check
 
-Each side runs in its best precision (bf16 autocast on CUDA for both by default; ``--tv-precision
-fp32`` to compare; always fp32 on the CPU). Only the training steps count as training time (the
-loader's waits and the evaluations do not); ``--max-wall-minutes`` also stops a side after that
-much wall-clock time outside evaluation, so a loader-bound run still ends on time (its curve then
-ends short of ``--minutes``).
+Each side runs in its best precision: bf16 autocast for both by default on CUDA
+(``--tv-precision fp32`` to compare), fp32 on the CPU (``--cpu-bf16``: bf16 for both on a CPU
+with bf16 instructions, as ``TrainConfig.cpu_amp``). On CUDA ours also runs channels-last, as
+``instseg_edu``'s training loop runs it there; torchvision's model runs as torchvision builds it.
+Only the training steps count as training time (the loader's waits and the evaluations do not);
+``--max-wall-minutes`` also stops a side after that much wall-clock time outside evaluation, so a
+loader-bound run still ends on time (its curve then ends short of ``--minutes``).
 
 ``parse_args`` and ``run`` are importable: ``benchmarks/gpu_check.py`` runs the same protocol.
 """
@@ -39,6 +41,7 @@ ends short of ``--minutes``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import time
@@ -61,7 +64,7 @@ from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import SHAPES_PER_IMAGE, make_shapes_dataset, split_name
 from instseg_edu.data.transforms import eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import detections_to_coco, evaluate_coco
-from instseg_edu.engine.train import lr_mult_groups, make_loader
+from instseg_edu.engine.train import cpu_has_native_bf16, lr_mult_groups, make_loader
 from instseg_edu.recipes import recipe
 
 # Settings of each protocol that the command line does not set (None there means "from here").
@@ -272,6 +275,9 @@ class SideRun:
     def __init__(self, name, model, family, args, train_loader, device):
         self.name, self.family, self.args, self.device = name, family, args, device
         self.model = model.to(device).train()
+        self.channels_last = name == "ours" and device.type == "cuda"  # as engine.train does
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.loader, self.batches = train_loader, None  # started at the first step
         self.precision = args.precision if name == "ours" else args.tv_precision
         self.lr = args.lr if name == "ours" else args.tv_lr
@@ -309,6 +315,9 @@ class SideRun:
         start = time.perf_counter()
         while self.trained < trained_s and not self.stopped:
             batch = self._next_batch().to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = batch.images.contiguous(memory_format=torch.channels_last)
+                batch = dataclasses.replace(batch, images=images)
             self.timer.start()
             warm = min(1.0, (self.step + 1) / max(1, self.args.warmup_steps))
             for group in self.optimizer.param_groups:
@@ -417,6 +426,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--tv-precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="CPU protocol: bf16 autocast for both sides on a CPU with bf16 "
+                        "instructions (default: fp32)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sides", nargs="+", default=["torchvision", "ours"])
     parser.add_argument("--seed", type=int, default=0,
@@ -437,7 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             in_memory=r.in_memory, color_jitter=r.color_jitter, model=r.model,
             train_shapes_per_image=r.train_shapes_per_image, **CPU_DEFAULTS,
         )  # fmt: skip
-        args.precision = args.tv_precision = "fp32"
+        if not (args.cpu_bf16 and cpu_has_native_bf16()):  # emulated bf16 is slower
+            args.precision = args.tv_precision = "fp32"
     else:
         defaults = dict(GPU_DEFAULTS, model=None)
     if args.evals is not None and args.eval_every is not None:

@@ -700,12 +700,14 @@ def measure_step_seconds(
     device: str = "auto",
     model: torch.nn.Module | None = None,
     frozen_backbone: bool = False,
+    **train_overrides,
 ) -> float:
     """Seconds per training step of recipe ``r`` on this machine (of a built ``model`` instead of
     the recipe's preset when given, which is trained in place: variants of it, as
     ``benchmarks/cpu_recipe.py`` times). ``frozen_backbone``: the preset with its whole backbone
     frozen (:meth:`~instseg_edu.models.backbone.BackboneWithFPN.freeze`), as a recipe with
-    :attr:`Recipe.freeze_backbone` trains from a loaded ResNet and FPN.
+    :attr:`Recipe.freeze_backbone` trains from a loaded ResNet and FPN. ``train_overrides``:
+    other :class:`~instseg_edu.engine.train.TrainConfig` fields (``amp=False``, say).
 
     Builds the recipe's model, runs one warm-up step, then times ``steps`` real training steps
     (forward, loss, backward, optimiser update: :func:`~instseg_edu.engine.train.train` itself)
@@ -728,7 +730,7 @@ def measure_step_seconds(
         batch = shapes_batch(r.batch_size, r.image_size, shapes_per_image=r.train_shapes_per_image,
                              resize_to=r.train_size)  # fmt: skip
         cfg = r.train_config(max_steps=1, device=str(dev), progress=False, warmup_steps=0,
-                             max_seconds=None)  # fmt: skip
+                             max_seconds=None, **train_overrides)  # fmt: skip
         train(model, [batch], cfg)  # warm-up: allocations, kernel selection
         cfg = dataclasses.replace(cfg, max_steps=steps)
         clock = _StepClock(dev)

@@ -11,7 +11,8 @@ needs, each piece small enough to read:
 
 - **device and precision**: CUDA when present, with bf16 autocast (no loss scaling needed: bf16 has
   float32's exponent range) and ``channels_last`` memory format (faster convolutions on tensor
-  cores); the CPU otherwise, in float32.
+  cores); the CPU otherwise, in float32 (``cpu_amp=True`` asks for bf16 there, on a CPU with bf16
+  instructions).
 - **optimiser and schedule**: SGD or AdamW; linear warm-up from ``lr * warmup_ratio`` (as in
   MMDetection's ``LinearLR``), then step decay or cosine. The learning rate is a pure function of
   the step (:func:`lr_at`), so resuming needs nothing but the step number. With a time budget
@@ -112,7 +113,13 @@ class TrainConfig:
             as fractions of the run: MMDetection's 1x schedule decays at epochs 8 and 11 of 12),
             ``"cosine"`` (down to ``lr * min_lr_ratio``) or ``"constant"``.
         grad_clip: max global gradient norm, or ``None`` (MMDetection's RetinaNet uses 35).
-        amp: bf16 autocast on CUDA (ignored on the CPU).
+        amp: bf16 autocast on CUDA (on the CPU only with ``cpu_amp``).
+        cpu_amp: with ``amp``, bf16 autocast on a CPU with bf16 instructions too
+            (:func:`cpu_has_native_bf16`: AVX-512 BF16 or AMX; float32 on other CPUs, where bf16
+            is emulated and slower). Off by default: it makes a step 1.1-1.5 times as fast and
+            learns as much per step, but oneDNN's bf16 convolution backward sometimes returns
+            NaN gradients from finite inputs (torch 2.14.1; a YOLACT trained at 64 px stopped on
+            a NaN at its second step; ``benchmarks/RESULTS.md``, "bf16 on the CPU").
         channels_last: NHWC memory format on CUDA (ignored on the CPU).
         log_every: steps between host syncs of the logged values (and progress-bar updates).
         eval_every: steps between evaluations (``None``: only at the end, if an evaluator exists).
@@ -154,6 +161,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float | None = None
     amp: bool = True
+    cpu_amp: bool = False
     channels_last: bool = True
     log_every: int = 20
     eval_every: int | None = None
@@ -214,6 +222,18 @@ class TrainConfig:
                 torch.device(self.device)
             except RuntimeError as e:
                 raise ValueError(f"device={self.device!r} is not a valid torch device") from e
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX tiles).
+
+    On such a CPU oneDNN's convolutions run under bf16 autocast about 1.1-1.5 times as fast as in
+    float32 (``benchmarks/RESULTS.md``, "bf16 on the CPU"); on others bf16 is emulated and slower,
+    so :func:`train` keeps float32 there even with ``TrainConfig.cpu_amp``. Most laptops' CPUs
+    have no bf16 instructions.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, torch >= 2.1
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -820,7 +840,8 @@ def train(
     """
     device = resolve_device(cfg.device)
     on_cuda = device.type == "cuda"
-    use_amp = cfg.amp and on_cuda
+    on_bf16_cpu = cfg.cpu_amp and device.type == "cpu" and cpu_has_native_bf16()
+    use_amp = cfg.amp and (on_cuda or on_bf16_cpu)
     channels_last = cfg.channels_last and on_cuda
     callbacks = list(callbacks)
     ddp = is_distributed()

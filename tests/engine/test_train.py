@@ -392,6 +392,50 @@ def test_lr_mult_scales_the_rate_of_the_parameters_it_names(tmp_path):
     assert load_checkpoint(tmp_path / "last.pt")["config"]["lr_mult"] == {"head": 0.2}
 
 
+class _AutocastProbe(ToyBoxModel):
+    """Records, at each forward, whether CPU bf16 autocast is on and the images' memory format."""
+
+    def __init__(self):
+        super().__init__(dropout=0.0)
+        self.seen = []
+
+    def forward(self, images):
+        cl = images.is_contiguous(memory_format=torch.channels_last)  # NCHW with C=3 is not
+        self.seen.append((torch.is_autocast_enabled("cpu"), cl))
+        return super().forward(images)
+
+
+@pytest.mark.parametrize(("native_bf16", "cpu_amp", "amp", "bf16"), [
+    (True, True, True, True),  # asked for, on a CPU with bf16 instructions: bf16 autocast
+    (True, False, True, False),  # the default: float32 on the CPU
+    (False, True, True, False),  # emulated bf16 would be slower: float32
+    (True, True, False, False),  # amp=False: float32 wherever it runs
+])  # fmt: skip
+def test_cpu_precision_follows_the_cpu(monkeypatch, native_bf16, cpu_amp, amp, bf16):
+    import instseg_edu.engine.train as engine_train
+
+    monkeypatch.setattr(engine_train, "cpu_has_native_bf16", lambda: native_bf16)
+    torch.manual_seed(0)
+    model = _AutocastProbe()
+    history = train(model, _loader(8), _cfg(max_steps=2, amp=amp, cpu_amp=cpu_amp))
+    # NCHW on the CPU in every case (channels_last is CUDA's), the weights float32.
+    assert model.seen == [(bf16, False), (bf16, False)]
+    assert all(math.isfinite(s["loss"]) for s in history.steps)
+    conv = model.features[0].weight
+    assert conv.is_contiguous() and conv.dtype == torch.float32
+
+
+def test_cpu_has_native_bf16_asks_torch():
+    # The check reads two of torch.cpu's feature tests; were torch to rename them, every CPU
+    # would silently train in float32.
+    from instseg_edu.engine.train import cpu_has_native_bf16
+
+    assert callable(torch.cpu._is_avx512_bf16_supported)
+    assert callable(torch.cpu._is_amx_tile_supported)
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert cpu_has_native_bf16() is bool(expected)
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last_and_deferred_sync():
     model = _model()
