@@ -117,9 +117,11 @@ class TrainConfig:
         cpu_amp: with ``amp``, bf16 autocast on a CPU with bf16 instructions too
             (:func:`cpu_has_native_bf16`: AVX-512 BF16 or AMX; float32 on other CPUs, where bf16
             is emulated and slower). Off by default: it makes a step 1.1-1.5 times as fast and
-            learns as much per step, but oneDNN's bf16 convolution backward sometimes returns
-            NaN gradients from finite inputs (torch 2.14.1; a YOLACT trained at 64 px stopped on
-            a NaN at its second step; ``benchmarks/RESULTS.md``, "bf16 on the CPU").
+            learns as much per step, but in torch 2.14.1 oneDNN's bf16 backward of a stride-2
+            3x3 convolution on a 1x1 input gives wrong weight gradients (the two taps beside
+            the centre, which see only padding, are not zero; at times NaN), as YOLACT's P7
+            is at 64 px: such a YOLACT stopped on a NaN at its second step
+            (``benchmarks/RESULTS.md``, "bf16 on the CPU").
         channels_last: NHWC memory format on CUDA (ignored on the CPU).
         log_every: steps between host syncs of the logged values (and progress-bar updates).
         eval_every: steps between evaluations (``None``: only at the end, if an evaluator exists).
