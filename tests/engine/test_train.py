@@ -435,24 +435,6 @@ def test_cpu_has_native_bf16_asks_torch():
     assert cpu_has_native_bf16() is bool(expected)
 
 
-@pytest.mark.skipif(not cpu_has_native_bf16(), reason="needs a CPU with bf16 instructions")
-@pytest.mark.xfail(strict=True, reason="oneDNN's bf16 conv backward, the reason cpu_amp is off")
-def test_cpu_bf16_conv_gradient_on_a_1x1_input():
-    # A stride-2 3x3 convolution on a 1x1 input: only the centre tap sees the pixel, the others
-    # see padding, so their weight gradient is zero. Under CPU bf16 autocast oneDNN gives the two
-    # taps beside the centre values (torch 2.14.1). When this passes (XPASS fails the suite), the
-    # bug is gone and TrainConfig.cpu_amp may become the CPU's default.
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(64, 64, 3, stride=2, padding=1)
-    x = torch.randn(2, 64, 1, 1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = conv(x)
-    y.float().sum().backward()
-    off_centre = conv.weight.grad.clone()
-    off_centre[..., 1, 1] = 0
-    assert torch.equal(off_centre, torch.zeros_like(off_centre))
-
-
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last_and_deferred_sync():
     model = _model()
