@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -226,6 +227,7 @@ class TrainConfig:
                 raise ValueError(f"device={self.device!r} is not a valid torch device") from e
 
 
+@functools.cache  # the hardware does not change; benchmarks ask at every step
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 instructions (AVX-512 BF16 or AMX tiles).
 
