@@ -381,11 +381,14 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     # stand-in for ImageNet weights): 0.41 -> 0.47 in the same 4.5 minutes (benchmarks/RESULTS.md,
     # "Pretraining the backbone on object crops"). A step of 4 images took 0.10 s on the two cores
     # it was tuned on, so the pretraining and 1800 steps take about 4 minutes there; notebook 04
-    # and the demo train by the clock instead.
+    # and the demo train by the clock instead. Its boxes of 32 px or more come from a second pass
+    # at 128 px, as Mask R-CNN's: at 192 px a medium shape looks larger than any it trained on
+    # (four runs: the medium shapes' APm 0.15-0.16 -> 0.25-0.31, their boxes 35-45 % -> 43-54 %
+    # right, box AP50 -0.003 to +0.014; benchmarks/RESULTS.md, twenty-first round).
     ("retinanet", "cpu"): _cpu(
         "retinanet", "RETINANET_R18_CPU", batch_size=4, max_steps=1800, lr=2e-3,
-        train_shapes_per_image=(10, 20), test_size=192, expected_minutes=4.0,
-        pretrain_seconds=60.0,
+        train_shapes_per_image=(10, 20), test_size=192, merge_test_sizes=(128,),
+        size_cuts=(32.0,), expected_minutes=4.0, pretrain_seconds=60.0,
         note="boxes only; most shapes found, at scores of 0.3-0.5, often beside a second box "
         "naming another class",
     ),
