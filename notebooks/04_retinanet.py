@@ -292,7 +292,7 @@ print(
 )
 # Saved for later notebooks (runs/notebooks/<tier>/retinanet.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)
-print("saved", checkpoint)
+print("saved", checkpoint.resolve())  # the kernel runs in the notebook's folder
 
 # %% [markdown]
 # ### `predict`, the readable way
@@ -463,15 +463,27 @@ thumbnails(best_thr)
 # ## 9. Each test size for its own shapes
 #
 # Enlarging the validation images to `TEST_SIZE` finds more of the small shapes, but a medium one
-# (32² to 96² px of area) then becomes larger than almost any shape the model trained on, and it
-# is found and named less often. So the cpu tier's recipe also predicts at the size the images
-# were drawn (`RECIPE.test_sizes`) and keeps each pass for its own boxes: those under
-# `RECIPE.size_cuts` (longest side, original pixels) from the enlarged pass, the others from the
-# second (`predict_at_sizes`, SNIP's valid ranges; notebook 06 does the same for Mask R-CNN, and
-# `instseg-edu demo --model retinanet` scores this merge). Below: the merged AP, how many boxes
-# drawn at the merge's best F1 are right and how many shapes are found, by size, and the merged
-# boxes on the images above. (The smoke and gpu tiers predict at one size: the merge is that
-# pass.)
+# then becomes larger than almost any shape the model trained on, and it is found and named less
+# often. So the cpu tier's recipe predicts the same images twice: at `TEST_SIZE` and again at each
+# of `RECIPE.merge_test_sizes`, here the size the images were drawn at (128 px). Together these
+# are `RECIPE.test_sizes`, the enlarged one first. Each pass keeps its own boxes: those whose
+# longest side is under `RECIPE.size_cuts` (32 px) from the enlarged pass, the others from the
+# 128 px one (`predict_at_sizes`, SNIP's valid ranges; notebook 06 does the same for Mask R-CNN,
+# and `instseg-edu demo --model retinanet` scores this merge). The smoke and gpu tiers predict at
+# one size, so there the merge is that one pass.
+#
+# Three ways of naming a size meet here; all of them count the drawn image's pixels except
+# section 7's. The cut looks at a **predicted box's longest side**, in the 128 px image. COCO's
+# **small** and **medium** (the `APs`, `APm` columns, and the rows below) look at the **area** of
+# a shape's ground-truth mask: under 32² px, and 32² to 96² px. Section 7's bins use √(w·h) of the
+# ground-truth box **at 192 px**, 1.5 times larger: its 32–64 px bin is roughly 21–43 px here. So a
+# square shape 32 px across sits on both borders at once, but a thin small shape (area under 32²)
+# can have a box over 32 px long: its box then comes from the 128 px pass, which finds fewer small
+# shapes. That is why the merge can cost the small shapes a little while it helps the medium ones.
+#
+# Below, side by side, the 192 px pass alone (section 8's boxes) and the merge: AP by size, then
+# at each one's best-F1 threshold how many boxes drawn are right and how many shapes are found, by
+# size. Then the merged boxes on the images of section 7.
 
 # %%
 from instseg_edu.engine.analysis import match_coco
@@ -484,14 +496,23 @@ merged, image_ids, _ = predict_at_sizes(
     model, at_sizes, RECIPE.size_cuts, val_set.label_to_cat_id, device, batch_size=BATCH_SIZE
 )
 merged_matches = match_coco(val_set.coco, merged, "bbox", image_ids=image_ids)
-print(f"test sizes {RECIPE.test_sizes}, cuts {RECIPE.size_cuts} px")
-print(format_ap_table({"bbox": merged_matches.stats}))
-merged_thr, _, _, f1 = score_sweep(merged_matches).best_f1()
-merged_thr = merged_thr if f1 > 0 else 0.3  # nothing right yet (smoke)
+print(f"test sizes {RECIPE.test_sizes} px, cuts {RECIPE.size_cuts} px (longest side at "
+      f"{IMAGE_SIZE} px)")  # fmt: skip
+passes = {f"{TEST_SIZE} px alone": matches, "merged": merged_matches}
+print(format_ap_table({name: m.stats for name, m in passes.items()}))  # box AP, both ways
+print(f"\n{'':>30s}" + "".join(f"{name:>16s}" for name in passes))
+thresholds = {}
+for name, m in passes.items():
+    thr, _, _, f1 = score_sweep(m, iou_thr=0.5).best_f1()
+    thresholds[name] = thr if f1 > 0 else 0.3  # nothing right yet (smoke)
+print(f"{'best-F1 threshold':>30s}" + "".join(f"{t:16.2f}" for t in thresholds.values()))
 for area in ("all", "small", "medium"):
-    right, found = score_sweep(merged_matches, area=area).at(merged_thr)
-    print(f"boxes at score >= {merged_thr:.2f}, {area:>6s} shapes: {right:.0%} right, "
-          f"{found:.0%} found")  # fmt: skip
+    cells = []
+    for name, m in passes.items():
+        right, found = score_sweep(m, iou_thr=0.5, area=area).at(thresholds[name])
+        cells.append(f"{right:4.0%} · {found:4.0%}")
+    print(f"{area + ' shapes: right · found':>30s}" + "".join(f"{c:>16s}" for c in cells))
+merged_thr = thresholds["merged"]
 shown = batches[0][0].to("cpu")
 merged_detections = coco_to_batch_detections(merged, shown.targets, shown.image_sizes,
                                              val_set.label_to_cat_id)  # fmt: skip

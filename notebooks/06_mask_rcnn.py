@@ -372,7 +372,7 @@ history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 print(history.summary())
 # Saved for later notebooks (runs/notebooks/<tier>/mask_rcnn.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)
-print("saved", checkpoint)
+print("saved", checkpoint.resolve())  # the kernel runs in the notebook's folder
 
 # %% [markdown]
 # ## 9 · Predict: boxes, then masks pasted into the image

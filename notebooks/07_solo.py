@@ -312,7 +312,7 @@ print(f"last step: loss_ins {last['loss_ins']:.3f}, loss_cate "
       f"{last['loss_cate']:.3f}, positives per image {last['num_pos']:.1f}")  # fmt: skip
 # Saved for later notebooks (runs/notebooks/<tier>/solo.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)
-print("saved", checkpoint)
+print("saved", checkpoint.resolve())  # the kernel runs in the notebook's folder
 
 # %% [markdown]
 # ## 7. Inference: points NMS, maskness, Matrix NMS

@@ -311,7 +311,7 @@ for key in ("loss_cls", "loss_bbox", "loss_mask"):
     print(key, [round(s[key], 3) for s in history.steps[:: max(1, len(history.steps) // 5)]])
 # Saved for later notebooks (runs/notebooks/<tier>/yolact.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)
-print("saved", checkpoint)
+print("saved", checkpoint.resolve())  # the kernel runs in the notebook's folder
 
 # %% [markdown]
 # ## 7. Predictions

@@ -268,7 +268,7 @@ def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_
 
 def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_path, capsys):
     """``--minutes 3.9`` at 0.6 s per step timed here: the recipe's 60 s of pretraining, then
-    174 s of training, about 174 / 0.6 = 290 steps, at most 174 / (0.8 x 0.6) = 362, told in the
+    174 s of training, about 174 / 0.6 = 290 steps, at most 174 / (0.6 x 0.6) = 483, told in the
     first two lines, with no time for "two CPU cores" (the time now belongs to this machine)."""
     from instseg_edu import cli, recipes
 
@@ -288,15 +288,15 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path)]) == 2
     first, second = capsys.readouterr().out.splitlines()[:2]
     assert first.startswith("tier 'cpu' (INSTSEG_TIER=cpu): MASK_RCNN_R18_CPU"), first
-    budget = ("batch 8, 362 steps at most, after 60 s of pretraining its ResNet on object crops: "
+    budget = ("batch 8, 483 steps at most, after 60 s of pretraining its ResNet on object crops: "
               "training ends at 2.9 min, its learning rate following")  # fmt: skip
     assert first.endswith(budget + " the clock"), first  # nothing about two CPU cores
     assert second == ("--minutes 3.9: the first 60 s pretrain the ResNet, then 0.60 s per step "
                       "timed here, so about 290 steps at that speed (a real step also loads its "
-                      "batch, and one hour's steps differ from another's; at most 362); the "
+                      "batch, and one hour's steps differ from another's; at most 483); the "
                       "cosine schedule follows the clock and ends at 3.9 min")  # fmt: skip
     assert timed == [540]  # the recipe's step, timed once
-    # The training it starts has the budget: 2.9 min after the pretraining, 362 steps as a bound.
+    # The training it starts has the budget: 2.9 min after the pretraining, 483 steps as a bound.
     monkeypatch.undo()
     monkeypatch.setenv("INSTSEG_TIER", "cpu")
     monkeypatch.setattr(recipes, "measure_step_seconds", measure)
@@ -306,7 +306,7 @@ def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_pa
     assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path), *small,
                  "--image-size", "32"]) == 0  # fmt: skip
     cfg = started[0][7]
-    assert (cfg.max_steps, cfg.schedule) == (362, "cosine")
+    assert (cfg.max_steps, cfg.schedule) == (483, "cosine")
     assert cfg.max_seconds == pytest.approx(174.0) and started[0][0].pretrain_seconds == 60.0
     assert main(["demo", "--device", "cpu", "--minutes", "3.9", "--data", str(tmp_path), *small,
                  "--image-size", "32", "--pretrain-seconds", "0"]) == 0  # fmt: skip

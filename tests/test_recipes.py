@@ -298,8 +298,8 @@ def test_notebook_recipe_with_minutes_fits_the_steps_to_this_machine(env, monkey
     monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, *args, **kwargs: 0.25)
     cpu = recipe("mask_rcnn", "cpu")
     fitted = notebook_recipe("mask_rcnn", "cpu", minutes=4.5)
-    # 4.5 min: 60 s of pretraining, then 210 s of training: at most 210 / (0.8 x 0.25) steps
-    assert fitted == fit_to_minutes(cpu, 4.5, 0.25) and fitted.max_steps == 1050
+    # 4.5 min: 60 s of pretraining, then 210 s of training: at most 210 / (0.6 x 0.25) steps
+    assert fitted == fit_to_minutes(cpu, 4.5, 0.25) and fitted.max_steps == 1400
     assert fitted.max_minutes == 3.5 and fitted.train_config().max_seconds == 210
     smoke = notebook_recipe("mask_rcnn", "smoke", minutes=4.5)  # seconds anyway: not fitted
     assert smoke.max_steps == recipe("mask_rcnn", "smoke").max_steps
@@ -315,12 +315,12 @@ def test_notebook_train_minutes_limit_only_the_cpu_tier_s_own_steps(env):
 def test_fit_to_minutes_trains_for_the_minutes_with_the_steps_that_fit_as_a_bound():
     r = recipe("mask_rcnn", "cpu").override(pretrain_seconds=None)
     fitted = fit_to_minutes(r, 4.5, 0.3)
-    assert fitted.max_steps == 1125  # 270 s / (0.8 x 0.3 s): more than fit; the clock ends it
+    assert fitted.max_steps == 1500  # 270 s / (0.6 x 0.3 s): more than fit; the clock ends it
     assert fitted.max_minutes == 4.5 and fitted.expected_minutes is None  # this machine's time
     changed = ("max_steps", "max_minutes", "expected_minutes")
     assert dataclasses.replace(fitted, **{k: getattr(r, k) for k in changed}) == r
     cfg = fitted.train_config()
-    assert (cfg.max_steps, cfg.max_seconds, cfg.warmup_steps) == (1125, 270.0, r.warmup_steps)
+    assert (cfg.max_steps, cfg.max_seconds, cfg.warmup_steps) == (1500, 270.0, r.warmup_steps)
     assert r.train_config().max_seconds is None  # the recipe itself trains its steps
     assert fit_to_minutes(r, 4.5, 0.3, margin=1.3).max_steps == 692  # 270 / (1.3 x 0.3) = 692.3
     assert fit_to_minutes(r, 0.001, 0.37).max_steps == 1  # never zero steps
@@ -334,7 +334,7 @@ def test_fit_to_minutes_counts_the_pretraining_in_the_minutes():
     r = recipe("mask_rcnn", "cpu")  # 60 s of pretraining
     fitted = fit_to_minutes(r, 4.5, 0.3)
     assert fitted.max_minutes == 3.5 and fitted.pretrain_seconds == 60.0
-    assert fitted.max_steps == 875  # 210 s / (0.8 x 0.3 s)
+    assert fitted.max_steps == 1166  # 210 s / (0.6 x 0.3 s) = 1166.7
     with pytest.raises(ValueError, match=r"minutes=1.0 leaves no time to train after the "
                        r"pretraining's 60 s \(pretrain_seconds\)"):  # fmt: skip
         fit_to_minutes(r, 1.0, 0.3)
@@ -513,7 +513,7 @@ def test_measure_step_seconds_and_describe_tier(env):
     assert "(about 10 s on two CPU cores)" in describe_tier("cpu", no_pretraining)
     # A time budget: said so, not timed again.
     line = describe_tier("cpu", fit_to_minutes(cpu, 4.5, 0.6))
-    planned = ("437 steps at most, after 60 s of pretraining its ResNet on object crops: "
+    planned = ("583 steps at most, after 60 s of pretraining its ResNet on object crops: "
                "training ends at 3.5 min, its learning rate following the clock")  # fmt: skip
     assert line.endswith(planned), line
     # Another batch size: the time measured for the recipe's own no longer applies.
