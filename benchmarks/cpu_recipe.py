@@ -46,6 +46,7 @@ from torch import nn
 
 from instseg_edu.engine.checkpoint import describe_backbone_load, load_backbone
 from instseg_edu.engine.pretrain import pretrain_backbone
+from instseg_edu.engine.train import cpu_has_native_bf16
 from instseg_edu.models import build_model
 from instseg_edu.models.backbone import FPN, resnet_out_channels
 from instseg_edu.recipes import measure_step_seconds, recipe
@@ -599,7 +600,7 @@ def run(
     steps: int | None = None,
     backbone_from: str | None = None,
     pretrain_seconds: float | None = None,
-    bf16: bool = False,
+    bf16: bool | None = None,
     **sizes,
 ) -> dict:
     """Train variant ``name`` for about ``seconds`` (or exactly ``steps`` steps) and score it;
@@ -609,7 +610,8 @@ def run(
     pretraining; ``pretrain_seconds``: the pretraining on object crops instead of the recipe's
     (0: none; it counts in ``seconds``);
     ``bf16``: train under bf16 autocast on a CPU with bf16 instructions
-    (:attr:`~instseg_edu.engine.train.TrainConfig.cpu_amp`; float32 elsewhere);
+    (:attr:`~instseg_edu.engine.train.TrainConfig.cpu_amp`; float32 elsewhere), ``False``: in
+    float32, ``None``: as the recipe does (:attr:`~instseg_edu.recipes.Recipe.cpu_amp`);
     ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
     from instseg_edu.engine.evaluate import evaluate_model
     from instseg_edu.engine.train import make_loader, train
@@ -620,7 +622,8 @@ def run(
         r = dataclasses.replace(r, pretrain_seconds=pretrain_seconds or None)
     elif backbone_from is not None:  # a trained backbone replaces the pretraining, as in the demo
         r = dataclasses.replace(r, pretrain_seconds=None)
-    precision = {"cpu_amp": True} if bf16 else {}
+    precision = {"cpu_amp": r.cpu_amp if bf16 is None else bf16}
+    bf16 = precision["cpu_amp"] and cpu_has_native_bf16()  # what it trains in: recorded
     train_set, val_set = r.shapes_datasets(data)
     # + drawing and augmenting batches
     if steps is None:
@@ -695,9 +698,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrain-seconds", type=float, default=None,
                         help="pretrain the ResNet on object crops this long (default: the "
                         "recipe's; 0: none)")  # fmt: skip
-    parser.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast on a CPU with bf16 instructions"
-    )
+    precision = parser.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", default=None,
+                           help="bf16 autocast on a CPU with bf16 instructions (the cpu "
+                           "recipes' default: Recipe.cpu_amp)")  # fmt: skip
+    precision.add_argument("--fp32", dest="bf16", action="store_false",
+                           help="float32, also on a CPU with bf16 instructions")  # fmt: skip
+    parser.set_defaults(bf16=None)  # neither: as the recipe
     args = parser.parse_args(argv)
     sizes = {key: getattr(args, key) for key in ("num_train", "num_val", "image_size")}
     sizes = {key: value for key, value in sizes.items() if value is not None}

@@ -28,9 +28,13 @@ Two protocols, chosen by the device:
     python benchmarks/time_to_ap.py --family retinanet --device cpu --smoke   # seconds-long check
 
 Each side runs in its best precision: bf16 autocast for both by default on CUDA
-(``--tv-precision fp32`` to compare), fp32 on the CPU (``--cpu-bf16``: bf16 for both on a CPU
-with bf16 instructions, as ``TrainConfig.cpu_amp``). On CUDA ours also runs channels-last, as
-``instseg_edu``'s training loop runs it there; torchvision's model runs as torchvision builds it.
+(``--tv-precision fp32`` to compare); on the CPU the precision of the cpu recipe
+(``Recipe.cpu_amp``): bf16 for both on a CPU with bf16 instructions, float32 elsewhere
+(``--cpu-fp32``: float32 on any CPU; ``--cpu-bf16``: bf16 even when the recipe says otherwise).
+On the CPU both sides' strided convolutions on one-pixel-wide inputs run in float32
+(``engine.train.float32_for_one_wide_inputs``: a oneDNN bf16 bug). On CUDA ours also runs
+channels-last, as ``instseg_edu``'s training loop runs it there (and on the CPU in bf16);
+torchvision's model runs as torchvision builds it.
 Only the training steps count as training time (the loader's waits and the evaluations do not);
 ``--max-wall-minutes`` also stops a side after that much wall-clock time outside evaluation, so a
 loader-bound run still ends on time (its curve then ends short of ``--minutes``).
@@ -64,7 +68,12 @@ from instseg_edu.data.memory import InMemoryDataset
 from instseg_edu.data.shapes import SHAPES_PER_IMAGE, make_shapes_dataset, split_name
 from instseg_edu.data.transforms import eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import detections_to_coco, evaluate_coco
-from instseg_edu.engine.train import cpu_has_native_bf16, lr_mult_groups, make_loader
+from instseg_edu.engine.train import (
+    cpu_has_native_bf16,
+    float32_for_one_wide_inputs,
+    lr_mult_groups,
+    make_loader,
+)
 from instseg_edu.recipes import recipe
 
 # Settings of each protocol that the command line does not set (None there means "from here").
@@ -275,11 +284,14 @@ class SideRun:
     def __init__(self, name, model, family, args, train_loader, device):
         self.name, self.family, self.args, self.device = name, family, args, device
         self.model = model.to(device).train()
-        self.channels_last = name == "ours" and device.type == "cuda"  # as engine.train does
-        if self.channels_last:
-            self.model.to(memory_format=torch.channels_last)
         self.loader, self.batches = train_loader, None  # started at the first step
         self.precision = args.precision if name == "ours" else args.tv_precision
+        # As engine.train does: channels-last on CUDA, and on the CPU in bf16.
+        self.channels_last = name == "ours" and (device.type == "cuda" or self.precision == "bf16")
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if device.type == "cpu" and self.precision == "bf16":  # oneDNN's bf16 bug, both sides
+            float32_for_one_wide_inputs(self.model)  # as engine.train does
         self.lr = args.lr if name == "ours" else args.tv_lr
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
@@ -426,9 +438,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--tv-precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--cpu-bf16", action="store_true",
-                        help="CPU protocol: bf16 autocast for both sides on a CPU with bf16 "
-                        "instructions (default: fp32)")  # fmt: skip
+    cpu_precision = parser.add_mutually_exclusive_group()
+    cpu_precision.add_argument("--cpu-bf16", action="store_true",
+                               help="CPU protocol: bf16 autocast for both sides on a CPU with "
+                               "bf16 instructions (default: as the cpu recipe, "
+                               "Recipe.cpu_amp)")  # fmt: skip
+    cpu_precision.add_argument("--cpu-fp32", dest="cpu_bf16", action="store_false",
+                               help="CPU protocol: float32 for both sides")  # fmt: skip
+    parser.set_defaults(cpu_bf16=None)  # neither: as the recipe
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--sides", nargs="+", default=["torchvision", "ours"])
     parser.add_argument("--seed", type=int, default=0,
@@ -449,6 +466,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             in_memory=r.in_memory, color_jitter=r.color_jitter, model=r.model,
             train_shapes_per_image=r.train_shapes_per_image, **CPU_DEFAULTS,
         )  # fmt: skip
+        if args.cpu_bf16 is None:
+            args.cpu_bf16 = r.cpu_amp
         if not (args.cpu_bf16 and cpu_has_native_bf16()):  # emulated bf16 is slower
             args.precision = args.tv_precision = "fp32"
     else:

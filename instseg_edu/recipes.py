@@ -147,6 +147,11 @@ class Recipe:
             of at most ``train_side`` is kept (:class:`~instseg_edu.data.transforms.
             RandomResizeCrop`; MMDetection's ``RandomResize`` ``ratio_range`` with
             ``RandomCrop``), or ``None``: none.
+        cpu_amp: train under bf16 autocast on a CPU with bf16 instructions
+            (:class:`~instseg_edu.engine.train.TrainConfig`'s ``cpu_amp``; float32 on other CPUs).
+            The cpu tier's recipes do: on such a CPU a step takes 0.65 to 1.0 times as long
+            (Mask R-CNN's about 0.75, SOLO's frozen one about the same), and the same minutes
+            learn more (``benchmarks/RESULTS.md``, twentieth and twenty-fifth rounds).
         freeze_backbone: when the backbone starts from another trained model (a notebook's
             ``BACKBONE_FROM``, ``instseg-edu demo --backbone-from``), keep what was loaded frozen
             (:func:`~instseg_edu.engine.checkpoint.load_backbone`'s ``freeze``): only the heads
@@ -184,6 +189,7 @@ class Recipe:
     merge_test_sizes: tuple[int, ...] = ()
     size_cuts: tuple[float, ...] = ()
     freeze_backbone: bool = False
+    cpu_amp: bool = False
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -262,6 +268,7 @@ class Recipe:
             grad_clip=self.grad_clip,
             lr_mult=self.lr_mult,
             max_seconds=None if self.max_minutes is None else 60 * self.max_minutes,
+            cpu_amp=self.cpu_amp,
         )
         settings.update(overrides)
         if "warmup_steps" not in overrides:  # a shortened run warms up for at most its length
@@ -344,9 +351,10 @@ class Recipe:
 
 def _cpu(family: str, model: str, **kw) -> Recipe:
     # 128 px images kept in memory, AdamW (from scratch it starts faster than SGD), cosine decay.
+    # bf16 autocast where the CPU has bf16 instructions (cpu_amp; float32 elsewhere).
     settings = dict(image_size=128, num_train=1000, num_val=200, batch_size=8,
                     optimizer="adamw", weight_decay=0.05, warmup_steps=50, grad_clip=10.0,
-                    in_memory=True, workers=0)  # fmt: skip
+                    in_memory=True, workers=0, cpu_amp=True)  # fmt: skip
     settings.update(kw)
     return Recipe(family, "cpu", model, **settings)
 
@@ -794,9 +802,9 @@ def fit_to_minutes(
     are the quick end), so at the default ``margin=0.6`` the clock, not the step count, ends the
     run: ``instseg-edu demo --minutes`` and the training notebooks' cpu tier use it so. (At 0.8 a
     notebook 04 run stopped at its 2017 steps after 184 of its 210 s.) A bound set too high costs
-    nothing: the warm-up counts its own steps, and the schedule follows the clock. Warm-up follows the new length
-    (:meth:`Recipe.train_config`). ``expected_minutes`` becomes ``None``: the time now belongs to
-    this machine, not to the one the tier was timed on.
+    nothing: the warm-up counts its own steps (at most the new length,
+    :meth:`Recipe.train_config`), and the schedule follows the clock. ``expected_minutes`` becomes
+    ``None``: the time now belongs to this machine, not to the one the tier was timed on.
 
     Raises:
         ValueError: ``minutes``, ``seconds_per_step`` or ``margin`` not positive; ``minutes`` no
@@ -832,6 +840,8 @@ def describe_tier(
     what :func:`select_tier` looked at). A recipe with a time budget (``max_minutes``, from
     :func:`fit_to_minutes`) is not timed again: the line gives the budget. ``frozen_backbone``:
     time the steps with the backbone frozen (:func:`measure_step_seconds`), as they will run.
+    A cpu-tier recipe that trains in bf16 on this CPU (:attr:`Recipe.cpu_amp`) says so after the
+    model's name.
     """
     head = f"tier {tier!r} ({reason or _tier_reason()})"
     if r is None:
@@ -843,8 +853,13 @@ def describe_tier(
             "steps: seconds; it proves the code runs and learns nothing"
         )
     else:
+        from instseg_edu.engine.train import cpu_has_native_bf16
+
+        bf16 = r.cpu_amp and tier == "cpu" and cpu_has_native_bf16()
         what = (
-            f"{r.model}, {r.num_train} images of {r.train_side} px"
+            f"{r.model}"
+            + (" in bf16 (this CPU has bf16 instructions)" if bf16 else "")
+            + f", {r.num_train} images of {r.train_side} px"
             + ("" if r.test_side == r.train_side else f" (scored at {r.test_side} px)")
             + f", batch {r.batch_size}, {r.max_steps} steps"
         )

@@ -356,6 +356,22 @@ def test_time_to_ap_cpu_protocol_interleaves_the_same_small_models(tmp_path):
     assert len(report["summary"]["points"]) == len(curves["ours"])
 
 
+@pytest.mark.parametrize(("native", "flag", "expected"), [
+    (True, None, "bf16"),  # as the cpu recipe trains (Recipe.cpu_amp)
+    (True, "--cpu-fp32", "fp32"),
+    (False, None, "fp32"),  # emulated bf16 would be slower
+    (False, "--cpu-bf16", "fp32"),
+])  # fmt: skip
+def test_time_to_ap_cpu_precision_follows_the_recipe_on_both_sides(monkeypatch, native, flag,
+                                                                   expected):  # fmt: skip
+    sys.path.insert(0, str(BENCHMARKS))
+    import time_to_ap
+
+    monkeypatch.setattr(time_to_ap, "cpu_has_native_bf16", lambda: native)
+    args = time_to_ap.parse_args(["--device", "cpu", *([flag] if flag else [])])
+    assert (args.precision, args.tv_precision) == (expected, expected)
+
+
 def test_torchvision_like_mirrors_our_cpu_models():
     sys.path.insert(0, str(BENCHMARKS))
     import time_to_ap

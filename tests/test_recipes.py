@@ -543,3 +543,19 @@ def test_notebook_data_dir_is_kept_when_named_and_removed_with_the_kernel_when_n
     assert proc.returncode == 0, proc.stderr
     root = Path(proc.stdout.strip())
     assert root.parent == tmp_path and not root.exists()
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_cpu_recipes_train_in_bf16_where_the_cpu_has_it_and_say_so(monkeypatch, native_bf16):
+    import instseg_edu.engine.train as engine_train
+
+    monkeypatch.setattr(engine_train, "cpu_has_native_bf16", lambda: native_bf16)
+    for family in FAMILIES:
+        cpu = recipe(family, "cpu")
+        assert cpu.cpu_amp and cpu.train_config().cpu_amp  # train() decides by the CPU
+        assert recipe(family, "smoke").cpu_amp  # the same code path, in seconds
+        assert not recipe(family, "gpu").cpu_amp  # CUDA's bf16 is TrainConfig.amp's
+        line = describe_tier("cpu", cpu, measure=False)
+        said = f": {cpu.model} in bf16 (this CPU has bf16 instructions), 1000 images" in line
+        assert said == native_bf16, line
+        assert "bf16" not in describe_tier("cpu", cpu.override(cpu_amp=False), measure=False)

@@ -12,7 +12,7 @@ needs, each piece small enough to read:
 - **device and precision**: CUDA when present, with bf16 autocast (no loss scaling needed: bf16 has
   float32's exponent range) and ``channels_last`` memory format (faster convolutions on tensor
   cores); the CPU otherwise, in float32 (``cpu_amp=True`` asks for bf16 there, on a CPU with bf16
-  instructions).
+  instructions, as the cpu tier's recipes do).
 - **optimiser and schedule**: SGD or AdamW; linear warm-up from ``lr * warmup_ratio`` (as in
   MMDetection's ``LinearLR``), then step decay or cosine. The learning rate is a pure function of
   the step (:func:`lr_at`), so resuming needs nothing but the step number. With a time budget
@@ -117,13 +117,15 @@ class TrainConfig:
         amp: bf16 autocast on CUDA (on the CPU only with ``cpu_amp``).
         cpu_amp: with ``amp``, bf16 autocast on a CPU with bf16 instructions too
             (:func:`cpu_has_native_bf16`: AVX-512 BF16 or AMX; float32 on other CPUs, where bf16
-            is emulated and slower). Off by default: it makes a step 1.1-1.5 times as fast and
-            learns as much per step, but in torch 2.14.1 oneDNN's bf16 backward of a stride-2
-            3x3 convolution on a 1x1 input gives wrong weight gradients (the two taps beside
-            the centre, which see only padding, are not zero; at times NaN), as YOLACT's P7
-            is at 64 px: such a YOLACT stopped on a NaN at its second step
-            (``benchmarks/RESULTS.md``, "bf16 on the CPU").
-        channels_last: NHWC memory format on CUDA (ignored on the CPU).
+            is emulated and slower). It makes a step 1.1-1.5 times as fast and learns as much
+            per step. oneDNN's bf16 weight gradient of a strided convolution on an input one
+            pixel wide is wrong (torch 2.14.1; YOLACT's P7 at 64 px stopped on a NaN at its
+            second step), so :func:`train` runs those few convolutions in float32
+            (:func:`float32_for_one_wide_inputs`). Off here by default; the cpu tier's recipes
+            turn it on (:attr:`~instseg_edu.recipes.Recipe.cpu_amp`).
+        channels_last: NHWC memory format on CUDA, and on the CPU under bf16 autocast
+            (``cpu_amp``; oneDNN's fastest bf16 layout: a Mask R-CNN step of the cpu tier 0.21 s
+            instead of 0.25 s). A CPU-trained model is returned in the default layout.
         log_every: steps between host syncs of the logged values (and progress-bar updates).
         eval_every: steps between evaluations (``None``: only at the end, if an evaluator exists).
         checkpoint_dir: where ``last.pt`` is written (``None``: no checkpoints).
@@ -238,6 +240,49 @@ def cpu_has_native_bf16() -> bool:
     """
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu, torch >= 2.1
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def float32_for_one_wide_inputs(model: torch.nn.Module) -> list:
+    """Run ``model``'s strided convolutions in float32 whenever their input is one pixel wide or
+    high, also under CPU bf16 autocast; returns the hook handles (``.remove()`` each to undo).
+
+    oneDNN's bf16 convolution on the CPU (torch 2.14.1, AVX-512 BF16) computes a wrong **weight
+    gradient** for a stride-2 convolution with a kernel wider than 1 on an input one pixel wide:
+    every time, for 3x3, 5x5 and 7x7 kernels and heights 1 to 12, NCHW or channels-last, with
+    errors up to 1e37 or inf (at widths 2 and 3, at stride 1 and with 1x1 kernels it agrees with
+    float32 up to bf16's rounding; the output and the input's gradient are right everywhere). Such
+    inputs are the coarsest levels of small or very narrow images: YOLACT's P6 -> P7 at 64 px, a
+    ResNet's last stage on a crop under 32 px. Those convolutions are tiny, so running them in
+    float32 (their input cast up, autocast off for that one call) costs nothing measurable and
+    leaves every other one in bf16.
+    A forward pre-hook switches autocast off and a forward hook switches it back, also when the
+    forward raises (``always_call``). Outside CPU autocast the hooks change nothing.
+    ``benchmarks/RESULTS.md`` (twenty-fifth round) has the measurements.
+    """
+    handles = []
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Conv2d):
+            continue
+        if max(module.stride) == 1 or max(module.kernel_size) == 1:
+            continue
+        handles.append(module.register_forward_pre_hook(_float32_if_one_wide))
+        handles.append(module.register_forward_hook(_autocast_back_on, always_call=True))
+    return handles
+
+
+def _float32_if_one_wide(module, args):
+    x = args[0]
+    if x.device.type != "cpu" or min(x.shape[-2:]) != 1 or not torch.is_autocast_enabled("cpu"):
+        return None
+    module._autocast_off = torch.autocast("cpu", enabled=False)
+    module._autocast_off.__enter__()
+    return (x.float(), *args[1:])
+
+
+def _autocast_back_on(module, args, output):
+    off = module.__dict__.pop("_autocast_off", None)
+    if off is not None:
+        off.__exit__(None, None, None)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -846,7 +891,8 @@ def train(
     on_cuda = device.type == "cuda"
     on_bf16_cpu = cfg.cpu_amp and device.type == "cpu" and cpu_has_native_bf16()
     use_amp = cfg.amp and (on_cuda or on_bf16_cpu)
-    channels_last = cfg.channels_last and on_cuda
+    # NHWC: tensor cores' layout on CUDA, and oneDNN's fastest for bf16 on the CPU.
+    channels_last = cfg.channels_last and (on_cuda or (use_amp and on_bf16_cpu))
     callbacks = list(callbacks)
     ddp = is_distributed()
     rank, world_size = get_rank(), get_world_size()
@@ -875,6 +921,8 @@ def train(
         model.to(memory_format=torch.channels_last)
     if on_cuda:
         torch.backends.cudnn.benchmark = True
+    # A oneDNN bf16 bug: see float32_for_one_wide_inputs. Removed when training ends.
+    guards = float32_for_one_wide_inputs(model) if use_amp and on_bf16_cpu else []
     optimizer = make_optimizer(model, cfg)
     num_steps = total_steps(cfg, train_loader)
 
@@ -1090,6 +1138,10 @@ def train(
             )
     finally:
         bar.close()
+        for handle in guards:
+            handle.remove()
+        if channels_last and not on_cuda:  # the CPU predicts in float32, NCHW: as it came
+            model.to(memory_format=torch.contiguous_format)
     model.eval()
     call("on_end")
     return history

@@ -17,6 +17,7 @@ from instseg_edu.engine.train import (
     NonFiniteLossError,
     TrainConfig,
     cpu_has_native_bf16,
+    float32_for_one_wide_inputs,
     lr_at,
     make_loader,
     make_optimizer,
@@ -419,11 +420,89 @@ def test_cpu_precision_follows_the_cpu(monkeypatch, native_bf16, cpu_amp, amp, b
     torch.manual_seed(0)
     model = _AutocastProbe()
     history = train(model, _loader(8), _cfg(max_steps=2, amp=amp, cpu_amp=cpu_amp))
-    # NCHW on the CPU in every case (channels_last is CUDA's), the weights float32.
-    assert model.seen == [(bf16, False), (bf16, False)]
+    # Channels-last with bf16 (oneDNN's fastest bf16 layout), else NCHW; the weights float32,
+    # and back in the default layout when training ends.
+    assert model.seen == [(bf16, bf16), (bf16, bf16)]
     assert all(math.isfinite(s["loss"]) for s in history.steps)
     conv = model.features[0].weight
     assert conv.is_contiguous() and conv.dtype == torch.float32
+
+
+def _strided_conv_grads(x, bf16, guarded):
+    """Output dtype and weight gradient of a 3x3 stride-2 conv on ``x`` (autocast when bf16)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, stride=2, padding=1))
+    handles = float32_for_one_wide_inputs(net) if guarded else []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = net(x)
+        still_on = torch.is_autocast_enabled("cpu")
+    y.float().square().sum().backward()
+    for handle in handles:
+        handle.remove()
+    assert not net[0]._forward_pre_hooks and not net[0]._forward_hooks  # removed
+    return y.dtype, net[0].weight.grad, still_on
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (5, 1), (1, 4)])
+def test_one_wide_inputs_of_strided_convs_train_in_float32_under_cpu_autocast(hw):
+    """oneDNN's bf16 weight gradient of a stride-2 3x3 conv on a one-pixel-wide input is wrong
+    (errors up to 1e37: benchmarks/RESULTS.md, "bf16 on the CPU"); the guard runs that call in
+    float32, so its gradient is float32's, and autocast is on again for what follows."""
+    x = torch.randn(2, 64, *hw, generator=torch.Generator().manual_seed(1))
+    dtype, grad, still_on = _strided_conv_grads(x, bf16=True, guarded=True)
+    _, reference, _ = _strided_conv_grads(x, bf16=False, guarded=False)
+    assert dtype == torch.float32 and still_on
+    torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_the_float32_guard_leaves_other_convs_in_bf16():
+    x = torch.randn(2, 64, 6, 6)
+    dtype, grad, still_on = _strided_conv_grads(x, bf16=True, guarded=True)
+    assert dtype == torch.bfloat16 and still_on  # two or more pixels wide: autocast's bf16
+    _, reference, _ = _strided_conv_grads(x, bf16=False, guarded=False)
+    assert (grad - reference).abs().max() <= 0.05 * reference.abs().max()  # bf16's rounding
+    dtype, _, _ = _strided_conv_grads(torch.randn(2, 64, 3, 1), bf16=False, guarded=True)
+    assert dtype == torch.float32  # without autocast the hooks do nothing
+    torch.manual_seed(0)
+    stride_1 = torch.nn.Conv2d(64, 64, 3, padding=1)
+    downsample = torch.nn.Conv2d(64, 64, 1, stride=2)
+    assert float32_for_one_wide_inputs(torch.nn.Sequential(stride_1, downsample)) == []
+
+
+def test_the_float32_guard_turns_autocast_back_on_when_the_forward_raises():
+    conv = torch.nn.Conv2d(64, 64, 3, stride=2, padding=1)
+    float32_for_one_wide_inputs(conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError):
+            conv(torch.randn(2, 3, 4, 1))  # 3 channels, not 64
+        assert torch.is_autocast_enabled("cpu")
+
+
+class _OneWide(ToyBoxModel):
+    """The toy model with a last strided conv whose input is one pixel wide."""
+
+    def __init__(self):
+        super().__init__(dropout=0.0)
+        self.narrow = torch.nn.Conv2d(3, 3, 3, stride=2, padding=1)
+        self.guarded = []
+
+    def forward(self, images):
+        self.guarded.append(bool(self.narrow._forward_pre_hooks))
+        x = self.narrow(images[..., :1])  # [B, 3, H, 1]
+        return super().forward(images + 0 * x.float().mean())
+
+
+@pytest.mark.parametrize(("native_bf16", "guarded"), [(True, True), (False, False)])
+def test_train_guards_one_wide_convs_in_cpu_bf16_only(monkeypatch, native_bf16, guarded):
+    import instseg_edu.engine.train as engine_train
+
+    monkeypatch.setattr(engine_train, "cpu_has_native_bf16", lambda: native_bf16)
+    torch.manual_seed(0)
+    model = _OneWide()
+    history = train(model, _loader(8), _cfg(max_steps=2, cpu_amp=True))
+    assert model.guarded == [guarded, guarded]
+    assert not model.narrow._forward_pre_hooks and not model.narrow._forward_hooks
+    assert all(math.isfinite(s["loss"]) for s in history.steps)
 
 
 def test_cpu_has_native_bf16_asks_torch():
