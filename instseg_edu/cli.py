@@ -597,6 +597,7 @@ def cmd_demo(args) -> int:
         fit_to_minutes,
         measure_step_seconds,
         recipe,
+        slow_step_warning,
     )
 
     device = _device(args.device)
@@ -625,6 +626,7 @@ def cmd_demo(args) -> int:
     else:
         _check_minutes(args, tier, is_distributed())
         seconds = measure_step_seconds(r, device=str(device), frozen_backbone=args.freeze_backbone)
+        slow = slow_step_warning(r, seconds)
         try:
             r = fit_to_minutes(r, args.minutes, seconds)
         except ValueError as e:
@@ -637,6 +639,8 @@ def cmd_demo(args) -> int:
               f"{at_this_speed} steps at that speed (a real step also loads its batch, and one "
               f"hour's steps differ from another's; at most {r.max_steps}); the cosine schedule "
               f"follows the clock and ends at {args.minutes:g} min", flush=True)  # fmt: skip
+        if slow:
+            print(slow, flush=True)
     if dropped_pretraining:
         print("--backbone-from: no pretraining on object crops; the ResNet starts from the "
               "given model's, which has learned more (--pretrain-seconds S pretrains it all the "

@@ -783,6 +783,29 @@ shared machine has slower minutes. 1.1 to 1.45 on two CPU cores (notebook 09's f
 memory, ran its steps at 0.7 to 0.9 times the timed one (:func:`fit_to_minutes` allows it)."""
 
 
+def slow_step_warning(r: Recipe, seconds_per_step: float, factor: float = 3.0) -> str | None:
+    """A warning when a step timed here (:func:`measure_step_seconds`) takes more than ``factor``
+    times as long as on the machine recipe ``r`` was timed on, else ``None``.
+
+    That machine's timed step is the recipe's training time (``expected_minutes`` less the
+    pretraining) per step, divided by :data:`PLAN_MARGIN` (its real steps also loaded their
+    batches). A time budget then holds that many times fewer steps, and the model learns much
+    less than the recipe's figures say; most often another program is using the cores (a
+    demo sharing two cores with a test run timed 4.98 s a step instead of about 0.2 s, trained
+    77 steps, and reached box AP50 0.03). ``None`` also when the recipe has no
+    ``expected_minutes``.
+    """
+    if r.expected_minutes is None or not seconds_per_step > 0:
+        return None
+    there = (60 * r.expected_minutes - (r.pretrain_seconds or 0)) / r.max_steps / PLAN_MARGIN
+    if seconds_per_step <= factor * there:
+        return None
+    return (f"warning: a step takes {seconds_per_step / there:.0f} times as long here as on the "
+            f"machine this recipe was timed on ({seconds_per_step:.2f} s against about "
+            f"{there:.2f} s): the same minutes hold that many times fewer steps, and the model "
+            "will learn much less; is another program using the CPU?")  # fmt: skip
+
+
 def fit_to_minutes(
     r: Recipe, minutes: float, seconds_per_step: float, margin: float = 0.6
 ) -> Recipe:

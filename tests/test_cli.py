@@ -266,6 +266,29 @@ def test_demo_with_fewer_steps_expects_the_time_of_those_steps(monkeypatch, tmp_
     assert line.endswith("(about 2.0 min on two CPU cores)"), line  # 1 + 3.0 min x 180 / 540
 
 
+def test_demo_warns_when_a_step_takes_far_longer_than_the_recipe_s(monkeypatch, tmp_path,
+                                                                    capsys):  # fmt: skip
+    """A demo sharing two cores with another job timed 4.98 s a step (about 0.26 s where the
+    recipe was timed), trained 77 steps and learned nothing: the demo says so before training."""
+    from instseg_edu import cli, recipes
+
+    monkeypatch.setenv("INSTSEG_TIER", "cpu")
+    for seconds, warned in ((4.98, True), (0.6, False)):
+        monkeypatch.setattr(recipes, "measure_step_seconds", lambda r, *a, s=seconds, **k: s)
+
+        def stop(*args, **kwargs):
+            raise cli.CliError("stopped before the data")
+
+        monkeypatch.setattr(cli, "_shapes", stop)
+        assert main(["demo", "--device", "cpu", "--minutes", "5", "--data", str(tmp_path)]) == 2
+        lines = capsys.readouterr().out.splitlines()
+        warning = [line for line in lines if line.startswith("warning: a step takes")]
+        assert bool(warning) == warned, lines
+        if warned:
+            assert lines.index(warning[0]) == 2  # right after the tier and the --minutes lines
+            assert "19 times as long here" in warning[0]
+
+
 def test_demo_minutes_trains_for_the_minutes_on_this_machine(monkeypatch, tmp_path, capsys):
     """``--minutes 3.9`` at 0.6 s per step timed here: the recipe's 60 s of pretraining, then
     174 s of training, about 174 / 0.6 = 290 steps, at most 174 / (0.6 x 0.6) = 483, told in the

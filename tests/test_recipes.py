@@ -35,6 +35,7 @@ from instseg_edu.recipes import (
     save_notebook_model,
     select_tier,
     shapes_batch,
+    slow_step_warning,
 )
 
 
@@ -559,3 +560,16 @@ def test_cpu_recipes_train_in_bf16_where_the_cpu_has_it_and_say_so(monkeypatch, 
         said = f": {cpu.model} in bf16 (this CPU has bf16 instructions), 1000 images" in line
         assert said == native_bf16, line
         assert "bf16" not in describe_tier("cpu", cpu.override(cpu_amp=False), measure=False)
+
+
+def test_slow_step_warning_when_a_step_takes_far_longer_than_where_the_recipe_was_timed():
+    r = recipe("mask_rcnn", "cpu")  # 4.0 min: 60 s of pretraining, then 540 steps
+    there = (240 - 60) / 540 / recipes.PLAN_MARGIN  # 0.256 s: a timed step on that machine
+    assert slow_step_warning(r, 0.3) is None  # this machine's float32 step: fine
+    assert slow_step_warning(r, 3 * there) is None  # at most three times: fine
+    line = slow_step_warning(r, 4.98)  # sharing two cores with a test run
+    assert line == ("warning: a step takes 19 times as long here as on the machine this recipe "
+                    "was timed on (4.98 s against about 0.26 s): the same minutes hold that many "
+                    "times fewer steps, and the model will learn much less; is another program "
+                    "using the CPU?")  # fmt: skip
+    assert slow_step_warning(r.override(expected_minutes=None), 4.98) is None  # not measured
