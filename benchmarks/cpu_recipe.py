@@ -623,7 +623,7 @@ def run(
     elif backbone_from is not None:  # a trained backbone replaces the pretraining, as in the demo
         r = dataclasses.replace(r, pretrain_seconds=None)
     precision = {"cpu_amp": r.cpu_amp if bf16 is None else bf16}
-    bf16 = precision["cpu_amp"] and cpu_has_native_bf16()  # what it trains in: recorded
+    trains_bf16 = precision["cpu_amp"] and cpu_has_native_bf16()  # asked for, and possible
     train_set, val_set = r.shapes_datasets(data)
     # + drawing and augmenting batches
     if steps is None:
@@ -655,7 +655,8 @@ def run(
     )
     train_s = time.perf_counter() - start
     val_loader = make_loader(val_set, 8, shuffle=False)
-    record = {"variant": name, "family": r.family, "seed": seed, "steps": steps, "bf16": bf16,
+    record = {"variant": name, "family": r.family, "seed": seed, "steps": steps,
+              "bf16": trains_bf16,
               "batch_size": r.batch_size, "train_s": round(train_s, 1),
               "backbone_from": backbone_from, "pretrain_s": r.pretrain_seconds,
               "crop_accuracy": pretraining and round(pretraining.accuracy, 3)}  # fmt: skip

@@ -891,8 +891,9 @@ def train(
     on_cuda = device.type == "cuda"
     on_bf16_cpu = cfg.cpu_amp and device.type == "cpu" and cpu_has_native_bf16()
     use_amp = cfg.amp and (on_cuda or on_bf16_cpu)
+    cpu_bf16 = use_amp and not on_cuda  # bf16 autocast on the CPU
     # NHWC: tensor cores' layout on CUDA, and oneDNN's fastest for bf16 on the CPU.
-    channels_last = cfg.channels_last and (on_cuda or (use_amp and on_bf16_cpu))
+    channels_last = cfg.channels_last and (on_cuda or cpu_bf16)
     callbacks = list(callbacks)
     ddp = is_distributed()
     rank, world_size = get_rank(), get_world_size()
@@ -922,7 +923,7 @@ def train(
     if on_cuda:
         torch.backends.cudnn.benchmark = True
     # A oneDNN bf16 bug: see float32_for_one_wide_inputs. Removed when training ends.
-    guards = float32_for_one_wide_inputs(model) if use_amp and on_bf16_cpu else []
+    guards = float32_for_one_wide_inputs(model) if cpu_bf16 else []
     optimizer = make_optimizer(model, cfg)
     num_steps = total_steps(cfg, train_loader)
 
@@ -1140,7 +1141,7 @@ def train(
         bar.close()
         for handle in guards:
             handle.remove()
-        if channels_last and not on_cuda:  # the CPU predicts in float32, NCHW: as it came
+        if channels_last and cpu_bf16:  # the CPU predicts in float32, NCHW: as it came
             model.to(memory_format=torch.contiguous_format)
     model.eval()
     call("on_end")
