@@ -318,6 +318,16 @@ def install(wheels: Path, work: Path, env: dict, timeout_s: float, smoke: bool) 
             )
         left = max(1.0, deadline - time.perf_counter())
         status, _ = run_logged([*pip, "--no-build-isolation", str(source)], env, left, log)
+        if status == "failed":
+            # The machine's setuptools may be older than pyproject.toml asks for (a license
+            # expression needs 77). The parts import the package and run no console script, so
+            # its folders laid out as installed serve as well.
+            result["note"] = "pip could not build the package; its folders were copied instead"
+            shutil.copytree(source / "instseg_edu", site / "instseg_edu", dirs_exist_ok=True)
+            shutil.copytree(
+                source / "widgets", site / "instseg_edu" / "widgets", dirs_exist_ok=True
+            )
+            status = "ok"
     if status != "ok":
         return {**result, "status": status, "error": _tail(log)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))

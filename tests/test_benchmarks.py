@@ -664,3 +664,30 @@ def test_gpu_check_fits_eight_minutes():
     assert budget["install"] + budget["mask_rcnn"] <= 8 * 60
     # Time to AP trains each of its two sides for its minutes, and evaluates besides.
     assert budget["time_to_ap"] > 2 * 60 * gpu_check.TIME_TO_AP["minutes"]
+
+
+def test_gpu_check_install_lays_the_package_out_when_pip_cannot_build_it(tmp_path, monkeypatch):
+    """A machine whose setuptools cannot build pyproject.toml still gets the package importable:
+    its folders are copied where pip would have put them."""
+    gpu_check = _gpu_check()
+    real = gpu_check.run_logged
+
+    def pip_fails_on_the_source(cmd, env, timeout_s, log, cwd=None):
+        if "--no-build-isolation" in cmd:
+            return "failed", 1
+        return real(cmd, env, timeout_s, log, cwd or gpu_check.ROOT)
+
+    monkeypatch.setattr(gpu_check, "run_logged", pip_fails_on_the_source)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    result = gpu_check.install(tmp_path / "no_wheels", tmp_path, env, 60, smoke=True)
+    assert result["status"] == "ok", result
+    assert "copied" in result["note"]
+    site = tmp_path / "site"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(site)
+    # Imported from the laid-out folder, away from the checkout:
+    code = "import instseg_edu.widgets as w; print(w.__file__)"
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert run.stdout.strip() == str(site / "instseg_edu" / "widgets" / "__init__.py"), run.stderr
