@@ -16,6 +16,7 @@ code                                           why the host must wait
 ``repeat_interleave(counts)``                  same, unless ``output_size=`` is given
 ``t.tolist()``, ``t.cpu()``, ``t.numpy()``     a copy to the host
 ``torch.tensor(data, device=...)``             a blocking copy *to* the device
+``t[:, [1, 0]]`` (a Python list as an index)   same: the list becomes a tensor, copied over
 ``torchvision.ops.nms``                        the greedy pass runs on the host
 =============================================  =============================================
 
@@ -75,6 +76,12 @@ _HOST_COPIES = ("tolist", "cpu", "numpy")
 # Python-level constructors that copy Python data to ``device=`` with a blocking copy (on a GPU the
 # host waits for the stream); ``torch.full``, ``arange`` or a non-blocking ``.to`` do not.
 _DEVICE_COPIES = ("tensor", "as_tensor")
+# A tensor made from Python data: torch.tensor and as_tensor make one (and are watched above), and
+# so does indexing with a Python list or a NumPy array, ``t[:, [1, 0]]``, whose index is built on
+# the host and copied to ``t``'s device (``t.flip(1)`` or an index tensor already there is not).
+# A Python scalar written into a tensor, ``t[i] = 0.0``, is lifted too, but as a 0-d tensor made
+# on ``t``'s device: no copy.
+_FRESH = "aten.lift_fresh"
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
@@ -131,6 +138,8 @@ def _has_bool_index(args) -> bool:
 def _syncs(name: str, args, kwargs) -> bool:
     if name in SYNC_OPS:
         return True
+    if name == _FRESH:  # outside torch.tensor / as_tensor (those are watched themselves)
+        return args[0].dim() > 0  # a 0-d one is a Python scalar, made on the device directly
     if name in _BOOL_INDEXED:  # a boolean mask index is turned into indices with nonzero
         return _has_bool_index(args)
     if name == "aten.repeat_interleave":  # needs the sum of the repeats unless it is given

@@ -85,7 +85,7 @@ def center_region(centers: Tensor, boxes: Tensor, sigma: float) -> Tensor:
     """
     wh = (boxes[:, 2:] - boxes[:, :2]).to(torch.float64)  # [G, 2] (w, h)
     half = 0.5 * wh * sigma  # [G, 2]
-    cxy = centers[:, [1, 0]]  # [G, 2] (x, y)
+    cxy = centers.flip(1)  # [G, 2] (x, y); a list index would copy itself to the device
     return torch.cat([cxy - half, cxy + half], dim=1)  # [G, 4]
 
 

@@ -35,6 +35,9 @@ mask = x > 0
         (lambda: torch.histc(x, bins=4), "aten.histc"),
         (lambda: torch.tensor([[4, 6]], device=x.device), "torch.tensor"),
         (lambda: torch.as_tensor([1.0, 2.0], device=x.device), "torch.as_tensor"),
+        (lambda: x[[2, 0]], "aten.lift_fresh"),  # the list is copied to x's device
+        (lambda: x.reshape(2, 2)[:, [1, 0]], "aten.lift_fresh"),
+        (lambda: x.clone().__setitem__([0, 3], 1.0), "aten.lift_fresh"),
         (
             lambda: torchvision.ops.nms(torch.tensor([[0.0, 0, 1, 1]]), torch.ones(1), 0.5),
             "torchvision.nms",
@@ -66,6 +69,8 @@ def test_operations_that_stay_on_the_device_are_not_recorded():
         y = torch.tensor([4, 6]).to(x.device, non_blocking=True)  # host tensor, async copy
         z = x.clone()
         z[1:3] = True  # a Python scalar into a slice: a fill
+        y = x.reshape(2, 2).flip(1)[(0, 1)]  # a tuple of ints: basic indexing, no index tensor
+        y = torch.tensor([1, 2])  # host data kept on the host: no copy
     assert syncs.count == 0, syncs.summary()
 
 
