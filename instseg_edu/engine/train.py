@@ -365,7 +365,10 @@ class History:
 
     Attributes:
         steps: one dict per optimiser step: ``step`` (1-based), ``epoch`` (0-based), ``lr``,
-            ``img_s`` (throughput averaged over the logging window), ``loss`` (the total), every
+            ``data_time`` (seconds the step waited for its batch from the loader, as
+            MMDetection logs it; on a GPU the host runs ahead of the device, so a wait there
+            is hidden while the device is still busy), ``img_s`` (throughput averaged over the
+            logging window), ``loss`` (the total), every
             ``loss_*`` term and every statistic the model reported (e.g. ``num_pos``), plus
             ``grad_norm`` when ``grad_clip`` is set.
         evals: one dict per evaluation: ``step``, ``epoch`` (epochs completed when it ran),
@@ -1057,7 +1060,11 @@ def train(
                 _set_rng_state(rng)  # after the skip, so the skipped batches do not shift it
                 rng = None
             seen = 0
+            fetch_start = time.perf_counter()
             for batch in batches:
+                # Seconds this step waited for its batch (MMDetection's data_time): near 0 while
+                # the loader keeps up, the step's whole time when it does not.
+                data_time = time.perf_counter() - fetch_start
                 seen += 1
                 lr = lr_at(step, cfg, num_steps, clock.seconds())
                 for group in optimizer.param_groups:  # lr_mult: see lr_mult_groups
@@ -1076,8 +1083,8 @@ def train(
                 if not loss_terms:
                     raise ValueError(f"model.loss returned no 'loss_*' keys: {sorted(losses)}")
                 total = torch.stack([t.float().reshape(()) for t in loss_terms]).sum()
-                logged = step_log.add({"step": step + 1, "epoch": epoch, "lr": lr}, losses,
-                                      total, len(batch))  # fmt: skip
+                record = {"step": step + 1, "epoch": epoch, "lr": lr, "data_time": data_time}
+                logged = step_log.add(record, losses, total, len(batch))
                 if not on_cuda and not math.isfinite(logged.item()):
                     step_log.flush()  # raises before the bad update (on every process)
                 optimizer.zero_grad(set_to_none=True)
@@ -1108,6 +1115,7 @@ def train(
                     if batch_in_epoch == epoch_len:  # that was also the epoch's last batch
                         end_epoch()
                     break
+                fetch_start = time.perf_counter()
             else:  # the epoch ran out of batches
                 if seen == 0 and batch_in_epoch == 0:
                     raise ValueError("train_loader yielded no batches")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -54,6 +55,25 @@ def test_loss_decreases():
     assert rec["num_pos"] == 4.0 and rec["img_s"] > 0
     assert history.loss_keys() == ["loss", "loss_aux", "loss_box"]
     assert history.steps[-1]["epoch"] == 14  # 16 images / 4 per batch = 4 steps per epoch
+
+
+class _SlowDataset(ToyDataset):
+    """Every fourth item takes 0.2 s to load."""
+
+    def __getitem__(self, i):
+        if i % 4 == 3:
+            time.sleep(0.2)
+        return super().__getitem__(i)
+
+
+def test_data_time_is_the_wait_for_each_batch():
+    # Batches of one, in order: steps 4 and 8 wait 0.2 s for their image, the others do not.
+    loader = make_loader(_SlowDataset(8), batch_size=1, shuffle=False, seed=0)
+    history = train(_model(), loader, _cfg(max_steps=8, log_every=4))
+    waits = [rec["data_time"] for rec in history.steps]
+    assert all(w >= 0 for w in waits)
+    assert waits[3] >= 0.19 and waits[7] >= 0.19, waits
+    assert max(waits[:3] + waits[4:7]) < 0.1, waits
 
 
 def test_resume_continues_identically(tmp_path):
