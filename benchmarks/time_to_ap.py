@@ -27,8 +27,9 @@ Two protocols, chosen by the device:
     python benchmarks/time_to_ap.py --family mask_rcnn --device cpu --minutes 4 --evals 4
     python benchmarks/time_to_ap.py --family retinanet --device cpu --smoke   # seconds-long check
 
-Each side runs in its best precision: bf16 autocast for both by default on CUDA
-(``--tv-precision fp32`` to compare); on the CPU the precision of the cpu recipe
+Each side runs in its best precision. On CUDA: ours in bf16 autocast, torchvision's in the
+precision it trains fastest in there (``GPU_TV_PRECISION``: float32 for RetinaNet, bf16 for
+Mask R-CNN; ``--tv-precision`` to choose); on the CPU the precision of the cpu recipe
 (``Recipe.cpu_amp``): bf16 for both on a CPU with bf16 instructions, float32 elsewhere
 (``--cpu-fp32``: float32 on any CPU; ``--cpu-bf16``: bf16 even when the recipe says otherwise).
 On the CPU both sides' strided convolutions on one-pixel-wide inputs run in float32
@@ -82,6 +83,11 @@ GPU_DEFAULTS = dict(
     minutes=10.0, eval_every=2.0, lr=0.02, optimizer="sgd", weight_decay=1e-4, warmup_steps=300,
     grad_clip=10.0, slice_seconds=0.0, in_memory=False,
 )  # fmt: skip
+#: torchvision's fastest training precision on a GPU, as measured on an H200 (512², batch 8,
+#: R50-FPN; benchmarks/RESULTS.md, "First GPU check"): its RetinaNet trains 104-112 img/s in
+#: float32 (TF32 convolutions) and 92-95 in bf16 autocast; its Mask R-CNN 76-79 in bf16, 72-76 in
+#: float32.
+GPU_TV_PRECISION = {"retinanet": "fp32", "mask_rcnn": "bf16"}
 #: The parameters of torchvision's detectors that a recipe's ``lr_mult`` key names in ours.
 TORCHVISION_KEYS = {
     "bbox_head": ("roi_heads.box_head", "roi_heads.box_predictor"),
@@ -437,7 +443,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=None)
     parser.add_argument("--grad-clip", type=float, default=None)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--tv-precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--tv-precision", choices=["bf16", "fp32"], default=None,
+                        help="torchvision's precision on a GPU (default: its fastest for the "
+                        "family, GPU_TV_PRECISION)")  # fmt: skip
     cpu_precision = parser.add_mutually_exclusive_group()
     cpu_precision.add_argument("--cpu-bf16", action="store_true",
                                help="CPU protocol: bf16 autocast for both sides on a CPU with "
@@ -470,8 +478,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.cpu_bf16 = r.cpu_amp
         if not (args.cpu_bf16 and cpu_has_native_bf16()):  # emulated bf16 is slower
             args.precision = args.tv_precision = "fp32"
+        defaults["tv_precision"] = args.precision  # the same on both sides
     else:
-        defaults = dict(GPU_DEFAULTS, model=None)
+        defaults = dict(GPU_DEFAULTS, model=None, tv_precision=GPU_TV_PRECISION[args.family])
     if args.evals is not None and args.eval_every is not None:
         parser.error("give --evals or --eval-every, not both")
     for key, value in defaults.items():
