@@ -365,12 +365,11 @@ class History:
 
     Attributes:
         steps: one dict per optimiser step: ``step`` (1-based), ``epoch`` (0-based), ``lr``,
-            ``data_time`` (seconds the step waited for its batch from the loader, as
-            MMDetection logs it; on a GPU the host runs ahead of the device, so a wait there
-            is hidden while the device is still busy), ``img_s`` (throughput averaged over the
-            logging window), ``loss`` (the total), every
-            ``loss_*`` term and every statistic the model reported (e.g. ``num_pos``), plus
-            ``grad_norm`` when ``grad_clip`` is set.
+            ``data_time`` (seconds the step waited for its batch from the loader, as MMDetection
+            logs it; on a GPU the host runs ahead of the device, so a wait there is hidden while
+            the device is still busy), ``img_s`` (throughput averaged over the logging window),
+            ``loss`` (the total), every ``loss_*`` term and every statistic the model reported
+            (e.g. ``num_pos``), plus ``grad_norm`` when ``grad_clip`` is set.
         evals: one dict per evaluation: ``step``, ``epoch`` (epochs completed when it ran),
             ``metrics`` (as ``evaluate_fn`` returned them, e.g. ``{"bbox": {"AP": ..}}``).
         interrupted: training was stopped by ``KeyboardInterrupt``.
