@@ -253,30 +253,33 @@ def measure(side: Side, batches, batch1, precision, warmup, steps, device):
         detections.append(side.count(side.infer(batches[i % len(batches)], precision)))
     infer_s = timer.elapsed()
 
-    latencies = []
-    for i in range(warmup + steps):
-        timer.start()
-        side.infer(batch1, precision)
-        if i >= warmup:
-            latencies.append(timer.elapsed() * 1000)
+    latency_ms = _median_ms(timer, lambda: side.infer(batch1, precision), warmup, steps)
     # Ours: how much of the batch-1 latency is the network and how much turning its outputs into
     # detections (the rest).
-    forward_ms = []
-    for i in range(warmup + steps if side.name == "ours" else 0):
-        timer.start()
-        side.forward(batch1, precision)
-        if i >= warmup:
-            forward_ms.append(timer.elapsed() * 1000)
+    forward_ms = None
+    if side.name == "ours":
+        forward_ms = _median_ms(timer, lambda: side.forward(batch1, precision), warmup, steps)
     n_images = steps * len(batches[0])
     return {
         "precision": precision,
         "train_img_s": n_images / train_s,
         "infer_img_s": n_images / infer_s,
-        "latency_ms": statistics.median(latencies),
-        "forward_ms": statistics.median(forward_ms) if forward_ms else None,
+        "latency_ms": latency_ms,
+        "forward_ms": forward_ms,
         "peak_gib": peak,
         "detections": detections,
     }
+
+
+def _median_ms(timer, call, warmup: int, steps: int) -> float:
+    """Median milliseconds of ``steps`` calls of ``call()`` after ``warmup`` untimed ones."""
+    times = []
+    for i in range(warmup + steps):
+        timer.start()
+        call()
+        if i >= warmup:
+            times.append(timer.elapsed() * 1000)
+    return statistics.median(times)
 
 
 def _time_phases(side: Side, batches, batch1, precision, steps, device, start: int) -> dict:
