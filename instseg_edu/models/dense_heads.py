@@ -16,7 +16,8 @@ the three heads do the same few steps, each written once here:
    (:func:`topk_per_level`, MMDetection's ``nms_pre``), then decoding and NMS.
 
 Their towers of 3×3 convs are built from one block, :func:`conv3x3_norm_relu` (RetinaNet's and
-SOLO's: a GroupNorm between conv and ReLU when the config asks for one).
+SOLO's: a GroupNorm between conv and ReLU when the config asks for one, which normalises in
+float32 under autocast: :class:`Float32GroupNorm`).
 
 No base class: a head calls the functions it needs.
 
@@ -36,6 +37,7 @@ from instseg_edu.ops.coder import DeltaXYWHBBoxCoder
 
 __all__ = [
     "CACHE_SIZE",
+    "Float32GroupNorm",
     "all_anchors",
     "anchor_levels",
     "anchor_valid",
@@ -51,9 +53,27 @@ __all__ = [
 CACHE_SIZE = 16
 
 
+class Float32GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that always normalises in float32 and returns float32, also under bf16 /
+    fp16 autocast: ``[B, C, H, W]`` of any float dtype → float32 ``[B, C, H, W]``, same memory
+    format.
+
+    This is what CUDA's autocast does with ``group_norm`` anyway (it is on autocast's float32
+    list: a group's mean and variance lose too much in 8 mantissa bits). CPU autocast leaves it in
+    bf16, and there, on channels-last maps, PyTorch's kernel took 4.7 times float32's time for a
+    ``[4, 64, 16, 16]`` map, forward and backward (torch 2.14.1, 2 threads;
+    ``benchmarks/RESULTS.md``, twenty-seventh round). The next convolution casts back to bf16
+    under autocast. Parameters and state-dict keys are ``nn.GroupNorm``'s.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float())
+
+
 def conv3x3_norm_relu(in_ch: int, out_ch: int, norm_num_groups: int | None) -> list[nn.Module]:
     """One layer of a head's tower: a 3×3 conv (padding 1), GroupNorm with ``norm_num_groups``
-    groups when given, and a ReLU (MMDetection's ``ConvModule`` with ``norm_cfg=dict(type='GN')``).
+    groups when given (in float32: :class:`Float32GroupNorm`), and a ReLU (MMDetection's
+    ``ConvModule`` with ``norm_cfg=dict(type='GN')``).
 
     With GroupNorm after it the conv has no bias (``bias="auto"``): the norm's shift replaces it.
     Returns the layers as a list, to be put into the caller's ``nn.Sequential``; the caller
@@ -62,7 +82,7 @@ def conv3x3_norm_relu(in_ch: int, out_ch: int, norm_num_groups: int | None) -> l
     conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=norm_num_groups is None)
     if norm_num_groups is None:
         return [conv, nn.ReLU(inplace=True)]
-    return [conv, nn.GroupNorm(norm_num_groups, out_ch), nn.ReLU(inplace=True)]
+    return [conv, Float32GroupNorm(norm_num_groups, out_ch), nn.ReLU(inplace=True)]
 
 
 def to_B_HWA_K(x: Tensor, k: int) -> Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from instseg_edu.engine.host_sync import count_host_syncs
 from instseg_edu.models.backbone import FPNConfig, ResNetConfig
+from instseg_edu.models.dense_heads import Float32GroupNorm
 from instseg_edu.models.retinanet import (
     RETINANET_R18_SMALL,
     RETINANET_R50_FPN,
@@ -120,7 +121,7 @@ def test_group_norm_in_the_head_follows_every_stacked_conv():
     cfg = replace(TINY.bbox_head, stacked_convs=2, norm_num_groups=8)
     head = RetinaHead(cfg)
     for branch in (head.cls_convs, head.reg_convs):
-        assert [type(m).__name__ for m in branch] == ["Conv2d", "GroupNorm", "ReLU"] * 2
+        assert [type(m).__name__ for m in branch] == ["Conv2d", "Float32GroupNorm", "ReLU"] * 2
         assert all(m.bias is None for m in branch if isinstance(m, nn.Conv2d))  # GN's beta instead
         assert all(m.num_groups == 8 for m in branch if isinstance(m, nn.GroupNorm))
     # The outputs keep the prior and the shapes of the plain head.
@@ -130,6 +131,32 @@ def test_group_norm_in_the_head_follows_every_stacked_conv():
     a = cfg.anchor_generator.num_base_anchors
     assert [c.shape for c in cls] == [(2, a * cfg.num_classes, s, s) for s in (8, 4, 2, 1, 1)]
     assert [r.shape for r in reg] == [(2, a * 4, s, s) for s in (8, 4, 2, 1, 1)]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_float32_group_norm_normalises_in_float32_under_cpu_autocast(memory_format):
+    torch.manual_seed(0)
+    norm = Float32GroupNorm(4, 16)
+    plain = nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        for p in (norm.weight, norm.bias):
+            p.uniform_(-1, 1)
+    plain.load_state_dict(norm.state_dict())  # the same parameters and keys as nn.GroupNorm
+    x = (3 * torch.randn(2, 16, 6, 5) + 5).bfloat16().contiguous(memory_format=memory_format)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = norm(x)
+        y_bf16 = plain(x)  # CPU autocast leaves group_norm in bf16
+    assert y.dtype == torch.float32 and y_bf16.dtype == torch.bfloat16
+    assert y.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(y, plain(x.float()), rtol=0, atol=0)
+    # Outside autocast a float32 map goes through unchanged: nn.GroupNorm's own result.
+    x32 = torch.randn(2, 16, 6, 5)
+    torch.testing.assert_close(norm(x32), plain(x32), rtol=0, atol=0)
+    # The gradient reaches a bf16 input in its own dtype.
+    xg = x.detach().requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16):
+        norm(xg).square().sum().backward()
+    assert xg.grad.dtype == torch.bfloat16 and torch.isfinite(xg.grad.float()).all()
 
 
 # ---------------------------------------------------------------------------------------------
