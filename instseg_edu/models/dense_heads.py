@@ -58,9 +58,9 @@ class Float32GroupNorm(nn.GroupNorm):
     fp16 autocast: ``[B, C, H, W]`` of any float dtype → float32 ``[B, C, H, W]``, same memory
     format.
 
-    This is what CUDA's autocast does with ``group_norm`` anyway (it is on autocast's float32
-    list: a group's mean and variance lose too much in 8 mantissa bits). CPU autocast leaves it in
-    bf16, and there, on channels-last maps, PyTorch's kernel took 3.9 times float32's time for a
+    This is what CUDA's autocast does with ``group_norm`` anyway (it is on that autocast's float32
+    list, with the other normalisations and reductions). CPU autocast leaves it in bf16, and
+    there, on channels-last maps, PyTorch's kernel took 3.9 times float32's time for a
     ``[4, 64, 16, 16]`` map, forward and backward (torch 2.14.1, 2 threads;
     ``benchmarks/RESULTS.md``, twenty-seventh round). The next convolution casts back to bf16
     under autocast. Parameters and state-dict keys are ``nn.GroupNorm``'s.
