@@ -15,12 +15,18 @@ Two protocols, chosen by the device:
   the other (the GPU is not shared with anything else).
 - **CPU** (``--device cpu``): the CPU recipe of the family (``instseg_edu.recipes``: RetinaNet
   ``RETINANET_R18_CPU``, Mask R-CNN ``MASK_RCNN_R18_CPU``; 128 px images kept in memory, its
-  optimiser, learning rate, warm-up and gradient clipping) against torchvision's model of the same
-  family built on the **same small backbone**: torchvision's own ResNet-18 with the same stages,
-  an FPN of the same width and levels, the same anchors, RoI sizes, sampled RoIs and detection
-  limits, as far as torchvision's constructors allow (:func:`torchvision_like`). The two sides run
-  **interleaved** in time slices of ``--slice-seconds`` of training, so whatever else the machine
-  is doing slows both alike.
+  optimiser, learning rate, warm-up and gradient clipping) against torchvision's model
+  of the same family built on the **same small backbone**: torchvision's own ResNet-18 with the
+  same stages, an FPN of the same width and levels, the same anchors, RoI sizes, sampled RoIs
+  and detection limits, as far as torchvision's constructors allow (:func:`torchvision_like`).
+  The two sides run **interleaved** in time slices of ``--slice-seconds`` of training, so
+  whatever else the machine is doing slows both alike.
+
+On both protocols the learning rate stays constant after the warm-up, so that every evaluation
+point is the model in the middle of its training. ``--schedule cosine`` decays it instead over
+``--minutes``, following the clock as a notebook's time-budgeted training does
+(``Recipe.max_minutes``): both sides then have the same rate after the same seconds of training,
+whatever their steps.
 
     python benchmarks/time_to_ap.py --family retinanet --device cuda
     python benchmarks/time_to_ap.py --family mask_rcnn --device cuda
@@ -70,8 +76,10 @@ from instseg_edu.data.shapes import SHAPES_PER_IMAGE, make_shapes_dataset, split
 from instseg_edu.data.transforms import eval_transforms, train_transforms
 from instseg_edu.engine.evaluate import detections_to_coco, evaluate_coco
 from instseg_edu.engine.train import (
+    TrainConfig,
     cpu_has_native_bf16,
     float32_for_one_wide_inputs,
+    lr_at,
     lr_mult_groups,
     make_loader,
 )
@@ -299,6 +307,9 @@ class SideRun:
         if device.type == "cpu" and self.precision == "bf16":  # oneDNN's bf16 bug, both sides
             float32_for_one_wide_inputs(self.model)  # as engine.train does
         self.lr = args.lr if name == "ours" else args.tv_lr
+        # The decay follows the clock: the same rate after the same seconds on both sides.
+        self.schedule = TrainConfig(max_steps=1, lr=1.0, warmup_steps=0, schedule=args.schedule,
+                                    max_seconds=60 * args.minutes)  # fmt: skip
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         # Both sides update with PyTorch's fused kernel, as instseg_edu's training loop does
@@ -327,6 +338,13 @@ class SideRun:
             batch = next(self.batches)
         return batch
 
+    def lr_factor(self) -> float:
+        """The learning rate's factor for the next step: a linear warm-up over
+        ``--warmup-steps`` times ``--schedule`` at ``trained`` seconds of ``--minutes``
+        (``engine.train.lr_at`` with a time budget)."""
+        warm = min(1.0, (self.step + 1) / max(1, self.args.warmup_steps))
+        return warm * lr_at(0, self.schedule, num_steps=1, seconds=self.trained)
+
     def train_until(self, trained_s: float) -> None:
         """Train steps until ``trained >= trained_s`` (or the wall-clock limit is reached)."""
         max_wall = self.args.max_wall_minutes * 60 if self.args.max_wall_minutes else float("inf")
@@ -337,9 +355,9 @@ class SideRun:
                 images = batch.images.contiguous(memory_format=torch.channels_last)
                 batch = dataclasses.replace(batch, images=images)
             self.timer.start()
-            warm = min(1.0, (self.step + 1) / max(1, self.args.warmup_steps))
+            lr = self.lr * self.lr_factor()
             for group in self.optimizer.param_groups:
-                group["lr"] = self.lr * warm * group.get("lr_mult", 1.0)
+                group["lr"] = lr * group.get("lr_mult", 1.0)
             with autocast(self.device, self.precision):
                 if self.name == "ours":
                     losses = self.model.loss(self.model(batch.images), batch)
@@ -442,6 +460,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--warmup-steps", type=int, default=None)
     parser.add_argument("--grad-clip", type=float, default=None)
+    parser.add_argument("--schedule", choices=["constant", "cosine", "step"], default="constant",
+                        help="the learning rate's decay over --minutes of training, following the "
+                        "clock (engine.train.lr_at)")  # fmt: skip
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--tv-precision", choices=["bf16", "fp32"], default=None,
                         help="torchvision's precision on a GPU (default: its fastest for the "
@@ -604,6 +625,7 @@ def main() -> None:
         + (f" {args.model} against torchvision's on the same ResNet-18" if args.model else "")
         + f", {args.image_size} px, batch {args.batch_size}, {args.optimizer} lr {args.lr:g}"
         + "".join(f" ({key} x {m:g})" for key, m in (getattr(args, "lr_mult", None) or {}).items())
+        + f" ({args.schedule} rate)"
         + f", {args.minutes:g} min per side, evaluated every {args.eval_every:g} min"
         + (f", interleaved every {args.slice_seconds:g} s" if args.slice_seconds > 0 else "")
     )

@@ -7,6 +7,7 @@ except where they are exact: batched assignment equals the loop, and host-sync c
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -738,3 +739,29 @@ def test_gpu_check_slowest_cells_from_nbclient_timing():
         {"cell": 1, "seconds": 10.25, "source": "# cell 1"},
         {"cell": 0, "seconds": 1.5, "source": "# cell 0"},
     ]
+
+
+def test_time_to_ap_schedule_follows_the_clock_on_both_sides():
+    """The rate is constant after the warm-up unless --schedule says otherwise; a cosine follows
+    the clock: after half the minutes of training the rate is half of it, whatever the steps."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import time_to_ap
+
+    model = torch.nn.Conv2d(3, 4, 1)
+    args = time_to_ap.parse_args(["--device", "cpu", "--minutes", "4", "--warmup-steps", "10"])
+    side = time_to_ap.SideRun("ours", model, "retinanet", args, None, torch.device("cpu"))
+    assert side.lr_factor() == pytest.approx(0.1)  # the first step of ten warm-up steps
+    side.step, side.trained = 10, 120.0
+    assert side.lr_factor() == 1.0
+    args = time_to_ap.parse_args(["--device", "cpu", "--minutes", "4", "--warmup-steps", "10",
+                                  "--schedule", "cosine"])  # fmt: skip
+    side = time_to_ap.SideRun("ours", model, "retinanet", args, None, torch.device("cpu"))
+    assert side.lr_factor() == pytest.approx(0.1)
+    side.step = 10
+    assert side.lr_factor() == pytest.approx(1.0)
+    side.trained = 120.0  # two of the four minutes
+    assert side.lr_factor() == pytest.approx(0.5)
+    side.trained = 180.0
+    assert side.lr_factor() == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    side.trained = 300.0  # past the end: the last rate
+    assert side.lr_factor() == pytest.approx(0.0)
