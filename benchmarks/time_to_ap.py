@@ -15,12 +15,12 @@ Two protocols, chosen by the device:
   the other (the GPU is not shared with anything else).
 - **CPU** (``--device cpu``): the CPU recipe of the family (``instseg_edu.recipes``: RetinaNet
   ``RETINANET_R18_CPU``, Mask R-CNN ``MASK_RCNN_R18_CPU``; 128 px images kept in memory, its
-  optimiser, learning rate, warm-up and gradient clipping) against torchvision's model
-  of the same family built on the **same small backbone**: torchvision's own ResNet-18 with the
-  same stages, an FPN of the same width and levels, the same anchors, RoI sizes, sampled RoIs
-  and detection limits, as far as torchvision's constructors allow (:func:`torchvision_like`).
-  The two sides run **interleaved** in time slices of ``--slice-seconds`` of training, so
-  whatever else the machine is doing slows both alike.
+  optimiser, learning rate, warm-up and gradient clipping) against torchvision's model of the same
+  family built on the **same small backbone**: torchvision's own ResNet-18 with the same stages,
+  an FPN of the same width and levels, the same anchors, RoI sizes, sampled RoIs and detection
+  limits, as far as torchvision's constructors allow (:func:`torchvision_like`). The two sides run
+  **interleaved** in time slices of ``--slice-seconds`` of training, so whatever else the machine
+  is doing slows both alike.
 
 On both protocols the learning rate stays constant after the warm-up, so that every evaluation
 point is the model in the middle of its training. ``--schedule cosine`` decays it instead over

@@ -741,7 +741,7 @@ def test_gpu_check_slowest_cells_from_nbclient_timing():
     ]
 
 
-def test_time_to_ap_schedule_follows_the_clock_on_both_sides():
+def test_time_to_ap_schedule_follows_the_clock():
     """The rate is constant after the warm-up unless --schedule says otherwise; a cosine follows
     the clock: after half the minutes of training the rate is half of it, whatever the steps."""
     sys.path.insert(0, str(BENCHMARKS))
