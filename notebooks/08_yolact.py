@@ -250,6 +250,13 @@ assert greedy.tolist() == [0, 2] and fast.indices.tolist() == [0]
 # Anchors are assigned by IoU (≥ 0.5 positive, < 0.4 background). Softmax cross-entropy is taken
 # over the positives and only the **hardest** negatives, 3 per positive (OHEM). Up to 100 positives
 # per image train a mask, against their ground truth's mask downsampled to the prototypes.
+#
+# The paper adds one more loss, for training only (Sec. 5, "Semantic Segmentation Loss"): a 1×1
+# conv on P3 predicts, for every P3 pixel, which classes cover it (`C` sigmoid outputs), against
+# the union of each class's masks (`segm_targets`). Nothing at test time reads it; it teaches P3,
+# which the anchors of the smallest boxes and the protonet both read, what tells the classes
+# apart. In the cpu tier it took the medium shapes' boxes from 50 % to 55 % right
+# (benchmarks/RESULTS.md, twenty-ninth round).
 
 # %%
 t = model.targets(outputs, batch)
@@ -259,6 +266,11 @@ for i in range(len(batch)):
         f"kept of the {int((~t.pos[i]).sum())} other anchors (background or ignored), "
         f"{int(t.mask_valid[i].sum())} masks trained"
     )
+if t.segm_targets is not None:  # the semantic branch is on (as in every preset here)
+    present = t.segm_targets[0].flatten(1).amax(dim=1).nonzero().flatten()  # classes in image 0
+    names = [train_set.classes[c] for c in present.tolist()]
+    print(f"segm_targets {tuple(t.segm_targets.shape)} (B, C, P3's height and width): "
+          f"image 0's pixels belong to {names}")  # fmt: skip
 losses = model.loss(outputs, batch)
 print({k: round(float(v), 3) for k, v in losses.items()})
 
@@ -266,7 +278,7 @@ print({k: round(float(v), 3) for k, v in losses.items()})
 # ## 6. Training, with a live dashboard
 #
 # The same loop as every model (`instseg_edu.engine.train`), the dashboard drawing `loss_cls`,
-# `loss_bbox` and `loss_mask` as they fall. `loss_mask` starts near 6.125 × ln 2 ≈ 4.25 (every
+# `loss_bbox`, `loss_mask` and `loss_segm` as they fall. `loss_mask` starts near 6.125 × ln 2 ≈ 4.25 (every
 # mask logit near 0). In the smoke tier: two steps (the masks will be noise); in the cpu tier,
 # from notebook 06's backbone, it falls to about 2 and most shapes get a rough mask; from random
 # weights it stays near its start for the first few hundred steps, and may stay there for good
@@ -307,8 +319,9 @@ train_cfg = RECIPE.train_config(
 history = train(model, train_loader, train_cfg, callbacks=[dashboard])
 print(history.summary())
 print("the loss terms at every fifth of the steps:")
-for key in ("loss_cls", "loss_bbox", "loss_mask"):
-    print(key, [round(s[key], 3) for s in history.steps[:: max(1, len(history.steps) // 5)]])
+for key in ("loss_cls", "loss_bbox", "loss_mask", "loss_segm"):
+    if key in history.steps[0]:
+        print(key, [round(s[key], 3) for s in history.steps[:: max(1, len(history.steps) // 5)]])
 # Saved for later notebooks (runs/notebooks/<tier>/yolact.pt; `instseg-edu evaluate` reads it).
 checkpoint = save_notebook_model(model, RECIPE, history, train_set)
 print("saved", checkpoint.resolve())  # the kernel runs in the notebook's folder

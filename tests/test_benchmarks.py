@@ -111,6 +111,11 @@ def test_cpu_recipe_variants_build_and_one_trains_and_scores(tmp_path):
     assert record["variant"] == "yolact_current", out
     assert record["backbone_from"] == str(tmp_path / "donor.pt")
     assert "backbone: ResNet (" in out and 0 <= record["mask_AP50"] <= 1, out
+    # YOLACT's recipe merges two test sizes: the merge's AP and its gallery figures by size.
+    assert 0 <= record["merged_mask_AP50"] <= 1, out
+    for area in ("all", "small", "medium"):
+        right, found = record[f"merged_{area}_right_found"]
+        assert (math.isnan(right) or 0 <= right <= 1) and 0 <= found <= 1, record  # nan: none drawn
 
 
 def test_eval_sizes_prints_each_size_and_the_merge(tmp_path):
