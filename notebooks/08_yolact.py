@@ -266,7 +266,7 @@ for i in range(len(batch)):
         f"kept of the {int((~t.pos[i]).sum())} other anchors (background or ignored), "
         f"{int(t.mask_valid[i].sum())} masks trained"
     )
-if t.segm_targets is not None:  # the semantic branch is on (as in every preset here)
+if t.segm_targets is not None:  # the semantic branch is on (every tier's preset has it)
     present = t.segm_targets[0].flatten(1).amax(dim=1).nonzero().flatten()  # classes in image 0
     names = [train_set.classes[c] for c in present.tolist()]
     print(f"segm_targets {tuple(t.segm_targets.shape)} (B, C, P3's height and width): "
@@ -278,14 +278,14 @@ print({k: round(float(v), 3) for k, v in losses.items()})
 # ## 6. Training, with a live dashboard
 #
 # The same loop as every model (`instseg_edu.engine.train`), the dashboard drawing `loss_cls`,
-# `loss_bbox`, `loss_mask` and `loss_segm` as they fall. `loss_mask` starts near 6.125 × ln 2 ≈ 4.25 (every
-# mask logit near 0). In the smoke tier: two steps (the masks will be noise); in the cpu tier,
-# from notebook 06's backbone, it falls to about 2 and most shapes get a rough mask; from random
-# weights it stays near its start for the first few hundred steps, and may stay there for good
-# when the prototypes' last ReLU dies (zero everywhere: no gradient reaches them). AdamW moves
-# every weight by about the learning rate per step, which could push the protonet's last conv
-# below zero everywhere within a hundred steps; so in the cpu tier the protonet learns at a fifth
-# of the rate (`RECIPE.lr_mult`), and no run has lost its prototypes since. On a GPU, a few
+# `loss_bbox`, `loss_mask` and `loss_segm` as they fall. `loss_mask` starts near 6.125 × ln 2 ≈
+# 4.25 (every mask logit near 0). In the smoke tier: two steps (the masks will be noise); in the
+# cpu tier, from notebook 06's backbone, it falls below 2 and most shapes get a rough mask; from
+# random weights it stays near its start for the first few hundred steps, and may stay there for
+# good when the prototypes' last ReLU dies (zero everywhere: no gradient reaches them). AdamW
+# moves every weight by about the learning rate per step, which could push the protonet's last
+# conv below zero everywhere within a hundred steps; so in the cpu tier the protonet learns at a
+# fifth of the rate (`RECIPE.lr_mult`), and no run has lost its prototypes since. On a GPU, a few
 # thousand steps give clean masks.
 #
 # First, in the cpu tier when notebook 06's backbone was not found, the ResNet spends a minute
