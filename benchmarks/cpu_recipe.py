@@ -646,7 +646,6 @@ def run(
     (:attr:`~instseg_edu.engine.train.TrainConfig.cpu_amp`; float32 elsewhere), ``False``: in
     float32, ``None``: as the recipe does (:attr:`~instseg_edu.recipes.Recipe.cpu_amp`);
     ``sizes`` (``num_train``, ``num_val``, ``image_size``) shrink the data for a smoke run."""
-    from instseg_edu.engine.evaluate import evaluate_model
     from instseg_edu.engine.train import make_loader, train
 
     variant = VARIANTS[name]
@@ -687,21 +686,13 @@ def run(
         callbacks=[ema] if ema else [],
     )
     train_s = time.perf_counter() - start
-    val_loader = make_loader(val_set, 8, shuffle=False)
     record = {"variant": name, "family": r.family, "seed": seed, "steps": steps,
               "bf16": trains_bf16,
               "batch_size": r.batch_size, "train_s": round(train_s, 1),
               "backbone_from": backbone_from, "pretrain_s": r.pretrain_seconds,
               "crop_accuracy": pretraining and round(pretraining.accuracy, 3)}  # fmt: skip
     for prefix, scored in [("", model)] + ([("ema_", ema.ema)] if ema else []):
-        metrics = evaluate_model(scored, val_loader, val_set.coco, val_set.label_to_cat_id, "cpu")
-        for kind, key in (("bbox", "box"), ("segm", "mask")):
-            if kind not in metrics:  # RetinaNet: boxes only
-                continue
-            for ap in ("AP50", "AP"):
-                record[f"{prefix}{key}_{ap}"] = round(metrics[kind][ap], 3)
-    # As the notebooks' gallery: each test size for its own boxes (one size: that pass alone).
-    record.update(_merged_scores(model, r, data, val_set, seed))
+        record.update(_scores(scored, r, val_set, prefix))
     record["last_loss"] = round(history.steps[-1]["loss"], 3)
     for key in ("loss_cls", "acc", "loss_mask"):  # the mean of each 100 steps
         values = [s[key] for s in history.steps if key in s]
@@ -713,38 +704,37 @@ def run(
     return record
 
 
-def _merged_scores(model, r, data: str, val_set, seed: int) -> dict:
-    """Box and mask AP of the recipe's merged test sizes (``Recipe.merge_test_sizes``; without
-    them, the one pass at ``test_size``), and, at the merge's best box F1, the share of drawn
-    boxes that are right and of shapes found, for all, small and medium shapes: the figures
-    notebooks 04, 06 and 08 print under their gallery.
-    """
+def _scores(model, r, val_set, prefix: str = "") -> dict:
+    """Box (and mask) AP50 and AP at the recipe's test size, then as the notebooks' galleries
+    score it: each of ``Recipe.test_sizes`` for its own boxes (one size: that pass alone), the
+    merge's AP and, at its best box F1, the share of drawn boxes that are right and of shapes
+    found, for all, small and medium shapes. One prediction pass per test size; every key starts
+    with ``prefix``."""
     from instseg_edu.data.coco import CocoDataset
-    from instseg_edu.data.shapes import make_shapes_dataset
     from instseg_edu.data.transforms import eval_transforms
     from instseg_edu.engine.analysis import match_coco, score_sweep
     from instseg_edu.engine.evaluate import predict_at_sizes
 
-    val_json = make_shapes_dataset(data, r.num_val, r.image_size, seed, "val")  # already there
-    at_sizes = [val_set] + [
-        CocoDataset(val_json, f"{data}/val", eval_transforms(size)) for size in r.merge_test_sizes
+    at_sizes = [val_set] + [  # the same images at each further test size
+        CocoDataset(val_set.ann_file, val_set.images_dir, eval_transforms(size))
+        for size in r.merge_test_sizes
     ]
-    merged, image_ids, _ = predict_at_sizes(
+    merged, image_ids, per_size = predict_at_sizes(
         model, at_sizes, r.size_cuts, val_set.label_to_cat_id, "cpu", batch_size=8
     )
-    kinds = ("bbox", "segm") if any("segmentation" in d for d in merged) else ("bbox",)
-    matches = {t: match_coco(val_set.coco, merged, t, image_ids=image_ids) for t in kinds}
+    kinds = ("bbox",) if r.family == "retinanet" else ("bbox", "segm")  # RetinaNet: boxes only
     record = {}
-    for kind, key in (("bbox", "box"), ("segm", "mask")):
-        if kind in matches:
+    for name, results in (("", per_size[0]), ("merged_", merged)):
+        matches = {t: match_coco(val_set.coco, results, t, image_ids=image_ids) for t in kinds}
+        for kind, key in zip(kinds, ("box", "mask")):
             for ap in ("AP50", "AP"):
-                record[f"merged_{key}_{ap}"] = round(matches[kind].stats[ap], 3)
-    thr, _, _, f1 = score_sweep(matches["bbox"]).best_f1()
+                record[f"{prefix}{name}{key}_{ap}"] = round(matches[kind].stats[ap], 3)
+    thr, _, _, f1 = score_sweep(matches["bbox"]).best_f1()  # the merge's
     thr = thr if f1 > 0 else 0.3  # nothing right yet (a smoke run)
-    record["merged_best_f1_thr"] = round(thr, 3)
+    record[f"{prefix}merged_best_f1_thr"] = round(thr, 3)
     for area in ("all", "small", "medium"):
         right, found = score_sweep(matches["bbox"], area=area).at(thr)
-        record[f"merged_{area}_right_found"] = [round(right, 3), round(found, 3)]
+        record[f"{prefix}merged_{area}_right_found"] = [round(right, 3), round(found, 3)]
     return record
 
 
