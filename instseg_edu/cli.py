@@ -407,8 +407,8 @@ def _run_training(args, family, preset_name, model_cfg, train_set, val_set, devi
 
     torch.manual_seed(args.seed)  # initial weights from --seed, whatever ran before in the process
     model = _build(family, model_cfg)
-    # The parts of the backbone kept frozen (train --freeze-backbone, the demo's recipe), stored
-    # in the checkpoint so that --resume freezes them again.
+    # The parts of the backbone kept frozen (train --freeze-backbone, or a recipe's
+    # freeze_backbone), stored in the checkpoint so that --resume freezes them again.
     frozen_parts = getattr(args, "frozen_parts", None)
     if frozen_parts:  # --resume of a frozen run
         model.backbone.freeze(fpn="fpn" in frozen_parts)

@@ -34,13 +34,15 @@
 # a cell becomes sure of a class). So the backbone starts here from the one that notebook 06's
 # Mask R-CNN learned on these shapes, when that notebook has saved it (`BACKBONE_FROM`; `None` to
 # train from scratch and compare): its ResNet and its FPN, the same P2–P6 neck. The heads start from
-# random weights. In the cpu tier the loaded ResNet and FPN stay **frozen** (`FREEZE_BACKBONE`):
-# only SOLO's own heads learn, so a step needs no backward pass through the backbone and takes
-# about 0.11 s instead of 0.18 s, and the 4.5 minutes hold 1.7 times the steps. Measured on two
-# CPU cores: box / mask AP50 about 0.29 / 0.25 fine-tuning everything, 0.32 / 0.28 frozen, and
-# 0.34–0.37 / 0.30–0.32 frozen with the heads at twice the learning rate (the recipe's 4e-3),
-# against 0.01 / 0.001 for the earlier from-scratch recipe. SOLO is still the slowest learner of
-# the four here; the GPU tier, which trains everything, is where it learns well.
+# random weights. The loaded ResNet and FPN keep learning with the heads (`FREEZE_BACKBONE`
+# False). On 1000 training images it had paid to freeze them: only the heads learned, a step
+# skipped the backbone's backward pass, and the minutes held 1.7 times the steps. On the 3000
+# images of this tier, with scale ranges fitted to 128 px images (section 3), SOLO's larger shapes
+# go to the coarser FPN levels, which Mask R-CNN used for other things, and those levels must
+# learn again. Measured on two CPU cores: box / mask AP50 about 0.54 / 0.50 fine-tuning, 0.45 /
+# 0.41 frozen with the paper's scale ranges, against 0.01 / 0.001 for the first from-scratch
+# recipe. SOLO is still the slowest learner of the four here; the GPU tier is where it learns
+# well.
 
 # %% tags=["parameters"]
 from instseg_edu.recipes import (
@@ -70,7 +72,7 @@ MODEL = RECIPE.model
 IN_MEMORY = RECIPE.in_memory  # decode every image once and keep it (the cpu tier)
 WORKERS = RECIPE.loader_workers
 COLOR_JITTER = RECIPE.color_jitter  # colour jitter in the training augmentation
-# cpu tier: the loaded ResNet and FPN stay frozen, only SOLO's heads learn (True); the gpu tier
+# True: the loaded ResNet and FPN stay frozen and only SOLO's heads learn; every tier's recipe
 # fine-tunes everything (False)
 FREEZE_BACKBONE = RECIPE.freeze_backbone
 DATA_DIR = None  # None: a temporary folder; or e.g. "data/shapes" (git-ignored) to keep it
@@ -175,10 +177,13 @@ show(fig)
 # ## 3. The S × S grid and the centre regions
 #
 # For every object: its scale `sqrt(w·h)` picks the level(s) (`scale_ranges`, inclusive and
-# overlapping); the centre of mass of its mask picks the centre cell; the **centre region** —
-# `sigma = 0.2` times the box, around the centre of mass — picks the positive cells, at most the
-# centre cell ± 1. We draw what `model.targets` returned for the first image: centres (dots),
-# centre regions (dashed) and positive cells (filled, coloured by object).
+# overlapping; the paper's, `(1, 96), (48, 192), ...`, are for images of about 800 px, and the cpu
+# tier's `SOLO_R18_CPU` takes a third of them for its 128 px images: a 40 px shape trains on
+# levels 1 and 2, not on the finest grids with the 10 px ones); the centre of mass of its mask
+# picks the centre cell; the **centre region** — `sigma = 0.2` times the box, around the centre of
+# mass — picks the positive cells, at most the centre cell ± 1. We draw what `model.targets`
+# returned for the first image: centres (dots), centre regions (dashed) and positive cells
+# (filled, coloured by object).
 
 # %%
 targets = model.targets(outputs, batch)

@@ -145,8 +145,9 @@ def test_demo_backbone_from_starts_solo_from_the_mask_rcnn_demo(smoke_run, tmp_p
     assert main([*args, "--backbone-from", str(out / "last.pt")]) == 0
     printed = capsys.readouterr().out
     assert "backbone: ResNet (" in printed
-    assert " and FPN (" in printed  # frozen, as SOLO's recipe keeps a loaded backbone
-    assert f"from {out / 'last.pt'}, frozen (only the heads learn); the heads start" in printed
+    assert " and FPN (" in printed
+    # SOLO's recipe trains what it loaded again (RESULTS.md, thirtieth round)
+    assert f"from {out / 'last.pt'}; the heads start" in printed and "frozen" not in printed
     # YOLACT's recipe pretrains its ResNet on object crops, unless it starts from a trained one
     yolact = [*args[:3], "yolact", "--out", str(tmp_path / "yolact"), *args[6:]]
     assert main([*yolact, "--backbone-from", str(out / "last.pt")]) == 0
