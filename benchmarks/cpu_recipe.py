@@ -50,7 +50,7 @@ from instseg_edu.engine.train import cpu_has_native_bf16
 from instseg_edu.models import build_model
 from instseg_edu.models.backbone import FPN, resnet_out_channels
 from instseg_edu.models.configs.solo import SOLOHeadConfig
-from instseg_edu.recipes import measure_step_seconds, recipe
+from instseg_edu.recipes import FAMILIES, measure_step_seconds, recipe
 
 # ------------------------------------------------------------------------------- the variants
 
@@ -334,10 +334,6 @@ def _bbox_head(cfg, **changes):
     return dataclasses.replace(cfg, bbox_head=dataclasses.replace(cfg.bbox_head, **changes))
 
 
-#: A variant's name starts with its family's prefix (Mask R-CNN's variants came first: none).
-FAMILY_PREFIXES = {"mask_rcnn": "", "retinanet": "retinanet_", "solo": "solo_", "yolact": "yolact_"}
-
-
 #: name -> its changes, applied to today's preset.
 VARIANTS: dict[str, Variant] = {
     "current": Variant(),
@@ -583,10 +579,11 @@ VARIANTS: dict[str, Variant] = {
         family="yolact",
     ),
     **{
-        f"{prefix}num_train_{n}": Variant(
+        # Mask R-CNN's variants came first and carry no family prefix
+        f"{'' if family == 'mask_rcnn' else family + '_'}num_train_{n}": Variant(
             recipe=lambda r, n=n: dataclasses.replace(r, num_train=n), family=family
         )
-        for family, prefix in FAMILY_PREFIXES.items()
+        for family in FAMILIES
         for n in (1000, 8000)
     },
     # Thirtieth round: SOLO named about half of its medium shapes right. The paper's scale ranges

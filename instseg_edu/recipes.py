@@ -354,10 +354,11 @@ def _cpu(family: str, model: str, **kw) -> Recipe:
     # bf16 autocast where the CPU has bf16 instructions (cpu_amp; float32 elsewhere). 3000
     # training images, not 1000: in 4-4.5 minutes a model goes through 1000 images 15-30 times
     # and starts to learn them by heart (YOLACT's training class loss fell to 0.23 while half its
-    # boxes on the medium validation shapes named the wrong class). Box AP50 at 192 px with 3000
-    # images, one run each from the same start: Mask R-CNN 0.71 -> 0.74 (mask 0.69 -> 0.73),
-    # RetinaNet 0.60 -> 0.65, YOLACT 0.59 -> 0.70, SOLO 0.40 -> 0.45 (benchmarks/RESULTS.md,
-    # twenty-ninth round). They are drawn and read into memory in 10-20 s and take 180-250 MiB.
+    # boxes on the medium validation shapes named the wrong class). Box AP50 at each recipe's
+    # test size with 3000 images, one run each from the same start: Mask R-CNN 0.71 -> 0.74
+    # (mask 0.69 -> 0.73), RetinaNet 0.60 -> 0.65, YOLACT 0.59 -> 0.70, SOLO 0.40 -> 0.45
+    # (benchmarks/RESULTS.md, twenty-ninth round). They are drawn and read into memory in 10-20 s
+    # and take 180-250 MiB.
     settings = dict(image_size=128, num_train=3000, num_val=200, batch_size=8,
                     optimizer="adamw", weight_decay=0.05, warmup_steps=50, grad_clip=10.0,
                     in_memory=True, workers=0, cpu_amp=True)  # fmt: skip
