@@ -354,8 +354,8 @@ for name, s0, s1 in zip("ABC", scores.tolist(), decayed.tolist()):
 # the level's stride), score × maskness, the best `nms_pre`, Matrix NMS, `update_thr`,
 # `max_per_img`, then the masks are upsampled to the input size and cropped to each image. In the
 # smoke tier the model has trained for two steps, so expect no or poor detections; in the cpu
-# tier, from notebook 06's backbone, the larger shapes with their masks at scores of 0.3–0.5 and
-# few of the small ones (from random weights, hardly any detection above 0.3: the category
+# tier, from notebook 06's backbone, most larger shapes with their masks, many at scores above
+# 0.6, and some of the small ones (from random weights, hardly any detection above 0.3: the category
 # scores mostly stay under `score_thr`). The figure draws the detections above the score where
 # their F1 on the validation split is highest (notebook 04, section 8), the ground truth dashed.
 
